@@ -1,0 +1,1 @@
+"""Placement propagation and lowering passes over the traced joint graph."""

@@ -1,0 +1,39 @@
+"""shardgraph: a functional sharding compiler over torch.fx for Mixture-of-Experts training."""
+
+from .mesh import MeshError, MeshSpec
+from .placement import (
+    InterleavedShard,
+    Partial,
+    Placement,
+    Replicate,
+    Shard,
+    Sharding,
+    ShardingError,
+    local_shape,
+    run_plan,
+    shard,
+    to_dtensor_placements,
+    unshard,
+)
+from .runtime import CollectiveError, Simulator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MeshError",
+    "MeshSpec",
+    "Placement",
+    "Replicate",
+    "Shard",
+    "InterleavedShard",
+    "Partial",
+    "Sharding",
+    "ShardingError",
+    "local_shape",
+    "run_plan",
+    "shard",
+    "unshard",
+    "to_dtensor_placements",
+    "Simulator",
+    "CollectiveError",
+]
