@@ -47,6 +47,7 @@ __all__ = [
     "Sharding",
     "ShardingError",
     "Run",
+    "interleaved",
     "local_shape",
     "run_plan",
     "shard",
@@ -193,6 +194,11 @@ class Sharding:
     def __repr__(self) -> str:
         shown = [f"{axis}={placement!r}" for axis, placement in self.items() if not placement.is_replicate()]
         return "Sharding(" + ", ".join(shown) + ")" if shown else "Sharding(replicated)"
+
+
+def interleaved(dim: int, stripes: int) -> Placement:
+    """``InterleavedShard(dim, stripes)``, or plain ``Shard(dim)`` when there is one stripe (the same layout)."""
+    return Shard(dim) if stripes == 1 else InterleavedShard(dim, stripes)
 
 
 class Run(NamedTuple):

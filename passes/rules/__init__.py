@@ -1,0 +1,185 @@
+"""The placement rule registry: one short function per op family.
+
+A rule answers, for one op node, which placements its tensor inputs may have and what its
+output's placement then is. Rules state the *local semantics* contract that lowering relies on:
+
+    running the op on every rank's local pieces (with shape arguments rewritten to local sizes)
+    yields the local piece of the output under the output placement.
+
+So ``sum`` over a dim sharded on an axis gives ``Partial("sum")`` on that axis, ``softmax`` over
+a sharded dim is not offered at all, and ``mm`` of ``Shard(1)`` by ``Shard(0)`` gives
+``Partial("sum")``.
+
+Most ops treat mesh axes independently; their rules are written per axis: given the current
+placement of every tensor input on one axis, return candidate ``(input placements, output
+placement)`` pairs. ``propagate`` picks, per axis, the candidate whose input redistributions
+cost the fewest bytes under the link model. Rules that must see all axes at once (the MoE ops,
+which take dense-view tokens and expert-view weights) are registered with ``whole=True`` and
+return ``Strategy`` objects directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.fx import Node
+
+from shardgraph.mesh import MeshSpec
+from shardgraph.placement import Placement, Sharding
+
+__all__ = [
+    "AxisCandidate",
+    "Strategy",
+    "RuleContext",
+    "RULES",
+    "register",
+    "rule_for",
+    "tensor_inputs",
+    "op_name",
+]
+
+
+@dataclass(frozen=True)
+class AxisCandidate:
+    """On one axis: the placement each tensor input needs, and the output placement(s)."""
+
+    inputs: tuple[Placement | None, ...]
+    output: Placement | tuple[Placement | None, ...]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """On every axis of a view: the sharding each tensor input needs, and the output sharding(s)."""
+
+    inputs: tuple[Sharding | None, ...]
+    output: Sharding | tuple[Sharding | None, ...]
+    view: str = "dense"
+    note: str = ""
+
+
+@dataclass
+class RuleContext:
+    """What a rule may look at: the node, its inputs' current shardings, global shapes, the mesh."""
+
+    node: Node
+    mesh: MeshSpec
+    inputs: list[Node]
+    input_shardings: list[Sharding]
+    view: str
+    axes: tuple[str, ...]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def args(self) -> tuple:
+        return self.node.args
+
+    @property
+    def kwargs(self) -> dict:
+        return self.node.kwargs
+
+    def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
+        if index < len(self.node.args):
+            return self.node.args[index]
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        return default
+
+    @property
+    def input_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(value_of(n).shape) for n in self.inputs]
+
+    @property
+    def output_value(self) -> Any:
+        return self.node.meta.get("val")
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return tuple(self.node.meta["val"].shape)
+
+    def size(self, axis: str) -> int:
+        return self.mesh.size(axis)
+
+
+def value_of(node: Node) -> torch.Tensor:
+    value = node.meta.get("val")
+    if value is None:
+        raise KeyError(f"node {node.name} has no meta['val']; trace with make_fx so every value has a fake tensor")
+    return value
+
+
+AxisRule = Callable[[RuleContext, str, tuple[Placement, ...]], Sequence[AxisCandidate]]
+WholeRule = Callable[[RuleContext], Sequence[Strategy]]
+
+
+@dataclass(frozen=True)
+class RegisteredRule:
+    family: str
+    function: Callable
+    whole: bool
+
+
+RULES: dict[Any, RegisteredRule] = {}
+
+
+def register(*targets, family: str | None = None, whole: bool = False):
+    """Register ``fn`` as the rule for every op in ``targets`` (OpOverload, OpOverloadPacket or callable)."""
+
+    def decorator(fn):
+        name = family or fn.__name__.removeprefix("rule_")
+        for target in targets:
+            overloads = _overloads(target)
+            for overload in overloads:
+                RULES[overload] = RegisteredRule(name, fn, whole)
+        return fn
+
+    return decorator
+
+
+def _overloads(target) -> list:
+    if isinstance(target, str):
+        # Ops registered by other packages (``"shardgraph.moe_experts"``) are matched by name, so a
+        # rule can exist before the op's library is imported.
+        return [target]
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return [getattr(target, name) for name in target.overloads()]
+    return [target]
+
+
+def rule_for(target) -> RegisteredRule | None:
+    rule = RULES.get(target)
+    if rule is None and isinstance(target, torch._ops.OpOverload):
+        rule = RULES.get(target.overloadpacket) or RULES.get(str(target.overloadpacket))
+    return rule
+
+
+def tensor_inputs(node: Node) -> list[Node]:
+    """The node's inputs that are tensor-valued graph nodes, in argument order (lists flattened)."""
+    found: list[Node] = []
+
+    def visit(value):
+        if isinstance(value, Node):
+            if isinstance(value.meta.get("val"), torch.Tensor):
+                found.append(value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    visit(node.args)
+    visit(node.kwargs)
+    return found
+
+
+def op_name(target) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target).removeprefix("aten.")
+    return getattr(target, "__name__", str(target))
+
+
+# Import the families so their @register calls run.
+from . import factory, matmul, moe, pointwise, reduction, shape, embedding, loss, index  # noqa: E402,F401
