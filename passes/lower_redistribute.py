@@ -97,10 +97,14 @@ def plan_redistribution(source: Sharding, target: Sharding, ndim: int, mesh: Mes
 
     # 3. Gather every changing shard, and every minor shard nested inside a changing one.
     to_gather = {a for a in axes if current[a].is_shard() and current[a] != wanted[a]}
-    for axis in list(to_gather):
-        dim = current[axis].dim % ndim
+    # A shard that changes on a dim (gathered, or newly cut) must not have minor shards of the
+    # same dim inside it: those are gathered too and cut again afterwards.
+    for axis in axes:
+        if current[axis] == wanted[axis]:
+            continue
+        dims = {p.dim % ndim for p in (current[axis], wanted[axis]) if p.is_shard()}
         position = axes.index(axis)
-        to_gather |= {a for a in axes[position + 1 :] if shards_dim(current[a], dim)}
+        to_gather |= {a for a in axes[position + 1 :] for d in dims if shards_dim(current[a], d)}
     for axis in reversed(axes):
         if axis not in to_gather:
             continue

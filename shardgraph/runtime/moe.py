@@ -1,0 +1,172 @@
+"""The steps of expert-parallel dispatch, as functions a lowered graph calls one by one.
+
+Forward on one rank, whose tokens are its own (already split over dp and tp)::
+
+    order, tokens_per_expert = sort_by_expert(topk_ids, num_experts)
+    received_counts          = all_to_all(counts over ep)            # [ep, local experts]
+    send_sizes, recv_sizes   = split_sizes(tokens_per_expert, received_counts)   # host sync
+    copies                   = gather_copies(hidden, order, top_k)
+    received                 = all_to_all(copies over ep, send_sizes)
+    (etp > 1: received, counts gathered over etp, so every etp rank sees the expert's tokens)
+    grouped, permutation, offsets = group_by_local_expert(received, counts)
+    gate_up  = grouped_mm(grouped, w_gate_up)                        # [n, 2I/etp]
+    act      = glu(gate_up, activation)                              # [n, I/etp]
+    down     = grouped_mm(act, w_down)                               # [n, H], partial over etp
+    (etp > 1: partial sums over etp reduced, each rank keeps its own tokens)
+    returned = all_to_all(ungroup(down, permutation) over ep, recv_sizes)
+    out      = combine(returned, order, topk_weights)
+
+The backward mirrors it with the same splits and permutation. Nothing here knows about the
+graph: the MoE lowering pass emits these calls as nodes so a dump shows every step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "sort_by_expert",
+    "exchange_counts",
+    "split_sizes",
+    "gather_copies",
+    "group_by_local_expert",
+    "ungroup",
+    "glu",
+    "glu_backward",
+    "combine",
+    "combine_backward",
+    "scatter_copies",
+    "etp_gather",
+    "etp_reduce_own",
+    "etp_sizes",
+]
+
+
+def sort_by_expert(topk_ids: torch.Tensor, num_experts: int):
+    """Token copies (token, slot) sorted by expert id, and how many each expert gets.
+
+    ``order[i]`` is the flat copy index ``token * top_k + slot`` of the i-th copy in expert order;
+    a stable sort keeps each expert's copies in token order, which keeps results deterministic.
+    """
+    flat = topk_ids.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
+        raise ValueError(
+            f"topk_ids hold expert ids outside 0..{num_experts - 1} (min {int(flat.min())}, max {int(flat.max())})"
+        )
+    order = torch.sort(flat, stable=True).indices
+    tokens_per_expert = torch.bincount(flat, minlength=num_experts)
+    return order, tokens_per_expert
+
+
+def exchange_counts(comm, tokens_per_expert: torch.Tensor, ep_axis) -> torch.Tensor:
+    """Every rank learns how many copies each EP peer sends to each of its local experts."""
+    ep = comm.mesh.size(ep_axis)
+    local_experts = tokens_per_expert.numel() // ep
+    received = comm.all_to_all(tokens_per_expert.contiguous(), ep_axis, [local_experts] * ep, dim=0)
+    return received.reshape(ep, local_experts)
+
+
+def split_sizes(tokens_per_expert: torch.Tensor, received_counts: torch.Tensor):
+    """Rows to send to / receive from each EP peer (reads the counts on the host)."""
+    ep = received_counts.shape[0]
+    send = tokens_per_expert.reshape(ep, -1).sum(dim=1).tolist()
+    receive = received_counts.sum(dim=1).tolist()
+    return send, receive
+
+
+def gather_copies(hidden: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
+    return hidden.index_select(0, order // top_k)
+
+
+def etp_sizes(comm, own_rows: int, etp_axis):
+    """Rows each etp rank of the group holds (an all-gather of one number)."""
+    sizes = comm.all_gather(torch.tensor([own_rows], dtype=torch.long), etp_axis, dim=0)
+    return sizes.tolist()
+
+
+def etp_gather(comm, tensor: torch.Tensor, etp_axis) -> torch.Tensor:
+    """Concatenate the etp group's tensors in group order (unequal row counts allowed)."""
+    return comm.all_gather(tensor.contiguous(), etp_axis, dim=0)
+
+
+def etp_reduce_own(comm, tensor: torch.Tensor, etp_axis, sizes) -> torch.Tensor:
+    """Sum the etp group's partial rows, keep this rank's own segment.
+
+    Segments differ in length between ranks, so this is an all-reduce followed by a slice; the
+    bytes are those of an all-reduce of the gathered rows.
+    """
+    total = comm.all_reduce(tensor.contiguous(), etp_axis, op="sum")
+    position = comm.index(etp_axis)
+    start = sum(sizes[:position])
+    return total.narrow(0, start, sizes[position])
+
+
+def group_by_local_expert(received: torch.Tensor, counts: torch.Tensor):
+    """Rows ordered (source, local expert) regrouped to (local expert, source).
+
+    ``counts[s, e]`` rows from source ``s`` for local expert ``e``. Returns the grouped rows, the
+    permutation applied (``grouped = received[permutation]``) and the int32 end offset of each
+    local expert's group, the layout grouped GEMMs read.
+    """
+    sources, local_experts = counts.shape
+    flat = counts.reshape(-1)
+    expert_of_row = torch.arange(local_experts, device=received.device).repeat(sources)
+    expert_of_row = torch.repeat_interleave(expert_of_row, flat)
+    permutation = torch.sort(expert_of_row, stable=True).indices
+    offsets = torch.cumsum(counts.sum(dim=0), dim=0).to(torch.int32)
+    return received.index_select(0, permutation), permutation, offsets
+
+
+def ungroup(grouped: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(grouped)
+    out.index_copy_(0, permutation, grouped)
+    return out
+
+
+def _activation(name: str):
+    if name == "silu":
+        return F.silu
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    raise ValueError(f"unknown expert activation {name!r}; known: silu, gelu, gelu_tanh")
+
+
+def glu(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up, where the first half of the last dim is gate and the second half up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return _activation(activation)(gate) * up
+
+
+def glu_backward(grad: torch.Tensor, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    with torch.enable_grad():
+        gate_leaf = gate.detach().requires_grad_(True)
+        activated = _activation(activation)(gate_leaf)
+        (grad_gate,) = torch.autograd.grad(activated, gate_leaf, grad * up)
+    return torch.cat([grad_gate, grad * activated.detach()], dim=-1)
+
+
+def combine(returned: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Put expert outputs back in (token, slot) order and take the weighted sum over slots."""
+    tokens, top_k = topk_weights.shape
+    copies = ungroup(returned, order).reshape(tokens, top_k, -1)
+    return (copies * topk_weights.unsqueeze(-1).to(copies.dtype)).sum(dim=1)
+
+
+def combine_backward(grad_out: torch.Tensor, returned: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor):
+    """Gradients of ``combine``: per expert-ordered copy, and per router weight."""
+    tokens, top_k = topk_weights.shape
+    copies = ungroup(returned, order).reshape(tokens, top_k, -1)
+    grad_weights = (copies * grad_out.unsqueeze(1)).sum(dim=-1).to(topk_weights.dtype)
+    grad_copies = (grad_out.unsqueeze(1) * topk_weights.unsqueeze(-1).to(grad_out.dtype)).reshape(tokens * top_k, -1)
+    return grad_copies.index_select(0, order), grad_weights
+
+
+def scatter_copies(grad_copies: torch.Tensor, order: torch.Tensor, top_k: int, tokens: int) -> torch.Tensor:
+    """Sum the gradients of each token's copies back onto the token (rows in expert order)."""
+    out = grad_copies.new_zeros(tokens, grad_copies.shape[-1])
+    return out.index_add_(0, order // top_k, grad_copies)
+
