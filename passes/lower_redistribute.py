@@ -32,6 +32,8 @@ from shardgraph.mesh import DENSE_AXES, EXPERT_AXES, MeshSpec
 from shardgraph.placement import InterleavedShard, Partial, Replicate, Shard, Sharding, local_shape
 from shardgraph.runtime import collectives
 
+from .rules import map_tensor_inputs, tensor_inputs
+
 __all__ = ["RedistributeStep", "plan_redistribution", "lower_redistribute", "step_bytes"]
 
 
@@ -230,10 +232,8 @@ def lower_redistribute(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
         if node.op == "output":
             inputs = list(node.args[0]) if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
         else:
-            from passes.rules import tensor_inputs
-
             inputs = tensor_inputs(node)
-        replacements = {}
+        replacements: dict[int, Node] = {}
         for position, (producer, want) in enumerate(zip(inputs, required)):
             if not isinstance(producer, Node) or want is None:
                 continue
@@ -244,17 +244,17 @@ def lower_redistribute(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
                 f"output {position} ({node.meta.get('output_roles', [('output', None)] * len(inputs))[position][0]})"
                 if node.op == "output" else node.name
             )
-            replacements[producer] = _insert_chain(graph, comm, producer, have, want, mesh, node, purpose, cache)
-        if replacements:
-            if node.op == "output":
-                outputs = node.args[0]
-                if isinstance(outputs, (tuple, list)):
-                    node.args = (type(outputs)(replacements.get(o, o) for o in outputs),)
-                else:
-                    node.args = (replacements.get(outputs, outputs),)
+            replacements[position] = _insert_chain(graph, comm, producer, have, want, mesh, node, purpose, cache)
+        if not replacements:
+            continue
+        if node.op == "output":
+            outputs = node.args[0]
+            if isinstance(outputs, (tuple, list)):
+                node.args = (type(outputs)(replacements.get(i, o) for i, o in enumerate(outputs)),)
             else:
-                node.args = torch.fx.node.map_arg(node.args, lambda n: replacements.get(n, n))
-                node.kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: replacements.get(n, n))
+                node.args = (replacements.get(0, outputs),)
+        else:
+            map_tensor_inputs(node, lambda position, producer: replacements.get(position, producer))
     graph.lint()
     gm.recompile()
     return gm

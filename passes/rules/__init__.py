@@ -38,6 +38,7 @@ __all__ = [
     "rule_for",
     "tensor_inputs",
     "op_name",
+    "map_tensor_inputs",
 ]
 
 
@@ -173,6 +174,32 @@ def tensor_inputs(node: Node) -> list[Node]:
     visit(node.args)
     visit(node.kwargs)
     return found
+
+
+def map_tensor_inputs(node: Node, replace) -> None:
+    """Rewrite ``node``'s tensor inputs in place: ``replace(position, producer) -> Node``.
+
+    Positions count tensor inputs in the order ``tensor_inputs`` lists them, so the same producer
+    used twice (``mul(x, x)``) can be given two different replacements.
+    """
+    position = 0
+
+    def visit(value):
+        nonlocal position
+        if isinstance(value, Node):
+            if isinstance(value.meta.get("val"), torch.Tensor):
+                replacement = replace(position, value)
+                position += 1
+                return replacement
+            return value
+        if isinstance(value, (list, tuple)):
+            return type(value)(visit(item) for item in value)
+        if isinstance(value, dict):
+            return {key: visit(item) for key, item in value.items()}
+        return value
+
+    node.args = visit(node.args)
+    node.kwargs = visit(node.kwargs)
 
 
 def op_name(target) -> str:

@@ -1,0 +1,120 @@
+"""The compiled program: a pure function of (parameters, batch), runnable on any backend.
+
+``ShardedProgram`` holds the traced graph, the placed graph (a sharding and its reason on every
+value) and the lowered graph, one fx GraphModule that every rank runs with its own communicator.
+It shards full parameters and batches into per-rank pieces, runs all ranks in the simulator or
+this rank under torch.distributed, and reassembles full gradients for checking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch.fx import GraphModule
+
+from .mesh import MeshSpec
+from .placement import Sharding, shard, unshard
+from .runtime.simulate import Simulator
+
+__all__ = ["ShardedProgram", "StepResult"]
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    gradients: dict[str, torch.Tensor]
+    simulator: Simulator | None = None
+
+
+class ShardedProgram:
+    def __init__(self, traced, placed, lowered: GraphModule, mesh: MeshSpec):
+        self.traced = traced
+        self.placed = placed
+        self.graph_module = lowered
+        self.mesh = mesh
+        placeholders = [n for n in lowered.graph.nodes if n.op == "placeholder"]
+        self._inputs = placeholders[1:]  # the first is the communicator
+        self.parameter_names = list(traced.parameter_names)
+        self.buffer_names = list(getattr(traced, "buffer_names", []))
+        self.input_names = list(getattr(traced, "input_names", []))
+        self._sharding_of_input = {}
+        for node in self._inputs:
+            name = node.meta.get("shardgraph_name", node.name)
+            self._sharding_of_input[(node.meta.get("shardgraph_kind"), name)] = node.meta["sharding"]
+
+    # ------------------------------------------------------------------ shardings
+    def parameter_sharding(self, name: str) -> Sharding:
+        return self.placed.parameters[name].sharding
+
+    def input_sharding(self, name: str) -> Sharding:
+        return self._sharding_of_input[("input", name)]
+
+    def local_parameters(self, rank: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's pieces of a full state dict (parameters by their model names)."""
+        missing = [n for n in self.parameter_names if n not in state]
+        if missing:
+            raise KeyError(f"state dict lacks parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        return {
+            name: shard(state[name].detach(), self.parameter_sharding(name), self.mesh, rank, name=name)
+            for name in self.parameter_names
+        }
+
+    def local_batch(self, rank: int, batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(batch) != len(self.input_names):
+            raise ValueError(f"the program takes {len(self.input_names)} batch tensors {self.input_names}, got {len(batch)}")
+        return [shard(t, self.input_sharding(name), self.mesh, rank, name=name) for name, t in zip(self.input_names, batch)]
+
+    def _local_buffers(self, rank: int, buffers: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [shard(buffers[name], self._sharding_of_input[("buffer", name)], self.mesh, rank, name=name)
+                for name in self.buffer_names]
+
+    # ------------------------------------------------------------------ execution
+    def step(self, comm, parameters: Mapping[str, torch.Tensor], batch: Sequence[torch.Tensor],
+             buffers: Mapping[str, torch.Tensor] | None = None):
+        """One rank's step on its local pieces: ``(loss, {name: local gradient})``."""
+        buffers = buffers or {}
+        args = [parameters[n] for n in self.parameter_names] + [buffers[n] for n in self.buffer_names] + list(batch)
+        outputs = self.graph_module(comm, *args)
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        if not getattr(self.traced, "has_loss", True):
+            return outputs
+        return outputs[0], dict(zip(self.parameter_names, outputs[1:]))
+
+    def run_simulated(self, parameters: Mapping[str, torch.Tensor], batch: Sequence[torch.Tensor],
+                      buffers: Mapping[str, torch.Tensor] | None = None) -> StepResult:
+        """Every rank in one process, from full parameters and the global batch.
+
+        Returns the loss (identical on every rank; checked) and full gradients rebuilt from the
+        ranks' pieces (replicas checked bit-identical).
+        """
+        buffers = buffers or {}
+        simulator = Simulator(self.mesh)
+        per_rank = []
+        for rank in self.mesh.ranks:
+            local_buffers = dict(zip(self.buffer_names, self._local_buffers(rank, buffers))) if self.buffer_names else {}
+            per_rank.append((self.local_parameters(rank, parameters), self.local_batch(rank, batch), local_buffers))
+        results = simulator.run(lambda comm, p, b, buf: self.step(comm, p, b, buf), per_rank)
+        losses = [r[0] for r in results]
+        for rank, loss in enumerate(losses):
+            if not torch.equal(loss, losses[0]):
+                raise AssertionError(f"rank {rank} computed loss {loss.item()} but rank 0 computed {losses[0].item()}")
+        gradients = {}
+        for name in self.parameter_names:
+            pieces = [r[1][name] for r in results]
+            gradients[name] = unshard(pieces, self.parameter_sharding(name), self.mesh,
+                                      global_shape=tuple(parameters[name].shape), name=f"gradient of {name}",
+                                      check_replicas=True)
+        return StepResult(losses[0], gradients, simulator)
+
+    def run(self, parameters_local: Mapping[str, torch.Tensor], batch_local: Sequence[torch.Tensor],
+            buffers_local: Mapping[str, torch.Tensor] | None = None, communicator=None):
+        """This rank's step under torch.distributed (initialised by torchrun or ``spawn_gloo``)."""
+        if communicator is None:
+            from .runtime.distributed import DistributedCommunicator
+
+            if getattr(self, "_communicator", None) is None:
+                self._communicator = DistributedCommunicator(self.mesh)
+            communicator = self._communicator
+        return self.step(communicator, parameters_local, batch_local, buffers_local)
