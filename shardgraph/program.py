@@ -70,6 +70,25 @@ class ShardedProgram:
         return [shard(buffers[name], self._sharding_of_input[("buffer", name)], self.mesh, rank, name=name)
                 for name in self.buffer_names]
 
+    # ------------------------------------------------------------------ reports
+    def report(self, format: str = "text", name: str | None = None, op: str | None = None,
+               layer: str | None = None, max_values: int | None = 60):
+        """The placement report as text (``format="text"``), a summary, or a JSON-ready dict."""
+        from .report import build_report, format_report, format_summary
+
+        report = build_report(self, name_pattern=name, op=op, layer=layer)
+        if format == "dict":
+            return report
+        if format == "summary":
+            return format_summary(report)
+        return format_report(report, max_values=max_values)
+
+    def dump(self, directory: str, collapse_above: int = 400) -> list[str]:
+        """Write the traced, placed and lowered graphs, per-rank tables, the report and a picture."""
+        from .dump import dump_program
+
+        return dump_program(self, directory, collapse_above=collapse_above)
+
     # ------------------------------------------------------------------ execution
     def step(self, comm, parameters: Mapping[str, torch.Tensor], batch: Sequence[torch.Tensor],
              buffers: Mapping[str, torch.Tensor] | None = None):
