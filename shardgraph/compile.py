@@ -26,7 +26,7 @@ from passes.propagate import propagate
 from .mesh import MeshSpec
 from .program import ShardedProgram
 
-__all__ = ["compile"]
+__all__ = ["compile", "compile_traced"]
 
 
 def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
@@ -48,6 +48,13 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     if mesh.pp != 1:
         raise NotImplementedError(f"pipeline parallelism is not compiled yet (mesh has pp={mesh.pp})")
     traced = trace(model, tuple(example_inputs), loss_fn)
+    return compile_traced(traced, mesh, plan, batch_sharding=batch_sharding, link=link,
+                          replicate_fallback=replicate_fallback)
+
+
+def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None, *, batch_sharding=None, link=None,
+                   replicate_fallback: bool = False) -> ShardedProgram:
+    """The passes after tracing, for a graph traced already (``shardgraph.frontend.trace``)."""
     graph = GraphModule(traced.graph_module, copy.deepcopy(traced.graph_module.graph))
     graph.meta.update(getattr(traced.graph_module, "meta", {}))
     graph = decompose_loss(graph)

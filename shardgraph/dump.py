@@ -34,7 +34,12 @@ def _code_with_comments(gm: GraphModule, comment) -> str:
     """fx's generated code, with a comment after the line that defines each node."""
     code = gm.code
     by_name = {node.name: node for node in gm.graph.nodes}
-    lines = []
+    lines = ["# inputs:"]
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            text = comment(node)
+            label = node.meta.get("shardgraph_name", node.name)
+            lines.append(f"#   {node.name} ({label}): {text}" if text else f"#   {node.name} ({label})")
     for line in code.splitlines():
         lines.append(line)
         match = re.match(r"\s*(\w+)\s*=", line)

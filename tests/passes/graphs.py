@@ -56,3 +56,15 @@ def lm_loss(params, batch):
     x = F.embedding(ids, params["embed.weight"])
     logits = x @ params["head.weight"].t()
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+class TracedJoint:
+    """The names a traced program carries, for graphs built with ``joint_graph``."""
+
+    def __init__(self, gm, parameters, inputs):
+        self.graph_module = gm
+        self.parameter_names = list(parameters)
+        self.buffer_names = []
+        self.input_names = list(inputs)
+        self.has_loss = True
+        self.output_spec = [("loss", None)] + [("grad", n) for n in parameters]
