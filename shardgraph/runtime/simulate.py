@@ -62,6 +62,9 @@ class CollectiveRecord:
     bytes_sent: tuple[int, ...]
     bytes_received: tuple[int, ...]
     tag: str = ""
+    # Bytes of each member's input buffer, the part it keeps included (all-to-all volume as
+    # the algorithm sees it; ``bytes_sent`` counts only what leaves the rank).
+    input_bytes: tuple[int, ...] = ()
 
     def sent_by(self, rank: int) -> int:
         return self.bytes_sent[self.group.index(rank)]
@@ -293,16 +296,17 @@ class Simulator:
                     f"{kind} over {_axis_label(axis)} group {group}: no tensor for ranks {absent}"
                 )
             outputs, sent, received = kernel(group, [tensors[m] for m in group], group)
-            self._record(kind, axis, group, tensors[group[0]].dtype, sent, received, tag)
+            self._record(kind, axis, group, tensors[group[0]].dtype, sent, received, tag,
+                         [tensors[m] for m in group])
             results.update(zip(group, outputs))
             done.update(group)
         return results
 
-    def _record(self, kind, axis, group, dtype, sent, received, tag) -> None:
+    def _record(self, kind, axis, group, dtype, sent, received, tag, inputs=()) -> None:
         with self._lock:
             self.records.append(
                 CollectiveRecord(kind, axis, tuple(group), dtype, tuple(int(s) for s in sent),
-                                 tuple(int(r) for r in received), tag)
+                                 tuple(int(r) for r in received), tag, tuple(_nbytes(t) for t in inputs))
             )
 
     # ---------------------------------------------------------------- accounting
@@ -434,7 +438,7 @@ class Simulator:
         else:  # pragma: no cover - RankCommunicator only issues the kinds above
             raise CollectiveError(f"unknown collective {kind!r}")
         outputs, sent, received = out
-        self._record(kind, axis, group, tensors[0].dtype, sent, received, tag)
+        self._record(kind, axis, group, tensors[0].dtype, sent, received, tag, tensors)
         return outputs
 
 

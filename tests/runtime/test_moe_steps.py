@@ -126,3 +126,32 @@ def test_dispatch_steps_match_a_dense_moe_layer(text):
     down_grad = unshard([r[4] for r in results], Sharding.of(edp=Partial("sum"), ep=Shard(0), etp=Shard(2)), mesh)
     torch.testing.assert_close(gate_up_grad, reference_grads[2], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(down_grad, reference_grads[3], rtol=1e-10, atol=1e-10)
+
+
+def dispatch_volume(mesh, hidden, ids, split_over_tp):
+    """Bytes handed to the dispatch all-to-all, summed over ranks, with or without the tp split."""
+    experts = 8
+    tokens_sharding = Sharding.of(dp=Shard(0), tp=Shard(0)) if split_over_tp else Sharding.of(dp=Shard(0))
+
+    def dispatch(comm, hidden, ids):
+        order, tokens_per_expert = steps.sort_by_expert(ids, experts)
+        received_counts = steps.exchange_counts(comm, tokens_per_expert, "ep")
+        send, _ = steps.split_sizes(tokens_per_expert, received_counts)
+        return collectives.all_to_all(comm, steps.gather_copies(hidden, order, ids.shape[1]), "ep", send)
+
+    simulator = Simulator(mesh)
+    simulator.run(dispatch, [(shard(hidden, tokens_sharding, mesh, r), shard(ids, tokens_sharding, mesh, r)) for r in mesh.ranks])
+    token_records = [r for r in simulator.records if r.kind == "all_to_all" and r.dtype == hidden.dtype]
+    return sum(sum(r.input_bytes) for r in token_records)
+
+
+@pytest.mark.parametrize("text", ["world=4,tp=2,ep=4", "world=8,tp=2,ep=4", "world=4,tp=4,ep=4"])
+def test_tp_split_dispatch_moves_exactly_one_tp_th_of_duplicated_dispatch(text):
+    mesh = MeshSpec.parse(text)
+    generator = torch.Generator().manual_seed(11)
+    tokens = 8 * mesh.world
+    hidden = torch.randn(tokens, 16, generator=generator)
+    ids = torch.stack([torch.randperm(8, generator=generator)[:2] for _ in range(tokens)])
+    split = dispatch_volume(mesh, hidden, ids, split_over_tp=True)
+    duplicated = dispatch_volume(mesh, hidden, ids, split_over_tp=False)
+    assert split * mesh.tp == duplicated
