@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops.moe import activation_derivative
+
 __all__ = [
     "sort_by_expert",
     "exchange_counts",
@@ -142,11 +144,8 @@ def glu(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
 
 def glu_backward(grad: torch.Tensor, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
-    with torch.enable_grad():
-        gate_leaf = gate.detach().requires_grad_(True)
-        activated = _activation(activation)(gate_leaf)
-        (grad_gate,) = torch.autograd.grad(activated, gate_leaf, grad * up)
-    return torch.cat([grad_gate, grad * activated.detach()], dim=-1)
+    grad_gate = grad * up * activation_derivative(activation, gate)
+    return torch.cat([grad_gate, grad * _activation(activation)(gate)], dim=-1)
 
 
 def combine(returned: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,195 @@
+"""A small MoE transformer with HF-style parameter names, from tiny to Qwen3-30B-A3B-shaped.
+
+Token embedding, RMSNorm, causal multi-head attention (``q_proj``/``k_proj``/``v_proj``/``o_proj``,
+grouped KV heads), a router (``mlp.gate``: linear, softmax, top-k, renormalise), routed experts
+stored fused like HF transformers 5.x (``mlp.experts.gate_up_proj [E, 2I, H]``,
+``mlp.experts.down_proj [E, H, I]``), an optional shared expert, a final norm, an lm_head and a
+causal-LM loss. The expert block computes with a plain loop, so the model runs anywhere; the
+frontend recognises ``MoEExperts`` by its fused weights and traces it as one ``moe_experts`` op.
+
+``shardgraph_entry(config)`` returns ``(model, example_inputs, loss_fn)`` for the CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MoEConfig", "CONFIGS", "MoETransformer", "lm_loss", "make_batch", "shardgraph_entry"]
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    vocab_size: int = 64
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    num_experts: int = 8
+    top_k: int = 2
+    moe_intermediate_size: int = 16
+    shared_expert_intermediate_size: int = 0
+    rms_norm_eps: float = 1e-6
+    norm_topk_prob: bool = True
+
+
+CONFIGS = {
+    "tiny": MoEConfig(),
+    "tiny_shared": MoEConfig(shared_expert_intermediate_size=24),
+    "small": MoEConfig(vocab_size=1024, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, num_experts=16,
+                       top_k=4, moe_intermediate_size=128),
+    "qwen3_30b_a3b": MoEConfig(vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4,
+                               num_experts=128, top_k=8, moe_intermediate_size=768),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.eps))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.heads, self.kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.hidden_size // config.num_heads
+        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.kv_heads != self.heads:
+            repeat = self.heads // self.kv_heads
+            k = k[:, :, None].expand(batch, self.kv_heads, repeat, seq, self.head_dim).reshape(batch, self.heads, seq, self.head_dim)
+            v = v[:, :, None].expand(batch, self.kv_heads, repeat, seq, self.head_dim).reshape(batch, self.heads, seq, self.head_dim)
+        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+        mask = torch.ones(seq, seq, dtype=torch.bool, device=x.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+        attended = scores.softmax(dim=-1) @ v
+        return self.o_proj(attended.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim))
+
+
+class MoEExperts(nn.Module):
+    """Fused routed experts, HF layout: gate rows then up rows per expert."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        size, inner = config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.randn(config.num_experts, 2 * inner, size) * size**-0.5)
+        self.down_proj = nn.Parameter(torch.randn(config.num_experts, size, inner) * inner**-0.5)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, hidden, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden)
+        for expert in range(self.gate_up_proj.shape[0]):
+            token, slot = torch.where(top_k_index == expert)
+            if token.numel() == 0:
+                continue
+            gate, up = F.linear(hidden[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(self.act_fn(gate) * up, self.down_proj[expert]) * top_k_weights[token, slot, None]
+            out = out.index_add(0, token, y)
+        return out
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        inner = config.shared_expert_intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.down_proj = nn.Linear(inner, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = config.top_k, config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = MoEExperts(config)
+        self.shared_expert = SharedExpert(config) if config.shared_expert_intermediate_size else None
+
+    def forward(self, x):
+        batch, seq, size = x.shape
+        tokens = x.reshape(-1, size)
+        probabilities = self.gate(tokens).softmax(dim=-1)
+        weights, ids = probabilities.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = self.experts(tokens, ids, weights)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(tokens)
+        return out.reshape(batch, seq, size)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoEBlock(config)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids):
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.norm(x))
+
+
+def lm_loss(logits, input_ids):
+    """Next-token cross entropy: position t predicts token t + 1."""
+    logits = getattr(logits, "logits", logits)
+    vocab = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab), input_ids[:, 1:].reshape(-1))
+
+
+def make_batch(config: MoEConfig, batch_size: int = 8, seq_len: int = 8, seed: int = 0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=generator)
+    return (ids.to(device),)
+
+
+def shardgraph_entry(config: str = "tiny", device="cpu", batch_size: int = 8, seq_len: int = 8, num_layers: int | None = None,
+                     seed: int = 0):
+    if config not in CONFIGS:
+        raise KeyError(f"unknown config {config!r}; known: {', '.join(CONFIGS)}")
+    settings = CONFIGS[config] if num_layers is None else replace(CONFIGS[config], num_layers=num_layers)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = MoETransformer(settings)
+    if device == "meta":
+        inputs = (torch.empty(batch_size, seq_len, dtype=torch.long, device="meta"),)
+    else:
+        inputs = make_batch(settings, batch_size, seq_len, seed, device)
+    return model, inputs, lm_loss

@@ -1,0 +1,58 @@
+"""Reference grouped matrix products: one ``torch.mm`` per group, any device, any dtype.
+
+``offsets`` holds each group's END row (int32, cumulative), as ``torch._grouped_mm`` takes it.
+Weight layouts: ``"ekn"`` stores ``w[g]`` as ``[K, N]`` (``out = x @ w[g]``); ``"enk"`` stores it as
+``[N, K]`` (``out = x @ w[g].T``, HF's ``gate_up_proj [E, 2I, H]``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["grouped_mm_loop", "grouped_mm_dgrad_loop", "grouped_mm_wgrad_loop", "check_layout"]
+
+
+def check_layout(w_layout: str) -> None:
+    if w_layout not in ("ekn", "enk"):
+        raise ValueError(f"w_layout must be 'ekn' ([E, K, N]) or 'enk' ([E, N, K]), got {w_layout!r}")
+
+
+def _bounds(offsets: torch.Tensor):
+    ends = offsets.tolist()
+    starts = [0] + ends[:-1]
+    return zip(starts, ends)
+
+
+def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w_layout: str = "ekn") -> torch.Tensor:
+    check_layout(w_layout)
+    n = w.shape[2] if w_layout == "ekn" else w.shape[1]
+    out = x.new_zeros(x.shape[0], n)
+    for g, (start, end) in enumerate(_bounds(offsets)):
+        if end > start:
+            weight = w[g] if w_layout == "ekn" else w[g].T
+            out[start:end] = x[start:end] @ weight
+    return out
+
+
+def grouped_mm_dgrad_loop(dout: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w_layout: str = "ekn") -> torch.Tensor:
+    check_layout(w_layout)
+    k = w.shape[1] if w_layout == "ekn" else w.shape[2]
+    dx = dout.new_zeros(dout.shape[0], k)
+    for g, (start, end) in enumerate(_bounds(offsets)):
+        if end > start:
+            weight = w[g].T if w_layout == "ekn" else w[g]
+            dx[start:end] = dout[start:end] @ weight
+    return dx
+
+
+def grouped_mm_wgrad_loop(x: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor, num_groups: int,
+                          w_layout: str = "ekn") -> torch.Tensor:
+    check_layout(w_layout)
+    k, n = x.shape[1], dout.shape[1]
+    shape = (num_groups, k, n) if w_layout == "ekn" else (num_groups, n, k)
+    dw = x.new_zeros(shape)
+    for g, (start, end) in enumerate(_bounds(offsets)):
+        if end > start:
+            product = x[start:end].T @ dout[start:end]
+            dw[g] = product if w_layout == "ekn" else product.T
+    return dw
