@@ -344,6 +344,13 @@ def propagate(
         node.meta["placement_reason"], node.meta["input_shardings"] = reason, ()
         node.meta["placement_alternatives"] = []
 
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            # Constants captured during tracing (a literal tensor in the model): every rank has them.
+            current[node], views[node] = Sharding.replicate(), "dense"
+            node.meta.update(sharding=current[node], view="dense", input_shardings=(),
+                             placement_reason=f"constant {node.target} replicated", placement_alternatives=[])
+
     compute_nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     missing = [n for n in compute_nodes if rule_for(n.target) is None and n.target is not _getitem]
     if missing and not replicate_fallback:

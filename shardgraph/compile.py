@@ -48,8 +48,12 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     if mesh.pp != 1:
         raise NotImplementedError(f"pipeline parallelism is not compiled yet (mesh has pp={mesh.pp})")
     traced = trace(model, tuple(example_inputs), loss_fn)
-    return compile_traced(traced, mesh, plan, batch_sharding=batch_sharding, link=link,
-                          replicate_fallback=replicate_fallback)
+    program = compile_traced(traced, mesh, plan, batch_sharding=batch_sharding, link=link,
+                             replicate_fallback=replicate_fallback)
+    # Buffers (rotary tables, running statistics) are state, not batch: the program keeps the
+    # model's own unless a call passes others.
+    program.default_buffers = {name: buffer.detach() for name, buffer in model.named_buffers()}
+    return program
 
 
 def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None, *, batch_sharding=None, link=None,

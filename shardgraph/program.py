@@ -39,6 +39,7 @@ class ShardedProgram:
         self.parameter_names = list(traced.parameter_names)
         self.buffer_names = list(getattr(traced, "buffer_names", []))
         self.input_names = list(getattr(traced, "input_names", []))
+        self.default_buffers: dict[str, torch.Tensor] = {}
         self._sharding_of_input = {}
         for node in self._inputs:
             name = node.meta.get("shardgraph_name", node.name)
@@ -108,7 +109,10 @@ class ShardedProgram:
         Returns the loss (identical on every rank; checked) and full gradients rebuilt from the
         ranks' pieces (replicas checked bit-identical).
         """
-        buffers = buffers or {}
+        buffers = buffers if buffers is not None else self.default_buffers
+        missing = [n for n in self.buffer_names if n not in buffers]
+        if missing:
+            raise KeyError(f"run_simulated needs the buffers {missing[:4]}; pass buffers={{name: tensor}}")
         simulator = Simulator(self.mesh)
         per_rank = []
         for rank in self.mesh.ranks:
