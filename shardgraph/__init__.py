@@ -16,8 +16,12 @@ from .placement import (
     unshard,
 )
 from .runtime import CollectiveError, Simulator
+from .compile import compile, compile_traced  # noqa: E402  (after mesh/placement: the passes import them)
+from .frontend import TracedGraph, TraceError, register_experts, trace  # noqa: E402
+from .program import ShardedProgram  # noqa: E402
 
 __version__ = "0.1.0"
+
 
 __all__ = [
     "MeshError",
@@ -36,4 +40,11 @@ __all__ = [
     "to_dtensor_placements",
     "Simulator",
     "CollectiveError",
+    "compile",
+    "compile_traced",
+    "trace",
+    "TracedGraph",
+    "TraceError",
+    "register_experts",
+    "ShardedProgram",
 ]

@@ -17,12 +17,6 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.fx import GraphModule
 
-from passes.decompose_loss import decompose_loss
-from passes.lower_localize import lower_localize
-from passes.lower_moe import lower_moe
-from passes.lower_redistribute import lower_redistribute
-from passes.propagate import propagate
-
 from .mesh import MeshSpec
 from .program import ShardedProgram
 
@@ -59,6 +53,14 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
 def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None, *, batch_sharding=None, link=None,
                    replicate_fallback: bool = False) -> ShardedProgram:
     """The passes after tracing, for a graph traced already (``shardgraph.frontend.trace``)."""
+    # Imported here: the passes import shardgraph's mesh and placement modules, so importing
+    # them while shardgraph itself loads would be circular.
+    from passes.decompose_loss import decompose_loss
+    from passes.lower_localize import lower_localize
+    from passes.lower_moe import lower_moe
+    from passes.lower_redistribute import lower_redistribute
+    from passes.propagate import propagate
+
     graph = GraphModule(traced.graph_module, copy.deepcopy(traced.graph_module.graph))
     graph.meta.update(getattr(traced.graph_module, "meta", {}))
     graph = decompose_loss(graph)
