@@ -133,3 +133,18 @@ def test_router_gradient_is_summed_over_dp_and_averaging_would_be_wrong():
     # The per-rank pieces averaged instead of summed would be off by exactly dp = 2.
     _, reference_gradients, _ = reference_step(model, inputs, loss_fn)
     assert relative_error(result.gradients[name] / program.mesh.dp, reference_gradients[name]) == pytest.approx(0.5, abs=1e-5)
+
+
+@pytest.mark.parametrize("mesh_text", ["world=8,tp=2,ep=2,etp=2", "world=4,tp=2,ep=4"])
+def test_torchtitan_style_experts_match_with_w1_w3_fused_in_the_graph(mesh_text):
+    from examples.titan_model import TitanConfig, TitanMoE
+
+    torch.manual_seed(0)
+    model = TitanMoE(TitanConfig())
+    ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(4))
+    errors, program, _ = check_parity(model, (ids,), lm_loss, mesh_text)
+    assert errors["loss"] < TOLERANCE and errors["gradients"] < TOLERANCE and errors["weights"] < TOLERANCE, errors
+    if program.mesh.etp > 1:
+        # Separate w1 and w3 split on their rows become one interleaved gate/up operand.
+        cat = next(n for n in program.placed.graph_module.graph.nodes if n.op == "call_function" and "cat" in str(n.target))
+        assert cat.meta["sharding"].placement("etp") == sg.InterleavedShard(1, 2)
