@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import shardgraph as sg
+from shardgraph.check import parity_errors
 from examples.moe_model import lm_loss, shardgraph_entry
 
 LEARNING_RATE = 0.1
@@ -36,32 +37,13 @@ def relative_error(value, reference):
 def reference_step(model, inputs, loss_fn):
     parameters = dict(model.named_parameters())
     loss = loss_fn(model(*inputs), *inputs)
-    gradients = dict(zip(parameters, torch.autograd.grad(loss, list(parameters.values()))))
-    updated = {name: (p - LEARNING_RATE * gradients[name]).detach() for name, p in parameters.items()}
-    return loss.detach(), gradients, updated
+    return loss.detach(), dict(zip(parameters, torch.autograd.grad(loss, list(parameters.values()))))
 
 
 def check_parity(model, inputs, loss_fn, mesh_text):
-    mesh = sg.MeshSpec.parse(mesh_text)
-    program = sg.compile(model, mesh, inputs, loss_fn)
-    parameters = {name: p.detach() for name, p in model.named_parameters()}
-    reference_loss, reference_gradients, reference_weights = reference_step(model, inputs, loss_fn)
-    result = program.run_simulated(parameters, inputs)
-    errors = {"loss": relative_error(result.loss, reference_loss)}
-    errors["gradients"] = max(relative_error(result.gradients[n], g) for n, g in reference_gradients.items())
-    # One SGD step on every rank's own pieces, then reassembled: the weights after the step.
-    weights_error = 0.0
-    for name, full in parameters.items():
-        sharding = program.parameter_sharding(name)
-        pieces = []
-        for rank in mesh.ranks:
-            local = sg.shard(full, sharding, mesh, rank)
-            local_gradient = sg.shard(result.gradients[name], sharding, mesh, rank)
-            pieces.append(local - LEARNING_RATE * local_gradient)
-        updated = sg.unshard(pieces, sharding, mesh, check_replicas=True)
-        weights_error = max(weights_error, relative_error(updated, reference_weights[name]))
-    errors["weights"] = weights_error
-    return errors, program, result
+    program = sg.compile(model, sg.MeshSpec.parse(mesh_text), inputs, loss_fn)
+    errors, result = parity_errors(program, model, inputs, loss_fn, LEARNING_RATE)
+    return {"loss": errors.loss, "gradients": errors.gradients, "weights": errors.weights}, program, result
 
 
 @pytest.mark.parametrize("mesh_text", MESHES)
@@ -131,7 +113,7 @@ def test_router_gradient_is_summed_over_dp_and_averaging_would_be_wrong():
     reductions = [r for r in program.report(format="dict")["collectives"] if r["of"] == gradient_node.name]
     assert ("all_reduce", "dp") in [(r["kind"], r["axis"]) for r in reductions]
     # The per-rank pieces averaged instead of summed would be off by exactly dp = 2.
-    _, reference_gradients, _ = reference_step(model, inputs, loss_fn)
+    _, reference_gradients = reference_step(model, inputs, loss_fn)
     assert relative_error(result.gradients[name] / program.mesh.dp, reference_gradients[name]) == pytest.approx(0.5, abs=1e-5)
 
 
