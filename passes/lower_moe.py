@@ -24,7 +24,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-import kernels
+import kernels  # noqa: F401 - registers torch.ops.shardgraph.grouped_mm*
 from shardgraph.mesh import MeshSpec
 from shardgraph.runtime import collectives
 from shardgraph.runtime import moe as moe_steps
@@ -113,9 +113,9 @@ def lower_moe(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
                 counts = emit.call(moe_steps.etp_gather, comm, received_counts, "etp")
             grouped_ = emit.call(moe_steps.group_by_local_expert, received, counts)
             grouped, permutation, offsets = (emit.item(grouped_, i) for i in range(3))
-            gate_up = emit.call(kernels.grouped_mm, grouped, w_gate_up, offsets, w_layout="enk")
+            gate_up = emit.call(torch.ops.shardgraph.grouped_mm.default, grouped, w_gate_up, offsets, "enk")
             activated = emit.call(moe_steps.glu, gate_up, activation)
-            down = emit.call(kernels.grouped_mm, activated, w_down, offsets, w_layout="enk")
+            down = emit.call(torch.ops.shardgraph.grouped_mm.default, activated, w_down, offsets, "enk")
             expert_out = emit.call(moe_steps.ungroup, down, permutation)
             if etp > 1:
                 expert_out = emit.call(moe_steps.etp_reduce_own, comm, expert_out, "etp", etp_row_sizes,
@@ -154,14 +154,15 @@ def lower_moe(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
                                                       "bytes": forward["estimate"] / max(ep - 1, 1) * (etp - 1),
                                                       "of": node.name, "purpose": "output gradients to every etp rank"})
             grad_grouped = emit.call(torch.index_select, grad_received, 0, forward["permutation"])
-            grad_activated = emit.call(kernels.grouped_mm_dgrad, grad_grouped, w_down, forward["offsets"],
-                                       w_layout="enk")
-            grad_w_down = emit.call(kernels.grouped_mm_wgrad, forward["activated"], grad_grouped, forward["offsets"],
-                                    forward["local_experts"], w_layout="enk")
+            grad_activated = emit.call(torch.ops.shardgraph.grouped_mm_dgrad.default, grad_grouped, w_down,
+                                       forward["offsets"], "enk")
+            grad_w_down = emit.call(torch.ops.shardgraph.grouped_mm_wgrad.default, forward["activated"], grad_grouped,
+                                    forward["offsets"], forward["local_experts"], "enk")
             grad_gate_up = emit.call(moe_steps.glu_backward, grad_activated, forward["gate_up"], forward["activation"])
-            grad_tokens = emit.call(kernels.grouped_mm_dgrad, grad_gate_up, w_gate_up, forward["offsets"], w_layout="enk")
-            grad_w_gate_up = emit.call(kernels.grouped_mm_wgrad, forward["grouped"], grad_gate_up, forward["offsets"],
-                                       forward["local_experts"], w_layout="enk")
+            grad_tokens = emit.call(torch.ops.shardgraph.grouped_mm_dgrad.default, grad_gate_up, w_gate_up,
+                                    forward["offsets"], "enk")
+            grad_w_gate_up = emit.call(torch.ops.shardgraph.grouped_mm_wgrad.default, forward["grouped"], grad_gate_up,
+                                       forward["offsets"], forward["local_experts"], "enk")
             grad_tokens = emit.call(moe_steps.ungroup, grad_tokens, forward["permutation"])
             if etp > 1:
                 grad_tokens = emit.call(moe_steps.etp_reduce_own, comm, grad_tokens, "etp", forward["etp_sizes"],
@@ -172,7 +173,6 @@ def lower_moe(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
                                   collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
                                               "bytes": forward["estimate"], "of": node.name,
                                               "purpose": "return of token gradients"})
-            tokens = hidden.meta["val"].shape[0] // (mesh.dp * mesh.tp) if "val" in hidden.meta else None
             grad_hidden = emit.call(_scatter_to_tokens, grad_back, forward["order"], forward["top_k"], hidden)
             results = [grad_hidden, grad_topk_weights, grad_w_gate_up, grad_w_down]
             shardings = node.meta.get("sharding") or (None,) * 4
@@ -182,7 +182,6 @@ def lower_moe(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
                 if user.target is operator.getitem:
                     user.replace_all_uses_with(results[user.args[1]])
                     graph.erase_node(user)
-            del tokens
             graph.erase_node(node)
     graph.lint()
     gm.recompile()
