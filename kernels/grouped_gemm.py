@@ -33,7 +33,7 @@ def _forward_configs():
     for block_m, block_n, block_k, warps, stages in [
         (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
         (128, 64, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 64, 64, 4, 4),
-        (128, 192, 64, 8, 3), (128, 96, 64, 4, 4),
+        (64, 128, 128, 4, 3), (128, 64, 128, 4, 3),
     ]:
         configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
                                      num_warps=warps, num_stages=stages))
@@ -46,7 +46,7 @@ def _wgrad_configs():
     configs = []
     for block_k, block_n, block_m, warps, stages in [
         (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 192, 64, 8, 3),
+        (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3),
     ]:
         configs.append(triton.Config({"BLOCK_K": block_k, "BLOCK_N": block_n, "BLOCK_M": block_m},
                                      num_warps=warps, num_stages=stages))
