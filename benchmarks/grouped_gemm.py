@@ -76,18 +76,21 @@ def bench_case(n, k, sizes, dtype):
     variants = {
         "forward": {
             "ours": lambda: triton_grouped_mm(x, w, offsets, "enk"),
+            "portable": lambda: triton_grouped_mm(x, w, offsets, "enk", use_tma=False),
             "torch": lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offsets),
             "loop": lambda: loop_forward(x, w, sizes),
             "dense": lambda: x @ dense_w,
         },
         "dgrad": {
             "ours": lambda: triton_grouped_mm(dout, w, offsets, "enk", transpose_weight=True),
+            "portable": lambda: triton_grouped_mm(dout, w, offsets, "enk", transpose_weight=True, use_tma=False),
             "torch": lambda: torch._grouped_mm(dout, w, offs=offsets),
             "loop": lambda: loop_dgrad(dout, w, sizes),
             "dense": lambda: dout @ dense_w.T,
         },
         "wgrad": {
             "ours": lambda: triton_grouped_mm_wgrad(x, dout, offsets, experts, "enk"),
+            "portable": lambda: triton_grouped_mm_wgrad(x, dout, offsets, experts, "enk"),
             "torch": lambda: torch._grouped_mm(dout.t(), x, offs=offsets),
             "loop": lambda: loop_wgrad(x, dout, sizes),
             "dense": lambda: x.T @ dout,
@@ -131,7 +134,7 @@ def main() -> None:
             for row in bench_case(n, k, sizes, dtype):
                 row["distribution"] = label
                 rows.append(row)
-                print(f"{row['kind']:<7} N={n:<5} K={k:<5} {label:<9} ours {row['ours_tflops']:6.1f}  torch {row['torch_tflops']:6.1f}  "
+                print(f"{row['kind']:<7} N={n:<5} K={k:<5} {label:<9} ours {row['ours_tflops']:6.1f}  portable {row['portable_tflops']:6.1f}  torch {row['torch_tflops']:6.1f}  "
                       f"loop {row['loop_tflops']:6.1f}  dense {row['dense_tflops']:6.1f}  ours/torch {row['ours_tflops'] / row['torch_tflops']:.3f}",
                       flush=True)
     summary = {}

@@ -155,6 +155,114 @@ def _grouped_wgrad_kernel(
              acc.to(dw_ptr.dtype.element_ty), mask=k_mask[:, None] & col_mask[None, :])
 
 
+def _tma_configs():
+    if INTERPRETED:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1)]
+    configs = []
+    for block_m, block_n, block_k, warps, stages in [
+        (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 5),
+        (128, 64, 64, 4, 5), (64, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3),
+    ]:
+        for group_m in (8,):
+            configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
+                                         num_warps=warps, num_stages=stages))
+    return configs
+
+
+@triton.jit
+def _swizzle(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """Walk GROUP_M row tiles across all column tiles before moving on, so tiles that share
+    rows or a weight block run close together and hit L2."""
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.autotune(configs=_tma_configs(), key=["N", "K", "E", "B_TRANSPOSED"])
+@triton.jit
+def _grouped_mm_tma_kernel(
+    x_ptr, w_ptr, out_ptr, offsets_ptr,
+    M, N, K, E, W_ROWS, W_COLS, stride_om,
+    B_TRANSPOSED: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Hopper path: operands through TMA descriptors built once per program, outside the K loop.
+
+    The weight storage is seen as one 2-d matrix [E * W_ROWS, W_COLS]; group g's logical B is
+    its rows g*W_ROWS.. (or their transpose). Tiles that run past a group read neighbouring rows;
+    those only feed output rows or columns that the masked store drops.
+    """
+    tiles_m = tl.cdiv(M, BLOCK_M) + E
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _swizzle(tl.program_id(0), tiles_m, tiles_n, GROUP_M)
+    group, row_start, row_end, tile, total, used_rows = _group_of_tile(offsets_ptr, pid_m, E, BLOCK_M, E_POW2)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    if pid_m >= total:
+        rows = used_rows + (pid_m - total) * BLOCK_M + tl.arange(0, BLOCK_M)
+        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], zero, mask=(rows[:, None] < M) & col_mask[None, :])
+    else:
+        row0 = row_start + tile * BLOCK_M
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+        if B_TRANSPOSED:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * W_ROWS, W_COLS], strides=[W_COLS, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * W_ROWS, W_COLS], strides=[W_COLS, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = x_desc.load([row0, k])
+            if B_TRANSPOSED:
+                b = w_desc.load([group * W_ROWS + pid_n * BLOCK_N, k])
+                acc = tl.dot(a, b.T, acc)
+            else:
+                b = w_desc.load([group * W_ROWS + k, pid_n * BLOCK_N])
+                acc = tl.dot(a, b, acc)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < row_end) & col_mask[None, :])
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_allocator() -> None:
+    """Device-side TMA descriptors live in global scratch memory that Triton asks the host for."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+
+
+def _tma_eligible(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if INTERPRETED or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if os.environ.get("SHARDGRAPH_GROUPED_MM_TMA", "1") == "0" or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    element = x.element_size()
+    # TMA needs contiguous rows whose byte strides are multiples of 16.
+    return (x.is_contiguous() and w.is_contiguous() and (x.shape[1] * element) % 16 == 0
+            and (w.shape[2] * element) % 16 == 0)
+
+
+def _tma_grouped_mm(x, w, offsets, b_transposed, n, k, out):
+    _ensure_allocator()
+    m, experts = x.shape[0], w.shape[0]
+    grid = lambda meta: ((triton.cdiv(m, meta["BLOCK_M"]) + experts) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _grouped_mm_tma_kernel[grid](
+        x, w, out, offsets, m, n, k, experts, w.shape[1], w.shape[2], out.stride(0),
+        B_TRANSPOSED=b_transposed, E_POW2=_next_power_of_two(experts),
+    )
+    return out
+
+
 def _next_power_of_two(value: int) -> int:
     return 1 << max(0, (value - 1).bit_length())
 
@@ -167,10 +275,12 @@ def _logical_strides(w: torch.Tensor, w_layout: str):
 
 
 def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w_layout: str = "ekn",
-                      transpose_weight: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+                      transpose_weight: bool = False, out: torch.Tensor | None = None,
+                      use_tma: bool | None = None) -> torch.Tensor:
     """``x @ W[g]`` per group, or ``x @ W[g].T`` with ``transpose_weight`` (dgrad).
 
     ``out`` may be given (tests pass it filled with NaN to prove every element is written).
+    ``use_tma``: None picks the Hopper TMA kernel where it applies; False forces the portable one.
     """
     k, n, stride_k, stride_n = _logical_strides(w, w_layout)
     if transpose_weight:
@@ -180,6 +290,10 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
+    if use_tma is not False and _tma_eligible(x, w) and out.is_contiguous():
+        # Logical B is the storage rows (ekn forward, enk dgrad) or their transpose.
+        b_transposed = (w_layout == "enk") != transpose_weight
+        return _tma_grouped_mm(x, w, offsets, b_transposed, n, k, out)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + experts, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _grouped_mm_kernel[grid](
         x, w, out, offsets, m, n, k, experts,
