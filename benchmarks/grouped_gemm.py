@@ -90,7 +90,7 @@ def bench_case(n, k, sizes, dtype):
         },
         "wgrad": {
             "ours": lambda: triton_grouped_mm_wgrad(x, dout, offsets, experts, "enk"),
-            "portable": lambda: triton_grouped_mm_wgrad(x, dout, offsets, experts, "enk"),
+            "portable": lambda: triton_grouped_mm_wgrad(x, dout, offsets, experts, "enk", use_tma=False),
             "torch": lambda: torch._grouped_mm(dout.t(), x, offs=offsets),
             "loop": lambda: loop_wgrad(x, dout, sizes),
             "dense": lambda: x.T @ dout,

@@ -228,6 +228,62 @@ def _grouped_mm_tma_kernel(
                  mask=(rows[:, None] < row_end) & col_mask[None, :])
 
 
+def _wgrad_tma_configs():
+    if INTERPRETED:
+        return [triton.Config({"BLOCK_K": 16, "BLOCK_N": 32, "BLOCK_M": 16}, num_warps=4, num_stages=1)]
+    configs = []
+    for block_k, block_n, block_m, warps, stages in [
+        (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+        (64, 128, 64, 4, 5), (128, 64, 64, 4, 5), (128, 128, 128, 8, 3), (64, 256, 64, 8, 4),
+    ]:
+        configs.append(triton.Config({"BLOCK_K": block_k, "BLOCK_N": block_n, "BLOCK_M": block_m},
+                                     num_warps=warps, num_stages=stages))
+    return configs
+
+
+@triton.autotune(configs=_wgrad_tma_configs(), key=["N", "K", "E", "OUT_NK"])
+@triton.jit
+def _grouped_wgrad_tma_kernel(
+    x_ptr, dout_ptr, dw_ptr, offsets_ptr,
+    M, K, N, E, stride_wg, stride_wk, stride_wn,
+    OUT_NK: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dW[g] = x_g.T @ dout_g with both operands through TMA; rows of the next group that a tile
+    reads are zeroed in x, so they add nothing. With OUT_NK the tile is computed transposed
+    ([N, K]) so the store runs along the contiguous K of an [E, N, K] weight."""
+    group = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_k = tl.program_id(1) // tiles_n
+    pid_n = tl.program_id(1) % tiles_n
+    row_end = tl.load(offsets_ptr + group)
+    row_start = tl.load(offsets_ptr + group - 1, mask=group > 0, other=0)
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    d_desc = tl.make_tensor_descriptor(dout_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    ms = tl.arange(0, BLOCK_M)
+    if OUT_NK:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for m in range(row_start, row_end, BLOCK_M):
+        a = x_desc.load([m, pid_k * BLOCK_K])
+        b = d_desc.load([m, pid_n * BLOCK_N])
+        a = tl.where((m + ms < row_end)[:, None], a, tl.zeros_like(a))
+        if OUT_NK:
+            acc = tl.dot(b.T, a, acc)
+        else:
+            acc = tl.dot(a.T, b, acc)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    base = dw_ptr + group.to(tl.int64) * stride_wg
+    if OUT_NK:
+        tl.store(base + cols[:, None] * stride_wn + ks[None, :] * stride_wk, acc.to(dw_ptr.dtype.element_ty),
+                 mask=(cols[:, None] < N) & (ks[None, :] < K))
+    else:
+        tl.store(base + ks[:, None] * stride_wk + cols[None, :] * stride_wn, acc.to(dw_ptr.dtype.element_ty),
+                 mask=(ks[:, None] < K) & (cols[None, :] < N))
+
+
 _ALLOCATOR_SET = False
 
 
@@ -305,13 +361,21 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w
 
 
 def triton_grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor, num_groups: int,
-                            w_layout: str = "ekn", out: torch.Tensor | None = None) -> torch.Tensor:
+                            w_layout: str = "ekn", out: torch.Tensor | None = None,
+                            use_tma: bool | None = None) -> torch.Tensor:
     """``dW[g] = x_g.T @ dout_g`` written in the weight's storage layout (empty groups: zeros)."""
     k, n = x.shape[1], dout.shape[1]
     shape = (num_groups, k, n) if w_layout == "ekn" else (num_groups, n, k)
     dw = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
     stride_k, stride_n = (dw.stride(1), dw.stride(2)) if w_layout == "ekn" else (dw.stride(2), dw.stride(1))
     if num_groups == 0:
+        return dw
+    if (use_tma is not False and _tma_eligible(x, dout.reshape(1, *dout.shape)) and dout.is_contiguous()
+            and (dout.shape[1] * dout.element_size()) % 16 == 0):
+        _ensure_allocator()
+        grid = lambda meta: (num_groups, triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        _grouped_wgrad_tma_kernel[grid](x, dout, dw, offsets, x.shape[0], k, n, num_groups, dw.stride(0), stride_k,
+                                        stride_n, OUT_NK=w_layout == "enk")
         return dw
     grid = lambda meta: (num_groups, triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _grouped_wgrad_kernel[grid](
