@@ -44,3 +44,36 @@ def test_gloo_collectives_match_the_simulator():
     for rank in MESH.ranks:
         for got, expected in zip(distributed[rank], simulated[rank]):
             torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def dtensor_rank(rank):
+    from shardgraph.checkpoint import device_mesh_for, to_dtensor
+    from shardgraph.placement import Partial, Shard, Sharding, shard
+
+    full = torch.arange(8 * 6, dtype=torch.float32).reshape(8, 6)
+    results = {}
+    for label, sharding in (("dense", Sharding.of(dp=Shard(0), tp=Shard(1))), ("expert", Sharding.of(ep=Shard(0)))):
+        view = "expert" if label == "expert" else "dense"
+        device_mesh = device_mesh_for(MESH, view)
+        local = shard(full, sharding, MESH, rank)
+        results[label] = to_dtensor(local, sharding, device_mesh, full.shape).full_tensor()
+    partial = Sharding.of(tp=Partial("sum"))
+    results["partial"] = to_dtensor(shard(full, partial, MESH, rank), partial, device_mesh_for(MESH), full.shape).full_tensor()
+    return results
+
+
+def test_local_pieces_become_dtensors_whose_full_tensor_is_the_original():
+    from shardgraph.runtime.distributed import spawn_gloo
+
+    full = torch.arange(8 * 6, dtype=torch.float32).reshape(8, 6)
+    for per_rank in spawn_gloo(dtensor_rank, MESH.world):
+        for label, value in per_rank.items():
+            assert torch.equal(value, full), label
+
+
+def test_interleaved_placements_are_refused_as_dtensors():
+    from shardgraph.checkpoint import CheckpointError, to_dtensor
+    from shardgraph.placement import InterleavedShard, Sharding
+
+    with pytest.raises(CheckpointError, match="no DTensor form"):
+        to_dtensor(torch.zeros(2, 2), Sharding.of(etp=InterleavedShard(0, 2)), device_mesh=None)

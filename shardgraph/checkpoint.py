@@ -1,0 +1,313 @@
+"""Checkpoints: HF-style safetensors in and out of per-rank pieces, and DTensor export.
+
+Load (``load_local``) reads, for one rank, only the slices of each tensor that the rank owns:
+the parameter's run plan (``shardgraph.placement.run_plan``) gives the global index ranges on
+every dim, and safetensors' lazy slices read just those bytes. Checkpoint keys are matched to the
+graph's parameter names:
+
+* the same name (transformers 5.x fused ``experts.gate_up_proj`` / ``down_proj``, torchtitan's
+  3-d ``w1``/``w2``/``w3``, every dense parameter);
+* per-expert keys, fused on load: ``experts.{e}.w1`` + ``experts.{e}.w3`` (or ``gate_proj`` /
+  ``up_proj``) rows become expert ``e``'s gate and up rows of ``gate_up_proj``; ``experts.{e}.w2``
+  (or ``down_proj``) becomes ``down_proj[e]``; a 3-d ``experts.w1`` is stacked from
+  ``experts.{e}.w1``;
+* module renames that HF checkpoints carry (Mixtral's ``block_sparse_moe`` for ``mlp``).
+
+Every key and shape is checked before any rank reads a byte: a missing key, or one of the wrong
+shape, is an error naming the key and both shapes. ``save_checkpoint`` assembles the pieces on
+one rank and writes them back under the keys they were loaded from (bit-exact round trip).
+
+DTensor: ``to_dtensor`` wraps a local piece as a DTensor on a DeviceMesh laid out like the
+mesh view, for torch.distributed.checkpoint; ``InterleavedShard`` has no DTensor form and is
+refused with a pointer to the safetensors path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from .mesh import MeshSpec
+from .placement import InterleavedShard, Sharding, run_plan, shard, to_dtensor_placements, unshard
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointIndex",
+    "LoadPlan",
+    "plan_load",
+    "load_local",
+    "save_checkpoint",
+    "shard_optimizer_state",
+    "to_dtensor",
+    "device_mesh_for",
+]
+
+_RENAMES = [("mlp.", "block_sparse_moe.")]
+_GATE_NAMES, _UP_NAMES, _DOWN_NAMES = ("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model: missing keys or wrong shapes, named."""
+
+
+class CheckpointIndex:
+    """Keys, shapes and files of a safetensors checkpoint (one file, or an index of shards)."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.path = path
+        if os.path.isdir(path):
+            index = os.path.join(path, "model.safetensors.index.json")
+            if os.path.exists(index):
+                with open(index, encoding="utf-8") as handle:
+                    weight_map = json.load(handle)["weight_map"]
+                files = {key: os.path.join(path, name) for key, name in weight_map.items()}
+            else:
+                single = os.path.join(path, "model.safetensors")
+                if not os.path.exists(single):
+                    raise CheckpointError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
+                files = None
+                path = single
+        else:
+            files = None
+        if files is None:
+            with safe_open(path, "pt") as handle:
+                files = {key: path for key in handle.keys()}
+        self.files = files
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        by_file: dict[str, list[str]] = {}
+        for key, file in files.items():
+            by_file.setdefault(file, []).append(key)
+        for file, keys in by_file.items():
+            with safe_open(file, "pt") as handle:
+                for key in keys:
+                    self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+
+    def read(self, key: str, index: tuple) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.files[key], "pt") as handle:
+            return handle.get_slice(key)[index]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a parameter's values are: one key, or per-expert keys fused along a dim."""
+
+    kind: str  # "direct" | "experts_fused" | "experts_stacked"
+    keys: tuple = ()  # direct: (key,); fused: ((gate_e, up_e) per expert); stacked: (key_e per expert)
+
+
+@dataclass
+class LoadPlan:
+    sources: dict[str, Source] = field(default_factory=dict)
+
+
+def _variants(name: str) -> list[str]:
+    names = [name]
+    for old, new in _RENAMES:
+        if old in name:
+            names.append(name.replace(old, new))
+    return names
+
+
+def _resolve(name: str, shape: tuple[int, ...], index: CheckpointIndex, problems: list[str]) -> Source | None:
+    for candidate in _variants(name):
+        if candidate in index.shapes:
+            if index.shapes[candidate] != shape:
+                problems.append(f"key {candidate!r} has shape {index.shapes[candidate]}, parameter {name!r} needs {shape}")
+                return None
+            return Source("direct", (candidate,))
+    leaf = name.rsplit(".", 1)[-1]
+    base = name[: -len(leaf)]
+    if len(shape) == 3 and base.endswith("experts."):
+        experts = shape[0]
+        for prefix in _variants(base):
+            if leaf in ("gate_up_proj",):
+                per_expert = (shape[1] // 2, shape[2])
+                pairs = []
+                for gate_name, up_name in zip(_GATE_NAMES, _UP_NAMES):
+                    keys = [(f"{prefix}{e}.{gate_name}.weight", f"{prefix}{e}.{up_name}.weight") for e in range(experts)]
+                    if all(g in index.shapes for g, _ in keys):
+                        pairs = keys
+                        break
+                if pairs:
+                    for gate, up in pairs:
+                        for key in (gate, up):
+                            if key not in index.shapes:
+                                problems.append(f"key {key!r} is missing (needed for {name!r})")
+                            elif index.shapes[key] != per_expert:
+                                problems.append(f"key {key!r} has shape {index.shapes[key]}, {name!r} needs {per_expert}")
+                    return Source("experts_fused", tuple(pairs))
+            else:
+                names = {"down_proj": _DOWN_NAMES, "w1": ("w1",), "w2": ("w2",), "w3": ("w3",)}.get(leaf, (leaf,))
+                for stem in names:
+                    keys = [next((k for k in (f"{prefix}{e}.{stem}.weight", f"{prefix}{e}.{stem}") if k in index.shapes),
+                                 f"{prefix}{e}.{stem}.weight") for e in range(experts)]
+                    if any(k in index.shapes for k in keys):
+                        for key in keys:
+                            if key not in index.shapes:
+                                problems.append(f"key {key!r} is missing (needed for {name!r})")
+                            elif index.shapes[key] != tuple(shape[1:]):
+                                problems.append(f"key {key!r} has shape {index.shapes[key]}, {name!r} needs {tuple(shape[1:])}")
+                        return Source("experts_stacked", tuple(keys))
+    problems.append(f"no key for parameter {name!r} {shape} (tried {', '.join(repr(v) for v in _variants(name))})")
+    return None
+
+
+def plan_load(index: CheckpointIndex, parameter_shapes: Mapping[str, Sequence[int]]) -> LoadPlan:
+    """Match every parameter to checkpoint keys; every mismatch is reported at once."""
+    problems: list[str] = []
+    plan = LoadPlan()
+    for name, shape in parameter_shapes.items():
+        source = _resolve(name, tuple(shape), index, problems)
+        if source is not None:
+            plan.sources[name] = source
+    if problems:
+        raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+    return plan
+
+
+def _runs_per_dim(shape, sharding, mesh, rank, name):
+    runs = []
+    for dim in range(len(shape)):
+        if any(p.is_shard(dim) for p in sharding.placements):
+            runs.append([(r.global_start, r.global_start + r.length) for r in run_plan(shape, sharding, mesh, rank, dim, name)])
+        else:
+            runs.append([(0, shape[dim])])
+    return runs
+
+
+def _read_block(index: CheckpointIndex, source: Source, shape, block) -> torch.Tensor:
+    """Global index ranges ``block`` (one (start, stop) per dim) of the logical parameter."""
+    if source.kind == "direct":
+        return index.read(source.keys[0], tuple(slice(a, b) for a, b in block))
+    (e0, e1), rest = block[0], block[1:]
+    pieces = []
+    for expert in range(e0, e1):
+        if source.kind == "experts_stacked":
+            pieces.append(index.read(source.keys[expert], tuple(slice(a, b) for a, b in rest)))
+            continue
+        gate, up = source.keys[expert]
+        half = shape[1] // 2
+        (r0, r1), tail = rest[0], tuple(slice(a, b) for a, b in rest[1:])
+        parts = []
+        if r0 < half:
+            parts.append(index.read(gate, (slice(r0, min(r1, half)),) + tail))
+        if r1 > half:
+            parts.append(index.read(up, (slice(max(r0, half) - half, r1 - half),) + tail))
+        pieces.append(torch.cat(parts, dim=0))
+    return torch.stack(pieces)
+
+
+def load_local(path_or_index, program, rank: int, plan: LoadPlan | None = None) -> dict[str, torch.Tensor]:
+    """This rank's pieces of every parameter, reading only the slices it owns."""
+    index = path_or_index if isinstance(path_or_index, CheckpointIndex) else CheckpointIndex(path_or_index)
+    shapes = {name: tuple(program.traced.parameter_shapes[name]) for name in program.parameter_names}
+    plan = plan or plan_load(index, shapes)
+    mesh = program.mesh
+    local = {}
+    for name, shape in shapes.items():
+        sharding = program.parameter_sharding(name)
+        runs = _runs_per_dim(shape, sharding, mesh, rank, name)
+        blocks = []
+        for combination in itertools.product(*[range(len(r)) for r in runs]):
+            blocks.append((combination, _read_block(index, plan.sources[name], shape,
+                                                    [runs[d][i] for d, i in enumerate(combination)])))
+        local[name] = _assemble(blocks, [len(r) for r in runs])
+    return local
+
+
+def _assemble(blocks, counts):
+    """Concatenate blocks indexed by their run position per dim (runs are in local order)."""
+    if len(counts) == 0:
+        return blocks[0][1]
+
+    def build(prefix, dim):
+        if dim == len(counts):
+            return next(block for key, block in blocks if key == tuple(prefix))
+        return torch.cat([build(prefix + [i], dim + 1) for i in range(counts[dim])], dim=dim)
+
+    return build([], 0).contiguous()
+
+
+def save_checkpoint(pieces_by_rank: Sequence[Mapping[str, torch.Tensor]], program, directory: str,
+                    plan: LoadPlan | None = None) -> str:
+    """Assemble full tensors from every rank's pieces and write one safetensors file.
+
+    With the ``plan`` a checkpoint was loaded with, keys are written as they were read
+    (per-expert keys split back out), so loading what was saved gives identical tensors.
+    """
+    from safetensors.torch import save_file
+
+    mesh = program.mesh
+    tensors: dict[str, torch.Tensor] = {}
+    for name in program.parameter_names:
+        sharding = program.parameter_sharding(name)
+        shape = tuple(program.traced.parameter_shapes[name])
+        full = unshard([pieces[name] for pieces in pieces_by_rank], sharding, mesh, global_shape=shape, name=name)
+        source = plan.sources.get(name) if plan is not None else None
+        if source is None or source.kind == "direct":
+            tensors[source.keys[0] if source else name] = full.contiguous()
+        elif source.kind == "experts_stacked":
+            for expert, key in enumerate(source.keys):
+                tensors[key] = full[expert].contiguous()
+        else:
+            half = shape[1] // 2
+            for expert, (gate, up) in enumerate(source.keys):
+                tensors[gate] = full[expert, :half].contiguous()
+                tensors[up] = full[expert, half:].contiguous()
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "model.safetensors")
+    save_file(tensors, path)
+    return path
+
+
+def shard_optimizer_state(state: Mapping[str, Mapping[str, torch.Tensor]], program, rank: int):
+    """Per-parameter optimizer state (momentum, Adam moments) sharded exactly like the parameter."""
+    result = {}
+    for name, entries in state.items():
+        sharding = program.parameter_sharding(name)
+        shape = tuple(program.traced.parameter_shapes[name])
+        result[name] = {
+            key: shard(value, sharding, program.mesh, rank, name=f"{name}.{key}")
+            if isinstance(value, torch.Tensor) and tuple(value.shape) == shape else value
+            for key, value in entries.items()
+        }
+    return result
+
+
+def device_mesh_for(mesh: MeshSpec, view: str = "dense", device_type: str = "cpu"):
+    """A torch DeviceMesh over this stage's ranks laid out as the view's axes (TP-lane-major)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if view == "expert":
+        sizes, names = (mesh.edp, mesh.ep, mesh.etp), ("edp", "ep", "etp")
+    else:
+        sizes, names = (mesh.dp, mesh.tp), ("dp", "tp")
+    ranks = torch.arange(mesh.stage).reshape(sizes)
+    return DeviceMesh(device_type, ranks, mesh_dim_names=names)
+
+
+def to_dtensor(local: torch.Tensor, sharding: Sharding, device_mesh, global_shape: Sequence[int] | None = None):
+    """Wrap this rank's piece as a DTensor (DCP can then save and reshard it)."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, InterleavedShard) for p in sharding.placements):
+        raise CheckpointError(
+            f"{sharding!r} has no DTensor form (InterleavedShard); save it through save_checkpoint (safetensors)"
+        )
+    placements = to_dtensor_placements(sharding, tuple(device_mesh.mesh_dim_names))
+    kwargs = {"shape": torch.Size(global_shape), "stride": None} if global_shape is not None else {}
+    if global_shape is not None:
+        strides = [1] * len(global_shape)
+        for d in range(len(global_shape) - 2, -1, -1):
+            strides[d] = strides[d + 1] * global_shape[d + 1]
+        kwargs["stride"] = tuple(strides)
+    return DTensor.from_local(local, device_mesh, placements, run_check=False, **kwargs)
