@@ -1,24 +1,29 @@
 """A small MoE transformer with HF-style parameter names, from tiny to Qwen3-30B-A3B-shaped.
 
 Token embedding, RMSNorm, causal multi-head attention (``q_proj``/``k_proj``/``v_proj``/``o_proj``,
-grouped KV heads), a router (``mlp.gate``: linear, softmax, top-k, renormalise), routed experts
-stored fused like HF transformers 5.x (``mlp.experts.gate_up_proj [E, 2I, H]``,
-``mlp.experts.down_proj [E, H, I]``), an optional shared expert, a final norm, an lm_head and a
-causal-LM loss. The expert block computes with a plain loop, so the model runs anywhere; the
-frontend recognises ``MoEExperts`` by its fused weights and traces it as one ``moe_experts`` op.
+grouped KV heads, optional per-head q/k RMSNorm as in Qwen3; plain matmul + softmax + causal
+mask, no position encoding), a router (``mlp.gate``: linear, softmax, top-k, renormalise),
+routed experts stored fused like HF transformers 5.x (``mlp.experts.gate_up_proj [E, 2I, H]``,
+gate rows then up rows; ``mlp.experts.down_proj [E, H, I]``), an optional shared expert
+(``mlp.shared_expert.{gate_proj,up_proj,down_proj}``), a final norm, an ``lm_head`` and a
+causal-LM loss. The experts compute with a plain per-expert loop, so the model runs anywhere;
+the frontend recognises ``MoEExperts`` by its fused weights and traces it as one
+``moe_experts`` op.
 
-``shardgraph_entry(config)`` returns ``(model, example_inputs, loss_fn)`` for the CLI.
+``shardgraph_entry(config)`` returns ``(model, example_inputs, loss_fn)`` for the CLI; with
+``device="meta"`` nothing is allocated, so the 48-layer config can be traced and compiled.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MoEConfig", "CONFIGS", "MoETransformer", "lm_loss", "make_batch", "shardgraph_entry"]
+__all__ = ["MoEConfig", "CONFIGS", "UnknownConfigError", "MoETransformer", "lm_loss", "make_batch",
+           "shardgraph_entry", "count_parameters"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,8 @@ class MoEConfig:
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 4
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    qk_norm: bool = False
     num_experts: int = 8
     top_k: int = 2
     moe_intermediate_size: int = 16
@@ -35,15 +42,41 @@ class MoEConfig:
     rms_norm_eps: float = 1e-6
     norm_topk_prob: bool = True
 
+    def __post_init__(self):
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                raise ValueError(f"MoEConfig.{item.name} = {value} must not be negative")
+        if self.num_heads <= 0 or self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"MoEConfig: num_heads {self.num_heads} must be a positive multiple of num_kv_heads "
+                             f"{self.num_kv_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"MoEConfig: hidden_size {self.hidden_size} is not divisible by num_heads "
+                             f"{self.num_heads}; set head_dim")
+        if not 0 < self.top_k <= self.num_experts:
+            raise ValueError(f"MoEConfig: top_k {self.top_k} must be in 1..num_experts={self.num_experts}")
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
 
 CONFIGS = {
     "tiny": MoEConfig(),
     "tiny_shared": MoEConfig(shared_expert_intermediate_size=24),
     "small": MoEConfig(vocab_size=1024, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, num_experts=16,
                        top_k=4, moe_intermediate_size=128),
+    # Qwen3-30B-A3B's shapes: 30.5e9 parameters, 3.3e9 active per token.
     "qwen3_30b_a3b": MoEConfig(vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4,
-                               num_experts=128, top_k=8, moe_intermediate_size=768),
+                               head_dim=128, qk_norm=True, num_experts=128, top_k=8, moe_intermediate_size=768),
 }
+
+
+class UnknownConfigError(KeyError, ValueError):
+    """A config name that is not in ``CONFIGS``."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
 
 
 class RMSNorm(nn.Module):
@@ -61,30 +94,37 @@ class Attention(nn.Module):
     def __init__(self, config: MoEConfig):
         super().__init__()
         self.heads, self.kv_heads = config.num_heads, config.num_kv_heads
-        self.head_dim = config.hidden_size // config.num_heads
+        self.head_dim = config.attention_head_dim
         self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(self, x):
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.kv_heads != self.heads:
+            # Each KV head serves heads / kv_heads consecutive query heads.
             repeat = self.heads // self.kv_heads
-            k = k[:, :, None].expand(batch, self.kv_heads, repeat, seq, self.head_dim).reshape(batch, self.heads, seq, self.head_dim)
-            v = v[:, :, None].expand(batch, self.kv_heads, repeat, seq, self.head_dim).reshape(batch, self.heads, seq, self.head_dim)
+            shape = (batch, self.kv_heads, repeat, seq, self.head_dim)
+            k = k[:, :, None].expand(shape).reshape(batch, self.heads, seq, self.head_dim)
+            v = v[:, :, None].expand(shape).reshape(batch, self.heads, seq, self.head_dim)
         scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
-        mask = torch.ones(seq, seq, dtype=torch.bool, device=x.device).triu(1)
-        scores = scores.masked_fill(mask, float("-inf"))
+        future = torch.ones(seq, seq, dtype=torch.bool, device=x.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
         attended = scores.softmax(dim=-1) @ v
         return self.o_proj(attended.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim))
 
 
 class MoEExperts(nn.Module):
-    """Fused routed experts, HF layout: gate rows then up rows per expert."""
+    """Routed experts, fused like HF transformers 5.x: per expert, gate rows then up rows."""
 
     def __init__(self, config: MoEConfig):
         super().__init__()
@@ -100,8 +140,8 @@ class MoEExperts(nn.Module):
             if token.numel() == 0:
                 continue
             gate, up = F.linear(hidden[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(self.act_fn(gate) * up, self.down_proj[expert]) * top_k_weights[token, slot, None]
-            out = out.index_add(0, token, y)
+            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            out = out.index_add(0, token, expert_out * top_k_weights[token, slot, None])
         return out
 
 
@@ -168,28 +208,49 @@ class MoETransformer(nn.Module):
 
 
 def lm_loss(logits, input_ids):
-    """Next-token cross entropy: position t predicts token t + 1."""
+    """Next-token cross entropy, mean over ``batch * (seq - 1)`` positions: position t predicts
+    token t + 1. Accepts an HF ModelOutput (reads ``.logits``)."""
     logits = getattr(logits, "logits", logits)
     vocab = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].reshape(-1, vocab), input_ids[:, 1:].reshape(-1))
 
 
 def make_batch(config: MoEConfig, batch_size: int = 8, seq_len: int = 8, seed: int = 0, device="cpu"):
+    """``(input_ids,)``: uniform random token ids, ``[batch_size, seq_len]`` int64."""
+    if batch_size <= 0 or seq_len < 2:
+        raise ValueError(f"make_batch: batch_size {batch_size} must be positive and seq_len {seq_len} at least 2 "
+                         f"(the loss predicts the next token)")
+    if torch.device(device).type == "meta":
+        return (torch.empty(batch_size, seq_len, dtype=torch.long, device="meta"),)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=generator)
     return (ids.to(device),)
 
 
-def shardgraph_entry(config: str = "tiny", device="cpu", batch_size: int = 8, seq_len: int = 8, num_layers: int | None = None,
-                     seed: int = 0):
+def count_parameters(config: MoEConfig) -> dict[str, int]:
+    """Total and per-token active parameter counts, from the config alone."""
+    with torch.device("meta"):
+        model = MoETransformer(replace(config, num_layers=1))
+    per_layer = sum(p.numel() for p in model.layers[0].parameters())
+    experts = model.layers[0].mlp.experts
+    expert_size = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // config.num_experts
+    outside = sum(p.numel() for p in model.parameters()) - per_layer
+    total = outside + config.num_layers * per_layer
+    active = total - config.num_layers * (config.num_experts - config.top_k) * expert_size
+    return {"total": total, "active": active}
+
+
+def shardgraph_entry(config: str = "tiny", device="cpu", batch_size: int = 8, seq_len: int = 8,
+                     num_layers: int | None = None, seed: int = 0):
+    """``(model, example_inputs, loss_fn)`` for ``config`` (a name in ``CONFIGS``).
+
+    ``device="meta"`` builds weights and inputs without memory (for tracing and compiling
+    large configs); ``num_layers`` overrides the config's depth.
+    """
     if config not in CONFIGS:
-        raise KeyError(f"unknown config {config!r}; known: {', '.join(CONFIGS)}")
+        raise UnknownConfigError(f"unknown config {config!r}; known: {', '.join(CONFIGS)}")
     settings = CONFIGS[config] if num_layers is None else replace(CONFIGS[config], num_layers=num_layers)
     torch.manual_seed(seed)
     with torch.device(device):
         model = MoETransformer(settings)
-    if device == "meta":
-        inputs = (torch.empty(batch_size, seq_len, dtype=torch.long, device="meta"),)
-    else:
-        inputs = make_batch(settings, batch_size, seq_len, seed, device)
-    return model, inputs, lm_loss
+    return model, make_batch(settings, batch_size, seq_len, seed, device), lm_loss

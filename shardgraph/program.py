@@ -37,6 +37,8 @@ class ShardedProgram:
         placeholders = [n for n in lowered.graph.nodes if n.op == "placeholder"]
         self._inputs = placeholders[1:]  # the first is the communicator
         self.parameter_names = list(traced.parameter_names)
+        # Frozen parameters are inputs without a gradient output.
+        self.gradient_names = list(getattr(traced, "gradient_names", None) or traced.parameter_names)
         self.buffer_names = list(getattr(traced, "buffer_names", []))
         self.input_names = list(getattr(traced, "input_names", []))
         self.default_buffers: dict[str, torch.Tensor] = {}
@@ -100,7 +102,7 @@ class ShardedProgram:
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         if not getattr(self.traced, "has_loss", True):
             return outputs
-        return outputs[0], dict(zip(self.parameter_names, outputs[1:]))
+        return outputs[0], dict(zip(self.gradient_names, outputs[1:]))
 
     def run_simulated(self, parameters: Mapping[str, torch.Tensor], batch: Sequence[torch.Tensor],
                       buffers: Mapping[str, torch.Tensor] | None = None) -> StepResult:
@@ -124,7 +126,7 @@ class ShardedProgram:
             if not torch.equal(loss, losses[0]):
                 raise AssertionError(f"rank {rank} computed loss {loss.item()} but rank 0 computed {losses[0].item()}")
         gradients = {}
-        for name in self.parameter_names:
+        for name in self.gradient_names:
             pieces = [r[1][name] for r in results]
             gradients[name] = unshard(pieces, self.parameter_sharding(name), self.mesh,
                                       global_shape=tuple(parameters[name].shape), name=f"gradient of {name}",

@@ -1,6 +1,21 @@
-"""Frontend: trace a single-device MoE model into one forward+backward fx graph."""
+"""Frontend: trace a single-device MoE model into one forward+backward fx graph over aten ops."""
 
-from .adapters import AdapterError, register_experts
-from .trace import OutputRole, TracedGraph, TraceError, op_histogram, trace
+from .adapters import identify_activation, register_experts, unregister_experts
+from .errors import AdapterError, TraceError
+from .op_set import JOINT_GRAPH_OPS, OP_FAMILIES
+from .trace import DECOMPOSITIONS, OutputRole, TracedGraph, op_histogram, trace
 
-__all__ = ["trace", "TracedGraph", "OutputRole", "TraceError", "AdapterError", "register_experts", "op_histogram"]
+__all__ = [
+    "trace",
+    "TracedGraph",
+    "OutputRole",
+    "TraceError",
+    "AdapterError",
+    "register_experts",
+    "unregister_experts",
+    "identify_activation",
+    "op_histogram",
+    "DECOMPOSITIONS",
+    "JOINT_GRAPH_OPS",
+    "OP_FAMILIES",
+]

@@ -1,52 +1,103 @@
-"""``trace``: one pure fx graph of a model's loss and every parameter gradient.
+"""``trace``: a model's loss and every parameter gradient as one pure fx graph over aten ops.
 
-Why ``make_fx`` over ``torch.autograd.grad``: it records the forward and the backward that
-autograd actually runs as one graph of aten ops, exactly what ``jax.value_and_grad`` would see,
-with custom ops (``moe_experts`` and its backward) kept whole because they carry fake kernels.
-``torch.export`` stops at the forward, and ``aot_autograd`` splits the joint graph into a forward
-and a backward graph with tangents as inputs, which later passes would have to glue back.
-Tracing runs in fake mode, so a model built on the meta device traces without its memory.
+    traced = trace(model, example_inputs, loss_fn)
+    loss, *grads = traced.graph_module(*params, *buffers, *inputs)
 
-The graph's inputs are the parameters (placeholders named after their fully qualified names,
-with ``meta["shardgraph_name"]`` and ``meta["shardgraph_kind"]``), then buffers, then the batch.
-Its outputs are ``(loss, *gradients)`` in parameter order, or the forward outputs when there
-is no loss function. In-place ops that autograd emits on fresh intermediates are rewritten to
-their functional forms, so the graph mutates nothing.
+is what ``jax.value_and_grad(lambda p: loss_fn(model(p, *inputs), *inputs))`` computes.
+
+Machinery: ``make_fx`` in fake mode over a step function that runs the model with
+``torch.func.functional_call`` and calls ``torch.autograd.grad``. Autograd runs for real during
+tracing, so the graph records the very backward that eager training runs, and the custom op
+``moe_experts`` (which has a fake kernel and a registered autograd formula) stays one forward
+node and one ``moe_experts_backward`` node. The alternatives fit worse: ``torch.export`` stops
+at the forward; ``aot_export_module(trace_joint=True)`` gives a joint graph too, but applies its
+own decompositions (``silu_backward`` becomes sigmoid arithmetic) and adds
+``_assert_tensor_metadata`` and ``empty_like`` + ``fill`` nodes (measured on the example model),
+which widens the op set every later pass needs a rule for; ``torch.func.grad`` cannot see through ``register_autograd`` custom ops.
+Fake mode means no kernel runs, so a model built on the meta device traces without memory.
+
+Then, in order:
+
+1. In-place ops (HF routers divide their top-k weights in place, decompositions emit ``add_``)
+   are removed by re-tracing the graph through ``torch.func.functionalize``, which also gets
+   mutations through views right (``x[:, 0] = 0`` becomes ``select_scatter``). Node metadata
+   (source lines, module stack) is carried over. A graph that would mutate a parameter, buffer
+   or batch tensor is refused with the node's source line.
+   Random ops (dropout, noise) are refused the same way: a traced step is deterministic.
+2. ``detach`` and ``alias`` nodes (identities once autograd is gone) and dead code are removed.
+3. Placeholders are named after the parameter / buffer FQNs and the forward's argument names
+   and labelled ``meta["shardgraph_kind"]`` / ``meta["shardgraph_name"]``.
+
+While tracing, ``F.scaled_dot_product_attention`` is computed as matmul + softmax (the fused
+kernels differ per device and have their own backward ops), HF models run with
+``use_cache=False`` (a training step keeps no KV cache), and recognised expert modules run
+through their adapters (``adapters.py``). A small decomposition table (``DECOMPOSITIONS``)
+rewrites a few composite ops (layer norm, ``logsumexp``, ``baddbmm``, vector norms, ...) into
+the ops listed in ``docs/frontend.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import linecache
+import math
 import operator
 import os
 import re
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
+import torch.fx.traceback as fx_traceback
+import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
-from torch.fx import GraphModule
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch._decomp import get_decompositions
+from torch.func import functional_call, functionalize
+from torch.fx import GraphModule, Node
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
+from torch.overrides import TorchFunctionMode
 
-from .adapters import AdapterError, adapters_installed
+from .adapters import adapters_installed
+from .errors import AdapterError, TraceError
 
-__all__ = ["TraceError", "TracedGraph", "OutputRole", "trace", "op_histogram"]
+__all__ = ["TraceError", "TracedGraph", "OutputRole", "trace", "op_histogram", "DECOMPOSITIONS"]
 
+aten = torch.ops.aten
 
-class TraceError(RuntimeError):
-    """A model construct that cannot become a static graph, with the module and source line."""
+_DECOMPOSED_OPS = [
+    aten.native_layer_norm, aten.native_layer_norm_backward, aten.var_mean, aten.var, aten.baddbmm,
+    aten.logsumexp, aten.linalg_vector_norm, aten.repeat, aten.softplus, aten.softplus_backward,
+    aten.mse_loss, aten.mse_loss_backward, aten.log_sigmoid_forward, aten.log_sigmoid_backward,
+]
+for _name in ("_fused_rms_norm", "_fused_rms_norm_backward"):
+    if hasattr(aten, _name):  # fused RMSNorm kernels exist on some builds and devices only
+        _DECOMPOSED_OPS.append(getattr(aten, _name))
+
+DECOMPOSITIONS = get_decompositions(_DECOMPOSED_OPS)
+"""Composite ops rewritten during tracing, so the graph keeps to the op set of docs/frontend.md."""
 
 
 @dataclass(frozen=True)
 class OutputRole:
-    kind: str  # "loss" | "grad" | "output"
+    """What one graph output is: ``loss``, ``grad`` (of ``parameter``) or a forward ``output``."""
+
+    kind: str
     parameter: str | None = None
+    path: str | None = None  # for forward outputs: where in the model's output it sits
 
 
 @dataclass
 class TracedGraph:
+    """The traced step and the names that give its inputs and outputs meaning.
+
+    ``graph_module(*parameters, *buffers, *inputs)`` returns ``(loss, *gradients)`` with one
+    gradient per name in ``gradient_names`` (the trainable parameters, in parameter order), or
+    the forward outputs when there is no loss.
+    """
+
     graph_module: GraphModule
     parameter_names: list[str]
     buffer_names: list[str]
@@ -55,164 +106,438 @@ class TracedGraph:
     parameter_dtypes: dict[str, torch.dtype]
     output_spec: list[OutputRole]
     has_loss: bool
-    expert_modules: list[str] = field(default_factory=list)
+    gradient_names: list[str] = field(default_factory=list)
+    buffer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    expert_modules: dict[str, str] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    def run(self, model_or_state, *inputs):
-        """Run the graph eagerly: ``(loss, {name: gradient})``, or the forward outputs."""
-        state = model_or_state.state_dict(keep_vars=True) if isinstance(model_or_state, nn.Module) else model_or_state
-        named = dict(model_or_state.named_parameters()) if isinstance(model_or_state, nn.Module) else state
-        buffers = dict(model_or_state.named_buffers()) if isinstance(model_or_state, nn.Module) else state
-        args = [named[n].detach() for n in self.parameter_names] + [buffers[n] for n in self.buffer_names] + list(inputs)
-        outputs = self.graph_module(*args)
+    def arguments(self, model_or_state: nn.Module | Mapping[str, torch.Tensor], *inputs) -> list[torch.Tensor]:
+        """The graph's positional arguments: parameters, buffers, then ``inputs``."""
+        if len(inputs) != len(self.input_names):
+            raise TypeError(f"the graph takes {len(self.input_names)} batch tensors {self.input_names}, "
+                            f"got {len(inputs)}")
+        if isinstance(model_or_state, nn.Module):
+            state = {**dict(model_or_state.named_parameters(remove_duplicate=False)),
+                     **dict(model_or_state.named_buffers(remove_duplicate=False))}
+        elif isinstance(model_or_state, Mapping):
+            state = model_or_state
+        else:
+            raise TypeError(f"expected an nn.Module or a state dict, got {type(model_or_state).__name__}")
+        missing = [n for n in self.parameter_names + self.buffer_names if n not in state]
+        if missing:
+            raise KeyError(f"the state lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        for name in self.parameter_names:
+            if tuple(state[name].shape) != self.parameter_shapes[name]:
+                raise ValueError(f"parameter {name} has shape {tuple(state[name].shape)}; the graph was traced with "
+                                 f"{self.parameter_shapes[name]}")
+        return [state[n].detach() for n in self.parameter_names + self.buffer_names] + list(inputs)
+
+    def run(self, model_or_state: nn.Module | Mapping[str, torch.Tensor], *inputs):
+        """Run the graph eagerly: ``(loss, {parameter name: gradient})``, or the forward outputs."""
+        outputs = self.graph_module(*self.arguments(model_or_state, *inputs))
         if not self.has_loss:
-            return outputs
-        return outputs[0], dict(zip(self.parameter_names, outputs[1:]))
+            return tuple(outputs)
+        return outputs[0], dict(zip(self.gradient_names, outputs[1:]))
 
 
-def _placeholder_name(name: str) -> str:
-    return re.sub(r"\W", "_", name)
+# ----------------------------------------------------------------------------- tracing context
+def _attention_as_matmul(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                         enable_gqa=False):
+    """``F.scaled_dot_product_attention`` written with matmul and softmax (its math definition)."""
+    if dropout_p:
+        raise TraceError(f"attention dropout (p={dropout_p}) draws random numbers; a traced step must be "
+                         f"deterministic: set the attention dropout to 0 or put the model in eval mode")
+    query_length, key_length = query.shape[-2], key.shape[-2]
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        # Each key/value head serves query_heads / kv_heads consecutive query heads.
+        repeat = query.shape[-3] // key.shape[-3]
+
+        def widen(t):
+            return t.unsqueeze(-3).expand(*t.shape[:-2], repeat, *t.shape[-2:]).reshape(
+                *t.shape[:-3], t.shape[-3] * repeat, *t.shape[-2:])
+
+        key, value = widen(key), widen(value)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    if is_causal:
+        future = torch.ones(query_length, key_length, dtype=torch.bool, device=query.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(attn_mask.logical_not(), float("-inf"))
+        else:
+            scores = scores + attn_mask
+    return torch.matmul(torch.softmax(scores, dim=-1), value)
+
+
+class _AttentionAsMatmul(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return _attention_as_matmul(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _without_kv_cache(model: nn.Module) -> Iterator[None]:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "use_cache"):
+        yield
+        return
+    previous = config.use_cache
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = previous
 
 
 class _ModuleTracker:
-    """Which module is running, so an error can name it."""
+    """Which module is running: for error messages, and for each forward node's module stack.
+
+    ``make_fx`` records ``nn_module_stack`` only for modules it reaches from a module root; the
+    traced root here is a step function, so the hooks note how many graph nodes exist whenever
+    a module is entered or left, and ``annotate`` gives each forward node the modules that were
+    open when it was created, in ``nn_module_stack``'s format ``{path: (path, class)}``.
+    """
 
     def __init__(self, model: nn.Module):
         self.stack: list[str] = []
+        self.events: list[tuple[int, tuple[str, ...]]] = []
+        self.classes: dict[str, str] = {}
         self.handles = []
         for path, module in model.named_modules():
-            self.handles.append(module.register_forward_pre_hook(lambda m, a, p=path: self._enter(p or "<root>")))
-            self.handles.append(module.register_forward_hook(lambda m, a, o: self._leave()))
+            path = path or "<root>"
+            self.classes[path] = f"{type(module).__module__}.{type(module).__qualname__}"
+            self.handles.append(module.register_forward_pre_hook(self._enter_hook(path)))
+            self.handles.append(module.register_forward_hook(self._leave_hook()))
 
-    # Hooks must return None: a forward hook's return value would replace the module's output.
-    def _enter(self, path: str) -> None:
-        self.stack.append(path)
+    def _note(self) -> None:
+        mode = get_proxy_mode()
+        if mode is not None:
+            self.events.append((len(mode.tracer.graph.nodes), tuple(self.stack)))
 
-    def _leave(self) -> None:
-        if self.stack:
-            self.stack.pop()
+    # Hooks return None: a forward hook's return value would replace the module's output.
+    def _enter_hook(self, path: str):
+        def hook(module, args):
+            self.stack.append(path)
+            self._note()
 
-    def remove(self):
+        return hook
+
+    def _leave_hook(self):
+        def hook(module, args, output):
+            if self.stack:
+                self.stack.pop()
+            self._note()
+
+        return hook
+
+    def annotate(self, gm: GraphModule) -> None:
+        events = iter(self.events)
+        upcoming = next(events, None)
+        open_modules: tuple[str, ...] = ()
+        for index, node in enumerate(gm.graph.nodes):
+            while upcoming is not None and upcoming[0] <= index:
+                open_modules = upcoming[1]
+                upcoming = next(events, None)
+            if node.op == "call_function" and open_modules:
+                node.meta["nn_module_stack"] = {path: (path, self.classes[path]) for path in open_modules}
+
+    def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
 
 
-_INTERNAL = (os.sep + "torch" + os.sep, os.sep + "shardgraph" + os.sep + "frontend" + os.sep, "<frozen", os.sep + "functorch" + os.sep)
+# ----------------------------------------------------------------------------- error messages
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_FRONTEND_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_OPS_DIR = os.path.join(os.path.dirname(_FRONTEND_DIR.rstrip(os.sep)), "ops") + os.sep
+
+
+def _is_internal(filename: str) -> bool:
+    return filename.startswith("<frozen") or os.path.abspath(filename).startswith((_TORCH_DIR, _FRONTEND_DIR, _OPS_DIR))
 
 
 def _user_frame(error: BaseException) -> str:
-    frames = traceback.extract_tb(error.__traceback__)
-    for frame in reversed(frames):
-        if not any(part in frame.filename for part in _INTERNAL):
-            code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
-            return f"{frame.filename}:{frame.lineno}: {code}"
+    """``file:line: code`` of the innermost frame outside torch and this package."""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if _is_internal(frame.filename):
+            continue
+        code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+        return f"{frame.filename}:{frame.lineno}: {code}"
     return "(no source line outside torch)"
 
 
-def _explain(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}".splitlines()[0]
-    if "data-dependent" in text.lower() or "DataDependent" in text or "_local_scalar_dense" in text or "item()" in text:
-        return ("Python control flow or a Python number depends on tensor values, which a static graph cannot "
-                "follow; compute it with tensor ops (torch.where, masks) instead")
-    return text[:300]
+def _is_data_dependent(error: BaseException) -> bool:
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    if isinstance(error, (DataDependentOutputException, DynamicOutputShapeException)):
+        return True
+    text = f"{type(error).__name__}: {error}"
+    return any(marker in text for marker in ("data-dependent", "DataDependent", "_local_scalar_dense", "nonzero"))
 
 
-def _functionalize_in_place(gm: GraphModule) -> None:
-    """Rewrite ``x.op_(...)`` on fresh intermediates as ``op(...)``; later readers of x read the result."""
-    graph = gm.graph
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    for node in list(graph.nodes):
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        schema = node.target._schema
-        if not schema.name.endswith("_") or not schema.arguments or not schema.arguments[0].alias_info:
-            continue
-        if not schema.arguments[0].alias_info.is_write:
-            continue
-        functional_name = schema.name.split("::")[1][:-1]
-        packet = getattr(torch.ops.aten, functional_name, None)
-        overload = getattr(packet, node.target._overloadname, None) if packet is not None else None
-        if overload is None:
-            raise TraceError(f"in-place op {node.target} has no functional form to rewrite it to")
-        mutated = node.args[0]
-        if mutated.op == "placeholder":
-            raise TraceError(f"the model mutates its input or parameter {mutated.name} in place ({node.target})")
-        node.target = overload
-        for user in list(mutated.users):
-            if user is not node and order[user] > order[node]:
-                user.replace_input_with(mutated, node)
-    graph.lint()
-    gm.recompile()
+def _looks_like_experts(module: nn.Module | None) -> bool:
+    return module is not None and any(p.dim() == 3 for p in module.parameters())
 
 
-def _label_placeholders(gm, parameter_names, buffer_names, input_names) -> None:
+def _explain(error: BaseException, module: nn.Module | None) -> str:
+    if _is_data_dependent(error):
+        text = ("Python control flow, a Python number or a tensor shape depends on tensor values, which one static "
+                "graph cannot follow; compute it with tensor ops (torch.where, masks) instead")
+        if _looks_like_experts(module):
+            text += (f"; {type(module).__name__} holds 3-d expert weights but no adapter recognised it: register it "
+                     f"with shardgraph.frontend.register_experts so it is traced as one moe_experts op")
+        return text
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line[:400]}"
+
+
+# ----------------------------------------------------------------------------- graph rewrites
+def _is_mutating(node: Node) -> bool:
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    return any(a.alias_info is not None and a.alias_info.is_write for a in node.target._schema.arguments)
+
+
+def _aliased_placeholder(node: Node) -> Node | None:
+    """The graph input that ``node`` is a view of, following view ops back."""
+    seen = 0
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and seen < 1000:
+        arguments = node.target._schema.arguments
+        if not arguments or arguments[0].alias_info is None or arguments[0].alias_info.is_write:
+            return None
+        if not isinstance(node.args[0], Node):
+            return None
+        node, seen = node.args[0], seen + 1
+    return node if node.op == "placeholder" else None
+
+
+def _source_of(node: Node) -> str:
+    """``file:line: code`` of the innermost model frame (outside torch and this package) in the
+    node's recorded stack trace."""
+    lines = [line.strip() for line in (node.meta.get("stack_trace") or "").strip().splitlines()]
+    for index in range(len(lines) - 1, -1, -1):
+        match = re.match(r'File "(.+)", line (\d+)', lines[index])
+        if match and not _is_internal(match.group(1)):
+            code = lines[index + 1] if index + 1 < len(lines) and not lines[index + 1].startswith("File ") else ""
+            return f"{match.group(1)}:{match.group(2)}: {code}"
+    return "(no source line recorded)"
+
+
+def _module_of(node: Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [path for path, _ in stack.values() if path]
+    return paths[-1] if paths else "<root>"
+
+
+def _refuse_input_mutation(gm: GraphModule, labels: list[tuple[str, str]]) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    kinds = [("parameter", n) for n in parameter_names] + [("buffer", n) for n in buffer_names] + [("input", n) for n in input_names]
-    for node, (kind, name) in zip(placeholders, kinds):
+    label_of = dict(zip(placeholders, labels))
+    for node in gm.graph.nodes:
+        if not _is_mutating(node):
+            continue
+        for argument, value in zip(node.target._schema.arguments, node.args):
+            if argument.alias_info is None or not argument.alias_info.is_write or not isinstance(value, Node):
+                continue
+            base = _aliased_placeholder(value)
+            if base is not None:
+                kind, name = label_of[base]
+                raise TraceError(
+                    f"module '{_module_of(node)}' at {_source_of(node)} mutates the {kind} {name} in place "
+                    f"({node.target}); a traced step is a pure function: compute a new tensor instead"
+                )
+
+
+def _refuse_random_ops(gm: GraphModule) -> None:
+    for node in gm.graph.nodes:
+        tags = getattr(node.target, "tags", ()) if node.op == "call_function" else ()
+        if torch.Tag.nondeterministic_seeded in tags:
+            raise TraceError(
+                f"module '{_module_of(node)}' at {_source_of(node)} draws random numbers ({node.target}); a traced "
+                f"step must be deterministic: set dropout and noise to 0 or call model.eval()"
+            )
+
+
+def _functionalize(gm: GraphModule) -> GraphModule:
+    """Re-trace ``gm`` without mutations, keeping every node's source metadata."""
+    values = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+
+    def replay(*args):
+        return torch.fx.Interpreter(gm).run(*args)
+
+    with fx_traceback.preserve_node_meta():
+        functional = make_fx(functionalize(replay, remove="mutations"), tracing_mode="fake",
+                             record_module_stack=True)(*values)
+    return functional
+
+
+def _drop_identities(gm: GraphModule) -> None:
+    identities = (aten.detach.default, aten.alias.default)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in identities:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        candidate = name
+        while candidate in seen:
+            seen[name] += 1
+            candidate = f"{name}_{seen[name]}"
+        seen[candidate] = 0
+        out.append(candidate)
+    return out
+
+
+def _label_placeholders(gm: GraphModule, labels: list[tuple[str, str]]) -> None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    identifiers = _unique([re.sub(r"\W", "_", name) if re.match(r"[A-Za-z_]", name) else f"input_{name}"
+                           for _, name in labels])
+    for node, (kind, name), identifier in zip(placeholders, labels, identifiers):
         node.meta["shardgraph_kind"] = kind
         node.meta["shardgraph_name"] = name
-        node.target = node.name = _placeholder_name(name) if kind != "input" else _placeholder_name(f"input_{name}")
+        node._rename(identifier)  # through the graph's namespace, so later passes cannot reuse the name
+        node.target = node.name
     gm.graph.lint()
     gm.recompile()
 
 
-def trace(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Callable | None = None,
-          input_names: Sequence[str] | None = None) -> TracedGraph:
-    """Trace ``model`` into one functional graph; see the module docstring.
+# ----------------------------------------------------------------------------- inputs and outputs
+def _input_names(model: nn.Module, count: int, given: Sequence[str] | None) -> list[str]:
+    if given is not None:
+        names = [str(n) for n in given]
+        if len(names) != count or len(set(names)) != count:
+            raise TypeError(f"input_names {names} must name each of the {count} example inputs once")
+        return names
+    try:
+        parameters = [p for p in inspect.signature(model.forward).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        parameters = []
+    if len(parameters) >= count:
+        return [p.name for p in parameters[:count]]
+    return [f"input_{i}" for i in range(count)]
 
-    ``loss = loss_fn(model(*example_inputs), *example_inputs)``; with ``loss_fn=None`` the graph
-    returns the forward outputs (``.logits`` of an HF ModelOutput).
+
+def _forward_outputs(output) -> tuple[list[torch.Tensor], list[str]]:
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return [logits], ["logits"]
+    if isinstance(output, torch.Tensor):
+        return [output], ["output"]
+    leaves, spec = torch.utils._pytree.tree_flatten_with_path(output)
+    tensors, paths = [], []
+    for path, leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            tensors.append(leaf)
+            paths.append(torch.utils._pytree.keystr(path) or "output")
+    if not tensors:
+        raise TraceError(f"the model returned {type(output).__name__} with no tensor in it")
+    return tensors, paths
+
+
+# ----------------------------------------------------------------------------- trace
+def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Callable | None = None, *,
+          input_names: Sequence[str] | None = None) -> TracedGraph:
+    """Trace ``model`` into one functional forward+backward graph (see the module docstring).
+
+    ``loss = loss_fn(model(*example_inputs), *example_inputs)`` must be a scalar tensor; the
+    graph returns it and the gradient of every parameter that requires grad. With
+    ``loss_fn=None`` the graph returns the forward outputs (``.logits`` of an HF ModelOutput).
+    Build the model and inputs on the meta device to trace without allocating weights.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"trace needs an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"trace: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     for i, value in enumerate(example_inputs):
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"example input {i} is a {type(value).__name__}; the batch must be tensors")
-    parameters = dict(model.named_parameters())
+            raise TypeError(f"trace: example input {i} is a {type(value).__name__}; the batch must be tensors")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"trace: loss_fn must be callable, got {type(loss_fn).__name__}")
+
+    parameters = dict(model.named_parameters())  # tied weights appear once, under their first name
     buffers = dict(model.named_buffers())
-    parameter_names = list(parameters)
-    buffer_names = list(buffers)
-    names = list(input_names) if input_names is not None else [f"{i}" for i in range(len(example_inputs))]
-    trainable = [n for n in parameter_names if parameters[n].requires_grad]
-    if loss_fn is not None and len(trainable) != len(parameter_names):
-        frozen = [n for n in parameter_names if n not in trainable]
-        raise TraceError(f"parameters {frozen[:4]} do not require grad; every parameter is trained in a joint graph")
+    parameter_names, buffer_names = list(parameters), list(buffers)
+    names = _input_names(model, len(example_inputs), input_names)
+    trainable = [n for n in parameter_names if parameters[n].requires_grad] if loss_fn is not None else []
+    if loss_fn is not None and not trainable:
+        raise TraceError("trace: no parameter requires grad, so there is no gradient to trace")
+    devices = {t.device for t in [*parameters.values(), *buffers.values(), *example_inputs]}
+    if len(devices) > 1:
+        raise TraceError(f"trace: parameters, buffers and inputs are on several devices {sorted(map(str, devices))}; "
+                         f"put them on one (torch.device('meta') to trace without memory)")
+    output_paths: list[str] = []
+    count_p, count_b = len(parameter_names), len(buffer_names)
+
+    stage = ["module '<root>'"]  # where the step is when no module is running, for error messages
 
     def step(*flat):
-        count_p, count_b = len(parameter_names), len(buffer_names)
         params = dict(zip(parameter_names, flat[:count_p]))
-        bufs = dict(zip(buffer_names, flat[count_p:count_p + count_b]))
+        state = {**params, **dict(zip(buffer_names, flat[count_p:count_p + count_b]))}
         batch = flat[count_p + count_b:]
-        output = functional_call(model, {**params, **bufs}, tuple(batch), tie_weights=False, strict=False)
-        if loss_fn is None:
-            logits = getattr(output, "logits", output)
-            return tuple(logits) if isinstance(logits, (tuple, list)) else (logits,)
-        loss = loss_fn(output, *batch)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise TraceError(f"loss_fn must return a scalar tensor, got {getattr(loss, 'shape', type(loss))}")
-        grads = torch.autograd.grad(loss, [params[n] for n in parameter_names], allow_unused=True)
-        grads = [g if g is not None else torch.zeros_like(params[n]) for g, n in zip(grads, parameter_names)]
-        return (loss, *grads)
+        with _AttentionAsMatmul():
+            output = functional_call(model, state, tuple(batch), tie_weights=True, strict=False)
+            if loss_fn is None:
+                tensors, paths = _forward_outputs(output)
+                output_paths[:] = paths
+                return tuple(tensors)
+            stage[0] = "loss_fn"
+            loss = loss_fn(output, *batch)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.dtype.is_floating_point:
+            raise TraceError(f"loss_fn must return a floating-point scalar tensor, got "
+                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
+        stage[0] = "the backward pass"
+        wrt = [params[n] for n in trainable]
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+        # A parameter the loss does not reach has gradient zero, as an optimizer would see it.
+        return (loss, *[g if g is not None else torch.zeros_like(p) for g, p in zip(grads, wrt)])
 
-    leaves = [p.detach().requires_grad_(loss_fn is not None) for p in parameters.values()]
+    # A fake mode without a shape environment keeps every shape static: an op whose output
+    # shape depends on values (nonzero, boolean masking) or a Python number read from a tensor
+    # raises where the model does it, instead of leaving unbacked symbolic sizes in the graph.
+    fake_mode = FakeTensorMode()
+    leaves = [fake_mode.from_tensor(p.detach()).requires_grad_(n in trainable) for n, p in parameters.items()]
+    arguments = leaves + [fake_mode.from_tensor(t.detach()) for t in [*buffers.values(), *example_inputs]]
     tracker = _ModuleTracker(model)
+    modules = {path or "<root>": module for path, module in model.named_modules()}
     try:
-        with adapters_installed(model) as expert_modules, torch.enable_grad():
-            gm = make_fx(step, tracing_mode="fake", record_module_stack=True, record_stack_traces=True)(
-                *leaves, *[b.detach() for b in buffers.values()], *example_inputs)
-    except (TraceError, AdapterError):
+        with adapters_installed(model) as expert_modules, _without_kv_cache(model), torch.enable_grad():
+            gm = make_fx(step, tracing_mode="fake", decomposition_table=DECOMPOSITIONS, record_module_stack=True,
+                         record_stack_traces=True)(*arguments)
+    except AdapterError:
         raise
-    except Exception as error:  # noqa: BLE001 - re-raised with the module and line that caused it
-        where = tracker.stack[-1] if tracker.stack else "<root>"
-        raise TraceError(f"cannot trace module '{where}' at {_user_frame(error)}: {_explain(error)}") from None
+    except TraceError as error:
+        where = f"module '{tracker.stack[-1]}'" if tracker.stack else stage[0]
+        raise TraceError(f"{where}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - re-raised naming the module and line that caused it
+        where = f"module '{tracker.stack[-1]}'" if tracker.stack else stage[0]
+        module = modules.get(tracker.stack[-1]) if tracker.stack else None
+        raise TraceError(f"cannot trace {where} at {_user_frame(error)}: {_explain(error, module)}") from None
     finally:
         tracker.remove()
-    _functionalize_in_place(gm)
-    _label_placeholders(gm, parameter_names, buffer_names, names)
+    tracker.annotate(gm)
+
+    _refuse_random_ops(gm)
+    labels = ([("parameter", n) for n in parameter_names] + [("buffer", n) for n in buffer_names]
+              + [("input", n) for n in names])
+    if any(_is_mutating(n) for n in gm.graph.nodes):
+        _refuse_input_mutation(gm, labels)
+        gm = _functionalize(gm)
+    _drop_identities(gm)
+    _label_placeholders(gm, labels)
     if loss_fn is None:
-        roles = [OutputRole("output") for _ in next(n for n in gm.graph.nodes if n.op == "output").args[0]]
+        roles = [OutputRole("output", path=p) for p in output_paths]
     else:
-        roles = [OutputRole("loss")] + [OutputRole("grad", n) for n in parameter_names]
+        roles = [OutputRole("loss")] + [OutputRole("grad", n) for n in trainable]
     gm.meta["shardgraph_output_roles"] = [(r.kind, r.parameter) for r in roles]
     return TracedGraph(
         graph_module=gm,
@@ -223,17 +548,21 @@ def trace(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Callable | N
         parameter_dtypes={n: p.dtype for n, p in parameters.items()},
         output_spec=roles,
         has_loss=loss_fn is not None,
-        expert_modules=list(expert_modules),
+        gradient_names=trainable,
+        buffer_shapes={n: tuple(b.shape) for n, b in buffers.items()},
+        input_shapes={n: tuple(t.shape) for n, t in zip(names, example_inputs)},
+        expert_modules=dict(expert_modules),
+        device=next(iter(devices)) if devices else torch.device("cpu"),
     )
 
 
-def op_histogram(traced) -> dict[str, int]:
-    """How often each op appears in the graph (the rule registry must cover every one)."""
-    gm = traced.graph_module if hasattr(traced, "graph_module") else traced
+def op_histogram(traced: TracedGraph | GraphModule) -> dict[str, int]:
+    """How often each op appears (``"aten.mm.default"``, ``"shardgraph.moe_experts.default"``,
+    ``"getitem"``), most frequent first: the op families a placement rule table must cover."""
+    gm = traced.graph_module if isinstance(traced, TracedGraph) else traced
     counts: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function":
             name = "getitem" if node.target is operator.getitem else str(node.target)
             counts[name] = counts.get(name, 0) + 1
-    return dict(sorted(counts.items(), key=lambda item: -item[1]))
-
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))

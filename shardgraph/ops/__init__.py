@@ -1,5 +1,19 @@
-"""Custom ops the frontend keeps whole in the traced graph."""
+"""Custom ops the frontend keeps whole in the traced graph (importing this registers them)."""
 
-from .moe import moe_experts, moe_experts_backward, moe_experts_reference
+from .moe import (
+    ACTIVATIONS,
+    activation_derivative,
+    activation_function,
+    moe_experts,
+    moe_experts_backward,
+    moe_experts_reference,
+)
 
-__all__ = ["moe_experts", "moe_experts_backward", "moe_experts_reference"]
+__all__ = [
+    "ACTIVATIONS",
+    "activation_function",
+    "activation_derivative",
+    "moe_experts",
+    "moe_experts_backward",
+    "moe_experts_reference",
+]
