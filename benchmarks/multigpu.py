@@ -57,17 +57,15 @@ def parity(mesh: sg.MeshSpec, rank: int, device: torch.device) -> dict:
 
 def throughput(mesh: sg.MeshSpec, rank: int, device: torch.device, layers: int, batch: int, seq: int, steps: int) -> dict:
     torch.manual_seed(0)
-    model, inputs, loss_fn = shardgraph_entry("qwen3_30b_a3b", device="meta", batch_size=batch, seq_len=seq,
+    # Built on the GPU it runs on: factory ops in the traced graph keep the tracing device.
+    model, inputs, loss_fn = shardgraph_entry("qwen3_30b_a3b", device=str(device), batch_size=batch, seq_len=seq,
                                               num_layers=layers)
     model = model.to(torch.bfloat16)  # trace in the dtype the step runs in
     started = time.perf_counter()
     program = sg.compile(model, mesh, inputs, loss_fn)
     compile_s = time.perf_counter() - started
-    generator = torch.Generator(device=device).manual_seed(rank)
-    local = {}
-    for name in program.parameter_names:
-        shape = sg.local_shape(program.traced.parameter_shapes[name], program.parameter_sharding(name), mesh)
-        local[name] = (torch.randn([int(s) for s in shape], device=device, generator=generator) * 0.02).to(torch.bfloat16)
+    local = program.local_parameters(rank, {n: p.detach() for n, p in model.named_parameters()})
+    del model
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
     batch_local = program.local_batch(rank, (ids,))
     communicator = DistributedCommunicator(mesh)

@@ -17,7 +17,7 @@ from .placement import (
 )
 from .runtime import CollectiveError, Simulator
 from .compile import compile, compile_traced  # noqa: E402  (after mesh/placement: the passes import them)
-from .frontend import TracedGraph, TraceError, register_experts, trace  # noqa: E402
+from .frontend import AdapterError, TracedGraph, TraceError, op_histogram, register_experts, trace  # noqa: E402
 from .program import ShardedProgram  # noqa: E402
 
 __version__ = "0.1.0"
@@ -46,5 +46,7 @@ __all__ = [
     "TracedGraph",
     "TraceError",
     "register_experts",
+    "AdapterError",
+    "op_histogram",
     "ShardedProgram",
 ]
