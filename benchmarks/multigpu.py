@@ -94,7 +94,6 @@ def main() -> None:
     init_from_environment("nccl")
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device())
-    torch.set_default_device(device)
     mesh = sg.MeshSpec.parse(args.mesh)
     result = {"mesh": args.mesh, "device": torch.cuda.get_device_name(device), "torch": torch.__version__}
     result["parity"] = parity(mesh, rank, device)
