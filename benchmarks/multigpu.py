@@ -55,49 +55,60 @@ def parity(mesh: sg.MeshSpec, rank: int, device: torch.device) -> dict:
     return {"loss_rel_err": abs(loss.item() - reference.item()) / abs(reference.item()), "grad_rel_err": worst}
 
 
-def throughput(mesh: sg.MeshSpec, rank: int, device: torch.device, layers: int, batch: int, seq: int, steps: int) -> dict:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def throughput(mesh: sg.MeshSpec, rank: int, device: torch.device, config: str, layers: int, batch: int, seq: int,
+               steps: int, dtype: torch.dtype) -> dict:
     torch.manual_seed(0)
-    # Built on the GPU it runs on: factory ops in the traced graph keep the tracing device.
-    model, inputs, loss_fn = shardgraph_entry("qwen3_30b_a3b", device=str(device), batch_size=batch, seq_len=seq,
+    # Built on the device it runs on: factory ops in the traced graph keep the tracing device.
+    model, inputs, loss_fn = shardgraph_entry(config, device=str(device), batch_size=batch, seq_len=seq,
                                               num_layers=layers)
-    model = model.to(torch.bfloat16)  # trace in the dtype the step runs in
+    model = model.to(dtype)  # trace in the dtype the step runs in
     started = time.perf_counter()
     program = sg.compile(model, mesh, inputs, loss_fn)
     compile_s = time.perf_counter() - started
     local = program.local_parameters(rank, {n: p.detach() for n, p in model.named_parameters()})
     del model
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-    batch_local = program.local_batch(rank, (ids,))
+    batch_local = program.local_batch(rank, inputs)
     communicator = DistributedCommunicator(mesh)
     times = []
     for step in range(steps + 3):
-        torch.cuda.synchronize()
+        _synchronize(device)
         begin = time.perf_counter()
         program.run(local, batch_local, communicator=communicator)
-        torch.cuda.synchronize()
+        _synchronize(device)
         if step >= 3:
             times.append(time.perf_counter() - begin)
     median = statistics.median(times)
     return {"layers": layers, "batch": batch, "seq": seq, "compile_s": compile_s, "median_step_s": median,
-            "tokens_per_s": batch * seq / median, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "tokens_per_s": batch * seq / median,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mesh", required=True)
+    parser.add_argument("--config", default="qwen3_30b_a3b", help="example config for the throughput run")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--backend", default="nccl", choices=["nccl", "gloo"], help="gloo runs on the CPU")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "multigpu.json"))
     args = parser.parse_args()
-    init_from_environment("nccl")
+    init_from_environment(args.backend)
     rank = dist.get_rank()
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device("cuda", torch.cuda.current_device()) if args.backend == "nccl" else torch.device("cpu")
     mesh = sg.MeshSpec.parse(args.mesh)
-    result = {"mesh": args.mesh, "device": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = {"mesh": args.mesh, "device": name, "torch": torch.__version__, "config": args.config}
     result["parity"] = parity(mesh, rank, device)
-    result["throughput"] = throughput(mesh, rank, device, args.layers, args.batch, args.seq, args.steps)
+    result["throughput"] = throughput(mesh, rank, device, args.config, args.layers, args.batch, args.seq, args.steps,
+                                      getattr(torch, args.dtype))
     if rank == 0:
         print(json.dumps(result, indent=1))
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
