@@ -3,19 +3,26 @@
 ``grouped_mm(x, w, offsets, w_layout="ekn" | "enk")``: ``out[rows of group g] = x[rows] @ W[g]``
 with group ends in ``offsets`` (int32, cumulative, on the device: no host read of the
 boundaries). ``w_layout="ekn"`` stores ``W[g]`` as ``[K, N]``; ``"enk"`` as ``[N, K]`` (HF's
-``gate_up_proj [E, 2I, H]``). ``grouped_mm_dgrad`` gives ``dout @ W[g].T`` and ``grouped_mm_wgrad``
-gives ``x_g.T @ dout_g`` in the weight's own layout. ``grouped_mm`` is differentiable.
+``gate_up_proj [E, 2I, H]``, so ``out = x @ w[g].T``). ``grouped_mm_dgrad`` gives
+``dout @ W[g].T`` and ``grouped_mm_wgrad`` gives ``x_g.T @ dout_g`` in the weight's own layout.
+``grouped_mm`` is differentiable. Rows after ``offsets[-1]`` come out as zeros, and wgrad gives
+zeros for empty groups, whatever the backend.
 
-Backends (callers do not care which runs):
+Backends (callers do not care which runs; each falls back to ``loop`` where it cannot run):
 
-``triton``  the kernels in ``kernels/grouped_gemm.py`` (CUDA, or the CPU under TRITON_INTERPRET=1)
-``torch``   ``torch._grouped_mm`` (bf16 on Hopper; 16-byte aligned strides on the CPU)
-``loop``    one ``torch.mm`` per group: any device and dtype, the reference
-``auto``    triton on a CUDA device, or under the Triton interpreter; loop otherwise
+``triton``  the kernels in ``kernels/grouped_gemm.py``: float16/bfloat16/float32 on a CUDA device
+            (the TMA kernels on Hopper, a portable kernel elsewhere), or on the CPU under
+            ``TRITON_INTERPRET=1``
+``torch``   ``torch._grouped_mm``: bfloat16 on Hopper; float32/bfloat16/float16 on the CPU; strides
+            must be 16-byte aligned
+``loop``    one ``torch.mm`` per group: any device and dtype, the reference (reads ``offsets`` on
+            the host)
+``auto``    ``triton`` where it runs (a CUDA device, or the interpreter), ``loop`` otherwise
 
-Choose with ``set_backend(name)``, ``with use_backend(name):`` or SHARDGRAPH_GROUPED_MM_BACKEND.
-The same functions are registered as ``torch.ops.shardgraph.grouped_mm`` / ``grouped_mm_dgrad`` /
-``grouped_mm_wgrad`` with fake kernels, which is what lowered graphs call.
+Choose with ``set_backend(name)``, ``with use_backend(name):`` or the environment variable
+``SHARDGRAPH_GROUPED_MM_BACKEND`` (read at import). The same functions are registered as
+``torch.ops.shardgraph.grouped_mm`` / ``grouped_mm_dgrad`` / ``grouped_mm_wgrad`` with fake
+kernels and, on the forward op, autograd, so traced graphs keep each as one node.
 """
 
 from __future__ import annotations
@@ -25,30 +32,38 @@ import os
 
 import torch
 
-from .reference import check_layout, grouped_mm_dgrad_loop, grouped_mm_loop, grouped_mm_wgrad_loop
+from .reference import grouped_mm_dgrad_loop, grouped_mm_loop, grouped_mm_wgrad_loop
+from .validation import GroupedGemmError, check_dgrad, check_forward, check_wgrad
 
 __all__ = [
     "grouped_mm",
     "grouped_mm_dgrad",
     "grouped_mm_wgrad",
+    "GroupedMatmul",
+    "GroupedGemmError",
     "set_backend",
     "use_backend",
     "current_backend",
+    "resolve_backend",
     "BACKENDS",
-    "GroupedMatmul",
 ]
 
 BACKENDS = ("auto", "triton", "torch", "loop")
-_backend = os.environ.get("SHARDGRAPH_GROUPED_MM_BACKEND", "auto")
-if _backend not in BACKENDS:
-    raise ValueError(f"SHARDGRAPH_GROUPED_MM_BACKEND={_backend!r}; choose one of {', '.join(BACKENDS)}")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _checked_backend(name, source: str) -> str:
+    if name not in BACKENDS:
+        raise GroupedGemmError(f"{source}: unknown grouped GEMM backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+_backend = _checked_backend(os.environ.get("SHARDGRAPH_GROUPED_MM_BACKEND", "auto"), "SHARDGRAPH_GROUPED_MM_BACKEND")
 
 
 def set_backend(name: str) -> None:
     global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown grouped GEMM backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    _backend = name
+    _backend = _checked_backend(name, "set_backend")
 
 
 def current_backend() -> str:
@@ -65,91 +80,119 @@ def use_backend(name: str):
         set_backend(previous)
 
 
-def _triton_usable(tensor: torch.Tensor) -> bool:
+def _triton_runs(tensor: torch.Tensor) -> bool:
+    if tensor.dtype not in _TRITON_DTYPES:
+        return False
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     if tensor.is_cuda:
         return True
-    return os.environ.get("TRITON_INTERPRET", "0") == "1" and tensor.device.type == "cpu"
+    return tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _resolve(tensor: torch.Tensor) -> str:
-    if _backend != "auto":
-        return _backend
-    return "triton" if _triton_usable(tensor) else "loop"
+def _aligned_rows(tensor: torch.Tensor) -> bool:
+    """Every stride but a unit one 16-byte aligned, and the base too: what torch._grouped_mm takes."""
+    size = tensor.element_size()
+    return (tensor.data_ptr() % 16 == 0 and all(stride == 1 or stride * size % 16 == 0 for stride in tensor.stride())
+            and 1 in tensor.stride()[-2:])
 
 
-def _check(x, w, offsets, w_layout):
-    check_layout(w_layout)
-    if x.dim() != 2 or w.dim() != 3:
-        raise ValueError(f"grouped_mm needs x [M, K] and w [E, ., .], got {tuple(x.shape)} and {tuple(w.shape)}")
-    k = w.shape[1] if w_layout == "ekn" else w.shape[2]
-    if x.shape[1] != k:
-        raise ValueError(f"grouped_mm: x has K={x.shape[1]} but w {tuple(w.shape)} in layout {w_layout!r} has K={k}")
-    if offsets.dim() != 1 or offsets.shape[0] != w.shape[0] or offsets.dtype != torch.int32:
-        raise ValueError(f"grouped_mm: offsets must be int32 [E={w.shape[0]}], got {offsets.dtype} {tuple(offsets.shape)}")
+def _torch_runs(*tensors: torch.Tensor) -> bool:
+    first = tensors[0]
+    if any(t.numel() == 0 for t in tensors):
+        return False
+    if first.is_cuda:
+        if first.dtype != torch.bfloat16 or torch.cuda.get_device_capability(first.device)[0] < 9:
+            return False
+    elif first.device.type != "cpu" or first.dtype not in _TRITON_DTYPES:
+        return False
+    return all(_aligned_rows(t) for t in tensors)
 
 
-def _torch_forward(x, w, offsets, w_layout):
-    weight = w if w_layout == "ekn" else w.transpose(1, 2)
-    return torch._grouped_mm(x, weight, offs=offsets)
+def resolve_backend(*tensors: torch.Tensor) -> str:
+    """The backend that runs for these operands under the current selection."""
+    if _backend in ("auto", "triton"):
+        return "triton" if _triton_runs(tensors[0]) else "loop"
+    if _backend == "torch":
+        return "torch" if _torch_runs(*tensors) else "loop"
+    return "loop"
+
+
+def _rows_after_groups_zeroed(out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    # torch._grouped_mm leaves rows after offsets[-1] unwritten; a device-side mask zeroes them
+    # without reading offsets on the host.
+    rows = torch.arange(out.shape[0], device=out.device)
+    return out.masked_fill((rows >= offsets[-1:]).unsqueeze(1), 0)
 
 
 def _forward(x, w, offsets, w_layout):
-    backend = _resolve(x)
+    backend = resolve_backend(x, w)
     if backend == "triton":
         from .grouped_gemm import triton_grouped_mm
 
         return triton_grouped_mm(x, w, offsets, w_layout)
-    if backend == "torch":
-        return _torch_forward(x, w, offsets, w_layout)
+    if backend == "torch" and w.shape[0] > 0:
+        weight = w if w_layout == "ekn" else w.transpose(1, 2)
+        return _rows_after_groups_zeroed(torch._grouped_mm(x, weight, offs=offsets), offsets)
     return grouped_mm_loop(x, w, offsets, w_layout)
 
 
 def _dgrad(dout, w, offsets, w_layout):
-    backend = _resolve(dout)
+    backend = resolve_backend(dout, w)
     if backend == "triton":
         from .grouped_gemm import triton_grouped_mm
 
         return triton_grouped_mm(dout, w, offsets, w_layout, transpose_weight=True)
-    if backend == "torch":
+    if backend == "torch" and w.shape[0] > 0:
         weight = w.transpose(1, 2) if w_layout == "ekn" else w
-        return torch._grouped_mm(dout, weight, offs=offsets)
+        return _rows_after_groups_zeroed(torch._grouped_mm(dout, weight, offs=offsets), offsets)
     return grouped_mm_dgrad_loop(dout, w, offsets, w_layout)
 
 
 def _wgrad(x, dout, offsets, num_groups, w_layout):
-    backend = _resolve(x)
+    backend = resolve_backend(x, dout)
     if backend == "triton":
         from .grouped_gemm import triton_grouped_mm_wgrad
 
         return triton_grouped_mm_wgrad(x, dout, offsets, num_groups, w_layout)
-    if backend == "torch":
-        product = torch._grouped_mm(x.t(), dout, offs=offsets)  # [E, K, N]
-        return product if w_layout == "ekn" else product.transpose(1, 2).contiguous()
+    if backend == "torch" and num_groups > 0:
+        # dW[g] = left_g.T @ right_g lands in the weight's own layout with no transposed copy.
+        left, right = (x, dout) if w_layout == "ekn" else (dout, x)
+        product = torch._grouped_mm(left.t(), right, offs=offsets)
+        counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+        return product.masked_fill((counts == 0).view(-1, 1, 1), 0)
     return grouped_mm_wgrad_loop(x, dout, offsets, num_groups, w_layout)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: what lowered graphs call
+# ----------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("shardgraph::grouped_mm", mutates_args=())
 def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w_layout: str) -> torch.Tensor:
+    check_forward(x, w, offsets, w_layout)
     return _forward(x, w, offsets, w_layout)
 
 
 @_grouped_mm_op.register_fake
 def _(x, w, offsets, w_layout):
+    check_forward(x, w, offsets, w_layout)
     n = w.shape[2] if w_layout == "ekn" else w.shape[1]
     return x.new_empty((x.shape[0], n))
 
 
 @torch.library.custom_op("shardgraph::grouped_mm_dgrad", mutates_args=())
 def _grouped_mm_dgrad_op(dout: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w_layout: str) -> torch.Tensor:
+    check_dgrad(dout, w, offsets, w_layout)
     return _dgrad(dout, w, offsets, w_layout)
 
 
 @_grouped_mm_dgrad_op.register_fake
 def _(dout, w, offsets, w_layout):
+    check_dgrad(dout, w, offsets, w_layout)
     k = w.shape[1] if w_layout == "ekn" else w.shape[2]
     return dout.new_empty((dout.shape[0], k))
 
@@ -157,13 +200,24 @@ def _(dout, w, offsets, w_layout):
 @torch.library.custom_op("shardgraph::grouped_mm_wgrad", mutates_args=())
 def _grouped_mm_wgrad_op(x: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor, num_groups: int,
                          w_layout: str) -> torch.Tensor:
+    check_wgrad(x, dout, offsets, num_groups, w_layout)
     return _wgrad(x, dout, offsets, num_groups, w_layout)
 
 
 @_grouped_mm_wgrad_op.register_fake
 def _(x, dout, offsets, num_groups, w_layout):
+    check_wgrad(x, dout, offsets, num_groups, w_layout)
     shape = (num_groups, x.shape[1], dout.shape[1]) if w_layout == "ekn" else (num_groups, dout.shape[1], x.shape[1])
     return x.new_empty(shape)
+
+
+def _gradients(needs_input_grad, x, w, offsets, w_layout, grad):
+    grad_x = grad_w = None
+    if needs_input_grad[0]:
+        grad_x = torch.ops.shardgraph.grouped_mm_dgrad(grad, w, offsets, w_layout)
+    if needs_input_grad[1]:
+        grad_w = torch.ops.shardgraph.grouped_mm_wgrad(x, grad, offsets, w.shape[0], w_layout)
+    return grad_x, grad_w
 
 
 def _setup(ctx, inputs, output):
@@ -174,41 +228,48 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, w, offsets = ctx.saved_tensors
-    grad_x = torch.ops.shardgraph.grouped_mm_dgrad(grad, w, offsets, ctx.w_layout) if ctx.needs_input_grad[0] else None
-    grad_w = (torch.ops.shardgraph.grouped_mm_wgrad(x, grad, offsets, w.shape[0], ctx.w_layout)
-              if ctx.needs_input_grad[1] else None)
-    return grad_x, grad_w, None, None
+    return (*_gradients(ctx.needs_input_grad, x, w, offsets, ctx.w_layout, grad), None, None)
 
 
 _grouped_mm_op.register_autograd(_backward, setup_context=_setup)
 
 
 class GroupedMatmul(torch.autograd.Function):
-    """``grouped_mm`` as an autograd Function (the custom op above carries the same backward)."""
+    """``grouped_mm`` as an autograd Function over the custom ops: forward ``grouped_mm``,
+    backward ``grouped_mm_dgrad`` and ``grouped_mm_wgrad`` (each one graph node when traced)."""
 
     @staticmethod
     def forward(ctx, x, w, offsets, w_layout="ekn"):
         ctx.save_for_backward(x, w, offsets)
         ctx.w_layout = w_layout
-        return _forward(x, w, offsets, w_layout)
+        return torch.ops.shardgraph.grouped_mm(x, w, offsets, w_layout)
 
     @staticmethod
     def backward(ctx, grad):
         x, w, offsets = ctx.saved_tensors
-        return (_dgrad(grad, w, offsets, ctx.w_layout), _wgrad(x, grad, offsets, w.shape[0], ctx.w_layout), None, None)
+        return (*_gradients(ctx.needs_input_grad, x, w, offsets, ctx.w_layout, grad), None, None)
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w_layout: str = "ekn") -> torch.Tensor:
-    _check(x, w, offsets, w_layout)
-    return torch.ops.shardgraph.grouped_mm(x, w, offsets, w_layout)
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
 
 
-def grouped_mm_dgrad(dout: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w_layout: str = "ekn") -> torch.Tensor:
-    check_layout(w_layout)
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, w_layout: str = "ekn") -> torch.Tensor:
+    """``out[rows of g] = x[rows of g] @ W[g]`` (differentiable in ``x`` and ``w``)."""
+    check_forward(x, w, offsets, w_layout)
+    return GroupedMatmul.apply(x, w, offsets, w_layout)
+
+
+def grouped_mm_dgrad(dout: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *,
+                     w_layout: str = "ekn") -> torch.Tensor:
+    """``dx[rows of g] = dout[rows of g] @ W[g].T``."""
+    check_dgrad(dout, w, offsets, w_layout)
     return torch.ops.shardgraph.grouped_mm_dgrad(dout, w, offsets, w_layout)
 
 
-def grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor, num_groups: int,
+def grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor, num_groups: int, *,
                      w_layout: str = "ekn") -> torch.Tensor:
-    check_layout(w_layout)
+    """``dW[g] = x[rows of g].T @ dout[rows of g]`` in the weight's storage layout."""
+    check_wgrad(x, dout, offsets, num_groups, w_layout)
     return torch.ops.shardgraph.grouped_mm_wgrad(x, dout, offsets, num_groups, w_layout)

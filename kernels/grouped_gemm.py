@@ -1,56 +1,173 @@
-"""Triton grouped GEMM for MoE experts: forward, dgrad and wgrad, offsets read on the device.
+"""Triton grouped GEMM for MoE experts: forward, dgrad and wgrad, group boundaries read on the device.
 
-``out[rows of group g] = x[rows of group g] @ W[g]``, group ``g`` spanning rows
-``offsets[g-1]:offsets[g]`` (int32 end offsets, cumulative, on the device). Weights are stored
-``[E, K, N]`` (``"ekn"``) or ``[E, N, K]`` (``"enk"``, HF's ``gate_up_proj [E, 2I, H]``); both are
-read through strides, so dgrad is the forward kernel over the transposed view of the same
-storage. Accumulation is fp32; fp32 inputs use IEEE products (no TF32) so they match a float64
-reference to ~1e-6.
+Every kernel computes, for each group ``g`` spanning rows ``offsets[g-1]:offsets[g]`` (int32 end
+offsets, cumulative, on the device, never read by the host):
 
-The forward grid is static, ``(cdiv(M, BLOCK_M) + E) x cdiv(N, BLOCK_N)`` (every group adds at most
-one partial tile), so launching needs no host read of the group sizes. Each program finds its
-group with a vectorised prefix sum over the per-group tile counts; programs past the last tile
-zero the rows after ``offsets[-1]``, so the whole output is always written.
+* ``grouped product``  ``out[rows of g] = a[rows of g] @ B_g``  (forward, and dgrad with ``B_g``
+  the transposed weight: both are one kernel over two views of the same weight storage),
+* ``grouped wgrad``    ``dW[g] = left[rows of g].T @ right[rows of g]``.
+
+Two implementations of each, chosen per call by :func:`select_path`:
+
+``"tma"``       Hopper (sm_90+) bf16/fp16 path. The grouped product is a persistent kernel: one
+                program per SM slot walks a flattened loop over (tile, reduction step) so the
+                software pipeliner keeps loads of the next tile in flight during the epilogue;
+                operands come through host-built TMA descriptors (loop-invariant, so the pipeliner
+                accepts them); each tile finds its group with one vectorised comparison against the
+                per-group tile prefix sum. Tiles that cross into the next group's rows load those
+                rows (harmless: they only feed output rows that are masked off at the store).
+                wgrad loads whole row blocks of a group through TMA and the last partial block with
+                masked loads, so rows of neighbouring groups never enter the sum.
+``"portable"``  plain masked ``tl.load``/``tl.store``, any dtype (fp32 uses IEEE products, no TF32),
+                any strides; what the CPU interpreter (``TRITON_INTERPRET=1``) and older GPUs run.
+
+Rows after ``offsets[-1]`` are written with zeros by the grouped product, so the whole output is
+always defined; wgrad writes zeros for empty groups. ``offsets`` must be non-decreasing with
+``offsets[-1] <= M``; the kernels clamp what they read to ``[0, M]`` so a violation cannot write
+outside the output.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["triton_grouped_mm", "triton_grouped_mm_wgrad", "INTERPRETED"]
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: portable path only
+    TensorDescriptor = None
+
+__all__ = [
+    "triton_grouped_mm",
+    "triton_grouped_mm_wgrad",
+    "select_path",
+    "use_config",
+    "launch_counts",
+    "INTERPRETED",
+    "PATHS",
+]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+PATHS = ("auto", "tma", "portable")
+
+# Kernel launches per implementation, so tests and users can see which code really ran.
+launch_counts: collections.Counter = collections.Counter()
+
+_TMA_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _forward_configs():
+# ----------------------------------------------------------------------------------------------
+# Configurations
+# ----------------------------------------------------------------------------------------------
+
+
+def _set_product_blocks(nargs):
+    """Give the host TMA descriptors the block shapes of the configuration being launched."""
+    block_m, block_p, block_r = nargs["BLOCK_M"], nargs["BLOCK_P"], nargs["BLOCK_R"]
+    nargs["a_desc"].block_shape = [block_m, block_r]
+    nargs["b_desc"].block_shape = [block_p, block_r] if nargs["B_TRANSPOSED"] else [block_r, block_p]
+
+
+def _set_wgrad_blocks(nargs):
+    nargs["left_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_P1"]]
+    nargs["right_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_P2"]]
+
+
+def _product_tma_configs():
     if INTERPRETED:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_P": 16, "BLOCK_R": 16, "PROGRAMS_PER_SM": 1},
+                              num_warps=4, num_stages=1, pre_hook=_set_product_blocks)]
     configs = []
-    for block_m, block_n, block_k, warps, stages in [
+    # (BLOCK_M, BLOCK_P, BLOCK_R, warps, stages, programs per SM). Two programs per SM (each under
+    # half of the 228 KB of shared memory) let one's epilogue overlap the other's main loop,
+    # which pays where the reduction is short (K = 192) and the output stores dominate.
+    for block_m, block_p, block_r, warps, stages, per_sm in [
+        (128, 128, 64, 4, 4, 1),
+        (128, 128, 64, 8, 4, 1),
+        (128, 256, 64, 8, 3, 1),
+        (128, 256, 64, 8, 4, 1),
+        (256, 128, 64, 8, 3, 1),
+        (128, 128, 128, 8, 3, 1),
+        (64, 256, 64, 4, 3, 1),
+        (128, 128, 64, 8, 2, 2),
+        (64, 128, 64, 4, 4, 2),
+        (64, 256, 64, 4, 2, 2),
+    ]:
+        configs.append(triton.Config(
+            {"BLOCK_M": block_m, "BLOCK_P": block_p, "BLOCK_R": block_r, "PROGRAMS_PER_SM": per_sm},
+            num_warps=warps, num_stages=stages, pre_hook=_set_product_blocks))
+    return configs
+
+
+def _prune_product_tma(configs, named_args, **kwargs):
+    """Keep tiles that fit the problem: an untransposed B needs R to be a multiple of BLOCK_R
+    (its row blocks would otherwise reach into the next group's weights), and tiles far wider
+    than P only waste work."""
+    p, r = named_args["P"], named_args["R"]
+    transposed = kwargs.get("B_TRANSPOSED", named_args.get("B_TRANSPOSED"))
+    kept = [c for c in configs if transposed or r % c.kwargs["BLOCK_R"] == 0]
+    narrow = [c for c in kept if c.kwargs["BLOCK_P"] <= max(64, triton.next_power_of_2(p))]
+    return narrow or kept
+
+
+def _wgrad_tma_configs():
+    if INTERPRETED:
+        return [triton.Config({"BLOCK_P1": 16, "BLOCK_P2": 16, "BLOCK_M": 16}, num_warps=4, num_stages=1,
+                              pre_hook=_set_wgrad_blocks)]
+    configs = []
+    # The last three fit two programs per SM, so one's epilogue overlaps the other's loads.
+    for block_p1, block_p2, block_m, warps, stages in [
+        (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+        (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+        (128, 128, 64, 8, 3), (128, 256, 64, 8, 2), (128, 128, 32, 4, 4),
+    ]:
+        configs.append(triton.Config({"BLOCK_P1": block_p1, "BLOCK_P2": block_p2, "BLOCK_M": block_m},
+                                     num_warps=warps, num_stages=stages, pre_hook=_set_wgrad_blocks))
+    return configs
+
+
+def _prune_wgrad(configs, named_args, **kwargs):
+    p1, p2 = named_args["P1"], named_args["P2"]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_P1"] <= max(64, triton.next_power_of_2(p1))
+            and c.kwargs["BLOCK_P2"] <= max(64, triton.next_power_of_2(p2))]
+    return kept or configs
+
+
+def _product_portable_configs():
+    if INTERPRETED:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_P": 32, "BLOCK_R": 16}, num_warps=4, num_stages=1)]
+    configs = []
+    for block_m, block_p, block_r, warps, stages in [
         (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 64, 64, 4, 4),
-        (64, 128, 128, 4, 3), (128, 64, 128, 4, 3),
+        (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 32, 4, 4),
     ]:
-        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_P": block_p, "BLOCK_R": block_r},
                                      num_warps=warps, num_stages=stages))
     return configs
 
 
-def _wgrad_configs():
+def _wgrad_portable_configs():
     if INTERPRETED:
-        return [triton.Config({"BLOCK_K": 16, "BLOCK_N": 32, "BLOCK_M": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_P1": 16, "BLOCK_P2": 32, "BLOCK_M": 16}, num_warps=4, num_stages=1)]
     configs = []
-    for block_k, block_n, block_m, warps, stages in [
-        (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3),
+    for block_p1, block_p2, block_m, warps, stages in [
+        (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
     ]:
-        configs.append(triton.Config({"BLOCK_K": block_k, "BLOCK_N": block_n, "BLOCK_M": block_m},
+        configs.append(triton.Config({"BLOCK_P1": block_p1, "BLOCK_P2": block_p2, "BLOCK_M": block_m},
                                      num_warps=warps, num_stages=stages))
     return configs
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -65,322 +182,504 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _group_of_tile(offsets_ptr, pid_m, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
-    """(group, first row, end row, tile index inside the group, total tiles) of M-tile ``pid_m``."""
-    e = tl.arange(0, E_POW2)
-    valid = e < E
-    ends = tl.load(offsets_ptr + e, mask=valid, other=0)
-    starts = tl.load(offsets_ptr + e - 1, mask=valid & (e > 0), other=0)
-    counts = tl.where(valid, ends - starts, 0)
-    tiles = (counts + BLOCK_M - 1) // BLOCK_M
-    inclusive = tl.cumsum(tiles, 0)
-    total = tl.sum(tiles, 0)
-    group = tl.sum((inclusive <= pid_m).to(tl.int32), 0)
-    in_group = group == e
-    first_tile = tl.sum(tl.where(in_group, inclusive - tiles, 0), 0)
-    row_start = tl.sum(tl.where(in_group, starts, 0), 0)
-    row_end = tl.sum(tl.where(in_group, ends, 0), 0)
-    used_rows = tl.sum(tl.where(e == E - 1, ends, 0), 0)
-    return group, row_start, row_end, pid_m - first_tile, total, used_rows
+def _group_tiles(offsets_ptr, M, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """Per-group row-tile counts and their inclusive prefix sum (clamped to rows ``[0, M]``)."""
+    groups = tl.arange(0, E_POW2)
+    valid = groups < E
+    ends = tl.minimum(tl.maximum(tl.load(offsets_ptr + groups, mask=valid, other=0), 0), M)
+    starts = tl.minimum(tl.maximum(tl.load(offsets_ptr + groups - 1, mask=valid & (groups > 0), other=0), 0), M)
+    row_tiles = tl.where(valid, (tl.maximum(ends - starts, 0) + BLOCK_M - 1) // BLOCK_M, 0)
+    # Lanes past E end "never", so no row tile counts them among the groups before it.
+    return tl.where(valid, tl.cumsum(row_tiles, 0), 0x7FFFFFFF), row_tiles
 
 
-@triton.autotune(configs=_forward_configs(), key=["N", "K", "E", "W_TRANSPOSED"])
 @triton.jit
-def _grouped_mm_kernel(
-    x_ptr, w_ptr, out_ptr, offsets_ptr,
-    M, N, K, E,
-    stride_xm, stride_xk, stride_wg, stride_wk, stride_wn, stride_om, stride_on,
-    W_TRANSPOSED: tl.constexpr, E_POW2: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _locate_tile(offsets_ptr, row_tile, tiles_end, row_tiles, M, E, BLOCK_M: tl.constexpr):
+    """(group, first row, end row, padding) of global row tile ``row_tile``.
+
+    Row tiles past the last group's cover rows ``[offsets[-1], M)``: they report group E-1 (so
+    every operand coordinate stays valid) and ``padding`` so their output is written as zeros.
+    """
+    before = tiles_end <= row_tile
+    group = tl.sum(before.to(tl.int32), 0)
+    first_tile = tl.sum(tl.where(before, row_tiles, 0), 0)
+    padding = group >= E
+    group_start = tl.load(offsets_ptr + group - 1, mask=group > 0, other=0)
+    group_start = tl.minimum(tl.maximum(group_start, 0), M)
+    group_end = tl.load(offsets_ptr + tl.minimum(group, E - 1))
+    group_end = tl.where(padding, M, tl.minimum(tl.maximum(group_end, group_start), M))
+    row_start = group_start + (row_tile - first_tile) * BLOCK_M
+    return tl.minimum(group, E - 1), row_start, group_end, padding
+
+
+@triton.jit
+def _store_rows(out_ptr, value, row_start, row_end, col_start, P, stride_om,
+                BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Masked store of one output tile: rows past ``row_end`` belong to the next group."""
+    rows = row_start + tl.arange(0, BLOCK_M)
+    cols = col_start + tl.arange(0, BLOCK_P)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], value,
+             mask=(rows[:, None] < row_end) & (cols[None, :] < P))
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouped product, Hopper path: persistent, TMA operands
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_product_tma_configs(), key=["P", "R", "E", "M_BUCKET", "B_TRANSPOSED"],
+                 prune_configs_by={"early_config_prune": _prune_product_tma})
+@triton.jit
+def _grouped_product_tma_kernel(
+    a_desc, b_desc, out_ptr, offsets_ptr,
+    M, P, R, E, M_BUCKET, stride_om,
+    B_TRANSPOSED: tl.constexpr, E_POW2: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    group, row_start, row_end, tile, total, used_rows = _group_of_tile(offsets_ptr, pid_m, E, BLOCK_M, E_POW2)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    if pid_m >= total:
-        # Rows after the last group: zeros, so no element of the output is left unwritten.
-        rows = used_rows + (pid_m - total) * BLOCK_M + tl.arange(0, BLOCK_M)
-        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, zero,
-                 mask=(rows[:, None] < M) & col_mask[None, :])
-    else:
-        rows = row_start + tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tiles_end, row_tiles = _group_tiles(offsets_ptr, M, E, BLOCK_M, E_POW2)
+    used_rows = tl.minimum(tl.maximum(tl.load(offsets_ptr + E - 1), 0), M)
+    padding_tiles = (M - used_rows + BLOCK_M - 1) // BLOCK_M
+    tiles_p = (P + BLOCK_P - 1) // BLOCK_P
+    num_tiles = (tl.sum(row_tiles, 0) + padding_tiles) * tiles_p
+    steps = (R + BLOCK_R - 1) // BLOCK_R
+    first = tl.program_id(0)
+    stride = tl.num_programs(0)
+    # The epilogue recomputes its tile from its own counter: sharing values between the
+    # flattened loop's prologue and epilogue defeats the pipeliner.
+    tile_out = first - stride
+    for tile in tl.range(first, num_tiles, stride, flatten=True):
+        group, row_start, row_end, padding = _locate_tile(offsets_ptr, tile // tiles_p, tiles_end, row_tiles, M, E,
+                                                          BLOCK_M)
+        col_start = (tile % tiles_p) * BLOCK_P
+        acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+        for step in range(steps):
+            r = step * BLOCK_R
+            a = a_desc.load([row_start, r])
+            if B_TRANSPOSED:
+                b = b_desc.load([group * P + col_start, r])
+                acc = _dot(a, b.T, acc, False, UPCAST)
+            else:
+                b = b_desc.load([group * R + r, col_start])
+                acc = _dot(a, b, acc, False, UPCAST)
+
+        tile_out += stride
+        _, row_start_out, row_end_out, padding_out = _locate_tile(offsets_ptr, tile_out // tiles_p, tiles_end,
+                                                                  row_tiles, M, E, BLOCK_M)
+        col_start_out = (tile_out % tiles_p) * BLOCK_P
+        # Rows of a tile past its group's end belong to the next group: a masked store, not a TMA
+        # store (whose box cannot stop at a group boundary).
+        acc = tl.where(padding_out, 0.0, acc)
+        _store_rows(out_ptr, acc.to(out_ptr.dtype.element_ty), row_start_out, row_end_out, col_start_out, P,
+                    stride_om, BLOCK_M, BLOCK_P)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouped product, portable path
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_product_portable_configs(), key=["P", "R", "E", "M_BUCKET", "B_TRANSPOSED"])
+@triton.jit
+def _grouped_product_kernel(
+    a_ptr, b_ptr, out_ptr, offsets_ptr,
+    M, P, R, E, M_BUCKET,
+    stride_am, stride_ar, stride_bg, stride_br, stride_bp, stride_om, stride_op,
+    B_TRANSPOSED: tl.constexpr, E_POW2: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # Grid: (row tiles + E) x column tiles, enough for any split of M into E groups (each group
+    # adds at most one partial tile), so launching needs no host read of the group sizes.
+    tiles_end, row_tiles = _group_tiles(offsets_ptr, M, E, BLOCK_M, E_POW2)
+    used_rows = tl.minimum(tl.maximum(tl.load(offsets_ptr + E - 1), 0), M)
+    padding_tiles = (M - used_rows + BLOCK_M - 1) // BLOCK_M
+    row_tile = tl.program_id(0)
+    if row_tile < tl.sum(row_tiles, 0) + padding_tiles:
+        group, row_start, row_end, padding = _locate_tile(offsets_ptr, row_tile, tiles_end, row_tiles, M, E, BLOCK_M)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         row_mask = rows < row_end
-        ks = tl.arange(0, BLOCK_K)
-        x_tile = x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk
-        w_tile = w_ptr + group.to(tl.int64) * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            k_mask = ks < K - k * BLOCK_K
-            a = tl.load(x_tile, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(w_tile, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        col_mask = cols < P
+        acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+        ks = tl.arange(0, BLOCK_R)
+        a_tile = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ar
+        b_tile = b_ptr + group.to(tl.int64) * stride_bg + ks[:, None] * stride_br + cols[None, :] * stride_bp
+        steps = tl.cdiv(R, BLOCK_R)
+        if padding:  # rows after the last group: no products, zeros stored
+            steps = 0
+        for step in range(0, steps):
+            k_mask = ks < R - step * BLOCK_R
+            a = tl.load(a_tile, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_tile, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             acc = _dot(a, b, acc, IEEE, UPCAST)
-            x_tile += BLOCK_K * stride_xk
-            w_tile += BLOCK_K * stride_wk
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+            a_tile += BLOCK_R * stride_ar
+            b_tile += BLOCK_R * stride_br
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_op,
                  acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["N", "K", "E"], reset_to_zero=[])
+# ----------------------------------------------------------------------------------------------
+# Grouped wgrad
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_wgrad_tma_configs(), key=["P1", "P2", "E", "M_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune_wgrad})
+@triton.jit
+def _grouped_wgrad_tma_kernel(
+    left_desc, right_desc, left_ptr, right_ptr, dw_ptr, offsets_ptr,
+    M, P1, P2, E, M_BUCKET,
+    stride_lm, stride_rm, stride_dg, stride_d1,
+    UPCAST: tl.constexpr,
+    BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # Tile index fastest, group slowest: programs running together share one group's rows in L2.
+    tiles_p2 = tl.cdiv(P2, BLOCK_P2)
+    group = tl.program_id(1)
+    p1_start = (tl.program_id(0) // tiles_p2) * BLOCK_P1
+    p2_start = (tl.program_id(0) % tiles_p2) * BLOCK_P2
+    row_start = tl.minimum(tl.maximum(tl.load(offsets_ptr + group - 1, mask=group > 0, other=0), 0), M)
+    row_end = tl.minimum(tl.maximum(tl.load(offsets_ptr + group), row_start), M)
+    whole_blocks = (row_end - row_start) // BLOCK_M
+    acc = tl.zeros((BLOCK_P1, BLOCK_P2), dtype=tl.float32)
+    for block in range(whole_blocks):
+        row = row_start + block * BLOCK_M
+        left = left_desc.load([row, p1_start])
+        right = right_desc.load([row, p2_start])
+        acc = _dot(left.T, right, acc, False, UPCAST)
+    # The last partial block through masked loads: rows of the next group must not enter the sum.
+    tail = row_start + whole_blocks * BLOCK_M
+    if tail < row_end:
+        rows = tail + tl.arange(0, BLOCK_M)
+        cols1 = p1_start + tl.arange(0, BLOCK_P1)
+        cols2 = p2_start + tl.arange(0, BLOCK_P2)
+        row_mask = rows < row_end
+        left = tl.load(left_ptr + rows[:, None].to(tl.int64) * stride_lm + cols1[None, :],
+                       mask=row_mask[:, None] & (cols1[None, :] < P1), other=0.0)
+        right = tl.load(right_ptr + rows[:, None].to(tl.int64) * stride_rm + cols2[None, :],
+                        mask=row_mask[:, None] & (cols2[None, :] < P2), other=0.0)
+        acc = _dot(left.T, right, acc, False, UPCAST)
+    rows1 = p1_start + tl.arange(0, BLOCK_P1)
+    cols2 = p2_start + tl.arange(0, BLOCK_P2)
+    tl.store(dw_ptr + group.to(tl.int64) * stride_dg + rows1[:, None] * stride_d1 + cols2[None, :],
+             acc.to(dw_ptr.dtype.element_ty), mask=(rows1[:, None] < P1) & (cols2[None, :] < P2))
+
+
+@triton.autotune(configs=_wgrad_portable_configs(), key=["P1", "P2", "E", "M_BUCKET"])
 @triton.jit
 def _grouped_wgrad_kernel(
-    x_ptr, dout_ptr, dw_ptr, offsets_ptr,
-    K, N, E,
-    stride_xm, stride_xk, stride_dm, stride_dn, stride_wg, stride_wk, stride_wn,
+    left_ptr, right_ptr, dw_ptr, offsets_ptr,
+    M, P1, P2, E, M_BUCKET,
+    stride_lm, stride_l1, stride_rm, stride_r2, stride_dg, stride_d1, stride_d2,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    group = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_k = tl.program_id(1) // tiles_n
-    pid_n = tl.program_id(1) % tiles_n
-    row_end = tl.load(offsets_ptr + group)
-    row_start = tl.load(offsets_ptr + group - 1, mask=group > 0, other=0)
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_mask = ks < K
-    col_mask = cols < N
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    tiles_p2 = tl.cdiv(P2, BLOCK_P2)
+    group = tl.program_id(1)
+    cols1 = (tl.program_id(0) // tiles_p2) * BLOCK_P1 + tl.arange(0, BLOCK_P1)
+    cols2 = (tl.program_id(0) % tiles_p2) * BLOCK_P2 + tl.arange(0, BLOCK_P2)
+    row_start = tl.minimum(tl.maximum(tl.load(offsets_ptr + group - 1, mask=group > 0, other=0), 0), M)
+    row_end = tl.minimum(tl.maximum(tl.load(offsets_ptr + group), row_start), M)
+    mask1 = cols1 < P1
+    mask2 = cols2 < P2
+    acc = tl.zeros((BLOCK_P1, BLOCK_P2), dtype=tl.float32)
     ms = tl.arange(0, BLOCK_M)
     for m in range(row_start, row_end, BLOCK_M):
         rows = m + ms
         row_mask = rows < row_end
-        a = tl.load(x_ptr + rows[None, :] * stride_xm + ks[:, None] * stride_xk,
-                    mask=k_mask[:, None] & row_mask[None, :], other=0.0)
-        b = tl.load(dout_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dn,
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = _dot(a, b, acc, IEEE, UPCAST)
-    tl.store(dw_ptr + group.to(tl.int64) * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-             acc.to(dw_ptr.dtype.element_ty), mask=k_mask[:, None] & col_mask[None, :])
+        left = tl.load(left_ptr + rows[None, :].to(tl.int64) * stride_lm + cols1[:, None] * stride_l1,
+                       mask=mask1[:, None] & row_mask[None, :], other=0.0)
+        right = tl.load(right_ptr + rows[:, None].to(tl.int64) * stride_rm + cols2[None, :] * stride_r2,
+                        mask=row_mask[:, None] & mask2[None, :], other=0.0)
+        acc = _dot(left, right, acc, IEEE, UPCAST)
+    tl.store(dw_ptr + group.to(tl.int64) * stride_dg + cols1[:, None] * stride_d1 + cols2[None, :] * stride_d2,
+             acc.to(dw_ptr.dtype.element_ty), mask=mask1[:, None] & mask2[None, :])
 
 
-def _tma_configs():
-    if INTERPRETED:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1)]
-    configs = []
-    for block_m, block_n, block_k, warps, stages in [
-        (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 5),
-        (128, 64, 64, 4, 5), (64, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3),
-    ]:
-        for group_m in (8,):
-            configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
-                                         num_warps=warps, num_stages=stages))
-    return configs
-
-
-@triton.jit
-def _swizzle(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
-    """Walk GROUP_M row tiles across all column tiles before moving on, so tiles that share
-    rows or a weight block run close together and hit L2."""
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
-    return pid_m, pid_n
-
-
-@triton.autotune(configs=_tma_configs(), key=["N", "K", "E", "B_TRANSPOSED"])
-@triton.jit
-def _grouped_mm_tma_kernel(
-    x_ptr, w_ptr, out_ptr, offsets_ptr,
-    M, N, K, E, W_ROWS, W_COLS, stride_om,
-    B_TRANSPOSED: tl.constexpr, E_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """Hopper path: operands through TMA descriptors built once per program, outside the K loop.
-
-    The weight storage is seen as one 2-d matrix [E * W_ROWS, W_COLS]; group g's logical B is
-    its rows g*W_ROWS.. (or their transpose). Tiles that run past a group read neighbouring rows;
-    those only feed output rows or columns that the masked store drops.
-    """
-    tiles_m = tl.cdiv(M, BLOCK_M) + E
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _swizzle(tl.program_id(0), tiles_m, tiles_n, GROUP_M)
-    group, row_start, row_end, tile, total, used_rows = _group_of_tile(offsets_ptr, pid_m, E, BLOCK_M, E_POW2)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    if pid_m >= total:
-        rows = used_rows + (pid_m - total) * BLOCK_M + tl.arange(0, BLOCK_M)
-        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], zero, mask=(rows[:, None] < M) & col_mask[None, :])
-    else:
-        row0 = row_start + tile * BLOCK_M
-        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
-        if B_TRANSPOSED:
-            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * W_ROWS, W_COLS], strides=[W_COLS, 1],
-                                               block_shape=[BLOCK_N, BLOCK_K])
-        else:
-            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * W_ROWS, W_COLS], strides=[W_COLS, 1],
-                                               block_shape=[BLOCK_K, BLOCK_N])
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            a = x_desc.load([row0, k])
-            if B_TRANSPOSED:
-                b = w_desc.load([group * W_ROWS + pid_n * BLOCK_N, k])
-                acc = tl.dot(a, b.T, acc)
-            else:
-                b = w_desc.load([group * W_ROWS + k, pid_n * BLOCK_N])
-                acc = tl.dot(a, b, acc)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < row_end) & col_mask[None, :])
-
-
-def _wgrad_tma_configs():
-    if INTERPRETED:
-        return [triton.Config({"BLOCK_K": 16, "BLOCK_N": 32, "BLOCK_M": 16}, num_warps=4, num_stages=1)]
-    configs = []
-    for block_k, block_n, block_m, warps, stages in [
-        (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-        (64, 128, 64, 4, 5), (128, 64, 64, 4, 5), (128, 128, 128, 8, 3), (64, 256, 64, 8, 4),
-    ]:
-        configs.append(triton.Config({"BLOCK_K": block_k, "BLOCK_N": block_n, "BLOCK_M": block_m},
-                                     num_warps=warps, num_stages=stages))
-    return configs
-
-
-@triton.autotune(configs=_wgrad_tma_configs(), key=["N", "K", "E", "OUT_NK"])
-@triton.jit
-def _grouped_wgrad_tma_kernel(
-    x_ptr, dout_ptr, dw_ptr, offsets_ptr,
-    M, K, N, E, stride_wg, stride_wk, stride_wn,
-    OUT_NK: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """dW[g] = x_g.T @ dout_g with both operands through TMA; rows of the next group that a tile
-    reads are zeroed in x, so they add nothing. With OUT_NK the tile is computed transposed
-    ([N, K]) so the store runs along the contiguous K of an [E, N, K] weight."""
-    group = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_k = tl.program_id(1) // tiles_n
-    pid_n = tl.program_id(1) % tiles_n
-    row_end = tl.load(offsets_ptr + group)
-    row_start = tl.load(offsets_ptr + group - 1, mask=group > 0, other=0)
-    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
-    d_desc = tl.make_tensor_descriptor(dout_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
-    ms = tl.arange(0, BLOCK_M)
-    if OUT_NK:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for m in range(row_start, row_end, BLOCK_M):
-        a = x_desc.load([m, pid_k * BLOCK_K])
-        b = d_desc.load([m, pid_n * BLOCK_N])
-        a = tl.where((m + ms < row_end)[:, None], a, tl.zeros_like(a))
-        if OUT_NK:
-            acc = tl.dot(b.T, a, acc)
-        else:
-            acc = tl.dot(a.T, b, acc)
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    base = dw_ptr + group.to(tl.int64) * stride_wg
-    if OUT_NK:
-        tl.store(base + cols[:, None] * stride_wn + ks[None, :] * stride_wk, acc.to(dw_ptr.dtype.element_ty),
-                 mask=(cols[:, None] < N) & (ks[None, :] < K))
-    else:
-        tl.store(base + ks[:, None] * stride_wk + cols[None, :] * stride_wn, acc.to(dw_ptr.dtype.element_ty),
-                 mask=(ks[:, None] < K) & (cols[None, :] < N))
-
-
-_ALLOCATOR_SET = False
-
-
-def _ensure_allocator() -> None:
-    """Device-side TMA descriptors live in global scratch memory that Triton asks the host for."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
-
-
-def _tma_eligible(x: torch.Tensor, w: torch.Tensor) -> bool:
-    if INTERPRETED or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if os.environ.get("SHARDGRAPH_GROUPED_MM_TMA", "1") == "0" or not hasattr(tl, "make_tensor_descriptor"):
-        return False
-    if torch.cuda.get_device_capability(x.device)[0] < 9:
-        return False
-    element = x.element_size()
-    # TMA needs contiguous rows whose byte strides are multiples of 16.
-    return (x.is_contiguous() and w.is_contiguous() and (x.shape[1] * element) % 16 == 0
-            and (w.shape[2] * element) % 16 == 0)
-
-
-def _tma_grouped_mm(x, w, offsets, b_transposed, n, k, out):
-    _ensure_allocator()
-    m, experts = x.shape[0], w.shape[0]
-    grid = lambda meta: ((triton.cdiv(m, meta["BLOCK_M"]) + experts) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _grouped_mm_tma_kernel[grid](
-        x, w, out, offsets, m, n, k, experts, w.shape[1], w.shape[2], out.stride(0),
-        B_TRANSPOSED=b_transposed, E_POW2=_next_power_of_two(experts),
-    )
-    return out
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
 
 
 def _next_power_of_two(value: int) -> int:
     return 1 << max(0, (value - 1).bit_length())
 
 
-def _logical_strides(w: torch.Tensor, w_layout: str):
-    """(K, N, stride_k, stride_n) of the logical [K, N] matrix of each group."""
-    if w_layout == "ekn":
-        return w.shape[1], w.shape[2], w.stride(1), w.stride(2)
-    return w.shape[2], w.shape[1], w.stride(2), w.stride(1)
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device_index: int) -> bool:
+    return TensorDescriptor is not None and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _device_index(tensor: torch.Tensor) -> int:
+    return tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+
+
+def _aligned(tensor: torch.Tensor) -> bool:
+    return tensor.data_ptr() % 16 == 0
+
+
+def _row_major(tensor: torch.Tensor) -> bool:
+    """2-D with unit column stride and a 16-byte row stride: what a TMA descriptor can address."""
+    return tensor.stride(1) == 1 and (tensor.stride(0) * tensor.element_size()) % 16 == 0 and _aligned(tensor)
+
+
+@functools.lru_cache(maxsize=None)
+def _min_block_r() -> int:
+    return min(c.kwargs["BLOCK_R"] for c in _product_tma_configs())
+
+
+def _weight_rows(w: torch.Tensor, r: int, p: int, stride_r: int, stride_p: int):
+    """The weight as one 2-D row-major matrix a TMA descriptor can walk: ``(shape, strides,
+    transposed)`` where each group's ``B_g`` [R, P] is stored transposed (``[P, R]``, rows
+    ``g*P + p``) or not (rows ``g*R + r``); ``None`` where the storage is not such a matrix."""
+    element = w.element_size()
+    if stride_r == 1 and stride_p * element % 16 == 0 and w.stride(0) == p * stride_p and stride_p >= r:
+        return [w.shape[0] * p, r], [stride_p, 1], True
+    if stride_p == 1 and stride_r * element % 16 == 0 and w.stride(0) == r * stride_r and stride_r >= p:
+        return [w.shape[0] * r, p], [stride_r, 1], False
+    return None
+
+
+def select_path(kind: str, tensors, requested: str = "auto") -> str:
+    """``"tma"`` where the Hopper kernels can run on these tensors, else ``"portable"``.
+
+    ``requested="tma"`` is honoured on any device where descriptors can be built (the CPU
+    interpreter included) so tests can run the Hopper kernels' code; it raises when the layout
+    rules out TMA.
+    """
+    if requested not in PATHS:
+        raise ValueError(f"unknown grouped GEMM kernel path {requested!r}; choose one of {', '.join(PATHS)}")
+    if requested == "portable":
+        return "portable"
+    if requested == "auto":
+        device = tensors[0].device
+        if device.type != "cuda" or not _has_tma(_device_index(tensors[0])):
+            return "portable"
+    reason = _tma_refusal(kind, tensors)
+    if reason is None:
+        return "tma"
+    if requested == "tma":
+        raise ValueError(f"grouped GEMM {kind}: the TMA path cannot run here: {reason}")
+    return "portable"
+
+
+def _tma_refusal(kind, tensors):
+    if TensorDescriptor is None:
+        return "this Triton has no host tensor descriptors"
+    if tensors[0].dtype not in _TMA_DTYPES:
+        return f"dtype {tensors[0].dtype} (TMA kernels take bfloat16 or float16)"
+    if kind == "product":
+        a, w, out, r, p, stride_r, stride_p = tensors
+        if not _row_major(a):
+            return "the activations are not row-major with 16-byte aligned rows"
+        if not (_row_major(out) and out.stride(0) == p):
+            return f"the output is not a contiguous, 16-byte aligned [M, {p}] matrix"
+        rows = _weight_rows(w, r, p, stride_r, stride_p)
+        if rows is None or not _aligned(w):
+            return "the weight is not stored as contiguous 16-byte aligned rows"
+        if not rows[2] and r % _min_block_r():
+            return f"the reduction length {r} of an untransposed weight is not a multiple of {_min_block_r()}"
+        return None
+    left, right, dw = tensors
+    for name, tensor in (("left", left), ("right", right)):
+        if not _row_major(tensor):
+            return f"the {name} operand is not row-major with 16-byte aligned rows"
+    if dw.stride(2) != 1:
+        return "the weight gradient has no unit column stride"
+    return None
+
+
+# Launching. Each kernel is autotuned once per problem key (shape class, dtype); later calls skip
+# the autotuner (its per-call bookkeeping and the descriptor pre-hooks), and once the JIT has
+# compiled a kernel for a given argument specialization, that compiled kernel is launched
+# directly. Host time per call matters: a grouped GEMM of a small expert batch runs in tens of
+# microseconds, about what the generic launch path costs on a slow host.
+_chosen: dict = {}
+_forced: dict = {}
+_compiled: dict = {}
+
+
+@contextlib.contextmanager
+def use_config(kernel, config: triton.Config):
+    """Launch ``kernel`` (one of this module's autotuned kernels) with ``config`` inside the block,
+    without tuning: tests and benchmarks use it to check every configuration."""
+    _forced[kernel] = config
+    try:
+        yield
+    finally:
+        del _forced[kernel]
+
+
+def _descriptor(base: torch.Tensor, shape, strides, block_shape):
+    """A host TMA descriptor, built without the constructor's checks: ``select_path`` has checked
+    the layout rules (16-byte aligned base and row stride, unit last stride, non-empty shape) and
+    every block shape comes from this module's configurations."""
+    descriptor = object.__new__(TensorDescriptor)
+    descriptor.base, descriptor.shape, descriptor.strides = base, shape, strides
+    descriptor.block_shape, descriptor.padding = block_shape, "zero"
+    return descriptor
+
+
+def _specialization(args) -> tuple:
+    """Everything about the runtime arguments a compiled kernel may have been specialized on
+    (a superset of what Triton's JIT looks at: dtypes, 16-byte alignment, integers equal to one
+    or divisible by 16, integer width), so a compiled kernel is reused only where it is valid."""
+    key = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            key.append((arg.dtype, arg.data_ptr() % 16 == 0))
+        elif isinstance(arg, bool) or arg is None:
+            key.append(arg)
+        elif isinstance(arg, int):
+            key.append((arg % 16 == 0, arg == 1, -(2**31) <= arg < 2**31))
+        elif TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
+            key.append((arg.base.dtype, arg.base.data_ptr() % 16 == 0, tuple(arg.block_shape),
+                        tuple(value % 16 == 0 for value in (*arg.shape, *arg.strides))))
+        else:
+            key.append(arg)
+    return tuple(key)
+
+
+def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specialization=None):
+    """Launch ``kernel`` for problem ``key``. ``specialization``, where the caller gives it, holds
+    every argument property the compiled kernel may depend on that ``key`` does not already fix
+    (computing it from the problem is cheaper than inspecting every argument)."""
+    config = _forced.get(kernel) or _chosen.get((kernel, key))
+    if config is None:
+        # First call for this key: autotune, the configurations' pre-hooks sizing the descriptors.
+        kernel[lambda meta: grid_of(meta)](*make_descriptors(None), *args, **constexprs)
+        _chosen[(kernel, key)] = kernel.best_config
+        return
+    blocks = config.kwargs
+    runtime_args = (*make_descriptors(blocks), *args)
+    grid = grid_of(blocks)
+    if INTERPRETED:
+        kernel.fn.run(*runtime_args, grid=grid, warmup=False, **constexprs, **config.all_kwargs())
+        return
+    if specialization is None:
+        specialization = _specialization(runtime_args)
+    compiled_key = (kernel, key, config, specialization)
+    cached = _compiled.get(compiled_key)
+    if cached is None:
+        compiled = kernel.fn.run(*runtime_args, grid=grid, warmup=False, **constexprs, **config.all_kwargs())
+        # The compiled kernel takes every parameter in signature order, constexprs included (as
+        # the JIT passes them): runtime arguments, then the constexprs, then the configuration's.
+        trailing = (*constexprs.values(), *blocks.values())
+        names = kernel.fn.arg_names
+        if list(names[len(runtime_args):]) == [*constexprs, *blocks]:
+            _compiled[compiled_key] = (compiled, trailing)
+        return
+    compiled, trailing = cached
+    compiled[(*grid, 1, 1)[:3]](*runtime_args, *trailing)
 
 
 def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w_layout: str = "ekn",
                       transpose_weight: bool = False, out: torch.Tensor | None = None,
-                      use_tma: bool | None = None) -> torch.Tensor:
-    """``x @ W[g]`` per group, or ``x @ W[g].T`` with ``transpose_weight`` (dgrad).
+                      path: str = "auto") -> torch.Tensor:
+    """``x @ W[g]`` per group (``W[g]`` read as ``[K, N]`` from either layout), or ``x @ W[g].T``
+    with ``transpose_weight`` (dgrad). Rows after ``offsets[-1]`` are zeros.
 
-    ``out`` may be given (tests pass it filled with NaN to prove every element is written).
-    ``use_tma``: None picks the Hopper TMA kernel where it applies; False forces the portable one.
+    ``out`` may be given (``[M, P]``); tests pass it filled with NaN to prove every element is
+    written.
     """
-    k, n, stride_k, stride_n = _logical_strides(w, w_layout)
+    # B_g is the logical [R, P] operand: R reduced over, P the output width.
+    if w_layout == "ekn":
+        r, p, stride_r, stride_p = w.shape[1], w.shape[2], w.stride(1), w.stride(2)
+    else:
+        r, p, stride_r, stride_p = w.shape[2], w.shape[1], w.stride(2), w.stride(1)
     if transpose_weight:
-        k, n, stride_k, stride_n = n, k, stride_n, stride_k
+        r, p, stride_r, stride_p = p, r, stride_p, stride_r
     m, experts = x.shape[0], w.shape[0]
     if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
+        out = torch.empty((m, p), dtype=x.dtype, device=x.device)
+    if m == 0 or p == 0:
         return out
-    if use_tma is not False and _tma_eligible(x, w) and out.is_contiguous():
-        # Logical B is the storage rows (ekn forward, enk dgrad) or their transpose.
-        b_transposed = (w_layout == "enk") != transpose_weight
-        return _tma_grouped_mm(x, w, offsets, b_transposed, n, k, out)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + experts, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    _grouped_mm_kernel[grid](
-        x, w, out, offsets, m, n, k, experts,
-        x.stride(0), x.stride(1), w.stride(0), stride_k, stride_n, out.stride(0), out.stride(1),
-        W_TRANSPOSED=(w_layout == "enk") != transpose_weight, E_POW2=_next_power_of_two(experts),
-        IEEE=x.dtype == torch.float32, UPCAST=INTERPRETED and x.dtype != torch.float32,
-    )
+    if experts == 0 or r == 0:
+        return out.zero_()
+    chosen = select_path("product", (x, w, out, r, p, stride_r, stride_p), path)
+    launch_counts[f"product_{chosen}"] += 1
+    # One compiled variant serves every expert count up to 128 (a 128-lane vector costs what a
+    # 64-lane one does at 4+ warps).
+    e_pow2 = max(128, _next_power_of_two(experts))
+    m_bucket = _next_power_of_two(m)
+    upcast = INTERPRETED and x.dtype != torch.float32
+    if chosen == "tma":
+        weight_shape, weight_strides, transposed = _weight_rows(w, r, p, stride_r, stride_p)
+        slots = _multiprocessors(_device_index(x)) if x.is_cuda else 4  # the interpreter: a few, to exercise striding
+
+        def make_descriptors(blocks):
+            if blocks is None:  # sized by the configuration's pre-hook
+                block_m = block_p = block_r = 16
+            else:
+                block_m, block_p, block_r = blocks["BLOCK_M"], blocks["BLOCK_P"], blocks["BLOCK_R"]
+            return (_descriptor(x, [m, r], [x.stride(0), 1], [block_m, block_r]),
+                    _descriptor(w, weight_shape, weight_strides, [block_p, block_r] if transposed else [block_r, block_p]))
+
+        def grid_of(meta):
+            upper = (triton.cdiv(m, meta["BLOCK_M"]) + experts) * triton.cdiv(p, meta["BLOCK_P"])
+            return (max(1, min(slots * meta["PROGRAMS_PER_SM"], upper)),)
+
+        # The key fixes P, R, E, the bucket and the layout; select_path checked the alignment of x,
+        # w and out. What is left: M, the row stride of x and the alignment of offsets.
+        _launch(_grouped_product_tma_kernel, (p, r, experts, m_bucket, transposed, x.dtype), grid_of, make_descriptors,
+                (out, offsets, m, p, r, experts, m_bucket, out.stride(0)),
+                dict(B_TRANSPOSED=transposed, E_POW2=e_pow2, UPCAST=upcast),
+                (m % 16, m == 1, m >> 31, x.stride(0) % 16, weight_strides[0] % 16, offsets.data_ptr() % 16))
+        return out
+
+    def portable_grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) + experts, triton.cdiv(p, meta["BLOCK_P"]))
+
+    _launch(_grouped_product_kernel, (p, r, experts, m_bucket, stride_r == 1, x.dtype), portable_grid, lambda _: (),
+            (x, w, out, offsets, m, p, r, experts, m_bucket,
+             x.stride(0), x.stride(1), w.stride(0), stride_r, stride_p, out.stride(0), out.stride(1)),
+            dict(B_TRANSPOSED=stride_r == 1, E_POW2=e_pow2, IEEE=x.dtype == torch.float32, UPCAST=upcast))
     return out
 
 
 def triton_grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor, num_groups: int,
                             w_layout: str = "ekn", out: torch.Tensor | None = None,
-                            use_tma: bool | None = None) -> torch.Tensor:
+                            path: str = "auto") -> torch.Tensor:
     """``dW[g] = x_g.T @ dout_g`` written in the weight's storage layout (empty groups: zeros)."""
-    k, n = x.shape[1], dout.shape[1]
+    k, n, m = x.shape[1], dout.shape[1], x.shape[0]
     shape = (num_groups, k, n) if w_layout == "ekn" else (num_groups, n, k)
     dw = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
-    stride_k, stride_n = (dw.stride(1), dw.stride(2)) if w_layout == "ekn" else (dw.stride(2), dw.stride(1))
-    if num_groups == 0:
+    if num_groups == 0 or k == 0 or n == 0:
         return dw
-    if (use_tma is not False and _tma_eligible(x, dout.reshape(1, *dout.shape)) and dout.is_contiguous()
-            and (dout.shape[1] * dout.element_size()) % 16 == 0):
-        _ensure_allocator()
-        grid = lambda meta: (num_groups, triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-        _grouped_wgrad_tma_kernel[grid](x, dout, dw, offsets, x.shape[0], k, n, num_groups, dw.stride(0), stride_k,
-                                        stride_n, OUT_NK=w_layout == "enk")
+    if m == 0:
+        return dw.zero_()
+    # Each dW[g] is written as left.T @ right: its rows come from `left`, its columns from `right`.
+    left, right = (x, dout) if w_layout == "ekn" else (dout, x)
+    p1, p2 = left.shape[1], right.shape[1]
+    chosen = select_path("wgrad", (left, right, dw), path)
+    launch_counts[f"wgrad_{chosen}"] += 1
+    m_bucket = _next_power_of_two(m)
+    upcast = INTERPRETED and x.dtype != torch.float32
+
+    def grid_of(meta):
+        return (triton.cdiv(p1, meta["BLOCK_P1"]) * triton.cdiv(p2, meta["BLOCK_P2"]), num_groups)
+
+    if chosen == "tma":
+        def make_descriptors(blocks):
+            block_m, block_1, block_2 = (16, 16, 16) if blocks is None else (
+                blocks["BLOCK_M"], blocks["BLOCK_P1"], blocks["BLOCK_P2"])
+            return (_descriptor(left, [m, p1], [left.stride(0), 1], [block_m, block_1]),
+                    _descriptor(right, [m, p2], [right.stride(0), 1], [block_m, block_2]))
+
+        _launch(_grouped_wgrad_tma_kernel, (p1, p2, num_groups, m_bucket, x.dtype), grid_of, make_descriptors,
+                (left, right, dw, offsets, m, p1, p2, num_groups, m_bucket,
+                 left.stride(0), right.stride(0), dw.stride(0), dw.stride(1)),
+                dict(UPCAST=upcast),
+                (m % 16, m == 1, m >> 31, left.stride(0) % 16, right.stride(0) % 16, dw.stride(0) % 16, dw.stride(1) % 16,
+                 dw.data_ptr() % 16, offsets.data_ptr() % 16))
         return dw
-    grid = lambda meta: (num_groups, triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    _grouped_wgrad_kernel[grid](
-        x, dout, dw, offsets, k, n, num_groups,
-        x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dw.stride(0), stride_k, stride_n,
-        IEEE=x.dtype == torch.float32, UPCAST=INTERPRETED and x.dtype != torch.float32,
-    )
+    _launch(_grouped_wgrad_kernel, (p1, p2, num_groups, m_bucket, x.dtype), grid_of, lambda _: (),
+            (left, right, dw, offsets, m, p1, p2, num_groups, m_bucket,
+             left.stride(0), left.stride(1), right.stride(0), right.stride(1), dw.stride(0), dw.stride(1),
+             dw.stride(2)),
+            dict(IEEE=x.dtype == torch.float32, UPCAST=upcast))
     return dw

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["grouped_mm_loop", "grouped_mm_dgrad_loop", "grouped_mm_wgrad_loop", "check_layout"]
+from .validation import GroupedGemmError, check_layout
+
+__all__ = ["grouped_mm_loop", "grouped_mm_dgrad_loop", "grouped_mm_wgrad_loop"]
 
 
-def check_layout(w_layout: str) -> None:
-    if w_layout not in ("ekn", "enk"):
-        raise ValueError(f"w_layout must be 'ekn' ([E, K, N]) or 'enk' ([E, N, K]), got {w_layout!r}")
-
-
-def _bounds(offsets: torch.Tensor):
+def _bounds(offsets: torch.Tensor, rows: int):
+    """(start, end) of each group; this path reads offsets on the host anyway, so it checks them."""
     ends = offsets.tolist()
     starts = [0] + ends[:-1]
+    if any(end < start for start, end in zip(starts, ends)) or (ends and ends[-1] > rows):
+        raise GroupedGemmError(f"offsets must be non-decreasing group end rows from 0 to at most {rows}, got {ends}")
     return zip(starts, ends)
 
 
@@ -27,7 +27,7 @@ def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w_l
     check_layout(w_layout)
     n = w.shape[2] if w_layout == "ekn" else w.shape[1]
     out = x.new_zeros(x.shape[0], n)
-    for g, (start, end) in enumerate(_bounds(offsets)):
+    for g, (start, end) in enumerate(_bounds(offsets, x.shape[0])):
         if end > start:
             weight = w[g] if w_layout == "ekn" else w[g].T
             out[start:end] = x[start:end] @ weight
@@ -38,7 +38,7 @@ def grouped_mm_dgrad_loop(dout: torch.Tensor, w: torch.Tensor, offsets: torch.Te
     check_layout(w_layout)
     k = w.shape[1] if w_layout == "ekn" else w.shape[2]
     dx = dout.new_zeros(dout.shape[0], k)
-    for g, (start, end) in enumerate(_bounds(offsets)):
+    for g, (start, end) in enumerate(_bounds(offsets, dout.shape[0])):
         if end > start:
             weight = w[g].T if w_layout == "ekn" else w[g]
             dx[start:end] = dout[start:end] @ weight
@@ -51,7 +51,7 @@ def grouped_mm_wgrad_loop(x: torch.Tensor, dout: torch.Tensor, offsets: torch.Te
     k, n = x.shape[1], dout.shape[1]
     shape = (num_groups, k, n) if w_layout == "ekn" else (num_groups, n, k)
     dw = x.new_zeros(shape)
-    for g, (start, end) in enumerate(_bounds(offsets)):
+    for g, (start, end) in enumerate(_bounds(offsets, x.shape[0])):
         if end > start:
             product = x[start:end].T @ dout[start:end]
             dw[g] = product if w_layout == "ekn" else product.T

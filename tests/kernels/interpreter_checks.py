@@ -30,7 +30,16 @@ def relative(value, reference):
     return ((value.double() - reference).norm() / reference.norm().clamp_min(1e-30)).item()
 
 
-def run(dtype, layout, sizes, k, n, seed):
+# The Hopper kernels (TMA descriptors, persistent grid) run here too, on shapes whose row strides
+# meet TMA's rules: 16-byte rows, and a reduction length a multiple of 16 where the weight is not
+# stored transposed.
+TMA_CASES = [
+    ("TMA path: uneven groups, an empty group, trailing rows", [5, 0, 17, 1, 9], 64, 48),
+    ("TMA path: groups smaller than a tile, K and N not multiples of the block", [1, 2, 3, 0], 48, 32),
+]
+
+
+def run(dtype, layout, sizes, k, n, seed, path="auto"):
     generator = torch.Generator().manual_seed(seed)
     trailing = 3 if sizes[-1] == 0 or seed % 2 else 0
     m = sum(sizes) + trailing
@@ -41,18 +50,20 @@ def run(dtype, layout, sizes, k, n, seed):
     w = torch.randn(shape, generator=generator).to(dtype)
     dout = torch.randn(m, n, generator=generator).to(dtype)
     poisoned = torch.full((m, n), float("nan"), dtype=dtype)
-    out = grouped_gemm.triton_grouped_mm(x, w, offsets, layout, out=poisoned)
+    before = dict(grouped_gemm.launch_counts)
+    out = grouped_gemm.triton_grouped_mm(x, w, offsets, layout, out=poisoned, path=path)
     reference = grouped_mm_loop(x.double(), w.double(), offsets, layout)
     dx = grouped_gemm.triton_grouped_mm(dout, w, offsets, layout, transpose_weight=True,
-                                        out=torch.full((m, k), float("nan"), dtype=dtype))
+                                        out=torch.full((m, k), float("nan"), dtype=dtype), path=path)
     reference_dx = grouped_mm_dgrad_loop(dout.double(), w.double(), offsets, layout)
     dw = grouped_gemm.triton_grouped_mm_wgrad(x, dout, offsets, experts, layout,
-                                              out=torch.full(shape, float("nan"), dtype=dtype))
+                                              out=torch.full(shape, float("nan"), dtype=dtype), path=path)
     reference_dw = grouped_mm_wgrad_loop(x.double(), dout.double(), offsets, experts, layout)
     return {
         "forward": relative(out, reference), "dgrad": relative(dx, reference_dx), "wgrad": relative(dw, reference_dw),
         "unwritten": int(torch.isnan(out).sum() + torch.isnan(dx).sum() + torch.isnan(dw).sum()),
         "trailing_rows_zero": bool((out[sum(sizes):] == 0).all()) if trailing else True,
+        "paths": sorted(key for key, count in grouped_gemm.launch_counts.items() if count > before.get(key, 0)),
     }
 
 
@@ -73,16 +84,16 @@ def autograd_case():
     offsets = torch.tensor([3, 3, 8], dtype=torch.int32)
     x = torch.randn(8, 12, generator=generator, requires_grad=True)
     w = torch.randn(3, 10, 12, generator=generator, requires_grad=True)  # enk
-    out = kernels.grouped_mm(x, w, offsets, "enk")
+    out = kernels.grouped_mm(x, w, offsets, w_layout="enk")
     grad = torch.randn_like(out)
     gx, gw = torch.autograd.grad(out, (x, w), grad)
     with kernels.use_backend("loop"):
-        out_ref = kernels.grouped_mm(x, w, offsets, "enk")
+        out_ref = kernels.grouped_mm(x, w, offsets, w_layout="enk")
         rx, rw = torch.autograd.grad(out_ref, (x, w), grad)
     grouped_gemm.triton_grouped_mm, grouped_gemm.triton_grouped_mm_wgrad = forward, wgrad
     return {"backend": kernels.current_backend(), "triton_calls": calls, "forward": relative(out, out_ref.double()),
             "dgrad": relative(gx, rx.double()), "wgrad": relative(gw, rw.double()),
-            "interpreted": grouped_gemm.INTERPRETED, "kernel_is_interpreted": type(grouped_gemm._grouped_mm_kernel.fn).__name__}
+            "interpreted": grouped_gemm.INTERPRETED, "kernel_is_interpreted": type(grouped_gemm._grouped_product_kernel.fn).__name__}
 
 
 def main():
@@ -93,6 +104,13 @@ def main():
             for name, sizes, k, n in CASES:
                 seed += 1
                 row = run(dtype, layout, sizes, k, n, seed)
+                row.update(name=name, dtype=str(dtype), layout=layout)
+                results.append(row)
+    for dtype in (torch.bfloat16, torch.float16):
+        for layout in ("ekn", "enk"):
+            for name, sizes, k, n in TMA_CASES:
+                seed += 1
+                row = run(dtype, layout, sizes, k, n, seed, path="tma")
                 row.update(name=name, dtype=str(dtype), layout=layout)
                 results.append(row)
     results.append({"name": "autograd through the custom op", **autograd_case()})

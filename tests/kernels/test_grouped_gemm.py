@@ -1,7 +1,8 @@
 """The Triton grouped GEMM kernels under the CPU interpreter, against a float64 reference.
 
 Outputs are poisoned with NaN before each run (an unwritten tile fails), inputs are random, and
-the cases cover empty groups, groups smaller than a tile, M not a multiple of the block, K and N
+the cases cover both kernel families (the portable kernels and the Hopper TMA kernels, which the
+interpreter runs too), empty groups, groups smaller than a tile, M not a multiple of the block, K and N
 not multiples of 16 and rows past the last offset. Tolerances: fp32 < 1e-5, bf16 < 1e-2.
 """
 
@@ -24,15 +25,17 @@ def results():
 
 
 def test_every_case_ran(results):
-    assert len(results) == 2 * 2 * 4 + 1
+    assert len(results) == 2 * 2 * 4 + 2 * 2 * 2 + 1
 
 
-@pytest.mark.parametrize("index", range(16))
+@pytest.mark.parametrize("index", range(16 + 8))
 def test_forward_dgrad_wgrad_match_float64(results, index):
     row = results[index]
     tolerance = 1e-5 if row["dtype"] == "torch.float32" else 1e-2
     assert row["unwritten"] == 0, row
     assert row["trailing_rows_zero"], row
+    expected_paths = ["product_tma", "wgrad_tma"] if row["name"].startswith("TMA") else ["product_portable", "wgrad_portable"]
+    assert row["paths"] == expected_paths, row
     for kind in ("forward", "dgrad", "wgrad"):
         assert row[kind] < tolerance, (kind, row)
 
