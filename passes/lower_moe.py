@@ -11,6 +11,8 @@ Writes
     ``moe_experts_backward`` becomes the mirror sequence and reuses the forward's routing,
     splits, grouped tokens and activations (the joint graph holds both directions, so nothing is
     recomputed or sent twice), with ``kernels.grouped_mm_dgrad`` / ``grouped_mm_wgrad``.
+    With ep = etp = 1 (every expert on the rank) the exchange steps are left out: the copies stay
+    in expert order and the offsets never leave the device, so the MoE layer has no host sync.
     Inserted all-to-all nodes carry ``meta["collective"]`` with a byte estimate for uniform
     routing; the simulator records the real, data-dependent bytes.
 Assumes
@@ -91,40 +93,48 @@ def lower_moe(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
             dispatch_estimate = _token_bytes(hidden, top_k, mesh) * (ep - 1) / ep
             sorted_ = emit.call(moe_steps.sort_by_expert, topk_ids, num_experts)
             order, tokens_per_expert = emit.item(sorted_, 0), emit.item(sorted_, 1)
-            received_counts = emit.call(moe_steps.exchange_counts, comm, tokens_per_expert, "ep",
-                                        collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
-                                                    "bytes": 8.0 * num_experts * (ep - 1) / ep,
-                                                    "of": node.name, "purpose": "tokens per expert"})
-            sizes = emit.call(moe_steps.split_sizes, tokens_per_expert, received_counts)
-            send_sizes, receive_sizes = emit.item(sizes, 0), emit.item(sizes, 1)
             copies = emit.call(moe_steps.gather_copies, hidden, order, top_k)
-            received = emit.call(collectives.all_to_all, comm, copies, "ep", send_sizes,
-                                 collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
-                                             "bytes": dispatch_estimate, "of": node.name, "purpose": "dispatch"})
-            etp_row_sizes = None
-            counts = received_counts
-            if etp > 1:
-                rows = emit.call(_rows, received)
-                etp_row_sizes = emit.call(moe_steps.etp_sizes, comm, rows, "etp")
-                received = emit.call(moe_steps.etp_gather, comm, received, "etp",
-                                     collective={"kind": "all_gather", "axis": "etp", "group_size": etp,
-                                                 "bytes": dispatch_estimate / max(ep - 1, 1) * (etp - 1),
-                                                 "of": node.name, "purpose": "expert tokens to every etp rank"})
-                counts = emit.call(moe_steps.etp_gather, comm, received_counts, "etp")
-            grouped_ = emit.call(moe_steps.group_by_local_expert, received, counts)
-            grouped, permutation, offsets = (emit.item(grouped_, i) for i in range(3))
+            send_sizes = receive_sizes = permutation = etp_row_sizes = None
+            if ep == 1 and etp == 1:
+                # Every expert is on this rank: the copies are already grouped by expert, so the
+                # offsets stay on the device and nothing waits for the host.
+                grouped = copies
+                offsets = emit.call(moe_steps.expert_offsets, tokens_per_expert)
+            else:
+                received_counts = emit.call(moe_steps.exchange_counts, comm, tokens_per_expert, "ep",
+                                            collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
+                                                        "bytes": 8.0 * num_experts * (ep - 1) / ep,
+                                                        "of": node.name, "purpose": "tokens per expert"})
+                sizes = emit.call(moe_steps.split_sizes, tokens_per_expert, received_counts)
+                send_sizes, receive_sizes = emit.item(sizes, 0), emit.item(sizes, 1)
+                received = emit.call(collectives.all_to_all, comm, copies, "ep", send_sizes,
+                                     collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
+                                                 "bytes": dispatch_estimate, "of": node.name, "purpose": "dispatch"})
+                counts = received_counts
+                if etp > 1:
+                    rows = emit.call(_rows, received)
+                    etp_row_sizes = emit.call(moe_steps.etp_sizes, comm, rows, "etp")
+                    received = emit.call(moe_steps.etp_gather, comm, received, "etp",
+                                         collective={"kind": "all_gather", "axis": "etp", "group_size": etp,
+                                                     "bytes": dispatch_estimate / max(ep - 1, 1) * (etp - 1),
+                                                     "of": node.name, "purpose": "expert tokens to every etp rank"})
+                    counts = emit.call(moe_steps.etp_gather, comm, received_counts, "etp")
+                grouped_ = emit.call(moe_steps.group_by_local_expert, received, counts)
+                grouped, permutation, offsets = (emit.item(grouped_, i) for i in range(3))
             gate_up = emit.call(torch.ops.shardgraph.grouped_mm.default, grouped, w_gate_up, offsets, "enk")
             activated = emit.call(moe_steps.glu, gate_up, activation)
             down = emit.call(torch.ops.shardgraph.grouped_mm.default, activated, w_down, offsets, "enk")
-            expert_out = emit.call(moe_steps.ungroup, down, permutation)
-            if etp > 1:
-                expert_out = emit.call(moe_steps.etp_reduce_own, comm, expert_out, "etp", etp_row_sizes,
-                                       collective={"kind": "all_reduce", "axis": "etp", "group_size": etp,
-                                                   "bytes": 2 * dispatch_estimate * (etp - 1) / etp,
-                                                   "of": node.name, "purpose": "down-projection partial sums"})
-            returned = emit.call(collectives.all_to_all, comm, expert_out, "ep", receive_sizes,
-                                 collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
-                                             "bytes": dispatch_estimate, "of": node.name, "purpose": "return"})
+            returned = down
+            if permutation is not None:
+                expert_out = emit.call(moe_steps.ungroup, down, permutation)
+                if etp > 1:
+                    expert_out = emit.call(moe_steps.etp_reduce_own, comm, expert_out, "etp", etp_row_sizes,
+                                           collective={"kind": "all_reduce", "axis": "etp", "group_size": etp,
+                                                       "bytes": 2 * dispatch_estimate * (etp - 1) / etp,
+                                                       "of": node.name, "purpose": "down-projection partial sums"})
+                returned = emit.call(collectives.all_to_all, comm, expert_out, "ep", receive_sizes,
+                                     collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
+                                                 "bytes": dispatch_estimate, "of": node.name, "purpose": "return"})
             out = emit.call(moe_steps.combine, returned, order, topk_weights)
             out.meta.update({k: node.meta[k] for k in ("val", "sharding", "view", "placement_reason") if k in node.meta})
             node.replace_all_uses_with(out)
@@ -144,16 +154,20 @@ def lower_moe(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
             emit = _Emitter(graph, node, node.name)
             combined = emit.call(moe_steps.combine_backward, grad_out, forward["returned"], forward["order"], topk_weights)
             grad_copies, grad_topk_weights = emit.item(combined, 0), emit.item(combined, 1)
-            grad_received = emit.call(collectives.all_to_all, comm, grad_copies, "ep", forward["send"],
-                                      collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
-                                                  "bytes": forward["estimate"], "of": node.name,
-                                                  "purpose": "dispatch of output gradients"})
-            if etp > 1:
-                grad_received = emit.call(moe_steps.etp_gather, comm, grad_received, "etp",
-                                          collective={"kind": "all_gather", "axis": "etp", "group_size": etp,
-                                                      "bytes": forward["estimate"] / max(ep - 1, 1) * (etp - 1),
-                                                      "of": node.name, "purpose": "output gradients to every etp rank"})
-            grad_grouped = emit.call(torch.index_select, grad_received, 0, forward["permutation"])
+            if forward["permutation"] is None:
+                grad_grouped = grad_copies  # already in expert order: nothing was dispatched
+            else:
+                grad_received = emit.call(collectives.all_to_all, comm, grad_copies, "ep", forward["send"],
+                                          collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
+                                                      "bytes": forward["estimate"], "of": node.name,
+                                                      "purpose": "dispatch of output gradients"})
+                if etp > 1:
+                    grad_received = emit.call(moe_steps.etp_gather, comm, grad_received, "etp",
+                                              collective={"kind": "all_gather", "axis": "etp", "group_size": etp,
+                                                          "bytes": forward["estimate"] / max(ep - 1, 1) * (etp - 1),
+                                                          "of": node.name,
+                                                          "purpose": "output gradients to every etp rank"})
+                grad_grouped = emit.call(torch.index_select, grad_received, 0, forward["permutation"])
             grad_activated = emit.call(torch.ops.shardgraph.grouped_mm_dgrad.default, grad_grouped, w_down,
                                        forward["offsets"], "enk")
             grad_w_down = emit.call(torch.ops.shardgraph.grouped_mm_wgrad.default, forward["activated"], grad_grouped,
@@ -163,17 +177,18 @@ def lower_moe(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
                                     forward["offsets"], "enk")
             grad_w_gate_up = emit.call(torch.ops.shardgraph.grouped_mm_wgrad.default, forward["grouped"], grad_gate_up,
                                        forward["offsets"], forward["local_experts"], "enk")
-            grad_tokens = emit.call(moe_steps.ungroup, grad_tokens, forward["permutation"])
-            if etp > 1:
-                grad_tokens = emit.call(moe_steps.etp_reduce_own, comm, grad_tokens, "etp", forward["etp_sizes"],
-                                        collective={"kind": "all_reduce", "axis": "etp", "group_size": etp,
-                                                    "bytes": 2 * forward["estimate"] * (etp - 1) / etp,
-                                                    "of": node.name, "purpose": "token-gradient partial sums"})
-            grad_back = emit.call(collectives.all_to_all, comm, grad_tokens, "ep", forward["receive"],
-                                  collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
-                                              "bytes": forward["estimate"], "of": node.name,
-                                              "purpose": "return of token gradients"})
-            grad_hidden = emit.call(_scatter_to_tokens, grad_back, forward["order"], forward["top_k"], hidden)
+            if forward["permutation"] is not None:
+                grad_tokens = emit.call(moe_steps.ungroup, grad_tokens, forward["permutation"])
+                if etp > 1:
+                    grad_tokens = emit.call(moe_steps.etp_reduce_own, comm, grad_tokens, "etp", forward["etp_sizes"],
+                                            collective={"kind": "all_reduce", "axis": "etp", "group_size": etp,
+                                                        "bytes": 2 * forward["estimate"] * (etp - 1) / etp,
+                                                        "of": node.name, "purpose": "token-gradient partial sums"})
+                grad_tokens = emit.call(collectives.all_to_all, comm, grad_tokens, "ep", forward["receive"],
+                                        collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
+                                                    "bytes": forward["estimate"], "of": node.name,
+                                                    "purpose": "return of token gradients"})
+            grad_hidden = emit.call(_scatter_to_tokens, grad_tokens, forward["order"], forward["top_k"], hidden)
             results = [grad_hidden, grad_topk_weights, grad_w_gate_up, grad_w_down]
             shardings = node.meta.get("sharding") or (None,) * 4
             for result, sharding in zip(results, shardings):

@@ -16,6 +16,16 @@ Forward on one rank, whose tokens are its own (already split over dp and tp)::
     returned = all_to_all(ungroup(down, permutation) over ep, recv_sizes)
     out      = combine(returned, order, topk_weights)
 
+With every expert on the rank (ep = etp = 1) there is nothing to exchange: the copies stay in
+expert order, ``expert_offsets(tokens_per_expert)`` gives the grouped GEMMs their offsets on the
+device, and no step reads a value on the host::
+
+    order, tokens_per_expert = sort_by_expert(topk_ids, num_experts)
+    offsets  = expert_offsets(tokens_per_expert)
+    grouped  = gather_copies(hidden, order, top_k)
+    down     = grouped_mm(glu(grouped_mm(grouped, w_gate_up), activation), w_down)
+    out      = combine(down, order, topk_weights)
+
 The backward mirrors it with the same splits and permutation. Nothing here knows about the
 graph: the MoE lowering pass emits these calls as nodes so a dump shows every step.
 """
@@ -29,6 +39,7 @@ from ..ops.moe import activation_derivative
 
 __all__ = [
     "sort_by_expert",
+    "expert_offsets",
     "exchange_counts",
     "split_sizes",
     "gather_copies",
@@ -50,15 +61,28 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int):
 
     ``order[i]`` is the flat copy index ``token * top_k + slot`` of the i-th copy in expert order;
     a stable sort keeps each expert's copies in token order, which keeps results deterministic.
+    Nothing here reads a value on the host: the counts come from a scatter-add (``bincount``
+    reads the maximum id back to size its output), and on a GPU the id range is checked by a
+    device-side assertion rather than a host comparison that would stall the stream every layer.
     """
     flat = topk_ids.reshape(-1)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
+    if flat.is_cuda:
+        if flat.numel():
+            torch._assert_async(((flat >= 0) & (flat < num_experts)).all(),
+                                f"topk_ids hold expert ids outside 0..{num_experts - 1}")
+    elif flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
         raise ValueError(
             f"topk_ids hold expert ids outside 0..{num_experts - 1} (min {int(flat.min())}, max {int(flat.max())})"
         )
     order = torch.sort(flat, stable=True).indices
-    tokens_per_expert = torch.bincount(flat, minlength=num_experts)
+    tokens_per_expert = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    tokens_per_expert.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
     return order, tokens_per_expert
+
+
+def expert_offsets(tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """The int32 end offset of each expert's rows, as grouped GEMMs read them (on the device)."""
+    return torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
 
 
 def exchange_counts(comm, tokens_per_expert: torch.Tensor, ep_axis) -> torch.Tensor:
