@@ -110,16 +110,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.kv_heads != self.heads:
-            # Each KV head serves heads / kv_heads consecutive query heads.
-            repeat = self.heads // self.kv_heads
-            shape = (batch, self.kv_heads, repeat, seq, self.head_dim)
-            k = k[:, :, None].expand(shape).reshape(batch, self.heads, seq, self.head_dim)
-            v = v[:, :, None].expand(shape).reshape(batch, self.heads, seq, self.head_dim)
-        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
-        future = torch.ones(seq, seq, dtype=torch.bool, device=x.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
-        attended = scores.softmax(dim=-1) @ v
+        # Each key/value head serves heads / kv_heads consecutive query heads.
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(attended.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim))
 
 

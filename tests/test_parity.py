@@ -80,6 +80,27 @@ def test_hf_models_match_unsharded_loss_gradients_and_sgd_weights(hf, family, me
     assert errors["loss"] < TOLERANCE and errors["gradients"] < TOLERANCE and errors["weights"] < TOLERANCE, errors
 
 
+@pytest.mark.parametrize("mesh_text", ["world=4,tp=2,ep=2", "world=8,tp=2,ep=4", "world=4,ep=4"])
+def test_fused_attention_split_over_tp_and_dp_matches_unsharded(mesh_text):
+    from examples.hf_models import build
+
+    model = build("mixtral", attn_implementation="sdpa")
+    ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(5))
+    errors, program, _ = check_parity(model, (ids,), lm_loss, mesh_text)
+    assert errors["loss"] < TOLERANCE and errors["gradients"] < TOLERANCE and errors["weights"] < TOLERANCE, errors
+    attention = [n for n in program.placed.graph_module.graph.nodes if str(n.target).startswith("shardgraph.attention")]
+    assert len(attention) == 4  # two layers, forward and backward
+    mesh = program.mesh
+    for node in attention:
+        sharding = node.meta["sharding"]
+        first = sharding[0] if isinstance(sharding, tuple) else sharding
+        # never computed twice: split over tp (heads, or rows where that moves fewer bytes) and
+        # over dp by rows
+        assert first.placement("tp") in ((sg.Shard(0), sg.Shard(1)) if mesh.tp > 1 else (sg.Replicate(),)), (
+            node.name, first)
+        assert first.placement("dp") == (sg.Shard(0) if mesh.dp > 1 else sg.Replicate()), (node.name, first)
+
+
 def test_expert_gradients_are_reduced_over_edp_by_sum_and_the_tp_split_needs_no_cancel():
     """Expert gradients come out partial over edp only; summing gives the exact gradient.
 

@@ -209,4 +209,4 @@ def op_name(target) -> str:
 
 
 # Import the families so their @register calls run.
-from . import factory, matmul, moe, pointwise, reduction, shape, embedding, loss, index  # noqa: E402,F401
+from . import attention, factory, matmul, moe, pointwise, reduction, shape, embedding, loss, index  # noqa: E402,F401

@@ -28,8 +28,12 @@ Then, in order:
 3. Placeholders are named after the parameter / buffer FQNs and the forward's argument names
    and labelled ``meta["shardgraph_kind"]`` / ``meta["shardgraph_name"]``.
 
-While tracing, ``F.scaled_dot_product_attention`` is computed as matmul + softmax (the fused
-kernels differ per device and have their own backward ops), HF models run with
+While tracing, ``F.scaled_dot_product_attention`` without a mask becomes the op
+``shardgraph.attention`` (``shardgraph/ops/attention.py``: one forward and one backward node that
+run the fused kernels; the aten fused ops differ per device and carry kernel-specific state to
+their backward ops); a call with an explicit ``attn_mask`` is written as matmul + softmax, which
+a placement rule can follow whatever the mask's shape (HF models given no position ids trace
+without a mask: see ``_positions_not_packed``). HF models run with
 ``use_cache=False`` (a training step keeps no KV cache), and recognised expert modules run
 through their adapters (``adapters.py``). A small decomposition table (``DECOMPOSITIONS``)
 rewrites a few composite ops (layer norm, ``logsumexp``, ``baddbmm``, vector norms, ...) into
@@ -171,12 +175,51 @@ def _attention_as_matmul(query, key, value, attn_mask=None, dropout_p=0.0, is_ca
     return torch.matmul(torch.softmax(scores, dim=-1), value)
 
 
-class _AttentionAsMatmul(TorchFunctionMode):
+def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``F.scaled_dot_product_attention`` as ``shardgraph.attention`` where there is no mask."""
+    if attn_mask is not None or dropout_p or query.dim() != 4:
+        return _attention_as_matmul(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    from ..ops import attention  # noqa: F401 - registers torch.ops.shardgraph.attention
+
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    gqa = bool(enable_gqa) and key.shape[-3] != query.shape[-3]
+    return torch.ops.shardgraph.attention(query, key, value, bool(is_causal), scale, gqa)
+
+
+class _AttentionRouting(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            return _attention_as_matmul(*args, **kwargs)
+            return _attention(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _positions_not_packed(input_names: Sequence[str]) -> Iterator[None]:
+    """HF transformers' packed-sequence check, answered while tracing a batch without position ids.
+
+    Given no ``attention_mask``, HF masks look for packed sequences in the position ids; on fake
+    tensors that check cannot read values, so HF builds an explicit boolean mask, which rules
+    out the fused attention kernels. When the batch brings no ``position_ids``, the model makes
+    them itself as ``arange(seq)``: one sequence per row, never packed, so "no packing" (what
+    the eager check returns for those ids) is the right answer. A batch that does pass position
+    ids keeps HF's own check.
+    """
+    module = None
+    if "position_ids" not in input_names:
+        try:
+            from transformers import masking_utils as module
+        except ImportError:
+            module = None
+    if module is None or not hasattr(module, "find_packed_sequence_indices"):
+        yield
+        return
+    original = module.find_packed_sequence_indices
+    module.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        module.find_packed_sequence_indices = original
 
 
 @contextlib.contextmanager
@@ -484,7 +527,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
         params = dict(zip(parameter_names, flat[:count_p]))
         state = {**params, **dict(zip(buffer_names, flat[count_p:count_p + count_b]))}
         batch = flat[count_p + count_b:]
-        with _AttentionAsMatmul():
+        with _AttentionRouting():
             output = functional_call(model, state, tuple(batch), tie_weights=True, strict=False)
             if loss_fn is None:
                 tensors, paths = _forward_outputs(output)
@@ -510,7 +553,8 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
     tracker = _ModuleTracker(model)
     modules = {path or "<root>": module for path, module in model.named_modules()}
     try:
-        with adapters_installed(model) as expert_modules, _without_kv_cache(model), torch.enable_grad():
+        with adapters_installed(model) as expert_modules, _without_kv_cache(model), _positions_not_packed(names), \
+                torch.enable_grad():
             gm = make_fx(step, tracing_mode="fake", decomposition_table=DECOMPOSITIONS, record_module_stack=True,
                          record_stack_traces=True)(*arguments)
     except AdapterError:

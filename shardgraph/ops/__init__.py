@@ -1,5 +1,6 @@
 """Custom ops the frontend keeps whole in the traced graph (importing this registers them)."""
 
+from .attention import attention, attention_backward
 from .moe import (
     ACTIVATIONS,
     activation_derivative,
@@ -10,6 +11,8 @@ from .moe import (
 )
 
 __all__ = [
+    "attention",
+    "attention_backward",
     "ACTIVATIONS",
     "activation_function",
     "activation_derivative",
