@@ -2,7 +2,8 @@
 
 For each model, from the same seed and the same batch, time forward + backward + SGD update of:
 
-  eager               the model as written (HF's own expert loop for HF models), ``loss.backward()``,
+  eager               the model as written (for HF models, the expert implementation --hf-experts
+                      names: transformers' default, grouped_mm in 5.x, or its per-expert loop), ``loss.backward()``,
                       ``torch.optim.SGD(foreach=True)``
   torch_compile       the same with ``torch.compile(model)``
   shardgraph          ``shardgraph.compile(model, MeshSpec(world=1))``: the joint graph with the MoE
@@ -56,8 +57,12 @@ TINY_LAYER = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key
                   num_experts=8, top_k=2, moe_intermediate_size=32)
 
 
-def build(name: str, layers: int, tiny: bool, seed: int):
-    """``(model, loss_fn)`` built on the current default device."""
+def build(name: str, layers: int, tiny: bool, seed: int, hf_experts: str = "default"):
+    """``(model, loss_fn)`` built on the current default device.
+
+    ``hf_experts`` picks HF transformers' expert implementation: ``"default"`` is what the
+    installed transformers chooses (5.x: ``"grouped_mm"``, one ``torch._grouped_mm`` per
+    projection), ``"eager"`` HF's per-expert loop."""
     shape = TINY_LAYER if tiny else QWEN3_LAYER
     torch.manual_seed(seed)
     if name == "ours":
@@ -75,6 +80,8 @@ def build(name: str, layers: int, tiny: bool, seed: int):
                   num_attention_heads=shape["num_attention_heads"], num_key_value_heads=shape["num_key_value_heads"],
                   head_dim=shape["head_dim"], num_experts_per_tok=shape["top_k"], attn_implementation="sdpa",
                   use_cache=False)
+    if hf_experts != "default":
+        common["experts_implementation"] = hf_experts
     if name == "mixtral":
         config = MixtralConfig(**common, intermediate_size=shape["moe_intermediate_size"],
                                num_local_experts=shape["num_experts"])
@@ -211,10 +218,10 @@ def release(*objects):
 
 def run_variant(name, variant, args, device, dtype, batch):
     with torch.device(device):
-        model, loss_fn = build(name, args.layers, args.tiny, args.seed)
+        model, loss_fn = build(name, args.layers, args.tiny, args.seed, args.hf_experts)
     model = model.to(dtype)
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    row = {"model": name, "variant": variant, "batch": args.batch, "seq": args.seq, "layers": args.layers,
+    row = {"model": name if name == "ours" else f"{name}/{args.hf_experts}", "variant": variant, "batch": args.batch, "seq": args.seq, "layers": args.layers,
            "parameter_gib": parameter_bytes / 2**30}
     runner = None
     try:
@@ -254,7 +261,7 @@ def check_one_step(name, args, device, dtype, batch) -> dict:
     results = {}
     for variant in ("eager", "shardgraph"):
         with torch.device(device):
-            model, loss_fn = build(name, args.layers, args.tiny, args.seed)
+            model, loss_fn = build(name, args.layers, args.tiny, args.seed, args.hf_experts)
         model = model.to(dtype)
         runner = Runner(variant, model, loss_fn, batch, None)
         loss = runner.step()
@@ -315,6 +322,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--tiny", action="store_true", help="a few hundred thousand parameters per model (CPU tests)")
+    parser.add_argument("--hf-experts", default="default", choices=["default", "eager", "grouped_mm", "batched_mm"],
+                        help="HF models' expert implementation (default: what transformers picks)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode for the *compile variants")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--check", action="store_true", help="also compare one SGD step of shardgraph with eager")
@@ -351,7 +360,7 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
         "dtype": args.dtype, "layers": args.layers, "batch": args.batch, "seq": args.seq, "steps": args.steps,
-        "warmup": args.warmup, "tiny": args.tiny, "rows": rows, "checks": checks,
+        "warmup": args.warmup, "tiny": args.tiny, "hf_experts": args.hf_experts, "rows": rows, "checks": checks,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:

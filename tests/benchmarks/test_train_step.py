@@ -17,10 +17,10 @@ def load():
 def test_every_variant_runs_and_one_shardgraph_sgd_step_equals_eager(tmp_path):
     result = load().main(["--device", "cpu", "--tiny", "--dtype", "float32", "--layers", "1", "--seq", "16",
                           "--batch", "2", "--steps", "2", "--warmup", "1", "--check", "--models", "ours,mixtral",
-                          "--variants", "eager,shardgraph", "--out", str(tmp_path / "train_step.json")])
+                          "--variants", "eager,shardgraph", "--hf-experts", "eager", "--out", str(tmp_path / "train_step.json")])
     rows = result["rows"]
     assert [(r["model"], r["variant"]) for r in rows] == [
-        ("ours", "eager"), ("ours", "shardgraph"), ("mixtral", "eager"), ("mixtral", "shardgraph")]
+        ("ours", "eager"), ("ours", "shardgraph"), ("mixtral/eager", "eager"), ("mixtral/eager", "shardgraph")]
     assert all("median_ms" in r and r["tokens_per_s"] > 0 for r in rows), rows
     for row in rows:
         assert row["first_loss_rel_diff_vs_eager"] < 1e-5, row
