@@ -189,7 +189,12 @@ def combine_backward(grad_out: torch.Tensor, returned: torch.Tensor, order: torc
 
 
 def scatter_copies(grad_copies: torch.Tensor, order: torch.Tensor, top_k: int, tokens: int) -> torch.Tensor:
-    """Sum the gradients of each token's copies back onto the token (rows in expert order)."""
-    out = grad_copies.new_zeros(tokens, grad_copies.shape[-1])
-    return out.index_add_(0, order // top_k, grad_copies)
+    """Sum the gradients of each token's copies back onto the token (rows in expert order).
 
+    Every token has exactly ``top_k`` copies, so the copies are gathered back into (token, slot)
+    order and summed over the slot: a gather and a reduction, where scattering with
+    ``index_add`` would need atomic adds (slow in 16-bit floats, and order-dependent).
+    """
+    token_major = torch.empty_like(order)
+    token_major[order] = torch.arange(order.numel(), device=order.device)
+    return grad_copies.index_select(0, token_major).reshape(tokens, top_k, -1).sum(dim=1)
