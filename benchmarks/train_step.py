@@ -257,7 +257,10 @@ def run_variant(name, variant, args, device, dtype, batch):
             torch.cuda.reset_peak_memory_stats(device)
         times = timed_steps(runner, device, args.steps)
         if device.type == "cuda":
+            # A CUDA graph replay allocates nothing: its intermediates live in the graph's private
+            # pool, which "allocated" does not show between replays; "reserved" does.
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         ordered = sorted(times)
         row.update(median_ms=statistics.median(times), p10_ms=ordered[int(0.1 * (len(ordered) - 1))],
                    p90_ms=ordered[int(math.ceil(0.9 * (len(ordered) - 1)))])
