@@ -64,32 +64,30 @@ def _offsets(offsets, groups: int, like: torch.Tensor, groups_from: str) -> None
         raise GroupedGemmError(f"offsets is on {offsets.device} but the operands are on {like.device}")
 
 
+def _check_product(name: str, rows, w, offsets, w_layout, width: str) -> None:
+    """``rows [M, width]`` times each group's weight: ``width`` is the weight's K (forward) or N
+    (dgrad), the dimension the product reduces over."""
+    check_layout(w_layout)
+    _tensor(name, rows, 2, f"[M, {width}]")
+    _tensor("w", w, 3, "[E, K, N] or [E, N, K]")
+    _floating(name, rows)
+    _same("w", w, name, rows)
+    experts, k, n = _weight(w, w_layout)
+    expected = k if width == "K" else n
+    if rows.shape[1] != expected:
+        raise GroupedGemmError(f"{name} has {width}={rows.shape[1]} columns but w {tuple(w.shape)} in layout "
+                               f"{w_layout!r} has {width}={expected}")
+    _offsets(offsets, experts, rows, f"w {tuple(w.shape)}")
+
+
 def check_forward(x, w, offsets, w_layout) -> None:
     """``out = x[rows of g] @ W[g]``: x [M, K], w [E, K, N] ("ekn") or [E, N, K] ("enk")."""
-    check_layout(w_layout)
-    _tensor("x", x, 2, "[M, K]")
-    _tensor("w", w, 3, "[E, K, N] or [E, N, K]")
-    _floating("x", x)
-    _same("w", w, "x", x)
-    experts, k, _ = _weight(w, w_layout)
-    if x.shape[1] != k:
-        raise GroupedGemmError(f"x has K={x.shape[1]} columns but w {tuple(w.shape)} in layout {w_layout!r} "
-                               f"has K={k}")
-    _offsets(offsets, experts, x, f"w {tuple(w.shape)}")
+    _check_product("x", x, w, offsets, w_layout, "K")
 
 
 def check_dgrad(dout, w, offsets, w_layout) -> None:
     """``dx = dout[rows of g] @ W[g].T``: dout [M, N]."""
-    check_layout(w_layout)
-    _tensor("dout", dout, 2, "[M, N]")
-    _tensor("w", w, 3, "[E, K, N] or [E, N, K]")
-    _floating("dout", dout)
-    _same("w", w, "dout", dout)
-    experts, _, n = _weight(w, w_layout)
-    if dout.shape[1] != n:
-        raise GroupedGemmError(f"dout has N={dout.shape[1]} columns but w {tuple(w.shape)} in layout {w_layout!r} "
-                               f"has N={n}")
-    _offsets(offsets, experts, dout, f"w {tuple(w.shape)}")
+    _check_product("dout", dout, w, offsets, w_layout, "N")
 
 
 def check_wgrad(x, dout, offsets, num_groups, w_layout) -> None:
