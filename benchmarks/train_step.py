@@ -1,35 +1,56 @@
 """One GPU, one training step: the eager model, ``torch.compile`` of it, and the shardgraph program.
 
-For each model, from the same seed and the same batch, time forward + backward + SGD update of:
+For each model, from the same seed and the same batch, time forward + backward + SGD update
+(plain SGD, lr 1e-3, no momentum) of:
 
-  eager               the model as written (for HF models, the expert implementation --hf-experts
-                      names: transformers' default, grouped_mm in 5.x, or its per-expert loop), ``loss.backward()``,
-                      ``torch.optim.SGD(foreach=True)``
-  torch_compile       the same with ``torch.compile(model)``
-  shardgraph          ``shardgraph.compile(model, MeshSpec(world=1))``: the joint graph with the MoE
-                      layers lowered to grouped GEMMs and fused attention, run as an fx GraphModule;
-                      SGD applied to the gradients it returns with one ``_foreach_add_``
-  shardgraph_compile  the same program's graph module under ``torch.compile`` (inductor fuses the
-                      elementwise ops around the grouped GEMM and attention ops, which stay opaque)
+  eager               the model as written, ``loss.backward()``, ``torch.optim.SGD(foreach=True)``,
+                      ``zero_grad(set_to_none=True)``; ``ours`` computes its experts with a per-expert
+                      loop, HF models with the implementation --hf-experts names (transformers' default,
+                      grouped_mm in 5.x: one ``torch._grouped_mm`` per projection; or its per-expert loop)
+  torch_compile       the same with ``torch.compile(model)`` in the forward (``--compile-mode``)
+  shardgraph          ``shardgraph.compile(model, MeshSpec(world=1))``: one fx graph of loss and every
+                      gradient, the MoE layers lowered to sort + grouped GEMMs + combine and attention
+                      to the fused SDPA op, run by ``program.step`` with a one-rank communicator; SGD
+                      applied to the gradients it returns with one ``torch._foreach_add_``
+  shardgraph_compile  the same program's graph module under ``torch.compile(dynamic=False)`` (inductor
+                      fuses the elementwise ops around the grouped GEMM and attention custom ops, which
+                      stay opaque: their fake kernels give dynamo the shapes). ``shardgraph_compiled``
+                      is accepted as another name for it
   shardgraph_cudagraph  the same under ``mode="reduce-overhead"``: the whole step replayed as one CUDA
                       graph, which the program allows because nothing in it reads a value on the host;
                       parameters are marked static, so the replay reads them where SGD updates them
   torch_compile_cudagraph  the model under ``torch.compile(mode="reduce-overhead")``, for comparison
 
-Models (``--models``): ``ours`` (examples/moe_model.py), ``mixtral`` (HF MixtralForCausalLM) and
-``qwen2_moe`` (HF Qwen2MoeForCausalLM, with a shared expert), all at Qwen3-30B-A3B's layer shape
-(hidden 2048, 32 query / 4 KV heads of 128, 128 experts, top-8, expert intermediate 768, vocab
-151936) with ``--layers`` layers, SDPA attention, bf16.
+The first four run by default (``--variants`` picks any). Models (``--models``), all at Qwen3-30B-A3B's
+layer shape (hidden 2048, 32 query / 4 KV heads of 128, 128 experts, top-8, expert intermediate 768,
+vocab 151936) with ``--layers`` layers, SDPA attention, bf16 parameters, built on the device:
 
-Reported per row: median / p10 / p90 step ms over ``--steps`` steps after ``--warmup``, tokens/s,
-speed-up over eager and over torch_compile, peak memory over the timed steps, the first step's loss
-and its relative difference from eager's, compile seconds (shardgraph.compile's wall time, or the
-first step of a torch.compile variant), and host-device syncs in one step
-(``torch.cuda.set_sync_debug_mode``). ``--profile`` adds a torch.profiler breakdown of the
-shardgraph step's GPU time (grouped GEMM, attention, dense GEMM, other kernels, idle).
+  ours        examples/moe_model.py ``MoETransformer``, config ``qwen3_30b_a3b`` (qk-norm, no shared expert)
+  mixtral     HF ``MixtralForCausalLM``
+  qwen2_moe   HF ``Qwen2MoeForCausalLM`` with a shared expert of 2048 behind its sigmoid gate
 
-    python benchmarks/train_step.py                              # one H100; writes benchmarks/results/train_step.json
-    python benchmarks/train_step.py --device cpu --tiny --dtype float32 --steps 2 --warmup 1 --check
+Reported per row: median / p10 / p90 step ms over ``--steps`` steps (CUDA events around each step,
+synchronised at its end) after ``--warmup`` steps, tokens/s (batch * seq / median), speed-up over
+eager and over torch_compile, peak memory over the timed steps (``max_memory_allocated``, and
+reserved, which shows a CUDA graph's pool; the parameters' bytes are their own column), the first
+step's loss and its relative difference from eager's (same weights and batch: ~1e-2 or better in
+bf16), ``compile_s`` (shardgraph.compile's wall time, plus the first step where torch.compile works),
+host-device syncs in one step (``torch.cuda.set_sync_debug_mode("warn")``) and dynamo's graph
+breaks. A variant that runs out of memory is recorded as ``oom``, one that fails otherwise with its
+error, and the others still run; the JSON is rewritten after every row.
+
+``--profile`` runs torch.profiler over 3 steps of ``--profile-variants`` (the shardgraph ones) and
+splits the GPU kernel time by class: grouped GEMM, attention, dense GEMM, optimizer update,
+elementwise/reduction (aten kernels and inductor's fused triton_poi/red/per kernels, whose names
+can mention grouped_mm or attention without being them), memcpy/memset, other; idle is the
+unprofiled median step minus the kernel time (the profiled step's wall time carries the profiler's
+own host overhead, so it is recorded but not used for idle). With the 25 longest kernels.
+``--check`` also runs one step of eager and of shardgraph from identical weights and compares the
+loss, every parameter after the SGD update, and the updates themselves.
+
+    python benchmarks/train_step.py --profile        # one H100, ~6 min: benchmarks/results/train_step.json
+    python benchmarks/train_step.py --device cpu --tiny --steps 2 --warmup 1
+    python benchmarks/train_step.py --device cpu --tiny --dtype float32 --check --compile-backend aot_eager
 """
 
 from __future__ import annotations
@@ -43,114 +64,187 @@ import os
 import statistics
 import sys
 import time
+import traceback
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
 
 import shardgraph as sg  # noqa: E402
 from examples.moe_model import CONFIGS, MoETransformer, lm_loss  # noqa: E402
 
+MODELS = ("ours", "mixtral", "qwen2_moe")
 VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph", "shardgraph", "shardgraph_compile",
             "shardgraph_cudagraph")
 DEFAULT_VARIANTS = ("eager", "torch_compile", "shardgraph", "shardgraph_compile")
+VARIANT_ALIASES = {"shardgraph_compiled": "shardgraph_compile"}
+MODEL_VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph")  # the rest run the program
 LEARNING_RATE = 1e-3
 
-QWEN3_LAYER = dict(vocab_size=151936, hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                   num_experts=128, top_k=8, moe_intermediate_size=768)
-TINY_LAYER = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  num_experts=8, top_k=2, moe_intermediate_size=32)
+# Qwen3-30B-A3B's layer; --tiny keeps the structure and shrinks every size (about 4e5 parameters
+# per model at one layer), so the whole script runs on a CPU in seconds.
+FULL_SHAPE = dict(vocab_size=151936, hidden_size=2048, num_heads=32, num_kv_heads=4, head_dim=128,
+                  num_experts=128, top_k=8, moe_intermediate_size=768, shared_expert_intermediate_size=2048)
+TINY_SHAPE = dict(vocab_size=512, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
+                  num_experts=8, top_k=2, moe_intermediate_size=64, shared_expert_intermediate_size=128)
+FULL_DEFAULTS = dict(layers=4, seq=4096, batch=2)
+TINY_DEFAULTS = dict(layers=2, seq=32, batch=2)
 
 
+# ---------------------------------------------------------------------------------- models
 def build(name: str, layers: int, tiny: bool, seed: int, hf_experts: str = "default"):
-    """``(model, loss_fn)`` built on the current default device.
+    """``(model, loss_fn)`` on the current default device, float32, weights from ``seed``.
 
     ``hf_experts`` picks HF transformers' expert implementation: ``"default"`` is what the
-    installed transformers chooses (5.x: ``"grouped_mm"``, one ``torch._grouped_mm`` per
-    projection), ``"eager"`` HF's per-expert loop."""
-    shape = TINY_LAYER if tiny else QWEN3_LAYER
-    torch.manual_seed(seed)
+    installed transformers chooses (5.x: ``"grouped_mm"``), ``"eager"`` HF's per-expert loop."""
+    shape = TINY_SHAPE if tiny else FULL_SHAPE
     if name == "ours":
-        base = CONFIGS["tiny_shared"] if tiny else CONFIGS["qwen3_30b_a3b"]
-        config = dataclasses.replace(base, vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
-                                     num_heads=shape["num_attention_heads"], num_kv_heads=shape["num_key_value_heads"],
-                                     head_dim=shape["head_dim"], num_experts=shape["num_experts"],
-                                     top_k=shape["top_k"], moe_intermediate_size=shape["moe_intermediate_size"],
-                                     num_layers=layers)
+        config = dataclasses.replace(CONFIGS["qwen3_30b_a3b"], num_layers=layers)
+        if tiny:
+            config = dataclasses.replace(
+                config, vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"], num_heads=shape["num_heads"],
+                num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"], num_experts=shape["num_experts"],
+                top_k=shape["top_k"], moe_intermediate_size=shape["moe_intermediate_size"])
+        torch.manual_seed(seed)
         return MoETransformer(config), lm_loss
+    if name not in MODELS:
+        raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    return build_hf(name, layers, shape, seed, hf_experts)
+
+
+def build_hf(family: str, layers: int, shape: dict, seed: int, hf_experts: str):
+    """examples/hf_models.py's ``build`` (it seeds, then builds from a config) at ``shape``."""
+    from examples.hf_models import build as hf_build
     from examples.hf_models import lm_loss as hf_loss
-    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-    common = dict(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"], num_hidden_layers=layers,
-                  num_attention_heads=shape["num_attention_heads"], num_key_value_heads=shape["num_key_value_heads"],
-                  head_dim=shape["head_dim"], num_experts_per_tok=shape["top_k"], attn_implementation="sdpa",
-                  use_cache=False)
+    overrides = dict(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"], num_hidden_layers=layers,
+                     num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
+                     head_dim=shape["head_dim"], num_experts_per_tok=shape["top_k"], use_cache=False)
     if hf_experts != "default":
-        common["experts_implementation"] = hf_experts
-    if name == "mixtral":
-        config = MixtralConfig(**common, intermediate_size=shape["moe_intermediate_size"],
-                               num_local_experts=shape["num_experts"])
-        return MixtralForCausalLM(config), hf_loss
-    if name == "qwen2_moe":
-        config = Qwen2MoeConfig(**common, intermediate_size=4 * shape["moe_intermediate_size"],
-                                moe_intermediate_size=shape["moe_intermediate_size"],
-                                shared_expert_intermediate_size=shape["hidden_size"],
-                                num_experts=shape["num_experts"])
-        return Qwen2MoeForCausalLM(config), hf_loss
-    raise SystemExit(f"unknown model {name!r}; choose from ours, mixtral, qwen2_moe")
+        overrides["experts_implementation"] = hf_experts
+    if family == "mixtral":
+        overrides.update(intermediate_size=shape["moe_intermediate_size"], num_local_experts=shape["num_experts"],
+                         sliding_window=None)
+    else:
+        # intermediate_size sizes dense MLP layers, which this model (every layer sparse) has none of.
+        overrides.update(intermediate_size=4 * shape["moe_intermediate_size"],
+                         moe_intermediate_size=shape["moe_intermediate_size"], num_experts=shape["num_experts"],
+                         shared_expert_intermediate_size=shape["shared_expert_intermediate_size"])
+    return hf_build(family, attn_implementation="sdpa", seed=seed, **overrides), hf_loss
 
 
+def row_name(name: str, hf_experts: str) -> str:
+    return name if name == "ours" else f"{name}/{hf_experts}"
+
+
+def experts_implementation(model) -> str:
+    """What the model's experts run: HF's resolved implementation, or ``loop`` (ours)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_experts_implementation", None) or "loop"
+
+
+# ---------------------------------------------------------------------------------- world=1 communicator
+class SingleRankCommunicator:
+    """The communicator of the only rank of ``MeshSpec(world=1)``: every collective is the identity.
+
+    Written here rather than taken from the runtime: ``Simulator(mesh).communicator(0)`` would be
+    correct but keeps every collective's tensors in its rendezvous table (cleared only by
+    ``Simulator.run``) and records bytes, and ``DistributedCommunicator`` needs an initialised
+    process group. The lowered world=1 graphs of the three models do not read their ``comm`` input
+    at all (``comm_users`` in each shardgraph row lists what does), so this only has to be right if
+    a later lowering starts calling it. Nothing in a functional graph writes into a collective's
+    result in place, so handing back the input itself is safe."""
+
+    def __init__(self, mesh):
+        self.mesh, self.rank = mesh, 0
+
+    def all_reduce(self, tensor, axis, op="sum", tag=""):
+        return tensor
+
+    def all_gather(self, tensor, axis, dim=0, tag=""):
+        return tensor
+
+    def reduce_scatter(self, tensor, axis, dim=0, op="sum", tag=""):
+        return tensor
+
+    def all_to_all(self, tensor, axis, input_splits, dim=0, tag=""):
+        return tensor
+
+    def broadcast(self, tensor, axis, source_index=0, tag=""):
+        return tensor
+
+    def group(self, axis):
+        return (0,)
+
+    def index(self, axis):
+        return 0
+
+
+def comm_users(program) -> list[str]:
+    """The nodes of the lowered graph that read its communicator (the first placeholder)."""
+    comm = next(n for n in program.graph_module.graph.nodes if n.op == "placeholder")
+    return [f"{node.name}: {getattr(node.target, '__qualname__', node.target)}" for node in comm.users]
+
+
+# ---------------------------------------------------------------------------------- variants
 class Runner:
     """One variant of one model: ``step()`` runs forward, backward and the SGD update."""
 
-    def __init__(self, variant: str, model, loss_fn, batch, compile_mode: str | None):
-        self.variant, self.model, self.loss_fn, self.batch = variant, model, loss_fn, batch
+    def __init__(self, variant: str, model, loss_fn, batch, compile_mode=None, compile_backend="inductor"):
+        self.variant, self.model, self.loss_fn, self.batch = variant, model, loss_fn, list(batch)
         self.compile_s = None
-        if variant in ("eager", "torch_compile", "torch_compile_cudagraph"):
+        self.comm_users: list[str] = []
+        if variant in MODEL_VARIANTS:
             self.optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, foreach=True)
             mode = "reduce-overhead" if variant == "torch_compile_cudagraph" else compile_mode
-            self.forward = model if variant == "eager" else torch.compile(model, mode=mode)
+            self.forward = model if variant == "eager" else torch.compile(model, mode=mode, backend=compile_backend)
             return
         started = time.perf_counter()
-        self.program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn)
+        self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn)
         self.compile_s = time.perf_counter() - started
-        self.graph = self.program.graph_module
-        # The program reads the parameters from these tensors and SGD updates them in place.
+        self.comm_users = comm_users(self.program)
+        self.comm = SingleRankCommunicator(self.program.mesh)
+        # The program reads the parameters from these tensors (they share the model's storage)
+        # and the SGD update writes into them.
         self.parameters = {name: p.detach() for name, p in model.named_parameters()}
+        self.buffers = dict(self.program.default_buffers)
+        self.trainable = [self.parameters[name] for name in self.program.gradient_names]
+        self.compiled = None
         if variant == "shardgraph_compile":
-            self.graph = torch.compile(self.graph, mode=compile_mode, dynamic=False)
-        if variant == "shardgraph_cudagraph":
+            self.compiled = torch.compile(self.program.graph_module, mode=compile_mode, backend=compile_backend,
+                                          dynamic=False)
+        elif variant == "shardgraph_cudagraph":
             # Static addresses: the graph replay reads the parameters in place instead of copying
             # every one into its own buffers before each replay.
-            for tensor in [*self.parameters.values(), *self.program.default_buffers.values()]:
+            for tensor in [*self.parameters.values(), *self.buffers.values()]:
                 torch._dynamo.mark_static_address(tensor)
-            self.graph = torch.compile(self.graph, mode="reduce-overhead", dynamic=False)
-        self.trainable = [self.parameters[name] for name in self.program.gradient_names]
-        self.buffers = [self.program.default_buffers[name] for name in self.program.buffer_names]
-        self.arguments = [self.parameters[name] for name in self.program.parameter_names] + self.buffers + list(batch)
-        used = [n for n in self.graph_module_nodes() if n.op == "placeholder" and n.name == "comm" and n.users]
-        if used:
-            raise SystemExit(f"the world=1 program uses its communicator ({list(used[0].users)[:3]}); "
-                             f"benchmarks/train_step.py runs without one")
-
-    def graph_module_nodes(self):
-        return self.program.graph_module.graph.nodes
+            self.compiled = torch.compile(self.program.graph_module, mode="reduce-overhead", backend=compile_backend,
+                                          dynamic=False)
+        program = self.program
+        self.arguments = ([self.parameters[n] for n in program.parameter_names]
+                          + [self.buffers[n] for n in program.buffer_names] + self.batch)
 
     def step(self) -> torch.Tensor:
-        if self.variant in ("eager", "torch_compile", "torch_compile_cudagraph"):
+        if self.variant in MODEL_VARIANTS:
             loss = self.loss_fn(self.forward(*self.batch), *self.batch)
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             return loss.detach()
-        loss, *gradients = self.graph(None, *self.arguments)
+        if self.compiled is None:
+            loss, gradients = self.program.step(self.comm, self.parameters, self.batch, self.buffers)
+            gradients = [gradients[name] for name in self.program.gradient_names]
+        else:
+            loss, *gradients = self.compiled(self.comm, *self.arguments)
         with torch.no_grad():
             torch._foreach_add_(self.trainable, gradients, alpha=-LEARNING_RATE)
         # A CUDA graph replay overwrites its outputs: keep the loss past the next step.
         return loss.detach().clone()
 
 
+# ---------------------------------------------------------------------------------- measuring
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -189,57 +283,115 @@ def count_syncs(runner, device) -> int | None:
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
+def graph_breaks() -> dict:
+    """Dynamo's graph breaks since the last ``counters.clear()``: how many, and the first reasons."""
+    from torch._dynamo.utils import counters
+
+    reasons = counters.get("graph_break", {})
+    return {"count": sum(reasons.values()), "reasons": [str(r)[:300] for r in list(reasons)[:5]]}
+
+
+# Checked in order; the first class with a key in the lower-cased kernel name wins. Inductor's
+# fused kernels come first: their names list the ops they fused, grouped_mm or attention included.
+# Grouped GEMMs: ours are the Triton kernels _grouped_product*/_grouped_wgrad* (on the CPU the
+# shardgraph::grouped_mm* ops), torch._grouped_mm's are CUTLASS kernels over a GroupProblemShape.
+# The aten:: keys only match CPU op names (profile_steps' CPU fallback).
 KERNEL_CLASSES = [
-    ("grouped GEMM", ("grouped_product", "grouped_wgrad", "grouped_mm")),
-    ("attention", ("flash", "fmha", "attention", "sdpa", "cutlass_mha")),
-    ("dense GEMM", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "matmul")),
+    ("dense GEMM", ("triton_tem_",)),
+    ("elementwise/reduction", ("triton_poi_", "triton_red_", "triton_per_")),
+    ("grouped GEMM", ("grouped", "groupproblemshape")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("dense GEMM", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("optimizer update", ("multi_tensor_apply", "_foreach_")),
+    ("memcpy/memset", ("memcpy", "memset", "aten::copy_")),
+    ("elementwise/reduction", ("at::native", "at_cuda_detail", "cub::", "elementwise", "reduce", "aten::")),
 ]
 
 
-def profile_step(runner, device, steps: int = 3) -> dict:
+def classify(name: str) -> str:
+    lowered = name.lower()
+    return next((label for label, keys in KERNEL_CLASSES if any(k in lowered for k in keys)), "other kernels")
+
+
+def profile_steps(runner, device, median_ms: float, steps: int = 3) -> dict:
+    """Kernel time per step by class, and idle time against the unprofiled median step.
+
+    On a GPU: every device event (kernels, memcpy, memset) on the one stream, so their sum is the
+    GPU's busy time. On the CPU (tests) the same breakdown of the aten / custom ops' self time, so
+    the path runs everywhere."""
     from torch.profiler import ProfilerActivity, profile
 
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     synchronize(device)
     started = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+    with profile(activities=activities) as profiler:
         for _ in range(steps):
             runner.step()
         synchronize(device)
-    wall_ms = (time.perf_counter() - started) * 1e3 / steps
-    totals, kernels = {}, {}
+    profiled_ms = (time.perf_counter() - started) * 1e3 / steps
+    by_class, kernels = {}, {}
     for event in profiler.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        name = event.name
-        duration = event.device_time_total / 1e3 / steps if hasattr(event, "device_time_total") else 0.0
-        kernels[name] = kernels.get(name, 0.0) + duration
-        lowered = name.lower()
-        category = next((label for label, keys in KERNEL_CLASSES if any(k in lowered for k in keys)), "other kernels")
-        totals[category] = totals.get(category, 0.0) + duration
-    busy = sum(totals.values())
-    totals["idle / launch gaps"] = max(wall_ms - busy, 0.0)
-    top = sorted(kernels.items(), key=lambda item: -item[1])[:25]
-    return {"step_wall_ms": wall_ms, "gpu_busy_ms": busy, "ms_by_class": totals,
-            "top_kernels_ms": [{"name": name[:120], "ms": ms} for name, ms in top]}
+        if on_gpu:
+            if event.device_type == torch.autograd.DeviceType.CPU:
+                continue
+            us = event.time_range.elapsed_us()
+        else:
+            if event.device_type != torch.autograd.DeviceType.CPU or "::" not in event.name:
+                continue
+            us = event.self_cpu_time_total
+        ms = us / 1e3 / steps
+        count, total = kernels.get(event.name, (0, 0.0))
+        kernels[event.name] = (count + 1, total + ms)
+        label = classify(event.name)
+        by_class[label] = by_class.get(label, 0.0) + ms
+    busy = sum(by_class.values())
+    by_class = dict(sorted(by_class.items(), key=lambda kv: -kv[1]))
+    by_class["idle / launch gaps"] = max(median_ms - busy, 0.0)
+    top = sorted(kernels.items(), key=lambda item: -item[1][1])[:25]
+    return {
+        "measures": "GPU kernels" if on_gpu else "CPU op self time", "profiled_steps": steps,
+        "step_ms": median_ms, "gpu_busy_ms": busy, "busy_fraction": busy / median_ms if median_ms else None,
+        "ms_by_class": by_class, "step_wall_ms": profiled_ms,
+        "top_kernels_ms": [{"name": name[:160], "ms": total, "calls_per_step": count / steps, "class": classify(name)}
+                           for name, (count, total) in top],
+    }
 
 
-def release(*objects):
-    del objects
+def release(device):
     gc.collect()
-    if torch.cuda.is_available():
+    torch._dynamo.reset()
+    if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def run_variant(name, variant, args, device, dtype, batch):
-    with torch.device(device):
-        model, loss_fn = build(name, args.layers, args.tiny, args.seed, args.hf_experts)
-    model = model.to(dtype)
-    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    row = {"model": name if name == "ours" else f"{name}/{args.hf_experts}", "variant": variant, "batch": args.batch, "seq": args.seq, "layers": args.layers,
-           "parameter_gib": parameter_bytes / 2**30}
-    runner = None
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA OOM, also where torch.compile wraps it (BackendCompilerFailed and the like)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower():
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def run_variant(name, variant, args, device, dtype, batch) -> dict:
+    started_variant = time.perf_counter()
+    row = {"model": row_name(name, args.hf_experts), "variant": variant, "batch": args.batch, "seq": args.seq,
+           "layers": args.layers, "dtype": args.dtype}
+    model = runner = None
     try:
-        runner = Runner(variant, model, loss_fn, batch, args.compile_mode)
+        with torch.device(device):
+            model, loss_fn = build(name, args.layers, args.tiny, args.seed, args.hf_experts)
+        model = model.to(dtype)
+        row["experts"] = experts_implementation(model)
+        row["parameters"] = sum(p.numel() for p in model.parameters())
+        row["parameter_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+        torch._dynamo.utils.counters.clear()  # graph breaks are counted per variant
+        runner = Runner(variant, model, loss_fn, batch, args.compile_mode, args.compile_backend)
+        if variant not in MODEL_VARIANTS:
+            row["comm_users"] = runner.comm_users
         synchronize(device)
         started = time.perf_counter()
         row["first_loss"] = runner.step().float().item()
@@ -247,10 +399,13 @@ def run_variant(name, variant, args, device, dtype, batch):
         first_step_s = time.perf_counter() - started
         # shardgraph.compile's own time, plus the first step where torch.compile works in it.
         uses_torch_compile = variant not in ("eager", "shardgraph")
-        row["compile_s"] = (runner.compile_s or 0.0) + (first_step_s if uses_torch_compile else 0.0) if (
-            uses_torch_compile or runner.compile_s is not None) else None
+        row["compile_s"] = ((runner.compile_s or 0.0) + (first_step_s if uses_torch_compile else 0.0)
+                            if uses_torch_compile or runner.compile_s is not None else None)
+        row["first_step_s"] = first_step_s
         for _ in range(max(args.warmup - 1, 0)):
             runner.step()
+        if uses_torch_compile:
+            row["graph_breaks"] = graph_breaks()
         row["host_syncs_per_step"] = count_syncs(runner, device)
         if device.type == "cuda":
             synchronize(device)
@@ -263,128 +418,230 @@ def run_variant(name, variant, args, device, dtype, batch):
             row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         ordered = sorted(times)
         row.update(median_ms=statistics.median(times), p10_ms=ordered[int(0.1 * (len(ordered) - 1))],
-                   p90_ms=ordered[int(math.ceil(0.9 * (len(ordered) - 1)))])
+                   p90_ms=ordered[int(math.ceil(0.9 * (len(ordered) - 1)))], steps_ms=times)
         row["tokens_per_s"] = args.batch * args.seq / (row["median_ms"] / 1e3)
-        if args.profile and variant.startswith("shardgraph"):
-            row["profile"] = profile_step(runner, device)
-    except torch.cuda.OutOfMemoryError as error:
-        row["error"] = f"out of memory: {str(error).splitlines()[0]}"
+        if args.profile and variant in args.profile_variants:
+            row["profile"] = profile_steps(runner, device, row["median_ms"])
     except Exception as error:  # a variant that cannot run is reported, the others still run
-        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:400]
-    release(runner, model)
+        if is_out_of_memory(error):
+            row["error"] = "oom"
+            row["error_detail"] = f"{type(error).__name__}: {error}"[:400]
+        else:
+            row["error"] = f"{type(error).__name__}: {error}"[:2000]
+            print(f"{name} {variant} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+    del runner, model
+    release(device)
+    row["wall_s"] = time.perf_counter() - started_variant
     return row
 
 
 def check_one_step(name, args, device, dtype, batch) -> dict:
-    """From identical weights, one step of eager and of the shardgraph program: loss and weights."""
-    results = {}
-    for variant in ("eager", "shardgraph"):
-        with torch.device(device):
-            model, loss_fn = build(name, args.layers, args.tiny, args.seed, args.hf_experts)
-        model = model.to(dtype)
-        runner = Runner(variant, model, loss_fn, batch, None)
-        loss = runner.step()
-        results[variant] = (loss.double(), {n: p.detach().double().clone() for n, p in model.named_parameters()})
-        release(runner, model)
-    (eager_loss, eager_weights), (ours_loss, ours_weights) = results["eager"], results["shardgraph"]
+    """From identical weights, one step of eager and of the shardgraph program: loss and weights.
+
+    ``weights_max_rel_err`` compares the parameters after the update; ``update_max_rel_err`` the
+    updates themselves (after - before: lr times the gradient), which a small learning rate does
+    not hide. Both are per-tensor relative Frobenius norms, maximised over the parameters."""
+    def weights(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def relative(a, b):
+        a, b = a.double(), b.double()
         return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
-    return {"model": name, "loss_rel_err": relative(ours_loss, eager_loss),
-            "weights_max_rel_err": max(relative(ours_weights[n], eager_weights[n]) for n in eager_weights)}
+    # Eager's weights before and after stay on the device (in the model's dtype) while the
+    # shardgraph copy steps, and are compared tensor by tensor.
+    with torch.device(device):
+        model, loss_fn = build(name, args.layers, args.tiny, args.seed, args.hf_experts)
+    model = model.to(dtype)
+    eager_before = weights(model)
+    runner = Runner("eager", model, loss_fn, batch)
+    eager_loss = runner.step().double().cpu()
+    eager_after = weights(model)
+    del runner, model
+    release(device)
+
+    with torch.device(device):
+        model, loss_fn = build(name, args.layers, args.tiny, args.seed, args.hf_experts)
+    model = model.to(dtype)
+    start = max(relative(p, eager_before[n]) for n, p in model.named_parameters())
+    runner = Runner("shardgraph", model, loss_fn, batch)
+    ours_loss = runner.step().double().cpu()
+    after = {n: p.detach() for n, p in model.named_parameters()}
+    weight_errors = {n: relative(after[n], eager_after[n]) for n in eager_after}
+    # Both started from eager_before (initial_weights_max_rel_err says whether exactly).
+    update_errors = {n: relative(after[n].double() - eager_before[n].double(),
+                                 eager_after[n].double() - eager_before[n].double()) for n in eager_after}
+    del runner, model, after, eager_before, eager_after
+    release(device)
+    worst_weight = max(weight_errors, key=weight_errors.get)
+    worst_update = max(update_errors, key=update_errors.get)
+    return {"model": row_name(name, args.hf_experts), "eager_loss": eager_loss.item(),
+            "shardgraph_loss": ours_loss.item(), "loss_rel_err": relative(ours_loss, eager_loss),
+            "initial_weights_max_rel_err": start, "weights_max_rel_err": weight_errors[worst_weight],
+            "worst_parameter": worst_weight, "update_max_rel_err": update_errors[worst_update],
+            "worst_update": worst_update, "parameters_compared": len(weight_errors)}
+
+
+# ---------------------------------------------------------------------------------- output
+def add_comparisons(rows):
+    """Speed-ups and the first loss's relative difference, against the same model's eager and torch_compile."""
+    def base(model, variant):
+        return next((r for r in rows if r["model"] == model and r["variant"] == variant and "median_ms" in r), None)
+
+    for row in rows:
+        if "median_ms" not in row:
+            continue
+        eager, compiled = base(row["model"], "eager"), base(row["model"], "torch_compile")
+        row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"] if eager else None
+        row["speedup_vs_torch_compile"] = compiled["median_ms"] / row["median_ms"] if compiled else None
+        row["first_loss_rel_diff_vs_eager"] = (abs(row["first_loss"] - eager["first_loss"]) / abs(eager["first_loss"])
+                                               if eager else None)
+
+
+def show(value, spec):
+    return format(value, spec) if value is not None else "-"
 
 
 def print_table(rows):
-    eager = {r["model"]: r for r in rows if r["variant"] == "eager" and "median_ms" in r}
-    compiled = {r["model"]: r for r in rows if r["variant"] == "torch_compile" and "median_ms" in r}
-    print(f"{'model':10} {'variant':19} {'ms':>9} {'tok/s':>9} {'x eager':>8} {'x t.c':>7} {'peak GiB':>8} "
-          f"{'syncs':>5} {'compile s':>9} {'loss':>9} {'loss vs eager':>13}")
+    print(f"{'model':17} {'experts':10} {'variant':23} {'batch':>5} {'seq':>5} {'median ms':>9} {'p10':>8} "
+          f"{'p90':>8} {'tokens/s':>9} {'x eager':>7} {'x t.c':>6} {'peak GiB':>8} {'par GiB':>7} {'syncs':>5} "
+          f"{'breaks':>6} {'compile s':>9} {'loss':>8} {'loss rel':>8}")
     for row in rows:
+        head = (f"{row['model']:17} {row.get('experts', '-'):10} {row['variant']:23} {row['batch']:5d} "
+                f"{row['seq']:5d}")
         if "median_ms" not in row:
-            print(f"{row['model']:10} {row['variant']:19} {row.get('error', 'did not run')}")
+            print(f"{head} {row.get('error', 'did not run')[:200]}")
             continue
-        base, other = eager.get(row["model"]), compiled.get(row["model"])
-        row["speedup_vs_eager"] = base["median_ms"] / row["median_ms"] if base else None
-        row["speedup_vs_torch_compile"] = other["median_ms"] / row["median_ms"] if other else None
-        if base:
-            row["first_loss_rel_diff_vs_eager"] = abs(row["first_loss"] - base["first_loss"]) / abs(base["first_loss"])
-
-        def show(value, spec):
-            return format(value, spec) if value is not None else "-"
-
-        print(f"{row['model']:10} {row['variant']:19} {row['median_ms']:9.2f} {row['tokens_per_s']:9.0f} "
-              f"{show(row['speedup_vs_eager'], '8.2f')} {show(row['speedup_vs_torch_compile'], '7.2f')} "
-              f"{show(row.get('peak_gib'), '8.2f')} {show(row.get('host_syncs_per_step'), '5d')} "
-              f"{show(row.get('compile_s'), '9.1f')} {row['first_loss']:9.4f} "
-              f"{show(row.get('first_loss_rel_diff_vs_eager'), '13.2e')}")
+        breaks = row["graph_breaks"]["count"] if "graph_breaks" in row else None
+        print(f"{head} {row['median_ms']:9.2f} {row['p10_ms']:8.2f} {row['p90_ms']:8.2f} {row['tokens_per_s']:9.0f} "
+              f"{show(row['speedup_vs_eager'], '7.2f')} {show(row['speedup_vs_torch_compile'], '6.2f')} "
+              f"{show(row.get('peak_gib'), '8.2f')} {row['parameter_gib']:7.2f} "
+              f"{show(row.get('host_syncs_per_step'), '5d')} {show(breaks, '6d')} "
+              f"{show(row.get('compile_s'), '9.1f')} {row['first_loss']:8.4f} "
+              f"{show(row.get('first_loss_rel_diff_vs_eager'), '8.1e')}")
     for row in rows:
-        if "profile" in row:
-            profile = row["profile"]
-            parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(profile["ms_by_class"].items(), key=lambda kv: -kv[1]))
-            print(f"profile {row['model']} {row['variant']}: wall {profile['step_wall_ms']:.1f} ms/step, "
-                  f"GPU busy {profile['gpu_busy_ms']:.1f}: {parts}")
-            for kernel in profile["top_kernels_ms"][:10]:
-                print(f"    {kernel['ms']:8.2f} ms  {kernel['name']}")
+        if "profile" not in row:
+            continue
+        profile = row["profile"]
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in profile["ms_by_class"].items())
+        print(f"\nprofile {row['model']} {row['variant']} ({profile['measures']}, ms per step): step "
+              f"{profile['step_ms']:.1f}, busy {profile['gpu_busy_ms']:.1f} ({show(profile['busy_fraction'], '.0%')}); "
+              f"{parts}")
+        for kernel in profile["top_kernels_ms"]:
+            print(f"  {kernel['ms']:8.3f} ms {kernel['calls_per_step']:6.0f}x  {kernel['class'][:16]:16}  "
+                  f"{kernel['name'][:110]}")
 
 
-def main(argv=None) -> dict:
+def versions() -> dict:
+    out = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    for module in ("triton", "transformers"):
+        try:
+            out[module] = __import__(module).__version__
+        except ImportError:
+            out[module] = None
+    return out
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="ours,mixtral,qwen2_moe")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"any of {', '.join(VARIANTS)}")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    for key in ("layers", "batch", "seq"):
+        parser.add_argument(f"--{key}", type=int, default=None,
+                            help=f"default {FULL_DEFAULTS[key]} ({TINY_DEFAULTS[key]} with --tiny)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="steps before timing (the first one compiles)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--tiny", action="store_true", help="a few hundred thousand parameters per model (CPU tests)")
+    parser.add_argument("--tiny", action="store_true", help="every model shrunk to ~4e5 parameters (CPU runs, tests)")
     parser.add_argument("--hf-experts", default="default", choices=["default", "eager", "grouped_mm", "batched_mm"],
                         help="HF models' expert implementation (default: what transformers picks)")
-    parser.add_argument("--compile-mode", default=None, help="torch.compile mode for the *compile variants")
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode of torch_compile and shardgraph_compile, e.g. "
+                             "max-autotune-no-cudagraphs")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (aot_eager: quick CPU tests)")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler kernel breakdown of --profile-variants")
+    parser.add_argument("--profile-variants", default="shardgraph,shardgraph_compile,shardgraph_cudagraph")
     parser.add_argument("--check", action="store_true", help="also compare one SGD step of shardgraph with eager")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "train_step.json"))
     args = parser.parse_args(argv)
+    defaults = TINY_DEFAULTS if args.tiny else FULL_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    def names(text):
+        return [VARIANT_ALIASES.get(v, v) for v in text.split(",") if v]
+
+    args.models = [m for m in args.models.split(",") if m]
+    args.variants, args.profile_variants = names(args.variants), names(args.profile_variants)
+    for kind, chosen, known in (("models", args.models, MODELS), ("variants", args.variants, VARIANTS),
+                                ("profile variants", args.profile_variants, VARIANTS)):
+        unknown = sorted(set(chosen) - set(known))
+        if unknown:
+            parser.error(f"unknown {kind} {unknown}; choose from {', '.join(known)}")
+    if args.seq < 2:
+        parser.error("--seq must be at least 2 (the loss predicts the next token)")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --device cpu (with --tiny)")
     dtype = getattr(torch, args.dtype)
-    models = [m for m in args.models.split(",") if m]
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    vocab = (TINY_LAYER if args.tiny else QWEN3_LAYER)["vocab_size"]
-    generator = torch.Generator().manual_seed(args.seed)
-    batch = (torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device),)
-
+    vocab = (TINY_SHAPE if args.tiny else FULL_SHAPE)["vocab_size"]
+    batch = (torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
+             .to(device),)
+    started = time.perf_counter()
     rows, checks = [], []
-    for name in models:
-        if args.check:
-            checks.append(check_one_step(name, args, device, dtype, batch))
-            print(f"check {name}: one SGD step of shardgraph vs eager: loss rel err {checks[-1]['loss_rel_err']:.2e}, "
-                  f"weights max rel err {checks[-1]['weights_max_rel_err']:.2e}", flush=True)
-        for variant in variants:
-            rows.append(run_variant(name, variant, args, device, dtype, batch))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "profile"}), flush=True)
-    print_table(rows)
-    import triton
-    import transformers
-
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-        "dtype": args.dtype, "layers": args.layers, "batch": args.batch, "seq": args.seq, "steps": args.steps,
-        "warmup": args.warmup, "tiny": args.tiny, "hf_experts": args.hf_experts, "rows": rows, "checks": checks,
+        **versions(),
+        "dtype": args.dtype, "layers": args.layers, "batch": args.batch, "seq": args.seq,
+        "tokens_per_step": args.batch * args.seq, "steps": args.steps, "warmup": args.warmup, "tiny": args.tiny,
+        "seed": args.seed, "hf_experts": args.hf_experts, "compile_mode": args.compile_mode,
+        "compile_backend": args.compile_backend, "learning_rate": LEARNING_RATE,
+        "shape": TINY_SHAPE if args.tiny else FULL_SHAPE, "complete": False, "total_wall_s": 0.0,
+        "rows": rows, "checks": checks,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=1)
-    print(f"wrote {args.out}")
+
+    def save():
+        # After every row, so a run stopped part-way still leaves what it measured.
+        result["total_wall_s"] = time.perf_counter() - started
+        add_comparisons(rows)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as handle:
+            json.dump(result, handle, indent=1)
+
+    for name in args.models:
+        if args.check:
+            try:
+                check = check_one_step(name, args, device, dtype, batch)
+                print(f"check {check['model']}: one SGD step of shardgraph vs eager from identical weights: loss "
+                      f"rel err {check['loss_rel_err']:.2e}, parameters after the update max rel err "
+                      f"{check['weights_max_rel_err']:.2e} ({check['worst_parameter']}), the updates max rel err "
+                      f"{check['update_max_rel_err']:.2e} ({check['worst_update']})", flush=True)
+            except Exception as error:  # out of memory included: the timed variants still run
+                check = {"model": row_name(name, args.hf_experts),
+                         "error": "oom" if is_out_of_memory(error) else f"{type(error).__name__}: {error}"[:2000]}
+                print(f"check {name} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+                release(device)
+            checks.append(check)
+            save()
+        for variant in args.variants:
+            rows.append(run_variant(name, variant, args, device, dtype, batch))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("profile", "steps_ms")}), flush=True)
+            save()
+    result["complete"] = True
+    save()
+    print()
+    print_table(rows)
+    print(f"\nwrote {args.out} ({result['total_wall_s']:.0f} s)")
     return result
 
 
