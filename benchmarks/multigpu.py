@@ -9,6 +9,9 @@ Launch with torchrun, one process per GPU::
    compares the loss and the rebuilt gradients with the unsharded model run on its own GPU.
 2. Throughput (bf16, Qwen3-30B-A3B-shaped layers, ``--layers`` of them): median step time over
    ``--steps`` steps after warm-up, tokens per second. Writes JSON under benchmarks/results/.
+3. The same two for the hand-written baseline (``benchmarks/titan_baseline.py``: DTensor
+   ``parallelize_module`` for TP, an all-to-all EP in which every TP lane dispatches its
+   duplicated tokens, gradient sync by hand), and the ratio of tokens per second.
 
 With one GPU (``--nproc-per-node 1``, ``--mesh world=1``) it exercises the NCCL code path end to
 end on a single device.
@@ -24,6 +27,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -53,6 +57,55 @@ def parity(mesh: sg.MeshSpec, rank: int, device: torch.device) -> dict:
         expected = reference_gradients[name].cpu()
         worst = max(worst, ((rebuilt - expected).norm() / expected.norm()).item())
     return {"loss_rel_err": abs(loss.item() - reference.item()) / abs(reference.item()), "grad_rel_err": worst}
+
+
+def _dp_rows(mesh: sg.MeshSpec, rank: int, batch: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of the global batch in the baseline: split over dp, replicated over tp."""
+    rows = batch.shape[0] // mesh.dp
+    return batch[mesh.index("dp", rank) * rows:(mesh.index("dp", rank) + 1) * rows]
+
+
+def baseline_parity(mesh: sg.MeshSpec, rank: int, device: torch.device) -> dict:
+    """The hand-written baseline's gradients against the unsharded model (its own check)."""
+    from titan_baseline import full_gradients, parallelize
+
+    torch.manual_seed(0)
+    model, inputs, loss_fn = shardgraph_entry("tiny_shared", batch_size=8, seq_len=8, device=str(device))
+    reference = loss_fn(model(*inputs), *inputs)
+    names = [n for n, _ in model.named_parameters()]
+    expected = dict(zip(names, torch.autograd.grad(reference, list(model.parameters()))))
+    sync = parallelize(model, mesh, device)
+    ids = _dp_rows(mesh, rank, inputs[0])
+    loss = loss_fn(model(ids), ids)
+    loss.backward()
+    sync()
+    got = full_gradients(model, mesh)
+    worst = max(((got[n] - expected[n]).norm() / expected[n].norm()).item() for n in names)
+    return {"grad_rel_err": worst}
+
+
+def baseline_throughput(mesh: sg.MeshSpec, rank: int, device: torch.device, config: str, layers: int, batch: int,
+                        seq: int, steps: int, dtype: torch.dtype) -> dict:
+    from titan_baseline import parallelize
+
+    torch.manual_seed(0)
+    model, inputs, loss_fn = shardgraph_entry(config, device=str(device), batch_size=batch, seq_len=seq,
+                                              num_layers=layers)
+    model = model.to(dtype)
+    sync = parallelize(model, mesh, device)
+    ids = _dp_rows(mesh, rank, inputs[0])
+    times = []
+    for step in range(steps + 3):
+        _synchronize(device)
+        begin = time.perf_counter()
+        loss_fn(model(ids), ids).backward()
+        sync()
+        model.zero_grad(set_to_none=True)
+        _synchronize(device)
+        if step >= 3:
+            times.append(time.perf_counter() - begin)
+    median = statistics.median(times)
+    return {"median_step_s": median, "tokens_per_s": batch * seq / median}
 
 
 def _synchronize(device: torch.device) -> None:
@@ -98,6 +151,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the hand-written DTensor TP + duplicated-dispatch EP baseline")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "multigpu.json"))
     args = parser.parse_args()
     init_from_environment(args.backend)
@@ -109,6 +164,12 @@ def main() -> None:
     result["parity"] = parity(mesh, rank, device)
     result["throughput"] = throughput(mesh, rank, device, args.config, args.layers, args.batch, args.seq, args.steps,
                                       getattr(torch, args.dtype))
+    if not args.no_baseline:
+        result["baseline_parity"] = baseline_parity(mesh, rank, device)
+        result["baseline_throughput"] = baseline_throughput(mesh, rank, device, args.config, args.layers, args.batch,
+                                                            args.seq, args.steps, getattr(torch, args.dtype))
+        result["tokens_per_s_over_baseline"] = (result["throughput"]["tokens_per_s"]
+                                                / result["baseline_throughput"]["tokens_per_s"])
     if rank == 0:
         print(json.dumps(result, indent=1))
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
