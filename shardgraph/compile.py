@@ -6,6 +6,7 @@
     lowered = lower_redistribute(placed, mesh)                # collectives, gradient sync
     lowered = lower_localize(lowered, mesh)                   # shape arguments to local sizes
     lowered = lower_moe(lowered, mesh)                        # expert dispatch + grouped GEMMs
+    lowered = bucket_gradient_sync(lowered)                   # one all-reduce per gradient bucket
     return ShardedProgram(traced, placed, lowered, mesh)
 """
 
@@ -55,6 +56,7 @@ def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None
     """The passes after tracing, for a graph traced already (``shardgraph.frontend.trace``)."""
     # Imported here: the passes import shardgraph's mesh and placement modules, so importing
     # them while shardgraph itself loads would be circular.
+    from passes.bucket_gradient_sync import bucket_gradient_sync
     from passes.decompose_loss import decompose_loss
     from passes.lower_localize import lower_localize
     from passes.lower_moe import lower_moe
@@ -70,6 +72,7 @@ def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None
     lowered = lower_redistribute(lowered, mesh)
     lowered = lower_localize(lowered, mesh)
     lowered = lower_moe(lowered, mesh)
+    lowered = bucket_gradient_sync(lowered)
     return ShardedProgram(traced, placed, lowered, mesh)
 
 

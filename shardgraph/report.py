@@ -142,6 +142,8 @@ def _collective_rows(program) -> list[dict]:
             "group_size": info["group_size"],
             "bytes_per_rank": float(info["bytes"]),
             "of": info.get("of"),
+            # a gradient bucket reduces several values at once: their names
+            "members": list(info.get("members", [info.get("of")])),
             "purpose": purpose,
             "family": family,
             "layer": _layer(node),

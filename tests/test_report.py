@@ -50,8 +50,8 @@ def test_report_json_schema_is_stable():
     assert report["schema_version"] == 1
     assert set(report["values"][0]) == {"name", "op", "layer", "phase", "global_shape", "dtype", "view", "placement",
                                         "local_shape", "bytes_per_rank", "reason"}
-    assert set(report["collectives"][0]) == {"name", "kind", "axis", "group_size", "bytes_per_rank", "of", "purpose",
-                                             "family", "layer", "data_dependent"}
+    assert set(report["collectives"][0]) == {"name", "kind", "axis", "group_size", "bytes_per_rank", "of", "members",
+                                             "purpose", "family", "layer", "data_dependent"}
     assert {"communication_bytes_per_rank_by_axis", "parameter_bytes_per_rank", "gradient_bytes_per_rank",
             "peak_activation_bytes_per_rank"} <= set(report["totals"])
     text = program.report()
