@@ -46,10 +46,6 @@ def is_moe_backward(node: Node) -> bool:
     return node.op == "call_function" and _name(node.target).startswith("shardgraph.moe_experts_backward.")
 
 
-def _rows(tensor: torch.Tensor) -> int:
-    return int(tensor.shape[0])
-
-
 class _Emitter:
     def __init__(self, graph, before: Node, layer: str):
         self.graph, self.before, self.layer = graph, before, layer
@@ -108,13 +104,13 @@ def lower_moe(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
                 sizes = emit.call(moe_steps.split_sizes, tokens_per_expert, received_counts)
                 send_sizes, receive_sizes = emit.item(sizes, 0), emit.item(sizes, 1)
                 received = emit.call(collectives.all_to_all, comm, copies, "ep", send_sizes,
+                                     output_splits=receive_sizes,
                                      collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
                                                  "bytes": dispatch_estimate, "of": node.name, "purpose": "dispatch"})
                 counts = received_counts
                 if etp > 1:
-                    rows = emit.call(_rows, received)
-                    etp_row_sizes = emit.call(moe_steps.etp_sizes, comm, rows, "etp")
-                    received = emit.call(moe_steps.etp_gather, comm, received, "etp",
+                    etp_row_sizes = emit.call(moe_steps.etp_sizes, comm, received, "etp")
+                    received = emit.call(moe_steps.etp_gather, comm, received, "etp", sizes=etp_row_sizes,
                                          collective={"kind": "all_gather", "axis": "etp", "group_size": etp,
                                                      "bytes": dispatch_estimate / max(ep - 1, 1) * (etp - 1),
                                                      "of": node.name, "purpose": "expert tokens to every etp rank"})
@@ -133,6 +129,7 @@ def lower_moe(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
                                                        "bytes": 2 * dispatch_estimate * (etp - 1) / etp,
                                                        "of": node.name, "purpose": "down-projection partial sums"})
                 returned = emit.call(collectives.all_to_all, comm, expert_out, "ep", receive_sizes,
+                                     output_splits=send_sizes,
                                      collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
                                                  "bytes": dispatch_estimate, "of": node.name, "purpose": "return"})
             out = emit.call(moe_steps.combine, returned, order, topk_weights)
@@ -158,11 +155,13 @@ def lower_moe(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
                 grad_grouped = grad_copies  # already in expert order: nothing was dispatched
             else:
                 grad_received = emit.call(collectives.all_to_all, comm, grad_copies, "ep", forward["send"],
+                                          output_splits=forward["receive"],
                                           collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
                                                       "bytes": forward["estimate"], "of": node.name,
                                                       "purpose": "dispatch of output gradients"})
                 if etp > 1:
                     grad_received = emit.call(moe_steps.etp_gather, comm, grad_received, "etp",
+                                              sizes=forward["etp_sizes"],
                                               collective={"kind": "all_gather", "axis": "etp", "group_size": etp,
                                                           "bytes": forward["estimate"] / max(ep - 1, 1) * (etp - 1),
                                                           "of": node.name,
@@ -185,6 +184,7 @@ def lower_moe(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
                                                         "bytes": 2 * forward["estimate"] * (etp - 1) / etp,
                                                         "of": node.name, "purpose": "token-gradient partial sums"})
                 grad_tokens = emit.call(collectives.all_to_all, comm, grad_tokens, "ep", forward["receive"],
+                                        output_splits=forward["send"],
                                         collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
                                                     "bytes": forward["estimate"], "of": node.name,
                                                     "purpose": "return of token gradients"})

@@ -58,8 +58,8 @@ def all_reduce(comm, tensor: torch.Tensor, axis, op: str) -> torch.Tensor:
     return comm.all_reduce(tensor.contiguous(), axis, op=op)
 
 
-def all_to_all(comm, tensor: torch.Tensor, axis, input_splits, dim: int = 0) -> torch.Tensor:
-    return comm.all_to_all(tensor.contiguous(), axis, input_splits, dim=dim)
+def all_to_all(comm, tensor: torch.Tensor, axis, input_splits, dim: int = 0, output_splits=None) -> torch.Tensor:
+    return comm.all_to_all(tensor.contiguous(), axis, input_splits, dim=dim, output_splits=output_splits)
 
 
 def local_slice(comm, tensor: torch.Tensor, axis, dim: int) -> torch.Tensor:

@@ -74,19 +74,23 @@ class DistributedCommunicator:
         out = funcol.wait_tensor(funcol.all_reduce(tensor.contiguous(), reduce_op, group))
         return out / len(members) if op == "avg" else out
 
-    def all_gather(self, tensor: torch.Tensor, axis: AxisName, dim: int = 0, tag: str = "") -> torch.Tensor:
+    def all_gather(self, tensor: torch.Tensor, axis: AxisName, dim: int = 0, sizes: Sequence[int] | None = None,
+                   tag: str = "") -> torch.Tensor:
+        """Pieces concatenated in group order. ``sizes`` gives every member's length along ``dim``
+        where they differ (expert token counts); without it the pieces are equal, as every shard of
+        a placement is, and nothing is read on the host."""
         from torch.distributed import _functional_collectives as funcol
 
         members, group = self._process_group(axis)
         if group is None:
             return tensor.clone()
         dim = dim % max(tensor.dim(), 1)
-        # Pieces may differ in length along ``dim`` (expert token counts): exchange the lengths,
-        # pad to the longest, gather, and cut the padding off again.
-        length = torch.tensor([tensor.shape[dim]], dtype=torch.long, device=tensor.device)
-        lengths = funcol.wait_tensor(funcol.all_gather_tensor(length, 0, group)).tolist()
-        longest = max(lengths)
         moved = tensor.movedim(dim, 0).contiguous()
+        if sizes is None:
+            return funcol.wait_tensor(funcol.all_gather_tensor(moved, 0, group)).movedim(0, dim).contiguous()
+        # Pad to the longest piece, gather, and cut the padding off again.
+        lengths = [int(s) for s in sizes]
+        longest = max(lengths)
         if moved.shape[0] < longest:
             pad = moved.new_zeros((longest - moved.shape[0],) + tuple(moved.shape[1:]))
             moved = torch.cat([moved, pad])
@@ -112,7 +116,10 @@ class DistributedCommunicator:
         out = out / n if op == "avg" else out
         return out.movedim(0, dim).contiguous()
 
-    def all_to_all(self, tensor: torch.Tensor, axis: AxisName, input_splits: Sequence[int], dim: int = 0, tag: str = "") -> torch.Tensor:
+    def all_to_all(self, tensor: torch.Tensor, axis: AxisName, input_splits: Sequence[int], dim: int = 0,
+                   output_splits: Sequence[int] | None = None, tag: str = "") -> torch.Tensor:
+        """Rows ``input_splits[i]`` go to member ``i``. Without ``output_splits`` the receive sizes
+        are exchanged first (one more small all-to-all and a host read)."""
         from torch.distributed import _functional_collectives as funcol
 
         members, group = self._process_group(axis)
@@ -120,10 +127,12 @@ class DistributedCommunicator:
             return tensor.clone()
         input_splits = [int(s) for s in input_splits]
         moved = tensor.movedim(dim, 0).contiguous()
-        counts = torch.tensor(input_splits, dtype=torch.long, device=tensor.device)
-        output_splits = funcol.wait_tensor(
-            funcol.all_to_all_single(counts, [1] * len(members), [1] * len(members), group)
-        ).tolist()
+        if output_splits is None:
+            counts = torch.tensor(input_splits, dtype=torch.long, device=tensor.device)
+            output_splits = funcol.wait_tensor(
+                funcol.all_to_all_single(counts, [1] * len(members), [1] * len(members), group)
+            ).tolist()
+        output_splits = [int(s) for s in output_splits]
         out = funcol.wait_tensor(funcol.all_to_all_single(moved, output_splits, input_splits, group))
         return out.movedim(0, dim).contiguous()
 

@@ -105,15 +105,20 @@ def gather_copies(hidden: torch.Tensor, order: torch.Tensor, top_k: int) -> torc
     return hidden.index_select(0, order // top_k)
 
 
-def etp_sizes(comm, own_rows: int, etp_axis):
-    """Rows each etp rank of the group holds (an all-gather of one number)."""
-    sizes = comm.all_gather(torch.tensor([own_rows], dtype=torch.long), etp_axis, dim=0)
+def etp_sizes(comm, rows, etp_axis):
+    """Rows each etp rank of the group holds (an all-gather of one number). ``rows``: this rank's
+    row count, or the tensor whose rows are counted (the count then travels on its device, as a
+    GPU communicator needs)."""
+    device = rows.device if isinstance(rows, torch.Tensor) else "cpu"
+    own = rows.shape[0] if isinstance(rows, torch.Tensor) else int(rows)
+    sizes = comm.all_gather(torch.tensor([own], dtype=torch.long, device=device), etp_axis, dim=0)
     return sizes.tolist()
 
 
-def etp_gather(comm, tensor: torch.Tensor, etp_axis) -> torch.Tensor:
-    """Concatenate the etp group's tensors in group order (unequal row counts allowed)."""
-    return comm.all_gather(tensor.contiguous(), etp_axis, dim=0)
+def etp_gather(comm, tensor: torch.Tensor, etp_axis, sizes=None) -> torch.Tensor:
+    """Concatenate the etp group's tensors in group order; ``sizes`` (from ``etp_sizes``) where
+    the row counts differ."""
+    return comm.all_gather(tensor.contiguous(), etp_axis, dim=0, sizes=sizes)
 
 
 def etp_reduce_own(comm, tensor: torch.Tensor, etp_axis, sizes) -> torch.Tensor:

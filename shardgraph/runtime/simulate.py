@@ -460,8 +460,19 @@ class RankCommunicator:
     def all_reduce(self, tensor: torch.Tensor, axis: AxisName, op: str = "sum", tag: str = "") -> torch.Tensor:
         return self.simulator._rendezvous(self.rank, "all_reduce", axis, tensor, {"op": op}, tag)
 
-    def all_gather(self, tensor: torch.Tensor, axis: AxisName, dim: int = 0, tag: str = "") -> torch.Tensor:
-        return self.simulator._rendezvous(self.rank, "all_gather", axis, tensor, {"dim": dim}, tag)
+    def all_gather(self, tensor: torch.Tensor, axis: AxisName, dim: int = 0, sizes: Sequence[int] | None = None,
+                   tag: str = "") -> torch.Tensor:
+        """``sizes``: every member's length along ``dim`` where they differ (a real communicator
+        needs them to size its buffers); without them the pieces must all be this rank's length."""
+        out = self.simulator._rendezvous(self.rank, "all_gather", axis, tensor, {"dim": dim}, tag)
+        dim_ = dim % max(tensor.dim(), 1)
+        expected = sum(int(s) for s in sizes) if sizes is not None else tensor.shape[dim_] * self.mesh.size(axis)
+        if out.shape[dim_] != expected:
+            raise CollectiveError(
+                f"all_gather over {axis} on rank {self.rank}: the pieces are {out.shape[dim_]} long in all, not "
+                f"{expected}; " + ("the sizes passed are wrong" if sizes is not None else
+                                   "pieces of different lengths need sizes=[...]"))
+        return out
 
     def reduce_scatter(
         self, tensor: torch.Tensor, axis: AxisName, dim: int = 0, op: str = "sum", tag: str = ""
@@ -471,12 +482,20 @@ class RankCommunicator:
         return self.simulator._rendezvous(self.rank, "reduce_scatter", axis, tensor, {"dim": dim, "op": op}, tag)
 
     def all_to_all(
-        self, tensor: torch.Tensor, axis: AxisName, input_splits: Sequence[int], dim: int = 0, tag: str = ""
+        self, tensor: torch.Tensor, axis: AxisName, input_splits: Sequence[int], dim: int = 0,
+        output_splits: Sequence[int] | None = None, tag: str = ""
     ) -> torch.Tensor:
+        """``output_splits``: rows to receive from each member, where the caller knows them (a real
+        communicator otherwise exchanges them first)."""
         splits = [int(s) for s in input_splits]
-        return self.simulator._rendezvous(
+        out = self.simulator._rendezvous(
             self.rank, "all_to_all", axis, tensor, {"dim": dim, "input_splits": splits}, tag
         )
+        if output_splits is not None and out.shape[dim] != sum(int(s) for s in output_splits):
+            raise CollectiveError(
+                f"all_to_all over {axis} on rank {self.rank}: received {out.shape[dim]} rows, but output_splits "
+                f"{[int(s) for s in output_splits]} say {sum(int(s) for s in output_splits)}")
+        return out
 
     def broadcast(self, tensor: torch.Tensor, axis: AxisName, source_index: int = 0, tag: str = "") -> torch.Tensor:
         return self.simulator._rendezvous(

@@ -19,14 +19,19 @@ def inputs(rank):
 
 def program(comm, rank):
     dense, rows, splits = inputs(rank)
+    # Unequal pieces travel with their lengths; receive sizes may be given or exchanged.
+    row_counts = [inputs(member)[1].shape[0] for member in MESH.group_of("tp", rank)]
+    ep_group = MESH.group_of("ep", rank)
+    receive = [inputs(member)[2][ep_group.index(rank)] for member in ep_group]
     return [
         comm.all_reduce(dense, "tp"),
         comm.all_reduce(dense, "dp", op="avg"),
         comm.all_gather(dense, "ep", dim=1),
-        comm.all_gather(rows, "tp", dim=0),  # unequal lengths
+        comm.all_gather(rows, "tp", dim=0, sizes=row_counts),
         comm.reduce_scatter(dense, "tp", dim=0),
         comm.reduce_scatter(dense, ("dp", "tp"), dim=0, op="avg"),
         comm.all_to_all(rows, "ep", splits),
+        comm.all_to_all(rows, "ep", splits, output_splits=receive),
     ]
 
 

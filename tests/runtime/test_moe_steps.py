@@ -62,7 +62,7 @@ def rank_step(comm, hidden, ids, weights, w_gate_up, w_down, grad_out, num_exper
     sizes = None
     if mesh.etp > 1:
         sizes = steps.etp_sizes(comm, received.shape[0], "etp")
-        received = steps.etp_gather(comm, received, "etp")
+        received = steps.etp_gather(comm, received, "etp", sizes)
         counts = steps.etp_gather(comm, received_counts, "etp")
     grouped, permutation, offsets = steps.group_by_local_expert(received, counts)
     gate_up = loop_grouped_mm(grouped, w_gate_up, offsets)
@@ -76,7 +76,7 @@ def rank_step(comm, hidden, ids, weights, w_gate_up, w_down, grad_out, num_exper
     grad_copies, grad_weights = steps.combine_backward(grad_out, returned, order, weights)
     grad_received = collectives.all_to_all(comm, grad_copies, "ep", send)
     if mesh.etp > 1:
-        grad_received = steps.etp_gather(comm, grad_received, "etp")
+        grad_received = steps.etp_gather(comm, grad_received, "etp", sizes)
     grad_grouped = grad_received.index_select(0, permutation)
     grad_activated = loop_dgrad(grad_grouped, w_down, offsets)
     grad_w_down = loop_wgrad(activated, grad_grouped, offsets, w_down.shape[0])

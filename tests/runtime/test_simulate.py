@@ -197,3 +197,23 @@ def test_reduce_scatter_then_all_gather_equals_all_reduce(case, seed, op):
     direct = sim.all_reduce(x, axis, op=op)
     # Same additions in the same (group) order: bit-identical, not merely close.
     assert all(torch.equal(via_scatter[r], direct[r]) for r in mesh.ranks)
+
+
+def test_pieces_of_different_lengths_need_their_sizes_and_wrong_receive_sizes_are_refused():
+    from shardgraph.runtime.simulate import CollectiveError
+
+    mesh = MeshSpec(2, tp=2)
+
+    def uneven(comm):
+        return comm.all_gather(torch.ones(comm.rank + 1, 2), "tp", dim=0)
+
+    with pytest.raises(CollectiveError, match=r"pieces of different lengths need sizes"):
+        Simulator(mesh).run(uneven)
+    gathered = Simulator(mesh).run(lambda comm: comm.all_gather(torch.ones(comm.rank + 1, 2), "tp", sizes=[1, 2]))
+    assert gathered[0].shape == (3, 2)
+
+    def wrong_receive(comm):
+        return comm.all_to_all(torch.ones(2, 1), "tp", [1, 1], output_splits=[2, 2])
+
+    with pytest.raises(CollectiveError, match=r"received 2 rows, but output_splits \[2, 2\] say 4"):
+        Simulator(mesh).run(wrong_receive)
