@@ -1,14 +1,14 @@
 """A small MoE transformer with HF-style parameter names, from tiny to Qwen3-30B-A3B-shaped.
 
 Token embedding, RMSNorm, causal multi-head attention (``q_proj``/``k_proj``/``v_proj``/``o_proj``,
-grouped KV heads, optional per-head q/k RMSNorm as in Qwen3; plain matmul + softmax + causal
-mask, no position encoding), a router (``mlp.gate``: linear, softmax, top-k, renormalise),
-routed experts stored fused like HF transformers 5.x (``mlp.experts.gate_up_proj [E, 2I, H]``,
-gate rows then up rows; ``mlp.experts.down_proj [E, H, I]``), an optional shared expert
-(``mlp.shared_expert.{gate_proj,up_proj,down_proj}``), a final norm, an ``lm_head`` and a
-causal-LM loss. The experts compute with a plain per-expert loop, so the model runs anywhere;
-the frontend recognises ``MoEExperts`` by its fused weights and traces it as one
-``moe_experts`` op.
+grouped KV heads, optional per-head q/k RMSNorm as in Qwen3; ``F.scaled_dot_product_attention``
+with ``is_causal=True``, no position encoding), a router (``mlp.gate``: linear, softmax, top-k,
+renormalise), routed experts stored fused like HF transformers 5.x
+(``mlp.experts.gate_up_proj [E, 2I, H]``, gate rows then up rows; ``mlp.experts.down_proj
+[E, H, I]``), an optional shared expert (``mlp.shared_expert.{gate_proj,up_proj,down_proj}``), a
+final norm, an ``lm_head`` and a causal-LM loss. The experts compute with a plain per-expert
+loop, so the model runs anywhere; the frontend recognises ``MoEExperts`` by its fused weights and
+traces it as one ``moe_experts`` op.
 
 ``shardgraph_entry(config)`` returns ``(model, example_inputs, loss_fn)`` for the CLI; with
 ``device="meta"`` nothing is allocated, so the 48-layer config can be traced and compiled.

@@ -7,34 +7,51 @@ whole. Splitting heads is right with grouped key/value heads too: a contiguous b
 ``heads / n`` query heads uses exactly the contiguous block of ``kv_heads / n`` key/value heads
 that the same split gives, as long as both divide. The output (and each gradient) is split like
 the inputs. No ``Partial``: attention is not linear in its inputs.
+
+A split is offered only where every operand's dim divides, counting the batch and head splits
+the operands already carry on the other axes (batch split over dp and tp at once needs
+``dp * tp`` rows), so an uneven split falls back to another candidate instead of failing at
+lowering.
 """
 
 from __future__ import annotations
 
-from shardgraph.placement import Replicate, Shard
+from shardgraph.placement import Replicate, Shard, Sharding, ShardingError, local_shape
 
 from . import AxisCandidate, register, value_of
 
 
-def _splittable(ctx, axis, dim, operands) -> bool:
-    size = ctx.size(axis)
-    return all(value_of(node).shape[dim] % size == 0 for node in operands)
+def _splittable(ctx, axis: str, dim: int) -> bool:
+    for node, sharding in zip(ctx.inputs, ctx.input_shardings):
+        # On the other axes only a batch or head split can reach attention; anything else is
+        # redistributed first, so it does not count here.
+        placements = {other: placement for other, placement in sharding.items()
+                      if placement in (Shard(0), Shard(1))}
+        placements[axis] = Shard(dim)
+        try:
+            local_shape(tuple(value_of(node).shape), Sharding(tuple(placements), tuple(placements.values())),
+                        ctx.mesh, name=node.name)
+        except ShardingError:
+            return False
+    return True
 
 
-def _candidates(ctx, axis, inputs, outputs):
-    candidates = [AxisCandidate(tuple(Replicate() for _ in inputs), outputs(Replicate()), "whole")]
+def _candidates(ctx, axis: str, outputs):
+    candidates = [AxisCandidate(tuple(Replicate() for _ in ctx.inputs), outputs(Replicate()), "whole")]
     for dim, what in ((0, "batch"), (1, "heads")):
-        if _splittable(ctx, axis, dim, inputs):
-            candidates.append(AxisCandidate(tuple(Shard(dim) for _ in inputs), outputs(Shard(dim)),
+        if _splittable(ctx, axis, dim):
+            candidates.append(AxisCandidate(tuple(Shard(dim) for _ in ctx.inputs), outputs(Shard(dim)),
                                             f"{what} split: attention is independent per {what}"))
     return candidates
 
 
 @register("shardgraph.attention", family="attention")
 def rule_attention(ctx, axis, placements):
-    return _candidates(ctx, axis, ctx.inputs, lambda placement: placement)
+    return _candidates(ctx, axis, lambda placement: placement)
 
 
 @register("shardgraph.attention_backward", family="attention_backward")
 def rule_attention_backward(ctx, axis, placements):
-    return _candidates(ctx, axis, ctx.inputs, lambda placement: (placement, placement, placement))
+    # grad_out is split like the output it is the gradient of; the three gradients like
+    # query, key and value.
+    return _candidates(ctx, axis, lambda placement: (placement, placement, placement))

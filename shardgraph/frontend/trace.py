@@ -28,16 +28,19 @@ Then, in order:
 3. Placeholders are named after the parameter / buffer FQNs and the forward's argument names
    and labelled ``meta["shardgraph_kind"]`` / ``meta["shardgraph_name"]``.
 
-While tracing, ``F.scaled_dot_product_attention`` without a mask becomes the op
-``shardgraph.attention`` (``shardgraph/ops/attention.py``: one forward and one backward node that
-run the fused kernels; the aten fused ops differ per device and carry kernel-specific state to
-their backward ops); a call with an explicit ``attn_mask`` is written as matmul + softmax, which
-a placement rule can follow whatever the mask's shape (HF models given no position ids trace
-without a mask: see ``_positions_not_packed``). HF models run with
-``use_cache=False`` (a training step keeps no KV cache), and recognised expert modules run
-through their adapters (``adapters.py``). A small decomposition table (``DECOMPOSITIONS``)
-rewrites a few composite ops (layer norm, ``logsumexp``, ``baddbmm``, vector norms, ...) into
-the ops listed in ``docs/frontend.md``.
+While tracing, ``F.scaled_dot_product_attention`` on 4-D operands without a mask becomes the op
+``shardgraph.attention`` (``shardgraph/ops/attention.py``; ``scale`` defaults to
+``1/sqrt(head_dim)``): one forward and one backward node that run the fused kernels, so the
+program never holds ``[seq, seq]`` scores. The aten fused ops themselves would not do: they
+differ per device and carry kernel-specific state to their backward ops. A call with an
+explicit ``attn_mask`` is written as matmul + softmax, which a placement rule can follow
+whatever the mask's shape; attention dropout is refused (a traced step is deterministic). HF
+models given no position ids trace without a mask, as they run eagerly: see
+``_positions_not_packed``. HF models (wrapped or not) run with ``use_cache=False`` (a training
+step keeps no KV cache), and recognised expert modules run through their adapters
+(``adapters.py``). A small decomposition table (``DECOMPOSITIONS``) rewrites a few composite ops
+(layer norm, ``logsumexp``, ``baddbmm``, vector norms, ...) into the ops listed in
+``docs/frontend.md``.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from torch._decomp import get_decompositions
 from torch.func import functional_call, functionalize
 from torch.fx import GraphModule, Node
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot, make_fx
 from torch.overrides import TorchFunctionMode
 
 from .adapters import adapters_installed
@@ -194,28 +197,50 @@ class _AttentionRouting(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def _positions_not_packed(input_names: Sequence[str]) -> Iterator[None]:
-    """HF transformers' packed-sequence check, answered while tracing a batch without position ids.
+def _depends_on_no_input(tensor: torch.Tensor) -> bool:
+    """Whether a value being traced is computed from no graph input: a function of shapes alone."""
+    mode = get_proxy_mode()
+    slot = get_proxy_slot(tensor, mode.tracer, None) if mode is not None else None
+    if slot is None:
+        return False
+    pending, seen = [slot.proxy.node], set()
+    while pending:
+        node = pending.pop()
+        if node.op == "placeholder":
+            return False
+        for source in node.all_input_nodes:
+            if source not in seen:
+                seen.add(source)
+                pending.append(source)
+    return True
 
-    Given no ``attention_mask``, HF masks look for packed sequences in the position ids; on fake
-    tensors that check cannot read values, so HF builds an explicit boolean mask, which rules
-    out the fused attention kernels. When the batch brings no ``position_ids``, the model makes
-    them itself as ``arange(seq)``: one sequence per row, never packed, so "no packing" (what
-    the eager check returns for those ids) is the right answer. A batch that does pass position
-    ids keeps HF's own check.
+
+@contextlib.contextmanager
+def _positions_not_packed() -> Iterator[None]:
+    """HF transformers' packed-sequence check, answered for position ids the model made itself.
+
+    Given no ``attention_mask``, HF masks look for packed sequences (several per row) in the
+    position ids; on fake tensors that check cannot read values, so HF builds an explicit boolean
+    mask, which rules out the fused attention op. Position ids computed from no batch input are
+    the ones the model makes itself when it is given none, ``arange(seq)`` per row: one sequence
+    per row, never packed, so "not packed" (what the eager check returns for them) is right, and
+    HF calls attention with ``is_causal=True`` and no mask, as it does eagerly. Position ids that
+    come from the batch (under any argument name) keep HF's own check, and so their mask: a
+    packed batch needs it.
     """
-    module = None
-    if "position_ids" not in input_names:
-        try:
-            from transformers import masking_utils as module
-        except ImportError:
-            module = None
+    try:
+        from transformers import masking_utils as module
+    except ImportError:
+        module = None
     if module is None or not hasattr(module, "find_packed_sequence_indices"):
         yield
         return
     original = module.find_packed_sequence_indices
-    module.find_packed_sequence_indices = lambda position_ids: None
+
+    def find_packed_sequence_indices(position_ids):
+        return None if _depends_on_no_input(position_ids) else original(position_ids)
+
+    module.find_packed_sequence_indices = find_packed_sequence_indices
     try:
         yield
     finally:
@@ -224,16 +249,25 @@ def _positions_not_packed(input_names: Sequence[str]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _without_kv_cache(model: nn.Module) -> Iterator[None]:
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "use_cache"):
-        yield
-        return
-    previous = config.use_cache
-    config.use_cache = False
+    """``config.use_cache = False`` on the model and on every HF model inside it, then restored.
+
+    An HF model wrapped in a user module still builds a ``DynamicCache`` from its own config;
+    with a cache HF skips its packed-sequence check on the position ids, so the traced masks
+    would depend on how the model is wrapped.
+    """
+    configs = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            configs[id(config)] = config
+    previous = {key: config.use_cache for key, config in configs.items()}
+    for config in configs.values():
+        config.use_cache = False
     try:
         yield
     finally:
-        config.use_cache = previous
+        for key, config in configs.items():
+            config.use_cache = previous[key]
 
 
 class _ModuleTracker:
@@ -553,7 +587,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
     tracker = _ModuleTracker(model)
     modules = {path or "<root>": module for path, module in model.named_modules()}
     try:
-        with adapters_installed(model) as expert_modules, _without_kv_cache(model), _positions_not_packed(names), \
+        with adapters_installed(model) as expert_modules, _without_kv_cache(model), _positions_not_packed(), \
                 torch.enable_grad():
             gm = make_fx(step, tracing_mode="fake", decomposition_table=DECOMPOSITIONS, record_module_stack=True,
                          record_stack_traces=True)(*arguments)

@@ -11,11 +11,18 @@ Keeping attention whole in the traced graph keeps those kernels: written as matm
 would cost ``batch * heads * seq^2`` elements of memory and bandwidth in the compiled program.
 Its placement rule (``passes/rules/attention.py``) lets batch and heads be sharded.
 
-The backward, ``attention_backward``, recomputes the forward's log-sum-exp with the fused kernel
-and runs that kernel's backward. The fused kernels keep no scores, only the log-sum-exp per row,
-so the recompute costs one more attention forward (about a quarter of attention's forward +
-backward time); in exchange no kernel-specific state (log-sum-exp layout, random-number state)
-crosses the graph, and the forward op stays one tensor out.
+The backward, ``attention_backward``, recomputes the forward and differentiates it. The fused
+kernels keep no ``[seq, seq]`` scores, only one log-sum-exp per row, so their backward needs
+the forward run again: one extra attention forward (about a quarter of attention's forward +
+backward time). In exchange no kernel-specific state (log-sum-exp layout, random-number state)
+crosses the graph, the forward op stays one tensor out, and lowering may feed the backward
+inputs it re-laid out or redistributed. The recompute calls the aten fused kernels directly
+(flash on a GPU for half precision, the CPU flash kernel on a CPU) rather than running autograd
+inside the op: a custom op's kernel runs below the autograd dispatch keys, so
+``torch.autograd.grad`` there sees tensors without history, and ``torch.func.vjp`` (which does
+work eagerly) fails under ``torch.compile`` ("Cannot access storage of TensorWrapper"). Where no
+fused kernel takes the operands (float32 on a GPU, value head_dim unlike the query's) the
+textbook backward runs: the same numbers, with the ``[seq, seq]`` probabilities held.
 """
 
 from __future__ import annotations
@@ -26,30 +33,44 @@ import torch.nn.functional as F
 __all__ = ["attention", "attention_backward"]
 
 
-def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool) -> None:
+def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    return tuple(tensor.shape)
+
+
+def _check(op: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool) -> None:
+    """Shapes and dtypes of the operands; runs in the fake kernels too, so at trace time."""
     for name, tensor in (("query", query), ("key", key), ("value", value)):
         if tensor.dim() != 4:
-            raise ValueError(f"shardgraph.attention: {name} must be 4-D [batch, heads, seq, head_dim], "
-                             f"got shape {tuple(tensor.shape)}")
-    if not (query.shape[0] == key.shape[0] == value.shape[0]):
-        raise ValueError(f"shardgraph.attention: query, key and value must share the batch size, got "
-                         f"{query.shape[0]}, {key.shape[0]}, {value.shape[0]}")
+            raise ValueError(f"{op}: {name} must be 4-D [batch, heads, seq, head_dim], got shape {_shape(tensor)}")
+        if not tensor.dtype.is_floating_point:
+            raise TypeError(f"{op}: {name} must be floating point, got {tensor.dtype}")
+    if not key.dtype == value.dtype == query.dtype:
+        raise TypeError(f"{op}: query {query.dtype}, key {key.dtype} and value {value.dtype} must share a dtype")
+    if not query.shape[0] == key.shape[0] == value.shape[0]:
+        raise ValueError(f"{op}: query {_shape(query)}, key {_shape(key)} and value {_shape(value)} must share "
+                         f"the batch size (dim 0)")
     if key.shape[1] != value.shape[1] or key.shape[2] != value.shape[2]:
-        raise ValueError(f"shardgraph.attention: key {tuple(key.shape)} and value {tuple(value.shape)} must "
-                         f"share heads and sequence length")
+        raise ValueError(f"{op}: key {_shape(key)} and value {_shape(value)} must share heads (dim 1) and "
+                         f"sequence length (dim 2)")
     if query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"shardgraph.attention: query head_dim {query.shape[-1]} differs from key head_dim "
-                         f"{key.shape[-1]}")
+        raise ValueError(f"{op}: query head_dim {query.shape[-1]} differs from key head_dim {key.shape[-1]}")
     heads, kv_heads = query.shape[1], key.shape[1]
-    if heads != kv_heads and not (enable_gqa and heads % kv_heads == 0):
-        raise ValueError(f"shardgraph.attention: query has {heads} heads and key/value {kv_heads}; they must be "
-                         f"equal, or enable_gqa set with key/value heads dividing query heads")
+    if heads != kv_heads and not (enable_gqa and kv_heads > 0 and heads % kv_heads == 0):
+        raise ValueError(f"{op}: query has {heads} heads and key/value {kv_heads}; they must be equal, or "
+                         f"enable_gqa set with key/value heads dividing query heads")
+
+
+def _check_grad_out(grad_out: torch.Tensor, query: torch.Tensor, value: torch.Tensor) -> None:
+    expected = (*query.shape[:3], value.shape[-1])
+    if _shape(grad_out) != expected or grad_out.dtype != query.dtype:
+        raise ValueError(f"shardgraph.attention_backward: grad_out {_shape(grad_out)} {grad_out.dtype} must have "
+                         f"the output's shape [batch, heads, seq, value head_dim] = {expected} and dtype {query.dtype}")
 
 
 @torch.library.custom_op("shardgraph::attention", mutates_args=())
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool, scale: float,
               enable_gqa: bool) -> torch.Tensor:
-    _check(query, key, value, enable_gqa)
+    _check("shardgraph.attention", query, key, value, enable_gqa)
     kwargs = {"enable_gqa": True} if enable_gqa else {}
     return _sequence_major(F.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale,
                                                           **kwargs))
@@ -77,7 +98,7 @@ def _sequence_major(tensor: torch.Tensor) -> torch.Tensor:
 
 @attention.register_fake
 def _(query, key, value, is_causal, scale, enable_gqa):
-    _check(query, key, value, enable_gqa)
+    _check("shardgraph.attention", query, key, value, enable_gqa)
     return _sequence_major_empty(query, value.shape[-1])
 
 
@@ -85,7 +106,8 @@ def _(query, key, value, is_causal, scale, enable_gqa):
 def attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        is_causal: bool, scale: float, enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                                  torch.Tensor]:
-    _check(query, key, value, enable_gqa)
+    _check("shardgraph.attention_backward", query, key, value, enable_gqa)
+    _check_grad_out(grad_out, query, value)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         # The fused backward kernels take equal head counts: widen key/value to the query heads
@@ -99,6 +121,21 @@ def attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.T
     return _sequence_major(grad_query), _sequence_major(grad_key), _sequence_major(grad_value)
 
 
+def _flash_fits_gpu(query, key, value, is_causal: bool) -> bool:
+    """Whether the CUDA flash kernel takes these operands when called directly.
+
+    ``F.scaled_dot_product_attention`` pads head_dim to a multiple of 8 before calling it; a
+    direct call does not, so that is asked here, as are the kernel's dtypes, its head_dim limit
+    and the GPU generation (``can_use_flash_attention``)."""
+    dim = query.shape[-1]
+    if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if key.shape[-1] != dim or value.shape[-1] != dim or dim % 8 or dim > 256:
+        return False
+    return torch.backends.cuda.can_use_flash_attention(
+        torch.backends.cuda.SDPAParams(query, key, value, None, 0.0, is_causal, False))
+
+
 def _fused_backward(grad_out, query, key, value, is_causal: bool, scale: float):
     """Recompute the forward's log-sum-exp with the fused kernel, then run its backward.
 
@@ -106,13 +143,13 @@ def _fused_backward(grad_out, query, key, value, is_causal: bool, scale: float):
     the autograd dispatch key, and under ``torch.compile`` below functorch's too.
     """
     aten = torch.ops.aten
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256:
+    if _flash_fits_gpu(query, key, value, is_causal):
         out, logsumexp, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(
             query, key, value, 0.0, is_causal, False, scale=scale)
         return aten._scaled_dot_product_flash_attention_backward(
             grad_out, query, key, value, out, logsumexp, cum_q, cum_k, max_q, max_k, 0.0, is_causal, seed, offset,
             scale=scale)
-    if query.device.type == "cpu":
+    if query.device.type == "cpu" and value.shape[-1] == query.shape[-1]:  # the CPU kernel wants one head_dim
         out, logsumexp = aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, is_causal,
                                                                            scale=scale)
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -121,8 +158,8 @@ def _fused_backward(grad_out, query, key, value, is_causal: bool, scale: float):
 
 
 def _math_backward(grad_out, query, key, value, is_causal: bool, scale: float):
-    """The textbook backward (float32 on a GPU, where no fused kernel takes the dtype): it holds
-    the [seq, seq] probabilities, so it is for checks, not for speed."""
+    """The textbook backward, where no fused kernel takes the operands (float32 on a GPU, value
+    head_dim unlike the query's): it holds the [seq, seq] probabilities, so it is right but not fast."""
     scores = (query @ key.transpose(-2, -1)) * scale
     if is_causal:
         seq_q, seq_k = scores.shape[-2:]
@@ -139,7 +176,8 @@ def _math_backward(grad_out, query, key, value, is_causal: bool, scale: float):
 
 @attention_backward.register_fake
 def _(grad_out, query, key, value, is_causal, scale, enable_gqa):
-    _check(query, key, value, enable_gqa)
+    _check("shardgraph.attention_backward", query, key, value, enable_gqa)
+    _check_grad_out(grad_out, query, value)
     return _sequence_major_empty(query), _sequence_major_empty(key), _sequence_major_empty(value)
 
 

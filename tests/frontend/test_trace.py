@@ -1,12 +1,14 @@
 """The joint graph equals each model's own loss, gradients and logits, and has the promised form."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from examples import hf_models
-from examples.moe_model import lm_loss, shardgraph_entry
+from examples.moe_model import CONFIGS, MoETransformer, lm_loss, make_batch, shardgraph_entry
 from examples.titan_model import TitanConfig, TitanMoE
 from shardgraph.frontend import JOINT_GRAPH_OPS, TracedGraph, op_histogram, trace
 
@@ -58,14 +60,83 @@ def test_hf_models_graph_gives_their_loss_gradients_and_logits(hf, family):
         assert "model.layers.0.mlp.shared_expert_gate.weight" in traced.gradient_names
 
 
-def test_hf_sdpa_attention_is_one_fused_op_per_direction_and_no_score_matrix():
-    model = hf_models.build("mixtral", attn_implementation="sdpa")
-    inputs = (ids_for(hf_models.VOCAB_SIZE),)
+def score_matrices(traced, seq):
+    """Nodes whose value ends in [seq, seq]: attention scores or probabilities (or a mask)."""
+    return [n for n in traced.graph_module.graph.nodes
+            if isinstance(n.meta.get("val"), torch.Tensor) and tuple(n.meta["val"].shape[-2:]) == (seq, seq)]
+
+
+@pytest.mark.parametrize("family", hf_models.FAMILIES)
+def test_hf_sdpa_attention_is_one_fused_op_per_direction_and_no_score_matrix(family):
+    # Given no attention mask and no position ids, HF calls SDPA with attn_mask=None and
+    # is_causal=True (see _positions_not_packed), which the tracer keeps as shardgraph.attention.
+    model = hf_models.build(family, attn_implementation="sdpa")
+    inputs = (ids_for(hf_models.VOCAB_SIZE, seq=7),)
     traced = check_against_eager(model, inputs, moe_layers=2, tolerance=1e-5)
     histogram = op_histogram(traced)
     assert histogram["shardgraph.attention.default"] == 2 and histogram["shardgraph.attention_backward.default"] == 2
-    assert "aten.bmm.default" not in histogram  # no [seq, seq] scores
+    forward = calls(traced, "shardgraph.attention.default")[0]
+    assert forward.args[3:] == (True, pytest.approx(8 ** -0.5), True)  # causal, 1/sqrt(head_dim), 4 heads on 2
+    assert "aten.bmm.default" not in histogram and not score_matrices(traced, 7)
     assert histogram["aten._softmax.default"] == 2  # the two routers only
+
+
+class _HFWithExtraInputs(nn.Module):
+    """An HF model called with position ids or a padding mask from the batch."""
+
+    def __init__(self, model, extra: str):
+        super().__init__()
+        self.model, self.extra = model, extra
+
+    def forward(self, input_ids, extra):
+        return self.model(input_ids=input_ids, **{self.extra: extra})
+
+
+@pytest.mark.parametrize("extra", ["position_ids", "attention_mask"])
+def test_hf_sdpa_given_position_ids_or_a_padding_mask_keeps_its_mask_as_matmul_and_softmax(extra):
+    # Fake tensors cannot say whether position ids pack several sequences into a row, or whether
+    # a padding mask masks anything, so HF builds a [batch, 1, seq, seq] boolean mask; turning it
+    # into is_causal=True would be wrong for packed or padded batches, so it stays a mask.
+    model = _HFWithExtraInputs(hf_models.build("mixtral", attn_implementation="sdpa"), extra)
+    ids = ids_for(hf_models.VOCAB_SIZE, seq=7)
+    given = torch.arange(7).expand(4, 7) if extra == "position_ids" else torch.ones(4, 7, dtype=torch.long)
+    traced = trace(model, (ids, given), lambda output, ids, given: lm_loss(output, ids))
+    histogram = op_histogram(traced)
+    assert "shardgraph.attention.default" not in histogram and histogram["aten._softmax.default"] == 4
+    loss, gradients = traced.run(model, ids, given)
+    reference_loss, reference_gradients = reference_loss_and_gradients(
+        model, (ids, given), lambda output, ids, given: lm_loss(output, ids))
+    assert relative_error(loss, reference_loss) < 1e-5
+    assert worst_gradient_error(gradients, reference_gradients)[0] < 1e-5
+
+
+def test_hf_model_inside_a_wrapper_is_traced_without_kv_cache():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = hf_models.build("mixtral", attn_implementation="sdpa")
+            self.seen = []
+
+        def forward(self, input_ids):
+            self.seen.append(self.inner.config.use_cache)
+            return self.inner(input_ids=input_ids)
+
+    model = Wrapper()
+    traced = trace(model, (ids_for(hf_models.VOCAB_SIZE),), lm_loss)
+    assert model.seen == [False] and model.inner.config.use_cache  # off while tracing, restored after
+    assert op_histogram(traced)["shardgraph.attention.default"] == 2
+
+
+def test_example_model_attention_is_one_fused_op_with_grouped_heads_and_no_score_matrix():
+    config = replace(CONFIGS["tiny_shared"], num_kv_heads=2)
+    torch.manual_seed(0)
+    model = MoETransformer(config)
+    inputs = make_batch(config, batch_size=4, seq_len=7)
+    traced = check_against_eager(model, inputs, moe_layers=2, tolerance=1e-5)
+    forward = calls(traced, "shardgraph.attention.default")
+    assert len(forward) == 2 and len(calls(traced, "shardgraph.attention_backward.default")) == 2
+    assert all(node.args[3:] == (True, pytest.approx(8 ** -0.5), True) for node in forward)
+    assert not score_matrices(traced, 7)
 
 
 def test_attention_with_an_explicit_mask_is_traced_as_matmul_and_softmax():
