@@ -133,6 +133,48 @@ class ShardedProgram:
                                       check_replicas=True)
         return StepResult(losses[0], gradients, simulator)
 
+    def single_device_step(self, compile: str | None = None):
+        """``step(parameters, batch, buffers=None) -> (loss, {name: gradient})`` for a world=1 program.
+
+        Every pass has run (fused attention, grouped GEMMs, MoE path with no host sync), and no
+        communicator is involved. ``compile="inductor"`` runs the graph under ``torch.compile``
+        (elementwise ops fused around the grouped GEMM and attention ops, which stay as they
+        are); ``compile="cudagraph"`` also replays the whole step as one CUDA graph, which needs
+        the parameters and buffers to keep their storage between steps (update them in place) and
+        returns outputs that the next step overwrites. ``benchmarks/train_step.py`` times these.
+        """
+        if self.mesh.world != 1:
+            raise ValueError(f"single_device_step needs a world=1 program, this one is for {self.mesh}; "
+                             f"use run() under torch.distributed or run_simulated()")
+        if compile not in (None, "inductor", "cudagraph"):
+            raise ValueError(f"single_device_step: compile must be None, 'inductor' or 'cudagraph', got {compile!r}")
+        graph = self.graph_module
+        if compile is not None:
+            graph = torch.compile(graph, dynamic=False, mode="reduce-overhead" if compile == "cudagraph" else None)
+        marked: set[int] = set()
+
+        def step(parameters: Mapping[str, torch.Tensor], batch: Sequence[torch.Tensor],
+                 buffers: Mapping[str, torch.Tensor] | None = None):
+            buffers = self.default_buffers if buffers is None else buffers
+            missing = [n for n in self.parameter_names if n not in parameters]
+            missing += [n for n in self.buffer_names if n not in buffers]
+            if missing:
+                raise KeyError(f"single_device_step lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            if len(batch) != len(self.input_names):
+                raise ValueError(f"the program takes {len(self.input_names)} batch tensors {self.input_names}, "
+                                 f"got {len(batch)}")
+            arguments = [parameters[n] for n in self.parameter_names] + [buffers[n] for n in self.buffer_names]
+            if compile == "cudagraph":
+                # Static addresses: the replay reads these in place instead of copying them in.
+                for tensor in arguments:
+                    if id(tensor) not in marked:
+                        torch._dynamo.mark_static_address(tensor)
+                        marked.add(id(tensor))
+            outputs = graph(None, *arguments, *batch)
+            return outputs[0], dict(zip(self.gradient_names, outputs[1:]))
+
+        return step
+
     def run(self, parameters_local: Mapping[str, torch.Tensor], batch_local: Sequence[torch.Tensor],
             buffers_local: Mapping[str, torch.Tensor] | None = None, communicator=None):
         """This rank's step under torch.distributed (initialised by torchrun or ``spawn_gloo``)."""
