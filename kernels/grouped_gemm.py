@@ -10,12 +10,15 @@ offsets, cumulative, on the device, never read by the host):
 Two implementations of each, chosen per call by :func:`select_path`:
 
 ``"tma"``       Hopper (sm_90+) bf16/fp16 path. The grouped product is a persistent kernel: one
-                program per SM slot walks a flattened loop over (tile, reduction step) so the
-                software pipeliner keeps loads of the next tile in flight during the epilogue;
-                operands come through host-built TMA descriptors (loop-invariant, so the pipeliner
-                accepts them); each tile finds its group with one vectorised comparison against the
-                per-group tile prefix sum. Tiles that cross into the next group's rows load those
-                rows (harmless: they only feed output rows that are masked off at the store).
+                program per SM slot (or two, where half the shared memory is enough) walks a
+                flattened loop over (tile, reduction step) so the software pipeliner keeps loads
+                of the next tile in flight during the epilogue; operands come through host-built
+                TMA descriptors (loop-invariant, so the pipeliner accepts them); each tile finds
+                its group with one vectorised comparison against a per-group prefix sum. Whole
+                row tiles store through TMA (asynchronous: the store drains while the next tile
+                computes); each group's last, partial tile comes in a second loop and stores
+                through a row mask, since a TMA box cannot stop at a group boundary. Partial
+                tiles load rows of the next group (harmless: those rows are masked at the store).
                 wgrad loads whole row blocks of a group through TMA and the last partial block with
                 masked loads, so rows of neighbouring groups never enter the sum.
 ``"portable"``  plain masked ``tl.load``/``tl.store``, any dtype (fp32 uses IEEE products, no TF32),
@@ -48,6 +51,7 @@ __all__ = [
     "triton_grouped_mm_wgrad",
     "select_path",
     "use_config",
+    "product_tma_config",
     "launch_counts",
     "INTERPRETED",
     "PATHS",
@@ -72,6 +76,7 @@ def _set_product_blocks(nargs):
     block_m, block_p, block_r = nargs["BLOCK_M"], nargs["BLOCK_P"], nargs["BLOCK_R"]
     nargs["a_desc"].block_shape = [block_m, block_r]
     nargs["b_desc"].block_shape = [block_p, block_r] if nargs["B_TRANSPOSED"] else [block_r, block_p]
+    nargs["out_desc"].block_shape = [block_m, block_p // nargs["EPILOGUE_SPLIT"]]
 
 
 def _set_wgrad_blocks(nargs):
@@ -79,30 +84,37 @@ def _set_wgrad_blocks(nargs):
     nargs["right_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_P2"]]
 
 
+def product_tma_config(block_m, block_p, block_r, warps, stages, programs_per_sm=1, tma_store=True,
+                       epilogue_split=1) -> triton.Config:
+    """One configuration of the Hopper grouped product (tests and the tuning sweep build their
+    own through this)."""
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_P": block_p, "BLOCK_R": block_r, "PROGRAMS_PER_SM": programs_per_sm,
+         "TMA_STORE": tma_store, "EPILOGUE_SPLIT": epilogue_split},
+        num_warps=warps, num_stages=stages, pre_hook=_set_product_blocks)
+
+
 def _product_tma_configs():
     if INTERPRETED:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_P": 16, "BLOCK_R": 16, "PROGRAMS_PER_SM": 1},
-                              num_warps=4, num_stages=1, pre_hook=_set_product_blocks)]
-    configs = []
-    # (BLOCK_M, BLOCK_P, BLOCK_R, warps, stages, programs per SM). Two programs per SM (each under
-    # half of the 228 KB of shared memory) let one's epilogue overlap the other's main loop,
-    # which pays where the reduction is short (K = 192) and the output stores dominate.
-    for block_m, block_p, block_r, warps, stages, per_sm in [
-        (128, 128, 64, 4, 4, 1),
-        (128, 128, 64, 8, 4, 1),
-        (128, 256, 64, 8, 3, 1),
-        (128, 256, 64, 8, 4, 1),
-        (256, 128, 64, 8, 3, 1),
-        (128, 128, 128, 8, 3, 1),
-        (64, 256, 64, 4, 3, 1),
-        (128, 128, 64, 8, 2, 2),
-        (64, 128, 64, 4, 4, 2),
-        (64, 256, 64, 4, 2, 2),
-    ]:
-        configs.append(triton.Config(
-            {"BLOCK_M": block_m, "BLOCK_P": block_p, "BLOCK_R": block_r, "PROGRAMS_PER_SM": per_sm},
-            num_warps=warps, num_stages=stages, pre_hook=_set_product_blocks))
-    return configs
+        return [product_tma_config(16, 32, 16, 4, 1, tma_store=True, epilogue_split=2)]
+    # (BLOCK_M, BLOCK_P, BLOCK_R, warps, stages, programs per SM, epilogue split). On an H200,
+    # benchmarks/grouped_gemm_configs.py found the best candidate of 31 of its 32 forward and
+    # dgrad rows in this list (benchmarks/results/grouped_gemm_configs_h200.json). Two programs
+    # per SM (each under half of the 228 KB of shared memory) let one's epilogue overlap the
+    # other's main loop, which pays where the reduction is short (K = 192) and the output stores
+    # dominate; 128 x 256 tiles with a four-deep pipeline win where it is long.
+    return [product_tma_config(block_m, block_p, block_r, warps, stages, per_sm, epilogue_split=split)
+            for block_m, block_p, block_r, warps, stages, per_sm, split in [
+                (128, 128, 64, 4, 3, 2, 2),
+                (128, 256, 64, 8, 4, 1, 2),
+                (256, 128, 64, 8, 4, 1, 2),
+                (128, 256, 64, 8, 3, 1, 1),
+                (128, 128, 64, 8, 5, 1, 2),
+                (128, 64, 64, 4, 4, 2, 1),
+                (128, 64, 64, 4, 4, 2, 2),
+                (64, 128, 64, 4, 4, 2, 1),
+                (64, 256, 64, 4, 3, 1, 2),
+            ]]
 
 
 def _prune_product_tma(configs, named_args, **kwargs):
@@ -182,37 +194,6 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _group_tiles(offsets_ptr, M, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
-    """Per-group row-tile counts and their inclusive prefix sum (clamped to rows ``[0, M]``)."""
-    groups = tl.arange(0, E_POW2)
-    valid = groups < E
-    ends = tl.minimum(tl.maximum(tl.load(offsets_ptr + groups, mask=valid, other=0), 0), M)
-    starts = tl.minimum(tl.maximum(tl.load(offsets_ptr + groups - 1, mask=valid & (groups > 0), other=0), 0), M)
-    row_tiles = tl.where(valid, (tl.maximum(ends - starts, 0) + BLOCK_M - 1) // BLOCK_M, 0)
-    # Lanes past E end "never", so no row tile counts them among the groups before it.
-    return tl.where(valid, tl.cumsum(row_tiles, 0), 0x7FFFFFFF), row_tiles
-
-
-@triton.jit
-def _locate_tile(offsets_ptr, row_tile, tiles_end, row_tiles, M, E, BLOCK_M: tl.constexpr):
-    """(group, first row, end row, padding) of global row tile ``row_tile``.
-
-    Row tiles past the last group's cover rows ``[offsets[-1], M)``: they report group E-1 (so
-    every operand coordinate stays valid) and ``padding`` so their output is written as zeros.
-    """
-    before = tiles_end <= row_tile
-    group = tl.sum(before.to(tl.int32), 0)
-    first_tile = tl.sum(tl.where(before, row_tiles, 0), 0)
-    padding = group >= E
-    group_start = tl.load(offsets_ptr + group - 1, mask=group > 0, other=0)
-    group_start = tl.minimum(tl.maximum(group_start, 0), M)
-    group_end = tl.load(offsets_ptr + tl.minimum(group, E - 1))
-    group_end = tl.where(padding, M, tl.minimum(tl.maximum(group_end, group_start), M))
-    row_start = group_start + (row_tile - first_tile) * BLOCK_M
-    return tl.minimum(group, E - 1), row_start, group_end, padding
-
-
-@triton.jit
 def _store_rows(out_ptr, value, row_start, row_end, col_start, P, stride_om,
                 BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
     """Masked store of one output tile: rows past ``row_end`` belong to the next group."""
@@ -227,50 +208,136 @@ def _store_rows(out_ptr, value, row_start, row_end, col_start, P, stride_om,
 # ----------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _group_sizes(offsets_ptr, M, E, E_POW2: tl.constexpr):
+    """Rows per group (clamped to ``[0, M]``), zero in lanes past E."""
+    groups = tl.arange(0, E_POW2)
+    valid = groups < E
+    ends = tl.minimum(tl.maximum(tl.load(offsets_ptr + groups, mask=valid, other=0), 0), M)
+    starts = tl.minimum(tl.maximum(tl.load(offsets_ptr + groups - 1, mask=valid & (groups > 0), other=0), 0), M)
+    return tl.where(valid, tl.maximum(ends - starts, 0), 0)
+
+
+@triton.jit
+def _find_group(index, counts, E, E_POW2: tl.constexpr):
+    """(group, position within the group) of item ``index`` of a list holding ``counts[g]`` items of
+    each group in group order; group E for an index past the list."""
+    ends = tl.where(tl.arange(0, E_POW2) < E, tl.cumsum(counts, 0), 0x7FFFFFFF)
+    before = ends <= index
+    return tl.sum(before.to(tl.int32), 0), index - tl.sum(tl.where(before, counts, 0), 0)
+
+
+@triton.jit
+def _group_bounds(offsets_ptr, group, M):
+    start = tl.minimum(tl.maximum(tl.load(offsets_ptr + group - 1, mask=group > 0, other=0), 0), M)
+    end = tl.minimum(tl.maximum(tl.load(offsets_ptr + group), start), M)
+    return start, end
+
+
+@triton.jit
+def _locate_row_tile(offsets_ptr, row_tile, tiles_per_group, used_rows, M, E,
+                     BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """(group, first row, end row, padding) of row tile ``row_tile`` in a list of
+    ``tiles_per_group[g]`` BLOCK_M-row tiles from each group's first row, in group order, then the
+    tiles of rows ``[offsets[-1], M)``: those report group E-1 (so every operand coordinate stays
+    valid) and ``padding`` (their output is stored as zeros)."""
+    group, position = _find_group(row_tile, tiles_per_group, E, E_POW2)
+    padding = group >= E
+    group = tl.minimum(group, E - 1)
+    start, end = _group_bounds(offsets_ptr, group, M)
+    row_start = tl.where(padding, used_rows + (row_tile - tl.sum(tiles_per_group, 0)) * BLOCK_M,
+                         start + position * BLOCK_M)
+    return group, row_start, tl.where(padding, M, end), padding
+
+
+@triton.jit
+def _store_tile_tma(out_desc, value, row_start, col_start,
+                    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr):
+    """Store one output tile through TMA, in ``EPILOGUE_SPLIT`` column slices: a slice needs a
+    shared-memory staging buffer of its own size only, which leaves room for deeper pipelines."""
+    if EPILOGUE_SPLIT == 2:
+        halves = tl.permute(tl.reshape(value, (BLOCK_M, 2, BLOCK_P // 2)), (0, 2, 1))
+        left, right = tl.split(halves)
+        out_desc.store([row_start, col_start], left)
+        out_desc.store([row_start, col_start + BLOCK_P // 2], right)
+    else:
+        out_desc.store([row_start, col_start], value)
+
+
+@triton.jit
+def _tile_product(a_desc, b_desc, group, row_start, col_start, P, R, steps,
+                  B_TRANSPOSED: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for step in range(steps):
+        r = step * BLOCK_R
+        a = a_desc.load([row_start, r])
+        if B_TRANSPOSED:
+            b = b_desc.load([group * P + col_start, r])
+            acc = _dot(a, b.T, acc, False, UPCAST)
+        else:
+            b = b_desc.load([group * R + r, col_start])
+            acc = _dot(a, b, acc, False, UPCAST)
+    return acc
+
+
 @triton.autotune(configs=_product_tma_configs(), key=["P", "R", "E", "M_BUCKET", "B_TRANSPOSED"],
                  prune_configs_by={"early_config_prune": _prune_product_tma})
 @triton.jit
 def _grouped_product_tma_kernel(
-    a_desc, b_desc, out_ptr, offsets_ptr,
+    a_desc, b_desc, out_desc, out_ptr, offsets_ptr,
     M, P, R, E, M_BUCKET, stride_om,
     B_TRANSPOSED: tl.constexpr, E_POW2: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+    TMA_STORE: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr,
 ):
-    tiles_end, row_tiles = _group_tiles(offsets_ptr, M, E, BLOCK_M, E_POW2)
+    # Two lists of tiles, walked one after the other by the same persistent programs. The first
+    # holds every tile that ends inside its group or at the matrix's edge: those store through
+    # TMA, whose box can stop at the edge but not at a group boundary. The second holds each
+    # group's last, partial row tile, stored through a row mask. Two loops rather than a branch
+    # in one: the pipeliner of some Triton releases cannot flatten a loop whose epilogue branches.
+    sizes = _group_sizes(offsets_ptr, M, E, E_POW2)
+    whole_tiles = sizes // BLOCK_M
+    partial_tiles = (sizes % BLOCK_M != 0).to(tl.int32)
     used_rows = tl.minimum(tl.maximum(tl.load(offsets_ptr + E - 1), 0), M)
     padding_tiles = (M - used_rows + BLOCK_M - 1) // BLOCK_M
     tiles_p = (P + BLOCK_P - 1) // BLOCK_P
-    num_tiles = (tl.sum(row_tiles, 0) + padding_tiles) * tiles_p
+    first_list = (tl.sum(whole_tiles, 0) + padding_tiles) * tiles_p
+    second_list = tl.sum(partial_tiles, 0) * tiles_p
     steps = (R + BLOCK_R - 1) // BLOCK_R
     first = tl.program_id(0)
     stride = tl.num_programs(0)
+
     # The epilogue recomputes its tile from its own counter: sharing values between the
     # flattened loop's prologue and epilogue defeats the pipeliner.
     tile_out = first - stride
-    for tile in tl.range(first, num_tiles, stride, flatten=True):
-        group, row_start, row_end, padding = _locate_tile(offsets_ptr, tile // tiles_p, tiles_end, row_tiles, M, E,
-                                                          BLOCK_M)
-        col_start = (tile % tiles_p) * BLOCK_P
-        acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-        for step in range(steps):
-            r = step * BLOCK_R
-            a = a_desc.load([row_start, r])
-            if B_TRANSPOSED:
-                b = b_desc.load([group * P + col_start, r])
-                acc = _dot(a, b.T, acc, False, UPCAST)
-            else:
-                b = b_desc.load([group * R + r, col_start])
-                acc = _dot(a, b, acc, False, UPCAST)
-
+    for tile in tl.range(first, first_list, stride, flatten=True):
+        group, row_start, _, _ = _locate_row_tile(offsets_ptr, tile // tiles_p, whole_tiles, used_rows, M, E, BLOCK_M,
+                                                  E_POW2)
+        acc = _tile_product(a_desc, b_desc, group, row_start, (tile % tiles_p) * BLOCK_P, P, R, steps,
+                            B_TRANSPOSED, UPCAST, BLOCK_M, BLOCK_P, BLOCK_R)
         tile_out += stride
-        _, row_start_out, row_end_out, padding_out = _locate_tile(offsets_ptr, tile_out // tiles_p, tiles_end,
-                                                                  row_tiles, M, E, BLOCK_M)
+        _, row_start_out, _, padding_out = _locate_row_tile(offsets_ptr, tile_out // tiles_p, whole_tiles, used_rows, M,
+                                                            E, BLOCK_M, E_POW2)
         col_start_out = (tile_out % tiles_p) * BLOCK_P
-        # Rows of a tile past its group's end belong to the next group: a masked store, not a TMA
-        # store (whose box cannot stop at a group boundary).
-        acc = tl.where(padding_out, 0.0, acc)
-        _store_rows(out_ptr, acc.to(out_ptr.dtype.element_ty), row_start_out, row_end_out, col_start_out, P,
-                    stride_om, BLOCK_M, BLOCK_P)
+        value = tl.where(padding_out, 0.0, acc).to(out_ptr.dtype.element_ty)
+        if TMA_STORE:
+            _store_tile_tma(out_desc, value, row_start_out, col_start_out, BLOCK_M, BLOCK_P, EPILOGUE_SPLIT)
+        else:
+            _store_rows(out_ptr, value, row_start_out, M, col_start_out, P, stride_om, BLOCK_M, BLOCK_P)
+
+    # The second list continues the first's round-robin, so programs left short there go first.
+    tile_out = (first - first_list % stride + stride) % stride - stride
+    for tile in tl.range((first - first_list % stride + stride) % stride, second_list, stride, flatten=True):
+        group, _ = _find_group(tile // tiles_p, partial_tiles, E, E_POW2)
+        start, end = _group_bounds(offsets_ptr, group, M)
+        acc = _tile_product(a_desc, b_desc, group, end - (end - start) % BLOCK_M, (tile % tiles_p) * BLOCK_P, P, R,
+                            steps, B_TRANSPOSED, UPCAST, BLOCK_M, BLOCK_P, BLOCK_R)
+        tile_out += stride
+        group_out, _ = _find_group(tile_out // tiles_p, partial_tiles, E, E_POW2)
+        start_out, end_out = _group_bounds(offsets_ptr, group_out, M)
+        _store_rows(out_ptr, acc.to(out_ptr.dtype.element_ty), end_out - (end_out - start_out) % BLOCK_M, end_out,
+                    (tile_out % tiles_p) * BLOCK_P, P, stride_om, BLOCK_M, BLOCK_P)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,12 +356,13 @@ def _grouped_product_kernel(
 ):
     # Grid: (row tiles + E) x column tiles, enough for any split of M into E groups (each group
     # adds at most one partial tile), so launching needs no host read of the group sizes.
-    tiles_end, row_tiles = _group_tiles(offsets_ptr, M, E, BLOCK_M, E_POW2)
+    row_tiles = (_group_sizes(offsets_ptr, M, E, E_POW2) + BLOCK_M - 1) // BLOCK_M
     used_rows = tl.minimum(tl.maximum(tl.load(offsets_ptr + E - 1), 0), M)
     padding_tiles = (M - used_rows + BLOCK_M - 1) // BLOCK_M
     row_tile = tl.program_id(0)
     if row_tile < tl.sum(row_tiles, 0) + padding_tiles:
-        group, row_start, row_end, padding = _locate_tile(offsets_ptr, row_tile, tiles_end, row_tiles, M, E, BLOCK_M)
+        group, row_start, row_end, padding = _locate_row_tile(offsets_ptr, row_tile, row_tiles, used_rows, M, E,
+                                                              BLOCK_M, E_POW2)
         rows = row_start + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         row_mask = rows < row_end
@@ -337,8 +405,7 @@ def _grouped_wgrad_tma_kernel(
     group = tl.program_id(1)
     p1_start = (tl.program_id(0) // tiles_p2) * BLOCK_P1
     p2_start = (tl.program_id(0) % tiles_p2) * BLOCK_P2
-    row_start = tl.minimum(tl.maximum(tl.load(offsets_ptr + group - 1, mask=group > 0, other=0), 0), M)
-    row_end = tl.minimum(tl.maximum(tl.load(offsets_ptr + group), row_start), M)
+    row_start, row_end = _group_bounds(offsets_ptr, group, M)
     whole_blocks = (row_end - row_start) // BLOCK_M
     acc = tl.zeros((BLOCK_P1, BLOCK_P2), dtype=tl.float32)
     for block in range(whole_blocks):
@@ -377,8 +444,7 @@ def _grouped_wgrad_kernel(
     group = tl.program_id(1)
     cols1 = (tl.program_id(0) // tiles_p2) * BLOCK_P1 + tl.arange(0, BLOCK_P1)
     cols2 = (tl.program_id(0) % tiles_p2) * BLOCK_P2 + tl.arange(0, BLOCK_P2)
-    row_start = tl.minimum(tl.maximum(tl.load(offsets_ptr + group - 1, mask=group > 0, other=0), 0), M)
-    row_end = tl.minimum(tl.maximum(tl.load(offsets_ptr + group), row_start), M)
+    row_start, row_end = _group_bounds(offsets_ptr, group, M)
     mask1 = cols1 < P1
     mask2 = cols2 < P2
     acc = tl.zeros((BLOCK_P1, BLOCK_P2), dtype=tl.float32)
@@ -616,8 +682,10 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w
                 block_m = block_p = block_r = 16
             else:
                 block_m, block_p, block_r = blocks["BLOCK_M"], blocks["BLOCK_P"], blocks["BLOCK_R"]
+            split = 1 if blocks is None else blocks["EPILOGUE_SPLIT"]
             return (_descriptor(x, [m, r], [x.stride(0), 1], [block_m, block_r]),
-                    _descriptor(w, weight_shape, weight_strides, [block_p, block_r] if transposed else [block_r, block_p]))
+                    _descriptor(w, weight_shape, weight_strides, [block_p, block_r] if transposed else [block_r, block_p]),
+                    _descriptor(out, [m, p], [p, 1], [block_m, block_p // split]))
 
         def grid_of(meta):
             upper = (triton.cdiv(m, meta["BLOCK_M"]) + experts) * triton.cdiv(p, meta["BLOCK_P"])

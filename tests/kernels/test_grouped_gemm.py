@@ -25,10 +25,10 @@ def results():
 
 
 def test_every_case_ran(results):
-    assert len(results) == 2 * 2 * 4 + 2 * 2 * 2 + 1
+    assert len(results) == 2 * 2 * 4 + 2 * 2 * 2 * 2 + 1
 
 
-@pytest.mark.parametrize("index", range(16 + 8))
+@pytest.mark.parametrize("index", range(16 + 16))
 def test_forward_dgrad_wgrad_match_float64(results, index):
     row = results[index]
     tolerance = 1e-5 if row["dtype"] == "torch.float32" else 1e-2
