@@ -287,15 +287,22 @@ def best_config(kernel) -> str:
     return "" if config is None else f"{config.kwargs} warps={config.num_warps} stages={config.num_stages}"
 
 
-def bench_case(n, k, sizes, dtype):
-    device = "cuda"
+def timing_operands(n, k, sizes, dtype, device="cuda"):
+    """Random operands of one timed row (weights [E, N, K]), its FLOPs, and the generator that
+    drew them (callers draw their dense-mm operand from it next)."""
     experts, m = len(sizes), sum(sizes)
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(m, k, device=device, dtype=dtype, generator=generator)
     w = torch.randn(experts, n, k, device=device, dtype=dtype, generator=generator) * k**-0.5
     dout = torch.randn(m, n, device=device, dtype=dtype, generator=generator)
     offsets = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
-    flops = 2.0 * m * n * k
+    return x, w, dout, offsets, 2.0 * m * n * k, generator
+
+
+def bench_case(n, k, sizes, dtype):
+    device = "cuda"
+    experts, m = len(sizes), sum(sizes)
+    x, w, dout, offsets, flops, generator = timing_operands(n, k, sizes, dtype, device)
     dense_w = torch.randn(k, n, device=device, dtype=dtype, generator=generator)
 
     references = {
