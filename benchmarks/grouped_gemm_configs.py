@@ -85,9 +85,9 @@ def sweep_row(kind, n, k, sizes, kernel, broken):
         if name in broken:
             continue
         config = product_tma_config(*candidate)
-        transposed = not transpose
-        r = n if transpose else k
-        if not transposed and r % candidate[2]:
+        # The kernel's own pruning rule: an untransposed weight needs R to be a multiple of BLOCK_R.
+        if not grouped_gemm._prune_product_tma([config], {"P": width, "R": n if transpose else k},
+                                               B_TRANSPOSED=not transpose):
             continue
         out = torch.full((m, width), float("nan"), dtype=dtype, device=device)
         try:

@@ -327,8 +327,9 @@ def _grouped_product_tma_kernel(
             _store_rows(out_ptr, value, row_start_out, M, col_start_out, P, stride_om, BLOCK_M, BLOCK_P)
 
     # The second list continues the first's round-robin, so programs left short there go first.
-    tile_out = (first - first_list % stride + stride) % stride - stride
-    for tile in tl.range((first - first_list % stride + stride) % stride, second_list, stride, flatten=True):
+    second_first = (first - first_list % stride + stride) % stride
+    tile_out = second_first - stride
+    for tile in tl.range(second_first, second_list, stride, flatten=True):
         group, _ = _find_group(tile // tiles_p, partial_tiles, E, E_POW2)
         start, end = _group_bounds(offsets_ptr, group, M)
         acc = _tile_product(a_desc, b_desc, group, end - (end - start) % BLOCK_M, (tile % tiles_p) * BLOCK_P, P, R,
