@@ -2,8 +2,9 @@
 
 One table, one run, one GPU: TFLOP/s for forward, dgrad and wgrad on MoE shapes (N, K) with
 weights stored as HF does (``[E, N, K]``, ``w_layout="enk"``), over several token distributions.
-bf16 operands, fp32 accumulation. Medians from ``triton.testing.do_bench`` (which clears the L2
-cache before every timed call).
+bf16 operands, fp32 accumulation. Each row's columns are timed in turn, in alternating order over
+``--rounds`` rounds, and each column's figure is the median of its rounds; a round's time is the
+median of ``triton.testing.do_bench`` (which clears the L2 cache before every timed call).
 
 Before any timing, a correctness sweep runs every kernel path on the device against a float64
 reference (outputs poisoned with NaN first, so an unwritten element fails), then every timed
@@ -19,7 +20,7 @@ Columns:
   loop   one torch.mm per expert (host split sizes, as a per-expert module loop has them)
   dense  one torch.mm with the same M, N, K (no grouping): the ceiling
 
-    python benchmarks/grouped_gemm.py [--out benchmarks/results/grouped_gemm.json] [--quick]
+    python benchmarks/grouped_gemm.py [--out benchmarks/results/grouped_gemm.json] [--quick] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -74,8 +76,8 @@ def host_us(fn, calls=200) -> float:
     return elapsed / calls * 1e6
 
 
-def graph_ms(fn) -> float:
-    """Median device time of ``fn`` replayed from a CUDA graph: no host launch work in it."""
+def captured(fn) -> torch.cuda.CUDAGraph:
+    """``fn`` captured into a CUDA graph (after one warm-up call on a side stream)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -84,7 +86,23 @@ def graph_ms(fn) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return median_ms(graph.replay)
+    return graph
+
+
+def interleaved_ms(fns, rounds=3, measure=None):
+    """Median over ``rounds`` of each callable's time (ms), the callables timed one after another
+    within a round and in reverse order every other round. Clock and thermal drift over a run then
+    reach every column alike, rather than whichever column happens to be timed last.
+
+    Returns the medians and every round's times, both by name.
+    """
+    measure = measure or median_ms
+    names = list(fns)
+    samples = {name: [] for name in names}
+    for index in range(rounds):
+        for name in names if index % 2 == 0 else reversed(names):
+            samples[name].append(measure(fns[name]))
+    return {name: statistics.median(values) for name, values in samples.items()}, samples
 
 
 def relative(value, reference) -> float:
@@ -299,8 +317,7 @@ def timing_operands(n, k, sizes, dtype, device="cuda"):
     return x, w, dout, offsets, 2.0 * m * n * k, generator
 
 
-def bench_case(n, k, sizes, dtype):
-    device = "cuda"
+def bench_case(n, k, sizes, dtype, rounds=3, device="cuda"):
     experts, m = len(sizes), sum(sizes)
     x, w, dout, offsets, flops, generator = timing_operands(n, k, sizes, dtype, device)
     dense_w = torch.randn(k, n, device=device, dtype=dtype, generator=generator)
@@ -346,17 +363,22 @@ def bench_case(n, k, sizes, dtype):
                 row[f"{name}_rel_err"] = error
                 if not error < 2e-2:
                     FAILURES.append(f"{kind} {name} n={n} k={k} sizes={sizes[:4]}...: relative error {error}")
-            row[f"{name}_tflops"] = flops / (median_ms(fn) * 1e-3) / 1e12
-            if name == "ours":
-                # Checked again after timing: these calls took the cached-kernel launch.
-                error = relative(fn(), references[kind])
-                row["ours_rel_err_cached_launch"] = error
-                if not error < 2e-2:
-                    FAILURES.append(f"{kind} ours (cached launch) n={n} k={k}: relative error {error}")
-            if name in ("ours", "torch"):
-                # Diagnostics: host cost per call and device-only rate from a graph replay.
-                row[f"{name}_host_us"] = host_us(fn)
-                row[f"{name}_graph_tflops"] = flops / (graph_ms(fn) * 1e-3) / 1e12
+        medians, samples = interleaved_ms(fns, rounds)
+        for name, value in medians.items():
+            row[f"{name}_tflops"] = flops / (value * 1e-3) / 1e12
+        row["round_ms"] = samples
+        # Checked again after timing: these calls took the cached-kernel launch.
+        error = relative(fns["ours"](), references[kind])
+        row["ours_rel_err_cached_launch"] = error
+        if not error < 2e-2:
+            FAILURES.append(f"{kind} ours (cached launch) n={n} k={k}: relative error {error}")
+        # Diagnostics: host cost per call, and device-only rates from graph replays (no host launch work).
+        graphs = {}
+        for name in ("ours", "torch"):
+            row[f"{name}_host_us"] = host_us(fns[name])
+            graphs[name] = captured(fns[name]).replay
+        for name, value in interleaved_ms(graphs, rounds)[0].items():
+            row[f"{name}_graph_tflops"] = flops / (value * 1e-3) / 1e12
         if "torch_kn_tflops" in row:
             row["torch_tflops"] = max(row["torch_tflops"], row.pop("torch_kn_tflops"))
             row["torch_rel_err"] = max(row["torch_rel_err"], row.pop("torch_kn_rel_err"))
@@ -398,6 +420,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "grouped_gemm.json"))
     parser.add_argument("--quick", action="store_true", help="one shape and one distribution")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds per row (columns interleaved; median)")
     parser.add_argument("--skip-sweep", action="store_true", help="skip the correctness sweep")
     parser.add_argument("--profile-host", action="store_true", help="profile the host side of a launch and exit")
     args = parser.parse_args()
@@ -422,7 +445,7 @@ def main() -> None:
     rows = []
     for n, k in shapes:
         for label, sizes in cases.items():
-            for row in bench_case(n, k, sizes, dtype):
+            for row in bench_case(n, k, sizes, dtype, args.rounds):
                 row["distribution"] = label
                 rows.append(row)
                 print(f"{row['kind']:<7} N={n:<5} K={k:<5} {label:<9} ours {row['ours_tflops']:6.1f}  torch {row['torch_tflops']:6.1f}  "
@@ -445,7 +468,7 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name(0), "multiprocessors": properties.multi_processor_count,
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda, "dtype": str(dtype),
-        "weight_layout": "enk ([E, N, K], HF)", "seconds": round(time.time() - started, 1),
+        "weight_layout": "enk ([E, N, K], HF)", "timing_rounds": args.rounds, "seconds": round(time.time() - started, 1),
         "correctness_sweep": sweep, "failures": FAILURES, "rows": rows, "summary": summary,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -453,7 +476,7 @@ def main() -> None:
         json.dump(result, handle, indent=1)
     print()
     print(f"{result['device']}  torch {result['torch']}  triton {result['triton']}  CUDA {result['cuda']}  "
-          f"bf16, TFLOP/s (median of do_bench)")
+          f"bf16, TFLOP/s (median of {args.rounds} interleaved rounds of do_bench medians)")
     print("graph columns: the same calls replayed from a CUDA graph (device time only, no host launch work)")
     print(f"{'kind':<7} {'N':>5} {'K':>5} {'dist':<9} {'ours':>7} {'torch':>7} {'loop':>7} {'dense':>7} {'ours/torch':>10} "
           f"{'ours/dense':>10} {'ours(g)':>8} {'torch(g)':>8} {'(g)ratio':>8}")
