@@ -471,6 +471,12 @@ def _next_power_of_two(value: int) -> int:
     return 1 << max(0, (value - 1).bit_length())
 
 
+def _cdiv(numerator: int, denominator: int) -> int:
+    # Plain integer arithmetic: triton.cdiv is a JIT-aware function, several times dearer per
+    # call on the host, and the grid is computed on every launch.
+    return -(-numerator // denominator)
+
+
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -491,7 +497,8 @@ def _aligned(tensor: torch.Tensor) -> bool:
 
 def _row_major(tensor: torch.Tensor) -> bool:
     """2-D with unit column stride and a 16-byte row stride: what a TMA descriptor can address."""
-    return tensor.stride(1) == 1 and (tensor.stride(0) * tensor.element_size()) % 16 == 0 and _aligned(tensor)
+    row_stride, column_stride = tensor.stride()
+    return column_stride == 1 and (row_stride * tensor.element_size()) % 16 == 0 and tensor.data_ptr() % 16 == 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -503,10 +510,10 @@ def _weight_rows(w: torch.Tensor, r: int, p: int, stride_r: int, stride_p: int):
     """The weight as one 2-D row-major matrix a TMA descriptor can walk: ``(shape, strides,
     transposed)`` where each group's ``B_g`` [R, P] is stored transposed (``[P, R]``, rows
     ``g*P + p``) or not (rows ``g*R + r``); ``None`` where the storage is not such a matrix."""
-    element = w.element_size()
-    if stride_r == 1 and stride_p * element % 16 == 0 and w.stride(0) == p * stride_p and stride_p >= r:
+    element, stride_g = w.element_size(), w.stride(0)
+    if stride_r == 1 and stride_p * element % 16 == 0 and stride_g == p * stride_p and stride_p >= r:
         return [w.shape[0] * p, r], [stride_p, 1], True
-    if stride_p == 1 and stride_r * element % 16 == 0 and w.stride(0) == r * stride_r and stride_r >= p:
+    if stride_p == 1 and stride_r * element % 16 == 0 and stride_g == r * stride_r and stride_r >= p:
         return [w.shape[0] * r, p], [stride_r, 1], False
     return None
 
@@ -629,18 +636,21 @@ def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specializa
         return
     if specialization is None:
         specialization = _specialization(runtime_args)
-    compiled_key = (kernel, key, config, specialization)
+    # One compiled kernel per (kernel, problem, specialization), valid for the configuration it
+    # was compiled with: comparing that configuration by identity costs nothing, where hashing
+    # a triton.Config on every call costs more than the rest of this function.
+    compiled_key = (kernel, key, specialization)
     cached = _compiled.get(compiled_key)
-    if cached is None:
+    if cached is None or cached[0] is not config:
         compiled = kernel.fn.run(*runtime_args, grid=grid, warmup=False, **constexprs, **config.all_kwargs())
         # The compiled kernel takes every parameter in signature order, constexprs included (as
         # the JIT passes them): runtime arguments, then the constexprs, then the configuration's.
         trailing = (*constexprs.values(), *blocks.values())
         names = kernel.fn.arg_names
         if list(names[len(runtime_args):]) == [*constexprs, *blocks]:
-            _compiled[compiled_key] = (compiled, trailing)
+            _compiled[compiled_key] = (config, compiled, trailing)
         return
-    compiled, trailing = cached
+    _, compiled, trailing = cached
     compiled[(*grid, 1, 1)[:3]](*runtime_args, *trailing)
 
 
@@ -654,13 +664,15 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w
     written.
     """
     # B_g is the logical [R, P] operand: R reduced over, P the output width.
+    experts, rows_w, cols_w = w.shape
+    stride_g, stride_rows_w, stride_cols_w = w.stride()
     if w_layout == "ekn":
-        r, p, stride_r, stride_p = w.shape[1], w.shape[2], w.stride(1), w.stride(2)
+        r, p, stride_r, stride_p = rows_w, cols_w, stride_rows_w, stride_cols_w
     else:
-        r, p, stride_r, stride_p = w.shape[2], w.shape[1], w.stride(2), w.stride(1)
+        r, p, stride_r, stride_p = cols_w, rows_w, stride_cols_w, stride_rows_w
     if transpose_weight:
         r, p, stride_r, stride_p = p, r, stride_p, stride_r
-    m, experts = x.shape[0], w.shape[0]
+    m = x.shape[0]
     if out is None:
         out = torch.empty((m, p), dtype=x.dtype, device=x.device)
     if m == 0 or p == 0:
@@ -689,7 +701,7 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w
                     _descriptor(out, [m, p], [p, 1], [block_m, block_p // split]))
 
         def grid_of(meta):
-            upper = (triton.cdiv(m, meta["BLOCK_M"]) + experts) * triton.cdiv(p, meta["BLOCK_P"])
+            upper = (_cdiv(m, meta["BLOCK_M"]) + experts) * _cdiv(p, meta["BLOCK_P"])
             return (max(1, min(slots * meta["PROGRAMS_PER_SM"], upper)),)
 
         # The key fixes P, R, E, the bucket and the layout; select_path checked the alignment of x,
@@ -701,7 +713,7 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w
         return out
 
     def portable_grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) + experts, triton.cdiv(p, meta["BLOCK_P"]))
+        return (_cdiv(m, meta["BLOCK_M"]) + experts, _cdiv(p, meta["BLOCK_P"]))
 
     _launch(_grouped_product_kernel, (p, r, experts, m_bucket, stride_r == 1, x.dtype), portable_grid, lambda _: (),
             (x, w, out, offsets, m, p, r, experts, m_bucket,
@@ -730,7 +742,7 @@ def triton_grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.
     upcast = INTERPRETED and x.dtype != torch.float32
 
     def grid_of(meta):
-        return (triton.cdiv(p1, meta["BLOCK_P1"]) * triton.cdiv(p2, meta["BLOCK_P2"]), num_groups)
+        return (_cdiv(p1, meta["BLOCK_P1"]) * _cdiv(p2, meta["BLOCK_P2"]), num_groups)
 
     if chosen == "tma":
         def make_descriptors(blocks):
