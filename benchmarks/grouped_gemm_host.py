@@ -56,13 +56,16 @@ class RecordingLauncher:
 @contextlib.contextmanager
 def stubbed_compilation(kernel, launcher):
     """The JIT's compile-and-run entry returns ``launcher`` in place of a compiled kernel, which
-    the module then caches and calls for every later launch."""
-    run = kernel.fn.run
+    the module then caches and calls for every later launch; on leaving, the stand-ins are taken
+    out of that cache again."""
+    run, cached = kernel.fn.run, set(grouped_gemm._compiled)
     kernel.fn.run = lambda *args, **kwargs: launcher
     try:
         yield
     finally:
         kernel.fn.run = run
+        for key in set(grouped_gemm._compiled) - cached:
+            del grouped_gemm._compiled[key]
 
 
 def per_call_us(fn, calls, repeats) -> float:
@@ -144,6 +147,17 @@ def op_rows(calls, repeats):
     return rows
 
 
+def processor() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -160,7 +174,7 @@ def main(argv=None):
     aten = next(row["us"] for row in rows if row["layer"] == "aten")
     for row in rows:
         row["over_aten"] = row["us"] / aten
-    result = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
+    result = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else processor(),
               "launcher": "triton" if args.device == "cuda" else "recording stand-in (CPU)",
               "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
               "calls": args.calls, "repeats": args.repeats, "rows": rows}

@@ -99,3 +99,19 @@ def test_a_wrong_result_is_reported_as_a_failure(script, monkeypatch):
     script.bench_case(24, 40, [5, 0, 11, 16], torch.float32, rounds=1, device="cpu")
     failed = [failure.split(" n=")[0] for failure in script.FAILURES]
     assert failed == ["forward ours", "forward ours (cached launch)", "dgrad ours", "dgrad ours (cached launch)"]
+
+
+def test_host_cost_benchmark_takes_the_cached_launch_on_every_path(tmp_path):
+    spec = importlib.util.spec_from_file_location("grouped_gemm_host_benchmark", os.path.join(
+        os.path.dirname(SCRIPT), "grouped_gemm_host.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # main() exits if a repeated call did not go through the cached compiled kernel (the
+    # stand-in launcher counts the launches).
+    result = module.main(["--calls", "20", "--repeats", "2", "--out", str(tmp_path / "host.json")])
+    wrappers = {(row["kind"], row["path"]) for row in result["rows"] if row["layer"] == "wrapper"}
+    assert wrappers == {("forward", "tma"), ("dgrad", "tma"), ("wgrad", "tma"), ("forward", "portable"),
+                        ("wgrad", "portable")}
+    assert all(row["us"] > 0 for row in result["rows"] if row["layer"] != "op")
+    # The stand-in launchers are gone from the compiled-kernel cache afterwards.
+    assert not any(isinstance(entry[1], module.RecordingLauncher) for entry in module.grouped_gemm._compiled.values())
