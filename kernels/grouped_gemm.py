@@ -36,6 +36,7 @@ import collections
 import contextlib
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -654,6 +655,55 @@ def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specializa
     compiled[(*grid, 1, 1)[:3]](*runtime_args, *trailing)
 
 
+class _Plan(NamedTuple):
+    """What a launch derives from its operands' layout (strides, widths, groups, dtype, device,
+    16-byte alignment), computed once per layout: the kernel and path, the compile-time
+    arguments, the runtime integers after the row count and its bucket, and the part of the
+    compiled kernel's specialization they fix. The row count M (which varies from call to call
+    with routing) stays out of it."""
+
+    path: str
+    kernel: object
+    constexprs: dict
+    trailing_ints: tuple
+    specialization: tuple
+    weight_rows: tuple | None = None  # TMA product: (shape, strides, stored transposed) of the weight matrix
+    slots: int = 0                    # TMA product: persistent programs per configuration's PROGRAMS_PER_SM
+
+
+# Plans by operand layout; bounded by the distinct layer shapes of a model, cleared if a caller
+# somehow produces more.
+_plans: dict = {}
+_MAX_PLANS = 4096
+
+
+def _remember(key, plan: _Plan) -> _Plan:
+    if len(_plans) >= _MAX_PLANS:
+        _plans.clear()
+    _plans[key] = plan
+    return plan
+
+
+def _product_plan(x, w, out, offsets, r, p, stride_r, stride_p, experts, requested) -> _Plan:
+    chosen = select_path("product", (x, w, out, r, p, stride_r, stride_p), requested)
+    # One compiled variant serves every expert count up to 128 (a 128-lane vector costs what a
+    # 64-lane one does at 4+ warps).
+    e_pow2 = max(128, _next_power_of_two(experts))
+    upcast = INTERPRETED and x.dtype != torch.float32
+    if chosen == "tma":
+        weight_rows = _weight_rows(w, r, p, stride_r, stride_p)
+        slots = _multiprocessors(_device_index(x)) if x.is_cuda else 4  # the interpreter: a few, to exercise striding
+        # The tuning key fixes P, R, E, the bucket and the layout; select_path checked the
+        # alignment of x, w and out. What is left: M, the row stride of x and the alignment of offsets.
+        return _Plan("tma", _grouped_product_tma_kernel,
+                     dict(B_TRANSPOSED=weight_rows[2], E_POW2=e_pow2, UPCAST=upcast), (out.stride(0),),
+                     (x.stride(0) % 16, weight_rows[1][0] % 16, offsets.data_ptr() % 16), weight_rows, slots)
+    runtime_ints = (x.stride(0), x.stride(1), w.stride(0), stride_r, stride_p, out.stride(0), out.stride(1))
+    return _Plan("portable", _grouped_product_kernel,
+                 dict(B_TRANSPOSED=stride_r == 1, E_POW2=e_pow2, IEEE=x.dtype == torch.float32, UPCAST=upcast),
+                 runtime_ints, _specialization((x, w, out, offsets, p, r, experts, *runtime_ints)))
+
+
 def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w_layout: str = "ekn",
                       transpose_weight: bool = False, out: torch.Tensor | None = None,
                       path: str = "auto") -> torch.Tensor:
@@ -665,11 +715,11 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w
     """
     # B_g is the logical [R, P] operand: R reduced over, P the output width.
     experts, rows_w, cols_w = w.shape
-    stride_g, stride_rows_w, stride_cols_w = w.stride()
+    w_strides = w.stride()
     if w_layout == "ekn":
-        r, p, stride_r, stride_p = rows_w, cols_w, stride_rows_w, stride_cols_w
+        r, p, stride_r, stride_p = rows_w, cols_w, w_strides[1], w_strides[2]
     else:
-        r, p, stride_r, stride_p = cols_w, rows_w, stride_cols_w, stride_rows_w
+        r, p, stride_r, stride_p = cols_w, rows_w, w_strides[2], w_strides[1]
     if transpose_weight:
         r, p, stride_r, stride_p = p, r, stride_p, stride_r
     m = x.shape[0]
@@ -679,24 +729,26 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w
         return out
     if experts == 0 or r == 0:
         return out.zero_()
-    chosen = select_path("product", (x, w, out, r, p, stride_r, stride_p), path)
-    launch_counts[f"product_{chosen}"] += 1
-    # One compiled variant serves every expert count up to 128 (a 128-lane vector costs what a
-    # 64-lane one does at 4+ warps).
-    e_pow2 = max(128, _next_power_of_two(experts))
+    x_strides, out_strides = x.stride(), out.stride()
+    plan_key = ("product", x_strides, w_strides, out_strides, r, p, stride_r, stride_p, experts, x.dtype, x.device,
+                path, x.data_ptr() % 16, w.data_ptr() % 16, out.data_ptr() % 16, offsets.data_ptr() % 16)
+    plan = _plans.get(plan_key) or _remember(plan_key, _product_plan(x, w, out, offsets, r, p, stride_r, stride_p,
+                                                                    experts, path))
+    launch_counts["product_tma" if plan.path == "tma" else "product_portable"] += 1
     m_bucket = _next_power_of_two(m)
-    upcast = INTERPRETED and x.dtype != torch.float32
-    if chosen == "tma":
-        weight_shape, weight_strides, transposed = _weight_rows(w, r, p, stride_r, stride_p)
-        slots = _multiprocessors(_device_index(x)) if x.is_cuda else 4  # the interpreter: a few, to exercise striding
+    specialization = (m % 16 == 0, m == 1, m >> 31, m_bucket, *plan.specialization)
+    if plan.path == "tma":
+        weight_shape, weight_strides, transposed = plan.weight_rows
+        slots = plan.slots
 
         def make_descriptors(blocks):
             if blocks is None:  # sized by the configuration's pre-hook
                 block_m = block_p = block_r = 16
+                split = 1
             else:
                 block_m, block_p, block_r = blocks["BLOCK_M"], blocks["BLOCK_P"], blocks["BLOCK_R"]
-            split = 1 if blocks is None else blocks["EPILOGUE_SPLIT"]
-            return (_descriptor(x, [m, r], [x.stride(0), 1], [block_m, block_r]),
+                split = blocks["EPILOGUE_SPLIT"]
+            return (_descriptor(x, [m, r], [x_strides[0], 1], [block_m, block_r]),
                     _descriptor(w, weight_shape, weight_strides, [block_p, block_r] if transposed else [block_r, block_p]),
                     _descriptor(out, [m, p], [p, 1], [block_m, block_p // split]))
 
@@ -704,29 +756,41 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w
             upper = (_cdiv(m, meta["BLOCK_M"]) + experts) * _cdiv(p, meta["BLOCK_P"])
             return (max(1, min(slots * meta["PROGRAMS_PER_SM"], upper)),)
 
-        # The key fixes P, R, E, the bucket and the layout; select_path checked the alignment of x,
-        # w and out. What is left: M, the row stride of x and the alignment of offsets.
-        _launch(_grouped_product_tma_kernel, (p, r, experts, m_bucket, transposed, x.dtype), grid_of, make_descriptors,
-                (out, offsets, m, p, r, experts, m_bucket, out.stride(0)),
-                dict(B_TRANSPOSED=transposed, E_POW2=e_pow2, UPCAST=upcast),
-                (m % 16, m == 1, m >> 31, x.stride(0) % 16, weight_strides[0] % 16, offsets.data_ptr() % 16))
+        _launch(plan.kernel, (p, r, experts, m_bucket, transposed, x.dtype), grid_of, make_descriptors,
+                (out, offsets, m, p, r, experts, m_bucket, *plan.trailing_ints), plan.constexprs, specialization)
         return out
 
     def portable_grid(meta):
         return (_cdiv(m, meta["BLOCK_M"]) + experts, _cdiv(p, meta["BLOCK_P"]))
 
-    _launch(_grouped_product_kernel, (p, r, experts, m_bucket, stride_r == 1, x.dtype), portable_grid, lambda _: (),
-            (x, w, out, offsets, m, p, r, experts, m_bucket,
-             x.stride(0), x.stride(1), w.stride(0), stride_r, stride_p, out.stride(0), out.stride(1)),
-            dict(B_TRANSPOSED=stride_r == 1, E_POW2=e_pow2, IEEE=x.dtype == torch.float32, UPCAST=upcast))
+    _launch(plan.kernel, (p, r, experts, m_bucket, stride_r == 1, x.dtype), portable_grid, _no_descriptors,
+            (x, w, out, offsets, m, p, r, experts, m_bucket, *plan.trailing_ints), plan.constexprs, specialization)
     return out
+
+
+def _no_descriptors(blocks):
+    return ()
+
+
+def _wgrad_plan(left, right, dw, offsets, num_groups, requested) -> _Plan:
+    chosen = select_path("wgrad", (left, right, dw), requested)
+    upcast = INTERPRETED and left.dtype != torch.float32
+    if chosen == "tma":
+        runtime_ints = (left.stride(0), right.stride(0), dw.stride(0), dw.stride(1))
+        kernel, constexprs = _grouped_wgrad_tma_kernel, dict(UPCAST=upcast)
+    else:
+        runtime_ints = (left.stride(0), left.stride(1), right.stride(0), right.stride(1), *dw.stride())
+        kernel, constexprs = _grouped_wgrad_kernel, dict(IEEE=left.dtype == torch.float32, UPCAST=upcast)
+    return _Plan(chosen, kernel, constexprs, runtime_ints,
+                 _specialization((left, right, dw, offsets, left.shape[1], right.shape[1], num_groups, *runtime_ints)))
 
 
 def triton_grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor, num_groups: int,
                             w_layout: str = "ekn", out: torch.Tensor | None = None,
                             path: str = "auto") -> torch.Tensor:
     """``dW[g] = x_g.T @ dout_g`` written in the weight's storage layout (empty groups: zeros)."""
-    k, n, m = x.shape[1], dout.shape[1], x.shape[0]
+    m, k = x.shape
+    n = dout.shape[1]
     shape = (num_groups, k, n) if w_layout == "ekn" else (num_groups, n, k)
     dw = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
     if num_groups == 0 or k == 0 or n == 0:
@@ -736,31 +800,26 @@ def triton_grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.
     # Each dW[g] is written as left.T @ right: its rows come from `left`, its columns from `right`.
     left, right = (x, dout) if w_layout == "ekn" else (dout, x)
     p1, p2 = left.shape[1], right.shape[1]
-    chosen = select_path("wgrad", (left, right, dw), path)
-    launch_counts[f"wgrad_{chosen}"] += 1
+    left_strides, right_strides = left.stride(), right.stride()
+    plan_key = ("wgrad", left_strides, right_strides, dw.stride(), p1, p2, num_groups, x.dtype, x.device, path,
+                left.data_ptr() % 16, right.data_ptr() % 16, dw.data_ptr() % 16, offsets.data_ptr() % 16)
+    plan = _plans.get(plan_key) or _remember(plan_key, _wgrad_plan(left, right, dw, offsets, num_groups, path))
+    launch_counts["wgrad_tma" if plan.path == "tma" else "wgrad_portable"] += 1
     m_bucket = _next_power_of_two(m)
-    upcast = INTERPRETED and x.dtype != torch.float32
+    specialization = (m % 16 == 0, m == 1, m >> 31, m_bucket, *plan.specialization)
 
     def grid_of(meta):
         return (_cdiv(p1, meta["BLOCK_P1"]) * _cdiv(p2, meta["BLOCK_P2"]), num_groups)
 
-    if chosen == "tma":
+    make_descriptors = _no_descriptors
+    if plan.path == "tma":
         def make_descriptors(blocks):
             block_m, block_1, block_2 = (16, 16, 16) if blocks is None else (
                 blocks["BLOCK_M"], blocks["BLOCK_P1"], blocks["BLOCK_P2"])
-            return (_descriptor(left, [m, p1], [left.stride(0), 1], [block_m, block_1]),
-                    _descriptor(right, [m, p2], [right.stride(0), 1], [block_m, block_2]))
+            return (_descriptor(left, [m, p1], [left_strides[0], 1], [block_m, block_1]),
+                    _descriptor(right, [m, p2], [right_strides[0], 1], [block_m, block_2]))
 
-        _launch(_grouped_wgrad_tma_kernel, (p1, p2, num_groups, m_bucket, x.dtype), grid_of, make_descriptors,
-                (left, right, dw, offsets, m, p1, p2, num_groups, m_bucket,
-                 left.stride(0), right.stride(0), dw.stride(0), dw.stride(1)),
-                dict(UPCAST=upcast),
-                (m % 16, m == 1, m >> 31, left.stride(0) % 16, right.stride(0) % 16, dw.stride(0) % 16, dw.stride(1) % 16,
-                 dw.data_ptr() % 16, offsets.data_ptr() % 16))
-        return dw
-    _launch(_grouped_wgrad_kernel, (p1, p2, num_groups, m_bucket, x.dtype), grid_of, lambda _: (),
-            (left, right, dw, offsets, m, p1, p2, num_groups, m_bucket,
-             left.stride(0), left.stride(1), right.stride(0), right.stride(1), dw.stride(0), dw.stride(1),
-             dw.stride(2)),
-            dict(IEEE=x.dtype == torch.float32, UPCAST=upcast))
+    _launch(plan.kernel, (p1, p2, num_groups, m_bucket, x.dtype), grid_of, make_descriptors,
+            (left, right, dw, offsets, m, p1, p2, num_groups, m_bucket, *plan.trailing_ints), plan.constexprs,
+            specialization)
     return dw
