@@ -48,6 +48,12 @@ CANDIDATES = [
     (128, 256, 64, 8, 3, 1, True, 1),
     (256, 128, 64, 8, 4, 1, True, 2),
     (128, 128, 64, 8, 5, 1, True, 2),
+    # For the compute-bound shapes (K = 2048, or N = 2048 with K = 768): a longer or shorter
+    # reduction step at the same pipeline depth in bytes, and 256-row tiles with three stages.
+    (128, 256, 32, 8, 6, 1, True, 2),
+    (128, 256, 128, 8, 2, 1, True, 2),
+    (256, 128, 64, 8, 3, 1, True, 2),
+    (256, 128, 64, 8, 3, 1, True, 1),
 ]
 
 

@@ -15,9 +15,11 @@ training step keeps the GPU fed. This measures it per call, by layer:
 On the CPU (no GPU needed) Triton's launcher is replaced by a recording stand-in, so ``wrapper``
 is this module's Python alone; on a CUDA device (``--device cuda``) the real launcher runs and
 ``wrapper`` is the whole host cost of a launch. Medians of ``--repeats`` timings of ``--calls``
-calls each. Writes JSON (``--out``).
+calls each, on a small problem (512 rows, K = 128, N = 256, 8 groups) so that on a GPU the
+kernels finish faster than the host issues them. ``--profile`` adds a cProfile of each case.
+Writes JSON (``--out``).
 
-    python benchmarks/grouped_gemm_host.py [--device cpu|cuda] [--out FILE]
+    python benchmarks/grouped_gemm_host.py [--device cpu|cuda] [--profile] [--out FILE]
 """
 
 from __future__ import annotations
@@ -68,6 +70,22 @@ def stubbed_compilation(kernel, launcher):
             del grouped_gemm._compiled[key]
 
 
+def print_profile(label, fn, calls, lines=14):
+    """Where one call's host time goes: cProfile over ``calls`` calls, by own time."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    print(f"--- {label}: {calls} calls")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(lines)
+
+
 def per_call_us(fn, calls, repeats) -> float:
     for _ in range(min(calls, 200)):
         fn()
@@ -80,7 +98,9 @@ def per_call_us(fn, calls, repeats) -> float:
     return statistics.median(timings)
 
 
-def operands(device, m=16384, k=192, n=2048, experts=8):
+def operands(device, m=512, k=128, n=256, experts=8):
+    # Small on purpose: on a GPU each kernel must finish faster than the host can issue the next,
+    # or the launch queue fills and the host waits on the device, timing the kernels instead.
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(m, k, device=device, generator=generator).to(torch.bfloat16)
     w = torch.randn(experts, n, k, device=device, generator=generator).to(torch.bfloat16)  # [E, N, K]
@@ -89,7 +109,7 @@ def operands(device, m=16384, k=192, n=2048, experts=8):
     return x, w, dout, offsets
 
 
-def wrapper_rows(device, calls, repeats):
+def wrapper_rows(device, calls, repeats, profile=False):
     x, w, dout, offsets = operands(device)
     experts = w.shape[0]
     out = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=device)
@@ -120,6 +140,8 @@ def wrapper_rows(device, calls, repeats):
             us = per_call_us(fn, calls, repeats)
             if device == "cuda":
                 torch.cuda.synchronize()
+            if profile:
+                print_profile(f"{kind} {path}", fn, calls)
         if launcher is not None and launcher.launches < calls * repeats:
             raise SystemExit(f"{kind} {path}: the cached launch was not taken ({launcher.launches} launches)")
         rows.append({"layer": "wrapper", "kind": kind, "path": path, "us": us})
@@ -163,6 +185,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--profile", action="store_true", help="also print a cProfile of each wrapper case")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "grouped_gemm_host.json"))
     args = parser.parse_args(argv)
@@ -170,7 +193,7 @@ def main(argv=None):
         raise SystemExit("--device cuda needs a CUDA GPU")
     if args.device == "cpu" and grouped_gemm.INTERPRETED:
         raise SystemExit("unset TRITON_INTERPRET: the interpreter runs kernels in Python, which is not the launch path")
-    rows = wrapper_rows(args.device, args.calls, args.repeats) + op_rows(args.calls, args.repeats)
+    rows = wrapper_rows(args.device, args.calls, args.repeats, args.profile) + op_rows(args.calls, args.repeats)
     aten = next(row["us"] for row in rows if row["layer"] == "aten")
     for row in rows:
         row["over_aten"] = row["us"] / aten
