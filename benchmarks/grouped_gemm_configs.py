@@ -31,7 +31,7 @@ from benchmarks.grouped_gemm import (  # noqa: E402
 from kernels import grouped_gemm  # noqa: E402
 from kernels.grouped_gemm import product_tma_config, triton_grouped_mm  # noqa: E402
 
-# (BLOCK_M, BLOCK_P, BLOCK_R, warps, stages, programs per SM, TMA store, epilogue split)
+# (BLOCK_M, BLOCK_P, BLOCK_R, warps, stages, programs per SM, TMA store, epilogue split[, warp-specialised])
 CANDIDATES = [
     (128, 256, 64, 8, 4, 1, False, 1),
     (128, 256, 64, 8, 3, 1, False, 1),
@@ -54,6 +54,12 @@ CANDIDATES = [
     (128, 256, 128, 8, 2, 1, True, 2),
     (256, 128, 64, 8, 3, 1, True, 2),
     (256, 128, 64, 8, 3, 1, True, 1),
+    # Warp-specialised: loads and products on warps of their own, the tile loop not flattened.
+    (128, 256, 64, 8, 3, 1, True, 2, True),
+    (128, 256, 64, 8, 4, 1, True, 2, True),
+    (256, 128, 64, 8, 3, 1, True, 2, True),
+    (128, 128, 64, 4, 4, 1, True, 2, True),
+    (128, 128, 64, 8, 4, 1, True, 2, True),
 ]
 
 
@@ -62,9 +68,9 @@ def median_ms(fn) -> float:
 
 
 def describe(candidate) -> str:
-    block_m, block_p, block_r, warps, stages, per_sm, tma_store, split = candidate
+    block_m, block_p, block_r, warps, stages, per_sm, tma_store, split, *specialized = candidate
     store = f"tma/{split}" if tma_store else "masked"
-    return f"{block_m}x{block_p}x{block_r} w{warps} s{stages} p{per_sm} {store}"
+    return f"{block_m}x{block_p}x{block_r} w{warps} s{stages} p{per_sm} {store}{' ws' if any(specialized) else ''}"
 
 
 def sweep_row(kind, n, k, sizes, kernel, broken):

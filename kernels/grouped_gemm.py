@@ -86,12 +86,15 @@ def _set_wgrad_blocks(nargs):
 
 
 def product_tma_config(block_m, block_p, block_r, warps, stages, programs_per_sm=1, tma_store=True,
-                       epilogue_split=1) -> triton.Config:
+                       epilogue_split=1, warp_specialize=False) -> triton.Config:
     """One configuration of the Hopper grouped product (tests and the tuning sweep build their
-    own through this)."""
+    own through this). ``warp_specialize`` gives the loads and the products warps of their own;
+    Triton does that on Hopper for loops it does not flatten, so the tile loop is left unflattened
+    there."""
     return triton.Config(
         {"BLOCK_M": block_m, "BLOCK_P": block_p, "BLOCK_R": block_r, "PROGRAMS_PER_SM": programs_per_sm,
-         "TMA_STORE": tma_store, "EPILOGUE_SPLIT": epilogue_split},
+         "TMA_STORE": tma_store, "EPILOGUE_SPLIT": epilogue_split, "WARP_SPECIALIZE": warp_specialize,
+         "FLATTEN": not warp_specialize},
         num_warps=warps, num_stages=stages, pre_hook=_set_product_blocks)
 
 
@@ -290,7 +293,7 @@ def _grouped_product_tma_kernel(
     M, P, R, E, M_BUCKET, stride_om,
     B_TRANSPOSED: tl.constexpr, E_POW2: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
-    TMA_STORE: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr,
+    TMA_STORE: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     # Two lists of tiles, walked one after the other by the same persistent programs. The first
     # holds every tile that ends inside its group or at the matrix's edge: those store through
@@ -312,7 +315,7 @@ def _grouped_product_tma_kernel(
     # The epilogue recomputes its tile from its own counter: sharing values between the
     # flattened loop's prologue and epilogue defeats the pipeliner.
     tile_out = first - stride
-    for tile in tl.range(first, first_list, stride, flatten=True):
+    for tile in tl.range(first, first_list, stride, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         group, row_start, _, _ = _locate_row_tile(offsets_ptr, tile // tiles_p, whole_tiles, used_rows, M, E, BLOCK_M,
                                                   E_POW2)
         acc = _tile_product(a_desc, b_desc, group, row_start, (tile % tiles_p) * BLOCK_P, P, R, steps,
@@ -330,7 +333,7 @@ def _grouped_product_tma_kernel(
     # The second list continues the first's round-robin, so programs left short there go first.
     second_first = (first - first_list % stride + stride) % stride
     tile_out = second_first - stride
-    for tile in tl.range(second_first, second_list, stride, flatten=True):
+    for tile in tl.range(second_first, second_list, stride, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         group, _ = _find_group(tile // tiles_p, partial_tiles, E, E_POW2)
         start, end = _group_bounds(offsets_ptr, group, M)
         acc = _tile_product(a_desc, b_desc, group, end - (end - start) % BLOCK_M, (tile % tiles_p) * BLOCK_P, P, R,

@@ -109,9 +109,10 @@ def tma_configs():
     # BLOCK_R stays 16: an untransposed weight's reduction length must be a multiple of it, and
     # the drawn K and N are multiples of 16.
     product = st.builds(
-        lambda m, p, split, store, per_sm: grouped_gemm.product_tma_config(m, p, 16, 4, 1, per_sm, store, split),
+        lambda m, p, split, store, per_sm, specialized: grouped_gemm.product_tma_config(m, p, 16, 4, 1, per_sm, store,
+                                                                                        split, specialized),
         st.sampled_from([16, 32]), st.sampled_from([16, 32]), st.sampled_from([1, 2]), st.booleans(),
-        st.sampled_from([1, 2]))
+        st.sampled_from([1, 2]), st.booleans())
     return product, wgrad_configs(grouped_gemm.triton.Config, pre_hook=grouped_gemm._set_wgrad_blocks)
 
 
