@@ -502,7 +502,7 @@ def _aligned(tensor: torch.Tensor) -> bool:
 def _row_major(tensor: torch.Tensor) -> bool:
     """2-D with unit column stride and a 16-byte row stride: what a TMA descriptor can address."""
     row_stride, column_stride = tensor.stride()
-    return column_stride == 1 and (row_stride * tensor.element_size()) % 16 == 0 and tensor.data_ptr() % 16 == 0
+    return column_stride == 1 and (row_stride * tensor.element_size()) % 16 == 0 and _aligned(tensor)
 
 
 @functools.lru_cache(maxsize=None)
@@ -622,10 +622,10 @@ def _specialization(args) -> tuple:
     return tuple(key)
 
 
-def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specialization=None):
-    """Launch ``kernel`` for problem ``key``. ``specialization``, where the caller gives it, holds
-    every argument property the compiled kernel may depend on that ``key`` does not already fix
-    (computing it from the problem is cheaper than inspecting every argument)."""
+def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specialization):
+    """Launch ``kernel`` for problem ``key``. ``specialization`` holds every argument property the
+    compiled kernel may depend on that ``key`` does not already fix: the row count's, and those
+    of the launch plan, worked out once per operand layout."""
     config = _forced.get(kernel) or _chosen.get((kernel, key))
     if config is None:
         # First call for this key: autotune, the configurations' pre-hooks sizing the descriptors.
@@ -638,8 +638,6 @@ def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specializa
     if INTERPRETED:
         kernel.fn.run(*runtime_args, grid=grid, warmup=False, **constexprs, **config.all_kwargs())
         return
-    if specialization is None:
-        specialization = _specialization(runtime_args)
     # One compiled kernel per (kernel, problem, specialization), valid for the configuration it
     # was compiled with: comparing that configuration by identity costs nothing, where hashing
     # a triton.Config on every call costs more than the rest of this function.
@@ -737,7 +735,7 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w
                 path, x.data_ptr() % 16, w.data_ptr() % 16, out.data_ptr() % 16, offsets.data_ptr() % 16)
     plan = _plans.get(plan_key) or _remember(plan_key, _product_plan(x, w, out, offsets, r, p, stride_r, stride_p,
                                                                     experts, path))
-    launch_counts["product_tma" if plan.path == "tma" else "product_portable"] += 1
+    launch_counts[f"product_{plan.path}"] += 1
     m_bucket = _next_power_of_two(m)
     specialization = (m % 16 == 0, m == 1, m >> 31, m_bucket, *plan.specialization)
     if plan.path == "tma":
@@ -807,7 +805,7 @@ def triton_grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.
     plan_key = ("wgrad", left_strides, right_strides, dw.stride(), p1, p2, num_groups, x.dtype, x.device, path,
                 left.data_ptr() % 16, right.data_ptr() % 16, dw.data_ptr() % 16, offsets.data_ptr() % 16)
     plan = _plans.get(plan_key) or _remember(plan_key, _wgrad_plan(left, right, dw, offsets, num_groups, path))
-    launch_counts["wgrad_tma" if plan.path == "tma" else "wgrad_portable"] += 1
+    launch_counts[f"wgrad_{plan.path}"] += 1
     m_bucket = _next_power_of_two(m)
     specialization = (m % 16 == 0, m == 1, m >> 31, m_bucket, *plan.specialization)
 

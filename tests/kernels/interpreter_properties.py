@@ -96,13 +96,14 @@ def portable_configs():
     blocks = st.sampled_from([16, 32])
     product = st.builds(lambda m, p, r: grouped_gemm.triton.Config({"BLOCK_M": m, "BLOCK_P": p, "BLOCK_R": r},
                                                                     num_warps=4, num_stages=1), blocks, blocks, blocks)
-    return product, wgrad_configs(grouped_gemm.triton.Config)
+    return product, wgrad_configs()
 
 
-def wgrad_configs(make, **extra):
+def wgrad_configs(**extra):
     blocks = st.sampled_from([16, 32])
-    return st.builds(lambda p1, p2, m: make({"BLOCK_P1": p1, "BLOCK_P2": p2, "BLOCK_M": m}, num_warps=4, num_stages=1,
-                                            **extra), blocks, blocks, blocks)
+    return st.builds(lambda p1, p2, m: grouped_gemm.triton.Config({"BLOCK_P1": p1, "BLOCK_P2": p2, "BLOCK_M": m},
+                                                                  num_warps=4, num_stages=1, **extra),
+                     blocks, blocks, blocks)
 
 
 def tma_configs():
@@ -113,7 +114,7 @@ def tma_configs():
                                                                                         split, specialized),
         st.sampled_from([16, 32]), st.sampled_from([16, 32]), st.sampled_from([1, 2]), st.booleans(),
         st.sampled_from([1, 2]), st.booleans())
-    return product, wgrad_configs(grouped_gemm.triton.Config, pre_hook=grouped_gemm._set_wgrad_blocks)
+    return product, wgrad_configs(pre_hook=grouped_gemm._set_wgrad_blocks)
 
 
 def problems(path):
