@@ -267,6 +267,7 @@ def check(timing) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "grouped_gemm_pingpong.json"))
+    parser.add_argument("--check-only", action="store_true", help="run the float64 check, skip the timing")
     args = parser.parse_args()
     from kernels.grouped_gemm import triton_grouped_mm
 
@@ -275,6 +276,11 @@ def main() -> None:
     timing = __import__("importlib.util").util.module_from_spec(spec)
     spec.loader.exec_module(timing)
     checked = check(timing)
+    failed = [row for row in checked if not row.get("ok", True)]
+    print(f"check: {len(checked) - len(failed)} of {len(checked)} cases passed "
+          f"({sum('refused' in row for row in checked)} refused by the layout rule)", flush=True)
+    if args.check_only:
+        raise SystemExit(1 if failed else 0)
     warm = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(300):
         warm @ warm
