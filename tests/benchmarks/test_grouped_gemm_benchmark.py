@@ -6,22 +6,15 @@ benchmark's own logic: the order columns are timed in, the medians it reports, a
 timed variant is checked against the fp32 reference before its figure is kept.
 """
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks",
-                      "grouped_gemm.py")
+from . import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("grouped_gemm_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("grouped_gemm.py", "grouped_gemm_benchmark")
 
 
 def test_rounds_alternate_the_order_and_report_each_columns_median(script):
@@ -102,10 +95,7 @@ def test_a_wrong_result_is_reported_as_a_failure(script, monkeypatch):
 
 
 def test_host_cost_benchmark_takes_the_cached_launch_on_every_path(tmp_path):
-    spec = importlib.util.spec_from_file_location("grouped_gemm_host_benchmark", os.path.join(
-        os.path.dirname(SCRIPT), "grouped_gemm_host.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("grouped_gemm_host.py", "grouped_gemm_host_benchmark")
     # main() exits if a repeated call did not go through the cached compiled kernel (the
     # stand-in launcher counts the launches).
     result = module.main(["--calls", "20", "--repeats", "2", "--out", str(tmp_path / "host.json")])

@@ -5,13 +5,9 @@ metric, the tool's own messages before it), with two kernels, as torch's grouped
 a short set-up kernel, then the product. The profile keeps the longer one and converts units.
 """
 
-import importlib.util
-import os
-
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks",
-                      "grouped_gemm_profile.py")
+from . import load_benchmark
 
 HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",'
           '"Device","CC","Section Name","Metric Name","Metric Unit","Metric Value","Rule Name","Rule Type",'
@@ -42,10 +38,7 @@ REPORT = "\n".join([
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("grouped_gemm_profile", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("grouped_gemm_profile.py", "grouped_gemm_profile")
 
 
 def test_the_longest_kernel_is_kept_with_units_converted(script):

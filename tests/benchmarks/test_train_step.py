@@ -1,23 +1,18 @@
 """benchmarks/train_step.py end to end on the CPU: tiny models, float32, every model and variant."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks",
-                      "train_step.py")
+from . import load_benchmark
+
 TINY = ["--device", "cpu", "--tiny", "--dtype", "float32", "--layers", "1", "--seq", "16", "--batch", "2",
         "--steps", "2", "--warmup", "1"]
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("train_step_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_step.py", "train_step_benchmark")
 
 
 def test_every_variant_runs_and_one_shardgraph_sgd_step_equals_eager(tmp_path, capsys):
