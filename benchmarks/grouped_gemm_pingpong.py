@@ -33,6 +33,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from kernels.grouped_gemm import _device_index, _multiprocessors  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402
@@ -48,6 +49,12 @@ def _group_end(offsets_ptr, group, start, M, E):
     else:
         end = M
     return end
+
+
+@gluon.jit
+def _walk_start(offsets_ptr, M, E):
+    """The walk's state before its first tile: group 0, its first row tile, its rows."""
+    return 0, 0, 0, _group_end(offsets_ptr, 0, 0, M, E)
 
 
 @gluon.jit
@@ -70,10 +77,7 @@ def _loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, offsets_ptr, M, P, R, 
     """Loads every k-step of this program's tiles, in tile order, into the ring."""
     steps = gl.cdiv(R, BLOCK_R)
     counter = 0
-    group = 0
-    first = 0
-    start = 0
-    end = _group_end(offsets_ptr, 0, 0, M, E)
+    group, first, start, end = _walk_start(offsets_ptr, M, E)
     for tile in range(gl.program_id(0), upper_tiles, gl.num_programs(0)):
         row_tile = tile // tiles_p
         group, first, start, end = _walk(offsets_ptr, row_tile, group, first, start, end, M, E, BLOCK_M)
@@ -116,10 +120,7 @@ def _consumer(out_desc, out_ptr, a_bufs, b_bufs, ready, empty, turn, c_smem, off
     steps = gl.cdiv(R, BLOCK_R)
     stride = gl.num_programs(0)
     local = 0
-    group = 0
-    first = 0
-    start = 0
-    end = _group_end(offsets_ptr, 0, 0, M, E)
+    group, first, start, end = _walk_start(offsets_ptr, M, E)
     for tile in range(gl.program_id(0) + WHICH * stride, upper_tiles, 2 * stride):
         row_tile = tile // tiles_p
         group, first, start, end = _walk(offsets_ptr, row_tile, group, first, start, end, M, E, BLOCK_M)
@@ -226,7 +227,7 @@ def pingpong_product(x, w, offsets, w_layout="enk", transpose_weight=False, out=
     tiles_p = triton.cdiv(p, block_p)
     # Every group's row tiles, partial ones included, and the padding rows' fit in this bound.
     upper_tiles = (triton.cdiv(m, block_m) + experts) * tiles_p
-    grid = (min(torch.cuda.get_device_properties(x.device).multi_processor_count, upper_tiles), )
+    grid = (min(_multiprocessors(_device_index(x)), upper_tiles), )
     pingpong_kernel[grid](a_desc, b_desc, out_desc, out, offsets, m, p, r, experts, out.stride(0), upper_tiles, tiles_p,
                           B_TRANSPOSED=stored_transposed, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_R=block_r,
                           STAGES=stages, num_warps=4)
@@ -269,12 +270,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "grouped_gemm_pingpong.json"))
     parser.add_argument("--check-only", action="store_true", help="run the float64 check, skip the timing")
     args = parser.parse_args()
+    import grouped_gemm as timing  # benchmarks/grouped_gemm.py, beside this script on sys.path
     from kernels.grouped_gemm import triton_grouped_mm
-
-    spec = __import__("importlib.util").util.spec_from_file_location(
-        "grouped_gemm_benchmark", os.path.join(ROOT, "benchmarks", "grouped_gemm.py"))
-    timing = __import__("importlib.util").util.module_from_spec(spec)
-    spec.loader.exec_module(timing)
     checked = check(timing)
     failed = [row for row in checked if row.get("ok") is False]
     refused = sum("refused" in row for row in checked)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import importlib.util
 import io
 import json
@@ -58,6 +59,7 @@ SCALE = {"ns": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "nsec
          "byte": 1.0, "kbyte": 1e3, "mbyte": 1e6, "gbyte": 1e9}
 
 
+@functools.lru_cache(maxsize=None)
 def _timing_module():
     spec = importlib.util.spec_from_file_location("grouped_gemm_benchmark", os.path.join(ROOT, "benchmarks",
                                                                                           "grouped_gemm.py"))
