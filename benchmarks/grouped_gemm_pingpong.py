@@ -82,10 +82,10 @@ def _loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, offsets_ptr, M, P, R, 
         row_tile = tile // tiles_p
         group, first, start, end = _walk(offsets_ptr, row_tile, group, first, start, end, M, E, BLOCK_M)
         row_start = start + (row_tile - first) * BLOCK_M
-        # Tiles past the padding rows exist only in the upper bound the grid was sized by; they
-        # come after every real tile, so skipping them keeps the ring's count the consumers expect.
-        if row_start < M:
-            weights = gl.minimum(group, E - 1)  # padding rows: any valid weights, stored as zeros
+        # Padding tiles (rows after offsets[-1], stored as zeros) and tiles past M, which exist
+        # only in the upper bound the grid was sized by, need no operands. Both come after every
+        # group's tiles, so skipping them keeps the ring's count the consumers expect.
+        if (row_start < M) & (group < E):
             col = (tile % tiles_p) * BLOCK_P
             for step in range(steps):
                 index = counter % STAGES
@@ -96,10 +96,10 @@ def _loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, offsets_ptr, M, P, R, 
                 tma.async_copy_global_to_shared(a_desc, [row_start, step * BLOCK_R], ready.index(index),
                                                 a_bufs.index(index))
                 if B_TRANSPOSED:
-                    tma.async_copy_global_to_shared(b_desc, [weights * P + col, step * BLOCK_R], ready.index(index),
+                    tma.async_copy_global_to_shared(b_desc, [group * P + col, step * BLOCK_R], ready.index(index),
                                                     b_bufs.index(index))
                 else:
-                    tma.async_copy_global_to_shared(b_desc, [weights * R + step * BLOCK_R, col], ready.index(index),
+                    tma.async_copy_global_to_shared(b_desc, [group * R + step * BLOCK_R, col], ready.index(index),
                                                     b_bufs.index(index))
                 counter += 1
 
@@ -125,7 +125,7 @@ def _consumer(out_desc, out_ptr, a_bufs, b_bufs, ready, empty, turn, c_smem, off
         row_tile = tile // tiles_p
         group, first, start, end = _walk(offsets_ptr, row_tile, group, first, start, end, M, E, BLOCK_M)
         row_start = start + (row_tile - first) * BLOCK_M
-        if row_start < M:
+        if (row_start < M) & (group < E):
             col = (tile % tiles_p) * BLOCK_P
             counter = (WHICH + 2 * local) * steps  # the loader's count of k-steps before this tile
             acc = gl.zeros([BLOCK_M, BLOCK_P], gl.float32, layout)
@@ -148,9 +148,10 @@ def _consumer(out_desc, out_ptr, a_bufs, b_bufs, ready, empty, turn, c_smem, off
             mbarrier.arrive(turn.index(1 - WHICH), count=1)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index(previous), count=1)
-            # Padding rows (after offsets[-1]) are written as zeros.
-            value = gl.where(group < E, acc, 0.0).to(out_desc.dtype)
-            if (group < E) & (end - row_start < BLOCK_M):
+            # The accumulator goes out as it is: selecting on it (say, zeros for padding tiles)
+            # costs a third of the throughput, so padding tiles take the branch below instead.
+            value = acc.to(out_desc.dtype)
+            if end - row_start < BLOCK_M:
                 # A group's last, partial tile: a TMA box cannot stop at a group boundary, so its
                 # rows are stored through a mask, straight from the registers.
                 rows = row_start + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
@@ -163,6 +164,13 @@ def _consumer(out_desc, out_ptr, a_bufs, b_bufs, ready, empty, turn, c_smem, off
                 fence_async_shared()
                 tma.async_copy_shared_to_global(out_desc, [row_start, col], c_smem)
             local += 1
+        elif row_start < M:
+            # Padding rows (after offsets[-1]) are written as zeros, with no products; every row
+            # from row_start to M is padding, so the TMA box clipped at M stores exactly them.
+            tma.store_wait(pendings=0)
+            c_smem.store(gl.zeros([BLOCK_M, BLOCK_P], out_desc.dtype, layout))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(out_desc, [row_start, (tile % tiles_p) * BLOCK_P], c_smem)
     tma.store_wait(pendings=0)
 
 
