@@ -12,8 +12,10 @@ variant is checked on every benchmark shape against an fp32 reference. The JSON 
 ``benchmarks/results/`` holds the device, the versions, the sweep, every row and the summary.
 
 Columns:
-  ours   kernels.grouped_gemm (TMA persistent kernel on Hopper): forward ``x @ W[g].T``,
-         dgrad ``dout @ W[g]``, wgrad ``dW[g] = dout_g.T @ x_g`` written as [E, N, K]
+  ours   kernels.grouped_gemm (TMA persistent kernels on Hopper; the product's schedule, pipelined
+         or ping-pong, chosen per problem, ``ours_path`` naming ``product_tma_pingpong`` where
+         the second ran): forward ``x @ W[g].T``, dgrad ``dout @ W[g]``, wgrad
+         ``dW[g] = dout_g.T @ x_g`` written as [E, N, K]
   torch  torch._grouped_mm in the calls its autograd makes (forward on the transposed weight
          view; dgrad on the weight; wgrad the faster of ``(x.t(), dout)`` -> [E, K, N] and
          ``(dout.t(), x)`` -> [E, N, K])
@@ -39,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from kernels import grouped_gemm  # noqa: E402
+from kernels import grouped_gemm, grouped_gemm_pingpong  # noqa: E402
 from kernels.grouped_gemm import launch_counts, triton_grouped_mm, triton_grouped_mm_wgrad  # noqa: E402
 
 SHAPES = [(384, 2048), (2048, 192), (1536, 2048), (2048, 768)]
@@ -168,7 +170,8 @@ def check_row(x, w, dout, sizes, layout, results, tolerance):
 
 
 def every_config_sweep():
-    """Each configuration of the TMA kernels, forced, on uneven groups in both layouts."""
+    """Each configuration of the TMA kernels, forced, and the ping-pong schedule where it can run,
+    on uneven groups in both layouts."""
     rows = []
     generator = torch.Generator(device="cuda").manual_seed(2)
     product, wgrad = grouped_gemm._grouped_product_tma_kernel, grouped_gemm._grouped_wgrad_tma_kernel
@@ -197,6 +200,18 @@ def every_config_sweep():
                     ok = error < 1e-2 and not value.isnan().any() and bool((value[sum(sizes):] == 0).all())
                     rows.append({"kernel": "product", "config": index, "layout": layout, "transpose": transpose,
                                  "k": k, "n": n, "error": error, "ok": ok})
+            for transpose in (False, True) if grouped_gemm_pingpong.available(torch.cuda.current_device()) else ():
+                r, p = (n, k) if transpose else (k, n)
+                if (layout == "enk") == transpose and r % grouped_gemm_pingpong.BLOCK_R:
+                    continue  # an untransposed weight the ping-pong kernel refuses
+                source = dout if transpose else x
+                with grouped_gemm.use_schedule("pingpong"):
+                    value = triton_grouped_mm(source, w, offsets, layout, transpose_weight=transpose, path="tma",
+                                              out=torch.full((m, p), float("nan"), dtype=x.dtype, device="cuda"))
+                error = relative(value, reference_product(source.double(), w.double(), sizes, layout, transpose))
+                rows.append({"kernel": "product", "config": "pingpong", "layout": layout, "transpose": transpose,
+                             "k": k, "n": n, "error": error,
+                             "ok": error < 1e-2 and not value.isnan().any() and bool((value[sum(sizes):] == 0).all())})
             for index, config in enumerate(wgrad.configs):
                 with grouped_gemm.use_config(wgrad, config):
                     value = triton_grouped_mm_wgrad(x, dout, offsets, experts, layout, path="tma",

@@ -19,6 +19,10 @@ Two implementations of each, chosen per call by :func:`select_path`:
                 computes); each group's last, partial tile comes in a second loop and stores
                 through a row mask, since a TMA box cannot stop at a group boundary. Partial
                 tiles load rows of the next group (harmless: those rows are masked at the store).
+                On sm_90 with the Triton release it was written for, a second schedule of the
+                same product (``kernels.grouped_gemm_pingpong``: a loader warp and two consumer
+                warp groups in ping-pong) is timed against this one once per problem, and the
+                faster kept (:func:`use_schedule` fixes one).
                 wgrad loads whole row blocks of a group through TMA and the last partial block with
                 masked loads, so rows of neighbouring groups never enter the sum.
 ``"portable"``  plain masked ``tl.load``/``tl.store``, any dtype (fp32 uses IEEE products, no TF32),
@@ -42,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import grouped_gemm_pingpong as _pingpong
+
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: portable path only
@@ -52,6 +58,8 @@ __all__ = [
     "triton_grouped_mm_wgrad",
     "select_path",
     "use_config",
+    "use_schedule",
+    "SCHEDULES",
     "product_tma_config",
     "launch_counts",
     "INTERPRETED",
@@ -60,6 +68,10 @@ __all__ = [
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 PATHS = ("auto", "tma", "portable")
+# Schedules of the Hopper grouped product: Triton's software pipeline (``_grouped_product_tma_kernel``)
+# or the warp-specialised ping-pong kernel of ``kernels.grouped_gemm_pingpong``; "auto" times both
+# once per problem where the second can run, and keeps the faster.
+SCHEDULES = ("auto", "pipelined", "pingpong")
 
 # Kernel launches per implementation, so tests and users can see which code really ran.
 launch_counts: collections.Counter = collections.Counter()
@@ -592,6 +604,48 @@ def use_config(kernel, config: triton.Config):
         del _forced[kernel]
 
 
+_forced_schedule: list = []  # innermost use_schedule() last
+_schedules: dict = {}        # product tuning key -> the schedule "auto" chose
+
+
+@contextlib.contextmanager
+def use_schedule(schedule: str):
+    """Run the Hopper grouped product with ``schedule`` (one of :data:`SCHEDULES`) inside the block.
+    ``"pingpong"`` raises where that kernel cannot run (another Triton release, a device other
+    than sm_90, an untransposed weight whose reduction is not a multiple of its block)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown grouped product schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    _forced_schedule.append(schedule)
+    try:
+        yield
+    finally:
+        _forced_schedule.pop()
+
+
+def _product_schedule(plan: _Plan, tune_key, m: int, run_pipelined, run_pingpong) -> str:
+    """The schedule of this TMA product launch; under "auto", the first launch of a problem times
+    both (after the pipelined kernel has tuned its configuration) and the faster is kept."""
+    requested = _forced_schedule[-1] if _forced_schedule else "auto"
+    fits = plan.pingpong and m < 2**31
+    if requested == "pingpong":
+        if not fits:
+            raise ValueError("grouped product: the ping-pong schedule cannot run here (it needs Triton "
+                             f"{_pingpong.TRITON_RELEASE}x, an sm_90 device, M < 2**31, and a transposed weight "
+                             f"or a reduction that is a multiple of {_pingpong.BLOCK_R})")
+        return requested
+    # A configuration forced through use_config is one of the pipelined kernel's.
+    if requested == "pipelined" or not fits or plan.kernel in _forced:
+        return "pipelined"
+    chosen = _schedules.get(tune_key)
+    if chosen is None:
+        from triton.testing import do_bench
+
+        run_pipelined()
+        times = {"pipelined": do_bench(run_pipelined), "pingpong": do_bench(run_pingpong)}
+        chosen = _schedules[tune_key] = min(times, key=times.get)
+    return chosen
+
+
 def _descriptor(base: torch.Tensor, shape, strides, block_shape):
     """A host TMA descriptor, built without the constructor's checks: ``select_path`` has checked
     the layout rules (16-byte aligned base and row stride, unit last stride, non-empty shape) and
@@ -670,6 +724,7 @@ class _Plan(NamedTuple):
     specialization: tuple
     weight_rows: tuple | None = None  # TMA product: (shape, strides, stored transposed) of the weight matrix
     slots: int = 0                    # TMA product: persistent programs per configuration's PROGRAMS_PER_SM
+    pingpong: bool = False            # TMA product: the ping-pong schedule can run these operands
 
 
 # Plans by operand layout; bounded by the distinct layer shapes of a model, cleared if a caller
@@ -696,9 +751,12 @@ def _product_plan(x, w, out, offsets, r, p, stride_r, stride_p, experts, request
         slots = _multiprocessors(_device_index(x)) if x.is_cuda else 4  # the interpreter: a few, to exercise striding
         # The tuning key fixes P, R, E, the bucket and the layout; select_path checked the
         # alignment of x, w and out. What is left: M, the row stride of x and the alignment of offsets.
+        # Its untransposed weight blocks are BLOCK_R rows deep, as the pipelined kernel's are.
+        pingpong = (x.is_cuda and _pingpong.available(_device_index(x))
+                    and (weight_rows[2] or r % _pingpong.BLOCK_R == 0))
         return _Plan("tma", _grouped_product_tma_kernel,
                      dict(B_TRANSPOSED=weight_rows[2], E_POW2=e_pow2, UPCAST=upcast), (out.stride(0),),
-                     (x.stride(0) % 16, weight_rows[1][0] % 16, offsets.data_ptr() % 16), weight_rows, slots)
+                     (x.stride(0) % 16, weight_rows[1][0] % 16, offsets.data_ptr() % 16), weight_rows, slots, pingpong)
     runtime_ints = (x.stride(0), x.stride(1), w.stride(0), stride_r, stride_p, out.stride(0), out.stride(1))
     return _Plan("portable", _grouped_product_kernel,
                  dict(B_TRANSPOSED=stride_r == 1, E_POW2=e_pow2, IEEE=x.dtype == torch.float32, UPCAST=upcast),
@@ -757,8 +815,21 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w
             upper = (_cdiv(m, meta["BLOCK_M"]) + experts) * _cdiv(p, meta["BLOCK_P"])
             return (max(1, min(slots * meta["PROGRAMS_PER_SM"], upper)),)
 
-        _launch(plan.kernel, (p, r, experts, m_bucket, transposed, x.dtype), grid_of, make_descriptors,
-                (out, offsets, m, p, r, experts, m_bucket, *plan.trailing_ints), plan.constexprs, specialization)
+        tune_key = (p, r, experts, m_bucket, transposed, x.dtype)
+
+        def run_pipelined():
+            _launch(plan.kernel, tune_key, grid_of, make_descriptors,
+                    (out, offsets, m, p, r, experts, m_bucket, *plan.trailing_ints), plan.constexprs, specialization)
+
+        def run_pingpong():
+            _pingpong.grouped_product(x, w, out, offsets, m, r, p, experts, plan.weight_rows, slots,
+                                      (p, r, experts, transposed, specialization))
+
+        if _product_schedule(plan, tune_key, m, run_pipelined, run_pingpong) == "pingpong":
+            launch_counts["product_tma_pingpong"] += 1
+            run_pingpong()
+        else:
+            run_pipelined()
         return out
 
     def portable_grid(meta):
