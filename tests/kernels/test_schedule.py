@@ -1,0 +1,92 @@
+"""Choosing the Hopper grouped product's schedule (pipelined or ping-pong).
+
+The kernels themselves need an sm_90 GPU; these tests cover what decides between them, which
+runs on the host: the "auto" choice times both once per problem and keeps the faster, forcing a
+schedule or a configuration is honoured, and a forced ping-pong that cannot run is refused with
+the rule it breaks before anything is launched.
+"""
+
+import pytest
+import torch
+import triton.testing
+
+from kernels import grouped_gemm, grouped_gemm_pingpong
+
+
+def _plan(pingpong: bool) -> grouped_gemm._Plan:
+    return grouped_gemm._Plan("tma", grouped_gemm._grouped_product_tma_kernel, {}, (), (), None, 0, pingpong)
+
+
+class _Runner:
+    """A schedule's launch that takes ``milliseconds`` under the (patched) benchmark timer."""
+
+    def __init__(self, milliseconds):
+        self.milliseconds, self.calls = milliseconds, 0
+
+    def __call__(self):
+        self.calls += 1
+
+
+@pytest.fixture
+def timer(monkeypatch):
+    monkeypatch.setattr(grouped_gemm, "_schedules", {})
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: fn.milliseconds)
+
+
+@pytest.mark.parametrize("pipelined_ms, pingpong_ms, expected", [(2.0, 1.0, "pingpong"), (1.0, 2.0, "pipelined")])
+def test_auto_keeps_the_faster_schedule_and_remembers_it(timer, pipelined_ms, pingpong_ms, expected):
+    pipelined, pingpong = _Runner(pipelined_ms), _Runner(pingpong_ms)
+    key = ("problem",)
+    assert grouped_gemm._product_schedule(_plan(True), key, 4096, pipelined, pingpong) == expected
+    # The pipelined kernel ran once before timing, so its configuration was tuned first.
+    assert pipelined.calls == 1
+    # Later launches of the problem reuse the choice without timing again.
+    other_pipelined, other_pingpong = _Runner(pingpong_ms), _Runner(pipelined_ms)
+    assert grouped_gemm._product_schedule(_plan(True), key, 4096, other_pipelined, other_pingpong) == expected
+    assert other_pipelined.calls == 0 and grouped_gemm._schedules[key] == expected
+
+
+def test_auto_is_pipelined_where_pingpong_cannot_run(timer):
+    pipelined = _Runner(5.0)
+    assert grouped_gemm._product_schedule(_plan(False), ("problem",), 4096, pipelined, _Runner(1.0)) == "pipelined"
+    assert pipelined.calls == 0 and grouped_gemm._schedules == {}
+
+
+def test_a_forced_configuration_is_the_pipelined_kernels(timer):
+    kernel = grouped_gemm._grouped_product_tma_kernel
+    with grouped_gemm.use_config(kernel, kernel.configs[0]):
+        assert grouped_gemm._product_schedule(_plan(True), ("problem",), 4096, _Runner(5.0), _Runner(1.0)) == "pipelined"
+
+
+def test_use_schedule_forces_either_schedule(timer):
+    for schedule in ("pipelined", "pingpong"):
+        with grouped_gemm.use_schedule(schedule):
+            assert grouped_gemm._product_schedule(_plan(True), ("problem",), 4096, _Runner(1.0), _Runner(1.0)) == schedule
+    assert grouped_gemm._schedules == {}
+
+
+def test_unknown_schedule_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="unknown grouped product schedule 'fastest'.*auto, pipelined, pingpong"):
+        with grouped_gemm.use_schedule("fastest"):
+            pass
+
+
+def test_forced_pingpong_that_cannot_run_is_refused_before_launch():
+    # CPU tensors: the ping-pong kernel is unavailable, so the forced schedule must raise, naming
+    # what it needs, before any kernel is compiled or launched.
+    sizes = [3, 0, 5]
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    w = torch.randn(3, 64, 32, dtype=torch.bfloat16)
+    offsets = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    before = dict(grouped_gemm.launch_counts)
+    with grouped_gemm.use_schedule("pingpong"):
+        with pytest.raises(ValueError, match=f"ping-pong schedule cannot run here.*Triton {grouped_gemm_pingpong.TRITON_RELEASE}x.*sm_90"):
+            grouped_gemm.triton_grouped_mm(x, w, offsets, "ekn", path="tma")
+    assert grouped_gemm.launch_counts.get("product_tma_pingpong", 0) == before.get("product_tma_pingpong", 0)
+
+
+def test_pingpong_is_used_only_with_the_triton_release_it_was_written_for():
+    if triton.__version__.startswith(grouped_gemm_pingpong.TRITON_RELEASE):
+        pytest.skip(f"this is the release the ping-pong kernel was written for ({triton.__version__})")
+    assert not grouped_gemm_pingpong._GLUON
+    assert not grouped_gemm_pingpong.available(0)
