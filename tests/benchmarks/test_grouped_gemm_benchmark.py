@@ -105,3 +105,18 @@ def test_host_cost_benchmark_takes_the_cached_launch_on_every_path(tmp_path):
     assert all(row["us"] > 0 for row in result["rows"] if row["layer"] != "op")
     # The stand-in launchers are gone from the compiled-kernel cache afterwards.
     assert not any(isinstance(entry[1], module.RecordingLauncher) for entry in module.grouped_gemm._compiled.values())
+
+
+def test_schedule_comparison_refuses_a_machine_without_the_pingpong_kernel(monkeypatch):
+    import sys
+
+    from . import BENCHMARKS
+
+    monkeypatch.syspath_prepend(BENCHMARKS)  # the script imports benchmarks/grouped_gemm.py beside it
+    monkeypatch.setattr(sys, "argv", ["grouped_gemm_pingpong.py", "--check-only"])
+    module = load_benchmark("grouped_gemm_pingpong.py", "grouped_gemm_pingpong_benchmark")
+    monkeypatch.setattr(module.grouped_gemm_pingpong, "available", lambda device_index: False)
+    monkeypatch.setattr(module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(module.torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(SystemExit, match="needs an sm_90 GPU and Triton 3.6.x"):
+        module.main()
