@@ -65,12 +65,10 @@ if _GLUON:
             end = M
         return end
 
-
     @gluon.jit
     def _walk_start(offsets_ptr, M, E):
         """The walk's state before its first tile: group 0, its first row tile, its rows."""
         return 0, 0, 0, _group_end(offsets_ptr, 0, 0, M, E)
-
 
     @gluon.jit
     def _walk(offsets_ptr, row_tile, group, first, start, end, M, E, BLOCK_M: gl.constexpr):
@@ -83,7 +81,6 @@ if _GLUON:
             start = end
             end = _group_end(offsets_ptr, group, start, M, E)
         return group, first, start, end
-
 
     @gluon.jit
     def _loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, offsets_ptr, M, P, R, E, upper_tiles, tiles_p,
@@ -117,7 +114,6 @@ if _GLUON:
                         tma.async_copy_global_to_shared(b_desc, [group * R + step * BLOCK_R, col], ready.index(index),
                                                         b_bufs.index(index))
                     counter += 1
-
 
     @gluon.jit
     def _consumer(out_desc, out_ptr, a_bufs, b_bufs, ready, empty, turn, c_smem, offsets_ptr, M, P, R, E, stride_om,
@@ -187,7 +183,6 @@ if _GLUON:
                 fence_async_shared()
                 tma.async_copy_shared_to_global(out_desc, [row_start, (tile % tiles_p) * BLOCK_P], c_smem)
         tma.store_wait(pendings=0)
-
 
     @gluon.jit
     def _pingpong_product_kernel(a_desc, b_desc, out_desc, out_ptr, offsets_ptr, M, P, R, E, stride_om,
