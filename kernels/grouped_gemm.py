@@ -826,20 +826,19 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w
             return (max(1, min(slots * meta["PROGRAMS_PER_SM"], upper)),)
 
         tune_key = (p, r, experts, m_bucket, transposed, x.dtype)
-
-        def run_pipelined():
-            _launch(plan.kernel, tune_key, grid_of, make_descriptors,
-                    (out, offsets, m, p, r, experts, m_bucket, *plan.trailing_ints), plan.constexprs, specialization)
-
-        def run_pingpong():
-            _pingpong.grouped_product(x, w, out, offsets, m, r, p, experts, plan.weight_rows, slots,
-                                      (p, r, experts, transposed, specialization))
-
-        if _product_schedule(plan, tune_key, m, run_pipelined, run_pingpong) == "pingpong":
-            launch_counts["product_tma_pingpong"] += 1
-            run_pingpong()
-        else:
-            run_pipelined()
+        pipelined_args = (out, offsets, m, p, r, experts, m_bucket, *plan.trailing_ints)
+        # Only where the ping-pong kernel can run (or a schedule is forced) is there a choice:
+        # elsewhere the launch costs the host what it did before that kernel existed.
+        if plan.pingpong or _forced_schedule:
+            run_pipelined = functools.partial(_launch, plan.kernel, tune_key, grid_of, make_descriptors, pipelined_args,
+                                              plan.constexprs, specialization)
+            run_pingpong = functools.partial(_pingpong.grouped_product, x, w, out, offsets, m, r, p, experts,
+                                             plan.weight_rows, slots, (p, r, experts, transposed, specialization))
+            if _product_schedule(plan, tune_key, m, run_pipelined, run_pingpong) == "pingpong":
+                launch_counts["product_tma_pingpong"] += 1
+                run_pingpong()
+                return out
+        _launch(plan.kernel, tune_key, grid_of, make_descriptors, pipelined_args, plan.constexprs, specialization)
         return out
 
     def portable_grid(meta):
