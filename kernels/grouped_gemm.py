@@ -759,11 +759,11 @@ def _product_plan(x, w, out, offsets, r, p, stride_r, stride_p, experts, request
     if chosen == "tma":
         weight_rows = _weight_rows(w, r, p, stride_r, stride_p)
         slots = _multiprocessors(_device_index(x)) if x.is_cuda else 4  # the interpreter: a few, to exercise striding
-        # The tuning key fixes P, R, E, the bucket and the layout; select_path checked the
-        # alignment of x, w and out. What is left: M, the row stride of x and the alignment of offsets.
-        # Its untransposed weight blocks are BLOCK_R rows deep, as the pipelined kernel's are.
+        # The ping-pong kernel's untransposed weight blocks are BLOCK_R rows deep, as the pipelined kernel's are.
         pingpong = (x.is_cuda and _pingpong.available(_device_index(x))
                     and (weight_rows[2] or r % _pingpong.BLOCK_R == 0))
+        # The tuning key fixes P, R, E, the bucket and the layout; select_path checked the
+        # alignment of x, w and out. What is left: M, the row stride of x and the alignment of offsets.
         return _Plan("tma", _grouped_product_tma_kernel,
                      dict(B_TRANSPOSED=weight_rows[2], E_POW2=e_pow2, UPCAST=upcast), (out.stride(0),),
                      (x.stride(0) % 16, weight_rows[1][0] % 16, offsets.data_ptr() % 16), weight_rows, slots, pingpong)
@@ -832,8 +832,8 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w
         if plan.pingpong or _forced_schedule:
             run_pipelined = functools.partial(_launch, plan.kernel, tune_key, grid_of, make_descriptors, pipelined_args,
                                               plan.constexprs, specialization)
-            run_pingpong = functools.partial(_pingpong.grouped_product, x, w, out, offsets, m, r, p, experts,
-                                             plan.weight_rows, slots, (p, r, experts, transposed, specialization))
+            run_pingpong = functools.partial(_pingpong.grouped_product, make_descriptors, grid_of, out, offsets, m, r,
+                                             p, experts, transposed, (p, r, experts, transposed, specialization))
             if _product_schedule(plan, tune_key, m, run_pipelined, run_pingpong) == "pingpong":
                 launch_counts["product_tma_pingpong"] += 1
                 run_pingpong()

@@ -31,7 +31,7 @@ import os
 import torch
 import triton
 
-__all__ = ["available", "grouped_product", "TRITON_RELEASE", "BLOCK_R"]
+__all__ = ["available", "grouped_product", "TRITON_RELEASE", "BLOCK_R", "BLOCKS"]
 
 TRITON_RELEASE = "3.6."
 BLOCK_M, BLOCK_P, BLOCK_R, STAGES = 128, 128, 64, 4
@@ -216,16 +216,9 @@ if _GLUON:
         ], [4, 1], [232, 40])
 
 
-class _Descriptor:
-    """What a compiled kernel's launcher reads from a host TMA descriptor (base, shape, strides,
-    padding), without the dataclass's checks: compiling went through a checked Gluon descriptor
-    of the same layout, and ``kernels.grouped_gemm`` checked the operands' alignment."""
-
-    __slots__ = ("base", "shape", "strides", "block_shape", "padding")
-
-    def __init__(self, base, shape, strides, block_shape):
-        self.base, self.shape, self.strides, self.block_shape, self.padding = base, shape, strides, block_shape, "zero"
-
+# The kernel's tiles, in the form the pipelined kernel's launch helpers in ``kernels.grouped_gemm``
+# take (its descriptor builder and grid): one program per SM, the output stored in one piece.
+BLOCKS = {"BLOCK_M": BLOCK_M, "BLOCK_P": BLOCK_P, "BLOCK_R": BLOCK_R, "EPILOGUE_SPLIT": 1, "PROGRAMS_PER_SM": 1}
 
 # One compiled kernel per (problem, specialization): the first launch goes through Gluon's JIT,
 # which binds the arguments in Python on every call (tens of microseconds, as long as a small
@@ -233,35 +226,29 @@ class _Descriptor:
 _compiled: dict = {}
 
 
-def _gluon_descriptors(x, w, out, m, r, p, weight_shape, weight_strides, transposed):
-    gl_dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-    b_block = [BLOCK_P, BLOCK_R] if transposed else [BLOCK_R, BLOCK_P]
-    blocks = ((x, [m, r], [x.stride(0), 1], [BLOCK_M, BLOCK_R]), (w, weight_shape, weight_strides, b_block),
-              (out, [m, p], [p, 1], [BLOCK_M, BLOCK_P]))
-    return [GluonTensorDescriptor(base, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, gl_dtype))
-            for base, shape, strides, block in blocks]
-
-
-def grouped_product(x, w, out, offsets, m, r, p, experts, weight_rows, programs, key) -> None:
+def grouped_product(make_descriptors, grid_of, out, offsets, m, r, p, experts, transposed, key) -> None:
     """Launch the ping-pong grouped product into ``out`` ([m, p], contiguous).
 
-    ``weight_rows`` is ``(shape, strides, stored transposed)`` of the weight as one row-major
-    matrix; ``programs`` the persistent programs (one per SM); ``key`` everything the compiled
-    kernel may be specialized on besides the operands' dtype and device (problem sizes other than
-    M, M's divisibility, the operands' 16-byte alignment)."""
-    weight_shape, weight_strides, transposed = weight_rows
-    grid = (max(1, min(programs, (-(-m // BLOCK_M) + experts) * -(-p // BLOCK_P))), 1, 1)
-    compiled_key = (key, x.dtype, x.device)
+    ``make_descriptors(BLOCKS)`` gives the host TMA descriptors of the activations, the weight as
+    one row-major matrix (stored ``transposed`` or not) and the output, built without checks by
+    ``kernels.grouped_gemm``, which checked the operands' layout; ``grid_of(BLOCKS)`` gives the
+    persistent grid. ``key`` is everything the compiled kernel may be specialized on besides the
+    output's dtype and device (problem sizes other than M, M's divisibility, the operands'
+    16-byte alignment)."""
+    grid = (*grid_of(BLOCKS), 1, 1)
+    descriptors = make_descriptors(BLOCKS)
+    compiled_key = (key, out.dtype, out.device)
     compiled = _compiled.get(compiled_key)
-    constexprs = (transposed, BLOCK_M, BLOCK_P, BLOCK_R, STAGES)
     if compiled is None:
-        descriptors = _gluon_descriptors(x, w, out, m, r, p, weight_shape, weight_strides, transposed)
+        # Compiling binds Gluon descriptors: their shared-memory layouts are part of the kernel's
+        # signature. The compiled kernel's launcher reads only base, shape, strides and padding,
+        # which the unchecked descriptors have too.
+        gl_dtype = gl.bfloat16 if out.dtype == torch.bfloat16 else gl.float16
+        checked = [GluonTensorDescriptor(d.base, d.shape, d.strides, d.block_shape,
+                                         gl.NVMMASharedLayout.get_default_for(d.block_shape, gl_dtype))
+                   for d in descriptors]
         _compiled[compiled_key] = _pingpong_product_kernel.run(
-            *descriptors, out, offsets, m, p, r, experts, p, grid=grid, warmup=False, B_TRANSPOSED=transposed,
+            *checked, out, offsets, m, p, r, experts, p, grid=grid, warmup=False, B_TRANSPOSED=transposed,
             BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_R=BLOCK_R, STAGES=STAGES, num_warps=4)
         return
-    b_block = [BLOCK_P, BLOCK_R] if transposed else [BLOCK_R, BLOCK_P]
-    compiled[grid](_Descriptor(x, [m, r], [x.stride(0), 1], [BLOCK_M, BLOCK_R]),
-                   _Descriptor(w, weight_shape, weight_strides, b_block),
-                   _Descriptor(out, [m, p], [p, 1], [BLOCK_M, BLOCK_P]),
-                   out, offsets, m, p, r, experts, p, *constexprs)
+    compiled[grid](*descriptors, out, offsets, m, p, r, experts, p, transposed, BLOCK_M, BLOCK_P, BLOCK_R, STAGES)
