@@ -170,8 +170,7 @@ def check_row(x, w, dout, sizes, layout, results, tolerance):
 
 
 def every_config_sweep():
-    """Each configuration of the TMA kernels, forced, and the ping-pong schedule where it can run,
-    on uneven groups in both layouts."""
+    """Each configuration of the TMA kernels, forced, on uneven groups in both layouts."""
     rows = []
     generator = torch.Generator(device="cuda").manual_seed(2)
     product, wgrad = grouped_gemm._grouped_product_tma_kernel, grouped_gemm._grouped_wgrad_tma_kernel
@@ -200,18 +199,6 @@ def every_config_sweep():
                     ok = error < 1e-2 and not value.isnan().any() and bool((value[sum(sizes):] == 0).all())
                     rows.append({"kernel": "product", "config": index, "layout": layout, "transpose": transpose,
                                  "k": k, "n": n, "error": error, "ok": ok})
-            for transpose in (False, True) if grouped_gemm_pingpong.available(torch.cuda.current_device()) else ():
-                r, p = (n, k) if transpose else (k, n)
-                if (layout == "enk") == transpose and r % grouped_gemm_pingpong.BLOCK_R:
-                    continue  # an untransposed weight the ping-pong kernel refuses
-                source = dout if transpose else x
-                with grouped_gemm.use_schedule("pingpong"):
-                    value = triton_grouped_mm(source, w, offsets, layout, transpose_weight=transpose, path="tma",
-                                              out=torch.full((m, p), float("nan"), dtype=x.dtype, device="cuda"))
-                error = relative(value, reference_product(source.double(), w.double(), sizes, layout, transpose))
-                rows.append({"kernel": "product", "config": "pingpong", "layout": layout, "transpose": transpose,
-                             "k": k, "n": n, "error": error,
-                             "ok": error < 1e-2 and not value.isnan().any() and bool((value[sum(sizes):] == 0).all())})
             for index, config in enumerate(wgrad.configs):
                 with grouped_gemm.use_config(wgrad, config):
                     value = triton_grouped_mm_wgrad(x, dout, offsets, experts, layout, path="tma",
@@ -219,6 +206,45 @@ def every_config_sweep():
                 error = relative(value, reference_wgrad(x.double(), dout.double(), sizes, layout))
                 rows.append({"kernel": "wgrad", "config": index, "layout": layout, "k": k, "n": n, "error": error,
                              "ok": error < 1e-2 and not value.isnan().any()})
+    return rows
+
+
+def pingpong_sweep():
+    """The product's ping-pong schedule, forced, on uneven groups (empty ones, partial tiles, rows
+    after the last offset), both layouts, forward and dgrad, bf16 and fp16, outputs poisoned with
+    NaN, against float64. Each case runs twice: the first launch compiles, the second calls the
+    compiled kernel directly. A case the layout rule excludes (an untransposed weight whose
+    reduction is not a multiple of the kernel's BLOCK_R) must be refused, and is then a pass."""
+    rows = []
+    generator = torch.Generator(device="cuda").manual_seed(4)
+    for sizes, trailing, k, n in [([300, 0, 17, 1, 129, 640], 7, 256, 384), ([0, 700, 0, 5], 37, 192, 2048),
+                                  ([2048] * 4, 0, 2048, 1536), ([513] * 3, 0, 2048, 384), ([100, 0, 33], 5, 200, 136)]:
+        m, experts = sum(sizes) + trailing, len(sizes)
+        offsets = torch.tensor(sizes, device="cuda").cumsum(0).to(torch.int32)
+        for dtype in (torch.bfloat16, torch.float16):
+            for layout in ("ekn", "enk"):
+                shape = (experts, k, n) if layout == "ekn" else (experts, n, k)
+                w = torch.randn(shape, device="cuda", generator=generator).to(dtype)
+                for transpose in (False, True):
+                    r, p = (n, k) if transpose else (k, n)
+                    refusal_expected = (layout == "enk") == transpose and r % grouped_gemm_pingpong.BLOCK_R != 0
+                    x = torch.randn(m, r, device="cuda", generator=generator).to(dtype)
+                    row = {"kernel": "product", "config": "pingpong", "sizes": sizes, "trailing": trailing, "k": k,
+                           "n": n, "dtype": str(dtype), "layout": layout, "transpose": transpose, "errors": []}
+                    expected = reference_product(x.double(), w.double(), sizes, layout, transpose)
+                    ok = not refusal_expected
+                    try:
+                        for _ in range(2):
+                            out = torch.full((m, p), float("nan"), device="cuda", dtype=dtype)
+                            with grouped_gemm.use_schedule("pingpong"):
+                                triton_grouped_mm(x, w, offsets, layout, transpose, out=out, path="tma")
+                            row["errors"].append(relative(out, expected))
+                            ok = (ok and row["errors"][-1] < 1e-2 and not out.isnan().any()
+                                  and bool((out[sum(sizes):] == 0).all()))
+                    except ValueError as exc:
+                        row["refused"] = str(exc)
+                        ok = refusal_expected
+                    rows.append({**row, "ok": ok})
     return rows
 
 
@@ -446,6 +472,8 @@ def main() -> None:
         return
     started = time.time()
     sweep = [] if args.skip_sweep else correctness_sweep() + every_config_sweep() + api_sweep()
+    if not args.skip_sweep and grouped_gemm_pingpong.available(torch.cuda.current_device()):
+        sweep += pingpong_sweep()
     failed = [row for row in sweep if not row["ok"]]
     for row in failed:
         print("CORRECTNESS FAILURE", json.dumps(row), flush=True)

@@ -2,10 +2,10 @@
 
 ``kernels.grouped_gemm.triton_grouped_mm`` times both schedules once per problem and keeps the
 faster (``kernels/grouped_gemm_pingpong.py`` says what the ping-pong kernel is). This script shows
-the choice's inputs. It first checks the ping-pong kernel alone on uneven groups (empty groups,
-partial tiles, rows after the last offset), both weight layouts, forward and dgrad, bf16 and fp16,
-outputs poisoned with NaN, against float64; then times the forward rows of
-``benchmarks/grouped_gemm.py`` for each schedule and for torch, eager and from CUDA graphs.
+the choice's inputs. It first checks the ping-pong kernel alone (``pingpong_sweep`` of
+``benchmarks/grouped_gemm.py``: uneven groups, both weight layouts, forward and dgrad, bf16 and
+fp16, outputs poisoned with NaN, against float64); then times the forward rows of that benchmark
+for each schedule and for torch, eager and from CUDA graphs.
 
     python benchmarks/grouped_gemm_pingpong.py [--check-only] [--out benchmarks/results/grouped_gemm_pingpong.json]
 """
@@ -28,43 +28,6 @@ from kernels import grouped_gemm_pingpong  # noqa: E402
 from kernels.grouped_gemm import triton_grouped_mm, use_schedule  # noqa: E402
 
 
-def check() -> list:
-    """The ping-pong schedule, forced, on uneven groups, both layouts, forward and dgrad, bf16 and
-    fp16, against float64, outputs poisoned with NaN."""
-    rows = []
-    generator = torch.Generator(device="cuda").manual_seed(4)
-    for sizes, trailing, k, n in [([300, 0, 17, 1, 129, 640], 7, 256, 384), ([0, 700, 0, 5], 37, 192, 2048),
-                                  ([2048] * 4, 0, 2048, 1536), ([513] * 3, 0, 2048, 384), ([100, 0, 33], 5, 200, 136)]:
-        m, experts = sum(sizes) + trailing, len(sizes)
-        offsets = torch.tensor(sizes, device="cuda").cumsum(0).to(torch.int32)
-        for dtype in (torch.bfloat16, torch.float16):
-            for layout in ("ekn", "enk"):
-                shape = (experts, k, n) if layout == "ekn" else (experts, n, k)
-                w = torch.randn(shape, device="cuda", generator=generator).to(dtype)
-                for transpose in (False, True):
-                    r, p = (n, k) if transpose else (k, n)
-                    x = torch.randn(m, r, device="cuda", generator=generator).to(dtype)
-                    row = {"sizes": sizes, "trailing": trailing, "k": k, "n": n, "dtype": str(dtype),
-                           "layout": layout, "transpose": transpose, "errors": []}
-                    expected = timing.reference_product(x.double(), w.double(), sizes, layout, transpose)
-                    ok = True
-                    try:
-                        # Twice: the first launch compiles, the second calls the compiled kernel directly.
-                        for _ in range(2):
-                            out = torch.full((m, p), float("nan"), device="cuda", dtype=dtype)
-                            with use_schedule("pingpong"):
-                                triton_grouped_mm(x, w, offsets, layout, transpose, out=out, path="tma")
-                            row["errors"].append(timing.relative(out, expected))
-                            ok = (ok and row["errors"][-1] < 1e-2 and not out.isnan().any()
-                                  and bool((out[sum(sizes):] == 0).all()))
-                    except ValueError as exc:  # a layout the kernel refuses (untransposed, R not a multiple of 64)
-                        rows.append({**row, "refused": str(exc)})
-                        continue
-                    rows.append({**row, "ok": ok})
-                    print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "grouped_gemm_pingpong.json"))
@@ -73,11 +36,13 @@ def main() -> None:
     if not (torch.cuda.is_available() and grouped_gemm_pingpong.available(torch.cuda.current_device())):
         raise SystemExit(f"the ping-pong kernel needs an sm_90 GPU and Triton {grouped_gemm_pingpong.TRITON_RELEASE}x "
                          f"(this is Triton {triton.__version__})")
-    checked = check()
-    failed = [row for row in checked if row.get("ok") is False]
-    refused = sum("refused" in row for row in checked)
-    print(f"check: {len(checked) - refused - len(failed)} of {len(checked) - refused} cases passed, "
-          f"{refused} refused by the layout rule", flush=True)
+    checked = timing.pingpong_sweep()
+    failed = [row for row in checked if not row["ok"]]
+    for row in failed:
+        print("CORRECTNESS FAILURE", json.dumps(row), flush=True)
+    refused = sum("refused" in row and row["ok"] for row in checked)
+    print(f"check: {len(checked) - len(failed)} of {len(checked)} cases passed ({refused} of them refused, as the "
+          "layout rule requires)", flush=True)
     if args.check_only or failed:
         raise SystemExit(1 if failed else 0)
     warm = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
