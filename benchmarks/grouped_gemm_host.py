@@ -11,10 +11,13 @@ training step keeps the GPU fed. This measures it per call, by layer:
              checked and dispatched, over the ``loop`` backend, less a direct call of that backend
 ``aten``     one ``torch.mm`` on the same small CPU tensors: the cost of one aten dispatch, the unit
              the others are read against in the same run
+``torch``    on an sm_90+ device, ``torch._grouped_mm`` on the wrapper's operands: the host cost
+             of torch's own grouped GEMM
 
 On the CPU (no GPU needed) Triton's launcher is replaced by a recording stand-in, so ``wrapper``
 is this module's Python alone; on a CUDA device (``--device cuda``) the real launcher runs and
-``wrapper`` is the whole host cost of a launch. Medians of ``--repeats`` timings of ``--calls``
+``wrapper`` is the whole host cost of a launch. Where the compiled kernel is launched directly
+(``kernels.launch``), the same calls are timed again launched the generic way (``generic us``). Medians of ``--repeats`` timings of ``--calls``
 calls each, on a small problem (512 rows, K = 128, N = 256, 8 groups) so that on a GPU the
 kernels finish faster than the host issues them. ``--profile`` adds a cProfile of each case.
 Writes JSON (``--out``).
@@ -39,7 +42,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels import grouped_gemm  # noqa: E402
+from kernels import grouped_gemm, launch  # noqa: E402
 
 
 class RecordingLauncher:
@@ -137,14 +140,23 @@ def wrapper_rows(device, calls, repeats, profile=False):
                 launcher = RecordingLauncher()
                 stack.enter_context(stubbed_compilation(kernel, launcher))
             fn()  # compiles (or, on the CPU, caches the stand-in)
+            direct = any(entry[1].direct for key, entry in grouped_gemm._compiled.items() if key[0] is kernel)
             us = per_call_us(fn, calls, repeats)
+            row = {"layer": "wrapper", "kind": kind, "path": path, "launch": "direct" if direct else "generic", "us": us}
+            if direct:
+                with launch.generic_launch():
+                    row["generic_us"] = per_call_us(fn, calls, repeats)
             if device == "cuda":
                 torch.cuda.synchronize()
             if profile:
                 print_profile(f"{kind} {path}", fn, calls)
         if launcher is not None and launcher.launches < calls * repeats:
             raise SystemExit(f"{kind} {path}: the cached launch was not taken ({launcher.launches} launches)")
-        rows.append({"layer": "wrapper", "kind": kind, "path": path, "us": us})
+        rows.append(row)
+    if device == "cuda" and torch.cuda.get_device_capability() >= (9, 0):
+        # torch's own grouped GEMM on the same operands: the host cost our launch is read against.
+        rows.append({"layer": "torch", "kind": "forward", "path": "_grouped_mm", "launch": "aten", "us": per_call_us(
+            lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offsets), calls, repeats)})
     return rows
 
 
@@ -205,9 +217,11 @@ def main(argv=None):
     with open(args.out, "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=1)
     print(f"{result['device']}  torch {result['torch']}  triton {result['triton']}  launcher: {result['launcher']}")
-    print(f"{'layer':<8} {'kind':<9} {'path':<9} {'us/call':>8} {'x torch.mm':>10}")
+    print(f"{'layer':<8} {'kind':<9} {'path':<11} {'launch':<8} {'us/call':>8} {'x torch.mm':>10} {'generic us':>10}")
     for row in rows:
-        print(f"{row['layer']:<8} {row['kind']:<9} {row['path']:<9} {row['us']:>8.2f} {row['over_aten']:>10.2f}")
+        generic = f"{row['generic_us']:>10.2f}" if "generic_us" in row else ""
+        print(f"{row['layer']:<8} {row['kind']:<9} {row['path']:<11} {row.get('launch', ''):<8} {row['us']:>8.2f} "
+              f"{row['over_aten']:>10.2f} {generic}")
     return result
 
 

@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from . import grouped_gemm_pingpong as _pingpong
+from .launch import launcher
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -669,11 +670,12 @@ def _descriptor(base: torch.Tensor, shape, strides, block_shape):
 def _specialization(args) -> tuple:
     """Everything about the runtime arguments a compiled kernel may have been specialized on
     (a superset of what Triton's JIT looks at: dtypes, 16-byte alignment, integers equal to one
-    or divisible by 16, integer width), so a compiled kernel is reused only where it is valid."""
+    or divisible by 16, integer width), and the tensors' device, on which a compiled kernel is
+    loaded; so a compiled kernel is reused only where it is valid."""
     key = []
     for arg in args:
         if isinstance(arg, torch.Tensor):
-            key.append((arg.dtype, arg.data_ptr() % 16 == 0))
+            key.append((arg.dtype, arg.device, arg.data_ptr() % 16 == 0))
         elif isinstance(arg, bool) or arg is None:
             key.append(arg)
         elif isinstance(arg, int):
@@ -697,8 +699,9 @@ def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specializa
         _chosen[(kernel, key)] = kernel.best_config
         return
     blocks = config.kwargs
-    runtime_args = (*make_descriptors(blocks), *args)
-    grid = grid_of(blocks)
+    descriptors = make_descriptors(blocks)
+    runtime_args = (*descriptors, *args)
+    grid = (*grid_of(blocks), 1, 1)[:3]
     if INTERPRETED:
         kernel.fn.run(*runtime_args, grid=grid, warmup=False, **constexprs, **config.all_kwargs())
         return
@@ -714,10 +717,11 @@ def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specializa
         trailing = (*constexprs.values(), *blocks.values())
         names = kernel.fn.arg_names
         if list(names[len(runtime_args):]) == [*constexprs, *blocks]:
-            _compiled[compiled_key] = (config, compiled, trailing)
+            device_index = next(arg for arg in args if isinstance(arg, torch.Tensor)).device.index
+            _compiled[compiled_key] = (config, launcher(compiled, len(descriptors), device_index), trailing)
         return
-    _, compiled, trailing = cached
-    compiled[(*grid, 1, 1)[:3]](*runtime_args, *trailing)
+    _, launch, trailing = cached
+    launch(grid, (*runtime_args, *trailing))
 
 
 class _Plan(NamedTuple):
@@ -763,10 +767,12 @@ def _product_plan(x, w, out, offsets, r, p, stride_r, stride_p, experts, request
         pingpong = (x.is_cuda and _pingpong.available(_device_index(x))
                     and (weight_rows[2] or r % _pingpong.BLOCK_R == 0))
         # The tuning key fixes P, R, E, the bucket and the layout; select_path checked the
-        # alignment of x, w and out. What is left: M, the row stride of x and the alignment of offsets.
+        # alignment of x, w and out. What is left: M, the row stride of x, the alignment of
+        # offsets, and the device (a compiled kernel is loaded on one).
         return _Plan("tma", _grouped_product_tma_kernel,
                      dict(B_TRANSPOSED=weight_rows[2], E_POW2=e_pow2, UPCAST=upcast), (out.stride(0),),
-                     (x.stride(0) % 16, weight_rows[1][0] % 16, offsets.data_ptr() % 16), weight_rows, slots, pingpong)
+                     (x.stride(0) % 16, weight_rows[1][0] % 16, offsets.data_ptr() % 16, x.device), weight_rows, slots,
+                     pingpong)
     runtime_ints = (x.stride(0), x.stride(1), w.stride(0), stride_r, stride_p, out.stride(0), out.stride(1))
     return _Plan("portable", _grouped_product_kernel,
                  dict(B_TRANSPOSED=stride_r == 1, E_POW2=e_pow2, IEEE=x.dtype == torch.float32, UPCAST=upcast),

@@ -31,6 +31,8 @@ import os
 import torch
 import triton
 
+from .launch import launcher
+
 __all__ = ["available", "grouped_product", "TRITON_RELEASE", "BLOCK_R", "BLOCKS"]
 
 TRITON_RELEASE = "3.6."
@@ -220,9 +222,10 @@ if _GLUON:
 # take (its descriptor builder and grid): one program per SM, the output stored in one piece.
 BLOCKS = {"BLOCK_M": BLOCK_M, "BLOCK_P": BLOCK_P, "BLOCK_R": BLOCK_R, "EPILOGUE_SPLIT": 1, "PROGRAMS_PER_SM": 1}
 
-# One compiled kernel per (problem, specialization): the first launch goes through Gluon's JIT,
-# which binds the arguments in Python on every call (tens of microseconds, as long as a small
-# expert batch's product); later launches call the compiled kernel directly.
+# The launch of one compiled kernel per (problem, specialization): the first launch goes through
+# Gluon's JIT, which binds the arguments in Python on every call (tens of microseconds, as long as
+# a small expert batch's product); later launches call the compiled kernel through
+# ``kernels.launch``.
 _compiled: dict = {}
 
 
@@ -238,8 +241,8 @@ def grouped_product(make_descriptors, grid_of, out, offsets, m, r, p, experts, t
     grid = (*grid_of(BLOCKS), 1, 1)
     descriptors = make_descriptors(BLOCKS)
     compiled_key = (key, out.dtype, out.device)
-    compiled = _compiled.get(compiled_key)
-    if compiled is None:
+    cached = _compiled.get(compiled_key)
+    if cached is None:
         # Compiling binds Gluon descriptors: their shared-memory layouts are part of the kernel's
         # signature. The compiled kernel's launcher reads only base, shape, strides and padding,
         # which the unchecked descriptors have too.
@@ -247,8 +250,9 @@ def grouped_product(make_descriptors, grid_of, out, offsets, m, r, p, experts, t
         checked = [GluonTensorDescriptor(d.base, d.shape, d.strides, d.block_shape,
                                          gl.NVMMASharedLayout.get_default_for(d.block_shape, gl_dtype))
                    for d in descriptors]
-        _compiled[compiled_key] = _pingpong_product_kernel.run(
+        compiled = _pingpong_product_kernel.run(
             *checked, out, offsets, m, p, r, experts, p, grid=grid, warmup=False, B_TRANSPOSED=transposed,
             BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_R=BLOCK_R, STAGES=STAGES, num_warps=4)
+        _compiled[compiled_key] = launcher(compiled, len(descriptors), out.device.index)
         return
-    compiled[grid](*descriptors, out, offsets, m, p, r, experts, p, transposed, BLOCK_M, BLOCK_P, BLOCK_R, STAGES)
+    cached(grid, (*descriptors, out, offsets, m, p, r, experts, p, transposed, BLOCK_M, BLOCK_P, BLOCK_R, STAGES))
