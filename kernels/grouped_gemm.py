@@ -597,8 +597,8 @@ def _tma_refusal(kind, tensors):
 # Launching. Each kernel is autotuned once per problem key (shape class, dtype); later calls skip
 # the autotuner (its per-call bookkeeping and the descriptor pre-hooks), and once the JIT has
 # compiled a kernel for a given argument specialization, that compiled kernel is launched
-# directly. Host time per call matters: a grouped GEMM of a small expert batch runs in tens of
-# microseconds, about what the generic launch path costs on a slow host.
+# directly (``kernels.launch``). Host time per call matters: a grouped GEMM of a small expert
+# batch runs in tens of microseconds, about what the generic launch path costs on a slow host.
 _chosen: dict = {}
 _forced: dict = {}
 _compiled: dict = {}
