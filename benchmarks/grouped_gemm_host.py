@@ -17,9 +17,9 @@ training step keeps the GPU fed. This measures it per call, by layer:
 On the CPU (no GPU needed) Triton's launcher is replaced by a recording stand-in, so ``wrapper``
 is this module's Python alone; on a CUDA device (``--device cuda``) the real launcher runs and
 ``wrapper`` is the whole host cost of a launch. Where the compiled kernel is launched directly
-(``kernels.launch``), the same calls are timed again launched the generic way (``generic us``). Medians of ``--repeats`` timings of ``--calls``
-calls each, on a small problem (512 rows, K = 128, N = 256, 8 groups) so that on a GPU the
-kernels finish faster than the host issues them. ``--profile`` adds a cProfile of each case.
+(``kernels.launch``), the same calls are timed again launched the generic way (``generic us``).
+Medians of ``--repeats`` timings of ``--calls`` calls each, on a small problem (512 rows, K = 128,
+N = 256, 8 groups) so that on a GPU the kernels finish faster than the host issues them. ``--profile`` adds a cProfile of each case.
 Writes JSON (``--out``).
 
     python benchmarks/grouped_gemm_host.py [--device cpu|cuda] [--profile] [--out FILE]

@@ -84,7 +84,7 @@ def launcher(compiled, descriptor_count: int, device_index: int):
 
     def launch(grid, args):
         if _generic or _hooked():
-            compiled[grid](*args)
+            generic(grid, args)
             return
         expanded = []
         for encode, descriptor in zip(encoders, args):
