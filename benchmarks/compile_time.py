@@ -8,7 +8,6 @@ layers. Usage: ``python benchmarks/compile_time.py [--layers 1 12 48] [--mesh wo
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -18,14 +17,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from torch.fx import GraphModule  # noqa: E402
 
 from examples.moe_model import shardgraph_entry  # noqa: E402
-from passes.decompose_loss import decompose_loss  # noqa: E402
-from passes.lower_localize import lower_localize  # noqa: E402
-from passes.lower_moe import lower_moe  # noqa: E402
-from passes.lower_redistribute import lower_redistribute  # noqa: E402
-from passes.propagate import propagate  # noqa: E402
+from passes.pipeline import CompileOptions, run_pipeline  # noqa: E402
 from shardgraph.frontend import trace  # noqa: E402
 from shardgraph.mesh import MeshSpec  # noqa: E402
 
@@ -36,22 +30,17 @@ def measure(layers: int, mesh: MeshSpec, batch: int, seq: int) -> dict:
     started = time.perf_counter()
     traced = trace(model, inputs, loss_fn)
     traced_at = time.perf_counter()
-    graph = GraphModule(traced.graph_module, copy.deepcopy(traced.graph_module.graph))
-    graph.meta.update(traced.graph_module.meta)
-    placed = propagate(decompose_loss(graph), mesh)
-    placed_at = time.perf_counter()
-    lowered = GraphModule(placed.graph_module, copy.deepcopy(placed.graph_module.graph))
-    lower_moe(lower_localize(lower_redistribute(lowered, mesh), mesh), mesh)
-    lowered_at = time.perf_counter()
+    compiled = run_pipeline(traced.graph_module, CompileOptions(mesh))
+    seconds = compiled.pass_seconds
     nodes = sum(1 for _ in traced.graph_module.graph.nodes)
     return {
         "layers": layers,
         "nodes": nodes,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trace_s": traced_at - started,
-        "propagate_s": placed_at - traced_at,
-        "propagate_sweeps": placed.sweeps,
-        "lower_s": lowered_at - placed_at,
+        "propagate_s": seconds["decompose_loss"] + seconds["propagate"],
+        "propagate_sweeps": compiled.placed.sweeps,
+        "lower_s": sum(s for name, s in seconds.items() if name not in ("decompose_loss", "propagate")),
     }
 
 

@@ -21,6 +21,8 @@ import operator
 import torch
 from torch.fx import GraphModule
 
+from shardgraph import meta
+
 __all__ = ["decompose_loss"]
 
 aten = torch.ops.aten
@@ -38,22 +40,23 @@ def decompose_loss(gm: GraphModule) -> GraphModule:
             continue
         args[3] = _SUM
         node.args = tuple(args)
-        value = node.meta.get("val")
+        value = meta.value(node) if meta.has_value(node) else None
         loss_users = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
         weight_users = [u for u in node.users if u.target is operator.getitem and u.args[1] == 1]
         with graph.inserting_after(node):
             total_weight = graph.call_function(operator.getitem, (node, 1))
+        meta.copy_source_info(node, total_weight)
         if value is not None:
-            total_weight.meta["val"] = value[1]
+            meta.set_value(total_weight, value[1])
         for user in weight_users:
             user.replace_all_uses_with(total_weight)
             graph.erase_node(user)
         for user in loss_users:
             with graph.inserting_after(user):
                 mean = graph.call_function(aten.div.Tensor, (user, total_weight))
-            mean.meta.update({k: v for k, v in user.meta.items() if k in ("val", "stack_trace", "tensor_meta")})
+            meta.copy_source_info(user, mean)
             user.replace_all_uses_with(mean, delete_user_cb=lambda use: use is not mean)
-        if total_weight.meta.get("val") is not None and not weight_users and not loss_users:
+        if meta.has_value(total_weight) and not weight_users and not loss_users:
             graph.erase_node(total_weight)
     graph.lint()
     gm.recompile()

@@ -1,7 +1,7 @@
 """Rewrite shape arguments from global to local sizes.
 
 Reads
-    a placed graph (``meta["sharding"]`` and the global ``meta["val"]`` on every value).
+    a placed graph (a ``meta.PlacedValue`` and the global fake value on every node).
 Writes
     for ops that carry sizes in their arguments (``view``, ``reshape``, ``expand``, ``slice_backward``,
     ``select_backward``, factories), the sizes of this rank's piece; for ``slice`` and ``split`` on
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
+from shardgraph import meta
 from shardgraph.mesh import MeshSpec
 from shardgraph.placement import InterleavedShard, local_shape
 
@@ -44,21 +45,20 @@ _SHAPE_ARGUMENT = {
 
 
 def _local(node, mesh):
-    value = node.meta["val"]
-    sharding = node.meta["sharding"]
+    sharding = meta.sharding(node)
     if sharding is None or sharding.is_replicated():
         return None
-    return [int(s) for s in local_shape(tuple(value.shape), sharding, mesh, name=node.name)]
+    return [int(s) for s in local_shape(tuple(meta.value(node).shape), sharding, mesh, name=node.name)]
 
 
 def _interleaved_divisor(node, dim, mesh) -> int:
     """How many ways ``dim`` of ``node``'s input is split by interleaved placements."""
     source = node.args[0]
-    sharding = source.meta.get("sharding")
+    sharding = meta.sharding(source)
     divisor = 1
     if sharding is None:
         return 1
-    ndim = source.meta["val"].dim()
+    ndim = meta.value(source).dim()
     for axis, placement in sharding.items():
         if isinstance(placement, InterleavedShard) and placement.dim % ndim == dim % ndim:
             divisor *= mesh.size(axis)
@@ -85,7 +85,7 @@ def lower_localize(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
             divisor = _interleaved_divisor(node, dim, mesh)
             if divisor > 1:
                 args = list(node.args)
-                size = node.args[0].meta["val"].shape[dim]
+                size = meta.value(node.args[0]).shape[dim]
                 start = args[2] if len(args) > 2 and args[2] is not None else 0
                 end = args[3] if len(args) > 3 and args[3] is not None else size
                 args[2], args[3] = start // divisor, min(end, size) // divisor

@@ -13,50 +13,89 @@ Writes
     recomputed or sent twice), with ``kernels.grouped_mm_dgrad`` / ``grouped_mm_wgrad``.
     With ep = etp = 1 (every expert on the rank) the exchange steps are left out: the copies stay
     in expert order and the offsets never leave the device, so the MoE layer has no host sync.
-    Inserted all-to-all nodes carry ``meta["collective"]`` with a byte estimate for uniform
-    routing; the simulator records the real, data-dependent bytes.
+    Inserted nodes carry a ``meta.MoeStep`` naming the MoE node they serve; collectives carry a
+    ``meta.Collective`` with a byte estimate for uniform routing (``data_dependent``); the
+    simulator records the real bytes.
 Assumes
-    the forward node precedes its backward node (true of any joint graph).
+    the forward node precedes its backward node (true of any joint graph); the graph has its
+    communicator input (``add_communicator``).
 """
 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
 
 import kernels  # noqa: F401 - registers torch.ops.shardgraph.grouped_mm*
+from shardgraph import meta
 from shardgraph.mesh import MeshSpec
+from shardgraph.meta import Collective, CollectiveKind, MoeStep, PlacedValue, Purpose, View
 from shardgraph.runtime import collectives
 from shardgraph.runtime import moe as moe_steps
 
-__all__ = ["lower_moe", "is_moe_forward", "is_moe_backward"]
+from .rules.moe import token_copies
 
-
-def _name(target) -> str:
-    return str(target)
+__all__ = ["lower_moe", "is_moe_forward", "is_moe_backward", "Routing"]
 
 
 def is_moe_forward(node: Node) -> bool:
-    return node.op == "call_function" and _name(node.target).startswith("shardgraph.moe_experts.")
+    return node.op == "call_function" and str(node.target).startswith("shardgraph.moe_experts.")
 
 
 def is_moe_backward(node: Node) -> bool:
-    return node.op == "call_function" and _name(node.target).startswith("shardgraph.moe_experts_backward.")
+    return node.op == "call_function" and str(node.target).startswith("shardgraph.moe_experts_backward.")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What the backward of one MoE layer reuses from its forward: nothing is routed or sent twice.
+
+    ``send`` / ``receive`` / ``permutation`` / ``etp_sizes`` are None when every expert is on the
+    rank (ep = etp = 1): nothing was dispatched.
+    """
+
+    order: Node  # the token copies sorted by expert
+    offsets: Node  # group ends of the grouped tokens
+    grouped: Node  # the tokens the gate/up product read
+    gate_up: Node  # its output, before the activation
+    activated: Node  # the down product's input
+    returned: Node  # expert outputs back on their token's rank, before the combine
+    send: Node | None
+    receive: Node | None
+    permutation: Node | None
+    etp_sizes: Node | None
+    activation: str
+    top_k: int
+    local_experts: int
+    estimate: float  # bytes one dispatch sends per rank under uniform routing
+
+    @property
+    def dispatched(self) -> bool:
+        return self.permutation is not None
 
 
 class _Emitter:
-    def __init__(self, graph, before: Node, layer: str):
-        self.graph, self.before, self.layer = graph, before, layer
+    """Inserts the steps of one MoE node before it, each marked with the layer it serves."""
 
-    def call(self, target, *args, collective=None, **kwargs) -> Node:
+    def __init__(self, graph, comm: Node, before: Node, mesh: MeshSpec):
+        self.graph, self.comm, self.before, self.mesh = graph, comm, before, mesh
+
+    def call(self, target, *args, **kwargs) -> Node:
         with self.graph.inserting_before(self.before):
             node = self.graph.call_function(target, args, kwargs)
-        node.meta["moe_layer"] = self.layer
-        node.meta["view"] = "expert"
-        if collective is not None:
-            node.meta["collective"] = collective
+        meta.copy_source_location(self.before, node)
+        meta.set_moe_step(node, MoeStep(self.before.name))
+        meta.set_placed(node, PlacedValue(None, View.EXPERT, (), f"expert step of {self.before.name}"))
+        return node
+
+    def communicate(self, target, *args, kind: CollectiveKind, axis: str, estimate: float, purpose: Purpose,
+                    detail: str, **kwargs) -> Node:
+        node = self.call(target, self.comm, *args, **kwargs)
+        meta.set_collective(node, Collective(kind, axis, self.mesh.size(axis), estimate, purpose,
+                                             of=self.before.name, detail=detail, data_dependent=True))
         return node
 
     def item(self, node: Node, index: int) -> Node:
@@ -64,143 +103,157 @@ class _Emitter:
 
 
 def _token_bytes(hidden: Node, top_k: int, mesh: MeshSpec) -> float:
-    value = hidden.meta.get("val")
-    if value is None:
+    found = meta.tensor_value(hidden)
+    if found is None:
         return 0.0
-    local_tokens = value.shape[0] // (mesh.dp * mesh.tp)
-    return local_tokens * top_k * value.shape[-1] * value.element_size()
+    local_tokens = found.shape[0] // (mesh.dp * mesh.tp)
+    return local_tokens * top_k * found.shape[-1] * found.element_size()
 
 
 def lower_moe(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
     graph = gm.graph
-    comm = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "comm")
-    saved: dict[tuple, dict] = {}
-    ep, etp = mesh.ep, mesh.etp
+    comm = meta.communicator_node(graph)
+    routings: dict[tuple, Routing] = {}
     for node in list(graph.nodes):
         if is_moe_forward(node):
-            hidden, topk_ids, topk_weights, w_gate_up, w_down = node.args[:5]
-            activation = node.args[5] if len(node.args) > 5 else node.kwargs.get("activation", "silu")
-            num_experts = w_gate_up.meta["val"].shape[0]
-            top_k = topk_ids.meta["val"].shape[-1]
-            local_experts = num_experts // ep
-            emit = _Emitter(graph, node, node.name)
-            # Uniform routing sends (ep - 1) / ep of each rank's copies away: an estimate for the
-            # report; the simulator counts what the routing really sent.
-            dispatch_estimate = _token_bytes(hidden, top_k, mesh) * (ep - 1) / ep
-            sorted_ = emit.call(moe_steps.sort_by_expert, topk_ids, num_experts)
-            order, tokens_per_expert = emit.item(sorted_, 0), emit.item(sorted_, 1)
-            copies = emit.call(moe_steps.gather_copies, hidden, order, top_k)
-            send_sizes = receive_sizes = permutation = etp_row_sizes = None
-            if ep == 1 and etp == 1:
-                # Every expert is on this rank: the copies are already grouped by expert, so the
-                # offsets stay on the device and nothing waits for the host.
-                grouped = copies
-                offsets = emit.call(moe_steps.expert_offsets, tokens_per_expert)
-            else:
-                received_counts = emit.call(moe_steps.exchange_counts, comm, tokens_per_expert, "ep",
-                                            collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
-                                                        "bytes": 8.0 * num_experts * (ep - 1) / ep,
-                                                        "of": node.name, "purpose": "tokens per expert"})
-                sizes = emit.call(moe_steps.split_sizes, tokens_per_expert, received_counts)
-                send_sizes, receive_sizes = emit.item(sizes, 0), emit.item(sizes, 1)
-                received = emit.call(collectives.all_to_all, comm, copies, "ep", send_sizes,
-                                     output_splits=receive_sizes,
-                                     collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
-                                                 "bytes": dispatch_estimate, "of": node.name, "purpose": "dispatch"})
-                counts = received_counts
-                if etp > 1:
-                    etp_row_sizes = emit.call(moe_steps.etp_sizes, comm, received, "etp")
-                    received = emit.call(moe_steps.etp_gather, comm, received, "etp", sizes=etp_row_sizes,
-                                         collective={"kind": "all_gather", "axis": "etp", "group_size": etp,
-                                                     "bytes": dispatch_estimate / max(ep - 1, 1) * (etp - 1),
-                                                     "of": node.name, "purpose": "expert tokens to every etp rank"})
-                    counts = emit.call(moe_steps.etp_gather, comm, received_counts, "etp")
-                grouped_ = emit.call(moe_steps.group_by_local_expert, received, counts)
-                grouped, permutation, offsets = (emit.item(grouped_, i) for i in range(3))
-            gate_up = emit.call(torch.ops.shardgraph.grouped_mm.default, grouped, w_gate_up, offsets, "enk")
-            activated = emit.call(moe_steps.glu, gate_up, activation)
-            down = emit.call(torch.ops.shardgraph.grouped_mm.default, activated, w_down, offsets, "enk")
-            returned = down
-            if permutation is not None:
-                expert_out = emit.call(moe_steps.ungroup, down, permutation)
-                if etp > 1:
-                    expert_out = emit.call(moe_steps.etp_reduce_own, comm, expert_out, "etp", etp_row_sizes,
-                                           collective={"kind": "all_reduce", "axis": "etp", "group_size": etp,
-                                                       "bytes": 2 * dispatch_estimate * (etp - 1) / etp,
-                                                       "of": node.name, "purpose": "down-projection partial sums"})
-                returned = emit.call(collectives.all_to_all, comm, expert_out, "ep", receive_sizes,
-                                     output_splits=send_sizes,
-                                     collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
-                                                 "bytes": dispatch_estimate, "of": node.name, "purpose": "return"})
-            out = emit.call(moe_steps.combine, returned, order, topk_weights)
-            out.meta.update({k: node.meta[k] for k in ("val", "sharding", "view", "placement_reason") if k in node.meta})
-            node.replace_all_uses_with(out)
-            graph.erase_node(node)
-            saved[(hidden, topk_ids, topk_weights, w_gate_up, w_down)] = dict(
-                order=order, send=send_sizes, receive=receive_sizes, grouped=grouped, permutation=permutation,
-                offsets=offsets, gate_up=gate_up, activated=activated, returned=returned, etp_sizes=etp_row_sizes,
-                activation=activation, top_k=top_k, local_experts=local_experts, estimate=dispatch_estimate,
-            )
+            key = tuple(node.args[:5])
+            routings[key] = _lower_forward(graph, _Emitter(graph, comm, node, mesh), node, mesh)
         elif is_moe_backward(node):
-            grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down = node.args[:6]
-            forward = saved.get((hidden, topk_ids, topk_weights, w_gate_up, w_down))
-            if forward is None:
+            routing = routings.get(tuple(node.args[1:6]))
+            if routing is None:
                 raise ValueError(
                     f"{node.name}: no matching moe_experts forward (same hidden, routing and weights) precedes it"
                 )
-            emit = _Emitter(graph, node, node.name)
-            combined = emit.call(moe_steps.combine_backward, grad_out, forward["returned"], forward["order"], topk_weights)
-            grad_copies, grad_topk_weights = emit.item(combined, 0), emit.item(combined, 1)
-            if forward["permutation"] is None:
-                grad_grouped = grad_copies  # already in expert order: nothing was dispatched
-            else:
-                grad_received = emit.call(collectives.all_to_all, comm, grad_copies, "ep", forward["send"],
-                                          output_splits=forward["receive"],
-                                          collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
-                                                      "bytes": forward["estimate"], "of": node.name,
-                                                      "purpose": "dispatch of output gradients"})
-                if etp > 1:
-                    grad_received = emit.call(moe_steps.etp_gather, comm, grad_received, "etp",
-                                              sizes=forward["etp_sizes"],
-                                              collective={"kind": "all_gather", "axis": "etp", "group_size": etp,
-                                                          "bytes": forward["estimate"] / max(ep - 1, 1) * (etp - 1),
-                                                          "of": node.name,
-                                                          "purpose": "output gradients to every etp rank"})
-                grad_grouped = emit.call(torch.index_select, grad_received, 0, forward["permutation"])
-            grad_activated = emit.call(torch.ops.shardgraph.grouped_mm_dgrad.default, grad_grouped, w_down,
-                                       forward["offsets"], "enk")
-            grad_w_down = emit.call(torch.ops.shardgraph.grouped_mm_wgrad.default, forward["activated"], grad_grouped,
-                                    forward["offsets"], forward["local_experts"], "enk")
-            grad_gate_up = emit.call(moe_steps.glu_backward, grad_activated, forward["gate_up"], forward["activation"])
-            grad_tokens = emit.call(torch.ops.shardgraph.grouped_mm_dgrad.default, grad_gate_up, w_gate_up,
-                                    forward["offsets"], "enk")
-            grad_w_gate_up = emit.call(torch.ops.shardgraph.grouped_mm_wgrad.default, forward["grouped"], grad_gate_up,
-                                       forward["offsets"], forward["local_experts"], "enk")
-            if forward["permutation"] is not None:
-                grad_tokens = emit.call(moe_steps.ungroup, grad_tokens, forward["permutation"])
-                if etp > 1:
-                    grad_tokens = emit.call(moe_steps.etp_reduce_own, comm, grad_tokens, "etp", forward["etp_sizes"],
-                                            collective={"kind": "all_reduce", "axis": "etp", "group_size": etp,
-                                                        "bytes": 2 * forward["estimate"] * (etp - 1) / etp,
-                                                        "of": node.name, "purpose": "token-gradient partial sums"})
-                grad_tokens = emit.call(collectives.all_to_all, comm, grad_tokens, "ep", forward["receive"],
-                                        output_splits=forward["send"],
-                                        collective={"kind": "all_to_all", "axis": "ep", "group_size": ep,
-                                                    "bytes": forward["estimate"], "of": node.name,
-                                                    "purpose": "return of token gradients"})
-            grad_hidden = emit.call(_scatter_to_tokens, grad_tokens, forward["order"], forward["top_k"], hidden)
-            results = [grad_hidden, grad_topk_weights, grad_w_gate_up, grad_w_down]
-            shardings = node.meta.get("sharding") or (None,) * 4
-            for result, sharding in zip(results, shardings):
-                result.meta["sharding"] = sharding
-            for user in list(node.users):
-                if user.target is operator.getitem:
-                    user.replace_all_uses_with(results[user.args[1]])
-                    graph.erase_node(user)
-            graph.erase_node(node)
+            _lower_backward(graph, _Emitter(graph, comm, node, mesh), node, routing, mesh)
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _dispatch(emit: _Emitter, copies: Node, tokens_per_expert: Node, num_experts: int, estimate: float, mesh: MeshSpec):
+    """Exchange counts, send each copy to its expert's rank, gather over etp, group by local expert."""
+    ep, etp = mesh.ep, mesh.etp
+    received_counts = emit.communicate(moe_steps.exchange_counts, tokens_per_expert, "ep",
+                                       kind=CollectiveKind.ALL_TO_ALL, axis="ep",
+                                       estimate=8.0 * num_experts * (ep - 1) / ep, purpose=Purpose.MOE_COUNTS,
+                                       detail="tokens per expert")
+    sizes = emit.call(moe_steps.split_sizes, tokens_per_expert, received_counts)
+    send, receive = emit.item(sizes, 0), emit.item(sizes, 1)
+    received = emit.communicate(collectives.all_to_all, copies, "ep", send, output_splits=receive,
+                                kind=CollectiveKind.ALL_TO_ALL, axis="ep", estimate=estimate,
+                                purpose=Purpose.MOE_DISPATCH, detail="dispatch")
+    counts, etp_sizes = received_counts, None
+    if etp > 1:
+        etp_sizes = emit.call(moe_steps.etp_sizes, emit.comm, received, "etp")
+        received = emit.communicate(moe_steps.etp_gather, received, "etp", sizes=etp_sizes,
+                                    kind=CollectiveKind.ALL_GATHER, axis="etp",
+                                    estimate=estimate / max(ep - 1, 1) * (etp - 1), purpose=Purpose.MOE_ETP,
+                                    detail="expert tokens to every etp rank")
+        counts = emit.call(moe_steps.etp_gather, emit.comm, received_counts, "etp")
+    grouped_ = emit.call(moe_steps.group_by_local_expert, received, counts)
+    grouped, permutation, offsets = (emit.item(grouped_, i) for i in range(3))
+    return grouped, permutation, offsets, send, receive, etp_sizes
+
+
+def _lower_forward(graph, emit: _Emitter, node: Node, mesh: MeshSpec) -> Routing:
+    hidden, topk_ids, topk_weights, w_gate_up, w_down = node.args[:5]
+    activation = node.args[5] if len(node.args) > 5 else node.kwargs.get("activation", "silu")
+    num_experts = meta.value(w_gate_up).shape[0]
+    top_k = meta.value(topk_ids).shape[-1]
+    # Uniform routing sends (ep - 1) / ep of each rank's copies away: an estimate for the report;
+    # the simulator counts what the routing really sent.
+    estimate = _token_bytes(hidden, top_k, mesh) * (mesh.ep - 1) / mesh.ep
+    sorted_ = emit.call(moe_steps.sort_by_expert, topk_ids, num_experts)
+    order, tokens_per_expert = emit.item(sorted_, 0), emit.item(sorted_, 1)
+    copies = emit.call(moe_steps.gather_copies, hidden, order, top_k)
+    send = receive = permutation = etp_sizes = None
+    if mesh.ep == 1 and mesh.etp == 1:
+        # Every expert is on this rank: the copies are already grouped by expert, so the offsets
+        # stay on the device and nothing waits for the host.
+        grouped = copies
+        offsets = emit.call(moe_steps.expert_offsets, tokens_per_expert)
+    else:
+        grouped, permutation, offsets, send, receive, etp_sizes = _dispatch(
+            emit, copies, tokens_per_expert, num_experts, estimate, mesh)
+    gate_up = emit.call(torch.ops.shardgraph.grouped_mm.default, grouped, w_gate_up, offsets, "enk")
+    activated = emit.call(moe_steps.glu, gate_up, activation)
+    down = emit.call(torch.ops.shardgraph.grouped_mm.default, activated, w_down, offsets, "enk")
+    returned = down
+    if permutation is not None:
+        expert_out = emit.call(moe_steps.ungroup, down, permutation)
+        if mesh.etp > 1:
+            expert_out = emit.communicate(moe_steps.etp_reduce_own, expert_out, "etp", etp_sizes,
+                                          kind=CollectiveKind.ALL_REDUCE, axis="etp",
+                                          estimate=2 * estimate * (mesh.etp - 1) / mesh.etp, purpose=Purpose.MOE_ETP,
+                                          detail="down-projection partial sums")
+        returned = emit.communicate(collectives.all_to_all, expert_out, "ep", receive, output_splits=send,
+                                    kind=CollectiveKind.ALL_TO_ALL, axis="ep", estimate=estimate,
+                                    purpose=Purpose.MOE_RETURN, detail="return")
+    out = emit.call(moe_steps.combine, returned, order, topk_weights)
+    meta.copy_source_info(node, out)
+    meta.set_placed(out, meta.placed(node))
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return Routing(order=order, offsets=offsets, grouped=grouped, gate_up=gate_up, activated=activated,
+                   returned=returned, send=send, receive=receive, permutation=permutation, etp_sizes=etp_sizes,
+                   activation=activation, top_k=top_k, local_experts=num_experts // mesh.ep, estimate=estimate)
+
+
+def _lower_backward(graph, emit: _Emitter, node: Node, routing: Routing, mesh: MeshSpec) -> None:
+    grad_out, hidden, _topk_ids, topk_weights, w_gate_up, w_down = node.args[:6]
+    combined = emit.call(moe_steps.combine_backward, grad_out, routing.returned, routing.order, topk_weights)
+    grad_copies, grad_topk_weights = emit.item(combined, 0), emit.item(combined, 1)
+    grad_grouped = grad_copies  # already in expert order when nothing was dispatched
+    if routing.dispatched:
+        grad_received = emit.communicate(collectives.all_to_all, grad_copies, "ep", routing.send,
+                                         output_splits=routing.receive, kind=CollectiveKind.ALL_TO_ALL, axis="ep",
+                                         estimate=routing.estimate, purpose=Purpose.MOE_DISPATCH,
+                                         detail="dispatch of output gradients")
+        if mesh.etp > 1:
+            grad_received = emit.communicate(moe_steps.etp_gather, grad_received, "etp", sizes=routing.etp_sizes,
+                                             kind=CollectiveKind.ALL_GATHER, axis="etp",
+                                             estimate=routing.estimate / max(mesh.ep - 1, 1) * (mesh.etp - 1),
+                                             purpose=Purpose.MOE_ETP, detail="output gradients to every etp rank")
+        grad_grouped = emit.call(torch.index_select, grad_received, 0, routing.permutation)
+    grouped_mm = torch.ops.shardgraph
+    grad_activated = emit.call(grouped_mm.grouped_mm_dgrad.default, grad_grouped, w_down, routing.offsets, "enk")
+    grad_w_down = emit.call(grouped_mm.grouped_mm_wgrad.default, routing.activated, grad_grouped, routing.offsets,
+                            routing.local_experts, "enk")
+    grad_gate_up = emit.call(moe_steps.glu_backward, grad_activated, routing.gate_up, routing.activation)
+    grad_tokens = emit.call(grouped_mm.grouped_mm_dgrad.default, grad_gate_up, w_gate_up, routing.offsets, "enk")
+    grad_w_gate_up = emit.call(grouped_mm.grouped_mm_wgrad.default, routing.grouped, grad_gate_up, routing.offsets,
+                               routing.local_experts, "enk")
+    record = meta.placed(node)
+    copies = token_copies(record.input_shardings[1], mesh)
+    if copies > 1:
+        # Each token was dispatched from `copies` ranks (the token count did not divide over
+        # dp x tp), so every expert summed its gradient `copies` times.
+        grad_w_down = emit.call(torch.mul, grad_w_down, 1.0 / copies)
+        grad_w_gate_up = emit.call(torch.mul, grad_w_gate_up, 1.0 / copies)
+    if routing.dispatched:
+        grad_tokens = emit.call(moe_steps.ungroup, grad_tokens, routing.permutation)
+        if mesh.etp > 1:
+            grad_tokens = emit.communicate(moe_steps.etp_reduce_own, grad_tokens, "etp", routing.etp_sizes,
+                                           kind=CollectiveKind.ALL_REDUCE, axis="etp",
+                                           estimate=2 * routing.estimate * (mesh.etp - 1) / mesh.etp,
+                                           purpose=Purpose.MOE_ETP, detail="token-gradient partial sums")
+        grad_tokens = emit.communicate(collectives.all_to_all, grad_tokens, "ep", routing.receive,
+                                       output_splits=routing.send, kind=CollectiveKind.ALL_TO_ALL, axis="ep",
+                                       estimate=routing.estimate, purpose=Purpose.MOE_RETURN,
+                                       detail="return of token gradients")
+    grad_hidden = emit.call(_scatter_to_tokens, grad_tokens, routing.order, routing.top_k, hidden)
+    results = [grad_hidden, grad_topk_weights, grad_w_gate_up, grad_w_down]
+    shardings = record.sharding if record is not None and isinstance(record.sharding, tuple) else (None,) * 4
+    values = meta.value(node)
+    for result, item_sharding, found in zip(results, shardings, values):
+        meta.set_value(result, found)
+        meta.set_placed(result, PlacedValue(item_sharding, View.of_sharding(item_sharding) or View.DENSE, (),
+                                            f"output of {node.name}"))
+    for user in list(node.users):
+        if user.target is operator.getitem:
+            user.replace_all_uses_with(results[user.args[1]])
+            graph.erase_node(user)
+    graph.erase_node(node)
 
 
 def _scatter_to_tokens(grad_copies: torch.Tensor, order: torch.Tensor, top_k: int, hidden: torch.Tensor):

@@ -1,16 +1,17 @@
 """Insert the collectives that turn each producer's sharding into what its consumer needs.
 
 Reads
-    a placed graph (``node.meta["sharding"]`` on every value, ``node.meta["input_shardings"]``
-    on every op and on the output node).
+    a placed graph (a ``meta.PlacedValue`` on every node, whose ``input_shardings`` say what
+    each op and the output node need) with its communicator placeholder (``add_communicator``).
 Writes
-    a ``comm`` placeholder first (the rank's communicator), and before each consumer whose
-    input sharding differs from the producer's, a chain of ``shardgraph.runtime.collectives``
-    calls (``all_reduce``, ``reduce_scatter``, ``all_gather``, ``local_slice``, ...). Each inserted
-    node carries ``meta["sharding"]`` (after the step) and ``meta["collective"]`` (kind, axis,
-    group size, predicted bytes sent per rank). Identical conversions of one value are shared
-    between its consumers. On the output node this is the gradient synchronisation: a
-    ``Partial`` gradient is reduced to its parameter's sharding.
+    before each consumer whose input sharding differs from the producer's, a chain of
+    ``shardgraph.runtime.collectives`` calls (``all_reduce``, ``reduce_scatter``, ``all_gather``,
+    ``local_slice``, ...). Each inserted node carries a ``PlacedValue`` (the sharding after the
+    step) and a ``meta.Collective`` (kind, axis, group size, predicted bytes sent per rank,
+    purpose). Identical conversions of one value are shared between its consumers. On the
+    output node this is the gradient synchronisation (``Purpose.GRADIENT_SYNC``): a gradient
+    that is ``Partial`` over an axis is reduced over exactly that axis to its parameter's
+    sharding.
 Assumes
     shardings of one value and its requirement live on the same view (only the MoE ops bridge
     views, and they are lowered on their own).
@@ -25,14 +26,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch.fx import GraphModule, Node
 
-from shardgraph.mesh import DENSE_AXES, EXPERT_AXES, MeshSpec
-from shardgraph.placement import InterleavedShard, Partial, Replicate, Shard, Sharding, local_shape
+from shardgraph import meta
+from shardgraph.fx_graph import map_tensor_inputs, output_values, set_output_values, tensor_inputs
+from shardgraph.mesh import MeshSpec
+from shardgraph.meta import Collective, CollectiveKind, PlacedValue, Purpose, View
+from shardgraph.placement import InterleavedShard, Partial, Replicate, Shard, Sharding
 from shardgraph.runtime import collectives
-
-from .rules import map_tensor_inputs, tensor_inputs
 
 __all__ = ["RedistributeStep", "plan_redistribution", "lower_redistribute", "step_bytes"]
 
@@ -47,90 +48,110 @@ class RedistributeStep:
     factor: float | None = None
 
 
-def _view_axes(*shardings: Sharding) -> tuple[str, ...]:
-    names = set()
-    for sharding in shardings:
-        names |= set(sharding.axes)
-    if names & set(EXPERT_AXES):
-        if names & set(DENSE_AXES):
-            raise ValueError(f"cannot redistribute between views: {shardings}")
-        return EXPERT_AXES
-    return DENSE_AXES
+@dataclass
+class _Plan:
+    """The placements on each axis while the steps are planned: ``current`` moves toward ``wanted``."""
+
+    axes: list[str]
+    current: dict
+    wanted: dict
+    ndim: int
+    mesh: MeshSpec
+    steps: list[RedistributeStep]
+
+    def shards_dim(self, placement, dim: int) -> bool:
+        return placement.is_shard() and placement.dim % self.ndim == dim
+
+    def add(self, step: RedistributeStep, placement) -> None:
+        self.steps.append(step)
+        self.current[step.axis] = placement
 
 
 def plan_redistribution(source: Sharding, target: Sharding, ndim: int, mesh: MeshSpec) -> list[RedistributeStep]:
     """The steps that turn pieces under ``source`` into pieces under ``target``."""
-    axes = [a for a in _view_axes(source, target) if mesh.size(a) > 1]
-    current = {a: source.placement(a) for a in axes}
-    wanted = {a: target.placement(a) for a in axes}
-    steps: list[RedistributeStep] = []
+    try:
+        view = View.of_shardings(source, target)
+    except ValueError:
+        raise ValueError(f"cannot redistribute between views: {source!r} -> {target!r}") from None
+    axes = [a for a in view.axes if mesh.size(a) > 1]
+    plan = _Plan(axes, {a: source.placement(a) for a in axes}, {a: target.placement(a) for a in axes}, ndim, mesh, [])
+    _reduce_partials(plan)
+    _pad_to_partials(plan)
+    _gather_changing_shards(plan)
+    _cut_new_shards(plan)
+    return plan.steps
 
-    def shards_dim(placement, dim):
-        return placement.is_shard() and placement.dim % ndim == dim
 
-    # 1. Partial axes: reduce (scatter when nothing else touches the target dim).
-    for axis in axes:
-        have, want = current[axis], wanted[axis]
+def _reduce_partials(plan: _Plan) -> None:
+    """Partial axes first, on the smaller piece: reduce-scatter when nothing else touches the
+    target dim, all-reduce otherwise; a change of partial op is a local scale."""
+    ndim = plan.ndim
+    for axis in plan.axes:
+        have, want = plan.current[axis], plan.wanted[axis]
         if not isinstance(have, Partial) or have == want:
             continue
         if isinstance(want, Partial):
-            n = mesh.size(axis)
+            n = plan.mesh.size(axis)
             factor = n if (have.op == "sum" and want.op == "avg") else 1.0 / n
-            steps.append(RedistributeStep("scale", axis, factor=float(factor)))
+            plan.add(RedistributeStep("scale", axis, factor=float(factor)), want)
         elif isinstance(want, Shard) and not any(
-            shards_dim(current[a], want.dim % ndim) or (a != axis and shards_dim(wanted[a], want.dim % ndim))
-            for a in axes
+            plan.shards_dim(plan.current[a], want.dim % ndim)
+            or (a != axis and plan.shards_dim(plan.wanted[a], want.dim % ndim))
+            for a in plan.axes
         ):
-            steps.append(RedistributeStep("reduce_scatter", axis, dim=want.dim % ndim, op=have.op))
-            current[axis] = Shard(want.dim % ndim)
-            continue
+            plan.add(RedistributeStep("reduce_scatter", axis, dim=want.dim % ndim, op=have.op), Shard(want.dim % ndim))
         else:
-            steps.append(RedistributeStep("all_reduce", axis, op=have.op))
-        current[axis] = want if isinstance(want, Partial) else Replicate()
+            plan.add(RedistributeStep("all_reduce", axis, op=have.op), Replicate())
 
-    # 2. Shard -> Partial("sum") as a local zero-pad when the dim is sharded by this axis alone.
-    for axis in axes:
-        have, want = current[axis], wanted[axis]
+
+def _pad_to_partials(plan: _Plan) -> None:
+    """Shard -> Partial("sum") as a local zero-pad when the dim is sharded by this axis alone."""
+    for axis in plan.axes:
+        have, want = plan.current[axis], plan.wanted[axis]
         if isinstance(have, Shard) and want == Partial("sum") and not any(
-            a != axis and shards_dim(current[a], have.dim % ndim) for a in axes
+            a != axis and plan.shards_dim(plan.current[a], have.dim % plan.ndim) for a in plan.axes
         ):
-            steps.append(RedistributeStep("pad_to_partial", axis, dim=have.dim % ndim))
-            current[axis] = want
+            plan.add(RedistributeStep("pad_to_partial", axis, dim=have.dim % plan.ndim), want)
 
-    # 3. Gather every changing shard, and every minor shard nested inside a changing one.
+
+def _gather_changing_shards(plan: _Plan) -> None:
+    """Gather every changing shard, and every minor shard nested inside a changing one, minor first."""
+    axes, current, wanted = plan.axes, plan.current, plan.wanted
     to_gather = {a for a in axes if current[a].is_shard() and current[a] != wanted[a]}
     # A shard that changes on a dim (gathered, or newly cut) must not have minor shards of the
     # same dim inside it: those are gathered too and cut again afterwards.
     for axis in axes:
         if current[axis] == wanted[axis]:
             continue
-        dims = {p.dim % ndim for p in (current[axis], wanted[axis]) if p.is_shard()}
+        dims = {p.dim % plan.ndim for p in (current[axis], wanted[axis]) if p.is_shard()}
         position = axes.index(axis)
-        to_gather |= {a for a in axes[position + 1 :] for d in dims if shards_dim(current[a], d)}
+        to_gather |= {a for a in axes[position + 1:] for d in dims if plan.shards_dim(current[a], d)}
     for axis in reversed(axes):
         if axis not in to_gather:
             continue
         have = current[axis]
         if isinstance(have, InterleavedShard):
-            steps.append(RedistributeStep("interleaved_all_gather", axis, dim=have.dim % ndim, stripes=have.stripes))
+            step = RedistributeStep("interleaved_all_gather", axis, dim=have.dim % plan.ndim, stripes=have.stripes)
         else:
-            steps.append(RedistributeStep("all_gather", axis, dim=have.dim % ndim))
-        current[axis] = Replicate()
+            step = RedistributeStep("all_gather", axis, dim=have.dim % plan.ndim)
+        plan.add(step, Replicate())
 
-    # 4. Cut new shards major-to-minor; make replicated values partial where asked.
-    for axis in axes:
-        have, want = current[axis], wanted[axis]
+
+def _cut_new_shards(plan: _Plan) -> None:
+    """Cut new shards major-to-minor; make replicated values partial where asked."""
+    for axis in plan.axes:
+        have, want = plan.current[axis], plan.wanted[axis]
         if have == want:
             continue
         if isinstance(want, InterleavedShard):
-            steps.append(RedistributeStep("local_interleaved_slice", axis, dim=want.dim % ndim, stripes=want.stripes))
+            plan.add(RedistributeStep("local_interleaved_slice", axis, dim=want.dim % plan.ndim,
+                                      stripes=want.stripes), want)
         elif isinstance(want, Shard):
-            steps.append(RedistributeStep("local_slice", axis, dim=want.dim % ndim))
-        elif isinstance(want, Partial):
-            if want.op == "sum":
-                steps.append(RedistributeStep("keep_on_first", axis))
-        current[axis] = want
-    return steps
+            plan.add(RedistributeStep("local_slice", axis, dim=want.dim % plan.ndim), want)
+        elif isinstance(want, Partial) and want.op == "sum":
+            plan.add(RedistributeStep("keep_on_first", axis), want)
+        else:
+            plan.current[axis] = want
 
 
 def step_bytes(step: RedistributeStep, piece_bytes: float, mesh: MeshSpec) -> float:
@@ -175,20 +196,10 @@ _STEP_FUNCTIONS = {
 }
 
 
-def _local_bytes(value, sharding: Sharding, mesh: MeshSpec) -> float:
-    if not isinstance(value, torch.Tensor):
-        return 0.0
-    shape = local_shape(tuple(value.shape), sharding, mesh) if value.dim() else ()
-    numel = 1
-    for size in shape:
-        numel *= int(size)
-    return numel * value.element_size()
-
-
 def _insert_chain(graph, comm: Node, producer: Node, source: Sharding, target: Sharding, mesh: MeshSpec,
-                  before: Node, purpose: str, cache: dict) -> Node:
-    value = producer.meta.get("val")
-    ndim = value.dim() if isinstance(value, torch.Tensor) else 0
+                  before: Node, purpose: Purpose, detail: str, cache: dict) -> Node:
+    found = meta.tensor_value(producer)
+    ndim = found.dim() if found is not None else 0
     key = (producer, source, target)
     if key in cache:
         return cache[key]
@@ -197,62 +208,51 @@ def _insert_chain(graph, comm: Node, producer: Node, source: Sharding, target: S
         function, kwargs = _STEP_FUNCTIONS[step.kind](step)
         with graph.inserting_before(before):
             node = graph.call_function(function, (comm, current_node), kwargs)
-        piece = _local_bytes(value, current, mesh)
+        piece = meta.local_bytes(found, current, mesh, producer.name)
         current = _apply_placement(current, step)
-        node.meta["val"] = value
-        node.meta["sharding"] = current
-        node.meta["view"] = producer.meta.get("view", "dense")
-        node.meta["collective"] = {
-            "kind": step.kind,
-            "axis": step.axis,
-            "group_size": mesh.size(step.axis),
-            "bytes": step_bytes(step, piece, mesh),
-            "of": producer.name,
-            "purpose": purpose,
-        }
-        node.meta["placement_reason"] = f"{step.kind} over {step.axis}: {source!r} -> {target!r} for {purpose}"
+        meta.copy_source_info(producer, node)
+        meta.set_placed(node, PlacedValue(current, meta.view(producer) or View.DENSE, (),
+                                          f"{step.kind} over {step.axis}: {source!r} -> {target!r} for {detail}"))
+        meta.set_collective(node, Collective(CollectiveKind(step.kind), step.axis, mesh.size(step.axis),
+                                             step_bytes(step, piece, mesh), purpose, of=producer.name, detail=detail))
         current_node = node
     cache[key] = current_node
     return current_node
 
 
+def _output_purpose(role) -> Purpose:
+    return Purpose.GRADIENT_SYNC if role.kind == "grad" else Purpose.OUTPUT
+
+
 def lower_redistribute(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
     graph = gm.graph
-    first = next(iter(graph.nodes))
-    with graph.inserting_before(first):
-        comm = graph.placeholder("comm")
-    comm.meta.update(shardgraph_kind="communicator", sharding=None, view=None)
+    comm = meta.communicator_node(graph)
+    roles = meta.output_roles(gm)
     cache: dict = {}
     for node in list(graph.nodes):
-        if node.op not in ("call_function", "output") or node is comm:
+        if node.op not in ("call_function", "output"):
             continue
-        required = node.meta.get("input_shardings")
-        if not required:
+        record = meta.placed(node)
+        if record is None or not record.input_shardings:
             continue
-        if node.op == "output":
-            inputs = list(node.args[0]) if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
-        else:
-            inputs = tensor_inputs(node)
+        inputs = output_values(graph) if node.op == "output" else tensor_inputs(node)
         replacements: dict[int, Node] = {}
-        for position, (producer, want) in enumerate(zip(inputs, required)):
+        for position, (producer, want) in enumerate(zip(inputs, record.input_shardings)):
             if not isinstance(producer, Node) or want is None:
                 continue
-            have = producer.meta.get("sharding")
+            have = meta.sharding(producer)
             if have is None or have == want:
                 continue
-            purpose = (
-                f"output {position} ({node.meta.get('output_roles', [('output', None)] * len(inputs))[position][0]})"
-                if node.op == "output" else node.name
-            )
-            replacements[position] = _insert_chain(graph, comm, producer, have, want, mesh, node, purpose, cache)
+            if node.op == "output":
+                purpose, detail = _output_purpose(roles[position]), f"output {position} ({roles[position].kind})"
+            else:
+                purpose, detail = Purpose.REDISTRIBUTE, node.name
+            replacements[position] = _insert_chain(graph, comm, producer, have, want, mesh, node, purpose, detail,
+                                                   cache)
         if not replacements:
             continue
         if node.op == "output":
-            outputs = node.args[0]
-            if isinstance(outputs, (tuple, list)):
-                node.args = (type(outputs)(replacements.get(i, o) for i, o in enumerate(outputs)),)
-            else:
-                node.args = (replacements.get(0, outputs),)
+            set_output_values(graph, [replacements.get(i, o) for i, o in enumerate(inputs)])
         else:
             map_tensor_inputs(node, lambda position, producer: replacements.get(position, producer))
     graph.lint()

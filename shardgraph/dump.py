@@ -22,9 +22,9 @@ import re
 from collections import defaultdict
 
 import networkx as nx
-import torch
 from torch.fx import GraphModule
 
+from . import meta
 from .placement import local_shape
 
 __all__ = ["dump_program"]
@@ -38,7 +38,7 @@ def _code_with_comments(gm: GraphModule, comment) -> str:
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             text = comment(node)
-            label = node.meta.get("shardgraph_name", node.name)
+            label = meta.display_name(node)
             lines.append(f"#   {node.name} ({label}): {text}" if text else f"#   {node.name} ({label})")
     for line in code.splitlines():
         lines.append(line)
@@ -52,21 +52,22 @@ def _code_with_comments(gm: GraphModule, comment) -> str:
 
 
 def _placed_comment(node) -> str:
-    sharding = node.meta.get("sharding")
-    if sharding is None:
+    record = meta.placed(node)
+    if record is None or record.sharding is None:
         return ""
-    reason = node.meta.get("placement_reason", "")
-    return f"{sharding!r}  <- {reason}"
+    return f"{record.sharding!r}  <- {record.reason}"
 
 
 def _lowered_comment(node) -> str:
-    info = node.meta.get("collective")
-    if info:
-        return (f"COLLECTIVE {info['kind']} over {info['axis']} (group {info['group_size']}), "
-                f"{info['bytes']:.0f} bytes/rank: {info.get('purpose', '')}")
-    if node.meta.get("moe_layer"):
-        return f"moe step of {node.meta['moe_layer']}"
-    return _placed_comment(node).split("  <- ")[0]
+    record = meta.collective(node)
+    if record is not None:
+        return (f"COLLECTIVE {record.kind.value} over {record.axis} (group {record.group_size}), "
+                f"{record.bytes:.0f} bytes/rank: {record.purpose.value}" + (f" ({record.detail})" if record.detail else ""))
+    step = meta.moe_step(node)
+    if step is not None:
+        return f"moe step of {step.layer}"
+    sharding = meta.sharding(node)
+    return "" if sharding is None else repr(sharding)
 
 
 def _rank_table(program, rank: int) -> str:
@@ -74,20 +75,20 @@ def _rank_table(program, rank: int) -> str:
     coordinates = mesh.coords(rank)
     lines = [f"rank {rank}: " + " ".join(f"{k}={v}" for k, v in coordinates.items()), ""]
     for node in program.placed.graph_module.graph.nodes:
-        value, sharding = node.meta.get("val"), node.meta.get("sharding")
-        if not isinstance(value, torch.Tensor) or sharding is None or isinstance(sharding, tuple):
+        value, sharding = meta.tensor_value(node), meta.sharding(node)
+        if value is None or sharding is None or isinstance(sharding, tuple):
             continue
         local = local_shape(tuple(value.shape), sharding, mesh, name=node.name) if value.dim() else ()
-        name = node.meta.get("shardgraph_name", node.name)
+        name = meta.display_name(node)
         lines.append(f"{name:<48} {str(list(value.shape)):<22} -> {str([int(s) for s in local]):<22} {sharding!r}")
     return "\n".join(lines) + "\n"
 
 
 def _kind(node) -> str:
-    if node.meta.get("collective") and node.meta["collective"]["kind"] not in (
-            "local_slice", "local_interleaved_slice", "keep_on_first", "pad_to_partial", "scale"):
+    record = meta.collective(node)
+    if record is not None and record.communicates:
         return "collective"
-    if node.meta.get("moe_layer"):
+    if meta.moe_step(node) is not None:
         return "moe"
     if node.op == "placeholder":
         return "input"
@@ -98,11 +99,7 @@ _COLOURS = {"collective": "#d62728", "moe": "#1f77b4", "input": "#7f7f7f", "op":
 
 
 def _layer_key(node) -> str:
-    for text in (node.meta.get("shardgraph_name"), node.meta.get("moe_layer"), node.meta.get("stack_trace")):
-        match = re.search(r"layers[._](\d+)", str(text or ""))
-        if match:
-            return f"layers.{match.group(1)}"
-    return "other"
+    return meta.layer(node) or "other"
 
 
 def _svg(gm: GraphModule, collapse_above: int) -> str:
@@ -122,8 +119,8 @@ def _svg(gm: GraphModule, collapse_above: int) -> str:
             previous = key
     else:
         for node in nodes:
-            info = node.meta.get("collective")
-            label = node.name if not info else f"{info['kind']}[{info['axis']}] {node.name}"
+            record = meta.collective(node)
+            label = node.name if record is None else f"{record.kind.value}[{record.axis}] {node.name}"
             graph.add_node(node.name, label=label, kind=_kind(node))
         for node in nodes:
             for source in node.all_input_nodes:

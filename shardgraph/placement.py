@@ -352,40 +352,11 @@ def unshard(
     that ``Replicate`` axes say are equal are checked to be bit-identical.
     """
     ranks = _stage_ranks(mesh, stage_index)
-    if isinstance(pieces, Mapping):
-        by_rank = dict(pieces)
-    else:
-        pieces = list(pieces)
-        if len(pieces) == mesh.world:
-            by_rank = {r: pieces[r] for r in ranks}
-        elif len(pieces) == mesh.stage:
-            by_rank = {r: pieces[r - ranks.start] for r in ranks}
-        else:
-            raise ShardingError(
-                f"{name}: unshard got {len(pieces)} pieces; expected one per rank of the world "
-                f"({mesh.world}) or of a stage ({mesh.stage})"
-            )
-    missing = [r for r in ranks if r not in by_rank]
-    if missing:
-        raise ShardingError(f"{name}: unshard is missing the pieces of ranks {missing}")
-
+    by_rank = _pieces_by_rank(pieces, ranks, mesh, name)
     sample = by_rank[ranks.start]
     ndim = sample.dim()
     sharded_dims = _sharded_dims(sharding, ndim)
-    if global_shape is None:
-        global_shape = list(sample.shape)
-        for axis, placement in sharding.items():
-            if placement.is_shard():
-                global_shape[placement.dim % ndim] *= mesh.size(axis)
-    global_shape = tuple(int(s) for s in global_shape)
-    expected_local = local_shape(global_shape, sharding, mesh, name)
-    for rank in ranks:
-        if tuple(by_rank[rank].shape) != tuple(expected_local):
-            raise ShardingError(
-                f"{name}: rank {rank}'s piece has shape {tuple(by_rank[rank].shape)}, expected "
-                f"{tuple(expected_local)} for global shape {global_shape} under {sharding!r}"
-            )
-
+    global_shape = _checked_global_shape(by_rank, ranks, sharding, mesh, global_shape, name)
     partial_axes = [(axis, p) for axis, p in sharding.items() if p.is_partial()]
     replicate_axes = [axis for axis in sharding.view if sharding.placement(axis).is_replicate()]
 
@@ -395,12 +366,7 @@ def unshard(
         coordinates = mesh.coords(rank)
         if any(coordinates[axis] != 0 for axis in replicate_axes):
             if check_replicas:
-                origin = mesh.rank_of(pp=stage_index, **{a: (0 if a in replicate_axes else coordinates[a]) for a in sharding.view})
-                if not torch.equal(by_rank[rank], by_rank[origin]):
-                    raise ShardingError(
-                        f"{name}: ranks {origin} and {rank} should hold identical replicas under "
-                        f"{sharding!r} but differ"
-                    )
+                _check_replica(by_rank, rank, replicate_axes, sharding, mesh, stage_index, name)
             continue
         if any(coordinates[axis] != 0 for axis, _ in partial_axes):
             continue
@@ -420,6 +386,59 @@ def unshard(
     if written is not None and not bool(written.all()):
         raise ShardingError(f"{name}: the pieces do not cover the global tensor under {sharding!r}")
     return result
+
+
+def _pieces_by_rank(pieces, ranks: range, mesh: MeshSpec, name: str) -> dict[int, torch.Tensor]:
+    """``pieces`` (over the world, over the stage, or a mapping) indexed by global rank."""
+    if isinstance(pieces, Mapping):
+        by_rank = dict(pieces)
+    else:
+        pieces = list(pieces)
+        if len(pieces) == mesh.world:
+            by_rank = {r: pieces[r] for r in ranks}
+        elif len(pieces) == mesh.stage:
+            by_rank = {r: pieces[r - ranks.start] for r in ranks}
+        else:
+            raise ShardingError(
+                f"{name}: unshard got {len(pieces)} pieces; expected one per rank of the world "
+                f"({mesh.world}) or of a stage ({mesh.stage})"
+            )
+    missing = [r for r in ranks if r not in by_rank]
+    if missing:
+        raise ShardingError(f"{name}: unshard is missing the pieces of ranks {missing}")
+    return by_rank
+
+
+def _checked_global_shape(by_rank, ranks: range, sharding: Sharding, mesh: MeshSpec, global_shape, name: str):
+    """The global shape (given, or inferred from one piece), with every piece's shape checked."""
+    sample = by_rank[ranks.start]
+    if global_shape is None:
+        global_shape = list(sample.shape)
+        for axis, placement in sharding.items():
+            if placement.is_shard():
+                global_shape[placement.dim % sample.dim()] *= mesh.size(axis)
+    global_shape = tuple(int(s) for s in global_shape)
+    expected_local = local_shape(global_shape, sharding, mesh, name)
+    for rank in ranks:
+        if tuple(by_rank[rank].shape) != tuple(expected_local):
+            raise ShardingError(
+                f"{name}: rank {rank}'s piece has shape {tuple(by_rank[rank].shape)}, expected "
+                f"{tuple(expected_local)} for global shape {global_shape} under {sharding!r}"
+            )
+    return global_shape
+
+
+def _check_replica(by_rank, rank: int, replicate_axes, sharding: Sharding, mesh: MeshSpec, stage_index: int,
+                   name: str) -> None:
+    coordinates = mesh.coords(rank)
+    origin = mesh.rank_of(pp=stage_index, **{a: (0 if a in replicate_axes else coordinates[a]) for a in sharding.view})
+    # NaN compares unequal to itself: replicas are compared as bits, so identical NaNs agree.
+    if not torch.equal(by_rank[rank], by_rank[origin]) and not (
+            by_rank[rank].dtype.is_floating_point and torch.equal(by_rank[rank].isnan(), by_rank[origin].isnan())
+            and torch.equal(by_rank[rank].nan_to_num(), by_rank[origin].nan_to_num())):
+        raise ShardingError(
+            f"{name}: ranks {origin} and {rank} should hold identical replicas under {sharding!r} but differ"
+        )
 
 
 def _reduce_partial(rank, partial_axes, by_rank, mesh):

@@ -14,7 +14,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.fx import GraphModule
 
+from . import meta
 from .mesh import MeshSpec
+from .meta import InputKind
 from .placement import Sharding, shard, unshard
 from .runtime.simulate import Simulator
 
@@ -34,25 +36,23 @@ class ShardedProgram:
         self.placed = placed
         self.graph_module = lowered
         self.mesh = mesh
-        placeholders = [n for n in lowered.graph.nodes if n.op == "placeholder"]
-        self._inputs = placeholders[1:]  # the first is the communicator
+        inputs = meta.graph_inputs(lowered.graph)
+        if [record.kind for _, record in inputs][:1] != [InputKind.COMMUNICATOR]:
+            raise ValueError("the lowered program must take the communicator as its first input (add_communicator)")
         self.parameter_names = list(traced.parameter_names)
         # Frozen parameters are inputs without a gradient output.
         self.gradient_names = list(getattr(traced, "gradient_names", None) or traced.parameter_names)
         self.buffer_names = list(getattr(traced, "buffer_names", []))
         self.input_names = list(getattr(traced, "input_names", []))
         self.default_buffers: dict[str, torch.Tensor] = {}
-        self._sharding_of_input = {}
-        for node in self._inputs:
-            name = node.meta.get("shardgraph_name", node.name)
-            self._sharding_of_input[(node.meta.get("shardgraph_kind"), name)] = node.meta["sharding"]
+        self._sharding_of_input = {(record.kind, record.name): meta.sharding(node) for node, record in inputs[1:]}
 
     # ------------------------------------------------------------------ shardings
     def parameter_sharding(self, name: str) -> Sharding:
         return self.placed.parameters[name].sharding
 
     def input_sharding(self, name: str) -> Sharding:
-        return self._sharding_of_input[("input", name)]
+        return self._sharding_of_input[(InputKind.INPUT, name)]
 
     def local_parameters(self, rank: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's pieces of a full state dict (parameters by their model names)."""
@@ -70,7 +70,7 @@ class ShardedProgram:
         return [shard(t, self.input_sharding(name), self.mesh, rank, name=name) for name, t in zip(self.input_names, batch)]
 
     def _local_buffers(self, rank: int, buffers: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        return [shard(buffers[name], self._sharding_of_input[("buffer", name)], self.mesh, rank, name=name)
+        return [shard(buffers[name], self._sharding_of_input[(InputKind.BUFFER, name)], self.mesh, rank, name=name)
                 for name in self.buffer_names]
 
     # ------------------------------------------------------------------ reports

@@ -21,59 +21,34 @@ docs/report.md):
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections import defaultdict
 from typing import Any
 
 import torch
 from torch.fx import Node
 
+from . import meta
+from .fx_graph import op_name
+from .meta import View
 from .placement import local_shape
 
 __all__ = ["SCHEMA_VERSION", "build_report", "format_report", "format_summary"]
 
 SCHEMA_VERSION = 1
-_LAYER = re.compile(r"layers[._](\d+)")
 
 
 def _op(node: Node) -> str:
     if node.op == "placeholder":
-        return node.meta.get("shardgraph_kind", "placeholder")
-    target = node.target
-    name = str(target) if not callable(target) or hasattr(target, "_schema") else getattr(target, "__name__", str(target))
-    return name.removeprefix("aten.").removesuffix(".default")
+        record = meta.graph_input(node)
+        return record.kind.value if record is not None else "placeholder"
+    return op_name(node.target).removesuffix(".default")
 
 
-def _layer(node: Node) -> str | None:
-    for text in (node.meta.get("shardgraph_name"), node.meta.get("moe_layer"), node.meta.get("stack_trace")):
-        if text:
-            match = _LAYER.search(str(text))
-            if match:
-                return f"layers.{match.group(1)}"
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        for path, _ in reversed(list(stack.values())):
-            match = _LAYER.search(str(path))
-            if match:
-                return f"layers.{match.group(1)}"
-    return None
-
-
-def _phase(node: Node, backward_start: int | None, index: int) -> str:
+def _phase(node: Node) -> str:
     if node.op == "placeholder":
         return "input"
-    if backward_start is not None and index >= backward_start:
-        return "backward"
-    return "forward"
-
-
-def _backward_start(nodes: list[Node]) -> int | None:
-    """Index of the first backward op: the first op reading the loss's seed gradient."""
-    for i, node in enumerate(nodes):
-        target = str(node.target)
-        if "ones_like" in target or "_backward" in target:
-            return i
-    return None
+    found = meta.phase(node)
+    return found.value if found is not None else "forward"
 
 
 def _placements(sharding, axes) -> dict[str, str]:
@@ -82,45 +57,40 @@ def _placements(sharding, axes) -> dict[str, str]:
     return {axis: repr(sharding.placement(axis)) for axis in axes}
 
 
-def _local(value: Any, sharding, mesh, name: str):
-    if not isinstance(value, torch.Tensor) or sharding is None:
+def _local(found: Any, sharding, mesh, name: str):
+    if not isinstance(found, torch.Tensor) or sharding is None:
         return None, 0
-    shape = tuple(int(s) for s in local_shape(tuple(value.shape), sharding, mesh, name=name)) if value.dim() else ()
-    numel = 1
-    for size in shape:
-        numel *= size
-    return list(shape), numel * value.element_size()
+    shape = tuple(int(s) for s in local_shape(tuple(found.shape), sharding, mesh, name=name)) if found.dim() else ()
+    return list(shape), meta.local_bytes(found, sharding, mesh, name)
 
 
 def _value_rows(program) -> list[dict]:
     mesh = program.mesh
     nodes = [n for n in program.placed.graph_module.graph.nodes if n.op != "output"]
-    start = _backward_start(nodes)
     rows = []
-    for index, node in enumerate(nodes):
-        value = node.meta.get("val")
-        sharding = node.meta.get("sharding")
-        view = node.meta.get("view") or "dense"
-        axes = ("edp", "ep", "etp") if view == "expert" else ("dp", "tp")
-        values = value if isinstance(value, (tuple, list)) else (value,)
-        shardings = sharding if isinstance(sharding, tuple) else (sharding,)
+    for node in nodes:
+        record = meta.placed(node)
+        view = (record.view if record is not None else None) or View.DENSE
+        found = meta.value(node) if meta.has_value(node) else None
+        values = found if isinstance(found, (tuple, list)) else (found,)
+        shardings = record.sharding if isinstance(record.sharding, tuple) else (record.sharding,)
         for k, (item, item_sharding) in enumerate(zip(values, shardings)):
             if not isinstance(item, torch.Tensor):
                 continue
-            name = node.meta.get("shardgraph_name", node.name) + (f"[{k}]" if len(values) > 1 else "")
+            name = meta.display_name(node) + (f"[{k}]" if len(values) > 1 else "")
             local, nbytes = _local(item, item_sharding, mesh, name)
             rows.append({
                 "name": name,
                 "op": _op(node),
-                "layer": _layer(node),
-                "phase": _phase(node, start, index),
+                "layer": meta.layer(node),
+                "phase": _phase(node),
                 "global_shape": list(item.shape),
                 "dtype": str(item.dtype).removeprefix("torch."),
-                "view": view,
-                "placement": _placements(item_sharding, axes),
+                "view": view.value,
+                "placement": _placements(item_sharding, view.axes),
                 "local_shape": local,
                 "bytes_per_rank": nbytes,
-                "reason": node.meta.get("placement_reason", ""),
+                "reason": record.reason,
             })
     return rows
 
@@ -128,26 +98,22 @@ def _value_rows(program) -> list[dict]:
 def _collective_rows(program) -> list[dict]:
     rows = []
     for node in program.graph_module.graph.nodes:
-        info = node.meta.get("collective")
-        if not info:
+        record = meta.collective(node)
+        if record is None or not record.communicates:
             continue
-        if info["kind"] in ("local_slice", "local_interleaved_slice", "keep_on_first", "pad_to_partial", "scale"):
-            continue
-        purpose = info.get("purpose", "")
-        family = "gradient sync" if "(grad)" in purpose else ("moe" if node.meta.get("moe_layer") else "redistribute")
         rows.append({
             "name": node.name,
-            "kind": info["kind"],
-            "axis": info["axis"] if isinstance(info["axis"], str) else "*".join(info["axis"]),
-            "group_size": info["group_size"],
-            "bytes_per_rank": float(info["bytes"]),
-            "of": info.get("of"),
+            "kind": record.kind.value,
+            "axis": record.axis if isinstance(record.axis, str) else "*".join(record.axis),
+            "group_size": record.group_size,
+            "bytes_per_rank": float(record.bytes),
+            "of": record.of,
             # a gradient bucket reduces several values at once: their names
-            "members": list(info.get("members", [info.get("of")])),
-            "purpose": purpose,
-            "family": family,
-            "layer": _layer(node),
-            "data_dependent": node.meta.get("moe_layer") is not None and info["kind"] == "all_to_all",
+            "members": list(record.members or (record.of,)),
+            "purpose": record.purpose.value + (f": {record.detail}" if record.detail else ""),
+            "family": record.purpose.family,
+            "layer": meta.layer(node),
+            "data_dependent": record.data_dependent,
         })
     return rows
 
@@ -166,12 +132,7 @@ def _peak_activation_bytes(program) -> int:
     sizes: dict[Node, int] = {}
     for index, node in enumerate(nodes):
         if node.op == "call_function":
-            value, sharding = node.meta.get("val"), node.meta.get("sharding")
-            total = 0
-            values = value if isinstance(value, (tuple, list)) else (value,)
-            shardings = sharding if isinstance(sharding, tuple) else (sharding,)
-            for item, item_sharding in zip(values, shardings):
-                total += _local(item, item_sharding, mesh, node.name)[1]
+            total = meta.node_local_bytes(node, mesh)
             sizes[node] = total
             live += total
             peak = max(peak, live)

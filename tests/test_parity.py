@@ -10,6 +10,7 @@ import torch
 import shardgraph as sg
 from shardgraph.check import parity_errors
 from examples.moe_model import lm_loss, shardgraph_entry
+from shardgraph import meta
 
 LEARNING_RATE = 0.1
 TOLERANCE = 1e-5
@@ -92,7 +93,7 @@ def test_fused_attention_split_over_tp_and_dp_matches_unsharded(mesh_text):
     assert len(attention) == 4  # two layers, forward and backward
     mesh = program.mesh
     for node in attention:
-        sharding = node.meta["sharding"]
+        sharding = meta.sharding(node)
         first = sharding[0] if isinstance(sharding, tuple) else sharding
         # never computed twice: split over tp (heads, or rows where that moves fewer bytes) and
         # over dp by rows
@@ -115,8 +116,8 @@ def test_expert_gradients_are_reduced_over_edp_by_sum_and_the_tp_split_needs_no_
     output = next(n for n in program.placed.graph_module.graph.nodes if n.op == "output")
     index = 1 + program.parameter_names.index(name)
     gradient_node = output.args[0][index]
-    assert gradient_node.meta["sharding"].placement("edp") == sg.Partial("sum")
-    assert gradient_node.meta["sharding"].placement("ep") == sg.Shard(0)
+    assert meta.sharding(gradient_node).placement("edp") == sg.Partial("sum")
+    assert meta.sharding(gradient_node).placement("ep") == sg.Shard(0)
     reductions = [r for r in program.report(format="dict")["collectives"] if gradient_node.name in r["members"]]
     assert [(r["kind"], r["axis"]) for r in reductions] == [("all_reduce", "edp")]
     assert mesh.edp == 2
@@ -130,7 +131,7 @@ def test_router_gradient_is_summed_over_dp_and_averaging_would_be_wrong():
     name = "layers.0.mlp.gate.weight"
     output = next(n for n in program.placed.graph_module.graph.nodes if n.op == "output")
     gradient_node = output.args[0][1 + program.parameter_names.index(name)]
-    assert gradient_node.meta["sharding"].placement("dp") == sg.Partial("sum")
+    assert meta.sharding(gradient_node).placement("dp") == sg.Partial("sum")
     reductions = [r for r in program.report(format="dict")["collectives"] if gradient_node.name in r["members"]]
     assert ("all_reduce", "dp") in [(r["kind"], r["axis"]) for r in reductions]
     # The per-rank pieces averaged instead of summed would be off by exactly dp = 2.
@@ -150,4 +151,4 @@ def test_torchtitan_style_experts_match_with_w1_w3_fused_in_the_graph(mesh_text)
     if program.mesh.etp > 1:
         # Separate w1 and w3 split on their rows become one interleaved gate/up operand.
         cat = next(n for n in program.placed.graph_module.graph.nodes if n.op == "call_function" and "cat" in str(n.target))
-        assert cat.meta["sharding"].placement("etp") == sg.InterleavedShard(1, 2)
+        assert meta.sharding(cat).placement("etp") == sg.InterleavedShard(1, 2)

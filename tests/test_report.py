@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from shardgraph.compile import compile_traced
+from shardgraph.compiler import compile_traced
 from shardgraph.mesh import MeshSpec
 
 from .passes.graphs import TracedJoint, joint_graph

@@ -20,13 +20,15 @@ return ``Strategy`` objects directly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.fx import Node
 
 from shardgraph.mesh import MeshSpec
+from shardgraph.meta import View
+from shardgraph.meta import value as value_of
 from shardgraph.placement import Placement, Sharding
 
 __all__ = [
@@ -36,9 +38,8 @@ __all__ = [
     "RULES",
     "register",
     "rule_for",
-    "tensor_inputs",
-    "op_name",
-    "map_tensor_inputs",
+    "registered_ops",
+    "value_of",
 ]
 
 
@@ -57,7 +58,7 @@ class Strategy:
 
     inputs: tuple[Sharding | None, ...]
     output: Sharding | tuple[Sharding | None, ...]
-    view: str = "dense"
+    view: View = View.DENSE
     note: str = ""
 
 
@@ -69,9 +70,8 @@ class RuleContext:
     mesh: MeshSpec
     inputs: list[Node]
     input_shardings: list[Sharding]
-    view: str
+    view: View
     axes: tuple[str, ...]
-    extra: dict = field(default_factory=dict)
 
     @property
     def args(self) -> tuple:
@@ -94,21 +94,14 @@ class RuleContext:
 
     @property
     def output_value(self) -> Any:
-        return self.node.meta.get("val")
+        return value_of(self.node)
 
     @property
     def output_shape(self) -> tuple[int, ...]:
-        return tuple(self.node.meta["val"].shape)
+        return tuple(value_of(self.node).shape)
 
     def size(self, axis: str) -> int:
         return self.mesh.size(axis)
-
-
-def value_of(node: Node) -> torch.Tensor:
-    value = node.meta.get("val")
-    if value is None:
-        raise KeyError(f"node {node.name} has no meta['val']; trace with make_fx so every value has a fake tensor")
-    return value
 
 
 AxisRule = Callable[[RuleContext, str, tuple[Placement, ...]], Sequence[AxisCandidate]]
@@ -149,63 +142,17 @@ def _overloads(target) -> list:
     return [target]
 
 
+def registered_ops() -> list[str]:
+    """Every op with a rule, by name (``aten.mm.default``, ``shardgraph.moe_experts``): the op
+    catalogue a traced graph may use without ``replicate_fallback``."""
+    return sorted({str(target) for target in RULES})
+
+
 def rule_for(target) -> RegisteredRule | None:
     rule = RULES.get(target)
     if rule is None and isinstance(target, torch._ops.OpOverload):
         rule = RULES.get(target.overloadpacket) or RULES.get(str(target.overloadpacket))
     return rule
-
-
-def tensor_inputs(node: Node) -> list[Node]:
-    """The node's inputs that are tensor-valued graph nodes, in argument order (lists flattened)."""
-    found: list[Node] = []
-
-    def visit(value):
-        if isinstance(value, Node):
-            if isinstance(value.meta.get("val"), torch.Tensor):
-                found.append(value)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                visit(item)
-        elif isinstance(value, dict):
-            for item in value.values():
-                visit(item)
-
-    visit(node.args)
-    visit(node.kwargs)
-    return found
-
-
-def map_tensor_inputs(node: Node, replace) -> None:
-    """Rewrite ``node``'s tensor inputs in place: ``replace(position, producer) -> Node``.
-
-    Positions count tensor inputs in the order ``tensor_inputs`` lists them, so the same producer
-    used twice (``mul(x, x)``) can be given two different replacements.
-    """
-    position = 0
-
-    def visit(value):
-        nonlocal position
-        if isinstance(value, Node):
-            if isinstance(value.meta.get("val"), torch.Tensor):
-                replacement = replace(position, value)
-                position += 1
-                return replacement
-            return value
-        if isinstance(value, (list, tuple)):
-            return type(value)(visit(item) for item in value)
-        if isinstance(value, dict):
-            return {key: visit(item) for key, item in value.items()}
-        return value
-
-    node.args = visit(node.args)
-    node.kwargs = visit(node.kwargs)
-
-
-def op_name(target) -> str:
-    if isinstance(target, torch._ops.OpOverload):
-        return str(target).removeprefix("aten.")
-    return getattr(target, "__name__", str(target))
 
 
 # Import the families so their @register calls run.

@@ -100,7 +100,6 @@ def rule_view(ctx, axis, placements):
         return [AxisCandidate((placement,), placement, "views are linear")]
     output, refusal = _view_candidate(ctx, axis, placement)
     if output is None:
-        ctx.extra.setdefault("refusals", []).append(refusal)
         return [AxisCandidate((R,), R, f"refused: {refusal}")]
     return [AxisCandidate((placement,), output)]
 

@@ -2,7 +2,6 @@
 
 from .adapters import identify_activation, register_experts, unregister_experts
 from .errors import AdapterError, TraceError
-from .op_set import JOINT_GRAPH_OPS, OP_FAMILIES
 from .trace import DECOMPOSITIONS, OutputRole, TracedGraph, op_histogram, trace
 
 __all__ = [
@@ -16,6 +15,4 @@ __all__ = [
     "identify_activation",
     "op_histogram",
     "DECOMPOSITIONS",
-    "JOINT_GRAPH_OPS",
-    "OP_FAMILIES",
 ]

@@ -26,7 +26,8 @@ Then, in order:
    Random ops (dropout, noise) are refused the same way: a traced step is deterministic.
 2. ``detach`` and ``alias`` nodes (identities once autograd is gone) and dead code are removed.
 3. Placeholders are named after the parameter / buffer FQNs and the forward's argument names
-   and labelled ``meta["shardgraph_kind"]`` / ``meta["shardgraph_name"]``.
+   and labelled with a ``meta.GraphInput`` record; every op is marked forward or backward
+   (``meta.Phase``) and the graph module carries the output roles (``meta.OutputRole``).
 
 While tracing, ``F.scaled_dot_product_attention`` on 4-D operands without a mask becomes the op
 ``shardgraph.attention`` (``shardgraph/ops/attention.py``; ``scale`` defaults to
@@ -50,7 +51,6 @@ import inspect
 import linecache
 import math
 import operator
-import os
 import re
 import traceback
 from dataclasses import dataclass, field
@@ -67,6 +67,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot, make_fx
 from torch.overrides import TorchFunctionMode
 
+from .. import meta
+from ..meta import GraphInput, InputKind, OutputRole, Phase
 from .adapters import adapters_installed
 from .errors import AdapterError, TraceError
 
@@ -85,15 +87,6 @@ for _name in ("_fused_rms_norm", "_fused_rms_norm_backward"):
 
 DECOMPOSITIONS = get_decompositions(_DECOMPOSED_OPS)
 """Composite ops rewritten during tracing, so the graph keeps to the op set of docs/frontend.md."""
-
-
-@dataclass(frozen=True)
-class OutputRole:
-    """What one graph output is: ``loss``, ``grad`` (of ``parameter``) or a forward ``output``."""
-
-    kind: str
-    parameter: str | None = None
-    path: str | None = None  # for forward outputs: where in the model's output it sits
 
 
 @dataclass
@@ -320,7 +313,7 @@ class _ModuleTracker:
                 open_modules = upcoming[1]
                 upcoming = next(events, None)
             if node.op == "call_function" and open_modules:
-                node.meta["nn_module_stack"] = {path: (path, self.classes[path]) for path in open_modules}
+                meta.set_module_stack(node, {path: (path, self.classes[path]) for path in open_modules})
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -328,19 +321,10 @@ class _ModuleTracker:
 
 
 # ----------------------------------------------------------------------------- error messages
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_FRONTEND_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_OPS_DIR = os.path.join(os.path.dirname(_FRONTEND_DIR.rstrip(os.sep)), "ops") + os.sep
-
-
-def _is_internal(filename: str) -> bool:
-    return filename.startswith("<frozen") or os.path.abspath(filename).startswith((_TORCH_DIR, _FRONTEND_DIR, _OPS_DIR))
-
-
 def _user_frame(error: BaseException) -> str:
     """``file:line: code`` of the innermost frame outside torch and this package."""
     for frame in reversed(traceback.extract_tb(error.__traceback__)):
-        if _is_internal(frame.filename):
+        if meta.is_library_frame(frame.filename):
             continue
         code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
         return f"{frame.filename}:{frame.lineno}: {code}"
@@ -392,21 +376,8 @@ def _aliased_placeholder(node: Node) -> Node | None:
     return node if node.op == "placeholder" else None
 
 
-def _source_of(node: Node) -> str:
-    """``file:line: code`` of the innermost model frame (outside torch and this package) in the
-    node's recorded stack trace."""
-    lines = [line.strip() for line in (node.meta.get("stack_trace") or "").strip().splitlines()]
-    for index in range(len(lines) - 1, -1, -1):
-        match = re.match(r'File "(.+)", line (\d+)', lines[index])
-        if match and not _is_internal(match.group(1)):
-            code = lines[index + 1] if index + 1 < len(lines) and not lines[index + 1].startswith("File ") else ""
-            return f"{match.group(1)}:{match.group(2)}: {code}"
-    return "(no source line recorded)"
-
-
 def _module_of(node: Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = [path for path, _ in stack.values() if path]
+    paths = [path for path, _ in meta.module_stack(node).values() if path]
     return paths[-1] if paths else "<root>"
 
 
@@ -423,7 +394,7 @@ def _refuse_input_mutation(gm: GraphModule, labels: list[tuple[str, str]]) -> No
             if base is not None:
                 kind, name = label_of[base]
                 raise TraceError(
-                    f"module '{_module_of(node)}' at {_source_of(node)} mutates the {kind} {name} in place "
+                    f"module '{_module_of(node)}' at {meta.source_line(node)} mutates the {kind} {name} in place "
                     f"({node.target}); a traced step is a pure function: compute a new tensor instead"
                 )
 
@@ -433,14 +404,14 @@ def _refuse_random_ops(gm: GraphModule) -> None:
         tags = getattr(node.target, "tags", ()) if node.op == "call_function" else ()
         if torch.Tag.nondeterministic_seeded in tags:
             raise TraceError(
-                f"module '{_module_of(node)}' at {_source_of(node)} draws random numbers ({node.target}); a traced "
+                f"module '{_module_of(node)}' at {meta.source_line(node)} draws random numbers ({node.target}); a traced "
                 f"step must be deterministic: set dropout and noise to 0 or call model.eval()"
             )
 
 
 def _functionalize(gm: GraphModule) -> GraphModule:
     """Re-trace ``gm`` without mutations, keeping every node's source metadata."""
-    values = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    values = [meta.value(n) for n in gm.graph.nodes if n.op == "placeholder"]
 
     def replay(*args):
         return torch.fx.Interpreter(gm).run(*args)
@@ -478,8 +449,7 @@ def _label_placeholders(gm: GraphModule, labels: list[tuple[str, str]]) -> None:
     identifiers = _unique([re.sub(r"\W", "_", name) if re.match(r"[A-Za-z_]", name) else f"input_{name}"
                            for _, name in labels])
     for node, (kind, name), identifier in zip(placeholders, labels, identifiers):
-        node.meta["shardgraph_kind"] = kind
-        node.meta["shardgraph_name"] = name
+        meta.set_graph_input(node, GraphInput(InputKind(kind), name))
         node._rename(identifier)  # through the graph's namespace, so later passes cannot reuse the name
         node.target = node.name
     gm.graph.lint()
@@ -530,6 +500,52 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
     ``loss_fn=None`` the graph returns the forward outputs (``.logits`` of an HF ModelOutput).
     Build the model and inputs on the meta device to trace without allocating weights.
     """
+    example_inputs = _checked_arguments(model, example_inputs, loss_fn)
+    parameters = dict(model.named_parameters())  # tied weights appear once, under their first name
+    buffers = dict(model.named_buffers())
+    names = _input_names(model, len(example_inputs), input_names)
+    trainable = [n for n in parameters if parameters[n].requires_grad] if loss_fn is not None else []
+    if loss_fn is not None and not trainable:
+        raise TraceError("trace: no parameter requires grad, so there is no gradient to trace")
+    devices = {t.device for t in [*parameters.values(), *buffers.values(), *example_inputs]}
+    if len(devices) > 1:
+        raise TraceError(f"trace: parameters, buffers and inputs are on several devices {sorted(map(str, devices))}; "
+                         f"put them on one (torch.device('meta') to trace without memory)")
+    step = _Step(model, list(parameters), list(buffers), trainable, loss_fn)
+    gm, expert_modules = _make_joint_graph(model, step, parameters, buffers, example_inputs, trainable)
+
+    _refuse_random_ops(gm)
+    labels = ([("parameter", n) for n in parameters] + [("buffer", n) for n in buffers]
+              + [("input", n) for n in names])
+    if any(_is_mutating(n) for n in gm.graph.nodes):
+        _refuse_input_mutation(gm, labels)
+        gm = _functionalize(gm)
+    _drop_identities(gm)
+    _label_placeholders(gm, labels)
+    if loss_fn is None:
+        roles = [OutputRole("output", path=p) for p in step.output_paths]
+    else:
+        roles = [OutputRole("loss")] + [OutputRole("grad", n) for n in trainable]
+    meta.set_output_roles(gm, roles)
+    _mark_phases(gm)
+    return TracedGraph(
+        graph_module=gm,
+        parameter_names=list(parameters),
+        buffer_names=list(buffers),
+        input_names=names,
+        parameter_shapes={n: tuple(p.shape) for n, p in parameters.items()},
+        parameter_dtypes={n: p.dtype for n, p in parameters.items()},
+        output_spec=roles,
+        has_loss=loss_fn is not None,
+        gradient_names=trainable,
+        buffer_shapes={n: tuple(b.shape) for n, b in buffers.items()},
+        input_shapes={n: tuple(t.shape) for n, t in zip(names, example_inputs)},
+        expert_modules=dict(expert_modules),
+        device=next(iter(devices)) if devices else torch.device("cpu"),
+    )
+
+
+def _checked_arguments(model, example_inputs, loss_fn) -> tuple:
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace: model must be an nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
@@ -540,44 +556,44 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
             raise TypeError(f"trace: example input {i} is a {type(value).__name__}; the batch must be tensors")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"trace: loss_fn must be callable, got {type(loss_fn).__name__}")
+    return example_inputs
 
-    parameters = dict(model.named_parameters())  # tied weights appear once, under their first name
-    buffers = dict(model.named_buffers())
-    parameter_names, buffer_names = list(parameters), list(buffers)
-    names = _input_names(model, len(example_inputs), input_names)
-    trainable = [n for n in parameter_names if parameters[n].requires_grad] if loss_fn is not None else []
-    if loss_fn is not None and not trainable:
-        raise TraceError("trace: no parameter requires grad, so there is no gradient to trace")
-    devices = {t.device for t in [*parameters.values(), *buffers.values(), *example_inputs]}
-    if len(devices) > 1:
-        raise TraceError(f"trace: parameters, buffers and inputs are on several devices {sorted(map(str, devices))}; "
-                         f"put them on one (torch.device('meta') to trace without memory)")
-    output_paths: list[str] = []
-    count_p, count_b = len(parameter_names), len(buffer_names)
 
-    stage = ["module '<root>'"]  # where the step is when no module is running, for error messages
+class _Step:
+    """The function make_fx traces: parameters, buffers and batch in; loss and gradients out."""
 
-    def step(*flat):
-        params = dict(zip(parameter_names, flat[:count_p]))
-        state = {**params, **dict(zip(buffer_names, flat[count_p:count_p + count_b]))}
+    def __init__(self, model, parameter_names, buffer_names, trainable, loss_fn):
+        self.model, self.parameter_names, self.buffer_names = model, parameter_names, buffer_names
+        self.trainable, self.loss_fn = trainable, loss_fn
+        self.output_paths: list[str] = []
+        self.stage = "module '<root>'"  # where the step is when no module is running, for error messages
+
+    def __call__(self, *flat):
+        count_p, count_b = len(self.parameter_names), len(self.buffer_names)
+        params = dict(zip(self.parameter_names, flat[:count_p]))
+        state = {**params, **dict(zip(self.buffer_names, flat[count_p:count_p + count_b]))}
         batch = flat[count_p + count_b:]
         with _AttentionRouting():
-            output = functional_call(model, state, tuple(batch), tie_weights=True, strict=False)
-            if loss_fn is None:
+            output = functional_call(self.model, state, tuple(batch), tie_weights=True, strict=False)
+            if self.loss_fn is None:
                 tensors, paths = _forward_outputs(output)
-                output_paths[:] = paths
+                self.output_paths[:] = paths
                 return tuple(tensors)
-            stage[0] = "loss_fn"
-            loss = loss_fn(output, *batch)
+            self.stage = "loss_fn"
+            loss = self.loss_fn(output, *batch)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.dtype.is_floating_point:
             raise TraceError(f"loss_fn must return a floating-point scalar tensor, got "
                              f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
-        stage[0] = "the backward pass"
-        wrt = [params[n] for n in trainable]
+        self.stage = "the backward pass"
+        wrt = [params[n] for n in self.trainable]
         grads = torch.autograd.grad(loss, wrt, allow_unused=True)
         # A parameter the loss does not reach has gradient zero, as an optimizer would see it.
         return (loss, *[g if g is not None else torch.zeros_like(p) for g, p in zip(grads, wrt)])
 
+
+def _make_joint_graph(model, step: _Step, parameters, buffers, example_inputs, trainable):
+    """make_fx of ``step`` on fake tensors, with the expert adapters installed; errors name the
+    module and the user's line that caused them."""
     # A fake mode without a shape environment keeps every shape static: an op whose output
     # shape depends on values (nonzero, boolean masking) or a Python number read from a tensor
     # raises where the model does it, instead of leaving unbacked symbolic sizes in the graph.
@@ -594,44 +610,36 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
     except AdapterError:
         raise
     except TraceError as error:
-        where = f"module '{tracker.stack[-1]}'" if tracker.stack else stage[0]
+        where = f"module '{tracker.stack[-1]}'" if tracker.stack else step.stage
         raise TraceError(f"{where}: {error}") from None
     except Exception as error:  # noqa: BLE001 - re-raised naming the module and line that caused it
-        where = f"module '{tracker.stack[-1]}'" if tracker.stack else stage[0]
+        where = f"module '{tracker.stack[-1]}'" if tracker.stack else step.stage
         module = modules.get(tracker.stack[-1]) if tracker.stack else None
         raise TraceError(f"cannot trace {where} at {_user_frame(error)}: {_explain(error, module)}") from None
     finally:
         tracker.remove()
     tracker.annotate(gm)
+    return gm, expert_modules
 
-    _refuse_random_ops(gm)
-    labels = ([("parameter", n) for n in parameter_names] + [("buffer", n) for n in buffer_names]
-              + [("input", n) for n in names])
-    if any(_is_mutating(n) for n in gm.graph.nodes):
-        _refuse_input_mutation(gm, labels)
-        gm = _functionalize(gm)
-    _drop_identities(gm)
-    _label_placeholders(gm, labels)
-    if loss_fn is None:
-        roles = [OutputRole("output", path=p) for p in output_paths]
-    else:
-        roles = [OutputRole("loss")] + [OutputRole("grad", n) for n in trainable]
-    gm.meta["shardgraph_output_roles"] = [(r.kind, r.parameter) for r in roles]
-    return TracedGraph(
-        graph_module=gm,
-        parameter_names=parameter_names,
-        buffer_names=buffer_names,
-        input_names=names,
-        parameter_shapes={n: tuple(p.shape) for n, p in parameters.items()},
-        parameter_dtypes={n: p.dtype for n, p in parameters.items()},
-        output_spec=roles,
-        has_loss=loss_fn is not None,
-        gradient_names=trainable,
-        buffer_shapes={n: tuple(b.shape) for n, b in buffers.items()},
-        input_shapes={n: tuple(t.shape) for n, t in zip(names, example_inputs)},
-        expert_modules=dict(expert_modules),
-        device=next(iter(devices)) if devices else torch.device("cpu"),
-    )
+
+def _mark_phases(gm: GraphModule) -> None:
+    """Forward: every node the first output (the loss, or the forward outputs) depends on;
+    backward: the rest, which only the gradients need. Read from the graph's structure, so it
+    holds for any op the model brings."""
+    outputs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    has_gradients = any(role.kind == "grad" for role in meta.output_roles(gm))
+    roots = [outputs[0]] if has_gradients else list(outputs)
+    forward: set[Node] = set()
+    pending = [n for n in roots if isinstance(n, Node)]
+    while pending:
+        node = pending.pop()
+        if node not in forward:
+            forward.add(node)
+            pending.extend(node.all_input_nodes)
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            meta.set_phase(node, Phase.FORWARD if node in forward else Phase.BACKWARD)
 
 
 def op_histogram(traced: TracedGraph | GraphModule) -> dict[str, int]:

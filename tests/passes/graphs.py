@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from shardgraph import meta
+
 
 def joint_graph(loss_of, parameters: dict, inputs: dict):
     """Trace ``loss_of(params, inputs) -> loss`` and its gradients into one flat fx graph."""
@@ -21,9 +23,9 @@ def joint_graph(loss_of, parameters: dict, inputs: dict):
     gm = make_fx(step)(*leaves, *inputs.values())
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, name in zip(placeholders, parameter_names + input_names):
-        node.meta["shardgraph_kind"] = "parameter" if name in parameters else "input"
-        node.meta["shardgraph_name"] = name
-    gm.meta["shardgraph_output_roles"] = [("loss", None)] + [("grad", n) for n in parameter_names]
+        kind = meta.InputKind.PARAMETER if name in parameters else meta.InputKind.INPUT
+        meta.set_graph_input(node, meta.GraphInput(kind, name))
+    meta.set_output_roles(gm, [meta.OutputRole("loss")] + [meta.OutputRole("grad", n) for n in parameter_names])
     return gm
 
 

@@ -5,6 +5,7 @@ import torch
 import shardgraph as sg
 from examples.moe_model import shardgraph_entry
 from passes.bucket_gradient_sync import flatten, unflatten
+from shardgraph import meta
 
 
 def test_each_partial_gradient_is_reduced_once_over_its_axis_in_a_shared_bucket():
@@ -19,7 +20,7 @@ def test_each_partial_gradient_is_reduced_once_over_its_axis_in_a_shared_bucket(
     assert len(reduced) == len(set(reduced))  # no gradient reduced twice over one axis
     # the bucket moves exactly the bytes its gradients would have moved one by one
     output = next(n for n in program.placed.graph_module.graph.nodes if n.op == "output")
-    partial_over = {node.name: [axis for axis, p in node.meta["sharding"].items() if isinstance(p, sg.Partial)]
+    partial_over = {node.name: [axis for axis, p in meta.sharding(node).items() if isinstance(p, sg.Partial)]
                     for node in output.args[0][1:]}
     for r in buckets:
         assert all(r["axis"] in partial_over[name] for name in r["members"]), r

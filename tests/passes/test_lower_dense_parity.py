@@ -14,17 +14,20 @@ from shardgraph.placement import shard, unshard
 from shardgraph.runtime.simulate import Simulator
 
 from .graphs import attention_case, attention_loss, joint_graph, lm_loss
+from shardgraph import meta
+from shardgraph.fx_graph import copy_graph_module
+from passes.add_communicator import add_communicator
 
 MEGATRON = {"q_proj.weight": "colwise", "k_proj.weight": "colwise", "v_proj.weight": "colwise", "o_proj.weight": "rowwise"}
 
 
 def lower_and_run(gm, mesh, plan, params, inputs):
     placed = propagate(decompose_loss(gm), mesh, plan)
-    lowered = torch.fx.GraphModule(placed.graph_module, copy.deepcopy(placed.graph_module.graph))
+    lowered = add_communicator(copy_graph_module(placed.graph_module))
     lowered = lower_localize(lower_redistribute(lowered, mesh), mesh)
     placeholders = [n for n in lowered.graph.nodes if n.op == "placeholder"][1:]
     full = {**params, **inputs}
-    per_rank = [[shard(full[n.meta["shardgraph_name"]], n.meta["sharding"], mesh, r) for n in placeholders]
+    per_rank = [[shard(full[meta.display_name(n)], meta.sharding(n), mesh, r) for n in placeholders]
                 for r in mesh.ranks]
     simulator = Simulator(mesh)
     outputs = simulator.run(lambda comm, *args: lowered(comm, *args), per_rank)

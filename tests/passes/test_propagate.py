@@ -10,6 +10,7 @@ from shardgraph.mesh import MeshSpec
 from shardgraph.placement import InterleavedShard, Partial, Replicate, Shard, Sharding, shard
 
 from .graphs import attention_case, attention_loss, joint_graph, lm_loss
+from shardgraph import meta
 
 MEGATRON = {
     "q_proj.weight": "colwise",
@@ -28,23 +29,23 @@ def test_megatron_attention_shards_heads_and_leaves_rowwise_output_partial():
     gm = joint_graph(attention_loss, params, inputs)
     placed = propagate(gm, MeshSpec(2, tp=2), MEGATRON)
     graph = placed.graph_module.graph
-    q_weight = next(n for n in graph.nodes if n.meta.get("shardgraph_name") == "q_proj.weight")
-    assert q_weight.meta["sharding"] == Sharding.of(tp=Shard(0))
-    assert "matched plan pattern 'q_proj.weight' -> colwise" in q_weight.meta["placement_reason"]
+    q_weight = next(n for n in graph.nodes if meta.display_name(n) == "q_proj.weight")
+    assert meta.sharding(q_weight) == Sharding.of(tp=Shard(0))
+    assert "matched plan pattern 'q_proj.weight' -> colwise" in meta.placed(q_weight).reason
     # The first three forward matmuls (q, k, v projections) produce head-sharded columns.
     mms = [n for n in graph.nodes if n.op == "call_function" and "mm" in str(n.target)]
-    projections = [n for n in mms if n.meta["sharding"] == Sharding.of(tp=Shard(2)) or n.meta["sharding"] == Sharding.of(tp=Shard(1))]
+    projections = [n for n in mms if meta.sharding(n) == Sharding.of(tp=Shard(2)) or meta.sharding(n) == Sharding.of(tp=Shard(1))]
     assert len(projections) >= 3
     # Heads: after view + transpose the value is sharded on the head dim.
     transposes = [n for n in nodes_by_target(placed.graph_module, torch.ops.aten.transpose.int)
-                  if len(n.meta["val"].shape) == 4 and n.meta["val"].shape[1] == 4]
-    assert any(n.meta["sharding"] == Sharding.of(tp=Shard(1)) for n in transposes)
+                  if len(meta.value(n).shape) == 4 and meta.value(n).shape[1] == 4]
+    assert any(meta.sharding(n) == Sharding.of(tp=Shard(1)) for n in transposes)
     # The o_proj product contracts the sharded head dim: partial sum over tp.
-    o_products = [n for n in mms if any(i.meta.get("shardgraph_name") == "o_proj.weight" or
-                                        (i.op == "call_function" and any(a.meta.get("shardgraph_name") == "o_proj.weight"
+    o_products = [n for n in mms if any(meta.display_name(i) == "o_proj.weight" or
+                                        (i.op == "call_function" and any(meta.display_name(a) == "o_proj.weight"
                                                                          for a in i.all_input_nodes))
                                         for i in n.all_input_nodes)]
-    assert any(n.meta["sharding"].placement("tp") == Partial("sum") for n in o_products)
+    assert any(meta.sharding(n).placement("tp") == Partial("sum") for n in o_products)
 
 
 def test_gradients_of_replicated_parameters_stay_partial_until_the_output_reduces_them():
@@ -53,9 +54,9 @@ def test_gradients_of_replicated_parameters_stay_partial_until_the_output_reduce
     placed = propagate(gm, MeshSpec(4, tp=2), MEGATRON)
     output = next(n for n in placed.graph_module.graph.nodes if n.op == "output")
     gradients = output.args[0][1:]
-    for name, gradient, required in zip(params, gradients, output.meta["input_shardings"][1:]):
+    for name, gradient, required in zip(params, gradients, meta.placed(output).input_shardings[1:]):
         # Each dp rank saw only its batch rows: the weight gradient is a partial sum over dp.
-        assert gradient.meta["sharding"].placement("dp") == Partial("sum"), name
+        assert meta.sharding(gradient).placement("dp") == Partial("sum"), name
         assert required == placed.parameters[name].sharding
         assert required.placement("dp") == Replicate()
 
@@ -71,8 +72,8 @@ def test_loss_mean_becomes_sum_over_count_and_is_exact_partials():
     loss_node = next(n for n in placed.graph_module.graph.nodes if n.op == "output").args[0][0]
     assert loss_node.target == torch.ops.aten.div.Tensor
     # The count enters the division replicated (all-reduced); the summed loss stays partial.
-    assert loss_node.meta["input_shardings"][1] == Sharding.replicate()
-    assert loss_node.meta["sharding"] == Sharding.of(dp=Partial("sum"))
+    assert meta.placed(loss_node).input_shardings[1] == Sharding.replicate()
+    assert meta.sharding(loss_node) == Sharding.of(dp=Partial("sum"))
 
 
 def test_reshape_merging_a_sharded_dim_is_proved_or_refused():
@@ -86,9 +87,9 @@ def test_reshape_merging_a_sharded_dim_is_proved_or_refused():
     gm = joint_graph(loss_of, params, inputs)
     placed = propagate(gm, MeshSpec(2, tp=2), {"w": "colwise"})
     views = [n for n in placed.graph_module.graph.nodes if n.op == "call_function" and "view" in str(n.target)
-             and tuple(n.meta["val"].shape) == (2, 36)]
+             and tuple(meta.value(n).shape) == (2, 36)]
     # [B, 3, 12] with 12 split over tp merges into 36 = 3 stripes of 12: interleaved, exact.
-    assert views and views[0].meta["sharding"] == Sharding.of(tp=InterleavedShard(1, 3))
+    assert views and meta.sharding(views[0]) == Sharding.of(tp=InterleavedShard(1, 3))
 
     def loss_of_split(params, batch):
         y = batch["x"] @ params["w"].t()  # [B, S, 6], 6 split over tp=4 is refused by the plan
@@ -107,8 +108,8 @@ def test_view_refuses_a_split_that_would_not_be_a_block_and_says_why():
     gm = joint_graph(loss_of, {"w": torch.randn(6, 4, generator=generator)}, {"x": torch.randn(8, 4, generator=generator)})
     placed = propagate(gm, MeshSpec(2, tp=2), {"w": "colwise"}, batch_sharding=Sharding.replicate())
     view = next(n for n in placed.graph_module.graph.nodes if n.op == "call_function" and "view" in str(n.target)
-                and tuple(n.meta["val"].shape) == (8, 2, 3))
-    assert view.meta["sharding"].placement("tp") in (Shard(1), Replicate())
+                and tuple(meta.value(n).shape) == (8, 2, 3))
+    assert meta.sharding(view).placement("tp") in (Shard(1), Replicate())
 
 
 def test_ops_without_rules_are_listed_with_their_source_lines():

@@ -10,6 +10,7 @@ from examples.moe_model import CONFIGS, MoETransformer, lm_loss, make_batch
 from passes.propagate import propagate
 from shardgraph.frontend import trace
 from shardgraph.placement import local_shape
+from shardgraph import meta
 
 
 def traced_example(heads: int, kv_heads: int, batch: int, seq: int = 16):
@@ -18,7 +19,7 @@ def traced_example(heads: int, kv_heads: int, batch: int, seq: int = 16):
     config = replace(CONFIGS["small"], num_layers=1, num_heads=heads, num_kv_heads=kv_heads)
     with torch.device("meta"):
         model = MoETransformer(config)
-    return trace(model, make_batch(config, batch, seq, device="meta"), lm_loss)
+    return trace(model, make_batch(config, batch, seq, device="meta"), lm_loss).graph_module
 
 
 def attention_nodes(placed):
@@ -30,8 +31,8 @@ def attention_nodes(placed):
 
 def common_sharding(node):
     """The one sharding the node's operands and results all share (the rule offers no other)."""
-    results = node.meta["sharding"] if isinstance(node.meta["sharding"], tuple) else (node.meta["sharding"],)
-    shardings = set(results) | set(node.meta["input_shardings"])
+    results = meta.sharding(node) if isinstance(meta.sharding(node), tuple) else (meta.sharding(node),)
+    shardings = set(results) | set(meta.placed(node).input_shardings)
     assert len(shardings) == 1, (node.name, shardings)
     return shardings.pop()
 
@@ -62,4 +63,4 @@ def test_batch_split_over_dp_and_tp_at_once_needs_dp_times_tp_rows():
         sharding = common_sharding(node)
         assert sharding == sg.Sharding.of(dp=sg.Shard(0)), (node.name, sharding)
         for operand in node.all_input_nodes:
-            local_shape(tuple(operand.meta["val"].shape), sharding, mesh, name=operand.name)  # even split
+            local_shape(tuple(meta.value(operand).shape), sharding, mesh, name=operand.name)  # even split

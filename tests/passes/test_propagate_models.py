@@ -9,6 +9,7 @@ from passes.propagate import propagate
 from shardgraph.frontend import trace
 
 from ..test_parity import hf_models
+from shardgraph import meta
 
 MESHES = ["world=8,tp=2,ep=4", "world=4,tp=4,ep=4", "world=8,tp=2,ep=2,etp=2"]
 
@@ -26,11 +27,11 @@ def traced_models():
 @pytest.mark.parametrize("mesh_text", MESHES)
 @pytest.mark.parametrize("family", ["example", "mixtral", "qwen2_moe"])
 def test_every_value_is_placed_by_a_rule(traced_models, family, mesh_text):
-    placed = propagate(traced_models[family], sg.MeshSpec.parse(mesh_text))
+    placed = propagate(traced_models[family].graph_module, sg.MeshSpec.parse(mesh_text))
     assert placed.fallbacks == []
     nodes = [n for n in placed.graph_module.graph.nodes if n.op != "output"]
-    assert all("sharding" in n.meta and n.meta["placement_reason"] for n in nodes)
+    assert all(meta.sharding(n) is not None and meta.placed(n).reason for n in nodes)
     # Routed experts live on the expert view, split over ep.
-    experts = [n for n in nodes if str(n.meta.get("shardgraph_name", "")).endswith("experts.gate_up_proj")]
-    assert experts and all(n.meta["sharding"].placement("ep") == sg.Shard(0) for n in experts)
-    assert all(n.meta["view"] == "expert" for n in experts)
+    experts = [n for n in nodes if str(meta.display_name(n)).endswith("experts.gate_up_proj")]
+    assert experts and all(meta.sharding(n).placement("ep") == sg.Shard(0) for n in experts)
+    assert all(meta.view(n) is meta.View.EXPERT for n in experts)

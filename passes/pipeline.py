@@ -1,0 +1,164 @@
+"""The compile pipeline as a list of passes, each with the conditions it requires and ensures.
+
+    decompose_loss        traced          -> traced          mean losses as sum / count
+    propagate             traced          -> placed          a PlacedValue on every node
+    add_communicator      placed          -> communicator    the collectives' input
+    lower_redistribute    communicator    -> typed collectives, gradient sync
+    lower_localize        placed          -> shape arguments in local sizes
+    lower_moe             communicator    -> no MoE op left; dispatch + grouped GEMMs
+    bucket_gradient_sync  typed collectives -> one all-reduce per gradient bucket
+
+Conditions are checked before and after every pass (as ``torch.fx.passes.infra.pass_base``'s
+``requires`` / ``ensures``), so a pass that breaks the next one's assumption fails at the seam
+that broke, naming the pass and the node, instead of somewhere downstream.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from torch.fx import GraphModule
+
+from shardgraph import meta
+from shardgraph.fx_graph import copy_graph_module
+from shardgraph.mesh import MeshSpec
+from shardgraph.meta import InputKind, MetadataError
+from shardgraph.runtime import collectives
+
+from .add_communicator import add_communicator
+from .bucket_gradient_sync import bucket_gradient_sync
+from .cost import LinkModel
+from .decompose_loss import decompose_loss
+from .lower_localize import lower_localize
+from .lower_moe import is_moe_backward, is_moe_forward, lower_moe
+from .lower_redistribute import lower_redistribute
+from .propagate import PlacedGraph, propagate
+
+__all__ = ["Condition", "Pass", "PassContractError", "CompileOptions", "Compiled", "PIPELINE", "run_pipeline"]
+
+
+class PassContractError(AssertionError):
+    """A pass was handed, or left behind, a graph that breaks a stated condition."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A named property of a graph module; ``check`` returns what breaks it (empty: it holds)."""
+
+    name: str
+    check: Callable[[GraphModule], list[str]]
+
+
+def _traced(gm: GraphModule) -> list[str]:
+    try:
+        inputs = meta.graph_inputs(gm.graph)
+        meta.output_roles(gm)
+    except MetadataError as error:
+        return [str(error)]
+    return [f"placeholder {node.name} is a communicator before lowering" for node, record in inputs
+            if record.kind is InputKind.COMMUNICATOR]
+
+
+def _placed(gm: GraphModule) -> list[str]:
+    return [f"node {node.name} has no PlacedValue" for node in gm.graph.nodes if meta.placed(node) is None]
+
+
+def _has_communicator(gm: GraphModule) -> list[str]:
+    try:
+        meta.communicator_node(gm.graph)
+    except MetadataError as error:
+        return [str(error)]
+    return []
+
+
+_COLLECTIVE_FUNCTIONS = set(collectives.COLLECTIVE_FUNCTIONS)
+
+
+def _collectives_typed(gm: GraphModule) -> list[str]:
+    return [f"collective node {node.name} ({node.target.__name__}) has no Collective record"
+            for node in gm.graph.nodes
+            if node.op == "call_function" and node.target in _COLLECTIVE_FUNCTIONS and meta.collective(node) is None]
+
+
+def _no_moe_ops(gm: GraphModule) -> list[str]:
+    return [f"MoE op {node.name} is still in the graph" for node in gm.graph.nodes
+            if is_moe_forward(node) or is_moe_backward(node)]
+
+
+TRACED = Condition("traced: placeholders labelled, output roles present", _traced)
+PLACED = Condition("placed: a PlacedValue on every node", _placed)
+COMMUNICATOR = Condition("one communicator input", _has_communicator)
+COLLECTIVES_TYPED = Condition("every collective carries a Collective record", _collectives_typed)
+NO_MOE_OPS = Condition("no MoE op left to lower", _no_moe_ops)
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    mesh: MeshSpec
+    plan: Mapping[str, str] | None = None
+    batch_sharding: object = None
+    link: LinkModel | None = None
+    replicate_fallback: bool = False
+
+
+@dataclass
+class Compiled:
+    """What the pipeline leaves: the placed graph (for reports) and the lowered program."""
+
+    placed: PlacedGraph | None = None
+    lowered: GraphModule | None = None
+    pass_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: Callable[[GraphModule, CompileOptions, Compiled], GraphModule]
+    requires: tuple[Condition, ...] = ()
+    ensures: tuple[Condition, ...] = ()
+
+
+def _propagate(gm: GraphModule, options: CompileOptions, compiled: Compiled) -> GraphModule:
+    compiled.placed = propagate(gm, options.mesh, options.plan, batch_sharding=options.batch_sharding,
+                                link=options.link, replicate_fallback=options.replicate_fallback)
+    # Lowering rewrites a copy: the placed graph stays as propagation left it, for the report.
+    return copy_graph_module(compiled.placed.graph_module)
+
+
+PIPELINE: tuple[Pass, ...] = (
+    Pass("decompose_loss", lambda gm, options, compiled: decompose_loss(gm), (TRACED,), (TRACED,)),
+    Pass("propagate", _propagate, (TRACED,), (PLACED,)),
+    Pass("add_communicator", lambda gm, options, compiled: add_communicator(gm), (PLACED,), (COMMUNICATOR,)),
+    Pass("lower_redistribute", lambda gm, options, compiled: lower_redistribute(gm, options.mesh),
+         (PLACED, COMMUNICATOR), (COLLECTIVES_TYPED,)),
+    Pass("lower_localize", lambda gm, options, compiled: lower_localize(gm, options.mesh), (PLACED,), ()),
+    Pass("lower_moe", lambda gm, options, compiled: lower_moe(gm, options.mesh), (COMMUNICATOR,),
+         (NO_MOE_OPS, COLLECTIVES_TYPED)),
+    Pass("bucket_gradient_sync", lambda gm, options, compiled: bucket_gradient_sync(gm), (COLLECTIVES_TYPED,),
+         (COLLECTIVES_TYPED, COMMUNICATOR)),
+)
+
+
+def _check(step: Pass, conditions: tuple[Condition, ...], gm: GraphModule, when: str) -> None:
+    for condition in conditions:
+        problems = condition.check(gm)
+        if problems:
+            listed = "; ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise PassContractError(f"pass {step.name} {when} '{condition.name}': {listed}")
+
+
+def run_pipeline(traced_module: GraphModule, options: CompileOptions,
+                 passes: tuple[Pass, ...] = PIPELINE) -> Compiled:
+    """Run ``passes`` over a copy of the traced graph module, checking every contract."""
+    gm = copy_graph_module(traced_module)
+    compiled = Compiled()
+    for step in passes:
+        _check(step, step.requires, gm, "requires")
+        started = time.perf_counter()
+        gm = step.run(gm, options, compiled)
+        compiled.pass_seconds[step.name] = time.perf_counter() - started
+        _check(step, step.ensures, gm, "did not ensure")
+    compiled.lowered = gm
+    return compiled

@@ -1,0 +1,94 @@
+"""Small walks over fx graphs that every pass needs, built on ``torch.fx.node.map_arg``.
+
+A node's *tensor inputs* are the graph nodes among its arguments whose recorded value is a
+tensor, in argument order (``map_arg`` order: positional arguments, then keyword arguments,
+nested lists and tuples flattened). Rules, placements (``PlacedValue.input_shardings``) and the
+lowering all count inputs this way, so a producer used twice (``mul(x, x)``) has two positions.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import operator
+from typing import Callable
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import map_arg
+
+from . import meta
+
+__all__ = ["tensor_inputs", "map_tensor_inputs", "op_name", "output_node", "output_values", "is_getitem",
+           "call_nodes", "copy_graph_module"]
+
+
+def _is_tensor_node(node: Node) -> bool:
+    return meta.tensor_value(node) is not None
+
+
+def tensor_inputs(node: Node) -> list[Node]:
+    """The node's tensor-valued inputs, in argument order (lists flattened)."""
+    found: list[Node] = []
+
+    def visit(item: Node) -> Node:
+        if _is_tensor_node(item):
+            found.append(item)
+        return item
+
+    map_arg((node.args, node.kwargs), visit)
+    return found
+
+
+def map_tensor_inputs(node: Node, replace: Callable[[int, Node], Node]) -> None:
+    """Rewrite ``node``'s tensor inputs in place: ``replace(position, producer) -> Node``.
+
+    Positions count as ``tensor_inputs`` lists them, so the two uses in ``mul(x, x)`` can get
+    different replacements.
+    """
+    position = itertools.count()
+
+    def visit(item: Node) -> Node:
+        return replace(next(position), item) if _is_tensor_node(item) else item
+
+    node.args = map_arg(node.args, visit)
+    node.kwargs = map_arg(node.kwargs, visit)
+
+
+def op_name(target) -> str:
+    """``mm.default`` for aten overloads, ``shardgraph.moe_experts.default``, a function's name."""
+    if target is operator.getitem:
+        return "getitem"
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target).removeprefix("aten.")
+    return getattr(target, "__name__", str(target))
+
+
+def is_getitem(node: Node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem
+
+
+def output_node(graph: Graph) -> Node:
+    return next(node for node in reversed(graph.nodes) if node.op == "output")
+
+
+def output_values(graph: Graph) -> list:
+    """The program's outputs, flat (one per loss / gradient / forward output)."""
+    outputs = output_node(graph).args[0]
+    return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+
+
+def set_output_values(graph: Graph, values: list) -> None:
+    node = output_node(graph)
+    node.args = (type(node.args[0])(values) if isinstance(node.args[0], (tuple, list)) else values[0],)
+
+
+def copy_graph_module(gm: GraphModule) -> GraphModule:
+    """A copy whose graph (nodes and their records) can be rewritten without touching ``gm``."""
+    copied = GraphModule(gm, copy.deepcopy(gm.graph))
+    meta.copy_module_records(gm, copied)
+    return copied
+
+
+def call_nodes(graph: Graph) -> list[Node]:
+    return [node for node in graph.nodes if node.op == "call_function"]

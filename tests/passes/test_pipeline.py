@@ -1,0 +1,51 @@
+"""The pass pipeline: each pass's requires / ensures are checked at its seam."""
+
+import dataclasses
+
+import pytest
+
+import shardgraph as sg
+from examples.moe_model import shardgraph_entry
+from passes.pipeline import PIPELINE, CompileOptions, PassContractError, run_pipeline
+
+
+def _traced():
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=4, seq_len=4)
+    return sg.trace(model, inputs, loss_fn)
+
+
+def test_the_pipeline_lists_every_pass_in_order():
+    assert [p.name for p in PIPELINE] == ["decompose_loss", "propagate", "add_communicator", "lower_redistribute",
+                                         "lower_localize", "lower_moe", "bucket_gradient_sync"]
+
+
+def test_a_lowering_without_its_communicator_is_refused_at_its_seam():
+    without = tuple(p for p in PIPELINE if p.name != "add_communicator")
+    with pytest.raises(PassContractError, match="pass lower_redistribute requires 'one communicator input'"):
+        run_pipeline(_traced().graph_module, CompileOptions(sg.MeshSpec(2, tp=2)), without)
+
+
+def test_a_pass_that_breaks_what_it_ensures_is_named():
+    def drop_moe_lowering(gm, options, compiled):
+        return gm  # leaves the MoE ops in place
+
+    broken = tuple(dataclasses.replace(p, run=drop_moe_lowering) if p.name == "lower_moe" else p for p in PIPELINE)
+    with pytest.raises(PassContractError, match="pass lower_moe did not ensure 'no MoE op left to lower'"):
+        run_pipeline(_traced().graph_module, CompileOptions(sg.MeshSpec(2, ep=2)), broken)
+
+
+def test_an_unlabelled_graph_is_refused_before_any_pass_runs():
+    traced = _traced()
+    gm = traced.graph_module
+    # A plain make_fx graph: no GraphInput records on its placeholders.
+    import torch.fx
+
+    plain = torch.fx.GraphModule(gm, torch.fx.Graph())
+    plain.graph.output(plain.graph.placeholder("x"))
+    with pytest.raises(PassContractError, match="pass decompose_loss requires 'traced"):
+        run_pipeline(plain, CompileOptions(sg.MeshSpec(1)))
+
+
+def test_pass_times_are_recorded_per_pass():
+    compiled = run_pipeline(_traced().graph_module, CompileOptions(sg.MeshSpec(2, tp=2)))
+    assert set(compiled.pass_seconds) == {p.name for p in PIPELINE}
