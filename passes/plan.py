@@ -40,9 +40,11 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from shardgraph.mesh import MeshSpec
-from shardgraph.placement import InterleavedShard, Replicate, Shard, Sharding, ShardingError, local_shape
+from shardgraph.meta import View
+from shardgraph.placement import InterleavedShard, Shard, Sharding, ShardingError, local_shape
 
-__all__ = ["PlanError", "ParameterPlacement", "STYLES", "resolve_plan", "default_plan", "DEFAULT_PLANS"]
+__all__ = ["PlanError", "ParameterPlacement", "STYLES", "STYLE_DESCRIPTIONS", "resolve_plan", "default_plan",
+           "DEFAULT_PLANS"]
 
 STYLES = (
     "replicate",
@@ -53,6 +55,18 @@ STYLES = (
     "expert_rowwise",
     "expert_replicate",
 )
+
+
+# One line per style, listed by ``shardgraph compile --help``.
+STYLE_DESCRIPTIONS = {
+    "replicate": "whole tensor on every rank",
+    "colwise": "Linear weight [out, in] split on out over tp (bias split too)",
+    "rowwise": "Linear weight [out, in] split on in over tp (bias whole)",
+    "vocab": "Embedding [vocab, hidden] split on vocab over tp",
+    "expert_colwise": "experts [E, 2I, H] over ep; gate/up rows interleaved over etp",
+    "expert_rowwise": "experts [E, H, I] over ep; I split over etp",
+    "expert_replicate": "experts over ep only; every etp rank holds whole experts",
+}
 
 
 class PlanError(ValueError):
@@ -67,8 +81,8 @@ class ParameterPlacement:
     sharding: Sharding
 
     @property
-    def view(self) -> str:
-        return "expert" if self.style.startswith("expert") else "dense"
+    def view(self) -> View:
+        return View.EXPERT if self.style.startswith("expert") else View.DENSE
 
 
 def _style_sharding(name: str, style: str, shape: Sequence[int], mesh: MeshSpec) -> Sharding:
