@@ -74,3 +74,27 @@ def test_a_token_count_that_does_not_divide_over_dp_and_tp_counts_each_copy_once
     assert errors.within(TOLERANCE), errors
     reasons = [r["reason"] for r in program.report(format="dict")["values"] if r["op"].startswith("shardgraph.moe")]
     assert any("each token on 2 ranks" in reason for reason in reasons)
+
+
+@pytest.mark.parametrize("mesh_text", ["world=1", "world=4,tp=2,ep=2"])
+def test_a_left_padded_attention_mask_gives_padding_queries_zeros_not_nan(mesh_text):
+    # Before: a query row whose keys are all masked went through softmax as 0/0 and the loss was
+    # NaN; torch's own attention (and eager HF) gives that row zeros.
+    import torch.nn.functional as F
+
+    from examples.hf_models import build
+
+    model = build("mixtral", attn_implementation="sdpa")
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(4, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[1, :1] = 0
+
+    def loss_fn(output, ids, mask):
+        logits = output.logits[:, :-1]
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    program = sg.compile(model, sg.MeshSpec.parse(mesh_text), (ids, mask), loss_fn)
+    errors, result = parity_errors(program, model, (ids, mask), loss_fn)
+    assert torch.isfinite(result.loss) and errors.within(TOLERANCE), errors

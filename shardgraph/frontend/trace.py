@@ -163,12 +163,18 @@ def _attention_as_matmul(query, key, value, attn_mask=None, dropout_p=0.0, is_ca
     if is_causal:
         future = torch.ones(query_length, key_length, dtype=torch.bool, device=query.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(attn_mask.logical_not(), float("-inf"))
-        else:
-            scores = scores + attn_mask
-    return torch.matmul(torch.softmax(scores, dim=-1), value)
+    if attn_mask is None:
+        return torch.matmul(torch.softmax(scores, dim=-1), value)
+    if attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(attn_mask.logical_not(), float("-inf"))
+    else:
+        scores = scores + attn_mask
+    # A query whose every key is masked (a left-padding position) gets zeros, as torch's own
+    # attention gives it, not 0/0. Its scores are zeroed before the softmax so that the backward,
+    # too, stays finite for that row.
+    masked_row = scores.eq(float("-inf")).all(dim=-1, keepdim=True)
+    probabilities = torch.softmax(scores.masked_fill(masked_row, 0.0), dim=-1).masked_fill(masked_row, 0.0)
+    return torch.matmul(probabilities, value)
 
 
 def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
