@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shardgraph.mesh import MeshSpec
 from shardgraph.placement import InterleavedShard, Partial, Placement, Replicate, Shard
 
 __all__ = ["LinkModel", "redistribution", "Redistribution"]
@@ -76,7 +75,3 @@ def redistribution(source: Placement, target: Placement, piece_bytes: float, gro
     if isinstance(source, Shard) and isinstance(target, Shard):
         return Redistribution("all_to_all", piece_bytes * (n - 1) / n)
     return Redistribution("all_gather", piece_bytes * (n - 1))
-
-
-def mesh_axis_sizes(mesh: MeshSpec) -> dict[str, int]:
-    return {axis: mesh.size(axis) for axis in ("dp", "tp", "edp", "ep", "etp")}

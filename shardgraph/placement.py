@@ -108,10 +108,6 @@ class InterleavedShard(Placement):
         if isinstance(self.stripes, bool) or not isinstance(self.stripes, int) or self.stripes <= 0:
             raise ShardingError(f"InterleavedShard stripes must be a positive int, got {self.stripes!r}")
 
-    @property
-    def num_local_stripes(self) -> int:
-        return self.stripes
-
     def __repr__(self) -> str:
         return f"InterleavedShard({self.dim}, stripes={self.stripes})"
 

@@ -28,7 +28,6 @@ def test_placements_are_frozen_hashable_and_print_like_their_constructors():
     assert repr(Shard(0)) == "Shard(0)"
     assert repr(InterleavedShard(0, stripes=8)) == "InterleavedShard(0, stripes=8)"
     assert repr(Partial("avg")) == "Partial('avg')"
-    assert InterleavedShard(1, 4).num_local_stripes == 4
     assert len({Shard(0), Shard(0), Shard(1), Replicate(), Replicate()}) == 3
     with pytest.raises(Exception):
         Shard(0).dim = 1

@@ -1,5 +1,6 @@
 """Runtimes for lowered per-rank programs: the in-process simulator and torch.distributed."""
 
+from .communicator import Communicator
 from .simulate import CollectiveError, CollectiveRecord, RankCommunicator, Simulator, collective_bytes
 
-__all__ = ["CollectiveError", "CollectiveRecord", "RankCommunicator", "Simulator", "collective_bytes"]
+__all__ = ["Communicator", "CollectiveError", "CollectiveRecord", "RankCommunicator", "Simulator", "collective_bytes"]

@@ -1,8 +1,7 @@
 """The communication and layout steps a lowered program calls, on any communicator.
 
-Every function takes the rank's communicator first. A communicator is anything with the
-methods of ``RankCommunicator`` (``all_gather``, ``reduce_scatter``, ``all_reduce``,
-``all_to_all``, ``index``, and a ``mesh``): the simulator's, or ``DistributedCommunicator`` over
+Every function takes the rank's communicator first: a ``Communicator``
+(``shardgraph/runtime/communicator.py``), the simulator's or ``DistributedCommunicator`` over
 torch.distributed. Lowered graphs call these functions as fx ``call_function`` nodes with the
 communicator as a graph input, so the program is a pure function of (communicator, parameters,
 batch) and the same graph runs on every rank.
@@ -11,6 +10,8 @@ batch) and the same graph runs on every rank.
 from __future__ import annotations
 
 import torch
+
+from .communicator import Communicator
 
 __all__ = [
     "all_gather",
@@ -27,12 +28,12 @@ __all__ = [
 ]
 
 
-def all_gather(comm, tensor: torch.Tensor, axis, dim: int) -> torch.Tensor:
+def all_gather(comm: Communicator, tensor: torch.Tensor, axis, dim: int) -> torch.Tensor:
     """Shard(dim) -> Replicate over ``axis``: pieces concatenated in group order."""
     return comm.all_gather(tensor.contiguous(), axis, dim=dim)
 
 
-def interleaved_all_gather(comm, tensor: torch.Tensor, axis, dim: int, stripes: int) -> torch.Tensor:
+def interleaved_all_gather(comm: Communicator, tensor: torch.Tensor, axis, dim: int, stripes: int) -> torch.Tensor:
     """InterleavedShard(dim, stripes) -> Replicate: gather, then put each stripe's parts together.
 
     After a plain gather the dim reads [rank0: s0 s1 ..][rank1: s0 s1 ..]; the logical order is
@@ -48,28 +49,28 @@ def interleaved_all_gather(comm, tensor: torch.Tensor, axis, dim: int, stripes: 
     return grid.transpose(dim, dim + 1).reshape(shape).contiguous()
 
 
-def reduce_scatter(comm, tensor: torch.Tensor, axis, dim: int, op: str) -> torch.Tensor:
+def reduce_scatter(comm: Communicator, tensor: torch.Tensor, axis, dim: int, op: str) -> torch.Tensor:
     """Partial(op) -> Shard(dim) over ``axis``."""
     return comm.reduce_scatter(tensor.contiguous(), axis, dim=dim, op=op)
 
 
-def all_reduce(comm, tensor: torch.Tensor, axis, op: str) -> torch.Tensor:
+def all_reduce(comm: Communicator, tensor: torch.Tensor, axis, op: str) -> torch.Tensor:
     """Partial(op) -> Replicate over ``axis``."""
     return comm.all_reduce(tensor.contiguous(), axis, op=op)
 
 
-def all_to_all(comm, tensor: torch.Tensor, axis, input_splits, dim: int = 0, output_splits=None) -> torch.Tensor:
+def all_to_all(comm: Communicator, tensor: torch.Tensor, axis, input_splits, dim: int = 0, output_splits=None) -> torch.Tensor:
     return comm.all_to_all(tensor.contiguous(), axis, input_splits, dim=dim, output_splits=output_splits)
 
 
-def local_slice(comm, tensor: torch.Tensor, axis, dim: int) -> torch.Tensor:
+def local_slice(comm: Communicator, tensor: torch.Tensor, axis, dim: int) -> torch.Tensor:
     """Replicate -> Shard(dim): this rank's block, no communication."""
     n = comm.mesh.size(axis)
     block = tensor.shape[dim] // n
     return tensor.narrow(dim, comm.index(axis) * block, block).contiguous()
 
 
-def local_interleaved_slice(comm, tensor: torch.Tensor, axis, dim: int, stripes: int) -> torch.Tensor:
+def local_interleaved_slice(comm: Communicator, tensor: torch.Tensor, axis, dim: int, stripes: int) -> torch.Tensor:
     """Replicate -> InterleavedShard(dim, stripes): this rank's part of every stripe."""
     n = comm.mesh.size(axis)
     dim = dim % tensor.dim()
@@ -80,12 +81,12 @@ def local_interleaved_slice(comm, tensor: torch.Tensor, axis, dim: int, stripes:
     return piece.reshape(shape[:dim] + [stripes * part] + shape[dim + 1 :]).contiguous()
 
 
-def keep_on_first(comm, tensor: torch.Tensor, axis) -> torch.Tensor:
+def keep_on_first(comm: Communicator, tensor: torch.Tensor, axis) -> torch.Tensor:
     """Replicate -> Partial("sum"): the first rank of the group keeps the value, others hold zeros."""
     return tensor if comm.index(axis) == 0 else torch.zeros_like(tensor)
 
 
-def pad_to_partial(comm, tensor: torch.Tensor, axis, dim: int) -> torch.Tensor:
+def pad_to_partial(comm: Communicator, tensor: torch.Tensor, axis, dim: int) -> torch.Tensor:
     """Shard(dim) -> Partial("sum"): the block in place, zeros elsewhere; no communication."""
     n = comm.mesh.size(axis)
     shape = list(tensor.shape)
@@ -96,7 +97,7 @@ def pad_to_partial(comm, tensor: torch.Tensor, axis, dim: int) -> torch.Tensor:
     return out
 
 
-def scale(comm, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+def scale(comm: Communicator, tensor: torch.Tensor, factor: float) -> torch.Tensor:
     """Partial(sum) <-> Partial(avg): the pieces' values change, the logical value does not."""
     return tensor * factor
 

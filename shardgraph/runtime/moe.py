@@ -33,9 +33,8 @@ graph: the MoE lowering pass emits these calls as nodes so a dump shows every st
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..ops.moe import activation_derivative
+from ..ops.moe import activation_derivative, activation_function
 
 __all__ = [
     "sort_by_expert",
@@ -155,26 +154,16 @@ def ungroup(grouped: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _activation(name: str):
-    if name == "silu":
-        return F.silu
-    if name == "gelu":
-        return F.gelu
-    if name == "gelu_tanh":
-        return lambda x: F.gelu(x, approximate="tanh")
-    raise ValueError(f"unknown expert activation {name!r}; known: silu, gelu, gelu_tanh")
-
-
 def glu(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     """act(gate) * up, where the first half of the last dim is gate and the second half up."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return _activation(activation)(gate) * up
+    return activation_function(activation)(gate) * up
 
 
 def glu_backward(grad: torch.Tensor, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     grad_gate = grad * up * activation_derivative(activation, gate)
-    return torch.cat([grad_gate, grad * _activation(activation)(gate)], dim=-1)
+    return torch.cat([grad_gate, grad * activation_function(activation)(gate)], dim=-1)
 
 
 def combine(returned: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:

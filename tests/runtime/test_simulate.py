@@ -217,3 +217,14 @@ def test_pieces_of_different_lengths_need_their_sizes_and_wrong_receive_sizes_ar
 
     with pytest.raises(CollectiveError, match=r"received 2 rows, but output_splits \[2, 2\] say 4"):
         Simulator(mesh).run(wrong_receive)
+
+
+def test_both_communicators_satisfy_the_communicator_protocol():
+    from shardgraph.runtime import Communicator
+    from shardgraph.runtime.distributed import DistributedCommunicator
+
+    simulator = Simulator(MeshSpec(2, tp=2))
+    assert isinstance(simulator.communicator(0), Communicator)
+    missing = [name for name in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "group",
+                                 "index") if not callable(getattr(DistributedCommunicator, name, None))]
+    assert not missing
