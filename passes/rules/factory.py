@@ -38,7 +38,10 @@ def rule_factory_like(ctx, axis, placements):
         aten.ones_like.default, aten.zeros_like.default, aten.full_like.default, aten.empty_like.default,
         aten.rand_like.default, aten.randn_like.default,
     )
-    candidates = [AxisCandidate((None,), Replicate())]
+    # A same-shape factory builds its output at its input's local shape, so a replicated output
+    # needs the input whole; the new_* ops take their size as an argument and read only dtype.
+    whole = Replicate() if same_shape and source.is_shard() else None
+    candidates = [AxisCandidate((whole,), Replicate())]
     if same_shape and source.is_shard():
         candidates.insert(0, AxisCandidate((source,), source, "follows its input's shards"))
     return candidates

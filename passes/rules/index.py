@@ -1,9 +1,10 @@
 """Gather, scatter and index ops.
 
 ``gather``/``scatter_add`` along one dim keep any other dim's sharding (index and source are
-sharded alike). ``index_select`` keeps the source's sharding off the indexed dim, and a sharded
-index vector shards the indexed dim of the result. Advanced indexing (``index.Tensor``) is
-offered replicated, or with the source sharded on a dim that no index touches.
+sharded alike), where index and source are as long as the input on that dim. ``index_select``
+keeps the source's sharding off the indexed dim, and a sharded index vector shards the indexed
+dim of the result. Advanced indexing (``index.Tensor``) is offered replicated, or with the
+source sharded on a dim that no index touches.
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ aten = torch.ops.aten
 R = Replicate()
 
 
+def _aligned(ctx, dim: int) -> bool:
+    """Whether every tensor input has the output's size on ``dim``. Index (and scatter's source)
+    may be shorter than the input on any dim; then equal blocks of each would not line up."""
+    return all(shape[dim] == ctx.output_shape[dim] for shape in ctx.input_shapes)
+
+
 @register(aten.gather.default, family="gather")
 def rule_gather(ctx, axis, placements):
     ndim = len(ctx.output_shape)
     dim = ctx.args[1] % ndim
     candidates = [AxisCandidate((R, R), R)]
     for placement in placements:
-        if placement.is_shard() and isinstance(placement, Shard) and placement.dim % ndim != dim:
+        if isinstance(placement, Shard) and placement.dim % ndim != dim and _aligned(ctx, placement.dim % ndim):
             candidates.append(AxisCandidate((placement, placement), placement))
     return candidates
 
@@ -36,7 +43,7 @@ def rule_scatter(ctx, axis, placements):
     n = len(placements)
     candidates = [AxisCandidate((R,) * n, R)]
     for placement in placements:
-        if isinstance(placement, Shard) and placement.dim % ndim != dim:
+        if isinstance(placement, Shard) and placement.dim % ndim != dim and _aligned(ctx, placement.dim % ndim):
             candidates.append(AxisCandidate((placement,) * n, placement))
     if ctx.node.target == aten.scatter_add.default:
         for op in ("sum", "avg"):

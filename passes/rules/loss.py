@@ -16,7 +16,7 @@ from . import AxisCandidate, register
 
 aten = torch.ops.aten
 R = Replicate()
-SUM, MEAN = 2, 1
+NONE, MEAN, SUM = 0, 1, 2
 
 
 def _weight_slot(ctx):
@@ -46,7 +46,9 @@ def rule_nll_loss_backward(ctx, axis, placements):
     candidates = [AxisCandidate((R,) * count, R)]
     logits = placements[1]
     target = placements[2]
+    # With reduction=none the incoming gradient has one entry per row, split like the rows.
+    grad = Shard(0) if ctx.arg(4, "reduction", MEAN) == NONE else R
     if (isinstance(logits, Shard) and logits.dim == 0) or (isinstance(target, Shard) and target.dim == 0):
-        candidates.append(AxisCandidate((R, Shard(0), Shard(0)) + extra + (R,), Shard(0),
+        candidates.append(AxisCandidate((grad, Shard(0), Shard(0)) + extra + (R,), Shard(0),
                                         "rows are independent given the global count"))
     return candidates

@@ -4,16 +4,18 @@ For ``out = a @ b`` contracting ``a``'s last dim with ``b``'s first (batch dims 
 ``a`` sharded on a row dim shards the output rows; ``b`` sharded on a column dim shards the
 output columns; both sharded on the contracted dim give ``Partial("sum")`` (each rank holds a
 partial product). A partial operand times a replicated one stays partial (the product is linear
-in each operand).
+in each operand). A split is offered only where it divides the operand evenly, counting what the
+other axes already split of it, so an odd column count falls back to another candidate instead of
+failing at lowering.
 """
 
 from __future__ import annotations
 
 import torch
 
-from shardgraph.placement import InterleavedShard, Partial, Replicate, Shard, interleaved
+from shardgraph.placement import InterleavedShard, Partial, Replicate, Shard, Sharding, ShardingError, local_shape
 
-from . import AxisCandidate, register
+from . import AxisCandidate, register, value_of
 
 aten = torch.ops.aten
 R = Replicate()
@@ -52,14 +54,32 @@ def _product_candidates(rank: int, placements, has_bias: bool):
     return candidates
 
 
+def _divides(ctx, axis: str, index: int, placement) -> bool:
+    """Whether input ``index`` splits evenly under ``placement`` on ``axis`` and its current
+    splits on the other axes (which nest with it when they cut the same dim)."""
+    if placement is None or not placement.is_shard():
+        return True
+    split = {other: p for other, p in ctx.input_shardings[index].items() if other != axis and p.is_shard()}
+    split[axis] = placement
+    try:
+        local_shape(tuple(value_of(ctx.inputs[index]).shape), Sharding(tuple(split), tuple(split.values())), ctx.mesh)
+    except ShardingError:
+        return False
+    return True
+
+
+def _even(ctx, axis: str, candidates):
+    return [c for c in candidates if all(_divides(ctx, axis, i, p) for i, p in enumerate(c.inputs))]
+
+
 @register(aten.mm.default, family="mm")
 def rule_mm(ctx, axis, placements):
-    return _product_candidates(2, placements, has_bias=False)
+    return _even(ctx, axis, _product_candidates(2, placements, has_bias=False))
 
 
 @register(aten.bmm.default, family="bmm")
 def rule_bmm(ctx, axis, placements):
-    return _product_candidates(3, placements, has_bias=False)
+    return _even(ctx, axis, _product_candidates(3, placements, has_bias=False))
 
 
 @register(aten.addmm.default, family="addmm")
@@ -71,7 +91,7 @@ def rule_addmm(ctx, axis, placements):
         for c in candidates:
             bias = c.output if c.output.is_shard() or c.output.is_partial() else R
             fixed.append(AxisCandidate((bias,) + c.inputs[1:], c.output, c.note))
-        return fixed
+        return _even(ctx, axis, fixed)
     # A [N] bias is sharded with the output columns, joins a partial product as a partial held
     # by one rank, and is otherwise replicated: the candidates above already say so.
-    return candidates
+    return _even(ctx, axis, candidates)

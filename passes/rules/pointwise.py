@@ -20,7 +20,8 @@ aten = torch.ops.aten
 _ADDITIVE = {aten.add.Tensor, aten.sub.Tensor}
 # Ops linear in one designated tensor input when the others are replicated.
 _MULTIPLICATIVE = {aten.mul.Tensor: (0, 1), aten.div.Tensor: (0,)}
-# Unary ops that are linear (or plain copies): a partial input gives a partial output.
+# Unary ops that are linear (or plain copies): a partial input gives a partial output, unless a
+# dtype conversion truncates it (``_truncates``).
 _LINEAR_UNARY = {
     aten.neg.default, aten.clone.default, aten._to_copy.default, aten.alias.default, aten.detach.default,
     aten.lift_fresh_copy.default, aten.mul.Scalar, aten.div.Scalar, aten.contiguous.default,
@@ -66,6 +67,11 @@ def _dim_map(ctx):
     return maps
 
 
+def _truncates(ctx) -> bool:
+    """A float -> integer or bool conversion rounds every piece: trunc(a) + trunc(b) != trunc(a + b)."""
+    return value_of(ctx.inputs[0]).dtype.is_floating_point and not ctx.output_value.dtype.is_floating_point
+
+
 def _retarget(placement, dim):
     if isinstance(placement, InterleavedShard):
         return InterleavedShard(dim, placement.stripes)
@@ -100,7 +106,7 @@ def rule_pointwise(ctx, axis, placements):
     partial_ops = {p.op for p in placements if isinstance(p, Partial)}
     for op in sorted(partial_ops):
         partial = Partial(op)
-        if target in _LINEAR_UNARY and n == 1:
+        if target in _LINEAR_UNARY and n == 1 and not _truncates(ctx):
             candidates.append(AxisCandidate((partial,), partial))
         elif target in _ADDITIVE and n == 2:
             # Both operands are tensors (a python scalar would be added once per rank). A
