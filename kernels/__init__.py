@@ -10,7 +10,7 @@ zeros for empty groups, whatever the backend.
 
 Backends (callers do not care which runs; each falls back to ``loop`` where it cannot run):
 
-``triton``  the kernels in ``kernels/grouped_gemm.py``: float16/bfloat16/float32 on a CUDA device
+``triton``  the Triton kernels (``kernels/grouped_gemm*.py``): float16/bfloat16/float32 on a CUDA device
             (the TMA kernels on Hopper, a portable kernel elsewhere), or on the CPU under
             ``TRITON_INTERPRET=1``
 ``torch``   ``torch._grouped_mm``: bfloat16 on Hopper; float32/bfloat16/float16 on the CPU; strides

@@ -12,9 +12,10 @@ short (K = 192, three steps a tile) and the epilogue would otherwise be exposed;
 :func:`kernels.grouped_gemm.triton_grouped_mm` times both schedules once per problem and keeps the
 faster.
 
-Gluon is Triton's experimental tile-level dialect and its API moves between releases, so this
-module is used only with the release it was written and checked against (:data:`TRITON_RELEASE`),
-on sm_90 devices, outside the interpreter; :func:`available` says whether it can run here.
+Gluon is Triton's experimental tile-level dialect and its API moves between releases, so the kernel
+is defined only under the release it was written and checked against
+(:data:`kernels.triton_release.GLUON`), outside the interpreter, and runs on sm_90 devices only;
+:func:`available` says whether it can run here.
 
 Operands, as the TMA path of ``kernels.grouped_gemm`` checks them: bf16 or fp16 activations and
 output, row-major with 16-byte aligned rows, the output contiguous; the weight as one row-major
@@ -25,38 +26,31 @@ into the next group's weights).
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
-import triton
 
-from .launch import launcher
+from .caches import CACHES
+from .grouped_gemm_configs import INTERPRETED
+from .triton_release import GLUON, TRITON_RELEASE, launcher
 
 __all__ = ["available", "grouped_product", "TRITON_RELEASE", "BLOCK_R", "BLOCKS"]
 
-TRITON_RELEASE = "3.6."
 BLOCK_M, BLOCK_P, BLOCK_R, STAGES = 128, 128, 64, 4
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_GLUON = triton.__version__.startswith(TRITON_RELEASE) and not _INTERPRETED
-if _GLUON:
-    try:
-        from triton.experimental import gluon
-        from triton.experimental.gluon import language as gl
-        from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
-                                                                      warpgroup_mma, warpgroup_mma_wait)
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
-    except ImportError:  # pragma: no cover - a build of the release without Gluon
-        _GLUON = False
+# The interpreter runs no Gluon kernels.
+_DEFINED = GLUON and not INTERPRETED
+if _DEFINED:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
 
 
-@functools.lru_cache(maxsize=None)
 def available(device_index: int) -> bool:
     """Whether the ping-pong kernel can run on this CUDA device with this Triton."""
-    return _GLUON and torch.cuda.get_device_capability(device_index) == (9, 0)
+    return _DEFINED and torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
-if _GLUON:
+if _DEFINED:
     @gluon.jit
     def _group_end(offsets_ptr, group, start, M, E):
         """End row of ``group`` (offsets clamped to ``[start, M]``, as the kept kernel reads them);
@@ -127,7 +121,11 @@ if _GLUON:
         runs its epilogue. That order is also what makes the ring's parity waits sound: a stage's
         fill for round r is waited on only after round r - 1 was consumed, so no barrier is ever
         two phases from its waiter (with STAGES not a multiple of the steps per tile, consecutive
-        tiles share stages)."""
+        tiles share stages).
+
+        One function, long as it is: the turn-taking, the main loop and the epilogue all work on
+        one tile's accumulator, ring counter and group walk, which helpers would each have to take
+        and hand back."""
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_P, 16])
         steps = gl.cdiv(R, BLOCK_R)
@@ -222,30 +220,27 @@ if _GLUON:
 # take (its descriptor builder and grid): one program per SM, the output stored in one piece.
 BLOCKS = {"BLOCK_M": BLOCK_M, "BLOCK_P": BLOCK_P, "BLOCK_R": BLOCK_R, "EPILOGUE_SPLIT": 1, "PROGRAMS_PER_SM": 1}
 
-# The launch of one compiled kernel per (problem, specialization): the first launch goes through
-# Gluon's JIT, which binds the arguments in Python on every call (tens of microseconds, as long as
-# a small expert batch's product); later launches call the compiled kernel through
-# ``kernels.launch``.
-_compiled: dict = {}
-
 
 def grouped_product(make_descriptors, grid_of, out, offsets, m, r, p, experts, transposed, key) -> None:
     """Launch the ping-pong grouped product into ``out`` ([m, p], contiguous).
 
     ``make_descriptors(BLOCKS)`` gives the host TMA descriptors of the activations, the weight as
-    one row-major matrix (stored ``transposed`` or not) and the output, built without checks by
+    one row-major matrix (stored ``transposed`` or not) and the output, built by
     ``kernels.grouped_gemm``, which checked the operands' layout; ``grid_of(BLOCKS)`` gives the
     persistent grid. ``key`` is everything the compiled kernel may be specialized on besides the
     output's dtype and device (problem sizes other than M, M's divisibility, the operands'
     16-byte alignment)."""
     grid = (*grid_of(BLOCKS), 1, 1)
     descriptors = make_descriptors(BLOCKS)
+    # The first launch of a problem goes through Gluon's JIT, which binds the arguments in Python
+    # on every call (tens of microseconds, as long as a small expert batch's product); later ones
+    # call the compiled kernel through kernels.triton_release.launcher.
     compiled_key = (key, out.dtype, out.device)
-    cached = _compiled.get(compiled_key)
+    cached = CACHES.pingpong.get(compiled_key)
     if cached is None:
         # Compiling binds Gluon descriptors: their shared-memory layouts are part of the kernel's
         # signature. The compiled kernel's launcher reads only base, shape, strides and padding,
-        # which the unchecked descriptors have too.
+        # which the host descriptors have too.
         gl_dtype = gl.bfloat16 if out.dtype == torch.bfloat16 else gl.float16
         checked = [GluonTensorDescriptor(d.base, d.shape, d.strides, d.block_shape,
                                          gl.NVMMASharedLayout.get_default_for(d.block_shape, gl_dtype))
@@ -253,6 +248,6 @@ def grouped_product(make_descriptors, grid_of, out, offsets, m, r, p, experts, t
         compiled = _pingpong_product_kernel.run(
             *checked, out, offsets, m, p, r, experts, p, grid=grid, warmup=False, B_TRANSPOSED=transposed,
             BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, BLOCK_R=BLOCK_R, STAGES=STAGES, num_warps=4)
-        _compiled[compiled_key] = launcher(compiled, len(descriptors), out.device.index)
+        CACHES.pingpong[compiled_key] = launcher(compiled, len(descriptors), out.device.index)
         return
     cached(grid, (*descriptors, out, offsets, m, p, r, experts, p, transposed, BLOCK_M, BLOCK_P, BLOCK_R, STAGES))

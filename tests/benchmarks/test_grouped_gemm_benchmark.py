@@ -104,7 +104,8 @@ def test_host_cost_benchmark_takes_the_cached_launch_on_every_path(tmp_path):
                         ("wgrad", "portable")}
     assert all(row["us"] > 0 for row in result["rows"] if row["layer"] != "op")
     # The stand-in launchers are gone from the compiled-kernel cache afterwards.
-    assert not any(isinstance(entry[1], module.RecordingLauncher) for entry in module.grouped_gemm._compiled.values())
+    cached = module.grouped_gemm.CACHES.compiled.values()
+    assert not any(isinstance(entry[1], module.RecordingLauncher) for entry in cached)
 
 
 def test_schedule_comparison_refuses_a_machine_without_the_pingpong_kernel(monkeypatch):

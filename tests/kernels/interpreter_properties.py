@@ -20,10 +20,12 @@ os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from kernels import grouped_gemm  # noqa: E402
+from kernels.grouped_gemm_configs import set_wgrad_blocks  # noqa: E402
 from kernels.reference import grouped_mm_dgrad_loop, grouped_mm_loop, grouped_mm_wgrad_loop  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -94,15 +96,15 @@ def check(path, dtype, layout, sizes, trailing, k, n, flipped, stride_kinds, pro
 
 def portable_configs():
     blocks = st.sampled_from([16, 32])
-    product = st.builds(lambda m, p, r: grouped_gemm.triton.Config({"BLOCK_M": m, "BLOCK_P": p, "BLOCK_R": r},
-                                                                    num_warps=4, num_stages=1), blocks, blocks, blocks)
+    product = st.builds(lambda m, p, r: triton.Config({"BLOCK_M": m, "BLOCK_P": p, "BLOCK_R": r},
+                                                      num_warps=4, num_stages=1), blocks, blocks, blocks)
     return product, wgrad_configs()
 
 
 def wgrad_configs(**extra):
     blocks = st.sampled_from([16, 32])
-    return st.builds(lambda p1, p2, m: grouped_gemm.triton.Config({"BLOCK_P1": p1, "BLOCK_P2": p2, "BLOCK_M": m},
-                                                                  num_warps=4, num_stages=1, **extra),
+    return st.builds(lambda p1, p2, m: triton.Config({"BLOCK_P1": p1, "BLOCK_P2": p2, "BLOCK_M": m},
+                                                     num_warps=4, num_stages=1, **extra),
                      blocks, blocks, blocks)
 
 
@@ -114,7 +116,7 @@ def tma_configs():
                                                                                         split, specialized),
         st.sampled_from([16, 32]), st.sampled_from([16, 32]), st.sampled_from([1, 2]), st.booleans(),
         st.sampled_from([1, 2]), st.booleans())
-    return product, wgrad_configs(pre_hook=grouped_gemm._set_wgrad_blocks)
+    return product, wgrad_configs(pre_hook=set_wgrad_blocks)
 
 
 def problems(path):

@@ -29,7 +29,7 @@ class _Runner:
 
 @pytest.fixture
 def timer(monkeypatch):
-    monkeypatch.setattr(grouped_gemm, "_schedules", {})
+    monkeypatch.setattr(grouped_gemm.CACHES, "schedules", {})
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn: fn.milliseconds)
 
 
@@ -43,13 +43,13 @@ def test_auto_keeps_the_faster_schedule_and_remembers_it(timer, pipelined_ms, pi
     # Later launches of the problem reuse the choice without timing again.
     other_pipelined, other_pingpong = _Runner(pingpong_ms), _Runner(pipelined_ms)
     assert grouped_gemm._product_schedule(_plan(True), key, 4096, other_pipelined, other_pingpong) == expected
-    assert other_pipelined.calls == 0 and grouped_gemm._schedules[key] == expected
+    assert other_pipelined.calls == 0 and grouped_gemm.CACHES.schedules[key] == expected
 
 
 def test_auto_is_pipelined_where_pingpong_cannot_run(timer):
     pipelined = _Runner(5.0)
     assert grouped_gemm._product_schedule(_plan(False), ("problem",), 4096, pipelined, _Runner(1.0)) == "pipelined"
-    assert pipelined.calls == 0 and grouped_gemm._schedules == {}
+    assert pipelined.calls == 0 and grouped_gemm.CACHES.schedules == {}
 
 
 def test_a_forced_configuration_is_the_pipelined_kernels(timer):
@@ -62,7 +62,7 @@ def test_use_schedule_forces_either_schedule(timer):
     for schedule in ("pipelined", "pingpong"):
         with grouped_gemm.use_schedule(schedule):
             assert grouped_gemm._product_schedule(_plan(True), ("problem",), 4096, _Runner(1.0), _Runner(1.0)) == schedule
-    assert grouped_gemm._schedules == {}
+    assert grouped_gemm.CACHES.schedules == {}
 
 
 def test_unknown_schedule_is_refused_with_the_choices():
@@ -84,9 +84,3 @@ def test_forced_pingpong_that_cannot_run_is_refused_before_launch():
             grouped_gemm.triton_grouped_mm(x, w, offsets, "ekn", path="tma")
     assert grouped_gemm.launch_counts.get("product_tma_pingpong", 0) == before.get("product_tma_pingpong", 0)
 
-
-def test_pingpong_is_used_only_with_the_triton_release_it_was_written_for():
-    if triton.__version__.startswith(grouped_gemm_pingpong.TRITON_RELEASE):
-        pytest.skip(f"this is the release the ping-pong kernel was written for ({triton.__version__})")
-    assert not grouped_gemm_pingpong._GLUON
-    assert not grouped_gemm_pingpong.available(0)

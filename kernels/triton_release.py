@@ -1,19 +1,20 @@
-"""Direct launch of a compiled Triton kernel: the host work of a call cut to what the kernel needs.
+"""Everything in ``kernels/`` that leans on one Triton release's internals, each with its generic way.
 
-Launching a compiled kernel the generic way (``compiled[grid](*args)``) costs, on every call,
-more Python than the launch needs: a closure and a runner, torch asked for the current device and
-stream, a launch-metadata dictionary for profiling hooks built and two (empty) hook chains called
-from C, two scratch allocations looked at, and every argument walked to find and expand the
-tensor descriptors. For a grouped GEMM of a small expert batch, whose kernel runs for tens of
-microseconds, that is the difference between keeping the GPU fed and not.
+Triton's public launch path costs a grouped GEMM of a small expert batch about as much host time
+as its kernel takes on the GPU, so the host side cuts it short with three tricks, each written and
+checked against one release (:data:`TRITON_RELEASE`) and used only there:
 
-:func:`launcher` returns a callable that does only what the kernel needs: it encodes the
-leading tensor descriptors with the metadata the compiler recorded and calls the compiled C
-launcher with the bound function, the tensors' device's current stream and no hooks. It exists
-for the Triton release whose launcher it was written against (:data:`TRITON_RELEASE`), where the
-kernel needs no scratch memory; anywhere else the callable launches the generic way. A launch
-hook installed later (a profiler) sends every launch back to the generic way, so hooks still see
-each one; so does :func:`generic_launch`.
+``tma_descriptor``        a host TMA descriptor built without ``TensorDescriptor``'s constructor
+                          checks (the caller has checked the layout); generic way: the constructor.
+``launcher``              a compiled kernel launched by calling its C launcher directly, with the
+                          descriptors encoded from the metadata the compiler recorded, the device's
+                          current stream and no hooks; generic way: ``compiled[grid](*args)``.
+``GLUON``                 whether the ping-pong kernel (``kernels.grouped_gemm_pingpong``), written
+                          in Gluon, Triton's experimental dialect whose API moves between releases,
+                          can be defined; generic way: the pipelined kernel.
+
+On any other release each falls back to its generic way; ``tests/kernels/test_triton_release.py``
+checks that each trick and its generic way agree.
 """
 
 from __future__ import annotations
@@ -23,12 +24,66 @@ import contextlib
 import torch
 import triton
 
+__all__ = ["TRITON_RELEASE", "PINNED", "GLUON", "TensorDescriptor", "tma_descriptor", "unchecked_descriptor",
+           "launcher", "generic_launch"]
+
 TRITON_RELEASE = "3.6."
+PINNED = triton.__version__.startswith(TRITON_RELEASE)
+
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: portable kernels only
+    TensorDescriptor = None
 
 try:
     from triton import knobs as _knobs
 except ImportError:  # pragma: no cover - older Triton: no knobs, no direct launch
     _knobs = None
+
+
+def _gluon_hopper_importable() -> bool:
+    try:
+        import triton.experimental.gluon.language.nvidia.hopper  # noqa: F401
+        import triton.experimental.gluon.nvidia.hopper  # noqa: F401
+    except ImportError:  # a build of the release without Gluon
+        return False
+    return True
+
+
+GLUON = PINNED and _gluon_hopper_importable()
+
+
+# ----------------------------------------------------------------------------------------------
+# Host TMA descriptors
+# ----------------------------------------------------------------------------------------------
+
+
+def unchecked_descriptor(base: torch.Tensor, shape, strides, block_shape):
+    """``TensorDescriptor(base, shape, strides, block_shape)`` without the constructor's checks,
+    which cost about a microsecond a descriptor, three a product launch. Every caller has checked
+    the layout rules (16-byte aligned base and row stride, unit last stride, non-empty shape),
+    and every block shape comes from the kernels' configurations."""
+    descriptor = object.__new__(TensorDescriptor)
+    descriptor.base, descriptor.shape, descriptor.strides = base, shape, strides
+    descriptor.block_shape, descriptor.padding = block_shape, "zero"
+    return descriptor
+
+
+# The host TMA descriptor the launches build: unchecked under the pinned release, where its
+# fields are known to be the constructor's; the constructor itself elsewhere.
+tma_descriptor = unchecked_descriptor if PINNED else TensorDescriptor
+
+
+# ----------------------------------------------------------------------------------------------
+# Direct launch of a compiled kernel
+# ----------------------------------------------------------------------------------------------
+#
+# The generic launch, ``compiled[grid](*args)``, costs on every call more Python than the launch
+# needs: a closure and a runner, torch asked for the current device and stream, a launch-metadata
+# dictionary for profiling hooks built and two (empty) hook chains called from C, two scratch
+# allocations looked at, and every argument walked to find and expand the tensor descriptors. A
+# launch hook installed later (a profiler) sends every launch back to the generic way, so hooks
+# still see each one; so does generic_launch().
 
 
 def _closure(function) -> dict:
@@ -100,7 +155,7 @@ def _direct_entry(compiled, descriptor_count: int):
     """The compiled C launcher of ``compiled`` and an encoder per descriptor argument, or
     ``(None, None)`` where the launch cannot be made directly (another Triton release, the
     interpreter, scratch memory, a launcher of another shape)."""
-    if _knobs is None or not triton.__version__.startswith(TRITON_RELEASE) or not hasattr(compiled, "packed_metadata"):
+    if _knobs is None or not PINNED or not hasattr(compiled, "packed_metadata"):
         return None, None
     launcher_object = compiled.run  # loads the binary on first access
     if launcher_object.global_scratch_size or launcher_object.profile_scratch_size:

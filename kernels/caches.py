@@ -1,0 +1,52 @@
+"""What the grouped GEMM host side remembers between calls, in one object that :meth:`clear` empties.
+
+A grouped GEMM of a small expert batch runs for tens of microseconds, so the host work of a call
+must be a few dictionary look-ups: everything that can be worked out once is kept here, keyed by
+what it depends on. Each entry is valid for as long as the process runs, so nothing here needs
+clearing for correctness; :meth:`GroupedGemmCaches.clear` is for tests and benchmarks that want a
+first call again, and for freeing what a process no longer needs. Triton's own caches (its JIT's
+compiled kernels, its autotuners' choices) are Triton's and are not cleared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["GroupedGemmCaches", "CACHES"]
+
+
+@dataclasses.dataclass(eq=False)
+class GroupedGemmCaches:
+    # Launch plans by operand layout (strides, widths, groups, dtype, device, alignment): see
+    # kernels.grouped_gemm._Plan.
+    plans: dict = dataclasses.field(default_factory=dict)
+    # (kernel, problem key) -> the triton.Config its autotuner chose for that problem.
+    tuned: dict = dataclasses.field(default_factory=dict)
+    # (kernel, problem key, specialization) -> (config, launch, trailing constexprs): the compiled
+    # kernel of that configuration, ready to launch (kernels.triton_release.launcher).
+    compiled: dict = dataclasses.field(default_factory=dict)
+    # TMA product problem key -> the schedule ("pipelined" or "pingpong") that "auto" timed faster.
+    schedules: dict = dataclasses.field(default_factory=dict)
+    # Ping-pong problem key -> the compiled ping-pong kernel's launch.
+    pingpong: dict = dataclasses.field(default_factory=dict)
+
+    # Plans are bounded by the distinct layer shapes of a model; a caller that somehow produces
+    # more starts over rather than growing without bound.
+    MAX_PLANS = 4096
+
+    def remember_plan(self, key, plan):
+        if len(self.plans) >= self.MAX_PLANS:
+            self.plans.clear()
+        self.plans[key] = plan
+        return plan
+
+    def clear(self) -> None:
+        """Forget everything: the next call of each problem takes the first call's way again (a
+        new plan, the autotuner and the JIT asked, which answer from Triton's own caches where
+        they can, and under "auto" the TMA product's schedules timed). Each cache is emptied in
+        place, so references held elsewhere stay valid."""
+        for field in dataclasses.fields(self):
+            getattr(self, field.name).clear()
+
+
+CACHES = GroupedGemmCaches()
