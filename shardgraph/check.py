@@ -31,17 +31,22 @@ def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def parity_errors(program, model: torch.nn.Module, inputs, loss_fn, learning_rate: float = 0.1):
-    """Relative errors of the simulated program against ``model`` run eagerly; and the step result."""
+    """Relative errors of the simulated program against ``model`` run eagerly; and the step result.
+
+    Only trainable parameters (``program.gradient_names``) have gradients and take the SGD step;
+    frozen ones (``requires_grad=False``) are inputs that stay as they are.
+    """
     parameters = dict(model.named_parameters())
+    trainable = list(program.gradient_names)
     loss = loss_fn(model(*inputs), *inputs)
-    gradients = dict(zip(parameters, torch.autograd.grad(loss, list(parameters.values()))))
+    gradients = dict(zip(trainable, torch.autograd.grad(loss, [parameters[name] for name in trainable])))
     full = {name: p.detach() for name, p in parameters.items()}
     result = program.run_simulated(full, inputs)
     gradient_errors = {name: _relative(result.gradients[name], g) for name, g in gradients.items()}
     weights_error = 0.0
     mesh = program.mesh
-    for name, value in full.items():
-        sharding = program.parameter_sharding(name)
+    for name in trainable:
+        value, sharding = full[name], program.parameter_sharding(name)
         # Each rank steps its own piece with its own gradient piece; then the pieces are rebuilt.
         pieces = [shard(value, sharding, mesh, r) - learning_rate * shard(result.gradients[name], sharding, mesh, r)
                   for r in mesh.ranks]

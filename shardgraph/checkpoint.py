@@ -15,7 +15,18 @@ graph's parameter names:
 
 Every key and shape is checked before any rank reads a byte: a missing key, or one of the wrong
 shape, is an error naming the key and both shapes. ``save_checkpoint`` assembles the pieces on
-one rank and writes them back under the keys they were loaded from (bit-exact round trip).
+one rank and writes them back under the keys they were loaded from (bit-exact round trip),
+with the model's persistent buffers (a router's ``expert_bias``; ``load_buffers`` reads them
+back). Saving refuses, naming what it found:
+
+* replicas that differ between ranks (a replicated parameter whose copies diverged), unless
+  ``keep="rank0"`` says to write the copy of the lowest ranks and drop the others;
+* a directory that holds another layout: an HF sharded index (``model.safetensors.index.json``,
+  which ``CheckpointIndex`` reads before ``model.safetensors``, so the old shards would be
+  loaded back), shard files, or a ``model.safetensors`` with other keys, shapes or dtypes.
+
+The file is written under a temporary name in the same directory and renamed over the old one
+(``os.replace``), so a crash mid-write leaves the previous checkpoint whole.
 
 DTensor: ``to_dtensor`` wraps a local piece as a DTensor on a DeviceMesh laid out like the
 mesh view, for torch.distributed.checkpoint; ``InterleavedShard`` has no DTensor form and is
@@ -41,6 +52,7 @@ __all__ = [
     "LoadPlan",
     "plan_load",
     "load_local",
+    "load_buffers",
     "save_checkpoint",
     "shard_optimizer_state",
     "to_dtensor",
@@ -237,16 +249,106 @@ def _assemble(blocks, counts):
     return build([], 0).contiguous()
 
 
+def _diverged_ranks(pieces_by_rank, name: str, sharding: Sharding, mesh: MeshSpec) -> list[tuple[int, int]]:
+    """``(rank, origin)`` for every rank whose replica differs from the lowest rank holding the same piece."""
+    from .runtime.guards import same_bits
+
+    replicate_axes = [axis for axis in sharding.view if sharding.placement(axis).is_replicate()]
+    diverged = []
+    for rank in mesh.ranks:
+        coordinates = mesh.coords(rank)
+        if not any(coordinates[axis] for axis in replicate_axes):
+            continue
+        origin = mesh.rank_of(**{a: (0 if a in replicate_axes else coordinates[a]) for a in sharding.view})
+        if not same_bits(pieces_by_rank[rank][name], pieces_by_rank[origin][name]):
+            diverged.append((rank, origin))
+    return diverged
+
+
+def _layout(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
+    return {key: (tuple(t.shape), str(t.dtype).replace("torch.", "")) for key, t in tensors.items()}
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _written_layout(path: str) -> dict[str, tuple]:
+    """Keys, shapes and dtypes of a safetensors file, read from its header alone."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    return {key: (tuple(entry["shape"]), _SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"]))
+            for key, entry in header.items() if key != "__metadata__"}
+
+
+def _refuse_other_layout(directory: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse to write beside a checkpoint of another layout: loading would read the old one, or a mix."""
+    if not os.path.isdir(directory):
+        return
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        raise CheckpointError(
+            f"{directory} holds a sharded checkpoint ({os.path.basename(index)}); a model.safetensors written beside "
+            f"it would never be read (the index is read first): save into an empty directory")
+    shards = sorted(name for name in os.listdir(directory)
+                    if name.endswith(".safetensors") and name != "model.safetensors")
+    if shards:
+        raise CheckpointError(f"{directory} holds other safetensors files {shards[:4]}; save into an empty directory "
+                              f"rather than mix two checkpoints")
+    existing = os.path.join(directory, "model.safetensors")
+    if os.path.exists(existing):
+        old, new = _written_layout(existing), _layout(tensors)
+        if old != new:
+            differences = [f"{key!r} {old.get(key, 'absent')} -> {new.get(key, 'absent')}"
+                           for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+            raise CheckpointError(
+                f"{existing} is a checkpoint of another layout ({len(differences)} keys differ: "
+                f"{'; '.join(differences[:4])}{' ...' if len(differences) > 4 else ''}); overwriting it would replace "
+                f"another model's checkpoint: save into an empty directory or remove it first")
+
+
+def _write_atomically(tensors: Mapping[str, torch.Tensor], path: str) -> None:
+    """Write to a temporary name in the same directory, flush it to disk, then rename over ``path``."""
+    from safetensors.torch import save_file
+
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        save_file(dict(tensors), temporary, metadata={"format": "pt"})
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 def save_checkpoint(pieces_by_rank: Sequence[Mapping[str, torch.Tensor]], program, directory: str,
-                    plan: LoadPlan | None = None) -> str:
+                    plan: LoadPlan | None = None, *, keep: str | None = None,
+                    buffers: Mapping[str, torch.Tensor] | None = None) -> str:
     """Assemble full tensors from every rank's pieces and write one safetensors file.
 
     With the ``plan`` a checkpoint was loaded with, keys are written as they were read
-    (per-expert keys split back out), so loading what was saved gives identical tensors.
+    (per-expert keys split back out), so loading what was saved gives identical tensors. The
+    program's persistent buffers are written too, from ``buffers`` (full tensors by name) or
+    else the program's ``default_buffers``. Replicas that differ between ranks are refused,
+    naming the parameter and the ranks, unless ``keep="rank0"``: then the copy of the lowest
+    ranks (coordinate 0 on every replicated axis; rank 0's where rank 0 holds one) is written.
     """
-    from safetensors.torch import save_file
-
+    if keep not in (None, "rank0"):
+        raise ValueError(f"save_checkpoint: keep must be None (refuse diverged replicas) or 'rank0', got {keep!r}")
     mesh = program.mesh
+    if keep is None:
+        diverged = []
+        for name in program.parameter_names:
+            for rank, origin in _diverged_ranks(pieces_by_rank, name, program.parameter_sharding(name), mesh):
+                diverged.append(f"parameter {name!r}: rank {rank}'s replica differs from rank {origin}'s")
+        if diverged:
+            raise CheckpointError(
+                f"replicas that should be identical differ ({len(diverged)} found):\n  " + "\n  ".join(diverged[:8])
+                + ("\n  ..." if len(diverged) > 8 else "")
+                + "\npass keep='rank0' to save the lowest ranks' copies, or find why the ranks diverged")
     tensors: dict[str, torch.Tensor] = {}
     for name in program.parameter_names:
         sharding = program.parameter_sharding(name)
@@ -263,10 +365,41 @@ def save_checkpoint(pieces_by_rank: Sequence[Mapping[str, torch.Tensor]], progra
             for expert, (gate, up) in enumerate(source.keys):
                 tensors[gate] = full[expert, :half].contiguous()
                 tensors[up] = full[expert, half:].contiguous()
+    buffers = program.default_buffers if buffers is None else buffers
+    missing = [name for name in program.persistent_buffer_names if name not in buffers]
+    if missing:
+        raise CheckpointError(f"save_checkpoint needs the persistent buffers {missing[:4]}; pass buffers={{name: tensor}}")
+    for name in program.persistent_buffer_names:
+        if name in tensors:
+            raise CheckpointError(f"buffer {name!r} has the name of a parameter key already written")
+        tensors[name] = buffers[name].detach().contiguous()
+    _refuse_other_layout(directory, tensors)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "model.safetensors")
-    save_file(tensors, path)
+    _write_atomically(tensors, path)
     return path
+
+
+def load_buffers(path_or_index, program, rank: int | None = None) -> dict[str, torch.Tensor]:
+    """The program's persistent buffers from a checkpoint: full tensors, or ``rank``'s pieces.
+
+    Every buffer is checked before any is read; a missing key or another shape is an error.
+    """
+    index = path_or_index if isinstance(path_or_index, CheckpointIndex) else CheckpointIndex(path_or_index)
+    problems = []
+    for name in program.persistent_buffer_names:
+        expected = tuple(program.traced.buffer_shapes[name])
+        if name not in index.shapes:
+            problems.append(f"buffer {name!r} is missing")
+        elif index.shapes[name] != expected:
+            problems.append(f"key {name!r} has shape {index.shapes[name]}, buffer {name!r} needs {expected}")
+    if problems:
+        raise CheckpointError("checkpoint does not hold the model's persistent buffers:\n  " + "\n  ".join(problems))
+    full = {name: index.read(name, ()) for name in program.persistent_buffer_names}
+    if rank is None:
+        return full
+    return {name: shard(value, program.buffer_sharding(name), program.mesh, rank, name=name)
+            for name, value in full.items()}
 
 
 def shard_optimizer_state(state: Mapping[str, Mapping[str, torch.Tensor]], program, rank: int):

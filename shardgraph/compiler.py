@@ -37,19 +37,68 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     batch_sharding=None,
     link=None,
     replicate_fallback: bool = False,
+    optimizer=None,
+    clip_grad_norm: float | None = None,
 ) -> ShardedProgram:
-    """Compile ``model`` for ``mesh``; see ``ShardedProgram`` for what comes back."""
+    """Compile ``model`` for ``mesh``; see ``ShardedProgram`` for what comes back.
+
+    With an ``optimizer`` (``shardgraph.optim.SGD`` / ``AdamW``) the program is the whole
+    training step, a ``TrainingProgram``: the update, the gradient norm and the clipping
+    (``clip_grad_norm``) are nodes of the graph, placed and lowered like the rest."""
     if not isinstance(mesh, MeshSpec):
         raise TypeError(f"mesh must be a shardgraph.MeshSpec, got {type(mesh).__name__}")
     if mesh.pp != 1:
         raise NotImplementedError(f"pipeline parallelism is not compiled yet (mesh has pp={mesh.pp})")
-    traced = trace(model, tuple(example_inputs), loss_fn)
+    _refuse_empty_batch(model, tuple(example_inputs))
+    traced = trace(model, tuple(example_inputs), loss_fn, optimizer=optimizer, clip_grad_norm=clip_grad_norm)
+    _refuse_empty_values(traced)
     program = compile_traced(traced, mesh, plan, batch_sharding=batch_sharding, link=link,
                              replicate_fallback=replicate_fallback)
     # Buffers (rotary tables, running statistics) are state, not batch: the program keeps the
-    # model's own unless a call passes others.
+    # model's own unless a call passes others. Checkpoints hold the persistent ones only, as
+    # the model's state_dict does.
     program.default_buffers = {name: buffer.detach() for name, buffer in model.named_buffers()}
+    persistent = set(model.state_dict(keep_vars=True))
+    program.persistent_buffer_names = [name for name in program.buffer_names if name in persistent]
     return program
+
+
+def _refuse_empty_batch(model: torch.nn.Module, example_inputs: tuple) -> None:
+    """An example input with a zero-size dim compiles to a program with no rows to split or
+    count; placement rules assume at least one element per dim, so refuse it here, by name."""
+    from .frontend.trace import _input_names
+
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    if len(tensors) != len(example_inputs):
+        return  # trace names the input that is not a tensor
+    for name, tensor in zip(_input_names(model, len(tensors), None), tensors):
+        if tensor.numel() == 0:
+            dims = [d for d, size in enumerate(tensor.shape) if size == 0]
+            raise ValueError(f"compile: batch input {name!r} has shape {tuple(tensor.shape)}, empty along dim "
+                             f"{dims[0]}; a program is compiled for a non-empty batch (every dim at least 1)")
+
+
+def _refuse_empty_values(traced) -> None:
+    """A value computed from the batch that has no elements (a next-token loss on sequences of
+    length 1 keeps ``seq - 1 = 0`` positions) leaves the loss an average over nothing, and no
+    placement rule splits a zero-size dim: refuse it with the op and the model's source line."""
+    from . import meta
+    from .meta import InputKind
+
+    from_batch = {node for node, _ in meta.graph_inputs(traced.graph_module.graph, InputKind.INPUT)}
+    for node in traced.graph_module.graph.nodes:
+        if node.op != "call_function" or not any(source in from_batch for source in node.all_input_nodes):
+            continue
+        from_batch.add(node)
+        value = meta.tensor_value(node)
+        if value is not None and value.numel() == 0:
+            shapes = ", ".join(f"{name!r} {shape}" for name, shape in traced.input_shapes.items())
+            source = meta.source_line(node)
+            where = "in the model or its loss_fn" if source.startswith("(") else f"at {source}"
+            raise ValueError(
+                f"compile: {node.name} ({node.target}) {where} is empty (shape "
+                f"{tuple(value.shape)}) for the batch {shapes}: the loss would count zero positions "
+                f"(a next-token loss needs sequences of length 2 or more); compile for a longer batch")
 
 
 def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None, *, batch_sharding=None, link=None,
@@ -57,4 +106,8 @@ def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None
     """The passes after tracing, for a graph traced already (``shardgraph.frontend.trace``)."""
     options = CompileOptions(mesh, plan, batch_sharding, link, replicate_fallback)
     compiled = run_pipeline(traced.graph_module, options)
+    if getattr(traced, "optimizer", None) is not None:
+        from .training import TrainingProgram
+
+        return TrainingProgram(traced, compiled.placed, compiled.lowered, mesh)
     return ShardedProgram(traced, compiled.placed, compiled.lowered, mesh)

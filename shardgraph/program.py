@@ -4,12 +4,18 @@
 value) and the lowered graph, one fx GraphModule that every rank runs with its own communicator.
 It shards full parameters and batches into per-rank pieces, runs all ranks in the simulator or
 this rank under torch.distributed, and reassembles full gradients for checking.
+
+Every way in refuses a batch of another count, shape or dtype than the one compiled, naming the
+input, before any work (a lowered graph's shapes are fixed). ``run`` checks on the first step
+that every rank runs the same program and that replicated values agree; ``run_simulated``
+refuses a non-finite loss or gradient, and with ``debug=True`` (or ``SHARDGRAPH_DEBUG=1``) both
+name the first node whose value became NaN or inf. ``docs/runtime.md`` lists the guards.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch.fx import GraphModule
@@ -17,10 +23,26 @@ from torch.fx import GraphModule
 from . import meta
 from .mesh import MeshSpec
 from .meta import InputKind
-from .placement import Sharding, shard, unshard
+from .placement import Sharding, local_shape, shard, unshard
+from .runtime.guards import (
+    NonFiniteError,
+    NonFiniteLocator,
+    ProgramMismatchError,
+    check_replicas,
+    debug_enabled,
+    describe_first_nonfinite,
+    fingerprint_mismatch,
+    nonfinite_inputs,
+    program_fingerprint,
+    same_bits,
+)
 from .runtime.simulate import Simulator
 
-__all__ = ["ShardedProgram", "StepResult"]
+__all__ = ["BatchError", "ShardedProgram", "StepResult"]
+
+
+class BatchError(ValueError):
+    """A batch that is not the one the program was compiled for (count, shape or dtype)."""
 
 
 @dataclass
@@ -45,7 +67,17 @@ class ShardedProgram:
         self.buffer_names = list(getattr(traced, "buffer_names", []))
         self.input_names = list(getattr(traced, "input_names", []))
         self.default_buffers: dict[str, torch.Tensor] = {}
+        # The buffers a checkpoint holds: compile() keeps the model's persistent ones (a router's
+        # expert_bias, not a rotary table); a program built from a traced graph keeps them all.
+        self.persistent_buffer_names = list(self.buffer_names)
         self._sharding_of_input = {(record.kind, record.name): meta.sharding(node) for node, record in inputs[1:]}
+        self._input_dtypes = {record.name: meta.value(node).dtype
+                              for node, record in meta.graph_inputs(traced.graph_module.graph, InputKind.INPUT)}
+        # run(): ranks of this process whose first step was checked, and whether the ranks were
+        # found to run the same program.
+        self._checked_ranks: set[int] = set()
+        self._program_checked = False
+        self._communicator = None
 
     # ------------------------------------------------------------------ shardings
     def parameter_sharding(self, name: str) -> Sharding:
@@ -53,6 +85,38 @@ class ShardedProgram:
 
     def input_sharding(self, name: str) -> Sharding:
         return self._sharding_of_input[(InputKind.INPUT, name)]
+
+    def buffer_sharding(self, name: str) -> Sharding:
+        return self._sharding_of_input[(InputKind.BUFFER, name)]
+
+    def input_shape(self, name: str, local: bool = False) -> tuple[int, ...]:
+        """The compiled shape of batch input ``name``: global, or one rank's piece (``local``)."""
+        shape = tuple(self.traced.input_shapes[name])
+        return tuple(local_shape(shape, self.input_sharding(name), self.mesh, name=name)) if local else shape
+
+    def check_batch(self, batch: Sequence[torch.Tensor], local: bool = False, where: str = "the program") -> None:
+        """Refuse a batch whose count, shapes or dtypes differ from the compiled ones, naming the input.
+
+        Every shape in the lowered graph is fixed at compile time (views, splits, local sizes), so
+        another batch shape would fail deep inside torch or, worse, run with wrong sizes.
+        """
+        if len(batch) != len(self.input_names):
+            raise BatchError(f"{where}: the program takes {len(self.input_names)} batch tensors {self.input_names}, "
+                             f"got {len(batch)}")
+        for name, tensor in zip(self.input_names, batch):
+            if not isinstance(tensor, torch.Tensor):
+                raise BatchError(f"{where}: batch input {name!r} is a {type(tensor).__name__}, not a tensor")
+            expected = self.input_shape(name, local)
+            if tuple(tensor.shape) != expected:
+                piece = (f"this rank's piece of the global {self.input_shape(name)} under "
+                         f"{self.input_sharding(name)!r}" if local else "the global batch")
+                raise BatchError(
+                    f"{where}: batch input {name!r} has shape {tuple(tensor.shape)}, but the program was compiled "
+                    f"for {expected} ({piece}); compile again for this shape, or pad the batch to it")
+            dtype = self._input_dtypes.get(name)
+            if dtype is not None and tensor.dtype != dtype:
+                raise BatchError(f"{where}: batch input {name!r} has dtype {tensor.dtype}, but the program was "
+                                 f"compiled for {dtype}")
 
     def local_parameters(self, rank: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's pieces of a full state dict (parameters by their model names)."""
@@ -65,8 +129,8 @@ class ShardedProgram:
         }
 
     def local_batch(self, rank: int, batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if len(batch) != len(self.input_names):
-            raise ValueError(f"the program takes {len(self.input_names)} batch tensors {self.input_names}, got {len(batch)}")
+        """This rank's pieces of the global batch (checked against the compiled shapes first)."""
+        self.check_batch(batch, where="local_batch")
         return [shard(t, self.input_sharding(name), self.mesh, rank, name=name) for name, t in zip(self.input_names, batch)]
 
     def _local_buffers(self, rank: int, buffers: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -94,36 +158,66 @@ class ShardedProgram:
 
     # ------------------------------------------------------------------ execution
     def step(self, comm, parameters: Mapping[str, torch.Tensor], batch: Sequence[torch.Tensor],
-             buffers: Mapping[str, torch.Tensor] | None = None):
-        """One rank's step on its local pieces: ``(loss, {name: local gradient})``."""
-        buffers = buffers or {}
+             buffers: Mapping[str, torch.Tensor] | None = None, graph=None):
+        """One rank's step on its local pieces: ``(loss, {name: local gradient})``.
+
+        Without ``buffers`` the rank's pieces of the model's own (``default_buffers``) are used.
+        ``graph`` runs the lowered graph another way (a ``NonFiniteLocator``'s ``run``).
+        """
+        if buffers is None:
+            rank = comm.rank if comm is not None else 0
+            buffers = dict(zip(self.buffer_names, self._local_buffers(rank, self.default_buffers)))
         args = [parameters[n] for n in self.parameter_names] + [buffers[n] for n in self.buffer_names] + list(batch)
-        outputs = self.graph_module(comm, *args)
+        outputs = (graph or self.graph_module)(comm, *args)
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         if not getattr(self.traced, "has_loss", True):
             return outputs
         return outputs[0], dict(zip(self.gradient_names, outputs[1:]))
 
+    def _named_inputs(self, parameters, buffers, batch):
+        """``(label, tensor)`` of every input of a step, for the non-finite checks."""
+        return ([(f"parameter {n!r}", parameters[n]) for n in self.parameter_names]
+                + [(f"buffer {n!r}", buffers[n]) for n in self.buffer_names]
+                + [(f"batch input {n!r}", t) for n, t in zip(self.input_names, batch)])
+
     def run_simulated(self, parameters: Mapping[str, torch.Tensor], batch: Sequence[torch.Tensor],
-                      buffers: Mapping[str, torch.Tensor] | None = None) -> StepResult:
+                      buffers: Mapping[str, torch.Tensor] | None = None, debug: bool | None = None) -> StepResult:
         """Every rank in one process, from full parameters and the global batch.
 
         Returns the loss (identical on every rank; checked) and full gradients rebuilt from the
-        ranks' pieces (replicas checked bit-identical).
+        ranks' pieces (replicas checked bit-identical). A non-finite loss or gradient raises
+        ``NonFiniteError`` naming the inputs that hold NaN or inf; with ``debug`` (default:
+        ``SHARDGRAPH_DEBUG``) inputs are checked before the step and every rank runs the graph
+        node by node, so the error names the rank, node and source line of the first NaN or inf.
         """
+        debug = debug_enabled(debug)
+        self.check_batch(batch, where="run_simulated")
         buffers = buffers if buffers is not None else self.default_buffers
         missing = [n for n in self.buffer_names if n not in buffers]
         if missing:
             raise KeyError(f"run_simulated needs the buffers {missing[:4]}; pass buffers={{name: tensor}}")
+        if debug:
+            problems = nonfinite_inputs(self._named_inputs(parameters, buffers, batch))
+            if problems:
+                raise NonFiniteError("run_simulated: inputs are not finite before the step:\n  " + "\n  ".join(problems))
         simulator = Simulator(self.mesh)
         per_rank = []
         for rank in self.mesh.ranks:
             local_buffers = dict(zip(self.buffer_names, self._local_buffers(rank, buffers))) if self.buffer_names else {}
             per_rank.append((self.local_parameters(rank, parameters), self.local_batch(rank, batch), local_buffers))
-        results = simulator.run(lambda comm, p, b, buf: self.step(comm, p, b, buf), per_rank)
+        locators: dict[int, NonFiniteLocator] = {}
+
+        def rank_step(comm, p, b, buf):
+            if not debug:
+                return self.step(comm, p, b, buf)
+            locators[comm.rank] = NonFiniteLocator(self.graph_module)
+            return self.step(comm, p, b, buf, graph=locators[comm.rank].run)
+
+        results = simulator.run(rank_step, per_rank)
         losses = [r[0] for r in results]
         for rank, loss in enumerate(losses):
-            if not torch.equal(loss, losses[0]):
+            # Bitwise, NaN included: a NaN loss on every rank is one NaN, not a disagreement.
+            if not same_bits(loss, losses[0]):
                 raise AssertionError(f"rank {rank} computed loss {loss.item()} but rank 0 computed {losses[0].item()}")
         gradients = {}
         for name in self.gradient_names:
@@ -131,7 +225,30 @@ class ShardedProgram:
             gradients[name] = unshard(pieces, self.parameter_sharding(name), self.mesh,
                                       global_shape=tuple(parameters[name].shape), name=f"gradient of {name}",
                                       check_replicas=True)
+        not_finite = [name for name, g in gradients.items() if not bool(torch.isfinite(g).all())]
+        if not bool(torch.isfinite(losses[0]).all()) or not_finite:
+            findings = {rank: locator.first for rank, locator in locators.items()} if debug else None
+            raise NonFiniteError(self._nonfinite_message(
+                "run_simulated", losses[0], not_finite, nonfinite_inputs(self._named_inputs(parameters, buffers, batch)),
+                findings))
         return StepResult(losses[0], gradients, simulator)
+
+    @staticmethod
+    def _nonfinite_message(where, loss, gradient_names, input_problems, findings) -> str:
+        parts = [f"{where}: the loss is {loss.item()}" if not bool(torch.isfinite(loss).all())
+                 else f"{where}: the loss is finite ({loss.item():.6g})"]
+        if gradient_names:
+            shown = ", ".join(repr(n) for n in gradient_names[:6]) + (" ..." if len(gradient_names) > 6 else "")
+            parts.append(f"the gradients of {len(gradient_names)} parameters are not finite ({shown})")
+        lines = ["; ".join(parts)]
+        if input_problems:
+            lines.append("inputs that were not finite before the step: " + "; ".join(input_problems[:6]))
+        if findings is not None:
+            lines.append(describe_first_nonfinite(findings))
+        else:
+            lines.append(f"run with debug=True (or SHARDGRAPH_DEBUG=1) to find the node and source line where the "
+                         f"first NaN or inf appeared")
+        return "\n  ".join(lines)
 
     def single_device_step(self, compile: str | None = None):
         """``step(parameters, batch, buffers=None) -> (loss, {name: gradient})`` for a world=1 program.
@@ -160,9 +277,7 @@ class ShardedProgram:
             missing += [n for n in self.buffer_names if n not in buffers]
             if missing:
                 raise KeyError(f"single_device_step lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-            if len(batch) != len(self.input_names):
-                raise ValueError(f"the program takes {len(self.input_names)} batch tensors {self.input_names}, "
-                                 f"got {len(batch)}")
+            self.check_batch(batch, where="single_device_step")
             arguments = [parameters[n] for n in self.parameter_names] + [buffers[n] for n in self.buffer_names]
             if compile == "cudagraph":
                 # Static addresses: the replay reads these in place instead of copying them in.
@@ -176,12 +291,91 @@ class ShardedProgram:
         return step
 
     def run(self, parameters_local: Mapping[str, torch.Tensor], batch_local: Sequence[torch.Tensor],
-            buffers_local: Mapping[str, torch.Tensor] | None = None, communicator=None):
-        """This rank's step under torch.distributed (initialised by torchrun or ``spawn_gloo``)."""
+            buffers_local: Mapping[str, torch.Tensor] | None = None, communicator=None, *,
+            check: bool | None = None, debug: bool | None = None):
+        """This rank's step under torch.distributed (initialised by torchrun or ``spawn_gloo``).
+
+        ``batch_local`` is this rank's piece (``local_batch``); without ``buffers_local`` the
+        rank's pieces of the model's own buffers are used. On the first step (``check=None``;
+        ``True`` checks again, ``False`` never) every rank checks that all run the same program
+        and that replicated parameters and buffers agree across their groups. With ``debug``
+        (default: ``SHARDGRAPH_DEBUG``) a NaN or inf in an input, the loss or a gradient raises
+        ``NonFiniteError`` on every rank, naming the first node that produced one. ``debug`` must
+        be the same on every rank: it adds collectives.
+        """
+        debug = debug_enabled(debug)
+        self.check_batch(batch_local, local=True, where="run")
         if communicator is None:
             from .runtime.distributed import DistributedCommunicator
 
-            if getattr(self, "_communicator", None) is None:
+            if self._communicator is None:
+                # Before the communicator creates process groups: ranks running another program
+                # would create other groups and hang there.
+                self._check_same_program(debug)
                 self._communicator = DistributedCommunicator(self.mesh)
             communicator = self._communicator
+        rank = communicator.rank
+        if buffers_local is None:
+            buffers_local = dict(zip(self.buffer_names, self._local_buffers(rank, self.default_buffers)))
+        missing = [n for n in self.parameter_names if n not in parameters_local]
+        missing += [n for n in self.buffer_names if n not in buffers_local]
+        if missing:
+            raise KeyError(f"run on rank {rank} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if check or (check is None and rank not in self._checked_ranks):
+            if self._distributed(communicator):
+                self._check_same_program(debug)
+            check_replicas(communicator, [(f"parameter {n!r}", parameters_local[n], self.parameter_sharding(n))
+                                          for n in self.parameter_names]
+                           + [(f"buffer {n!r}", buffers_local[n], self.buffer_sharding(n)) for n in self.buffer_names])
+            self._checked_ranks.add(rank)
+        if debug:
+            return self._run_debug(communicator, parameters_local, batch_local, buffers_local)
         return self.step(communicator, parameters_local, batch_local, buffers_local)
+
+    @staticmethod
+    def _distributed(communicator) -> bool:
+        from .runtime.distributed import DistributedCommunicator
+
+        return isinstance(communicator, DistributedCommunicator)
+
+    def _check_same_program(self, debug: bool) -> None:
+        """Every rank's fingerprint (and debug flag) gathered once; ``ProgramMismatchError`` if any differs."""
+        if self._program_checked:
+            return
+        import torch.distributed as dist
+
+        from .runtime.distributed import gather_objects
+
+        mine = {**program_fingerprint(self), "debug": "on" if debug else "off"}
+        found = fingerprint_mismatch(gather_objects(mine, "the start-up program check"))
+        if found:
+            raise ProgramMismatchError(f"rank {dist.get_rank()}: {found}")
+        self._program_checked = True
+
+    def _run_debug(self, comm, parameters, batch, buffers):
+        """``step`` node by node; non-finite inputs, loss or gradients raise on every rank, named."""
+        distributed = self._distributed(comm)
+
+        def everyone(local, what):
+            # The ranks agree on the verdict, so all raise together rather than some hanging.
+            if not distributed:
+                return {comm.rank: local}
+            from .runtime.distributed import gather_objects
+
+            return dict(enumerate(gather_objects(local, what)))
+
+        problems = everyone(nonfinite_inputs(self._named_inputs(parameters, buffers, batch)), "the debug input check")
+        if any(problems.values()):
+            lines = [f"rank {r}: {p}" for r, items in sorted(problems.items()) for p in items]
+            raise NonFiniteError(f"rank {comm.rank}: inputs are not finite before the step:\n  " + "\n  ".join(lines))
+        locator = NonFiniteLocator(self.graph_module)
+        loss, gradients = self.step(comm, parameters, batch, buffers, graph=locator.run)
+        local = {"loss": bool(torch.isfinite(loss).all()),
+                 "gradients": [n for n, g in gradients.items() if not bool(torch.isfinite(g).all())],
+                 "first": locator.first}
+        verdicts = everyone(local, "the debug non-finite check")
+        if any(not v["loss"] or v["gradients"] for v in verdicts.values()):
+            bad = sorted({n for v in verdicts.values() for n in v["gradients"]})
+            raise NonFiniteError(self._nonfinite_message(f"run on rank {comm.rank}", loss, bad, [],
+                                                         {r: v["first"] for r, v in verdicts.items()}))
+        return loss, gradients

@@ -102,3 +102,126 @@ def test_missing_or_misshaped_keys_fail_before_anything_is_loaded(saved, tmp_pat
     message = str(info.value)
     assert "'model.layers.1.block_sparse_moe.experts.2.w3.weight' is missing" in message
     assert "'model.layers.0.self_attn.q_proj.weight' has shape (8, 32), parameter 'model.layers.0.self_attn.q_proj.weight' needs (32, 32)" in message
+
+
+# ----------------------------------------------------------------------------- safe saving
+@pytest.fixture(scope="module")
+def mixtral_program(saved):
+    model, _ = saved
+    ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(3))
+    program = sg.compile(model, sg.MeshSpec(4, tp=2, ep=2), (ids,), lm_loss)
+    full = {n: p.detach() for n, p in model.named_parameters()}
+    return program, [program.local_parameters(r, full) for r in program.mesh.ranks]
+
+
+def test_a_save_is_written_under_a_temporary_name_and_a_failed_write_leaves_the_old_checkpoint(mixtral_program,
+                                                                                               tmp_path, monkeypatch):
+    import safetensors.torch
+
+    program, pieces = mixtral_program
+    path = save_checkpoint(pieces, program, str(tmp_path))
+    before = (tmp_path / "model.safetensors").read_bytes()
+    written_to = []
+    real_save = safetensors.torch.save_file
+
+    def crash_midway(tensors, filename, metadata=None):
+        written_to.append(filename)
+        real_save(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as handle:  # a torn write: half the bytes, then the crash
+            handle.truncate(len(before) // 2)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(pieces, program, str(tmp_path))
+    assert written_to and written_to[0] != path and written_to[0].startswith(str(tmp_path))
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no temporary left behind
+
+
+def test_saving_into_a_directory_with_an_hf_sharded_index_is_refused(saved, mixtral_program, tmp_path):
+    model, _ = saved
+    program, pieces = mixtral_program
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(CheckpointError, match=r"holds a sharded checkpoint \(model.safetensors.index.json\); a "
+                                              r"model.safetensors written beside it would never be read"):
+        save_checkpoint(pieces, program, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_overwriting_a_checkpoint_of_another_layout_is_refused_and_of_the_same_layout_allowed(mixtral_program,
+                                                                                              tmp_path):
+    program, pieces = mixtral_program
+    other, other_ids = titan_with_bias()
+    other_program = sg.compile(other, sg.MeshSpec(2, ep=2), (other_ids,), lm_loss)
+    other_pieces = [other_program.local_parameters(r, {n: p.detach() for n, p in other.named_parameters()})
+                    for r in other_program.mesh.ranks]
+    save_checkpoint(other_pieces, other_program, str(tmp_path))
+    before = (tmp_path / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match=r"is a checkpoint of another layout \(\d+ keys differ: "):
+        save_checkpoint(pieces, program, str(tmp_path))
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    save_checkpoint(other_pieces, other_program, str(tmp_path))  # the next step's save of the same model
+
+
+def test_diverged_replicas_are_refused_by_name_unless_told_to_keep_rank0s(mixtral_program, tmp_path):
+    program, pieces = mixtral_program
+    name = "model.norm.weight"
+    assert program.parameter_sharding(name).is_replicated()
+    diverged = [dict(p) for p in pieces]
+    diverged[3][name] = diverged[3][name] + 1.0
+    with pytest.raises(CheckpointError, match=rf"parameter '{name}': rank 3's replica differs from rank 0's") as info:
+        save_checkpoint(diverged, program, str(tmp_path))
+    assert str(info.value).count("differs") == 1 and "keep='rank0'" in str(info.value)
+    assert not (tmp_path / "model.safetensors").exists()
+    path = save_checkpoint(diverged, program, str(tmp_path), keep="rank0")
+    assert torch.equal(CheckpointIndex(path).read(name, ()), pieces[0][name])
+
+
+# ----------------------------------------------------------------------------- persistent buffers
+def titan_with_bias(bias=None):
+    from examples.titan_model import TitanConfig, TitanMoE
+
+    torch.manual_seed(0)
+    model = TitanMoE(TitanConfig(load_balance_coeff=1e-3, num_layers=1))
+    if bias is not None:
+        model.layers[0].moe.expert_bias.copy_(bias)
+    return model, torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(4))
+
+
+def test_persistent_buffers_are_saved_and_loaded_back_and_non_persistent_ones_are_not(tmp_path):
+    from shardgraph.checkpoint import load_buffers
+
+    # A bias large enough to change which experts every token picks, so the loss shows it.
+    bias = torch.tensor([2.0, -2.0, 2.0, -2.0])
+    model, ids = titan_with_bias(bias)
+    mesh = sg.MeshSpec(2, ep=2)
+    program = sg.compile(model, mesh, (ids,), lm_loss)
+    assert program.persistent_buffer_names == ["layers.0.moe.expert_bias"]
+    full = {n: p.detach() for n, p in model.named_parameters()}
+    path = save_checkpoint([program.local_parameters(r, full) for r in mesh.ranks], program, str(tmp_path))
+    assert "layers.0.moe.expert_bias" in CheckpointIndex(path).shapes
+    assert "layers.0.moe.tokens_per_expert" not in CheckpointIndex(path).shapes
+
+    fresh, _ = titan_with_bias()  # expert_bias zero, as a model built to resume into
+    resumed = sg.compile(fresh, mesh, (ids,), lm_loss)
+    buffers = {**resumed.default_buffers, **load_buffers(path, resumed)}
+    assert torch.equal(buffers["layers.0.moe.expert_bias"], bias)
+    assert torch.equal(load_buffers(path, resumed, rank=1)["layers.0.moe.expert_bias"], bias)
+    expected = program.run_simulated(full, (ids,)).loss
+    assert torch.equal(resumed.run_simulated(full, (ids,), buffers=buffers).loss, expected)
+    assert not torch.equal(resumed.run_simulated(full, (ids,)).loss, expected)  # the bias matters
+
+
+def test_loading_buffers_from_a_checkpoint_without_them_is_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from shardgraph.checkpoint import load_buffers
+
+    model, ids = titan_with_bias()
+    program = sg.compile(model, sg.MeshSpec(2, ep=2), (ids,), lm_loss)
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"buffer 'layers.0.moe.expert_bias' is missing"):
+        load_buffers(str(tmp_path), program)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from shardgraph.placement import InterleavedShard, Partial, Replicate, Shard, interleaved
+from shardgraph.placement import InterleavedShard, Replicate, Shard, interleaved
 
 from . import AxisCandidate, register, value_of
 

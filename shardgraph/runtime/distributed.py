@@ -8,12 +8,19 @@ Every group of every axis is created up front, in the same order on every rank, 
 
 ``spawn_gloo(fn, world)`` starts ``world`` local CPU processes with a gloo group and returns each
 rank's result: the tests use it, and ``torchrun`` users call ``init_from_environment`` instead.
+
+Both take a ``timeout`` (seconds or a ``timedelta``) for the process group and every group made
+from it: a rank that stops answering then turns into an error after that long instead of a hang.
+A collective that fails is re-raised as ``CollectiveFailure`` naming its kind, axis, group and
+the members that never reached it (``guards.collective_failure``); before any group is created
+the ranks check that they were all given the same mesh (``docs/runtime.md``).
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import os
-import socket
 import tempfile
 import traceback
 from typing import Any, Callable, Sequence
@@ -22,33 +29,105 @@ import torch
 import torch.distributed as dist
 
 from ..mesh import AxisName, MeshSpec
+from .guards import CollectiveFailure, ProgramMismatchError, collective_failure, fingerprint_mismatch
 
-__all__ = ["DistributedCommunicator", "init_from_environment", "spawn_gloo"]
+__all__ = ["DistributedCommunicator", "gather_objects", "init_from_environment", "spawn_gloo"]
 
 _AXES_USED = ("tp", "dp", "ep", "etp", "edp", ("dp", "tp"), ("ep", "etp"))
+# The timeout given to init_from_environment / spawn_gloo in this process: torch's new_group
+# does not inherit the default group's timeout, so every group made here is given it again.
+_timeout: datetime.timedelta | None = None
 
 
 def _key(axis: AxisName) -> tuple:
     return (axis,) if isinstance(axis, str) else tuple(axis)
 
 
-class DistributedCommunicator:
-    """This process's rank of ``mesh`` over an initialised default process group."""
+def _as_timedelta(timeout: float | datetime.timedelta | None) -> datetime.timedelta | None:
+    if timeout is None or isinstance(timeout, datetime.timedelta):
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds or a timedelta, got {timeout!r}")
+    return datetime.timedelta(seconds=float(timeout))
 
-    def __init__(self, mesh: MeshSpec, rank: int | None = None):
+
+def _seconds(timeout: datetime.timedelta | None) -> float | None:
+    return timeout.total_seconds() if timeout is not None else None
+
+
+def _all_gather_single(funcol):
+    # all_gather_single is all_gather_tensor's newer name (torch 2.9+), which warns on the old one.
+    return getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
+def gather_objects(obj: Any, what: str, timeout: datetime.timedelta | None = None) -> list[Any]:
+    """``all_gather_object`` over every rank; a failure or timeout names ``what`` and the ranks missing."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    gathered: list[Any] = [None] * world
+    try:
+        dist.all_gather_object(gathered, obj)
+    except RuntimeError as error:
+        raise collective_failure(f"{what} (all_gather_object over all {world} ranks)", rank, range(world), error,
+                                 _seconds(timeout or _timeout)) from error
+    return gathered
+
+
+def _named_failures(kind: str):
+    """Re-raise a backend error from the collective as a ``CollectiveFailure`` naming it.
+
+    The happy path costs a counter increment: the call number tells apart the n-th all-reduce
+    of a group from the next one when ranks disagree on where they are.
+    """
+
+    def wrap(method):
+        @functools.wraps(method)
+        def guarded(self, tensor, axis, *args, **kwargs):
+            key = _key(axis)
+            self._calls[key] = self._calls.get(key, 0) + 1
+            try:
+                return method(self, tensor, axis, *args, **kwargs)
+            except CollectiveFailure:
+                raise
+            except RuntimeError as error:
+                members = self._groups[key][0] if key in self._groups else ()
+                label = axis if isinstance(axis, str) else "*".join(axis)
+                what = f"{kind} over {label} group {tuple(members)} (call #{self._calls[key]} on that group)"
+                raise collective_failure(what, self.rank, members, error, _seconds(self.timeout)) from error
+
+        return guarded
+
+    return wrap
+
+
+class DistributedCommunicator:
+    """This process's rank of ``mesh`` over an initialised default process group.
+
+    ``timeout`` (seconds or timedelta) bounds every collective of its groups; by default the one
+    given to ``init_from_environment`` / ``spawn_gloo``, else torch's default (30 minutes).
+    """
+
+    def __init__(self, mesh: MeshSpec, rank: int | None = None, timeout: float | datetime.timedelta | None = None):
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised; call init_from_environment() first")
         self.mesh = mesh
         self.rank = dist.get_rank() if rank is None else rank
         if dist.get_world_size() != mesh.world:
             raise ValueError(
-                f"the process group has {dist.get_world_size()} ranks but the mesh {mesh} needs {mesh.world}"
+                f"rank {self.rank}: the process group has {dist.get_world_size()} ranks but the mesh {mesh} needs "
+                f"{mesh.world}"
             )
+        self.timeout = _as_timedelta(timeout) or _timeout
         self.backend = dist.get_backend()
+        self._calls: dict[tuple, int] = {}
+        # Ranks given different meshes would create different groups below, in a different
+        # order, and hang inside new_group: agree on the mesh first.
+        meshes = gather_objects(str(mesh), "the mesh check before creating process groups", self.timeout)
+        if len(set(meshes)) > 1:
+            raise ProgramMismatchError(f"rank {self.rank}: " + fingerprint_mismatch([{"mesh": m} for m in meshes]))
         self._groups: dict[tuple, Any] = {}
         for axis in _AXES_USED:
             for members in mesh.groups(axis):
-                group = dist.new_group(list(members)) if len(members) > 1 else None
+                group = dist.new_group(list(members), timeout=self.timeout) if len(members) > 1 else None
                 if self.rank in members:
                     self._groups[_key(axis)] = (members, group)
 
@@ -64,6 +143,7 @@ class DistributedCommunicator:
 
     # The functional collectives return async tensors; wait() makes the value concrete before
     # ordinary eager code reads it.
+    @_named_failures("all_reduce")
     def all_reduce(self, tensor: torch.Tensor, axis: AxisName, op: str = "sum", tag: str = "") -> torch.Tensor:
         from torch.distributed import _functional_collectives as funcol
 
@@ -74,6 +154,7 @@ class DistributedCommunicator:
         out = funcol.wait_tensor(funcol.all_reduce(tensor.contiguous(), reduce_op, group))
         return out / len(members) if op == "avg" else out
 
+    @_named_failures("all_gather")
     def all_gather(self, tensor: torch.Tensor, axis: AxisName, dim: int = 0, sizes: Sequence[int] | None = None,
                    tag: str = "") -> torch.Tensor:
         """Pieces concatenated in group order. ``sizes`` gives every member's length along ``dim``
@@ -87,17 +168,18 @@ class DistributedCommunicator:
         dim = dim % max(tensor.dim(), 1)
         moved = tensor.movedim(dim, 0).contiguous()
         if sizes is None:
-            return funcol.wait_tensor(funcol.all_gather_tensor(moved, 0, group)).movedim(0, dim).contiguous()
+            return funcol.wait_tensor(_all_gather_single(funcol)(moved, 0, group)).movedim(0, dim).contiguous()
         # Pad to the longest piece, gather, and cut the padding off again.
         lengths = [int(s) for s in sizes]
         longest = max(lengths)
         if moved.shape[0] < longest:
             pad = moved.new_zeros((longest - moved.shape[0],) + tuple(moved.shape[1:]))
             moved = torch.cat([moved, pad])
-        gathered = funcol.wait_tensor(funcol.all_gather_tensor(moved, 0, group))
+        gathered = funcol.wait_tensor(_all_gather_single(funcol)(moved, 0, group))
         pieces = [gathered[i * longest : i * longest + n] for i, n in enumerate(lengths)]
         return torch.cat(pieces).movedim(0, dim).contiguous()
 
+    @_named_failures("reduce_scatter")
     def reduce_scatter(self, tensor: torch.Tensor, axis: AxisName, dim: int = 0, op: str = "sum", tag: str = "") -> torch.Tensor:
         from torch.distributed import _functional_collectives as funcol
 
@@ -116,6 +198,7 @@ class DistributedCommunicator:
         out = out / n if op == "avg" else out
         return out.movedim(0, dim).contiguous()
 
+    @_named_failures("all_to_all")
     def all_to_all(self, tensor: torch.Tensor, axis: AxisName, input_splits: Sequence[int], dim: int = 0,
                    output_splits: Sequence[int] | None = None, tag: str = "") -> torch.Tensor:
         """Rows ``input_splits[i]`` go to member ``i``. Without ``output_splits`` the receive sizes
@@ -136,6 +219,7 @@ class DistributedCommunicator:
         out = funcol.wait_tensor(funcol.all_to_all_single(moved, output_splits, input_splits, group))
         return out.movedim(0, dim).contiguous()
 
+    @_named_failures("broadcast")
     def broadcast(self, tensor: torch.Tensor, axis: AxisName, source_index: int = 0, tag: str = "") -> torch.Tensor:
         from torch.distributed import _functional_collectives as funcol
 
@@ -145,28 +229,42 @@ class DistributedCommunicator:
         return funcol.wait_tensor(funcol.broadcast(tensor.contiguous(), members[source_index], group))
 
 
-def init_from_environment(backend: str | None = None) -> None:
-    """Initialise the default group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR...)."""
+def init_from_environment(backend: str | None = None, timeout: float | datetime.timedelta | None = None) -> None:
+    """Initialise the default group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR...).
+
+    ``timeout`` (seconds or timedelta) is how long a collective waits for the other ranks before
+    it fails; a rank that stops answering is then reported by name instead of hanging the job.
+    The groups a ``DistributedCommunicator`` creates in this process get the same timeout.
+    """
+    global _timeout
+    timeout = _as_timedelta(timeout)
     if dist.is_initialized():
+        _timeout = timeout or _timeout
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    _timeout = timeout
+    if timeout is None:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, fn, args, result_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+def _worker(rank: int, world: int, fn, args, result_dir: str, timeout) -> None:
+    global _timeout
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     path = os.path.join(result_dir, f"rank{rank}.pt")
+    # A file in this run's own directory as the rendezvous: a free TCP port picked by the parent
+    # can be taken by another process on a busy machine before rank 0 binds it.
+    rendezvous = f"file://{os.path.join(result_dir, 'rendezvous')}"
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        _timeout = timeout
+        if timeout is None:
+            dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
+        else:
+            dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world, timeout=timeout)
         result = fn(rank, *args)
         torch.save({"result": result}, path)
     except BaseException:  # noqa: BLE001 - reported to the parent
@@ -177,14 +275,16 @@ def _worker(rank: int, world: int, port: int, fn, args, result_dir: str) -> None
             dist.destroy_process_group()
 
 
-def spawn_gloo(fn: Callable[..., Any], world: int, *args) -> list[Any]:
-    """Run ``fn(rank, *args)`` in ``world`` local processes over gloo; return results by rank."""
+def spawn_gloo(fn: Callable[..., Any], world: int, *args, timeout: float | datetime.timedelta | None = None) -> list[Any]:
+    """Run ``fn(rank, *args)`` in ``world`` local processes over gloo; return results by rank.
+
+    ``timeout`` is the process groups' timeout (see ``init_from_environment``).
+    """
     import torch.multiprocessing as mp
 
-    port = _free_port()
     with tempfile.TemporaryDirectory() as result_dir:
-        context = mp.start_processes(_worker, args=(world, port, fn, args, result_dir), nprocs=world,
-                                     join=False, start_method="spawn")
+        context = mp.start_processes(_worker, args=(world, fn, args, result_dir, _as_timedelta(timeout)),
+                                     nprocs=world, join=False, start_method="spawn")
         try:
             while not context.join(timeout=300):
                 pass
