@@ -245,6 +245,11 @@ def lower_redistribute(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
                 continue
             if node.op == "output":
                 purpose, detail = _output_purpose(roles[position]), f"output {position} ({roles[position].kind})"
+            elif meta.gradient_of(producer) is not None and isinstance(have, Sharding) and any(
+                    p.is_partial() for p in have.placements):
+                # A training step consumes its gradients in the graph: their reduction is still
+                # the gradient synchronisation, wherever it lands.
+                purpose, detail = Purpose.GRADIENT_SYNC, f"gradient of {meta.gradient_of(producer)} for {node.name}"
             else:
                 purpose, detail = Purpose.REDISTRIBUTE, node.name
             replacements[position] = _insert_chain(graph, comm, producer, have, want, mesh, node, purpose, detail,

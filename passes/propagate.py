@@ -115,14 +115,17 @@ def _reduction_potential(axis: str, placement, piece_bytes: float, link: LinkMod
 
 
 def _choose_axis(ctx: RuleContext, rule, axis: str, placements: tuple, link: LinkModel, demand: Sharding | None,
-                 fits=lambda candidate: True):
+                 fits=lambda candidate: True, shared: tuple = ()):
     """The cheapest candidate on ``axis``.
 
     Cost is the seconds of the input redistributions plus a potential for partial values: a
     candidate whose output stays partial is charged what reducing that output would cost, and
     credited what reducing the partial inputs it absorbs would have cost. Deferring a reduction
     is then free only while the deferred value is no larger (so a partial hidden state is reduced
-    before an lm_head would turn it into partial logits).
+    before an lm_head would turn it into partial logits). A conversion that another consumer
+    of the same input already needs (``shared``, from the previous sweep) is free: lowering
+    makes it once and every consumer reads it, so a gradient reduced for the norm is read reduced
+    by the update as well.
     """
     candidates = list(rule(ctx, axis, placements))
     replicated = tuple(Replicate() for _ in placements)
@@ -137,11 +140,17 @@ def _choose_axis(ctx: RuleContext, rule, axis: str, placements: tuple, link: Lin
     scored = []
     for order, candidate in enumerate(candidates):
         seconds = 0.0
-        for current, wanted, nbytes in zip(placements, candidate.inputs, input_bytes):
+        for i, (current, wanted, nbytes) in enumerate(zip(placements, candidate.inputs, input_bytes)):
             if wanted is None:
                 continue
+            if i < len(shared) and wanted in shared[i] and isinstance(current, Partial):
+                continue
             seconds += link.seconds(axis, redistribution(current, wanted, nbytes, n).bytes)
-            if isinstance(wanted, Partial):
+            # Only a pending reduction can be absorbed: making a whole value partial (a free local
+            # zero) defers nothing, it creates a reduction someone must pay for later.
+            # Nor is one that another consumer makes anyway (a gradient reduced for the norm).
+            reduced_anyway = i < len(shared) and any(not isinstance(p, Partial) for p in shared[i])
+            if isinstance(wanted, Partial) and isinstance(current, Partial) and not reduced_anyway:
                 seconds -= _reduction_potential(axis, wanted, nbytes, link, n)
         outputs = candidate.output if isinstance(candidate.output, tuple) else (candidate.output,)
         for output, nbytes in zip(outputs, output_bytes):
@@ -178,6 +187,8 @@ class _State:
     views: dict[Node, View] = field(default_factory=dict)
     parameters: dict[str, ParameterPlacement] = field(default_factory=dict)
     input_shardings: dict[str, Sharding] = field(default_factory=dict)
+    # The shardings each value's consumers required in the previous sweep.
+    required_of: dict[Node, set] = field(default_factory=dict)
 
     def place(self, node: Node, decision: Decision) -> None:
         self.current[node], self.views[node] = decision.output, decision.view
@@ -214,6 +225,13 @@ def _seed_decision(node: Node, record: GraphInput, state: _State, mesh: MeshSpec
         return Decision(sharding, View.DENSE, (), f"seed: batch input {record.name!r} {sharding!r}")
     if record.kind is InputKind.BUFFER:
         return Decision(Sharding.replicate(), View.DENSE, (), f"seed: buffer {record.name!r} replicated")
+    if record.kind is InputKind.OPTIMIZER_STATE:
+        # State lives where its parameter lives, so the update is local to every piece.
+        placement = state.parameters[record.parameter]
+        return Decision(placement.sharding, placement.view, (),
+                        f"seed: optimizer state {record.name!r} placed like its parameter")
+    if record.kind is InputKind.SCALAR:
+        return Decision(Sharding.replicate(), View.DENSE, (), f"seed: scalar {record.name!r} replicated")
     raise PropagationError(f"placeholder {node.name} is a {record.kind.value}; propagation runs before any "
                            f"pass adds one")
 
@@ -262,7 +280,7 @@ def _place_whole(node: Node, registered, inputs, input_shardings, mesh: MeshSpec
 
 
 def _place_per_axis(node: Node, registered, inputs, input_shardings, view: View, mesh: MeshSpec, link: LinkModel,
-                    demand: Sharding | None) -> Decision:
+                    demand: Sharding | None, shared_by_input: tuple = ()) -> Decision:
     """Rules written per mesh axis: the cheapest candidate on each axis of the node's view."""
     axes = view.axes
     ctx = RuleContext(node, mesh, inputs, input_shardings, view, axes)
@@ -277,7 +295,8 @@ def _place_per_axis(node: Node, registered, inputs, input_shardings, view: View,
             continue
         placements = tuple(s.placement(axis) for s in input_shardings)
         fits = _even_split_check(ctx, axis, per_axis_in, per_axis_out)
-        chosen, scored = _choose_axis(ctx, registered.function, axis, placements, link, demand, fits)
+        shared = tuple({s.placement(axis) for s in others} for others in shared_by_input)
+        chosen, scored = _choose_axis(ctx, registered.function, axis, placements, link, demand, fits, shared)
         if chosen is None:
             raise PropagationError(
                 f"no placement of node {node.name} ({op_name(node.target)}) works on axis {axis} "
@@ -364,7 +383,8 @@ def _place_node(node: Node, state: _State, mesh: MeshSpec, link: LinkModel, dema
             f"{[(n.name, str(state.current[n])) for n in inputs]}; only the MoE ops bridge the two views"
         )
     view = input_views.pop() if input_views else View.DENSE
-    return _place_per_axis(node, registered, inputs, input_shardings, view, mesh, link, demand)
+    shared = tuple(state.required_of.get(producer, set()) - {state.current[producer]} for producer in inputs)
+    return _place_per_axis(node, registered, inputs, input_shardings, view, mesh, link, demand, shared)
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -409,6 +429,15 @@ def _demands(compute_nodes: list[Node]) -> dict[Node, Sharding]:
     return found
 
 
+def _required_of(compute_nodes: list[Node]) -> dict[Node, set]:
+    found: dict[Node, set] = {}
+    for node in compute_nodes:
+        for producer, wanted in zip(tensor_inputs(node), meta.placed(node).input_shardings):
+            if isinstance(wanted, Sharding):
+                found.setdefault(producer, set()).add(wanted)
+    return found
+
+
 def propagate(
     graph_module: GraphModule,
     mesh: MeshSpec,
@@ -438,6 +467,7 @@ def propagate(
         if snapshot == previous:
             break
         previous, demands = snapshot, _demands(compute_nodes)
+        state.required_of = _required_of(compute_nodes)
 
     _place_outputs(gm, state)
     _check_every_value_placed(gm)
@@ -454,14 +484,15 @@ def _place_outputs(gm: GraphModule, state: _State) -> None:
     for found, role in zip(flat, roles):
         if not isinstance(found, Node):
             required.append(None)
-        elif role.kind == "grad" and role.parameter in state.parameters:
+        elif role.kind in ("grad", "param", "state") and role.parameter in state.parameters:
             required.append(state.parameters[role.parameter].sharding)
-        elif role.kind == "loss":
+        elif role.kind in ("loss", "metric"):
             required.append(Sharding.replicate())
         else:
             required.append(state.current.get(found))
     meta.set_placed(output_node(gm.graph), PlacedValue(
-        None, None, tuple(required), "loss replicated; each gradient in its parameter's sharding"))
+        None, None, tuple(required), "loss and metrics replicated; each gradient, updated parameter and "
+                                     "optimizer state in its parameter's sharding"))
 
 
 def _check_every_value_placed(gm: GraphModule) -> None:

@@ -22,11 +22,13 @@ from .placement import (
     unshard,
 )
 from .runtime import CollectiveError, Simulator
+from . import optim
 from .frontend import AdapterError, TracedGraph, TraceError, op_histogram, register_experts, trace
 
 # The driver (compile, program) sits above the passes, which import this package's core modules
 # (mesh, placement, meta, runtime): loaded on first use, so importing ``passes`` never loads it.
-_DRIVER = {"compile": ".compiler", "compile_traced": ".compiler", "ShardedProgram": ".program"}
+_DRIVER = {"compile": ".compiler", "compile_traced": ".compiler", "ShardedProgram": ".program",
+           "TrainingProgram": ".training", "TrainState": ".training"}
 
 
 def __getattr__(name: str):
@@ -68,4 +70,7 @@ __all__ = [
     "AdapterError",
     "op_histogram",
     "ShardedProgram",
+    "TrainingProgram",
+    "TrainState",
+    "optim",
 ]

@@ -63,6 +63,8 @@ __all__ = [
     "moe_step",
     "set_moe_step",
     "output_roles",
+    "gradient_of",
+    "set_gradient_of",
     "set_output_roles",
     "value",
     "has_value",
@@ -163,15 +165,19 @@ class InputKind(enum.Enum):
     PARAMETER = "parameter"
     BUFFER = "buffer"
     INPUT = "input"  # a batch tensor
+    OPTIMIZER_STATE = "optimizer state"  # one slot of a parameter's optimizer state (exp_avg, ...)
+    SCALAR = "scalar"  # a per-step number every rank shares (the learning rate, the step count)
     COMMUNICATOR = "communicator"  # the rank's collectives, added by the add_communicator pass
 
 
 @dataclass(frozen=True)
 class GraphInput:
-    """A placeholder's meaning: a named parameter, buffer or batch input, or the communicator."""
+    """A placeholder's meaning: a named parameter, buffer or batch input, an optimizer state
+    slot of ``parameter``, a shared scalar, or the communicator."""
 
     kind: InputKind
     name: str
+    parameter: str | None = None
 
 
 def graph_input(node: Node) -> GraphInput | None:
@@ -343,14 +349,32 @@ def set_moe_step(node: Node, record: MoeStep) -> None:
     _MOE_STEP.set(node, record)
 
 
+# ----------------------------------------------------------------------------- gradients
+# Kept inside fx's "custom" entry, which fx copies to the nodes that replace a node when a graph is
+# re-traced (functionalization), so the mark survives where the other records are rewritten.
+_CUSTOM = "custom"
+_GRADIENT_OF = "shardgraph.gradient_of"
+
+
+def gradient_of(node: Node) -> str | None:
+    """The parameter whose gradient the node computes (in a traced training step)."""
+    return (node.meta.get(_CUSTOM) or {}).get(_GRADIENT_OF)
+
+
+def set_gradient_of(node: Node, parameter: str) -> None:
+    node.meta[_CUSTOM] = {**(node.meta.get(_CUSTOM) or {}), _GRADIENT_OF: parameter}
+
+
 # ----------------------------------------------------------------------------- outputs
 @dataclass(frozen=True)
 class OutputRole:
-    """What one graph output is: ``loss``, ``grad`` (of ``parameter``) or a forward ``output``."""
+    """What one graph output is: the ``loss``, the ``grad`` of ``parameter``, a forward
+    ``output``; in a training step the new value of ``parameter`` (``param``), of one of its
+    optimizer ``state`` slots (``path`` names the slot), or a ``metric`` (``path`` names it)."""
 
     kind: str
     parameter: str | None = None
-    path: str | None = None  # for forward outputs: where in the model's output it sits
+    path: str | None = None  # forward outputs: where in the model's output; state: the slot; metric: its name
 
 
 def output_roles(gm: GraphModule) -> tuple[OutputRole, ...]:

@@ -54,7 +54,7 @@ import operator
 import re
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx.traceback as fx_traceback
@@ -80,6 +80,7 @@ _DECOMPOSED_OPS = [
     aten.native_layer_norm, aten.native_layer_norm_backward, aten.var_mean, aten.var, aten.baddbmm,
     aten.logsumexp, aten.linalg_vector_norm, aten.repeat, aten.softplus, aten.softplus_backward,
     aten.mse_loss, aten.mse_loss_backward, aten.log_sigmoid_forward, aten.log_sigmoid_backward,
+    aten.lerp,  # AdamW's first moment
 ]
 for _name in ("_fused_rms_norm", "_fused_rms_norm_backward"):
     if hasattr(aten, _name):  # fused RMSNorm kernels exist on some builds and devices only
@@ -111,6 +112,11 @@ class TracedGraph:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     expert_modules: dict[str, str] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # A training step (traced with an optimizer): the state slots in input order, as
+    # (parameter, slot), after the batch; then the learning rate and the step number.
+    optimizer: Any = None
+    clip_grad_norm: float | None = None
+    state_slots: list[tuple[str, str]] = field(default_factory=list)
 
     def arguments(self, model_or_state: nn.Module | Mapping[str, torch.Tensor], *inputs) -> list[torch.Tensor]:
         """The graph's positional arguments: parameters, buffers, then ``inputs``."""
@@ -450,12 +456,15 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
-def _label_placeholders(gm: GraphModule, labels: list[tuple[str, str]]) -> None:
+def _label_placeholders(gm: GraphModule, labels: list[tuple[str, str]],
+                        owners: Mapping[str, str] | None = None) -> None:
+    """Name the placeholders after what they hold; ``owners`` maps an optimizer state slot's name
+    to its parameter."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     identifiers = _unique([re.sub(r"\W", "_", name) if re.match(r"[A-Za-z_]", name) else f"input_{name}"
                            for _, name in labels])
     for node, (kind, name), identifier in zip(placeholders, labels, identifiers):
-        meta.set_graph_input(node, GraphInput(InputKind(kind), name))
+        meta.set_graph_input(node, GraphInput(InputKind(kind), name, (owners or {}).get(name)))
         node._rename(identifier)  # through the graph's namespace, so later passes cannot reuse the name
         node.target = node.name
     gm.graph.lint()
@@ -498,12 +507,16 @@ def _forward_outputs(output) -> tuple[list[torch.Tensor], list[str]]:
 
 # ----------------------------------------------------------------------------- trace
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Callable | None = None, *,
-          input_names: Sequence[str] | None = None) -> TracedGraph:
+          input_names: Sequence[str] | None = None, optimizer=None, clip_grad_norm: float | None = None) -> TracedGraph:
     """Trace ``model`` into one functional forward+backward graph (see the module docstring).
 
     ``loss = loss_fn(model(*example_inputs), *example_inputs)`` must be a scalar tensor; the
     graph returns it and the gradient of every parameter that requires grad. With
     ``loss_fn=None`` the graph returns the forward outputs (``.logits`` of an HF ModelOutput).
+    With an ``optimizer`` (``shardgraph.optim``) the graph is the whole training step: it also
+    takes every trainable parameter's optimizer state, the learning rate and the step number,
+    and returns the loss, the new parameters, the new state and the gradient norm before
+    clipping (``clip_grad_norm`` clips the gradients as ``torch.nn.utils.clip_grad_norm_``).
     Build the model and inputs on the meta device to trace without allocating weights.
     """
     example_inputs = _checked_arguments(model, example_inputs, loss_fn)
@@ -517,19 +530,31 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
     if len(devices) > 1:
         raise TraceError(f"trace: parameters, buffers and inputs are on several devices {sorted(map(str, devices))}; "
                          f"put them on one (torch.device('meta') to trace without memory)")
-    step = _Step(model, list(parameters), list(buffers), trainable, loss_fn)
-    gm, expert_modules = _make_joint_graph(model, step, parameters, buffers, example_inputs, trainable)
+    if optimizer is not None and loss_fn is None:
+        raise TraceError("trace: an optimizer needs a loss_fn to step on")
+    if clip_grad_norm is not None and optimizer is None:
+        raise TraceError("trace: clip_grad_norm clips the gradients an optimizer steps on; pass an optimizer")
+    slots = [(n, slot) for n in trainable for slot in optimizer.state_slots()] if optimizer is not None else []
+    step = _Step(model, list(parameters), list(buffers), trainable, loss_fn, len(example_inputs), optimizer,
+                 clip_grad_norm, slots)
+    gm, expert_modules = _make_joint_graph(model, step, parameters, buffers, example_inputs, trainable, slots,
+                                           optimizer is not None)
 
     _refuse_random_ops(gm)
     labels = ([("parameter", n) for n in parameters] + [("buffer", n) for n in buffers]
-              + [("input", n) for n in names])
+              + [("input", n) for n in names] + [("optimizer state", f"{n}:{slot}") for n, slot in slots])
+    if optimizer is not None:
+        labels += [("scalar", "lr"), ("scalar", "step")]
     if any(_is_mutating(n) for n in gm.graph.nodes):
         _refuse_input_mutation(gm, labels)
         gm = _functionalize(gm)
     _drop_identities(gm)
-    _label_placeholders(gm, labels)
+    _label_placeholders(gm, labels, {f"{n}:{slot}": n for n, slot in slots})
     if loss_fn is None:
         roles = [OutputRole("output", path=p) for p in step.output_paths]
+    elif optimizer is not None:
+        roles = ([OutputRole("loss")] + [OutputRole("param", n) for n in trainable]
+                 + [OutputRole("state", n, slot) for n, slot in slots] + [OutputRole("metric", path="grad_norm")])
     else:
         roles = [OutputRole("loss")] + [OutputRole("grad", n) for n in trainable]
     meta.set_output_roles(gm, roles)
@@ -548,6 +573,9 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
         input_shapes={n: tuple(t.shape) for n, t in zip(names, example_inputs)},
         expert_modules=dict(expert_modules),
         device=next(iter(devices)) if devices else torch.device("cpu"),
+        optimizer=optimizer,
+        clip_grad_norm=clip_grad_norm,
+        state_slots=slots,
     )
 
 
@@ -566,11 +594,15 @@ def _checked_arguments(model, example_inputs, loss_fn) -> tuple:
 
 
 class _Step:
-    """The function make_fx traces: parameters, buffers and batch in; loss and gradients out."""
+    """The function make_fx traces: parameters, buffers and batch in; loss and gradients out, or,
+    with an optimizer, optimizer state, learning rate and step number in too, and the loss, new
+    parameters, new state and gradient norm out."""
 
-    def __init__(self, model, parameter_names, buffer_names, trainable, loss_fn):
+    def __init__(self, model, parameter_names, buffer_names, trainable, loss_fn, batch_count, optimizer=None,
+                 clip_grad_norm=None, slots=()):
         self.model, self.parameter_names, self.buffer_names = model, parameter_names, buffer_names
-        self.trainable, self.loss_fn = trainable, loss_fn
+        self.trainable, self.loss_fn, self.batch_count = trainable, loss_fn, batch_count
+        self.optimizer, self.clip_grad_norm, self.slots = optimizer, clip_grad_norm, list(slots)
         self.output_paths: list[str] = []
         self.stage = "module '<root>'"  # where the step is when no module is running, for error messages
 
@@ -578,7 +610,7 @@ class _Step:
         count_p, count_b = len(self.parameter_names), len(self.buffer_names)
         params = dict(zip(self.parameter_names, flat[:count_p]))
         state = {**params, **dict(zip(self.buffer_names, flat[count_p:count_p + count_b]))}
-        batch = flat[count_p + count_b:]
+        batch = flat[count_p + count_b:count_p + count_b + self.batch_count]
         with _AttentionRouting():
             output = functional_call(self.model, state, tuple(batch), tie_weights=True, strict=False)
             if self.loss_fn is None:
@@ -594,10 +626,40 @@ class _Step:
         wrt = [params[n] for n in self.trainable]
         grads = torch.autograd.grad(loss, wrt, allow_unused=True)
         # A parameter the loss does not reach has gradient zero, as an optimizer would see it.
-        return (loss, *[g if g is not None else torch.zeros_like(p) for g, p in zip(grads, wrt)])
+        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, wrt)]
+        if self.optimizer is None:
+            return (loss, *grads)
+        self.stage = "the optimizer step"
+        extra = flat[count_p + count_b + self.batch_count:]
+        return (loss.detach(), *self._optimizer_step(wrt, grads, extra))
+
+    def _optimizer_step(self, wrt, grads, extra):
+        from ..optim import clip_coefficient, global_norm
+
+        slot_values = dict(zip(self.slots, extra[:len(self.slots)]))
+        lr, step = extra[len(self.slots):]
+        mode = get_proxy_mode()
+        for name, grad in zip(self.trainable, grads):
+            slot = get_proxy_slot(grad, mode.tracer, None) if mode is not None else None
+            if slot is not None:
+                meta.set_gradient_of(slot.proxy.node, name)
+        with torch.no_grad():
+            grads = [g.detach() for g in grads]
+            norm = global_norm(grads)
+            if self.clip_grad_norm is not None:
+                coefficient = clip_coefficient(norm, self.clip_grad_norm)
+                grads = [g * coefficient.to(g.dtype) for g in grads]
+            new_params, new_state = [], []
+            for name, param, grad in zip(self.trainable, wrt, grads):
+                slots = {slot: slot_values[(name, slot)] for slot in self.optimizer.state_slots()}
+                updated, updated_state = self.optimizer.update(name, param.detach(), grad, slots, lr, step)
+                new_params.append(updated)
+                new_state.extend(updated_state[slot] for slot in self.optimizer.state_slots())
+        return (*new_params, *new_state, norm)
 
 
-def _make_joint_graph(model, step: _Step, parameters, buffers, example_inputs, trainable):
+def _make_joint_graph(model, step: _Step, parameters, buffers, example_inputs, trainable, slots=(),
+                      scalars: bool = False):
     """make_fx of ``step`` on fake tensors, with the expert adapters installed; errors name the
     module and the user's line that caused them."""
     # A fake mode without a shape environment keeps every shape static: an op whose output
@@ -606,6 +668,13 @@ def _make_joint_graph(model, step: _Step, parameters, buffers, example_inputs, t
     fake_mode = FakeTensorMode()
     leaves = [fake_mode.from_tensor(p.detach()).requires_grad_(n in trainable) for n, p in parameters.items()]
     arguments = leaves + [fake_mode.from_tensor(t.detach()) for t in [*buffers.values(), *example_inputs]]
+    # Optimizer state is shaped like its parameter; the learning rate and step are float64
+    # scalars, as torch.optim computes its step size in Python doubles.
+    with fake_mode:
+        arguments += [torch.empty(parameters[name].shape, dtype=parameters[name].dtype, device=parameters[name].device)
+                      for name, _ in slots]
+        if scalars:
+            arguments += [torch.zeros((), dtype=torch.float64, device=leaves[0].device) for _ in range(2)]
     tracker = _ModuleTracker(model)
     modules = {path or "<root>": module for path, module in model.named_modules()}
     try:
@@ -634,8 +703,7 @@ def _mark_phases(gm: GraphModule) -> None:
     holds for any op the model brings."""
     outputs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-    has_gradients = any(role.kind == "grad" for role in meta.output_roles(gm))
-    roots = [outputs[0]] if has_gradients else list(outputs)
+    roots = [outputs[0]] if meta.output_roles(gm)[0].kind == "loss" else list(outputs)
     forward: set[Node] = set()
     pending = [n for n in roots if isinstance(n, Node)]
     while pending:

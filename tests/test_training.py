@@ -1,0 +1,193 @@
+"""The training step in the program: optimizer, gradient norm and clipping as graph nodes, checked
+against torch.optim and clip_grad_norm_ on the unsharded model."""
+
+import copy
+
+import pytest
+import torch
+
+import shardgraph as sg
+from examples.moe_model import shardgraph_entry
+from shardgraph import meta
+from shardgraph.meta import Purpose
+from shardgraph.optim import OptimizerError
+from shardgraph.training import StateError
+
+MESHES = ["world=1", "world=2,tp=2", "world=4,tp=2,ep=2", "world=4,tp=2,ep=4", "world=8,tp=2,ep=4",
+          "world=8,tp=2,ep=2,etp=2"]
+NO_DECAY = ("*norm*",)
+
+
+def relative(value, reference):
+    return ((value - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+
+
+def _setup(mesh_text, optimizer, dtype=torch.float32, clip=1.0):
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
+    model = model.to(dtype)
+    reference = copy.deepcopy(model)
+    program = sg.compile(model, sg.MeshSpec.parse(mesh_text), inputs, loss_fn, optimizer=optimizer,
+                         clip_grad_norm=clip)
+    return model, reference, inputs, loss_fn, program
+
+
+def _torch_step(reference, optimizer, inputs, loss_fn, clip):
+    loss = loss_fn(reference(*inputs), *inputs)
+    optimizer.zero_grad()
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+    optimizer.step()
+    return loss.detach(), norm
+
+
+def _worst_state_error(program, states, reference, torch_optimizer):
+    full = program.gather_state(states)
+    weights = max(relative(full.parameters[n], p.detach()) for n, p in reference.named_parameters())
+    moments = max(relative(value, torch_optimizer.state[p][slot]) for n, p in reference.named_parameters()
+                  for slot, value in full.optimizer[n].items())
+    return weights, moments
+
+
+def _torch_adamw(reference, lr):
+    decayed = [p for n, p in reference.named_parameters() if "norm" not in n]
+    undecayed = [p for n, p in reference.named_parameters() if "norm" in n]
+    return torch.optim.AdamW([{"params": decayed}, {"params": undecayed, "weight_decay": 0.0}], lr=lr,
+                             weight_decay=0.1)
+
+
+@pytest.mark.parametrize("mesh_text", MESHES)
+def test_five_adamw_steps_with_clipping_and_decay_equal_torch_optim(mesh_text):
+    # float64: Adam divides each gradient element by its own magnitude, so an element that is
+    # zero up to float32 rounding (a few 1e-9 against eps = 1e-8) takes a step of any size either
+    # way; in float64 that rounding is 1e-16 and what is left to compare is the optimizer itself.
+    optimizer = sg.optim.AdamW(lr=1e-2, weight_decay=0.1, no_decay=NO_DECAY)
+    model, reference, inputs, loss_fn, program = _setup(mesh_text, optimizer, torch.float64)
+    torch_optimizer = _torch_adamw(reference, 1e-2)
+    states = program.init_states(model)
+    for _ in range(5):
+        loss_reference, norm_reference = _torch_step(reference, torch_optimizer, inputs, loss_fn, 1.0)
+        loss, states, metrics = program.simulate_train_step(states, inputs)
+        assert relative(loss, loss_reference) < 1e-9
+        assert relative(metrics["grad_norm"], norm_reference) < 1e-9
+    weights, moments = _worst_state_error(program, states, reference, torch_optimizer)
+    assert weights < 1e-9 and moments < 1e-9, (weights, moments)
+
+
+@pytest.mark.parametrize("mesh_text", MESHES)
+def test_five_sgd_momentum_steps_in_float32_equal_torch_optim(mesh_text):
+    optimizer = sg.optim.SGD(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)
+    model, reference, inputs, loss_fn, program = _setup(mesh_text, optimizer)
+    torch_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)
+    states = program.init_states(model)
+    for _ in range(5):
+        loss_reference, norm_reference = _torch_step(reference, torch_optimizer, inputs, loss_fn, 1.0)
+        loss, states, metrics = program.simulate_train_step(states, inputs)
+        assert relative(loss, loss_reference) < 1e-5
+        assert relative(metrics["grad_norm"], norm_reference) < 1e-6
+    weights, moments = _worst_state_error(program, states, reference, torch_optimizer)
+    assert weights < 1e-5 and moments < 1e-5, (weights, moments)
+
+
+def test_float32_adamw_reports_clip_grad_norms_value_every_step():
+    optimizer = sg.optim.AdamW(lr=1e-3)
+    model, reference, inputs, loss_fn, program = _setup("world=8,tp=2,ep=4", optimizer, clip=0.5)
+    torch_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    states = program.init_states(model)
+    for _ in range(3):
+        loss_reference, norm_reference = _torch_step(reference, torch_optimizer, inputs, loss_fn, 0.5)
+        loss, states, metrics = program.simulate_train_step(states, inputs)
+        assert relative(loss, loss_reference) < 1e-5
+        assert relative(metrics["grad_norm"], norm_reference) < 1e-6
+
+
+def test_nesterov_sgd_without_clipping_equals_torch_optim():
+    optimizer = sg.optim.SGD(lr=0.05, momentum=0.8, nesterov=True)
+    model, reference, inputs, loss_fn, program = _setup("world=4,tp=2,ep=2", optimizer, clip=None)
+    torch_optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.8, nesterov=True)
+    states = program.init_states(model)
+    for _ in range(3):
+        loss = loss_fn(reference(*inputs), *inputs)
+        torch_optimizer.zero_grad()
+        loss.backward()
+        torch_optimizer.step()
+        _, states, _ = program.simulate_train_step(states, inputs)
+    weights, moments = _worst_state_error(program, states, reference, torch_optimizer)
+    assert weights < 1e-5 and moments < 1e-5
+
+
+@pytest.mark.parametrize("dtype, optimizer", [
+    (torch.float64, sg.optim.AdamW(lr=1e-2, weight_decay=0.1)),
+    (torch.float32, sg.optim.SGD(lr=0.1, momentum=0.9)),
+], ids=["adamw-float64", "sgd-float32"])
+def test_ten_steps_straight_equal_five_then_resumed_on_another_mesh(dtype, optimizer):
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
+    model = model.to(dtype)
+    first = sg.compile(model, sg.MeshSpec.parse("world=8,tp=2,ep=4"), inputs, loss_fn, optimizer=optimizer,
+                       clip_grad_norm=1.0)
+    second = sg.compile(model, sg.MeshSpec.parse("world=4,tp=2,ep=2"), inputs, loss_fn, optimizer=optimizer,
+                        clip_grad_norm=1.0)
+    straight = first.init_states(model)
+    straight_losses = []
+    for _ in range(10):
+        loss, straight, _ = first.simulate_train_step(straight, inputs)
+        straight_losses.append(loss)
+    states = first.init_states(model)
+    losses = []
+    for _ in range(5):
+        loss, states, _ = first.simulate_train_step(states, inputs)
+        losses.append(loss)
+    saved = first.gather_state(states).state_dict()
+    states = second.init_states(saved)  # what a fresh process on the other mesh loads
+    assert states[0].step == 5
+    for _ in range(5):
+        loss, states, _ = second.simulate_train_step(states, inputs)
+        losses.append(loss)
+    tolerance = 1e-9 if dtype == torch.float64 else 1e-6
+    assert max(relative(a, b) for a, b in zip(losses, straight_losses)) < tolerance
+    resumed, reference = second.gather_state(states), first.gather_state(straight)
+    assert max(relative(resumed.parameters[n], reference.parameters[n]) for n in reference.parameters) < tolerance
+
+
+@pytest.mark.parametrize("optimizer", [sg.optim.SGD(lr=0.1, momentum=0.9), sg.optim.AdamW(lr=1e-3)],
+                         ids=["sgd", "adamw"])
+def test_the_update_moves_no_optimizer_state_between_ranks(optimizer):
+    # State is placed like its parameter, so the step communicates what the gradient program
+    # does (the model's own redistributions, the gradients' synchronisation) plus scalars of the
+    # norm; moving any state slot would add about the parameters' bytes again.
+    model, _, inputs, loss_fn, program = _setup("world=8,tp=2,ep=4", optimizer)
+    for node, record in meta.graph_inputs(program.graph_module.graph, meta.InputKind.OPTIMIZER_STATE):
+        assert meta.sharding(node) == program.parameter_sharding(record.parameter), record.name
+    gradients = sg.compile(model, sg.MeshSpec.parse("world=8,tp=2,ep=4"), inputs, loss_fn)
+    step_bytes = program.report(format="dict")["totals"]["communication_bytes_per_rank"]
+    gradient_bytes = gradients.report(format="dict")["totals"]["communication_bytes_per_rank"]
+    parameter_bytes = program.report(format="dict")["totals"]["parameter_bytes_per_rank"]
+    assert step_bytes <= gradient_bytes * 1.05 and step_bytes - gradient_bytes < 0.05 * parameter_bytes
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: sg.optim.AdamW(lr=-1.0), "invalid learning rate"),
+    (lambda: sg.optim.AdamW(betas=(0.9, 1.0)), "beta parameter at index 1"),
+    (lambda: sg.optim.AdamW(eps=-1e-8), "epsilon"),
+    (lambda: sg.optim.SGD(lr=0.1, nesterov=True), "nesterov momentum requires a momentum"),
+    (lambda: sg.optim.SGD(lr=0.1, weight_decay=-0.1), "weight_decay"),
+    (lambda: sg.optim.AdamW(no_decay="*norm*"), "list of name patterns"),
+])
+def test_an_option_torch_would_refuse_is_refused_by_name(make, words):
+    with pytest.raises(OptimizerError, match=words):
+        make()
+
+
+def test_a_state_from_another_mesh_or_model_is_refused_before_any_work():
+    optimizer = sg.optim.AdamW(lr=1e-3)
+    model, _, inputs, loss_fn, program = _setup("world=4,tp=2,ep=2", optimizer)
+    other = sg.compile(model, sg.MeshSpec.parse("world=8,tp=2,ep=4"), inputs, loss_fn, optimizer=optimizer)
+    with pytest.raises(StateError, match="another mesh"):
+        program.simulate_train_step(other.init_states(model)[:4], inputs)
+    stranger, _, _ = shardgraph_entry("tiny_shared", batch_size=8, seq_len=8)
+    with pytest.raises(StateError, match="another model"):
+        program.init_states({n: p.detach() for n, p in stranger.named_parameters() if "embed" not in n})
+    states = program.init_states(model)
+    before = [s.parameters["lm_head.weight"].clone() for s in states]
+    with pytest.raises(ValueError, match="input_ids"):
+        program.simulate_train_step(states, [inputs[0][:, :4]])
+    assert all(torch.equal(s.parameters["lm_head.weight"], b) for s, b in zip(states, before))
