@@ -39,18 +39,22 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     replicate_fallback: bool = False,
     optimizer=None,
     clip_grad_norm: float | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> ShardedProgram:
     """Compile ``model`` for ``mesh``; see ``ShardedProgram`` for what comes back.
 
     With an ``optimizer`` (``shardgraph.optim.SGD`` / ``AdamW``) the program is the whole
     training step, a ``TrainingProgram``: the update, the gradient norm and the clipping
-    (``clip_grad_norm``) are nodes of the graph, placed and lowered like the rest."""
+    (``clip_grad_norm``) are nodes of the graph, placed and lowered like the rest.
+    ``compute_dtype=torch.bfloat16`` computes forward and backward in bf16 from the parameters
+    kept in the model's dtype (fp32 master weights, fp32 gradients and optimizer state)."""
     if not isinstance(mesh, MeshSpec):
         raise TypeError(f"mesh must be a shardgraph.MeshSpec, got {type(mesh).__name__}")
     if mesh.pp != 1:
         raise NotImplementedError(f"pipeline parallelism is not compiled yet (mesh has pp={mesh.pp})")
     _refuse_empty_batch(model, tuple(example_inputs))
-    traced = trace(model, tuple(example_inputs), loss_fn, optimizer=optimizer, clip_grad_norm=clip_grad_norm)
+    traced = trace(model, tuple(example_inputs), loss_fn, optimizer=optimizer, clip_grad_norm=clip_grad_norm,
+                   compute_dtype=compute_dtype)
     _refuse_empty_values(traced)
     program = compile_traced(traced, mesh, plan, batch_sharding=batch_sharding, link=link,
                              replicate_fallback=replicate_fallback)

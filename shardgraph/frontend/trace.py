@@ -117,6 +117,7 @@ class TracedGraph:
     optimizer: Any = None
     clip_grad_norm: float | None = None
     state_slots: list[tuple[str, str]] = field(default_factory=list)
+    compute_dtype: torch.dtype | None = None
 
     def arguments(self, model_or_state: nn.Module | Mapping[str, torch.Tensor], *inputs) -> list[torch.Tensor]:
         """The graph's positional arguments: parameters, buffers, then ``inputs``."""
@@ -507,7 +508,8 @@ def _forward_outputs(output) -> tuple[list[torch.Tensor], list[str]]:
 
 # ----------------------------------------------------------------------------- trace
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Callable | None = None, *,
-          input_names: Sequence[str] | None = None, optimizer=None, clip_grad_norm: float | None = None) -> TracedGraph:
+          input_names: Sequence[str] | None = None, optimizer=None, clip_grad_norm: float | None = None,
+          compute_dtype: torch.dtype | None = None) -> TracedGraph:
     """Trace ``model`` into one functional forward+backward graph (see the module docstring).
 
     ``loss = loss_fn(model(*example_inputs), *example_inputs)`` must be a scalar tensor; the
@@ -517,6 +519,9 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
     takes every trainable parameter's optimizer state, the learning rate and the step number,
     and returns the loss, the new parameters, the new state and the gradient norm before
     clipping (``clip_grad_norm`` clips the gradients as ``torch.nn.utils.clip_grad_norm_``).
+    ``compute_dtype`` (``torch.bfloat16``) runs the forward and backward on copies of the
+    floating-point parameters cast to it, while the parameters themselves (the master weights),
+    their gradients and the optimizer state keep the model's dtype.
     Build the model and inputs on the meta device to trace without allocating weights.
     """
     example_inputs = _checked_arguments(model, example_inputs, loss_fn)
@@ -535,8 +540,10 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
     if clip_grad_norm is not None and optimizer is None:
         raise TraceError("trace: clip_grad_norm clips the gradients an optimizer steps on; pass an optimizer")
     slots = [(n, slot) for n in trainable for slot in optimizer.state_slots()] if optimizer is not None else []
+    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        raise TraceError(f"trace: compute_dtype must be a floating-point torch.dtype, got {compute_dtype!r}")
     step = _Step(model, list(parameters), list(buffers), trainable, loss_fn, len(example_inputs), optimizer,
-                 clip_grad_norm, slots)
+                 clip_grad_norm, slots, compute_dtype)
     gm, expert_modules = _make_joint_graph(model, step, parameters, buffers, example_inputs, trainable, slots,
                                            optimizer is not None)
 
@@ -576,6 +583,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
         optimizer=optimizer,
         clip_grad_norm=clip_grad_norm,
         state_slots=slots,
+        compute_dtype=compute_dtype,
     )
 
 
@@ -599,17 +607,22 @@ class _Step:
     parameters, new state and gradient norm out."""
 
     def __init__(self, model, parameter_names, buffer_names, trainable, loss_fn, batch_count, optimizer=None,
-                 clip_grad_norm=None, slots=()):
+                 clip_grad_norm=None, slots=(), compute_dtype=None):
         self.model, self.parameter_names, self.buffer_names = model, parameter_names, buffer_names
         self.trainable, self.loss_fn, self.batch_count = trainable, loss_fn, batch_count
         self.optimizer, self.clip_grad_norm, self.slots = optimizer, clip_grad_norm, list(slots)
+        self.compute_dtype = compute_dtype
         self.output_paths: list[str] = []
         self.stage = "module '<root>'"  # where the step is when no module is running, for error messages
 
     def __call__(self, *flat):
         count_p, count_b = len(self.parameter_names), len(self.buffer_names)
         params = dict(zip(self.parameter_names, flat[:count_p]))
-        state = {**params, **dict(zip(self.buffer_names, flat[count_p:count_p + count_b]))}
+        # Mixed precision: the model computes with cast copies; autograd carries each gradient back
+        # through the cast, so it arrives in the master weight's dtype.
+        compute = {n: p.to(self.compute_dtype) if self.compute_dtype is not None and p.is_floating_point() else p
+                   for n, p in params.items()}
+        state = {**compute, **dict(zip(self.buffer_names, flat[count_p:count_p + count_b]))}
         batch = flat[count_p + count_b:count_p + count_b + self.batch_count]
         with _AttentionRouting():
             output = functional_call(self.model, state, tuple(batch), tie_weights=True, strict=False)
