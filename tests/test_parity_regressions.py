@@ -98,3 +98,42 @@ def test_a_left_padded_attention_mask_gives_padding_queries_zeros_not_nan(mesh_t
     program = sg.compile(model, sg.MeshSpec.parse(mesh_text), (ids, mask), loss_fn)
     errors, result = parity_errors(program, model, (ids, mask), loss_fn)
     assert torch.isfinite(result.loss) and errors.within(TOLERANCE), errors
+
+
+def _labels_sliced(logits, ids):
+    labels = ids[:, 1:].clone()
+    labels[:, -1] = -100  # select_scatter of a fill: no rule for either before
+    labels[0, :] = -100
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def _labels_masked(logits, ids):
+    labels = ids[:, 1:].clone()
+    labels[labels == 3] = -100  # index_put with a boolean mask
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+@pytest.mark.parametrize("loss_fn", [_labels_sliced, _labels_masked], ids=["sliced", "masked"])
+@pytest.mark.parametrize("mesh_text", ["world=1", "world=4,tp=2,ep=2"])
+def test_a_loss_that_ignores_rows_written_in_place_matches(loss_fn, mesh_text):
+    torch.manual_seed(0)
+    model = MoETransformer(CONFIG)
+    ids = make_batch(CONFIG, 8, 8)
+    program = sg.compile(model, sg.MeshSpec.parse(mesh_text), ids, loss_fn)
+    errors, _ = parity_errors(program, model, ids, loss_fn)
+    assert errors.within(TOLERANCE), errors
+
+
+def test_a_loss_whose_every_label_is_ignored_is_reported_not_returned_as_nan():
+    from shardgraph.runtime.guards import NonFiniteError
+
+    def every_row_ignored(logits, ids):
+        labels = torch.full_like(ids[:, 1:], -100)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    torch.manual_seed(0)
+    model = MoETransformer(CONFIG)
+    ids = make_batch(CONFIG, 8, 8)
+    program = sg.compile(model, sg.MeshSpec.parse("world=4,tp=2,ep=2"), ids, every_row_ignored)
+    with pytest.raises(NonFiniteError, match="loss is nan"):
+        program.run_simulated({n: p.detach() for n, p in model.named_parameters()}, ids)

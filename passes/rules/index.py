@@ -80,3 +80,51 @@ def rule_index(ctx, axis, placements):
         shift = index_ndim - len(touched)
         candidates.append(AxisCandidate((source,) + (R,) * (n - 1), Shard(source.dim + shift)))
     return candidates
+
+
+@register(aten.select_scatter.default, aten.slice_scatter.default, family="scatter_into")
+def rule_scatter_into(ctx, axis, placements):
+    """``self[..., index, ...] = src`` along ``dim``: pieces of self and src line up on any other
+    dim; the written dim must be whole. Linear in both, so partial sums stay partial."""
+    self_placement, source_placement = placements
+    ndim = len(ctx.output_shape)
+    dim = ctx.arg(2, "dim", 0) % ndim
+    selecting = ctx.node.target == aten.select_scatter.default
+    candidates = [AxisCandidate((R, R), R)]
+    if isinstance(self_placement, Shard) and type(self_placement) is Shard:
+        self_dim = self_placement.dim % ndim
+        if self_dim != dim and (selecting or _aligned(ctx, self_dim)):
+            # select_scatter's src lacks the selected dim: dims after it shift down by one.
+            source_dim = self_dim - (1 if selecting and self_dim > dim else 0)
+            candidates.append(AxisCandidate((self_placement, Shard(source_dim)), self_placement))
+    for op in ("sum", "avg"):
+        if Partial(op) in placements:
+            candidates.append(AxisCandidate((Partial(op), Partial(op)), Partial(op), "writing a slice is linear"))
+    return candidates
+
+
+@register(aten.fill.Tensor, aten.fill.Scalar, family="fill")
+def rule_fill(ctx, axis, placements):
+    """Every element becomes the value: a piece of the filled tensor is the filled piece. A
+    partial input is not (each rank would hold the value, summing to n times it)."""
+    candidates = [AxisCandidate((R,) * len(placements), R)]
+    first = placements[0]
+    if first.is_shard():
+        candidates.append(AxisCandidate((first,) + (R,) * (len(placements) - 1), first))
+    return candidates
+
+
+@register(aten.index_put.default, family="index_put")
+def rule_index_put(ctx, axis, placements):
+    """``self[mask] = values`` with one boolean mask shaped like self and a scalar value is
+    elementwise: self and mask split alike. Other indexing is offered whole."""
+    candidates = [AxisCandidate((R,) * len(placements), R)]
+    indices = ctx.arg(1, "indices", ())
+    accumulate = ctx.arg(3, "accumulate", False)
+    mask_only = (len(indices) == 1 and indices[0] is not None and value_of(indices[0]).dtype == torch.bool
+                 and tuple(value_of(indices[0]).shape) == ctx.output_shape)
+    values_scalar = len(ctx.inputs) == 3 and value_of(ctx.inputs[2]).dim() == 0
+    first = placements[0]
+    if mask_only and values_scalar and not accumulate and type(first) is Shard:
+        candidates.append(AxisCandidate((first, first, R), first))
+    return candidates

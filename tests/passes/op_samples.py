@@ -274,6 +274,13 @@ def _indexing(m: _Maker) -> list[Sample]:
             Sample(aten.index.Tensor, (m.f(8, 16), [m.i(4, high=8)])),
             Sample(aten.index.Tensor, (m.f(8, 16, 8), [m.i(4, 2, high=8), m.i(4, 2, high=16)])),
             Sample(aten.index.Tensor, (m.f(8, 16, 8), [None, m.i(8, high=16)])),
+            Sample(aten.select_scatter.default, (m.f(8, 16), m.f(8), 1, 3)),
+            Sample(aten.select_scatter.default, (m.f(8, 16, 8), m.f(8, 8), 1, 5)),
+            Sample(aten.slice_scatter.default, (m.f(8, 16), m.f(8, 4), 1, 4, 8)),
+            Sample(aten.slice_scatter.default, (m.f(16, 8), m.f(8, 8), 0, 8, 16)),
+            Sample(aten.fill.Tensor, (m.f(8, 16), m.f())),
+            Sample(aten.index_put.default, (m.f(8, 16), [m.b(8, 16)], m.f())),
+            Sample(aten.index_put.default, (m.f(8, 16), [m.i(4, high=8)], m.f(4, 16))),
             Sample(aten.embedding.default, (m.f(32, 16), m.i(8, 4, high=32))),
             Sample(aten.embedding_dense_backward.default, (m.f(8, 4, 16), m.i(8, 4, high=32), 32, -1, False))]
 
