@@ -53,21 +53,23 @@ def _reduction(ctx, placement, reduced, keepdim, partial_kind):
     return [AxisCandidate((placement,), _moved(placement, _kept_dim(dim, reduced, keepdim))), AxisCandidate((R,), R)]
 
 
+def _dims_and_keepdim(ctx, whole_op):
+    """(reduced dims, keepdim) of ``sum``/``mean``: the ``.default`` overloads reduce everything."""
+    ndim = len(value_of(ctx.inputs[0]).shape)
+    if ctx.node.target == whole_op:
+        return _reduced_dims(ctx, None, ndim), False
+    return _reduced_dims(ctx, ctx.arg(1, "dim", None), ndim), bool(ctx.arg(2, "keepdim", False))
+
+
 @register(aten.sum.dim_IntList, aten.sum.default, family="sum")
 def rule_sum(ctx, axis, placements):
-    ndim = len(value_of(ctx.inputs[0]).shape)
-    dims = ctx.arg(1, "dim", None) if ctx.node.target != aten.sum.default else None
-    keepdim = bool(ctx.arg(2, "keepdim", False)) if ctx.node.target != aten.sum.default else False
-    return _reduction(ctx, placements[0], _reduced_dims(ctx, dims, ndim), keepdim, "sum")
+    return _reduction(ctx, placements[0], *_dims_and_keepdim(ctx, aten.sum.default), "sum")
 
 
 @register(aten.mean.dim, aten.mean.default, family="mean")
 def rule_mean(ctx, axis, placements):
-    ndim = len(value_of(ctx.inputs[0]).shape)
-    dims = ctx.arg(1, "dim", None) if ctx.node.target != aten.mean.default else None
-    keepdim = bool(ctx.arg(2, "keepdim", False)) if ctx.node.target != aten.mean.default else False
     # Blocks are equal (uneven shards are refused), so the mean of block means is the mean.
-    return _reduction(ctx, placements[0], _reduced_dims(ctx, dims, ndim), keepdim, "avg")
+    return _reduction(ctx, placements[0], *_dims_and_keepdim(ctx, aten.mean.default), "avg")
 
 
 @register(aten.amax.default, aten.amin.default, aten.argmax.default, aten.argmin.default, aten.any.dim,

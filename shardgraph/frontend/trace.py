@@ -37,7 +37,7 @@ differ per device and carry kernel-specific state to their backward ops. A call 
 explicit ``attn_mask`` is written as matmul + softmax, which a placement rule can follow
 whatever the mask's shape; attention dropout is refused (a traced step is deterministic). HF
 models given no position ids trace without a mask, as they run eagerly: see
-``_positions_not_packed``. HF models (wrapped or not) run with ``use_cache=False`` (a training
+``positions_not_packed``. HF models (wrapped or not) run with ``use_cache=False`` (a training
 step keeps no KV cache), and recognised expert modules run through their adapters
 (``adapters.py``). A small decomposition table (``DECOMPOSITIONS``) rewrites a few composite ops
 (layer norm, ``logsumexp``, ``baddbmm``, vector norms, ...) into the ops listed in
@@ -46,30 +46,27 @@ step keeps no KV cache), and recognised expert modules run through their adapter
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import linecache
-import math
 import operator
 import re
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx.traceback as fx_traceback
-import torch.nn.functional as F
 from torch import nn
 from torch._decomp import get_decompositions
 from torch.func import functional_call, functionalize
 from torch.fx import GraphModule, Node
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot, make_fx
-from torch.overrides import TorchFunctionMode
 
 from .. import meta
 from ..meta import GraphInput, InputKind, OutputRole, Phase
 from .adapters import adapters_installed
+from .context import AttentionRouting, ModuleTracker, positions_not_packed, without_kv_cache
 from .errors import AdapterError, TraceError
 
 __all__ = ["TraceError", "TracedGraph", "OutputRole", "trace", "op_histogram", "DECOMPOSITIONS"]
@@ -146,191 +143,6 @@ class TracedGraph:
         if not self.has_loss:
             return tuple(outputs)
         return outputs[0], dict(zip(self.gradient_names, outputs[1:]))
-
-
-# ----------------------------------------------------------------------------- tracing context
-def _attention_as_matmul(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                         enable_gqa=False):
-    """``F.scaled_dot_product_attention`` written with matmul and softmax (its math definition)."""
-    if dropout_p:
-        raise TraceError(f"attention dropout (p={dropout_p}) draws random numbers; a traced step must be "
-                         f"deterministic: set the attention dropout to 0 or put the model in eval mode")
-    query_length, key_length = query.shape[-2], key.shape[-2]
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        # Each key/value head serves query_heads / kv_heads consecutive query heads.
-        repeat = query.shape[-3] // key.shape[-3]
-
-        def widen(t):
-            return t.unsqueeze(-3).expand(*t.shape[:-2], repeat, *t.shape[-2:]).reshape(
-                *t.shape[:-3], t.shape[-3] * repeat, *t.shape[-2:])
-
-        key, value = widen(key), widen(value)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
-    if is_causal:
-        future = torch.ones(query_length, key_length, dtype=torch.bool, device=query.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
-    if attn_mask is None:
-        return torch.matmul(torch.softmax(scores, dim=-1), value)
-    if attn_mask.dtype == torch.bool:
-        scores = scores.masked_fill(attn_mask.logical_not(), float("-inf"))
-    else:
-        scores = scores + attn_mask
-    # A query whose every key is masked (a left-padding position) gets zeros, as torch's own
-    # attention gives it, not 0/0. Its scores are zeroed before the softmax so that the backward,
-    # too, stays finite for that row.
-    masked_row = scores.eq(float("-inf")).all(dim=-1, keepdim=True)
-    probabilities = torch.softmax(scores.masked_fill(masked_row, 0.0), dim=-1).masked_fill(masked_row, 0.0)
-    return torch.matmul(probabilities, value)
-
-
-def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """``F.scaled_dot_product_attention`` as ``shardgraph.attention`` where there is no mask."""
-    if attn_mask is not None or dropout_p or query.dim() != 4:
-        return _attention_as_matmul(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    from ..ops import attention  # noqa: F401 - registers torch.ops.shardgraph.attention
-
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    gqa = bool(enable_gqa) and key.shape[-3] != query.shape[-3]
-    return torch.ops.shardgraph.attention(query, key, value, bool(is_causal), scale, gqa)
-
-
-class _AttentionRouting(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return _attention(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def _depends_on_no_input(tensor: torch.Tensor) -> bool:
-    """Whether a value being traced is computed from no graph input: a function of shapes alone."""
-    mode = get_proxy_mode()
-    slot = get_proxy_slot(tensor, mode.tracer, None) if mode is not None else None
-    if slot is None:
-        return False
-    pending, seen = [slot.proxy.node], set()
-    while pending:
-        node = pending.pop()
-        if node.op == "placeholder":
-            return False
-        for source in node.all_input_nodes:
-            if source not in seen:
-                seen.add(source)
-                pending.append(source)
-    return True
-
-
-@contextlib.contextmanager
-def _positions_not_packed() -> Iterator[None]:
-    """HF transformers' packed-sequence check, answered for position ids the model made itself.
-
-    Given no ``attention_mask``, HF masks look for packed sequences (several per row) in the
-    position ids; on fake tensors that check cannot read values, so HF builds an explicit boolean
-    mask, which rules out the fused attention op. Position ids computed from no batch input are
-    the ones the model makes itself when it is given none, ``arange(seq)`` per row: one sequence
-    per row, never packed, so "not packed" (what the eager check returns for them) is right, and
-    HF calls attention with ``is_causal=True`` and no mask, as it does eagerly. Position ids that
-    come from the batch (under any argument name) keep HF's own check, and so their mask: a
-    packed batch needs it.
-    """
-    try:
-        from transformers import masking_utils as module
-    except ImportError:
-        module = None
-    if module is None or not hasattr(module, "find_packed_sequence_indices"):
-        yield
-        return
-    original = module.find_packed_sequence_indices
-
-    def find_packed_sequence_indices(position_ids):
-        return None if _depends_on_no_input(position_ids) else original(position_ids)
-
-    module.find_packed_sequence_indices = find_packed_sequence_indices
-    try:
-        yield
-    finally:
-        module.find_packed_sequence_indices = original
-
-
-@contextlib.contextmanager
-def _without_kv_cache(model: nn.Module) -> Iterator[None]:
-    """``config.use_cache = False`` on the model and on every HF model inside it, then restored.
-
-    An HF model wrapped in a user module still builds a ``DynamicCache`` from its own config;
-    with a cache HF skips its packed-sequence check on the position ids, so the traced masks
-    would depend on how the model is wrapped.
-    """
-    configs = {}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "use_cache"):
-            configs[id(config)] = config
-    previous = {key: config.use_cache for key, config in configs.items()}
-    for config in configs.values():
-        config.use_cache = False
-    try:
-        yield
-    finally:
-        for key, config in configs.items():
-            config.use_cache = previous[key]
-
-
-class _ModuleTracker:
-    """Which module is running: for error messages, and for each forward node's module stack.
-
-    ``make_fx`` records ``nn_module_stack`` only for modules it reaches from a module root; the
-    traced root here is a step function, so the hooks note how many graph nodes exist whenever
-    a module is entered or left, and ``annotate`` gives each forward node the modules that were
-    open when it was created, in ``nn_module_stack``'s format ``{path: (path, class)}``.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.stack: list[str] = []
-        self.events: list[tuple[int, tuple[str, ...]]] = []
-        self.classes: dict[str, str] = {}
-        self.handles = []
-        for path, module in model.named_modules():
-            path = path or "<root>"
-            self.classes[path] = f"{type(module).__module__}.{type(module).__qualname__}"
-            self.handles.append(module.register_forward_pre_hook(self._enter_hook(path)))
-            self.handles.append(module.register_forward_hook(self._leave_hook()))
-
-    def _note(self) -> None:
-        mode = get_proxy_mode()
-        if mode is not None:
-            self.events.append((len(mode.tracer.graph.nodes), tuple(self.stack)))
-
-    # Hooks return None: a forward hook's return value would replace the module's output.
-    def _enter_hook(self, path: str):
-        def hook(module, args):
-            self.stack.append(path)
-            self._note()
-
-        return hook
-
-    def _leave_hook(self):
-        def hook(module, args, output):
-            if self.stack:
-                self.stack.pop()
-            self._note()
-
-        return hook
-
-    def annotate(self, gm: GraphModule) -> None:
-        events = iter(self.events)
-        upcoming = next(events, None)
-        open_modules: tuple[str, ...] = ()
-        for index, node in enumerate(gm.graph.nodes):
-            while upcoming is not None and upcoming[0] <= index:
-                open_modules = upcoming[1]
-                upcoming = next(events, None)
-            if node.op == "call_function" and open_modules:
-                meta.set_module_stack(node, {path: (path, self.classes[path]) for path in open_modules})
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 # ----------------------------------------------------------------------------- error messages
@@ -524,6 +336,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
     their gradients and the optimizer state keep the model's dtype.
     Build the model and inputs on the meta device to trace without allocating weights.
     """
+    # Over 60 lines only by its docstring: each step below is one call, in the order they run.
     example_inputs = _checked_arguments(model, example_inputs, loss_fn)
     parameters = dict(model.named_parameters())  # tied weights appear once, under their first name
     buffers = dict(model.named_buffers())
@@ -535,35 +348,21 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
     if len(devices) > 1:
         raise TraceError(f"trace: parameters, buffers and inputs are on several devices {sorted(map(str, devices))}; "
                          f"put them on one (torch.device('meta') to trace without memory)")
-    if optimizer is not None and loss_fn is None:
-        raise TraceError("trace: an optimizer needs a loss_fn to step on")
-    if clip_grad_norm is not None and optimizer is None:
-        raise TraceError("trace: clip_grad_norm clips the gradients an optimizer steps on; pass an optimizer")
+    _check_step_options(loss_fn, optimizer, clip_grad_norm, compute_dtype)
     slots = [(n, slot) for n in trainable for slot in optimizer.state_slots()] if optimizer is not None else []
-    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
-        raise TraceError(f"trace: compute_dtype must be a floating-point torch.dtype, got {compute_dtype!r}")
     step = _Step(model, list(parameters), list(buffers), trainable, loss_fn, len(example_inputs), optimizer,
                  clip_grad_norm, slots, compute_dtype)
     gm, expert_modules = _make_joint_graph(model, step, parameters, buffers, example_inputs, trainable, slots,
                                            optimizer is not None)
 
     _refuse_random_ops(gm)
-    labels = ([("parameter", n) for n in parameters] + [("buffer", n) for n in buffers]
-              + [("input", n) for n in names] + [("optimizer state", f"{n}:{slot}") for n, slot in slots])
-    if optimizer is not None:
-        labels += [("scalar", "lr"), ("scalar", "step")]
+    labels = _labels(parameters, buffers, names, slots, optimizer is not None)
     if any(_is_mutating(n) for n in gm.graph.nodes):
         _refuse_input_mutation(gm, labels)
         gm = _functionalize(gm)
     _drop_identities(gm)
     _label_placeholders(gm, labels, {f"{n}:{slot}": n for n, slot in slots})
-    if loss_fn is None:
-        roles = [OutputRole("output", path=p) for p in step.output_paths]
-    elif optimizer is not None:
-        roles = ([OutputRole("loss")] + [OutputRole("param", n) for n in trainable]
-                 + [OutputRole("state", n, slot) for n, slot in slots] + [OutputRole("metric", path="grad_norm")])
-    else:
-        roles = [OutputRole("loss")] + [OutputRole("grad", n) for n in trainable]
+    roles = _roles(step)
     meta.set_output_roles(gm, roles)
     _mark_phases(gm)
     return TracedGraph(
@@ -585,6 +384,33 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
         state_slots=slots,
         compute_dtype=compute_dtype,
     )
+
+
+def _check_step_options(loss_fn, optimizer, clip_grad_norm, compute_dtype) -> None:
+    if optimizer is not None and loss_fn is None:
+        raise TraceError("trace: an optimizer needs a loss_fn to step on")
+    if clip_grad_norm is not None and optimizer is None:
+        raise TraceError("trace: clip_grad_norm clips the gradients an optimizer steps on; pass an optimizer")
+    if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
+        raise TraceError(f"trace: clip_grad_norm must be a positive number, got {clip_grad_norm!r}")
+    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        raise TraceError(f"trace: compute_dtype must be a floating-point torch.dtype, got {compute_dtype!r}")
+
+
+def _labels(parameters, buffers, names, slots, scalars: bool) -> list[tuple[str, str]]:
+    """(kind, name) of every placeholder, in the step's argument order."""
+    labels = ([("parameter", n) for n in parameters] + [("buffer", n) for n in buffers]
+              + [("input", n) for n in names] + [("optimizer state", f"{n}:{slot}") for n, slot in slots])
+    return labels + ([("scalar", "lr"), ("scalar", "step")] if scalars else [])
+
+
+def _roles(step: "_Step") -> list[OutputRole]:
+    if step.loss_fn is None:
+        return [OutputRole("output", path=p) for p in step.output_paths]
+    if step.optimizer is not None:
+        return ([OutputRole("loss")] + [OutputRole("param", n) for n in step.trainable]
+                + [OutputRole("state", n, slot) for n, slot in step.slots] + [OutputRole("metric", path="grad_norm")])
+    return [OutputRole("loss")] + [OutputRole("grad", n) for n in step.trainable]
 
 
 def _checked_arguments(model, example_inputs, loss_fn) -> tuple:
@@ -624,7 +450,7 @@ class _Step:
                    for n, p in params.items()}
         state = {**compute, **dict(zip(self.buffer_names, flat[count_p:count_p + count_b]))}
         batch = flat[count_p + count_b:count_p + count_b + self.batch_count]
-        with _AttentionRouting():
+        with AttentionRouting():
             output = functional_call(self.model, state, tuple(batch), tie_weights=True, strict=False)
             if self.loss_fn is None:
                 tensors, paths = _forward_outputs(output)
@@ -688,10 +514,10 @@ def _make_joint_graph(model, step: _Step, parameters, buffers, example_inputs, t
                       for name, _ in slots]
         if scalars:
             arguments += [torch.zeros((), dtype=torch.float64, device=leaves[0].device) for _ in range(2)]
-    tracker = _ModuleTracker(model)
+    tracker = ModuleTracker(model)
     modules = {path or "<root>": module for path, module in model.named_modules()}
     try:
-        with adapters_installed(model) as expert_modules, _without_kv_cache(model), _positions_not_packed(), \
+        with adapters_installed(model) as expert_modules, without_kv_cache(model), positions_not_packed(), \
                 torch.enable_grad():
             gm = make_fx(step, tracing_mode="fake", decomposition_table=DECOMPOSITIONS, record_module_stack=True,
                          record_stack_traces=True)(*arguments)

@@ -209,15 +209,6 @@ def _group_broadcast(axis, group, tensors, source_index):
     return [source.clone() for _ in group], sent, received
 
 
-_GROUP_KERNELS = {
-    "all_reduce": _group_all_reduce,
-    "all_gather": _group_all_gather,
-    "reduce_scatter": _group_reduce_scatter,
-    "all_to_all": _group_all_to_all,
-    "broadcast": _group_broadcast,
-}
-
-
 # ---------------------------------------------------------------------------------- simulator
 class Simulator:
     """All ranks of ``mesh`` in one process. See the module docstring."""
