@@ -325,6 +325,11 @@ def _place_per_axis(node: Node, registered, inputs, input_shardings, view: View,
     return Decision(output, view, required, reason, tuple(alternatives))
 
 
+# (shape, placements per axis, mesh) -> whether it splits evenly: the same few shapes and
+# placements recur in every layer, and local_shape is the sweep's costliest call.
+_EVEN_SPLITS: dict = {}
+
+
 def _even_split_check(ctx: RuleContext, axis: str, per_axis_in: dict, per_axis_out: dict):
     """Whether a candidate on ``axis``, with the placements chosen on the axes before it, splits
     every input it asks for and every output evenly. A rule sees one axis at a time, so a shard
@@ -334,12 +339,16 @@ def _even_split_check(ctx: RuleContext, axis: str, per_axis_in: dict, per_axis_o
     def splits(found, placements: dict) -> bool:
         if not isinstance(found, torch.Tensor) or found.dim() == 0:
             return True
-        sharding = _as_sharding(tuple(placements), placements)
-        try:
-            local_shape(tuple(found.shape), sharding, ctx.mesh)
-        except ShardingError:
-            return False
-        return True
+        if not any(p is not None and p.is_shard() for p in placements.values()):
+            return True
+        key = (tuple(found.shape), tuple(placements.items()), ctx.mesh)
+        if key not in _EVEN_SPLITS:
+            try:
+                local_shape(key[0], _as_sharding(tuple(placements), placements), ctx.mesh)
+                _EVEN_SPLITS[key] = True
+            except ShardingError:
+                _EVEN_SPLITS[key] = False
+        return _EVEN_SPLITS[key]
 
     def fits(candidate) -> bool:
         for i, producer in enumerate(ctx.inputs):
