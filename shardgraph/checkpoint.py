@@ -28,6 +28,14 @@ back). Saving refuses, naming what it found:
 The file is written under a temporary name in the same directory and renamed over the old one
 (``os.replace``), so a crash mid-write leaves the previous checkpoint whole.
 
+Training state: ``save_train_state`` writes a gathered ``TrainState`` (``program.gather_state``:
+full parameters, every optimizer slot, the step) and a caller's JSON metadata (a data position,
+say) into ``train_state.safetensors``, one file so that one atomic rename replaces all of it.
+Parameters keep their own names, so ``load_local`` reads a rank's slices of the weights from it
+like from any checkpoint; optimizer slots are ``"{parameter}:{slot}"``, the names the training
+graph gives their inputs. ``load_train_state`` returns the full state, which any program loads
+whatever its mesh (``init_state`` / ``init_states``).
+
 DTensor: ``to_dtensor`` wraps a local piece as a DTensor on a DeviceMesh laid out like the
 mesh view, for torch.distributed.checkpoint; ``InterleavedShard`` has no DTensor form and is
 refused with a pointer to the safetensors path.
@@ -54,6 +62,9 @@ __all__ = [
     "load_local",
     "load_buffers",
     "save_checkpoint",
+    "save_train_state",
+    "load_train_state",
+    "TRAIN_STATE_FILE",
     "shard_optimizer_state",
     "to_dtensor",
     "device_mesh_for",
@@ -297,25 +308,31 @@ def _refuse_other_layout(directory: str, tensors: Mapping[str, torch.Tensor]) ->
     if shards:
         raise CheckpointError(f"{directory} holds other safetensors files {shards[:4]}; save into an empty directory "
                               f"rather than mix two checkpoints")
-    existing = os.path.join(directory, "model.safetensors")
-    if os.path.exists(existing):
-        old, new = _written_layout(existing), _layout(tensors)
-        if old != new:
-            differences = [f"{key!r} {old.get(key, 'absent')} -> {new.get(key, 'absent')}"
-                           for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
-            raise CheckpointError(
-                f"{existing} is a checkpoint of another layout ({len(differences)} keys differ: "
-                f"{'; '.join(differences[:4])}{' ...' if len(differences) > 4 else ''}); overwriting it would replace "
-                f"another model's checkpoint: save into an empty directory or remove it first")
+    _refuse_layout_change(os.path.join(directory, "model.safetensors"), tensors)
 
 
-def _write_atomically(tensors: Mapping[str, torch.Tensor], path: str) -> None:
+def _refuse_layout_change(existing: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse to overwrite a file holding other keys, shapes or dtypes: that is another model's."""
+    if not os.path.exists(existing):
+        return
+    old, new = _written_layout(existing), _layout(tensors)
+    if old != new:
+        differences = [f"{key!r} {old.get(key, 'absent')} -> {new.get(key, 'absent')}"
+                       for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+        raise CheckpointError(
+            f"{existing} is a checkpoint of another layout ({len(differences)} keys differ: "
+            f"{'; '.join(differences[:4])}{' ...' if len(differences) > 4 else ''}); overwriting it would replace "
+            f"another model's checkpoint: save into an empty directory or remove it first")
+
+
+def _write_atomically(tensors: Mapping[str, torch.Tensor], path: str,
+                      metadata: Mapping[str, str] | None = None) -> None:
     """Write to a temporary name in the same directory, flush it to disk, then rename over ``path``."""
     from safetensors.torch import save_file
 
     temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        save_file(dict(tensors), temporary, metadata={"format": "pt"})
+        save_file(dict(tensors), temporary, metadata={"format": "pt", **(metadata or {})})
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -400,6 +417,67 @@ def load_buffers(path_or_index, program, rank: int | None = None) -> dict[str, t
         return full
     return {name: shard(value, program.buffer_sharding(name), program.mesh, rank, name=name)
             for name, value in full.items()}
+
+
+TRAIN_STATE_FILE = "train_state.safetensors"
+# The safetensors header metadata key holding the step and the caller's metadata, as JSON: its
+# presence is what tells a training state from a model checkpoint.
+_TRAIN_STATE_METADATA = "shardgraph.train_state"
+
+
+def save_train_state(state, directory: str, metadata: Mapping | None = None) -> str:
+    """Write a gathered ``TrainState`` and JSON-serialisable ``metadata`` to ``directory/train_state.safetensors``.
+
+    The write is atomic (temporary name, fsync, rename), so a crash mid-save leaves the previous
+    state whole; a file there of another layout (another model or optimizer) is refused.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in state.parameters.items():
+        if ":" in name:
+            raise CheckpointError(f"parameter name {name!r} holds ':', which separates optimizer slots in the file")
+        tensors[name] = value.detach().cpu().contiguous()
+    for name, slots in state.optimizer.items():
+        if name not in state.parameters:
+            raise CheckpointError(f"optimizer state for {name!r}, which is not a parameter of the state")
+        for slot, value in slots.items():
+            tensors[f"{name}:{slot}"] = value.detach().cpu().contiguous()
+    try:
+        header = json.dumps({"step": int(state.step), "metadata": dict(metadata or {})})
+    except TypeError as error:
+        raise CheckpointError(f"save_train_state: metadata must be JSON-serialisable ({error})") from error
+    path = os.path.join(directory, TRAIN_STATE_FILE)
+    _refuse_layout_change(path, tensors)
+    os.makedirs(directory, exist_ok=True)
+    _write_atomically(tensors, path, {_TRAIN_STATE_METADATA: header})
+    return path
+
+
+def load_train_state(path: str):
+    """``(TrainState, metadata)`` from ``save_train_state``'s file or its directory; full tensors on the CPU."""
+    from safetensors import safe_open
+
+    from .training import TrainState
+
+    if os.path.isdir(path):
+        path = os.path.join(path, TRAIN_STATE_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"no training state at {path} (save_train_state writes {TRAIN_STATE_FILE})")
+    with safe_open(path, "pt") as handle:
+        header = (handle.metadata() or {}).get(_TRAIN_STATE_METADATA)
+        if header is None:
+            raise CheckpointError(f"{path} is a model checkpoint, not a training state (no optimizer state or step): "
+                                  f"load its weights with load_local")
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    recorded = json.loads(header)
+    parameters = {key: value for key, value in tensors.items() if ":" not in key}
+    optimizer: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if ":" in key:
+            name, slot = key.rsplit(":", 1)
+            if name not in parameters:
+                raise CheckpointError(f"{path}: optimizer state {key!r} belongs to no parameter in the file")
+            optimizer.setdefault(name, {})[slot] = value
+    return TrainState(parameters, optimizer, int(recorded["step"])), recorded["metadata"]
 
 
 def shard_optimizer_state(state: Mapping[str, Mapping[str, torch.Tensor]], program, rank: int):

@@ -225,3 +225,72 @@ def test_loading_buffers_from_a_checkpoint_without_them_is_refused_by_name(tmp_p
     save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"buffer 'layers.0.moe.expert_bias' is missing"):
         load_buffers(str(tmp_path), program)
+
+
+# ----------------------------------------------------------------------------- training state
+def adam_state(model, step=3, seed=5):
+    """A full TrainState of ``model`` with made-up moments, as ``gather_state`` returns one."""
+    from shardgraph.training import TrainState
+
+    generator = torch.Generator().manual_seed(seed)
+    parameters = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = {n: {"exp_avg": torch.randn(p.shape, generator=generator),
+                     "exp_avg_sq": torch.rand(p.shape, generator=generator)} for n, p in parameters.items()}
+    return TrainState(parameters, optimizer, step)
+
+
+def test_a_training_state_round_trips_bit_exactly_and_its_weights_load_per_rank(mixtral_program, saved, tmp_path):
+    from shardgraph.checkpoint import TRAIN_STATE_FILE, load_train_state, save_train_state
+
+    model, _ = saved
+    program, pieces = mixtral_program
+    state = adam_state(model)
+    path = save_train_state(state, str(tmp_path), {"data_position": 96, "mesh": "world=4,tp=2,ep=2"})
+    assert path == str(tmp_path / TRAIN_STATE_FILE)
+    loaded, metadata = load_train_state(str(tmp_path))
+    assert metadata == {"data_position": 96, "mesh": "world=4,tp=2,ep=2"} and loaded.step == 3
+    assert set(loaded.parameters) == set(state.parameters) and set(loaded.optimizer) == set(state.optimizer)
+    for name, value in state.parameters.items():
+        assert torch.equal(loaded.parameters[name], value), name
+        for slot in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(loaded.optimizer[name][slot], state.optimizer[name][slot]), (name, slot)
+    # The weights keep their names, so a rank reads just its slices as from any checkpoint.
+    index = CheckpointIndex(path)
+    for rank in program.mesh.ranks:
+        local = load_local(index, program, rank)
+        assert all(torch.equal(local[n], pieces[rank][n]) for n in program.parameter_names), rank
+
+
+def test_a_failed_training_state_write_leaves_the_previous_one_and_another_models_is_refused(saved, tmp_path,
+                                                                                             monkeypatch):
+    import safetensors.torch
+
+    from shardgraph.checkpoint import load_train_state, save_train_state
+
+    model, _ = saved
+    save_train_state(adam_state(model, step=3), str(tmp_path), {"data_position": 1})
+    before = (tmp_path / "train_state.safetensors").read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save_file", crash)
+        with pytest.raises(OSError, match="disk full"):
+            save_train_state(adam_state(model, step=4), str(tmp_path), {"data_position": 2})
+    assert (tmp_path / "train_state.safetensors").read_bytes() == before
+    other, _ = titan_with_bias()
+    with pytest.raises(CheckpointError, match=r"is a checkpoint of another layout"):
+        save_train_state(adam_state(other), str(tmp_path))
+    assert (tmp_path / "train_state.safetensors").read_bytes() == before
+    assert load_train_state(str(tmp_path))[0].step == 3
+
+
+def test_a_model_checkpoint_is_not_read_as_a_training_state(saved, tmp_path):
+    from shardgraph.checkpoint import load_train_state
+
+    _, directory = saved
+    with pytest.raises(CheckpointError, match="no training state at"):
+        load_train_state(directory)
+    with pytest.raises(CheckpointError, match="is a model checkpoint, not a training state"):
+        load_train_state(directory + "/model.safetensors")
