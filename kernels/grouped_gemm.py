@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import threading
 from typing import NamedTuple
 
 import torch
@@ -201,6 +202,9 @@ def _wgrad_plan(left, right, dw, offsets, num_groups, requested) -> _Plan:
 # ----------------------------------------------------------------------------------------------
 
 
+_FIRST_CALL_LOCK = threading.Lock()
+
+
 def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specialization):
     """Launch ``kernel`` for problem ``key``. ``specialization`` holds every argument property the
     compiled kernel may depend on that ``key`` does not already fix: the row count's, and those
@@ -208,8 +212,11 @@ def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specializa
     config = _forced.get(kernel) or CACHES.tuned.get((kernel, key))
     if config is None:
         # First call for this key: autotune, the configurations' pre-hooks sizing the descriptors.
-        kernel[lambda meta: grid_of(meta)](*make_descriptors(None), *args, **constexprs)
-        CACHES.tuned[(kernel, key)] = kernel.best_config
+        # Triton's autotuner keeps per-call state on the kernel object, so callers on several
+        # threads (the simulator runs one per rank) tune one at a time.
+        with _FIRST_CALL_LOCK:
+            kernel[lambda meta: grid_of(meta)](*make_descriptors(None), *args, **constexprs)
+            CACHES.tuned[(kernel, key)] = kernel.best_config
         return
     blocks = config.kwargs
     descriptors = make_descriptors(blocks)
@@ -224,7 +231,8 @@ def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specializa
     compiled_key = (kernel, key, specialization)
     cached = CACHES.compiled.get(compiled_key)
     if cached is None or cached[0] is not config:
-        compiled = kernel.fn.run(*runtime_args, grid=grid, warmup=False, **constexprs, **config.all_kwargs())
+        with _FIRST_CALL_LOCK:
+            compiled = kernel.fn.run(*runtime_args, grid=grid, warmup=False, **constexprs, **config.all_kwargs())
         # The compiled kernel takes every parameter in signature order, constexprs included (as
         # the JIT passes them): runtime arguments, then the constexprs, then the configuration's.
         trailing = (*constexprs.values(), *blocks.values())
