@@ -7,8 +7,13 @@
 ``lowered.py``           the SPMD program every rank runs, collectives marked ``# COLLECTIVE``
 ``lowered_rank{r}.txt``  for each rank: its coordinates and the local shape of every value
 ``report.json``          the placement report (``shardgraph.report``)
-``graph.html``           an SVG drawing of the lowered program; collectives in red, MoE steps in
-                         blue; graphs over ``collapse_above`` nodes are drawn one box per layer
+``graph.html``           the lowered program, one box per layer and inside it one per block
+                         (attention, router, experts, norm, gradient sync ...; ``report.node_groups``
+                         says where each node belongs), a chip per node in execution order:
+                         collectives red, expert steps blue, gradients green; hover a chip for its
+                         local shape, bytes and placement. Over ``collapse_above`` nodes only the
+                         first two layers and what lies outside the layers start open
+``memory_communication.png``  memory and communication per rank and per layer, as bar charts
 
 and returns the list of paths written.
 """
@@ -21,13 +26,28 @@ import os
 import re
 from collections import defaultdict
 
-import networkx as nx
 from torch.fx import GraphModule
 
 from . import meta
+from .fx_graph import op_name
+from .meta import InputKind
 from .placement import local_shape
+from .png import Canvas, Series, stacked_bars, unit_for
+from .report import (
+    BLOCKS,
+    OUTSIDE_LAYERS,
+    NodeGroup,
+    _bytes,
+    _phase,
+    local_pieces,
+    memory_walk,
+    node_groups,
+    sorted_layers,
+)
 
-__all__ = ["dump_program"]
+__all__ = ["dump_program", "memory_communication_png", "PNG_NAME"]
+
+PNG_NAME = "memory_communication.png"
 
 
 def _code_with_comments(gm: GraphModule, comment) -> str:
@@ -84,7 +104,7 @@ def _rank_table(program, rank: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _kind(node) -> str:
+def _kind(node, group: NodeGroup) -> str:
     record = meta.collective(node)
     if record is not None and record.communicates:
         return "collective"
@@ -92,60 +112,168 @@ def _kind(node) -> str:
         return "moe"
     if node.op == "placeholder":
         return "input"
-    return "op"
+    return "gradient" if group.gradient else "op"
 
 
-_COLOURS = {"collective": "#d62728", "moe": "#1f77b4", "input": "#7f7f7f", "op": "#dddddd"}
+def _label(node) -> str:
+    """A chip's short text: the collective and its axis, a parameter's last names, or the op."""
+    record = meta.collective(node)
+    if record is not None:
+        return f"{record.kind.value}[{record.axis}]"
+    if node.op == "placeholder":
+        return ".".join(meta.display_name(node).split(".")[-2:])
+    return op_name(node.target).removeprefix("shardgraph.").removesuffix(".default")
 
 
-def _layer_key(node) -> str:
-    return meta.layer(node) or "other"
+def _tooltip(node, pieces, allocated: int) -> str:
+    shapes = ", ".join("x".join(map(str, p[0])) or "scalar" for p in pieces if p is not None)
+    lines = [f"{meta.display_name(node)} ({op_name(node.target) if node.op == 'call_function' else node.op})"]
+    if shapes:
+        lines.append(f"local {shapes}; allocates {_bytes(allocated)} per rank")
+    sharding = meta.sharding(node)
+    if sharding is not None:
+        lines.append(repr(sharding))
+    record = meta.collective(node)
+    if record is not None:
+        lines.append(f"{record.kind.value} over {record.axis}, {_bytes(record.bytes)} sent per rank: "
+                     f"{record.purpose.value}"
+                     + (f" ({record.detail})" if record.detail else ""))
+    return "\n".join(lines)
 
 
-def _svg(gm: GraphModule, collapse_above: int) -> str:
-    nodes = [n for n in gm.graph.nodes if n.op != "output"]
-    graph = nx.DiGraph()
-    collapsed = len(nodes) > collapse_above
-    if collapsed:
-        counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for node in nodes:
-            counts[_layer_key(node)][_kind(node)] += 1
-        previous = None
-        for key in sorted(counts, key=lambda k: (k == "other", int(k.split(".")[1]) if k != "other" else 0)):
-            graph.add_node(key, label=key + ": " + ", ".join(f"{v} {k}" for k, v in sorted(counts[key].items())),
-                           kind="collective" if counts[key].get("collective") else "op")
-            if previous is not None:
-                graph.add_edge(previous, key)
-            previous = key
-    else:
-        for node in nodes:
-            record = meta.collective(node)
-            label = node.name if record is None else f"{record.kind.value}[{record.axis}] {node.name}"
-            graph.add_node(node.name, label=label, kind=_kind(node))
-        for node in nodes:
-            for source in node.all_input_nodes:
-                if source.op != "output" and source.name in graph:
-                    graph.add_edge(source.name, node.name)
-    generations = list(nx.topological_generations(graph))
-    position = {}
-    for column, generation in enumerate(generations):
-        for row, name in enumerate(sorted(generation)):
-            position[name] = (40 + column * 190, 30 + row * 34)
-    width = 80 + 190 * max(len(generations), 1)
-    height = 60 + 34 * max((len(g) for g in generations), default=1)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="monospace" font-size="10">']
-    for source, target in graph.edges:
-        (x1, y1), (x2, y2) = position[source], position[target]
-        parts.append(f'<line x1="{x1 + 170}" y1="{y1 + 10}" x2="{x2}" y2="{y2 + 10}" stroke="#999" stroke-width="0.6"/>')
-    for name, data in graph.nodes(data=True):
-        x, y = position[name]
-        colour = _COLOURS[data["kind"]]
-        text_colour = "#fff" if data["kind"] in ("collective", "moe") else "#000"
-        label = html.escape(data["label"][:30])
-        parts.append(f'<g><title>{html.escape(data["label"])}</title><rect x="{x}" y="{y}" width="170" height="20" rx="3" '
-                     f'fill="{colour}"/><text x="{x + 4}" y="{y + 14}" fill="{text_colour}">{label}</text></g>')
-    parts.append("</svg>")
-    return "\n".join(parts)
+_STYLE = """
+body{font:13px sans-serif;margin:14px;background:#fafafa;color:#222}
+h2{margin:0 0 4px;font-size:18px} .muted{color:#666}
+.top{display:flex;gap:20px;align-items:flex-start;flex-wrap:wrap}
+.top img{border:1px solid #ccc;background:#fff;max-width:720px;width:48%}
+.legend span.n{margin-right:2px}
+details.layer{background:#fff;border:1px solid #bbb;border-radius:6px;margin:8px 0;padding:4px 8px}
+details.layer>summary{cursor:pointer;padding:2px 0}
+details.layer>summary b{font-size:14px}
+.blocks{display:flex;flex-wrap:wrap;gap:6px;margin:4px 0 2px}
+.block{border:1px solid #c8c8c8;border-radius:5px;padding:3px 5px;flex:1 1 200px;max-width:520px}
+.block h4{margin:0 0 2px;font-size:12px} .block h4 small{font-weight:normal;color:#555}
+.phase{font-size:10px;color:#777;margin:2px 0 0}
+.n{display:inline-block;font:10px monospace;padding:0 3px;margin:1px;border-radius:3px;background:#e2e2e2;
+  white-space:nowrap}
+.n.collective{background:#d62728;color:#fff} .n.moe{background:#1f77b4;color:#fff}
+.n.input{background:#7f7f7f;color:#fff} .n.gradient{background:#c7e9c0}
+.b-norm{background:#f6f6f6} .b-attention{background:#eaf2fc} .b-router{background:#fff3df}
+.b-experts{background:#e8f4fb} .b-dense{background:#f4effa} .b-embedding,.b-head{background:#fbeef1}
+.b-gradient-sync{background:#fdeaea} .b-optimizer{background:#eaf8f6} .b-inputs{background:#f0f0f0}
+"""
+
+_LEGEND = ("<p class='legend'><span class='n collective'>collective</span> <span class='n moe'>expert step</span> "
+           "<span class='n gradient'>gradient</span> <span class='n input'>input</span> <span class='n'>op</span> "
+           "&nbsp; hover a chip for its local shape, bytes and placement; blocks run forward, then backward</p>")
+
+
+def _section_summary(key: str, row: dict, nodes: int) -> str:
+    return (f"<b>{html.escape(key)}</b> <span class='muted'>{nodes} nodes &middot; "
+            f"parameters {_bytes(row.get('parameter_bytes', 0))} &middot; "
+            f"gradients {_bytes(row.get('gradient_bytes', 0))} &middot; "
+            f"activations {_bytes(row.get('activation_bytes', 0))} &middot; "
+            f"sent {_bytes(row.get('communication_bytes', 0))} in {row.get('collectives', 0)} collectives</span>")
+
+
+def _block_html(block: str, members: list, groups, pieces, allocated) -> str:
+    sent = sum(meta.collective(n).bytes for n in members
+               if meta.collective(n) is not None and meta.collective(n).communicates)
+    count = sum(1 for n in members if _kind(n, groups[n]) == "collective")
+    parts = [f"<div class='block b-{block.replace(' ', '-')}'><h4>{html.escape(block)} <small>{len(members)} nodes"
+             + (f" &middot; {count} collectives, {_bytes(sent)} sent" if count else "")
+             + f" &middot; {_bytes(sum(allocated[n] for n in members))} allocated</small></h4>"]
+    for phase_name in ("input", "forward", "backward"):
+        chips = [n for n in members if _phase(n) == phase_name]
+        if not chips:
+            continue
+        parts.append(f"<div class='phase'>{phase_name}</div>")
+        parts += [f"<span class='n {_kind(n, groups[n])}' "
+                  f"title='{html.escape(_tooltip(n, pieces[n], allocated[n]), quote=True)}'>"
+                  f"{html.escape(_label(n))}</span>" for n in chips]
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _graph_html(program, report: dict, collapse_above: int) -> str:
+    """The lowered program as one box per layer, one box per block inside it, one chip per node."""
+    gm = program.graph_module
+    groups = node_groups(gm)
+    pieces = local_pieces(gm, program.mesh)
+    allocated = memory_walk(gm, program.mesh, groups, pieces).node_bytes
+    sections: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for node, group in groups.items():
+        record = meta.graph_input(node)
+        if record is not None and record.kind is InputKind.COMMUNICATOR:
+            continue
+        sections[group.layer or OUTSIDE_LAYERS][group.block].append(node)
+    order = sorted_layers(k for k in sections if k != OUTSIDE_LAYERS) + [OUTSIDE_LAYERS]
+    collapsed = len(groups) > collapse_above
+    parts = []
+    for position, key in enumerate(order):
+        blocks = sections.get(key)
+        if not blocks:
+            continue
+        row = report["totals"].get("outside_layers", {}) if key == OUTSIDE_LAYERS else report["layers"].get(key, {})
+        opened = " open" if not collapsed or position < 2 or key == OUTSIDE_LAYERS else ""
+        summary = _section_summary(key, row, sum(len(v) for v in blocks.values()))
+        parts.append(f"<details class='layer'{opened}><summary>{summary}</summary><div class='blocks'>")
+        parts += [_block_html(block, blocks[block], groups, pieces, allocated) for block in BLOCKS if block in blocks]
+        parts.append("</div></details>")
+    totals = report["totals"]
+    headline = (f"per rank: parameters {_bytes(totals['parameter_bytes_per_rank'])}, gradients "
+                f"{_bytes(totals['gradient_bytes_per_rank'])}, peak activations "
+                f"{_bytes(totals['peak_activation_bytes_per_rank'])}, sent per step "
+                f"{_bytes(totals['communication_bytes_per_rank'])}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>shardgraph: lowered program</title>"
+            f"<style>{_STYLE}</style></head><body><div class='top'><div><h2>lowered program, mesh "
+            f"{html.escape(str(program.mesh))}</h2><p>{html.escape(headline)}</p>{_LEGEND}</div>"
+            f"<img src='{PNG_NAME}' alt='memory and communication per rank and per layer'></div>"
+            + "\n".join(parts) + "</body></html>\n")
+
+
+_COLOURS = {"parameters": (31, 119, 180), "gradients": (44, 160, 44), "optimizer state": (148, 103, 189),
+            "activations": (255, 127, 14), "redistribute": (127, 127, 127), "moe": (23, 190, 207),
+            "gradient sync": (214, 39, 40)}
+_AXIS_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def memory_communication_png(report: dict, mesh) -> bytes:
+    """Bar charts: memory and communication of every rank, then of every layer (per rank)."""
+    totals = report["totals"]
+    ranks = [str(r) for r in mesh.ranks]
+    layer_rows = list(report["layers"].items()) + [("OUT", totals.get("outside_layers", {}))]
+    layer_names = [k.replace("layers.", "") for k, _ in layer_rows]
+    memory = {"parameters": totals["parameter_bytes_per_rank"], "gradients": totals["gradient_bytes_per_rank"],
+              "optimizer state": totals.get("optimizer_state_bytes_per_rank", 0),
+              "activations": totals["peak_activation_bytes_per_rank"]}
+    by_axis = totals["communication_bytes_per_rank_by_axis"]
+    canvas = Canvas(1400, 860)
+    # Every rank's pieces have the same shape (placements refuse uneven splits), so the rank
+    # charts show equal bars; they say so rather than leave it to be guessed.
+    same = "EVERY RANK THE SAME: SHARDS ARE EVEN"
+    stacked_bars(canvas, 20, 16, 660, 400, "MEMORY PER RANK", ranks,
+                 [Series(name, _COLOURS[name], [value] * len(ranks)) for name, value in memory.items() if value],
+                 unit_for(sum(memory.values())), note=same)
+    stacked_bars(canvas, 720, 16, 660, 400, "SENT PER RANK PER STEP", ranks,
+                 [Series(axis, _AXIS_COLOURS[i % len(_AXIS_COLOURS)], [value] * len(ranks))
+                  for i, (axis, value) in enumerate(sorted(by_axis.items()))],
+                 unit_for(sum(by_axis.values())), note=same)
+    layer_memory = [Series(name, _COLOURS[name], [row.get(key, 0) for _, row in layer_rows])
+                    for name, key in (("parameters", "parameter_bytes"), ("gradients", "gradient_bytes"),
+                                      ("optimizer state", "optimizer_state_bytes"), ("activations", "activation_bytes"))
+                    if any(row.get(key) for _, row in layer_rows)]
+    families = sorted({f for _, row in layer_rows for f in row.get("communication_bytes_by_family", {})})
+    layer_communication = [Series(f, _COLOURS.get(f, (127, 127, 127)),
+                                  [row.get("communication_bytes_by_family", {}).get(f, 0.0) for _, row in layer_rows])
+                           for f in families]
+    note = "PER RANK; LAST BAR: OUTSIDE THE LAYERS"
+    stacked_bars(canvas, 20, 446, 660, 400, "MEMORY PER LAYER", layer_names, layer_memory,
+                 unit_for(max((sum(s.values[i] for s in layer_memory) for i in range(len(layer_rows))), default=0)),
+                 note=note)
+    stacked_bars(canvas, 720, 446, 660, 400, "SENT PER LAYER PER STEP", layer_names, layer_communication,
+                 unit_for(max((row.get("communication_bytes", 0) for _, row in layer_rows), default=0)), note=note)
+    return canvas.png()
 
 
 def dump_program(program, directory: str, collapse_above: int = 400) -> list[str]:
@@ -163,10 +291,11 @@ def dump_program(program, directory: str, collapse_above: int = 400) -> list[str
     write("lowered.py", _code_with_comments(program.graph_module, _lowered_comment))
     for rank in program.mesh.ranks:
         write(f"lowered_rank{rank}.txt", _rank_table(program, rank))
-    write("report.json", json.dumps(program.report(format="dict"), indent=1))
-    svg = _svg(program.graph_module, collapse_above)
-    legend = ("<p><span style='color:#d62728'>&#9632;</span> collective &nbsp; <span style='color:#1f77b4'>&#9632;</span> "
-              "MoE dispatch step &nbsp; <span style='color:#7f7f7f'>&#9632;</span> input &nbsp; hover a box for its full name</p>")
-    write("graph.html", f"<!doctype html><html><head><meta charset='utf-8'><title>shardgraph: lowered program</title></head>"
-                        f"<body><h3>lowered program, mesh {html.escape(str(program.mesh))}</h3>{legend}{svg}</body></html>\n")
+    report = program.report(format="dict")
+    write("report.json", json.dumps(report, indent=1))
+    write("graph.html", _graph_html(program, report, collapse_above))
+    path = os.path.join(directory, PNG_NAME)
+    with open(path, "wb") as handle:
+        handle.write(memory_communication_png(report, program.mesh))
+    written.append(path)
     return written

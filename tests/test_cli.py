@@ -126,7 +126,7 @@ def test_dump_command_writes_the_program_and_report_reads_the_directory(capsys, 
     directory = tmp_path / "dumped"
     assert main(["dump", "examples/moe_model.py", str(directory), "--mesh", "world=2,ep=2"]) == 0
     out = capsys.readouterr().out
-    assert f"to {directory}: graph.html, lowered.py, placed.py, report.json, traced.py" in out
+    assert f"to {directory}: graph.html, lowered.py, memory_communication.png, placed.py, report.json, traced.py" in out
     assert (directory / "lowered_rank1.txt").exists()
     assert main(["report", str(directory), "--max-values", "3"]) == 0
     assert "collectives" in capsys.readouterr().out
