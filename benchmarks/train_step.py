@@ -21,9 +21,42 @@ For each model, from the same seed and the same batch, time forward + backward +
                       parameters are marked static, so the replay reads them where SGD updates them
   torch_compile_cudagraph  the model under ``torch.compile(mode="reduce-overhead")``, for comparison
 
-The first four run by default (``--variants`` picks any). Models (``--models``), all at Qwen3-30B-A3B's
+AdamW (``--variants adamw`` names the first four below): the same training step with
+``AdamW(lr 1e-4, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 on every parameter)`` after the global
+gradient norm is clipped to 1.0, fp32 master weights, fp32 gradients and fp32 Adam state, forward
+and backward computed in ``--dtype`` (bf16). The model is built in fp32 for these, not cast:
+
+  eager_adamw         the model's parameters cast to bf16 (buffers keep their dtype, as in the
+                      program) and ``torch.optim.AdamW(fused=True)`` on the fp32 originals, each with
+                      a persistent fp32 gradient buffer (Megatron's ``main_grad``): per step the bf16
+                      gradients are copied into it (``_foreach_copy_``), ``clip_grad_norm_(foreach)``,
+                      the fused step, and the masters copied back into the bf16 parameters
+  torch_compile_adamw the same with ``torch.compile(model)`` in the forward (the fused optimizer is
+                      already one kernel per group, and stays eager)
+  shardgraph_adamw    ``shardgraph.compile(..., optimizer=sg.optim.AdamW(...), clip_grad_norm=1.0,
+                      compute_dtype=torch.bfloat16)``: forward, backward, norm, clipping and update in
+                      one graph, the bf16 casts of the fp32 parameters inside it; run by
+                      ``program.train_step(state, batch, lr=...)``, state from ``program.init_state``
+  shardgraph_adamw_compile  that graph module under ``torch.compile(dynamic=False)``, called with
+                      ``TrainingProgram._arguments`` / ``_result`` as ``train_step`` calls it
+  eager_adamw_autocast  (not in the group) the fp32 model under ``torch.autocast(bf16)`` with fused
+                      AdamW on its own parameters: what many torch users write, but not the same
+                      compute: ops autocast does not cover run in fp32, HF's grouped_mm experts among
+                      them (transformers casts the input to the fp32 weight), which is why the
+                      master-weight copy above is the baseline
+
+The program is functional (it returns new parameters and state; nothing is donated), so during its
+update the old and the new fp32 weights and Adam moments are both alive: 2 x 12 bytes per parameter
+at the end of a step (plus the fp32 gradients not yet consumed), against 12 (master and moments) + 4
+(persistent fp32 gradient) + 2 + 2 (bf16 weights and gradients) for eager_adamw. Four layers of the
+Qwen3-30B-A3B shape are 3.1e9 parameters: about 69.5 GiB against 58 GiB before activations, so on an
+80 GB card the program's step at batch 2 x 4096 is close to the limit.
+
+The first four SGD variants run by default (``--variants`` picks any, comma- or space-separated).
+Models (``--models``), all at Qwen3-30B-A3B's
 layer shape (hidden 2048, 32 query / 4 KV heads of 128, 128 experts, top-8, expert intermediate 768,
-vocab 151936) with ``--layers`` layers, SDPA attention, bf16 parameters, built on the device:
+vocab 151936) with ``--layers`` layers, SDPA attention, bf16 parameters (fp32 for the AdamW
+variants), built on the device:
 
   ours        examples/moe_model.py ``MoETransformer``, config ``qwen3_30b_a3b`` (qk-norm, no shared expert)
   mixtral     HF ``MixtralForCausalLM``
@@ -32,11 +65,16 @@ vocab 151936) with ``--layers`` layers, SDPA attention, bf16 parameters, built o
 Reported per row: median / p10 / p90 step ms over ``--steps`` steps (CUDA events around each step,
 synchronised at its end) after ``--warmup`` steps, tokens/s (batch * seq / median), speed-up over
 eager and over torch_compile, peak memory over the timed steps (``max_memory_allocated``, and
-reserved, which shows a CUDA graph's pool; the parameters' bytes are their own column), the first
+reserved, which shows a CUDA graph's pool; the parameters' bytes are their own column; on a GPU
+``alloc_retries``, the allocations in the timed steps that had to empty the allocator's cache and
+retry, which stall the step near the card's memory limit), the first
 step's loss and its relative difference from eager's (same weights and batch: ~1e-2 or better in
 bf16), ``compile_s`` (shardgraph.compile's wall time, plus the first step where torch.compile works),
-host-device syncs in one step (``torch.cuda.set_sync_debug_mode("warn")``) and dynamo's graph
-breaks. A variant that runs out of memory is recorded as ``oom``, one that fails otherwise with its
+host-device syncs in one step (``torch.cuda.set_sync_debug_mode("warn")``), dynamo's graph
+breaks, MFU (model FLOPs: 6 x active matmul parameters x tokens plus causal attention, over the
+median step, over 989 TFLOP/s, the dense bf16 peak of an H100 / H200 SXM), and the last step's loss
+against the baseline's after as many updates from the same weights on the same batch (the AdamW
+rows compare with eager_adamw / torch_compile_adamw, the SGD rows with eager / torch_compile). A variant that runs out of memory is recorded as ``oom``, one that fails otherwise with its
 error, and the others still run; the JSON is rewritten after every row.
 
 ``--profile`` runs torch.profiler over 3 steps of ``--profile-variants`` (the shardgraph ones) and
@@ -51,6 +89,8 @@ loss, every parameter after the SGD update, and the updates themselves.
     python benchmarks/train_step.py --profile        # one H100, ~6 min: benchmarks/results/train_step.json
     python benchmarks/train_step.py --device cpu --tiny --steps 2 --warmup 1
     python benchmarks/train_step.py --device cpu --tiny --dtype float32 --check --compile-backend aot_eager
+    python benchmarks/train_step.py --models mixtral --variants adamw --steps 10   # one H100: AdamW rows
+    python benchmarks/train_step.py --device cpu --tiny --steps 2 --warmup 1 --variants eager_adamw shardgraph_adamw
 """
 
 from __future__ import annotations
@@ -76,12 +116,25 @@ import shardgraph as sg  # noqa: E402
 from examples.moe_model import CONFIGS, MoETransformer, lm_loss  # noqa: E402
 
 MODELS = ("ours", "mixtral", "qwen2_moe")
+# AdamW steps: fp32 master weights and fp32 Adam state, computing in --dtype (see the docstring).
+ADAMW_VARIANTS = ("eager_adamw", "torch_compile_adamw", "shardgraph_adamw", "shardgraph_adamw_compile")
 VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph", "shardgraph", "shardgraph_compile",
-            "shardgraph_cudagraph")
+            "shardgraph_cudagraph", *ADAMW_VARIANTS, "eager_adamw_autocast")
 DEFAULT_VARIANTS = ("eager", "torch_compile", "shardgraph", "shardgraph_compile")
 VARIANT_ALIASES = {"shardgraph_compiled": "shardgraph_compile"}
-MODEL_VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph")  # the rest run the program
-LEARNING_RATE = 1e-3
+VARIANT_GROUPS = {"adamw": ADAMW_VARIANTS, "sgd": DEFAULT_VARIANTS}  # --variants adamw: the four AdamW ones
+MODEL_VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph")  # SGD on the model itself
+MASTER_VARIANTS = ("eager_adamw", "torch_compile_adamw", "eager_adamw_autocast")  # torch.optim.AdamW
+PROGRAM_ADAMW_VARIANTS = ("shardgraph_adamw", "shardgraph_adamw_compile")  # AdamW in the program
+FP32_MODEL_VARIANTS = MASTER_VARIANTS + PROGRAM_ADAMW_VARIANTS  # built in float32: master weights
+NO_TORCH_COMPILE = ("eager", "shardgraph", "eager_adamw", "eager_adamw_autocast", "shardgraph_adamw")
+LEARNING_RATE = 1e-3  # SGD
+# AdamW, the same in every AdamW variant: torch's default betas / eps, decoupled decay on every
+# parameter, the global gradient norm clipped to 1.0 before the update (clip_grad_norm_).
+ADAMW = dict(lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8)
+CLIP_GRAD_NORM = 1.0
+# MFU's denominator: dense bf16 tensor-core peak of an H100 / H200 SXM (989 TFLOP/s, no sparsity).
+PEAK_FLOPS = 989e12
 
 # Qwen3-30B-A3B's layer; --tiny keeps the structure and shrinks every size (about 4e5 parameters
 # per model at one layer), so the whole script runs on a CPU in seconds.
@@ -145,6 +198,27 @@ def experts_implementation(model) -> str:
     return getattr(config, "_experts_implementation", None) or "loop"
 
 
+def matmul_parameters_per_token(name: str, shape: dict, layers: int) -> int:
+    """Parameters one token multiplies by (active ones: top_k of the experts; the lm_head, not
+    the embedding lookup)."""
+    hidden, heads, kv_heads, head_dim = shape["hidden_size"], shape["num_heads"], shape["num_kv_heads"], shape["head_dim"]
+    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o; k, v
+    router = hidden * shape["num_experts"]
+    experts = shape["top_k"] * 3 * hidden * shape["moe_intermediate_size"]
+    shared = 3 * hidden * shape["shared_expert_intermediate_size"] + hidden if name == "qwen2_moe" else 0
+    return layers * (attention + router + experts + shared) + hidden * shape["vocab_size"]
+
+
+def model_flops(name: str, args) -> float:
+    """Model FLOPs of one training step: 6 x active matmul parameters x tokens, plus causal
+    attention (QK^T and PV over the lower triangle: 2 * batch * seq^2 * heads * head_dim forward,
+    three times that for forward + backward), per layer. Recomputation is not counted."""
+    shape = TINY_SHAPE if args.tiny else FULL_SHAPE
+    tokens = args.batch * args.seq
+    attention = 3 * 2 * args.batch * args.seq ** 2 * shape["num_heads"] * shape["head_dim"] * args.layers
+    return 6.0 * matmul_parameters_per_token(name, shape, args.layers) * tokens + attention
+
+
 # ---------------------------------------------------------------------------------- world=1 communicator
 class SingleRankCommunicator:
     """The communicator of the only rank of ``MeshSpec(world=1)``: every collective is the identity.
@@ -190,28 +264,55 @@ def comm_users(program) -> list[str]:
 
 # ---------------------------------------------------------------------------------- variants
 class Runner:
-    """One variant of one model: ``step()`` runs forward, backward and the SGD update."""
+    """One variant of one model: ``step()`` runs forward, backward and the update (SGD or AdamW).
 
-    def __init__(self, variant: str, model, loss_fn, batch, compile_mode=None, compile_backend="inductor"):
+    ``compute_dtype`` is what the AdamW variants compute in (their model comes in float32: the
+    master weights); the SGD variants get a model already cast to it."""
+
+    def __init__(self, variant: str, model, loss_fn, batch, compile_mode=None, compile_backend="inductor",
+                 compute_dtype=None):
         self.variant, self.model, self.loss_fn, self.batch = variant, model, loss_fn, list(batch)
         self.compile_s = None
         self.comm_users: list[str] = []
+        self.steps_taken, self.last_loss = 0, None
+        self.compute_dtype = compute_dtype if compute_dtype not in (None, torch.float32) else None
         if variant in MODEL_VARIANTS:
             self.optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, foreach=True)
             mode = "reduce-overhead" if variant == "torch_compile_cudagraph" else compile_mode
             self.forward = model if variant == "eager" else torch.compile(model, mode=mode, backend=compile_backend)
             return
+        if variant in MASTER_VARIANTS:
+            self._init_master_weights(model, compile_mode, compile_backend)
+            return
         started = time.perf_counter()
-        self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn)
+        if variant in PROGRAM_ADAMW_VARIANTS:
+            self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn,
+                                      optimizer=sg.optim.AdamW(**ADAMW), clip_grad_norm=CLIP_GRAD_NORM,
+                                      compute_dtype=self.compute_dtype)
+        else:
+            self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn)
         self.compile_s = time.perf_counter() - started
         self.comm_users = comm_users(self.program)
         self.comm = SingleRankCommunicator(self.program.mesh)
+        self.buffers = dict(self.program.default_buffers)
+        self.compiled = None
+        if variant in PROGRAM_ADAMW_VARIANTS:
+            # The state holds the only reference to the fp32 master weights: the model's own
+            # parameters are emptied, so that after the first step (which returns new tensors)
+            # the initial weights are freed rather than kept alive by the model.
+            self.state = self.program.init_state(model, 0)
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+            self.model = None
+            if variant == "shardgraph_adamw_compile":
+                self.compiled = torch.compile(self.program.graph_module, mode=compile_mode, backend=compile_backend,
+                                              dynamic=False)
+            return
         # The program reads the parameters from these tensors (they share the model's storage)
         # and the SGD update writes into them.
         self.parameters = {name: p.detach() for name, p in model.named_parameters()}
-        self.buffers = dict(self.program.default_buffers)
         self.trainable = [self.parameters[name] for name in self.program.gradient_names]
-        self.compiled = None
         if variant == "shardgraph_compile":
             self.compiled = torch.compile(self.program.graph_module, mode=compile_mode, backend=compile_backend,
                                           dynamic=False)
@@ -226,12 +327,56 @@ class Runner:
         self.arguments = ([self.parameters[n] for n in program.parameter_names]
                           + [self.buffers[n] for n in program.buffer_names] + self.batch)
 
+    def _init_master_weights(self, model, compile_mode, compile_backend):
+        """torch.optim.AdamW(fused=True) on fp32 master weights.
+
+        eager_adamw / torch_compile_adamw: the model's parameters are cast to the compute dtype
+        (buffers keep theirs, as in the program) and the fp32 originals become the master
+        weights, each with a persistent fp32 gradient buffer (Megatron's ``main_grad``); a step
+        copies the compute gradients into it, clips, steps the optimizer and copies the masters
+        back into the compute parameters. eager_adamw_autocast: the fp32 model itself under
+        ``torch.autocast`` (no copies; ops autocast does not cover, HF's grouped_mm among them,
+        run in fp32)."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.autocast = self.variant == "eager_adamw_autocast" and self.compute_dtype is not None
+        if self.compute_dtype is None or self.autocast:
+            self.compute_parameters = None
+            self.masters = trainable
+        else:
+            self.masters = [p.detach() for p in trainable]  # keeps the fp32 storage
+            with torch.no_grad():
+                for parameter in trainable:
+                    parameter.data = parameter.data.to(self.compute_dtype)
+            self.compute_parameters = trainable
+            for master in self.masters:
+                master.grad = torch.empty_like(master)
+        self.optimizer = torch.optim.AdamW(self.masters, **ADAMW, fused=True)
+        self.forward = (model if self.variant != "torch_compile_adamw"
+                        else torch.compile(model, mode=compile_mode, backend=compile_backend))
+
     def step(self) -> torch.Tensor:
+        loss = self._step()
+        self.steps_taken += 1
+        self.last_loss = loss
+        return loss
+
+    def _step(self) -> torch.Tensor:
         if self.variant in MODEL_VARIANTS:
             loss = self.loss_fn(self.forward(*self.batch), *self.batch)
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+        if self.variant in MASTER_VARIANTS:
+            return self._master_step()
+        if self.variant in PROGRAM_ADAMW_VARIANTS:
+            program = self.program
+            if self.compiled is None:
+                loss, self.state, _ = program.train_step(self.state, self.batch, lr=ADAMW["lr"])
+            else:
+                # What train_step does, with the graph module under torch.compile.
+                outputs = self.compiled(None, *program._arguments(self.state, self.batch, self.buffers, ADAMW["lr"]))
+                loss, self.state, _ = program._result(self.state, outputs)
             return loss.detach()
         if self.compiled is None:
             loss, gradients = self.program.step(self.comm, self.parameters, self.batch, self.buffers)
@@ -242,6 +387,26 @@ class Runner:
             torch._foreach_add_(self.trainable, gradients, alpha=-LEARNING_RATE)
         # A CUDA graph replay overwrites its outputs: keep the loss past the next step.
         return loss.detach().clone()
+
+    def _master_step(self) -> torch.Tensor:
+        if self.autocast:
+            with torch.autocast(self.batch[0].device.type, dtype=self.compute_dtype):
+                loss = self.loss_fn(self.forward(*self.batch), *self.batch)
+        else:
+            loss = self.loss_fn(self.forward(*self.batch), *self.batch)
+        loss.backward()
+        with torch.no_grad():
+            if self.compute_parameters is not None:
+                torch._foreach_copy_([m.grad for m in self.masters], [p.grad for p in self.compute_parameters])
+            torch.nn.utils.clip_grad_norm_(self.masters, CLIP_GRAD_NORM, foreach=True)
+            self.optimizer.step()
+            if self.compute_parameters is not None:
+                torch._foreach_copy_(self.compute_parameters, self.masters)
+                for parameter in self.compute_parameters:
+                    parameter.grad = None
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
 
 # ---------------------------------------------------------------------------------- measuring
@@ -333,7 +498,9 @@ def profile_steps(runner, device, median_ms: float, steps: int = 3) -> dict:
     by_class, kernels = {}, {}
     for event in profiler.events():
         if on_gpu:
-            if event.device_type == torch.autograd.DeviceType.CPU:
+            # A record_function range (Optimizer.step#AdamW.step, say) also shows on the GPU
+            # timeline as an annotation spanning the kernels it launched: not a kernel of its own.
+            if event.device_type == torch.autograd.DeviceType.CPU or getattr(event, "is_user_annotation", False):
                 continue
             us = event.time_range.elapsed_us()
         else:
@@ -384,13 +551,20 @@ def run_variant(name, variant, args, device, dtype, batch) -> dict:
     try:
         with torch.device(device):
             model, loss_fn = build(name, args.layers, args.tiny, args.seed, args.hf_experts)
-        model = model.to(dtype)
+        if variant in FP32_MODEL_VARIANTS:
+            row["precision"] = (f"fp32 master weights, gradients and AdamW state; compute {args.dtype}"
+                                + (" (autocast)" if variant == "eager_adamw_autocast" else ""))
+        else:
+            model = model.to(dtype)
         row["experts"] = experts_implementation(model)
         row["parameters"] = sum(p.numel() for p in model.parameters())
         row["parameter_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+        row["model_flops_per_step"] = model_flops(name, args)
         torch._dynamo.utils.counters.clear()  # graph breaks are counted per variant
-        runner = Runner(variant, model, loss_fn, batch, args.compile_mode, args.compile_backend)
-        if variant not in MODEL_VARIANTS:
+        runner = Runner(variant, model, loss_fn, batch, args.compile_mode, args.compile_backend, compute_dtype=dtype)
+        if variant in PROGRAM_ADAMW_VARIANTS:
+            model = None  # its parameters were emptied: the program's state holds the weights
+        if variant not in MODEL_VARIANTS + MASTER_VARIANTS:
             row["comm_users"] = runner.comm_users
         synchronize(device)
         started = time.perf_counter()
@@ -398,7 +572,7 @@ def run_variant(name, variant, args, device, dtype, batch) -> dict:
         synchronize(device)
         first_step_s = time.perf_counter() - started
         # shardgraph.compile's own time, plus the first step where torch.compile works in it.
-        uses_torch_compile = variant not in ("eager", "shardgraph")
+        uses_torch_compile = variant not in NO_TORCH_COMPILE
         row["compile_s"] = ((runner.compile_s or 0.0) + (first_step_s if uses_torch_compile else 0.0)
                             if uses_torch_compile or runner.compile_s is not None else None)
         row["first_step_s"] = first_step_s
@@ -410,8 +584,12 @@ def run_variant(name, variant, args, device, dtype, batch) -> dict:
         if device.type == "cuda":
             synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
+            retries = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
         times = timed_steps(runner, device, args.steps)
         if device.type == "cuda":
+            # Allocations that failed, emptied the allocator's cache (a device synchronisation and
+            # cudaFree of every unused block) and tried again: close to the card's memory.
+            row["alloc_retries"] = torch.cuda.memory_stats(device).get("num_alloc_retries", 0) - retries
             # A CUDA graph replay allocates nothing: its intermediates live in the graph's private
             # pool, which "allocated" does not show between replays; "reserved" does.
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -420,6 +598,9 @@ def run_variant(name, variant, args, device, dtype, batch) -> dict:
         row.update(median_ms=statistics.median(times), p10_ms=ordered[int(0.1 * (len(ordered) - 1))],
                    p90_ms=ordered[int(math.ceil(0.9 * (len(ordered) - 1)))], steps_ms=times)
         row["tokens_per_s"] = args.batch * args.seq / (row["median_ms"] / 1e3)
+        row["last_loss"], row["steps_taken"] = runner.last_loss.float().item(), runner.steps_taken
+        row["mfu"] = (row["model_flops_per_step"] / (row["median_ms"] / 1e3) / PEAK_FLOPS
+                      if device.type == "cuda" else None)
         if args.profile and variant in args.profile_variants:
             row["profile"] = profile_steps(runner, device, row["median_ms"])
     except Exception as error:  # a variant that cannot run is reported, the others still run
@@ -491,11 +672,17 @@ def add_comparisons(rows):
     for row in rows:
         if "median_ms" not in row:
             continue
-        eager, compiled = base(row["model"], "eager"), base(row["model"], "torch_compile")
+        # AdamW rows against the AdamW baselines (the same update, clipping and precision).
+        suffix = "_adamw" if row["variant"] in FP32_MODEL_VARIANTS else ""
+        eager, compiled = base(row["model"], "eager" + suffix), base(row["model"], "torch_compile" + suffix)
         row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"] if eager else None
         row["speedup_vs_torch_compile"] = compiled["median_ms"] / row["median_ms"] if compiled else None
         row["first_loss_rel_diff_vs_eager"] = (abs(row["first_loss"] - eager["first_loss"]) / abs(eager["first_loss"])
                                                if eager else None)
+        # After the same number of updates from the same weights on the same batch.
+        same_steps = eager and eager.get("steps_taken") == row.get("steps_taken") and "last_loss" in row
+        row["last_loss_rel_diff_vs_eager"] = (abs(row["last_loss"] - eager["last_loss"]) / abs(eager["last_loss"])
+                                              if same_steps else None)
 
 
 def show(value, spec):
@@ -505,7 +692,7 @@ def show(value, spec):
 def print_table(rows):
     print(f"{'model':17} {'experts':10} {'variant':23} {'batch':>5} {'seq':>5} {'median ms':>9} {'p10':>8} "
           f"{'p90':>8} {'tokens/s':>9} {'x eager':>7} {'x t.c':>6} {'peak GiB':>8} {'par GiB':>7} {'syncs':>5} "
-          f"{'breaks':>6} {'compile s':>9} {'loss':>8} {'loss rel':>8}")
+          f"{'breaks':>6} {'compile s':>9} {'loss':>8} {'loss rel':>8} {'MFU':>5} {'last loss':>9} {'rel':>7}")
     for row in rows:
         head = (f"{row['model']:17} {row.get('experts', '-'):10} {row['variant']:23} {row['batch']:5d} "
                 f"{row['seq']:5d}")
@@ -518,7 +705,8 @@ def print_table(rows):
               f"{show(row.get('peak_gib'), '8.2f')} {row['parameter_gib']:7.2f} "
               f"{show(row.get('host_syncs_per_step'), '5d')} {show(breaks, '6d')} "
               f"{show(row.get('compile_s'), '9.1f')} {row['first_loss']:8.4f} "
-              f"{show(row.get('first_loss_rel_diff_vs_eager'), '8.1e')}")
+              f"{show(row.get('first_loss_rel_diff_vs_eager'), '8.1e')} {show(row.get('mfu'), '5.1%')} "
+              f"{show(row.get('last_loss'), '9.4f')} {show(row.get('last_loss_rel_diff_vs_eager'), '7.1e')}")
     for row in rows:
         if "profile" not in row:
             continue
@@ -545,7 +733,9 @@ def versions() -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"any of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", nargs="+", default=[",".join(DEFAULT_VARIANTS)],
+                        help=f"comma- or space-separated, any of {', '.join(VARIANTS)}, or the groups "
+                             f"{', '.join(VARIANT_GROUPS)}")
     for key in ("layers", "batch", "seq"):
         parser.add_argument(f"--{key}", type=int, default=None,
                             help=f"default {FULL_DEFAULTS[key]} ({TINY_DEFAULTS[key]} with --tiny)")
@@ -574,10 +764,13 @@ def parse_args(argv=None):
             setattr(args, key, value)
 
     def names(text):
-        return [VARIANT_ALIASES.get(v, v) for v in text.split(",") if v]
+        expanded = []
+        for name in (v for v in text.split(",") if v):
+            expanded.extend(VARIANT_GROUPS.get(name, (VARIANT_ALIASES.get(name, name),)))
+        return list(dict.fromkeys(expanded))
 
     args.models = [m for m in args.models.split(",") if m]
-    args.variants, args.profile_variants = names(args.variants), names(args.profile_variants)
+    args.variants, args.profile_variants = names(",".join(args.variants)), names(args.profile_variants)
     for kind, chosen, known in (("models", args.models, MODELS), ("variants", args.variants, VARIANTS),
                                 ("profile variants", args.profile_variants, VARIANTS)):
         unknown = sorted(set(chosen) - set(known))
@@ -606,6 +799,8 @@ def main(argv=None) -> dict:
         "tokens_per_step": args.batch * args.seq, "steps": args.steps, "warmup": args.warmup, "tiny": args.tiny,
         "seed": args.seed, "hf_experts": args.hf_experts, "compile_mode": args.compile_mode,
         "compile_backend": args.compile_backend, "learning_rate": LEARNING_RATE,
+        "adamw": {**ADAMW, "clip_grad_norm": CLIP_GRAD_NORM}, "mfu_peak_flops": PEAK_FLOPS,
+        "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "shape": TINY_SHAPE if args.tiny else FULL_SHAPE, "complete": False, "total_wall_s": 0.0,
         "rows": rows, "checks": checks,
     }

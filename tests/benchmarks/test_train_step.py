@@ -103,3 +103,56 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     failed, eager = result["rows"]
     assert failed["error"] == "oom" and "9.00 GiB" in failed["error_detail"] and "median_ms" not in failed
     assert "error" not in eager and eager["median_ms"] > 0
+
+
+def test_adamw_variants_take_the_same_steps_in_float32(tmp_path):
+    # fp32 master weights and compute: eager fused AdamW + clip_grad_norm_ and the program's
+    # in-graph AdamW take the same updates, so the loss after warmup + timed steps agrees too.
+    module = load()
+    result = module.main(TINY + ["--models", "mixtral", "--variants", "adamw", "--compile-backend", "aot_eager",
+                                 "--out", str(tmp_path / "train_step.json")])
+    rows = result["rows"]
+    assert [r["variant"] for r in rows] == list(module.ADAMW_VARIANTS)
+    for row in rows:
+        assert "error" not in row, row
+        assert row["steps_taken"] == 3 and row["last_loss"] < row["first_loss"], row  # 1 + warmup 0 + 2 timed
+        assert row["first_loss_rel_diff_vs_eager"] < 1e-5 and row["last_loss_rel_diff_vs_eager"] < 1e-4, row
+        assert row["speedup_vs_eager"] > 0 and row["model_flops_per_step"] > 0 and row["mfu"] is None, row
+    assert result["adamw"]["clip_grad_norm"] == 1.0
+
+
+def test_adamw_master_weights_stay_float32_under_bf16(tmp_path, monkeypatch):
+    # The CPU smoke run of the docstring, space-separated variants included; the master-weight
+    # copy of eager_adamw and the program's in-graph casts both keep fp32 weights.
+    module = load()
+    runners = []
+
+    class Kept(module.Runner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            runners.append(self)
+
+    monkeypatch.setattr(module, "Runner", Kept)
+    result = module.main(["--device", "cpu", "--tiny", "--layers", "1", "--seq", "16", "--steps", "1", "--warmup", "1",
+                          "--models", "ours", "--variants", "eager_adamw", "shardgraph_adamw",
+                          "--out", str(tmp_path / "train_step.json")])
+    eager, ours = result["rows"]
+    assert (eager["variant"], ours["variant"]) == ("eager_adamw", "shardgraph_adamw")
+    assert "error" not in eager and "error" not in ours, result["rows"]
+    assert ours["first_loss_rel_diff_vs_eager"] < 2e-2 and ours["last_loss_rel_diff_vs_eager"] < 2e-2, ours
+    eager_runner, ours_runner = runners
+    assert {m.dtype for m in eager_runner.masters} == {torch.float32}
+    assert {p.dtype for p in eager_runner.compute_parameters} == {torch.bfloat16}
+    assert {p.dtype for p in ours_runner.state.parameters.values()} == {torch.float32}
+    assert {s.dtype for slots in ours_runner.state.optimizer.values() for s in slots.values()} == {torch.float32}
+
+
+def test_variant_groups_and_model_flops():
+    module = load()
+    args = module.parse_args(["--variants", "adamw,eager", "eager_adamw_autocast"])
+    assert args.variants == [*module.ADAMW_VARIANTS, "eager", "eager_adamw_autocast"]
+    args = module.parse_args(["--models", "mixtral"])  # Qwen3-30B-A3B's layer, 4 layers, 2 x 4096 tokens
+    per_token = module.matmul_parameters_per_token("mixtral", module.FULL_SHAPE, 4)
+    assert per_token == 4 * (2048 * 4096 * 2 + 2048 * 512 * 2 + 2048 * 128 + 8 * 3 * 2048 * 768) + 2048 * 151936
+    attention = 3 * 2 * 2 * 4096 ** 2 * 32 * 128 * 4
+    assert module.model_flops("mixtral", args) == 6 * per_token * 8192 + attention
