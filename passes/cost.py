@@ -11,14 +11,18 @@ Replicate -> Shard              local slice             0
 Replicate -> Partial            keep on one rank        0
 Partial(sum) <-> Partial(avg)   local scale             0
 Shard -> Replicate              all_gather              b * (n - 1)
-Shard(i) -> Shard(j)            all_to_all              b * (n - 1) / n
+Shard(i) -> Shard(j)            all_gather + slice      b * (n - 1)
 Partial -> Replicate            all_reduce              2 * b * (n - 1) / n
 Partial -> Shard                reduce_scatter          b * (n - 1) / n
-Shard -> Partial                local zero-pad          0 (the piece grows n-fold)
+Partial -> InterleavedShard     all_reduce + slice      2 * b * (n - 1) / n
+Shard -> Partial("sum")         local zero-pad          0 (the piece grows n-fold)
+other Shard -> Partial          all_gather              b * (n - 1)
 InterleavedShard <-> Shard      all_gather + slice      b * (n - 1)
 ==============================  ======================  ===================
 
-Seconds divide bytes by the axis's bandwidth. The default puts tp and etp on NVLink-class links
+These are the bytes of the steps ``lower_redistribute.plan_redistribution`` emits for the same
+change on one axis (``tests/passes/test_cost.py`` checks every pair), so propagation chooses by
+what will run. Seconds divide bytes by the axis's bandwidth, plus a latency per collective. The default puts tp and etp on NVLink-class links
 and dp, ep and edp on the same (one node); ``LinkModel(axis_bandwidth=...)`` overrides per axis.
 """
 
@@ -64,14 +68,14 @@ def redistribution(source: Placement, target: Placement, piece_bytes: float, gro
     if isinstance(source, Partial):
         if isinstance(target, Partial):
             return Redistribution("scale", 0.0)
-        if isinstance(target, Replicate):
-            return Redistribution("all_reduce", 2 * piece_bytes * (n - 1) / n)
-        return Redistribution("reduce_scatter", piece_bytes * (n - 1) / n)
+        if type(target) is Shard:
+            return Redistribution("reduce_scatter", piece_bytes * (n - 1) / n)
+        # Replicate, or an interleaved shard: reduce whole (then cut locally).
+        return Redistribution("all_reduce", 2 * piece_bytes * (n - 1) / n)
     # source is a Shard or InterleavedShard
-    if isinstance(target, Replicate):
-        return Redistribution("all_gather", piece_bytes * (n - 1))
-    if isinstance(target, Partial):
+    if type(source) is Shard and target == Partial("sum"):
         return Redistribution("pad", 0.0)
-    if isinstance(source, Shard) and isinstance(target, Shard):
-        return Redistribution("all_to_all", piece_bytes * (n - 1) / n)
+    # Any other change (another dim, interleaved <-> blocked, a shard to a partial) is what lowering emits:
+    # gather whole, then cut locally. Pricing it as an all-to-all would make it look n times
+    # cheaper than what runs.
     return Redistribution("all_gather", piece_bytes * (n - 1))
