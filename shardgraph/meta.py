@@ -180,12 +180,9 @@ class GraphInput:
     parameter: str | None = None
 
 
-def graph_input(node: Node) -> GraphInput | None:
-    return _INPUT.get(node)
-
-
-def set_graph_input(node: Node, record: GraphInput) -> None:
-    _INPUT.set(node, record)
+# Reader and writer of the record (``graph_input(node)``, ``set_graph_input(node, record)``).
+graph_input = _INPUT.get
+set_graph_input = _INPUT.set
 
 
 def graph_inputs(graph: torch.fx.Graph, kind: InputKind | None = None) -> list[tuple[Node, GraphInput]]:
@@ -217,12 +214,9 @@ class Phase(enum.Enum):
     BACKWARD = "backward"
 
 
-def phase(node: Node) -> Phase | None:
-    return _PHASE.get(node)
-
-
-def set_phase(node: Node, value: Phase) -> None:
-    _PHASE.set(node, value)
+# Reader and writer of the record (``phase(node)``, ``set_phase(node, record)``).
+phase = _PHASE.get
+set_phase = _PHASE.set
 
 
 # ----------------------------------------------------------------------------- placement
@@ -247,12 +241,9 @@ class PlacedValue:
         return replace(self, input_shardings=tuple(input_shardings))
 
 
-def placed(node: Node) -> PlacedValue | None:
-    return _PLACED.get(node)
-
-
-def set_placed(node: Node, record: PlacedValue) -> None:
-    _PLACED.set(node, record)
+# Reader and writer of the record (``placed(node)``, ``set_placed(node, record)``).
+placed = _PLACED.get
+set_placed = _PLACED.set
 
 
 def sharding(node: Node) -> Any:
@@ -325,12 +316,9 @@ class Collective:
         return self.kind.communicates
 
 
-def collective(node: Node) -> Collective | None:
-    return _COLLECTIVE.get(node)
-
-
-def set_collective(node: Node, record: Collective) -> None:
-    _COLLECTIVE.set(node, record)
+# Reader and writer of the record (``collective(node)``, ``set_collective(node, record)``).
+collective = _COLLECTIVE.get
+set_collective = _COLLECTIVE.set
 
 
 # ----------------------------------------------------------------------------- MoE steps
@@ -341,12 +329,9 @@ class MoeStep:
     layer: str
 
 
-def moe_step(node: Node) -> MoeStep | None:
-    return _MOE_STEP.get(node)
-
-
-def set_moe_step(node: Node, record: MoeStep) -> None:
-    _MOE_STEP.set(node, record)
+# Reader and writer of the record (``moe_step(node)``, ``set_moe_step(node, record)``).
+moe_step = _MOE_STEP.get
+set_moe_step = _MOE_STEP.set
 
 
 # ----------------------------------------------------------------------------- gradients

@@ -44,6 +44,19 @@ def _torch_step(reference, optimizer, inputs, loss_fn, clip):
     return loss.detach(), norm
 
 
+def _step_alongside(program, states, reference, torch_optimizer, inputs, loss_fn, steps, *, loss_tolerance,
+                    norm_tolerance, state_tolerance, clip=1.0):
+    """``steps`` steps of the program and of torch.optim on the unsharded model, compared per
+    step (loss, gradient norm) and at the end (weights, every optimizer state slot)."""
+    for _ in range(steps):
+        loss_reference, norm_reference = _torch_step(reference, torch_optimizer, inputs, loss_fn, clip)
+        loss, states, metrics = program.simulate_train_step(states, inputs)
+        assert relative(loss, loss_reference) < loss_tolerance
+        assert relative(metrics["grad_norm"], norm_reference) < norm_tolerance
+    weights, moments = _worst_state_error(program, states, reference, torch_optimizer)
+    assert weights < state_tolerance and moments < state_tolerance, (weights, moments)
+
+
 def _worst_state_error(program, states, reference, torch_optimizer):
     full = program.gather_state(states)
     weights = max(relative(full.parameters[n], p.detach()) for n, p in reference.named_parameters())
@@ -67,14 +80,8 @@ def test_five_adamw_steps_with_clipping_and_decay_equal_torch_optim(mesh_text):
     optimizer = sg.optim.AdamW(lr=1e-2, weight_decay=0.1, no_decay=NO_DECAY)
     model, reference, inputs, loss_fn, program = _setup(mesh_text, optimizer, torch.float64)
     torch_optimizer = _torch_adamw(reference, 1e-2)
-    states = program.init_states(model)
-    for _ in range(5):
-        loss_reference, norm_reference = _torch_step(reference, torch_optimizer, inputs, loss_fn, 1.0)
-        loss, states, metrics = program.simulate_train_step(states, inputs)
-        assert relative(loss, loss_reference) < 1e-9
-        assert relative(metrics["grad_norm"], norm_reference) < 1e-9
-    weights, moments = _worst_state_error(program, states, reference, torch_optimizer)
-    assert weights < 1e-9 and moments < 1e-9, (weights, moments)
+    _step_alongside(program, program.init_states(model), reference, torch_optimizer, inputs, loss_fn, 5,
+                    loss_tolerance=1e-9, norm_tolerance=1e-9, state_tolerance=1e-9)
 
 
 @pytest.mark.parametrize("mesh_text", SGD_MESHES)
@@ -82,14 +89,8 @@ def test_five_sgd_momentum_steps_in_float32_equal_torch_optim(mesh_text):
     optimizer = sg.optim.SGD(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)
     model, reference, inputs, loss_fn, program = _setup(mesh_text, optimizer)
     torch_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)
-    states = program.init_states(model)
-    for _ in range(5):
-        loss_reference, norm_reference = _torch_step(reference, torch_optimizer, inputs, loss_fn, 1.0)
-        loss, states, metrics = program.simulate_train_step(states, inputs)
-        assert relative(loss, loss_reference) < 1e-5
-        assert relative(metrics["grad_norm"], norm_reference) < 1e-6
-    weights, moments = _worst_state_error(program, states, reference, torch_optimizer)
-    assert weights < 1e-5 and moments < 1e-5, (weights, moments)
+    _step_alongside(program, program.init_states(model), reference, torch_optimizer, inputs, loss_fn, 5,
+                    loss_tolerance=1e-5, norm_tolerance=1e-6, state_tolerance=1e-5)
 
 
 def test_float32_adamw_reports_clip_grad_norms_value_every_step():
