@@ -4,7 +4,8 @@ Reads
     a placed graph (a ``meta.PlacedValue`` and the global fake value on every node).
 Writes
     for ops that carry sizes in their arguments (``view``, ``reshape``, ``expand``, ``slice_backward``,
-    ``select_backward``, factories), the sizes of this rank's piece; for ``slice`` and ``split`` on
+    ``select_backward``, factories), the sizes of this rank's piece, and a sharded ``view`` becomes a
+    ``reshape`` (a piece may be strided where the whole was not); for ``slice`` and ``split`` on
     an interleaved dim, the stripe boundaries divided by the axis size.
 Assumes
     the rules only placed a value sharded where its op's local form is exact (the rule registry's
@@ -44,6 +45,9 @@ _SHAPE_ARGUMENT = {
 }
 
 
+_VIEWS = (aten.view.default, aten._unsafe_view.default)
+
+
 def _local(node, mesh):
     sharding = meta.sharding(node)
     if sharding is None or sharding.is_replicated():
@@ -80,6 +84,11 @@ def lower_localize(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
                 local = [-1 if s == -1 else l for s, l in zip(args[1], local)] if len(args[1]) == len(local) else local
             args[index] = local
             node.args = tuple(args)
+            if target in _VIEWS:
+                # A piece need not be laid out as the whole was (a slice of a transposed value
+                # is strided where the whole was contiguous): reshape is the same view where one
+                # exists and a copy of the same elements where it does not.
+                node.target = aten.reshape.default
         elif target == aten.slice.Tensor:
             dim = node.args[1] if len(node.args) > 1 else 0
             divisor = _interleaved_divisor(node, dim, mesh)
