@@ -482,12 +482,8 @@ def _is_view(node: Node) -> bool:
     return node.op == "call_function" and bool(getattr(node.target, "is_view", False))
 
 
-def memory_walk(gm: GraphModule, mesh: MeshSpec, groups: dict[Node, NodeGroup] | None = None,
-                pieces: dict[Node, list[Piece | None]] | None = None) -> MemoryWalk:
-    groups = node_groups(gm) if groups is None else groups
-    pieces = local_pieces(gm, mesh) if pieces is None else pieces
-    nodes = [n for n in gm.graph.nodes if n.op != "output"]
-    # The storages each node's outputs live in: its own, or its base's for a view or an item.
+def _storages(nodes: list[Node], pieces) -> dict[Node, list[tuple[Node, int]]]:
+    """The storages each node's outputs live in: its own, or its base's for a view or an item."""
     storages: dict[Node, list[tuple[Node, int]]] = {}
     for node in nodes:
         if node.target is operator.getitem and isinstance(node.args[1], int):
@@ -497,6 +493,24 @@ def memory_walk(gm: GraphModule, mesh: MeshSpec, groups: dict[Node, NodeGroup] |
             storages[node] = storages[node.all_input_nodes[0]][:1]
         else:
             storages[node] = [(node, i) for i in range(len(pieces[node]))]
+    return storages
+
+
+def _input_bytes(gm: GraphModule, pieces) -> dict[str, int]:
+    found: dict[str, int] = defaultdict(int)
+    for node, record in meta.graph_inputs(gm.graph):
+        found[record.kind.value] += sum(_piece_bytes(p) for p in pieces[node])
+    return dict(found)
+
+
+def memory_walk(gm: GraphModule, mesh: MeshSpec, groups: dict[Node, NodeGroup] | None = None,
+                pieces: dict[Node, list[Piece | None]] | None = None) -> MemoryWalk:
+    # One walk in execution order that tracks four running sums (activations, gradients, held
+    # outputs, per layer) together: split, each part would re-derive the others' bookkeeping.
+    groups = node_groups(gm) if groups is None else groups
+    pieces = local_pieces(gm, mesh) if pieces is None else pieces
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    storages = _storages(nodes, pieces)
     last_use: dict[tuple[Node, int], int] = {}
     for index, node in enumerate(nodes):
         for source in node.all_input_nodes:
@@ -549,13 +563,10 @@ def memory_walk(gm: GraphModule, mesh: MeshSpec, groups: dict[Node, NodeGroup] |
         end = max(start, last_use.get(storage, start))
         if storage not in kept and storage not in gradient and start <= peak_position <= end:
             at_peak[layer[storage]] += size[storage]
-    input_bytes: dict[str, int] = defaultdict(int)
-    for node, record in meta.graph_inputs(gm.graph):
-        input_bytes[record.kind.value] += sum(_piece_bytes(p) for p in pieces[node])
     return MemoryWalk(
         peak_activation_bytes=peak, peak_position=peak_position, peak_live_bytes=peak_live,
         gradient_bytes=peak_gradients, output_bytes=sum(size[s] for s in kept if s in size),
-        input_bytes=dict(input_bytes),
+        input_bytes=_input_bytes(gm, pieces),
         activation_bytes_at_peak=dict(at_peak), activation_peak_by_layer=dict(layer_peak),
         node_bytes={n: sum(size.get(s, 0) for s in storages[n] if s[0] is n) for n in nodes})
 
