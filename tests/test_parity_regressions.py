@@ -137,3 +137,17 @@ def test_a_loss_whose_every_label_is_ignored_is_reported_not_returned_as_nan():
     program = sg.compile(model, sg.MeshSpec.parse("world=4,tp=2,ep=2"), ids, every_row_ignored)
     with pytest.raises(NonFiniteError, match="loss is nan"):
         program.run_simulated({n: p.detach() for n, p in model.named_parameters()}, ids)
+
+
+def test_experts_that_ep_does_not_divide_are_refused_naming_the_parameter():
+    # Before: a ShardingError naming an internal getitem node, from wherever the ragged piece
+    # first showed up.
+    from dataclasses import replace
+
+    from passes.propagate import PropagationError
+
+    config = replace(CONFIG, num_experts=4)
+    model = MoETransformer(config)
+    ids = make_batch(config, 8, 8)
+    with pytest.raises(PropagationError, match=r"expert weight 'layers\.0\.mlp\.experts\.gate_up_proj'.*ep=8"):
+        sg.compile(model, sg.MeshSpec(world=8, ep=8), ids, lm_loss, plan={})

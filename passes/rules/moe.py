@@ -79,6 +79,31 @@ def _check_weight(ctx, position: int) -> None:
         )
 
 
+def _parameter_behind(node):
+    """The parameter a weight input is read from (through views and the adapter's getitems)."""
+    for _ in range(8):
+        if meta.graph_input(node) is not None or not node.all_input_nodes:
+            break
+        node = node.all_input_nodes[0]
+    return meta.display_name(node)
+
+
+def _check_layout_divides(ctx, positions, shardings) -> None:
+    """The expert layout must split every weight evenly: refused here, naming the parameter, rather
+    than as a ragged piece of an internal node later."""
+    for position, wanted in zip(positions, shardings):
+        weight = ctx.inputs[position]
+        shape = tuple(value_of(weight).shape)
+        try:
+            local_shape(shape, wanted, ctx.mesh)
+        except ShardingError:
+            raise ShardingError(
+                f"expert weight {_parameter_behind(weight)!r} of {ctx.node.name} has shape {shape} "
+                f"({shape[0]} experts); the expert layout {wanted!r} needs the experts divisible by "
+                f"ep={ctx.mesh.ep}" + (f" and the intermediate size by etp={ctx.mesh.etp}" if ctx.mesh.etp > 1 else "")
+                + f"; {meta.source_line(ctx.node)}") from None
+
+
 def _weight_gradient(mesh: MeshSpec, weight: Sharding) -> Sharding:
     if mesh.edp == 1:
         return weight
@@ -102,6 +127,7 @@ def rule_moe_experts(ctx):
     _check_weight(ctx, 4)
     tokens = token_sharding(tuple(value_of(ctx.inputs[0]).shape), ctx.mesh)
     gate_up, down = expert_weight_shardings(ctx.mesh)
+    _check_layout_divides(ctx, (3, 4), (gate_up, down))
     return [Strategy((tokens, tokens, tokens, gate_up, down), tokens, view=View.DENSE, note=_note(tokens, ctx.mesh))]
 
 
@@ -111,6 +137,7 @@ def rule_moe_experts_backward(ctx):
     _check_weight(ctx, 5)
     tokens = token_sharding(tuple(value_of(ctx.inputs[1]).shape), ctx.mesh)
     gate_up, down = expert_weight_shardings(ctx.mesh)
+    _check_layout_divides(ctx, (4, 5), (gate_up, down))
     outputs = (tokens, tokens, _weight_gradient(ctx.mesh, gate_up), _weight_gradient(ctx.mesh, down))
     return [Strategy((tokens, tokens, tokens, tokens, gate_up, down), outputs, view=View.DENSE,
                      note=_note(tokens, ctx.mesh) + "; weight gradients partial over edp")]
