@@ -305,32 +305,47 @@ class ShardedProgram:
         """
         debug = debug_enabled(debug)
         self.check_batch(batch_local, local=True, where="run")
-        if communicator is None:
-            from .runtime.distributed import DistributedCommunicator
-
-            if self._communicator is None:
-                # Before the communicator creates process groups: ranks running another program
-                # would create other groups and hang there.
-                self._check_same_program(debug)
-                self._communicator = DistributedCommunicator(self.mesh)
-            communicator = self._communicator
+        communicator = communicator if communicator is not None else self._default_communicator(debug)
         rank = communicator.rank
-        if buffers_local is None:
-            buffers_local = dict(zip(self.buffer_names, self._local_buffers(rank, self.default_buffers)))
+        buffers_local = self._rank_buffers(rank, buffers_local)
         missing = [n for n in self.parameter_names if n not in parameters_local]
         missing += [n for n in self.buffer_names if n not in buffers_local]
         if missing:
             raise KeyError(f"run on rank {rank} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if check or (check is None and rank not in self._checked_ranks):
-            if self._distributed(communicator):
-                self._check_same_program(debug)
-            check_replicas(communicator, [(f"parameter {n!r}", parameters_local[n], self.parameter_sharding(n))
-                                          for n in self.parameter_names]
-                           + [(f"buffer {n!r}", buffers_local[n], self.buffer_sharding(n)) for n in self.buffer_names])
-            self._checked_ranks.add(rank)
+        self._check_first_step(communicator, parameters_local, buffers_local, check, debug)
         if debug:
             return self._run_debug(communicator, parameters_local, batch_local, buffers_local)
         return self.step(communicator, parameters_local, batch_local, buffers_local)
+
+    def _default_communicator(self, debug: bool):
+        """This process's communicator over the default process group, made on first use."""
+        from .runtime.distributed import DistributedCommunicator
+
+        if self._communicator is None:
+            # Before the communicator creates process groups: ranks running another program
+            # would create other groups and hang there.
+            self._check_same_program(debug)
+            self._communicator = DistributedCommunicator(self.mesh)
+        return self._communicator
+
+    def _rank_buffers(self, rank: int, buffers_local) -> dict:
+        """The buffers given, or this rank's pieces of the model's own."""
+        if buffers_local is not None:
+            return dict(buffers_local)
+        return dict(zip(self.buffer_names, self._local_buffers(rank, self.default_buffers)))
+
+    def _check_first_step(self, communicator, parameters_local, buffers_local, check, debug: bool) -> None:
+        """On a rank's first step (``check=None``; ``True`` always, ``False`` never): the same
+        program on every rank, and replicated parameters and buffers equal across their groups."""
+        rank = communicator.rank
+        if not (check or (check is None and rank not in self._checked_ranks)):
+            return
+        if self._distributed(communicator):
+            self._check_same_program(debug)
+        check_replicas(communicator, [(f"parameter {n!r}", parameters_local[n], self.parameter_sharding(n))
+                                      for n in self.parameter_names]
+                       + [(f"buffer {n!r}", buffers_local[n], self.buffer_sharding(n)) for n in self.buffer_names])
+        self._checked_ranks.add(rank)
 
     @staticmethod
     def _distributed(communicator) -> bool:

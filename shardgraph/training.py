@@ -27,7 +27,7 @@ from torch import nn
 
 from .placement import shard, unshard
 from .program import ShardedProgram
-from .runtime.guards import same_bits
+from .runtime.guards import debug_enabled, same_bits
 from .runtime.simulate import Simulator
 
 __all__ = ["TrainState", "TrainingProgram", "StateError"]
@@ -173,30 +173,25 @@ class TrainingProgram(ShardedProgram):
         return float(value)
 
     def train_step(self, state: TrainState, batch: Sequence[torch.Tensor], lr: float | None = None,
-                   buffers: Mapping[str, torch.Tensor] | None = None, communicator=None):
+                   buffers: Mapping[str, torch.Tensor] | None = None, communicator=None, *,
+                   check: bool | None = None):
         """This rank's step under torch.distributed (or on one device with ``communicator=None`` at
         world=1): ``(loss, new state, {"grad_norm": ..., "lr": ...})``. ``batch`` is this rank's
-        piece (``local_batch``)."""
+        piece (``local_batch``). The first step runs ``run``'s guards (same program everywhere,
+        replicated parameters equal); ``check`` as for ``run``."""
         lr = self._learning_rate(lr)
         if communicator is None and self.mesh.world > 1:
-            from .runtime.distributed import DistributedCommunicator
-
-            if getattr(self, "_communicator", None) is None:
-                self._communicator = DistributedCommunicator(self.mesh)
-            communicator = self._communicator
+            communicator = self._default_communicator(debug_enabled(None))
         rank = getattr(communicator, "rank", 0)
         self._check_local_state(state, rank)
         self.check_batch(batch, local=self.mesh.world > 1, where="train_step")
-        buffers = self._local_buffers_of(rank, buffers)
+        buffers = self._rank_buffers(rank, buffers)
+        if communicator is not None:
+            self._check_first_step(communicator, state.parameters, buffers, check, debug_enabled(None))
         outputs = self.graph_module(communicator, *self._arguments(state, batch, buffers, lr))
         loss, new_state, metrics = self._result(state, outputs)
         metrics["lr"] = lr
         return loss, new_state, metrics
-
-    def _local_buffers_of(self, rank: int, buffers) -> dict:
-        if buffers is not None:
-            return dict(buffers)
-        return dict(zip(self.buffer_names, self._local_buffers(rank, self.default_buffers))) if self.buffer_names else {}
 
     def simulate_train_step(self, states: Sequence[TrainState], batch: Sequence[torch.Tensor], lr: float | None = None,
                             buffers: Mapping[str, torch.Tensor] | None = None):
