@@ -189,6 +189,9 @@ class _State:
     input_shardings: dict[str, Sharding] = field(default_factory=dict)
     # The shardings each value's consumers required in the previous sweep.
     required_of: dict[Node, set] = field(default_factory=dict)
+    # (shape, placements per axis) -> whether it splits evenly on this mesh: the same few recur
+    # in every layer, and local_shape is the sweep's costliest call.
+    even_splits: dict = field(default_factory=dict)
 
     def place(self, node: Node, decision: Decision) -> None:
         self.current[node], self.views[node] = decision.output, decision.view
@@ -280,7 +283,7 @@ def _place_whole(node: Node, registered, inputs, input_shardings, mesh: MeshSpec
 
 
 def _place_per_axis(node: Node, registered, inputs, input_shardings, view: View, mesh: MeshSpec, link: LinkModel,
-                    demand: Sharding | None, shared_by_input: tuple = ()) -> Decision:
+                    demand: Sharding | None, shared_by_input: tuple = (), even_splits: dict | None = None) -> Decision:
     """Rules written per mesh axis: the cheapest candidate on each axis of the node's view."""
     axes = view.axes
     ctx = RuleContext(node, mesh, inputs, input_shardings, view, axes)
@@ -294,7 +297,7 @@ def _place_per_axis(node: Node, registered, inputs, input_shardings, view: View,
             per_axis_out[axis] = tuple(Replicate() for _ in out) if isinstance(out, (tuple, list)) else Replicate()
             continue
         placements = tuple(s.placement(axis) for s in input_shardings)
-        fits = _even_split_check(ctx, axis, per_axis_in, per_axis_out)
+        fits = _even_split_check(ctx, axis, per_axis_in, per_axis_out, {} if even_splits is None else even_splits)
         shared = tuple({s.placement(axis) for s in others} for others in shared_by_input)
         chosen, scored = _choose_axis(ctx, registered.function, axis, placements, link, demand, fits, shared)
         if chosen is None:
@@ -325,12 +328,7 @@ def _place_per_axis(node: Node, registered, inputs, input_shardings, view: View,
     return Decision(output, view, required, reason, tuple(alternatives))
 
 
-# (shape, placements per axis, mesh) -> whether it splits evenly: the same few shapes and
-# placements recur in every layer, and local_shape is the sweep's costliest call.
-_EVEN_SPLITS: dict = {}
-
-
-def _even_split_check(ctx: RuleContext, axis: str, per_axis_in: dict, per_axis_out: dict):
+def _even_split_check(ctx: RuleContext, axis: str, per_axis_in: dict, per_axis_out: dict, known: dict):
     """Whether a candidate on ``axis``, with the placements chosen on the axes before it, splits
     every input it asks for and every output evenly. A rule sees one axis at a time, so a shard
     of a dim that another axis already divides (6 rows over dp=2, then over tp=2) is caught here
@@ -341,14 +339,14 @@ def _even_split_check(ctx: RuleContext, axis: str, per_axis_in: dict, per_axis_o
             return True
         if not any(p is not None and p.is_shard() for p in placements.values()):
             return True
-        key = (tuple(found.shape), tuple(placements.items()), ctx.mesh)
-        if key not in _EVEN_SPLITS:
+        key = (tuple(found.shape), tuple(placements.items()))
+        if key not in known:
             try:
                 local_shape(key[0], _as_sharding(tuple(placements), placements), ctx.mesh)
-                _EVEN_SPLITS[key] = True
+                known[key] = True
             except ShardingError:
-                _EVEN_SPLITS[key] = False
-        return _EVEN_SPLITS[key]
+                known[key] = False
+        return known[key]
 
     def fits(candidate) -> bool:
         for i, producer in enumerate(ctx.inputs):
@@ -393,7 +391,8 @@ def _place_node(node: Node, state: _State, mesh: MeshSpec, link: LinkModel, dema
         )
     view = input_views.pop() if input_views else View.DENSE
     shared = tuple(state.required_of.get(producer, set()) - {state.current[producer]} for producer in inputs)
-    return _place_per_axis(node, registered, inputs, input_shardings, view, mesh, link, demand, shared)
+    return _place_per_axis(node, registered, inputs, input_shardings, view, mesh, link, demand, shared,
+                           state.even_splits)
 
 
 # ----------------------------------------------------------------------------- sweeps
