@@ -102,7 +102,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
-    def forward(self, x):
+    def forward(self, x, attn_mask=None):
+        """Causal self-attention; ``attn_mask`` (bool, or additive float) replaces the causal mask."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim)
         k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim)
@@ -111,7 +112,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         # Each key/value head serves heads / kv_heads consecutive query heads.
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                                  enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(attended.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim))
 
 

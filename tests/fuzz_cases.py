@@ -169,24 +169,15 @@ def _mix(x: torch.Tensor, how: str | None) -> torch.Tensor:
 
 
 def _masked_attention(attention, x, mask):
-    """The bundled ``Attention.forward`` with an explicit ``attn_mask`` instead of ``is_causal``
-    (the bundled attention has no mask argument)."""
-    batch, seq, _ = x.shape
-    q = attention.q_proj(x).view(batch, seq, attention.heads, attention.head_dim)
-    k = attention.k_proj(x).view(batch, seq, attention.kv_heads, attention.head_dim)
-    v = attention.v_proj(x).view(batch, seq, attention.kv_heads, attention.head_dim)
-    if attention.q_norm is not None:
-        q, k = attention.q_norm(q), attention.k_norm(k)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    # The math backend: torch's default CPU kernel (flash) differentiates a query whose every key
-    # carries an additive finfo.min mask (left padding) wrongly: its backward recomputes the
-    # probabilities from a log-sum-exp that lost log(keys) to rounding, so that row's gradient
-    # comes out keys times too large (2x for 2 keys; forward and the math backend agree with
-    # softmax(q k^T + mask) v and with shardgraph). Found by this fuzzer; not a shardgraph bug.
+    """The bundled attention with an explicit ``attn_mask`` instead of ``is_causal``.
+
+    On the math backend: torch's default CPU kernel (flash) differentiates a query whose every key
+    carries an additive finfo.min mask (left padding) wrongly: its backward recomputes the
+    probabilities from a log-sum-exp that lost log(keys) to rounding, so that row's gradient
+    comes out keys times too large (2x for 2 keys; forward and the math backend agree with
+    softmax(q k^T + mask) v and with shardgraph). Found by this fuzzer; not a shardgraph bug."""
     with sdpa_kernel(SDPBackend.MATH):
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                  enable_gqa=attention.kv_heads != attention.heads)
-    return attention.o_proj(attended.transpose(1, 2).reshape(batch, seq, attention.heads * attention.head_dim))
+        return attention(x, mask)
 
 
 class FuzzModel(MoETransformer):
