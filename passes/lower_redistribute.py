@@ -8,8 +8,9 @@ Writes
     ``shardgraph.runtime.collectives`` calls (``all_reduce``, ``reduce_scatter``, ``all_gather``,
     ``local_slice``, ...). Each inserted node carries a ``PlacedValue`` (the sharding after the
     step) and a ``meta.Collective`` (kind, axis, group size, predicted bytes sent per rank,
-    purpose). Identical conversions of one value are shared between its consumers. On the
-    output node this is the gradient synchronisation (``Purpose.GRADIENT_SYNC``): a gradient
+    purpose). Conversions of one value are shared between its consumers: each starts from
+    the cheapest sharding of the value already in the graph. On the output node this is the
+    gradient synchronisation (``Purpose.GRADIENT_SYNC``): a gradient
     that is ``Partial`` over an axis is reduced over exactly that axis to its parameter's
     sharding.
 Assumes
@@ -196,15 +197,31 @@ _STEP_FUNCTIONS = {
 }
 
 
+def _chain_bytes(source: Sharding, target: Sharding, found, producer: Node, mesh: MeshSpec) -> float:
+    ndim = found.dim() if found is not None else 0
+    total, current = 0.0, source
+    for step in plan_redistribution(source, target, ndim, mesh):
+        total += step_bytes(step, meta.local_bytes(found, current, mesh, producer.name), mesh)
+        current = _apply_placement(current, step)
+    return total
+
+
 def _insert_chain(graph, comm: Node, producer: Node, source: Sharding, target: Sharding, mesh: MeshSpec,
                   before: Node, purpose: Purpose, detail: str, cache: dict) -> Node:
+    """The node holding ``producer`` under ``target``, starting from whichever sharding of it the
+    graph already holds (the producer's own, or any step of an earlier consumer's chain) that
+    sends the fewest bytes: a gradient reduced to ``Replicate`` for the norm is sliced locally
+    for an update that wants it ``Shard``, not reduced a second time."""
     found = meta.tensor_value(producer)
     ndim = found.dim() if found is not None else 0
-    key = (producer, source, target)
-    if key in cache:
-        return cache[key]
-    current_node, current = producer, source
-    for step in plan_redistribution(source, target, ndim, mesh):
+    held = cache.setdefault(producer, [(source, producer)])
+    for sharding, node in held:
+        if sharding == target:
+            return node
+    # Ties keep the earliest holder (the producer first): fewer steps in flight, same bytes.
+    start, current_node = min(held, key=lambda item: _chain_bytes(item[0], target, found, producer, mesh))
+    current = start
+    for step in plan_redistribution(current, target, ndim, mesh):
         function, kwargs = _STEP_FUNCTIONS[step.kind](step)
         with graph.inserting_before(before):
             node = graph.call_function(function, (comm, current_node), kwargs)
@@ -212,11 +229,11 @@ def _insert_chain(graph, comm: Node, producer: Node, source: Sharding, target: S
         current = _apply_placement(current, step)
         meta.copy_source_info(producer, node)
         meta.set_placed(node, PlacedValue(current, meta.view(producer) or View.DENSE, (),
-                                          f"{step.kind} over {step.axis}: {source!r} -> {target!r} for {detail}"))
+                                          f"{step.kind} over {step.axis}: {start!r} -> {target!r} for {detail}"))
         meta.set_collective(node, Collective(CollectiveKind(step.kind), step.axis, mesh.size(step.axis),
                                              step_bytes(step, piece, mesh), purpose, of=producer.name, detail=detail))
         current_node = node
-    cache[key] = current_node
+        held.append((current, node))
     return current_node
 
 

@@ -119,3 +119,24 @@ def test_interleaved_gather_restores_stripe_order(stripes):
     source = Sharding.of(etp=InterleavedShard(0, stripes))
     _steps, _sim, results = run_plan(mesh, tensor, source, Sharding.replicate())
     assert all(torch.equal(r, tensor) for r in results)
+
+
+def test_a_value_two_consumers_want_differently_is_reduced_once():
+    """In the training step a tp-partial gradient feeds the norm (replicated) and the update
+    (sharded like its parameter): the second consumer slices the reduced value locally instead
+    of reducing the partial value again."""
+    import shardgraph as sg
+    from examples.moe_model import shardgraph_entry
+    from shardgraph import meta
+
+    model, inputs, loss_fn = shardgraph_entry("tiny")
+    program = sg.compile(model, MeshSpec(world=4, tp=2, ep=2), inputs, loss_fn, optimizer=sg.optim.AdamW(lr=1e-3))
+    reductions: dict = {}
+    for node in program.graph_module.graph.nodes:
+        record = meta.collective(node)
+        if record is not None and record.kind.value in ("all_reduce", "reduce_scatter"):
+            source = node.args[1]
+            reductions.setdefault((source.name, record.axis), []).append(node.name)
+    assert reductions, "the step has no reductions to check"
+    twice = {key: names for key, names in reductions.items() if len(names) > 1}
+    assert not twice, f"values reduced more than once over one axis: {twice}"
