@@ -37,20 +37,19 @@ and backward computed in ``--dtype`` (bf16). The model is built in fp32 for thes
                       compute_dtype=torch.bfloat16)``: forward, backward, norm, clipping and update in
                       one graph, the bf16 casts of the fp32 parameters inside it; run by
                       ``program.train_step(state, batch, lr=...)``, state from ``program.init_state``
-  shardgraph_adamw_compile  that graph module under ``torch.compile(dynamic=False)``, called with
-                      ``TrainingProgram._arguments`` / ``_result`` as ``train_step`` calls it
+  shardgraph_adamw_compile  the same step with that graph module under ``torch.compile(dynamic=False)``
+                      (``program.train_step(..., compile="inductor")``)
   eager_adamw_autocast  (not in the group) the fp32 model under ``torch.autocast(bf16)`` with fused
                       AdamW on its own parameters: what many torch users write, but not the same
                       compute: ops autocast does not cover run in fp32, HF's grouped_mm experts among
                       them (transformers casts the input to the fp32 weight), which is why the
                       master-weight copy above is the baseline
 
-The program is functional (it returns new parameters and state; nothing is donated), so during its
-update the old and the new fp32 weights and Adam moments are both alive: 2 x 12 bytes per parameter
-at the end of a step (plus the fp32 gradients not yet consumed), against 12 (master and moments) + 4
-(persistent fp32 gradient) + 2 + 2 (bf16 weights and gradients) for eager_adamw. Four layers of the
-Qwen3-30B-A3B shape are 3.1e9 parameters: about 69.5 GiB against 58 GiB before activations, so on an
-80 GB card the program's step at batch 2 x 4096 is close to the limit.
+The program donates its state (``donate_state``, the default): each new weight and Adam moment is
+written into the old one's tensor as soon as the old one has no reader left, so the step holds 12
+bytes per parameter of state (master and moments) plus the fp32 gradients while they live, against
+12 + 4 (persistent fp32 gradient) + 2 + 2 (bf16 weights and gradients) for eager_adamw. Four layers
+of the Qwen3-30B-A3B shape are 3.1e9 parameters.
 
 The first four SGD variants run by default (``--variants`` picks any, comma- or space-separated).
 Models (``--models``), all at Qwen3-30B-A3B's
@@ -297,17 +296,14 @@ class Runner:
         self.buffers = dict(self.program.default_buffers)
         self.compiled = None
         if variant in PROGRAM_ADAMW_VARIANTS:
-            # The state holds the only reference to the fp32 master weights: the model's own
-            # parameters are emptied, so that after the first step (which returns new tensors)
-            # the initial weights are freed rather than kept alive by the model.
+            # The state holds the only copy of the fp32 master weights (init_state gives pieces of
+            # their own memory, which the donating step updates in place): the model's own
+            # parameters are emptied so that the model does not keep a second copy alive.
             self.state = self.program.init_state(model, 0)
             with torch.no_grad():
                 for parameter in model.parameters():
                     parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
             self.model = None
-            if variant == "shardgraph_adamw_compile":
-                self.compiled = torch.compile(self.program.graph_module, mode=compile_mode, backend=compile_backend,
-                                              dynamic=False)
             return
         # The program reads the parameters from these tensors (they share the model's storage)
         # and the SGD update writes into them.
@@ -370,13 +366,8 @@ class Runner:
         if self.variant in MASTER_VARIANTS:
             return self._master_step()
         if self.variant in PROGRAM_ADAMW_VARIANTS:
-            program = self.program
-            if self.compiled is None:
-                loss, self.state, _ = program.train_step(self.state, self.batch, lr=ADAMW["lr"])
-            else:
-                # What train_step does, with the graph module under torch.compile.
-                outputs = self.compiled(None, *program._arguments(self.state, self.batch, self.buffers, ADAMW["lr"]))
-                loss, self.state, _ = program._result(self.state, outputs)
+            compile = "inductor" if self.variant == "shardgraph_adamw_compile" else None
+            loss, self.state, _ = self.program.train_step(self.state, self.batch, lr=ADAMW["lr"], compile=compile)
             return loss.detach()
         if self.compiled is None:
             loss, gradients = self.program.step(self.comm, self.parameters, self.batch, self.buffers)

@@ -7,6 +7,8 @@
     lower_localize        placed          -> shape arguments in local sizes
     lower_moe             communicator    -> no MoE op left; dispatch + grouped GEMMs
     bucket_gradient_sync  typed collectives -> one all-reduce per gradient bucket
+    cast_gradient_reductions  typed collectives -> gradients reduced in reduce_dtype (option)
+    donate_state          communicator    -> new parameters and state written into the old (option)
 
 Conditions are checked before and after every pass (as ``torch.fx.passes.infra.pass_base``'s
 ``requires`` / ``ensures``), so a pass that breaks the next one's assumption fails at the seam
@@ -19,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+import torch
 from torch.fx import GraphModule
 
 from shardgraph import meta
@@ -29,8 +32,10 @@ from shardgraph.runtime import collectives
 
 from .add_communicator import add_communicator
 from .bucket_gradient_sync import bucket_gradient_sync
+from .cast_gradient_reductions import cast_gradient_reductions
 from .cost import LinkModel
 from .decompose_loss import decompose_loss
+from .donate_state import donate_state
 from .lower_localize import lower_localize
 from .lower_moe import is_moe_backward, is_moe_forward, lower_moe
 from .lower_redistribute import lower_redistribute
@@ -101,6 +106,8 @@ class CompileOptions:
     batch_sharding: object = None
     link: LinkModel | None = None
     replicate_fallback: bool = False
+    reduce_dtype: torch.dtype | None = None  # None: gradients are reduced in their own dtype
+    donate_state: bool = False  # a training step writes its new parameters and state in place
 
 
 @dataclass
@@ -138,6 +145,10 @@ PIPELINE: tuple[Pass, ...] = (
          (NO_MOE_OPS, COLLECTIVES_TYPED)),
     Pass("bucket_gradient_sync", lambda gm, options, compiled: bucket_gradient_sync(gm), (COLLECTIVES_TYPED,),
          (COLLECTIVES_TYPED, COMMUNICATOR)),
+    Pass("cast_gradient_reductions", lambda gm, options, compiled: cast_gradient_reductions(gm, options.reduce_dtype),
+         (COLLECTIVES_TYPED,), (COLLECTIVES_TYPED,)),
+    Pass("donate_state", lambda gm, options, compiled: donate_state(gm) if options.donate_state else gm,
+         (COMMUNICATOR,), (COLLECTIVES_TYPED, COMMUNICATOR)),
 )
 
 

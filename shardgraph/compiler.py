@@ -9,6 +9,8 @@
     #   lower_localize        shape arguments to local sizes
     #   lower_moe             expert dispatch + grouped GEMMs
     #   bucket_gradient_sync  one all-reduce per gradient bucket
+    #   cast_gradient_reductions  gradients reduced in reduce_dtype (option)
+    #   donate_state          a training step's new state written into the old (option)
     return ShardedProgram(traced, compiled.placed, compiled.lowered, mesh)
 """
 
@@ -40,6 +42,8 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     optimizer=None,
     clip_grad_norm: float | None = None,
     compute_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+    donate_state: bool = True,
 ) -> ShardedProgram:
     """Compile ``model`` for ``mesh``; see ``ShardedProgram`` for what comes back.
 
@@ -47,7 +51,13 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     training step, a ``TrainingProgram``: the update, the gradient norm and the clipping
     (``clip_grad_norm``) are nodes of the graph, placed and lowered like the rest.
     ``compute_dtype=torch.bfloat16`` computes forward and backward in bf16 from the parameters
-    kept in the model's dtype (fp32 master weights, fp32 gradients and optimizer state)."""
+    kept in the model's dtype (fp32 master weights, fp32 gradients and optimizer state).
+    ``reduce_dtype`` (``torch.bfloat16`` or ``torch.float32``) is the dtype gradients are summed in
+    across ranks; by default each is reduced in its own dtype. A training step with
+    ``donate_state`` (the default) writes the new parameters and optimizer state into the
+    tensors of the state it is given, which is then consumed (as ``jax.jit``'s
+    ``donate_argnums``): a step needs no second copy of the weights and state."""
+    _check_dtype_option("reduce_dtype", reduce_dtype)
     if not isinstance(mesh, MeshSpec):
         raise TypeError(f"mesh must be a shardgraph.MeshSpec, got {type(mesh).__name__}")
     if mesh.pp != 1:
@@ -57,7 +67,8 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
                    compute_dtype=compute_dtype)
     _refuse_empty_values(traced)
     program = compile_traced(traced, mesh, plan, batch_sharding=batch_sharding, link=link,
-                             replicate_fallback=replicate_fallback)
+                             replicate_fallback=replicate_fallback, reduce_dtype=reduce_dtype,
+                             donate_state=donate_state and optimizer is not None)
     # Buffers (rotary tables, running statistics) are state, not batch: the program keeps the
     # model's own unless a call passes others. Checkpoints hold the persistent ones only, as
     # the model's state_dict does.
@@ -65,6 +76,12 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     persistent = set(model.state_dict(keep_vars=True))
     program.persistent_buffer_names = [name for name in program.buffer_names if name in persistent]
     return program
+
+
+def _check_dtype_option(name: str, dtype) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"compile: {name} must be a floating-point torch.dtype (torch.bfloat16, torch.float32), "
+                         f"got {dtype!r}")
 
 
 def _refuse_empty_batch(model: torch.nn.Module, example_inputs: tuple) -> None:
@@ -106,12 +123,13 @@ def _refuse_empty_values(traced) -> None:
 
 
 def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None, *, batch_sharding=None, link=None,
-                   replicate_fallback: bool = False) -> ShardedProgram:
+                   replicate_fallback: bool = False, reduce_dtype: torch.dtype | None = None,
+                   donate_state: bool = False) -> ShardedProgram:
     """The passes after tracing, for a graph traced already (``shardgraph.frontend.trace``)."""
-    options = CompileOptions(mesh, plan, batch_sharding, link, replicate_fallback)
+    options = CompileOptions(mesh, plan, batch_sharding, link, replicate_fallback, reduce_dtype, donate_state)
     compiled = run_pipeline(traced.graph_module, options)
     if getattr(traced, "optimizer", None) is not None:
         from .training import TrainingProgram
 
-        return TrainingProgram(traced, compiled.placed, compiled.lowered, mesh)
+        return TrainingProgram(traced, compiled.placed, compiled.lowered, mesh, donates_state=options.donate_state)
     return ShardedProgram(traced, compiled.placed, compiled.lowered, mesh)

@@ -479,7 +479,12 @@ class MemoryWalk:
 
 
 def _is_view(node: Node) -> bool:
-    return node.op == "call_function" and bool(getattr(node.target, "is_view", False))
+    """A view, or an in-place op (``copy_`` writing a donated state): either returns its first
+    input's memory, not memory of its own."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    returns = node.target._schema.returns
+    return bool(returns) and returns[0].alias_info is not None
 
 
 def _storages(nodes: list[Node], pieces) -> dict[Node, list[tuple[Node, int]]]:

@@ -11,6 +11,10 @@ needs no communication beyond the gradients' own synchronisation.
     state = program.init_state(model, rank)                     # this rank's pieces, zero state
     loss, state, metrics = program.train_step(state, batch_local, lr=lr_schedule(step))
 
+With ``donate_state`` (the default) a step writes its new values into the tensors of the state
+it was given and marks that state consumed, as ``jax.jit``'s ``donate_argnums``: one copy of the
+weights and optimizer state, not two.
+
 In one process, ``init_states`` / ``simulate_train_step`` / ``gather_state`` do the same for
 every rank of the mesh in the simulator, from the global batch; ``gather_state`` rebuilds the
 full parameters and state (replicas checked bit-identical), for checkpoints and for loading the
@@ -44,6 +48,9 @@ class TrainState:
     parameters: dict[str, torch.Tensor]
     optimizer: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     step: int = 0
+    # Set when a step that donates its state consumed this one: its tensors now hold the next
+    # step's values, so reading them as this step's would be silently wrong.
+    donated: bool = field(default=False, compare=False, repr=False)
 
     def state_dict(self) -> dict:
         return {"parameters": dict(self.parameters), "optimizer": {n: dict(s) for n, s in self.optimizer.items()},
@@ -56,8 +63,11 @@ class TrainState:
 
 
 class TrainingProgram(ShardedProgram):
-    def __init__(self, traced, placed, lowered, mesh):
+    def __init__(self, traced, placed, lowered, mesh, donates_state: bool = False):
         super().__init__(traced, placed, lowered, mesh)
+        self.donates_state = donates_state
+        self._scalar_inputs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._compiled_graph = None
         self.optimizer = traced.optimizer
         self.clip_grad_norm = traced.clip_grad_norm
         self.state_slots = list(traced.state_slots)
@@ -66,16 +76,20 @@ class TrainingProgram(ShardedProgram):
     # ------------------------------------------------------------------ state
     def init_state(self, model_or_state: nn.Module | Mapping | TrainState, rank: int) -> TrainState:
         """This rank's pieces of a model's parameters (or of a full state from ``gather_state``, or
-        a full parameter dict), with zero optimizer state where none is given."""
+        a full parameter dict), with zero optimizer state where none is given. A program that
+        donates its state gets pieces of their own memory, so stepping never writes into the
+        model or the state they came from."""
         full = self._full_state(model_or_state)
         parameters = self.local_parameters(rank, full.parameters)
+        own = (lambda piece: piece.clone()) if self.donates_state else (lambda piece: piece)
+        parameters = {name: own(piece) for name, piece in parameters.items()}
         optimizer = {}
         for name, slot in self.state_slots:
             value = full.optimizer.get(name, {}).get(slot)
             if value is None:
                 value = torch.zeros_like(full.parameters[name])
-            optimizer.setdefault(name, {})[slot] = shard(value.detach(), self.parameter_sharding(name), self.mesh, rank,
-                                                         name=f"{name}:{slot}")
+            optimizer.setdefault(name, {})[slot] = own(shard(value.detach(), self.parameter_sharding(name), self.mesh,
+                                                             rank, name=f"{name}:{slot}"))
         return TrainState(parameters, optimizer, full.step)
 
     def init_states(self, model_or_state) -> list[TrainState]:
@@ -114,6 +128,7 @@ class TrainingProgram(ShardedProgram):
     def _check_local_state(self, state: TrainState, rank: int) -> None:
         if not isinstance(state, TrainState):
             raise StateError(f"train_step takes a TrainState (from init_state), got {type(state).__name__}")
+        _refuse_donated(state, rank)
         for name in self.parameter_names:
             piece = state.parameters.get(name)
             expected = tuple(self.local_parameters_shape(name))
@@ -137,6 +152,8 @@ class TrainingProgram(ShardedProgram):
         """Full parameters and optimizer state from every rank's pieces (replicas checked equal)."""
         if len(states) != self.mesh.world:
             raise StateError(f"gather_state needs one state per rank ({self.mesh.world}), got {len(states)}")
+        for rank, state in enumerate(states):
+            _refuse_donated(state, rank)
         parameters = {
             name: unshard([s.parameters[name] for s in states], self.parameter_sharding(name), self.mesh,
                           global_shape=self.traced.parameter_shapes[name], name=name, check_replicas=True)
@@ -149,11 +166,46 @@ class TrainingProgram(ShardedProgram):
         return TrainState(parameters, optimizer, states[0].step)
 
     # ------------------------------------------------------------------ steps
-    def _arguments(self, state: TrainState, batch, buffers, lr: float) -> list:
-        scalar = dict(dtype=torch.float64, device=next(iter(state.parameters.values())).device)
+    def _arguments(self, state: TrainState, batch, buffers, scalars: tuple[torch.Tensor, torch.Tensor]) -> list:
         return ([state.parameters[n] for n in self.parameter_names] + [buffers[n] for n in self.buffer_names]
-                + list(batch) + [state.optimizer[n][slot] for n, slot in self.state_slots]
-                + [torch.tensor(float(lr), **scalar), torch.tensor(float(state.step + 1), **scalar)])
+                + list(batch) + [state.optimizer[n][slot] for n, slot in self.state_slots] + list(scalars))
+
+    def _scalars(self, state: TrainState, lr: float, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learning rate and step number as float64 tensors on the state's device. ``shared``
+        keeps one pair per device and refills it: a new tensor on a GPU each step is a copy from
+        pageable host memory, which waits for the GPU to finish the previous step."""
+        device = next(iter(state.parameters.values())).device
+        if not shared:
+            return (torch.tensor(float(lr), dtype=torch.float64, device=device),
+                    torch.tensor(float(state.step + 1), dtype=torch.float64, device=device))
+        if device not in self._scalar_inputs:
+            self._scalar_inputs[device] = (torch.zeros((), dtype=torch.float64, device=device),
+                                           torch.zeros((), dtype=torch.float64, device=device))
+        lr_tensor, step_tensor = self._scalar_inputs[device]
+        lr_tensor.fill_(float(lr))
+        step_tensor.fill_(float(state.step + 1))
+        return lr_tensor, step_tensor
+
+    def _consume(self, state: TrainState) -> None:
+        if self.donates_state:
+            state.donated = True
+
+    def _check_donated_memory(self, states: Sequence[TrainState]) -> None:
+        """Every tensor a donating step writes must be memory of its own: two pieces sharing
+        storage (one tensor given for two slots, or for one slot on two simulated ranks) would
+        each be overwritten by the other's update."""
+        if not self.donates_state:
+            return
+        owners: dict[int, str] = {}
+        for rank, state in enumerate(states):
+            written = [(name, state.parameters[name]) for name in self.trainable_names]
+            written += [(f"{name}:{slot}", state.optimizer[name][slot]) for name, slot in self.state_slots]
+            for label, tensor in written:
+                where = tensor.untyped_storage().data_ptr()
+                if where in owners:
+                    raise StateError(f"rank {rank}: {label} shares memory with {owners[where]}; a step writes its "
+                                     f"new values in place, so each must have its own (init_state gives that)")
+                owners[where] = f"{label} of rank {rank}"
 
     def _result(self, state: TrainState, outputs) -> tuple[torch.Tensor, TrainState, dict]:
         loss, rest = outputs[0], list(outputs[1:])
@@ -172,23 +224,44 @@ class TrainingProgram(ShardedProgram):
             raise ValueError(f"train_step: lr must be a non-negative number, got {value!r}")
         return float(value)
 
+    def _graph(self, compile: str | None):
+        """The graph module a step runs: as lowered, or (``compile="inductor"``) under
+        ``torch.compile``, compiled once per program."""
+        if compile is None:
+            return self.graph_module
+        if compile != "inductor":
+            raise ValueError(f"train_step: compile must be None or 'inductor', got {compile!r}")
+        if self.mesh.world != 1:
+            # The collectives of a world > 1 program are Python calls on the communicator
+            # object, which dynamo cannot trace into one graph.
+            raise ValueError(f"train_step: compile='inductor' needs a world=1 program, this one is for {self.mesh}")
+        if self._compiled_graph is None:
+            self._compiled_graph = torch.compile(self.graph_module, dynamic=False)
+        return self._compiled_graph
+
     def train_step(self, state: TrainState, batch: Sequence[torch.Tensor], lr: float | None = None,
                    buffers: Mapping[str, torch.Tensor] | None = None, communicator=None, *,
-                   check: bool | None = None):
+                   check: bool | None = None, compile: str | None = None):
         """This rank's step under torch.distributed (or on one device with ``communicator=None`` at
         world=1): ``(loss, new state, {"grad_norm": ..., "lr": ...})``. ``batch`` is this rank's
         piece (``local_batch``). The first step runs ``run``'s guards (same program everywhere,
-        replicated parameters equal); ``check`` as for ``run``."""
+        replicated parameters equal); ``check`` as for ``run``. A program compiled with
+        ``donate_state`` (the default) writes the new state into ``state``'s tensors and marks
+        ``state`` consumed: continue with the state it returns. ``compile="inductor"`` (world=1)
+        runs the step's graph under ``torch.compile``: the update fuses into a few kernels."""
         lr = self._learning_rate(lr)
+        graph = self._graph(compile)
         if communicator is None and self.mesh.world > 1:
             communicator = self._default_communicator(debug_enabled(None))
         rank = getattr(communicator, "rank", 0)
         self._check_local_state(state, rank)
+        self._check_donated_memory([state])
         self.check_batch(batch, local=self.mesh.world > 1, where="train_step")
         buffers = self._rank_buffers(rank, buffers)
         if communicator is not None:
             self._check_first_step(communicator, state.parameters, buffers, check, debug_enabled(None))
-        outputs = self.graph_module(communicator, *self._arguments(state, batch, buffers, lr))
+        outputs = graph(communicator, *self._arguments(state, batch, buffers, self._scalars(state, lr, shared=True)))
+        self._consume(state)
         loss, new_state, metrics = self._result(state, outputs)
         metrics["lr"] = lr
         return loss, new_state, metrics
@@ -207,11 +280,16 @@ class TrainingProgram(ShardedProgram):
             self._check_local_state(state, rank)
             local_buffers = dict(zip(self.buffer_names, self._local_buffers(rank, buffers))) if self.buffer_names else {}
             per_rank.append((state, self.local_batch(rank, batch), local_buffers))
+        self._check_donated_memory(states)
         simulator = Simulator(self.mesh)
+        # Each rank its own scalars: the simulator's ranks may run at once.
         results = simulator.run(
             lambda comm, state, local_batch, local_buffers: self._result(
-                state, self.graph_module(comm, *self._arguments(state, local_batch, local_buffers, lr))),
+                state, self.graph_module(comm, *self._arguments(state, local_batch, local_buffers,
+                                                                self._scalars(state, lr, shared=False)))),
             per_rank)
+        for state in states:
+            self._consume(state)
         losses = [loss for loss, _, _ in results]
         norms = [metrics["grad_norm"] for _, _, metrics in results]
         for rank in self.mesh.ranks:
@@ -221,3 +299,10 @@ class TrainingProgram(ShardedProgram):
         metrics = {"grad_norm": norms[0], "lr": lr, "simulator": simulator}
         return losses[0], [state for _, state, _ in results], metrics
 
+
+
+def _refuse_donated(state: TrainState, rank: int) -> None:
+    if state.donated:
+        raise StateError(f"rank {rank}: this TrainState (after step {state.step}) was donated to the next step, "
+                         f"which wrote its new values into the same tensors; use the state that step returned "
+                         f"(or compile with donate_state=False to keep every state)")
