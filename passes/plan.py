@@ -44,7 +44,7 @@ from shardgraph.meta import View
 from shardgraph.placement import InterleavedShard, Shard, Sharding, ShardingError, local_shape
 
 __all__ = ["PlanError", "ParameterPlacement", "STYLES", "STYLE_DESCRIPTIONS", "resolve_plan", "default_plan",
-           "DEFAULT_PLANS"]
+           "DEFAULT_PLANS", "expert_parameters"]
 
 STYLES = (
     "replicate",
@@ -174,11 +174,12 @@ _ATTENTION = {
 }
 
 DEFAULT_PLANS: dict[str, dict[str, str]] = {
-    # shardgraph's example model and HF Mixtral / Qwen2-MoE / Qwen3-MoE (transformers 5.x fused experts)
+    # shardgraph's example model and HF transformers 5.x fused experts, whatever the block holding
+    # them is called (``mlp``, ``block_sparse_moe``, ``feed_forward``)
     "hf_fused_experts": {
         **_ATTENTION,
-        "*mlp.experts.gate_up_proj": "expert_colwise",
-        "*mlp.experts.down_proj": "expert_rowwise",
+        "*.experts.gate_up_proj": "expert_colwise",
+        "*.experts.down_proj": "expert_rowwise",
     },
     # torchtitan-style GroupedExperts with separate w1 (gate), w3 (up), w2 (down)
     "torchtitan": {
@@ -192,17 +193,69 @@ DEFAULT_PLANS: dict[str, dict[str, str]] = {
     },
 }
 
+_EXPERT_STYLES = ("expert_colwise", "expert_rowwise", "expert_replicate")
 
-def default_plan(parameter_names: Sequence[str]) -> dict[str, str]:
+
+def default_plan(parameter_names: Sequence[str], graph_module=None) -> dict[str, str]:
     """The default plan of the model family these parameter names belong to.
 
     Patterns that would match nothing in this model (no attention projections, say) are
-    dropped, so a default plan never fails for a missing layer kind.
+    dropped, so a default plan never fails for a missing layer kind. Given the traced graph, the
+    routed-expert weights are found from its structure (``expert_parameters``: the parameters
+    every ``moe_experts`` op reads its weights from), whatever the model calls them, and the
+    name patterns for experts are not used.
     """
     names = list(parameter_names)
     family = "torchtitan" if any(n.endswith("experts.w1") for n in names) else "hf_fused_experts"
+    experts = expert_parameters(graph_module) if graph_module is not None else {}
     plan = {}
     for pattern, style in DEFAULT_PLANS[family].items():
+        if experts and style in _EXPERT_STYLES:
+            continue
         if any(fnmatch.fnmatchcase(n, pattern) for n in names):
             plan[pattern] = style
+    plan.update({_literal(name): style for name, (style, _fused) in experts.items() if name in names})
     return plan
+
+
+def _literal(name: str) -> str:
+    """A glob pattern that matches exactly ``name``."""
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
+# Ops the adapters put between an expert parameter and the moe_experts op that reads it: views,
+# casts, copies, the w1/w3 concatenation and the getitems of split or chunked weights.
+_PASS_THROUGH = ("aten.view.", "aten._unsafe_view.", "aten.reshape.", "aten.cat.", "aten.clone.", "aten._to_copy.",
+                 "aten.alias.", "aten.detach.", "aten.contiguous.", "prims.convert_element_type.", "aten.t.",
+                 "aten.transpose.", "aten.permute.")
+
+
+def expert_parameters(graph_module) -> dict[str, tuple[str, bool]]:
+    """``{parameter name: (style, fused)}`` for every parameter a ``moe_experts`` op reads its
+    expert weights from: ``expert_colwise`` behind ``w_gate_up`` (``fused`` when the parameter is
+    read as the op's ``[E, 2I, H]`` operand itself, gate and up rows together), ``expert_rowwise``
+    behind ``w_down``. A parameter reached through anything other than views, casts and the
+    gate/up concatenation is left to the name patterns (its layout is not known here)."""
+    from shardgraph import meta
+    from shardgraph.meta import InputKind
+
+    found: dict[str, tuple[str, bool]] = {}
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or str(node.target) != "shardgraph.moe_experts.default":
+            continue
+        for position, style in ((3, "expert_colwise"), (4, "expert_rowwise")):
+            if position >= len(node.args):
+                continue
+            frontier, concatenated = [node.args[position]], False
+            while frontier:
+                source = frontier.pop()
+                record = meta.graph_input(source) if source.op == "placeholder" else None
+                if record is not None:
+                    if record.kind is InputKind.PARAMETER:
+                        fused = style == "expert_colwise" and not concatenated
+                        found[record.name] = (style, fused)
+                    continue
+                if source.op == "call_function" and str(source.target).startswith(_PASS_THROUGH):
+                    concatenated |= str(source.target).startswith("aten.cat.")
+                    frontier.extend(source.all_input_nodes)
+    return found

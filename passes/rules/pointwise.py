@@ -19,7 +19,7 @@ aten = torch.ops.aten
 # Ops linear in every tensor input jointly (sum of partials is partial).
 _ADDITIVE = {aten.add.Tensor, aten.sub.Tensor}
 # Ops linear in one designated tensor input when the others are replicated.
-_MULTIPLICATIVE = {aten.mul.Tensor: (0, 1), aten.div.Tensor: (0,)}
+_MULTIPLICATIVE = {aten.mul.Tensor: (0, 1), aten.div.Tensor: (0,), torch.ops.prims.div.default: (0,)}
 # Unary ops that are linear (or plain copies): a partial input gives a partial output, unless a
 # dtype conversion truncates it (``_truncates``).
 _LINEAR_UNARY = {
@@ -49,6 +49,9 @@ _POINTWISE = [
     aten.clamp_max.default, aten.maximum.default, aten.minimum.default, aten.fill.Scalar, aten.sign.default,
     aten.floor_divide.default, aten.remainder.Scalar, aten.isnan.default, aten.isinf.default,
     aten.nan_to_num.default, aten.copy.default, aten.fmod.Scalar,
+    # LayerNorm's decomposition divides with prims; routers clamp by a tensor bound; rotary
+    # embeddings in complex form build and conjugate unit phasors.
+    torch.ops.prims.div.default, aten.clamp.Tensor, aten._conj.default, aten.polar.default,
 ]
 
 

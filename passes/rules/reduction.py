@@ -72,6 +72,16 @@ def rule_mean(ctx, axis, placements):
     return _reduction(ctx, placements[0], *_dims_and_keepdim(ctx, aten.mean.default), "avg")
 
 
+@register(torch.ops.prims.sum.default, torch.ops.prims.var.default, family="prims_reduction")
+def rule_prims_reduction(ctx, axis, placements):
+    """``prims.sum(x, dims)`` and ``prims.var(x, dims, correction)`` (LayerNorm's decomposition):
+    the dims go, never kept; a sum of a sharded dim is partial, a variance needs the whole dim."""
+    ndim = len(value_of(ctx.inputs[0]).shape)
+    reduced = _reduced_dims(ctx, ctx.arg(1, "dims", None), ndim)
+    kind = "sum" if ctx.node.target == torch.ops.prims.sum.default else None
+    return _reduction(ctx, placements[0], reduced, False, kind)
+
+
 @register(aten.amax.default, aten.amin.default, aten.argmax.default, aten.argmin.default, aten.any.dim,
           aten.all.dim, aten.max.dim, aten.min.dim, aten.var.correction, family="max")
 def rule_max(ctx, axis, placements):

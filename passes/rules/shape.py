@@ -283,3 +283,68 @@ def rule_split(ctx, axis, placements):
         return [AxisCandidate((placement,), tuple(out for _ in range(count)),
                               "splitting an interleaved dim at stripe boundaries"), replicated]
     return [replicated]
+
+
+def _follow(placement, dim):
+    return Shard(dim) if isinstance(placement, Shard) else InterleavedShard(dim, placement.stripes)
+
+
+@register(aten.constant_pad_nd.default, family="pad")
+def rule_pad(ctx, axis, placements):
+    """Padding touches the last ``len(pad) // 2`` dims: a split of any other dim is kept. Padding
+    with zeros is linear (partial pieces padded with zeros sum to the padded value)."""
+    placement = placements[0]
+    ndim = len(ctx.output_shape)
+    pad = list(ctx.arg(1, "pad", []))
+    padded = {ndim - 1 - i for i in range(len(pad) // 2) if pad[2 * i] != 0 or pad[2 * i + 1] != 0}
+    candidates = [AxisCandidate((R,), R)]
+    if placement.is_shard() and placement.dim % ndim not in padded:
+        candidates.insert(0, AxisCandidate((placement,), placement))
+    if placement.is_partial() and ctx.arg(2, "value", 0) == 0:
+        candidates.append(AxisCandidate((placement,), placement, "zero padding is linear"))
+    return candidates
+
+
+@register(aten.flip.default, family="flip")
+def rule_flip(ctx, axis, placements):
+    """Reversing a split dim would also reverse the order of the pieces: it must be whole."""
+    placement = placements[0]
+    ndim = len(ctx.output_shape)
+    flipped = {d % ndim for d in ctx.arg(1, "dims", [])}
+    if placement.is_shard() and placement.dim % ndim in flipped:
+        return [AxisCandidate((R,), R, "flipping a sharded dim needs the whole dim")]
+    return [AxisCandidate((placement,), placement), AxisCandidate((R,), R)]
+
+
+@register(torch.ops.prims.broadcast_in_dim.default, family="broadcast_in_dim")
+def rule_broadcast_in_dim(ctx, axis, placements):
+    """``broadcast_in_dim(x, shape, dims)``: input dim i becomes output dim ``dims[i]``. Linear,
+    so a partial stays partial. A split follows its dim only where lowering rewrites the ``shape``
+    argument to local sizes; until then the op runs on whole values."""
+    from passes.lower_localize import _SHAPE_ARGUMENT
+
+    placement = placements[0]
+    candidates = [AxisCandidate((R,), R)]
+    if placement.is_partial():
+        candidates.append(AxisCandidate((placement,), placement, "broadcasting is linear"))
+    if placement.is_shard() and ctx.node.target in _SHAPE_ARGUMENT:
+        in_shape = value_of(ctx.inputs[0]).shape
+        dim = placement.dim % len(in_shape)
+        out_dim = list(ctx.arg(2, "broadcast_dimensions", []))[dim]
+        if in_shape[dim] == ctx.output_shape[out_dim]:
+            candidates.insert(0, AxisCandidate((placement,), _follow(placement, out_dim)))
+    return candidates
+
+
+@register(aten.view_as_complex.default, aten.view_as_real.default, family="complex_view")
+def rule_complex_view(ctx, axis, placements):
+    """``view_as_complex`` folds the trailing pair of reals into one complex element,
+    ``view_as_real`` unfolds it: every other dim keeps its split; the pair dim stays whole.
+    Partial values are reduced first: reductions of complex values are not offered."""
+    placement = placements[0]
+    in_ndim = len(value_of(ctx.inputs[0]).shape)
+    candidates = [AxisCandidate((R,), R)]
+    pair_dim = in_ndim - 1 if ctx.node.target == aten.view_as_complex.default else None
+    if placement.is_shard() and placement.dim % in_ndim != pair_dim:
+        candidates.insert(0, AxisCandidate((placement,), placement))
+    return candidates

@@ -220,6 +220,15 @@ _HF_LAYOUT = {"is_transposed": False, "has_bias": False, "has_gate": True, "is_c
 
 def _hf_fused_experts(path: str, module: nn.Module) -> _Recognised:
     gate_up, down = module.gate_up_proj, module.down_proj
+    arity = _positional_arity(module.forward)
+    if arity is not None and arity != 3:
+        # Llama 4's experts take every token once per expert, already scaled by its routing
+        # score: the score multiplies the expert's input, where moe_experts scales its output.
+        raise AdapterError(
+            f"{path}: {type(module).__name__}.forward takes {arity} argument(s), not (hidden_states, top_k_index, "
+            f"top_k_weights): its tokens arrive already routed (and, in Llama 4, scaled by their routing score "
+            f"before the experts, where moe_experts scales the expert outputs); register the enclosing MoE block "
+            f"with register_experts")
     for attribute, expected in _HF_LAYOUT.items():
         if getattr(module, attribute, expected) != expected:
             raise AdapterError(

@@ -312,8 +312,43 @@ def _attention(m: _Maker) -> list[Sample]:
             Sample(backward, (m.f(8, 8, 8, 8), q, *kv, False, 0.25, True))]
 
 
+def _sequence_mixers(m: _Maker) -> list[Sample]:
+    """Ops of state-space, short-convolution and linear-attention layers, LayerNorm's prims and
+    complex rotary embeddings."""
+    x, weight, bias = m.f(8, 16, 8), m.f(16, 1, 4), m.f(16)
+    conv = ([1], [3], [1], False, [0], 16)  # stride, padding, dilation, transposed, output_padding, groups
+    grad = m.f(8, 16, 11)  # length 8 + 2 * 3 - 4 + 1
+    upper = m.f(8, 8, 8).triu() + 4 * torch.eye(8, dtype=F64)  # well conditioned
+    complex_values = torch.view_as_complex(m.f(8, 16, 2))
+    return [Sample(aten.convolution.default, (x, weight, bias, *conv)),
+            Sample(aten.convolution.default, (m.f(8, 16, 8), m.f(8, 16, 3), None, [1], [0], [1], False, [0], 1)),
+            Sample(aten.convolution_backward.default, (grad, x, weight, [16], *conv, [True, True, True])),
+            Sample(aten.convolution_backward.default, (grad, x, weight, [16], *conv, [True, True, False])),
+            Sample(aten.linalg_solve_triangular.default, (upper, m.f(8, 8, 16)), {"upper": True}),
+            Sample(aten.linalg_solve_triangular.default, (upper, m.f(8, 16, 8)), {"upper": True, "left": False}),
+            Sample(aten.constant_pad_nd.default, (m.f(8, 16, 8), [2, 0])),
+            Sample(aten.constant_pad_nd.default, (m.f(8, 16), [0, 0, 1, 1])),
+            Sample(aten.constant_pad_nd.default, (m.f(8, 16), [1, 1], 2.5)),
+            Sample(aten.flip.default, (m.f(8, 16), [1])),
+            Sample(aten.flip.default, (m.f(8, 16, 8), [0, 2])),
+            Sample(prims.broadcast_in_dim.default, (m.f(8, 16), [8, 16, 1], [0, 1])),
+            Sample(prims.broadcast_in_dim.default, (m.f(16), [8, 16], [1])),
+            Sample(prims.var.default, (m.f(8, 16), [1], 1.0)),
+            Sample(prims.var.default, (m.f(8, 16, 8), [0, 2], 0.0)),
+            Sample(prims.sum.default, (m.f(8, 16), [1])),
+            Sample(prims.sum.default, (m.f(8, 16, 8), [0, 2])),
+            Sample(prims.div.default, (m.f(8, 16), m.pos(8, 16))),
+            Sample(prims.div.default, (m.f(8, 16), 32.0)),
+            Sample(aten.clamp.Tensor, (m.f(8, 16), m.f(8, 1))),
+            Sample(aten.clamp.Tensor, (m.f(8, 16),), {"max": m.f(16)}),
+            Sample(aten.view_as_complex.default, (m.f(8, 16, 2),)),
+            Sample(aten.view_as_real.default, (complex_values,)),
+            Sample(aten._conj.default, (complex_values,)),
+            Sample(aten.polar.default, (m.pos(8, 16), m.f(8, 16)))]
+
+
 def samples(seed: int = 0) -> list[Sample]:
     """Every sample, in a fixed order, from one seeded generator."""
     m = _Maker(seed)
     return [*_pointwise(m), *_factories(m), *_matmul(m), *_reductions(m), *_shapes(m), *_indexing(m), *_loss(m),
-            *_attention(m)]
+            *_attention(m), *_sequence_mixers(m)]
