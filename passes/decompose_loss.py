@@ -20,6 +20,7 @@ import operator
 
 import torch
 from torch.fx import GraphModule
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from shardgraph import meta
 
@@ -59,5 +60,16 @@ def decompose_loss(gm: GraphModule) -> GraphModule:
         if meta.has_value(total_weight) and not weight_users and not loss_users:
             graph.erase_node(total_weight)
     graph.lint()
-    gm.recompile()
-    return gm
+    return _with_deferred_code(gm)
+
+
+def _with_deferred_code(gm: GraphModule) -> GraphModule:
+    """``gm`` as a graph module that writes its Python code when first run or read, not on every
+    ``recompile``: the passes after this one each rewrite the graph and recompile, and only the
+    program at the end of the pipeline is ever run."""
+    if isinstance(gm, _LazyGraphModule):
+        gm.recompile()
+        return gm
+    deferred = _LazyGraphModule(gm, gm.graph)
+    meta.copy_module_records(gm, deferred)
+    return deferred

@@ -18,10 +18,18 @@ The pass is pure: no collectives are inserted here. It seeds the placeholders fr
 the batch sharding, then sweeps forward over the joint graph in topological order (the backward
 is just more graph), and repeats with each node's ties broken toward what its consumers asked
 for in the previous sweep, until nothing changes.
+
+Repeated layers are placed once: a decision is keyed by everything the rules read (op,
+constant arguments, shapes, entering shardings and views, consumers' demand), so the nodes of
+the second and later identical layers find their decision made, and a layer whose entering
+placements differ runs the rules again. ``PlacedGraph.decisions_reused`` counts the reuse.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import gc
 import operator
 import time
 from dataclasses import dataclass, field
@@ -29,9 +37,10 @@ from typing import Any, Mapping
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from shardgraph import meta
-from shardgraph.fx_graph import copy_graph_module, op_name, output_node, output_values, tensor_inputs
+from shardgraph.fx_graph import op_name, output_node, output_values, tensor_inputs
 from shardgraph.mesh import MeshSpec
 from shardgraph.meta import GraphInput, InputKind, PlacedValue, View
 from shardgraph.placement import Partial, Placement, Replicate, Shard, Sharding, ShardingError, local_shape
@@ -58,6 +67,10 @@ class PlacedGraph:
     sweeps: int
     seconds: float
     fallbacks: list[str] = field(default_factory=list)
+    # Op placements made by running the rules, and those reused from an identical earlier one
+    # (the same op, shapes and entering placements: the nodes of repeated layers).
+    decisions_made: int = 0
+    decisions_reused: int = 0
 
     def sharding_of(self, name: str) -> Sharding:
         for node in self.graph_module.graph.nodes:
@@ -192,6 +205,16 @@ class _State:
     # (shape, placements per axis) -> whether it splits evenly on this mesh: the same few recur
     # in every layer, and local_shape is the sweep's costliest call.
     even_splits: dict = field(default_factory=dict)
+    # Each op node's tensor inputs and the part of its decision key that no sweep changes (see
+    # ``_static_key``), computed once per propagation.
+    inputs_of: dict[Node, list[Node]] = field(default_factory=dict)
+    static_keys: dict[Node, Any] = field(default_factory=dict)
+    # Decision key -> the decision made for it. Repeated layers present every op with the same
+    # key, so only the first layer (and any layer whose entering placements differ) runs the rules.
+    decisions: dict = field(default_factory=dict)
+    reuse: bool = True
+    made: int = 0
+    reused: int = 0
 
     def place(self, node: Node, decision: Decision) -> None:
         self.current[node], self.views[node] = decision.output, decision.view
@@ -369,9 +392,8 @@ def _even_split_check(ctx: RuleContext, axis: str, per_axis_in: dict, per_axis_o
     return fits
 
 
-def _place_node(node: Node, state: _State, mesh: MeshSpec, link: LinkModel, demand: Sharding | None,
-                fallback: bool) -> Decision:
-    inputs = tensor_inputs(node)
+def _place_node(node: Node, inputs: list[Node], state: _State, mesh: MeshSpec, link: LinkModel,
+                demand: Sharding | None, fallback: bool) -> Decision:
     input_shardings = [state.current[n] for n in inputs]
     for producer, have in zip(inputs, input_shardings):
         if isinstance(have, tuple):
@@ -393,6 +415,76 @@ def _place_node(node: Node, state: _State, mesh: MeshSpec, link: LinkModel, dema
     shared = tuple(state.required_of.get(producer, set()) - {state.current[producer]} for producer in inputs)
     return _place_per_axis(node, registered, inputs, input_shardings, view, mesh, link, demand, shared,
                            state.even_splits)
+
+
+# ----------------------------------------------------------------------------- reuse
+# A decision is a function of what ``_place_node`` reads: the op, its constant arguments, the
+# shapes and dtypes of its inputs and outputs, which argument positions share a producer, the
+# inputs' current shardings and views, the consumers' demand and the conversions other consumers
+# already need. Two nodes that agree on all of it get the same decision, so it is made once: the
+# nodes of identical layers agree whenever the placements entering the layer agree, and any
+# difference (a first or last layer, a placement that changed between sweeps) is a different key
+# and runs the rules. Rules read node names only to word their errors, which are not memoised.
+class _Unkeyable(Exception):
+    """An argument or value with no exact, hashable description: the node is placed without reuse."""
+
+
+def _value_key(found) -> Any:
+    if isinstance(found, torch.Tensor):
+        return ("tensor", tuple(found.shape), found.dtype)
+    if isinstance(found, (tuple, list)):
+        return (type(found).__name__,) + tuple(_value_key(item) for item in found)
+    if found is None or isinstance(found, (bool, int, str, torch.dtype)):
+        return (type(found).__name__, found)
+    raise _Unkeyable(type(found).__name__)
+
+
+def _argument_key(item, producers: dict[Node, int]) -> Any:
+    if isinstance(item, Node):
+        found = meta.value(item) if meta.has_value(item) else None
+        return ("node", producers.setdefault(item, len(producers)), _value_key(found))
+    if isinstance(item, (tuple, list)):
+        return (type(item).__name__,) + tuple(_argument_key(part, producers) for part in item)
+    if isinstance(item, dict):
+        return ("dict",) + tuple((name, _argument_key(part, producers)) for name, part in sorted(item.items()))
+    if isinstance(item, float) and item != item:
+        raise _Unkeyable("nan")  # nan != nan: no key would ever match, and none is needed
+    if item is None or isinstance(item, (bool, int, float, str, torch.dtype, torch.device, torch.layout,
+                                         torch.memory_format)):
+        return (type(item).__name__, item)
+    raise _Unkeyable(type(item).__name__)
+
+
+def _static_key(node: Node) -> Any:
+    """What a decision depends on that sweeps do not change; None where it cannot be described."""
+    producers: dict[Node, int] = {}
+    try:
+        return (node.target, _argument_key(node.args, producers), _argument_key(node.kwargs, producers),
+                _value_key(meta.value(node)))
+    except (_Unkeyable, TypeError):
+        return None
+
+
+def _decision_key(node: Node, inputs: list[Node], state: _State, demand: Sharding | None) -> Any:
+    static = state.static_keys[node]
+    if static is None:
+        return None
+    current, required_of = state.current, state.required_of
+    shardings = tuple(current[producer] for producer in inputs)
+    shared = tuple(frozenset(required_of[producer] - {current[producer]}) if producer in required_of else frozenset()
+                   for producer in inputs)
+    return static, shardings, tuple(state.views[producer] for producer in inputs), demand, shared
+
+
+def _prepare_keys(compute_nodes: list[Node], state: _State) -> None:
+    interned: dict[Any, int] = {}
+    for node in compute_nodes:
+        state.inputs_of[node] = tensor_inputs(node)
+        if node.target is operator.getitem:
+            continue
+        static = _static_key(node)
+        # A small int stands for the (deep) static key, so the per-sweep key hashes cheaply.
+        state.static_keys[node] = None if static is None else interned.setdefault(static, len(interned))
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -417,33 +509,72 @@ def _sweep(compute_nodes: list[Node], state: _State, mesh: MeshSpec, link: LinkM
             state.place(node, Decision(item, View.of_sharding(item) or state.views[source], (),
                                        f"output {index} of {source.name}"))
             continue
-        try:
-            decision = _place_node(node, state, mesh, link, demands.get(node), replicate_fallback)
-        except ShardingError as error:
-            raise PropagationError(f"node {node.name} ({op_name(node.target)}): {error}") from None
+        inputs = state.inputs_of[node]
+        demand = demands.get(node)
+        key = _decision_key(node, inputs, state, demand) if state.reuse else None
+        decision = state.decisions.get(key) if key is not None else None
+        if decision is None:
+            try:
+                decision = _place_node(node, inputs, state, mesh, link, demand, replicate_fallback)
+            except ShardingError as error:
+                raise PropagationError(f"node {node.name} ({op_name(node.target)}): {error}") from None
+            state.made += 1
+            if key is not None:
+                state.decisions[key] = decision
+        else:
+            state.reused += 1
         if rule_for(node.target) is None:
             fallbacks.append(node.name)
         state.place(node, decision)
     return fallbacks
 
 
-def _demands(compute_nodes: list[Node]) -> dict[Node, Sharding]:
+def _demands(compute_nodes: list[Node], inputs_of: dict[Node, list[Node]]) -> dict[Node, Sharding]:
     """What each value's consumers asked for (the last consumer in graph order wins ties)."""
     found: dict[Node, Sharding] = {}
     for node in reversed(compute_nodes):
-        for producer, wanted in zip(tensor_inputs(node), meta.placed(node).input_shardings):
+        for producer, wanted in zip(inputs_of[node], meta.placed(node).input_shardings):
             if wanted is not None and producer not in found:
                 found[producer] = wanted
     return found
 
 
-def _required_of(compute_nodes: list[Node]) -> dict[Node, set]:
+def _required_of(compute_nodes: list[Node], inputs_of: dict[Node, list[Node]]) -> dict[Node, set]:
     found: dict[Node, set] = {}
     for node in compute_nodes:
-        for producer, wanted in zip(tensor_inputs(node), meta.placed(node).input_shardings):
+        for producer, wanted in zip(inputs_of[node], meta.placed(node).input_shardings):
             if isinstance(wanted, Sharding):
                 found.setdefault(producer, set()).add(wanted)
     return found
+
+
+def _sweep_to_fixed_point(compute_nodes: list[Node], state: _State, mesh: MeshSpec, link: LinkModel,
+                          replicate_fallback: bool) -> tuple[int, list[str]]:
+    demands: dict[Node, Sharding] = {}
+    previous: dict[Node, Any] | None = None
+    sweeps = 0
+    while sweeps < _MAX_SWEEPS:
+        sweeps += 1
+        fallbacks = _sweep(compute_nodes, state, mesh, link, demands, replicate_fallback)
+        snapshot = dict(state.current)
+        if snapshot == previous:
+            break
+        previous, demands = snapshot, _demands(compute_nodes, state.inputs_of)
+        state.required_of = _required_of(compute_nodes, state.inputs_of)
+    return sweeps, fallbacks
+
+
+@contextlib.contextmanager
+def _collection_paused():
+    """The cyclic garbage collector off during the sweeps: they allocate records for every node
+    while the whole graph stays alive, so each full collection would walk all of it again."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def propagate(
@@ -454,33 +585,38 @@ def propagate(
     batch_sharding: Sharding | Mapping[str, Sharding] | None = None,
     link: LinkModel | None = None,
     replicate_fallback: bool = False,
+    reuse_decisions: bool = True,
 ) -> PlacedGraph:
-    """Place every value of a traced joint graph on ``mesh``. See the module docstring."""
+    """Place every value of a traced joint graph on ``mesh``. See the module docstring.
+
+    ``reuse_decisions=False`` runs the rules for every node in every sweep (the result is the
+    same; it is there to check that reuse changes nothing)."""
     if not isinstance(graph_module, GraphModule):
         raise TypeError(f"propagate takes the traced fx GraphModule, got {type(graph_module).__name__}")
     started = time.perf_counter()
     link = link or LinkModel()
-    gm = copy_graph_module(graph_module)
+    gm = _copy(graph_module)
     state = _seed(gm, mesh, plan, batch_sharding)
+    state.reuse = reuse_decisions
     compute_nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     _refuse_missing_rules(compute_nodes, replicate_fallback)
+    _prepare_keys(compute_nodes, state)
 
-    demands: dict[Node, Sharding] = {}
-    previous: dict[Node, Any] | None = None
-    sweeps = 0
-    while sweeps < _MAX_SWEEPS:
-        sweeps += 1
-        fallbacks = _sweep(compute_nodes, state, mesh, link, demands, replicate_fallback)
-        snapshot = dict(state.current)
-        if snapshot == previous:
-            break
-        previous, demands = snapshot, _demands(compute_nodes)
-        state.required_of = _required_of(compute_nodes)
+    with _collection_paused():
+        sweeps, fallbacks = _sweep_to_fixed_point(compute_nodes, state, mesh, link, replicate_fallback)
 
     _place_outputs(gm, state)
     _check_every_value_placed(gm)
     return PlacedGraph(gm, mesh, state.parameters, state.input_shardings, sweeps, time.perf_counter() - started,
-                       fallbacks)
+                       fallbacks, state.made, state.reused)
+
+
+def _copy(graph_module: GraphModule) -> GraphModule:
+    """A copy to place, writing its Python code only if it is run or read: the placed graph is
+    for reports, and lowering works on a copy of its own."""
+    copied = _LazyGraphModule(graph_module, copy.deepcopy(graph_module.graph))
+    meta.copy_module_records(graph_module, copied)
+    return copied
 
 
 def _place_outputs(gm: GraphModule, state: _State) -> None:

@@ -138,6 +138,10 @@ class MeshSpec:
 
     def size(self, axis: AxisName) -> int:
         """Number of ranks in one group of ``axis`` (a name or a tuple of names)."""
+        # One axis name is the common case (placement rules ask once per candidate); it needs no
+        # validation beyond being a known axis, which ``_sizes`` holds exactly.
+        if isinstance(axis, str) and axis in self._sizes:
+            return self._sizes[axis]
         axes = self._axes(axis)
         result = 1
         for name in axes:

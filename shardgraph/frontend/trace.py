@@ -60,13 +60,14 @@ from torch import nn
 from torch._decomp import get_decompositions
 from torch.func import functional_call, functionalize
 from torch.fx import GraphModule, Node
+from torch.fx._lazy_graph_module import _use_lazy_graph_module
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot, make_fx
 
 from .. import meta
 from ..meta import GraphInput, InputKind, OutputRole, Phase
 from .adapters import adapters_installed
-from .context import AttentionRouting, ModuleTracker, positions_not_packed, without_kv_cache
+from .context import AttentionRouting, ModuleTracker, collection_paused, positions_not_packed, without_kv_cache
 from .errors import AdapterError, TraceError
 
 __all__ = ["TraceError", "TracedGraph", "OutputRole", "trace", "op_histogram", "DECOMPOSITIONS"]
@@ -517,8 +518,10 @@ def _make_joint_graph(model, step: _Step, parameters, buffers, example_inputs, t
     tracker = ModuleTracker(model)
     modules = {path or "<root>": module for path, module in model.named_modules()}
     try:
+        # A lazily compiled module: the passes that follow rewrite the graph, so Python code
+        # written now would be thrown away; it is written when the module is first run or read.
         with adapters_installed(model) as expert_modules, without_kv_cache(model), positions_not_packed(), \
-                torch.enable_grad():
+                torch.enable_grad(), _use_lazy_graph_module(True), collection_paused():
             gm = make_fx(step, tracing_mode="fake", decomposition_table=DECOMPOSITIONS, record_module_stack=True,
                          record_stack_traces=True)(*arguments)
     except AdapterError:
