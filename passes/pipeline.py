@@ -108,6 +108,7 @@ class CompileOptions:
     replicate_fallback: bool = False
     reduce_dtype: torch.dtype | None = None  # None: gradients are reduced in their own dtype
     donate_state: bool = False  # a training step writes its new parameters and state in place
+    zero: int = 0  # 1: optimizer state split over the data-parallel axes (passes/optimizer_sharding.py)
 
 
 @dataclass
@@ -129,7 +130,7 @@ class Pass:
 
 def _propagate(gm: GraphModule, options: CompileOptions, compiled: Compiled) -> GraphModule:
     compiled.placed = propagate(gm, options.mesh, options.plan, batch_sharding=options.batch_sharding,
-                                link=options.link, replicate_fallback=options.replicate_fallback)
+                                link=options.link, replicate_fallback=options.replicate_fallback, zero=options.zero)
     # Lowering rewrites a copy: the placed graph stays as propagation left it, for the report.
     return copy_graph_module(compiled.placed.graph_module)
 

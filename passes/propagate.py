@@ -46,6 +46,7 @@ from shardgraph.meta import GraphInput, InputKind, PlacedValue, View
 from shardgraph.placement import Partial, Placement, Replicate, Shard, Sharding, ShardingError, local_shape
 
 from .cost import LinkModel, redistribution
+from .optimizer_sharding import optimizer_state_sharding
 from .plan import ParameterPlacement, default_plan, resolve_plan
 from .rules import RuleContext, rule_for
 
@@ -144,6 +145,13 @@ def _choose_axis(ctx: RuleContext, rule, axis: str, placements: tuple, link: Lin
     replicated = tuple(Replicate() for _ in placements)
     if placements != replicated:
         candidates += [c for c in rule(ctx, axis, replicated) if c not in candidates]
+    # A shard another consumer needs of an input is made anyway, so reading the input that way
+    # is a candidate too (a gradient reduce-scattered for a zero=1 update feeds the norm as is).
+    for i, options in enumerate(shared):
+        for option in options:
+            if option.is_shard() and option != placements[i]:
+                hypothetical = placements[:i] + (option,) + placements[i + 1:]
+                candidates += [c for c in rule(ctx, axis, hypothetical) if c not in candidates]
     candidates = [c for c in candidates if fits(c)]
     if not candidates:
         return None, []
@@ -199,9 +207,14 @@ class _State:
     current: dict[Node, Any] = field(default_factory=dict)
     views: dict[Node, View] = field(default_factory=dict)
     parameters: dict[str, ParameterPlacement] = field(default_factory=dict)
+    # Parameter name -> (its optimizer state's sharding, why): ``optimizer_state_sharding``.
+    state_shardings: dict[str, tuple[Sharding, str]] = field(default_factory=dict)
     input_shardings: dict[str, Sharding] = field(default_factory=dict)
     # The shardings each value's consumers required in the previous sweep.
     required_of: dict[Node, set] = field(default_factory=dict)
+    # Shardings a value is known to be needed in before any consumer asks: with zero=1, a
+    # gradient in its optimizer state's sharding (the update reads it there).
+    wanted_by_state: dict[Node, set] = field(default_factory=dict)
     # (shape, placements per axis) -> whether it splits evenly on this mesh: the same few recur
     # in every layer, and local_shape is the sweep's costliest call.
     even_splits: dict = field(default_factory=dict)
@@ -221,8 +234,9 @@ class _State:
         meta.set_placed(node, decision.record())
 
 
-def _seed(gm: GraphModule, mesh: MeshSpec, plan, batch_sharding) -> _State:
-    """Placements of the placeholders (plan, batch sharding, replicated buffers) and constants."""
+def _seed(gm: GraphModule, mesh: MeshSpec, plan, batch_sharding, zero: int = 0) -> _State:
+    """Placements of the placeholders (plan, batch sharding, replicated buffers, optimizer state
+    by ``zero``) and constants."""
     state = _State()
     placeholders = meta.graph_inputs(gm.graph)
     parameter_shapes = {record.name: tuple(meta.value(n).shape) for n, record in placeholders
@@ -230,8 +244,19 @@ def _seed(gm: GraphModule, mesh: MeshSpec, plan, batch_sharding) -> _State:
     if plan is None:
         plan = default_plan(list(parameter_shapes))
     state.parameters = resolve_plan(parameter_shapes, plan, mesh)
+    for _, record in placeholders:
+        if record.kind is InputKind.OPTIMIZER_STATE and record.parameter not in state.state_shardings:
+            placement = state.parameters[record.parameter]
+            state.state_shardings[record.parameter] = optimizer_state_sharding(
+                record.parameter, parameter_shapes[record.parameter], placement.sharding, placement.view, mesh, zero)
     for node, record in placeholders:
         state.place(node, _seed_decision(node, record, state, mesh, batch_sharding))
+    for node in gm.graph.nodes:
+        parameter = meta.gradient_of(node)
+        if parameter in state.state_shardings and state.state_shardings[parameter][0] != \
+                state.parameters[parameter].sharding:
+            state.wanted_by_state[node] = {state.state_shardings[parameter][0]}
+    state.required_of = {node: set(wanted) for node, wanted in state.wanted_by_state.items()}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             # Constants captured during tracing (a literal tensor in the model): every rank has them.
@@ -252,10 +277,11 @@ def _seed_decision(node: Node, record: GraphInput, state: _State, mesh: MeshSpec
     if record.kind is InputKind.BUFFER:
         return Decision(Sharding.replicate(), View.DENSE, (), f"seed: buffer {record.name!r} replicated")
     if record.kind is InputKind.OPTIMIZER_STATE:
-        # State lives where its parameter lives, so the update is local to every piece.
-        placement = state.parameters[record.parameter]
-        return Decision(placement.sharding, placement.view, (),
-                        f"seed: optimizer state {record.name!r} placed like its parameter")
+        # State lives where its parameter lives (zero=0), so the update is local to every piece,
+        # or on a 1/dp slice of it (zero=1).
+        sharding, why = state.state_shardings[record.parameter]
+        return Decision(sharding, state.parameters[record.parameter].view, (),
+                        f"seed: optimizer state {record.name!r} {why}")
     if record.kind is InputKind.SCALAR:
         return Decision(Sharding.replicate(), View.DENSE, (), f"seed: scalar {record.name!r} replicated")
     raise PropagationError(f"placeholder {node.name} is a {record.kind.value}; propagation runs before any "
@@ -561,6 +587,8 @@ def _sweep_to_fixed_point(compute_nodes: list[Node], state: _State, mesh: MeshSp
             break
         previous, demands = snapshot, _demands(compute_nodes, state.inputs_of)
         state.required_of = _required_of(compute_nodes, state.inputs_of)
+        for node, wanted in state.wanted_by_state.items():
+            state.required_of.setdefault(node, set()).update(wanted)
     return sweeps, fallbacks
 
 
@@ -586,6 +614,7 @@ def propagate(
     link: LinkModel | None = None,
     replicate_fallback: bool = False,
     reuse_decisions: bool = True,
+    zero: int = 0,
 ) -> PlacedGraph:
     """Place every value of a traced joint graph on ``mesh``. See the module docstring.
 
@@ -596,7 +625,7 @@ def propagate(
     started = time.perf_counter()
     link = link or LinkModel()
     gm = _copy(graph_module)
-    state = _seed(gm, mesh, plan, batch_sharding)
+    state = _seed(gm, mesh, plan, batch_sharding, zero)
     state.reuse = reuse_decisions
     compute_nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     _refuse_missing_rules(compute_nodes, replicate_fallback)
@@ -628,6 +657,8 @@ def _place_outputs(gm: GraphModule, state: _State) -> None:
     for found, role in zip(flat, roles):
         if not isinstance(found, Node):
             required.append(None)
+        elif role.kind == "state" and role.parameter in state.state_shardings:
+            required.append(state.state_shardings[role.parameter][0])
         elif role.kind in ("grad", "param", "state") and role.parameter in state.parameters:
             required.append(state.parameters[role.parameter].sharding)
         elif role.kind in ("loss", "metric"):
@@ -635,8 +666,8 @@ def _place_outputs(gm: GraphModule, state: _State) -> None:
         else:
             required.append(state.current.get(found))
     meta.set_placed(output_node(gm.graph), PlacedValue(
-        None, None, tuple(required), "loss and metrics replicated; each gradient, updated parameter and "
-                                     "optimizer state in its parameter's sharding"))
+        None, None, tuple(required), "loss and metrics replicated; each gradient and updated parameter in its "
+                                     "parameter's sharding, each optimizer state as it came in"))
 
 
 def _check_every_value_placed(gm: GraphModule) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from passes.optimizer_sharding import ZERO_STAGES
 from passes.pipeline import CompileOptions, run_pipeline
 
 from .frontend import trace
@@ -44,6 +45,7 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     compute_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = None,
     donate_state: bool = True,
+    zero: int = 0,
 ) -> ShardedProgram:
     """Compile ``model`` for ``mesh``; see ``ShardedProgram`` for what comes back.
 
@@ -56,7 +58,15 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     across ranks; by default each is reduced in its own dtype. A training step with
     ``donate_state`` (the default) writes the new parameters and optimizer state into the
     tensors of the state it is given, which is then consumed (as ``jax.jit``'s
-    ``donate_argnums``): a step needs no second copy of the weights and state."""
+    ``donate_argnums``): a step needs no second copy of the weights and state. ``zero=1``
+    splits the optimizer state over the data-parallel axes (dp for dense parameters, edp for
+    experts; ZeRO stage 1): gradients are reduce-scattered to the state's slices, updated there,
+    and the new parameters all-gathered."""
+    if zero not in ZERO_STAGES:
+        raise ValueError(f"compile: zero must be one of {ZERO_STAGES} (0: optimizer state placed like its parameter, "
+                         f"1: also split over the data-parallel axes), got {zero!r}")
+    if zero and optimizer is None:
+        raise ValueError(f"compile: zero={zero} shards optimizer state; pass an optimizer")
     _check_dtype_option("reduce_dtype", reduce_dtype)
     if not isinstance(mesh, MeshSpec):
         raise TypeError(f"mesh must be a shardgraph.MeshSpec, got {type(mesh).__name__}")
@@ -68,7 +78,7 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     _refuse_empty_values(traced)
     program = compile_traced(traced, mesh, plan, batch_sharding=batch_sharding, link=link,
                              replicate_fallback=replicate_fallback, reduce_dtype=reduce_dtype,
-                             donate_state=donate_state and optimizer is not None)
+                             donate_state=donate_state and optimizer is not None, zero=zero)
     # Buffers (rotary tables, running statistics) are state, not batch: the program keeps the
     # model's own unless a call passes others. Checkpoints hold the persistent ones only, as
     # the model's state_dict does.
@@ -124,9 +134,9 @@ def _refuse_empty_values(traced) -> None:
 
 def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None, *, batch_sharding=None, link=None,
                    replicate_fallback: bool = False, reduce_dtype: torch.dtype | None = None,
-                   donate_state: bool = False) -> ShardedProgram:
+                   donate_state: bool = False, zero: int = 0) -> ShardedProgram:
     """The passes after tracing, for a graph traced already (``shardgraph.frontend.trace``)."""
-    options = CompileOptions(mesh, plan, batch_sharding, link, replicate_fallback, reduce_dtype, donate_state)
+    options = CompileOptions(mesh, plan, batch_sharding, link, replicate_fallback, reduce_dtype, donate_state, zero)
     compiled = run_pipeline(traced.graph_module, options)
     if getattr(traced, "optimizer", None) is not None:
         from .training import TrainingProgram

@@ -56,6 +56,11 @@ class ShardedProgram:
     def __init__(self, traced, placed, lowered: GraphModule, mesh: MeshSpec):
         self.traced = traced
         self.placed = placed
+        # fx generates a lazy graph module's code on its first call, renaming nodes while it
+        # does; the simulator's ranks make that first call from several threads at once, which
+        # mixes up the names (a value read before its line). Generate it here, once.
+        if hasattr(lowered, "real_recompile"):
+            lowered.real_recompile()
         self.graph_module = lowered
         self.mesh = mesh
         inputs = meta.graph_inputs(lowered.graph)

@@ -31,6 +31,7 @@ from torch import nn
 
 from .placement import shard, unshard
 from .program import ShardedProgram
+from .meta import InputKind
 from .runtime.guards import debug_enabled, same_bits
 from .runtime.simulate import Simulator
 
@@ -88,7 +89,7 @@ class TrainingProgram(ShardedProgram):
             value = full.optimizer.get(name, {}).get(slot)
             if value is None:
                 value = torch.zeros_like(full.parameters[name])
-            optimizer.setdefault(name, {})[slot] = own(shard(value.detach(), self.parameter_sharding(name), self.mesh,
+            optimizer.setdefault(name, {})[slot] = own(shard(value.detach(), self.state_sharding(name), self.mesh,
                                                              rank, name=f"{name}:{slot}"))
         return TrainState(parameters, optimizer, full.step)
 
@@ -139,14 +140,23 @@ class TrainingProgram(ShardedProgram):
                                  f"mesh or model; gather it and init_state it again")
         for name, slot in self.state_slots:
             piece = state.optimizer.get(name, {}).get(slot)
-            if piece is None or tuple(piece.shape) != tuple(self.local_parameters_shape(name)):
+            if piece is None or tuple(piece.shape) != self._local_shape(name, self.state_sharding(name)):
                 raise StateError(f"rank {rank}: optimizer state {name}:{slot} is missing or shaped for another mesh")
 
+    def state_sharding(self, name: str):
+        """How parameter ``name``'s optimizer state is split: like the parameter, or with
+        ``zero=1`` also over the data-parallel axis of its view."""
+        slot = self.optimizer.state_slots()[0]
+        return self._sharding_of_input[(InputKind.OPTIMIZER_STATE, f"{name}:{slot}")]
+
     def local_parameters_shape(self, name: str) -> tuple[int, ...]:
+        return self._local_shape(name, self.parameter_sharding(name))
+
+    def _local_shape(self, name: str, sharding) -> tuple[int, ...]:
         from .placement import local_shape
 
-        return tuple(int(s) for s in local_shape(tuple(self.traced.parameter_shapes[name]),
-                                                 self.parameter_sharding(name), self.mesh, name=name))
+        return tuple(int(s) for s in local_shape(tuple(self.traced.parameter_shapes[name]), sharding, self.mesh,
+                                                 name=name))
 
     def gather_state(self, states: Sequence[TrainState]) -> TrainState:
         """Full parameters and optimizer state from every rank's pieces (replicas checked equal)."""
@@ -161,7 +171,7 @@ class TrainingProgram(ShardedProgram):
         optimizer: dict[str, dict[str, torch.Tensor]] = {}
         for name, slot in self.state_slots:
             optimizer.setdefault(name, {})[slot] = unshard(
-                [s.optimizer[name][slot] for s in states], self.parameter_sharding(name), self.mesh,
+                [s.optimizer[name][slot] for s in states], self.state_sharding(name), self.mesh,
                 global_shape=self.traced.parameter_shapes[name], name=f"{name}:{slot}", check_replicas=True)
         return TrainState(parameters, optimizer, states[0].step)
 

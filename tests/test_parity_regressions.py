@@ -151,3 +151,21 @@ def test_experts_that_ep_does_not_divide_are_refused_naming_the_parameter():
     ids = make_batch(config, 8, 8)
     with pytest.raises(PropagationError, match=r"expert weight 'layers\.0\.mlp\.experts\.gate_up_proj'.*ep=8"):
         sg.compile(model, sg.MeshSpec(world=8, ep=8), ids, lm_loss, plan={})
+
+
+def test_the_program_code_is_generated_before_the_simulators_threads_first_call_it():
+    # fx generates a lazy graph module's code on the first call and renames nodes while it does;
+    # ranks calling it for the first time from several threads at once read each other's names
+    # (an UnboundLocalError or a None tensor, at random). The program generates it up front.
+    import shardgraph as sg
+    from examples.moe_model import shardgraph_entry
+    from shardgraph.program import ShardedProgram
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
+    program = sg.compile(model, sg.MeshSpec.parse("world=4,tp=2,ep=2"), inputs, loss_fn)
+    lazy = _LazyGraphModule.from_graphmodule(program.graph_module)
+    lazy.recompile()
+    assert lazy._needs_recompile()
+    ShardedProgram(program.traced, program.placed, lazy, program.mesh)
+    assert not lazy._needs_recompile()

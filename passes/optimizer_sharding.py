@@ -1,0 +1,58 @@
+"""Where a parameter's optimizer state lives: like the parameter, or also split over the
+data-parallel axis of its view (ZeRO stage 1).
+
+With ``zero=0`` the state is placed exactly like its parameter, so the update is local.
+
+With ``zero=1`` the state is additionally ``Shard(dim)`` over ``dp`` (dense parameters) or
+``edp`` (routed experts), on the first dim that no other axis splits and whose local size the
+axis divides. Propagation then places the update on those pieces: the gradient arrives
+reduce-scattered over the data-parallel axis instead of all-reduced, each rank updates its
+slice of the parameter, and the new slices are all-gathered back into the parameter's own
+sharding. The bytes on the wire are those of the all-reduce they replace (a reduce-scatter plus
+an all-gather), while each rank holds 1/dp of the state.
+
+Why a dim no other axis splits: a view's axes nest major to minor (dp outside tp), so a dp
+split on the dim tp already splits would cut the dim into dp blocks first, and a rank's state
+rows would not lie inside its own tp piece of the parameter; the update would need an
+all-to-all. A parameter with no such dim (a tp-split bias, a dim of size 1) keeps its state
+whole over the axis, and the reason says so.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from shardgraph.mesh import MeshSpec
+from shardgraph.meta import View
+from shardgraph.placement import Shard, Sharding, ShardingError, local_shape
+
+__all__ = ["ZERO_STAGES", "optimizer_state_sharding"]
+
+ZERO_STAGES = (0, 1)
+
+
+def optimizer_state_sharding(name: str, shape: Sequence[int], sharding: Sharding, view: View, mesh: MeshSpec,
+                             zero: int) -> tuple[Sharding, str]:
+    """``(the state's sharding, why)`` for the parameter ``name`` of ``shape`` placed ``sharding``."""
+    if zero not in ZERO_STAGES:
+        raise ValueError(f"zero must be one of {ZERO_STAGES} (0: state placed like its parameter, 1: also split "
+                         f"over the data-parallel axis), got {zero!r}")
+    if zero == 0:
+        return sharding, "placed like its parameter"
+    axis = "edp" if view is View.EXPERT else "dp"
+    size = mesh.size(axis)
+    if size == 1:
+        return sharding, f"placed like its parameter ({axis}=1)"
+    local = local_shape(tuple(shape), sharding, mesh, name=name)
+    taken = {placement.dim % len(shape) for _, placement in sharding.items() if placement.is_shard()}
+    for dim, extent in enumerate(local):
+        if dim in taken or not isinstance(extent, int) or extent % size:
+            continue
+        split = Sharding(sharding.axes + (axis,), sharding.placements + (Shard(dim),))
+        try:
+            local_shape(tuple(shape), split, mesh, name=name)
+        except ShardingError:
+            continue
+        return split, f"split over {axis} on dim {dim} (zero=1)"
+    return sharding, (f"placed like its parameter: no dim of local shape {tuple(local)} that no other axis splits "
+                      f"divides by {axis}={size}")

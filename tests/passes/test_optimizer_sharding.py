@@ -1,0 +1,89 @@
+"""zero=1: optimizer state split over the data-parallel axes, the update on the slices, and
+the same steps as torch.optim on the unsharded model."""
+
+import pytest
+import torch
+
+import shardgraph as sg
+from examples.moe_model import shardgraph_entry
+from passes.optimizer_sharding import optimizer_state_sharding
+from shardgraph import meta
+from shardgraph.meta import View
+from shardgraph.placement import Shard, Sharding
+from tests.test_training import NO_DECAY, _step_alongside, _torch_adamw, relative
+
+ZERO_MESHES = ["world=2,ep=2", "world=4,tp=2,ep=2", "world=8,tp=2,ep=4", "world=8,tp=2,ep=2,etp=2", "world=4,ep=4"]
+
+
+def _compile(mesh_text, zero, dtype=torch.float32):
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
+    model = model.to(dtype)
+    optimizer = sg.optim.AdamW(lr=1e-2, weight_decay=0.1, no_decay=NO_DECAY)
+    return model, inputs, sg.compile(model, sg.MeshSpec.parse(mesh_text), inputs, loss_fn, optimizer=optimizer,
+                                     clip_grad_norm=1.0, zero=zero)
+
+
+@pytest.mark.parametrize("mesh_text", ZERO_MESHES)
+def test_five_zero1_adamw_steps_equal_torch_optim(mesh_text):
+    import copy
+
+    model, inputs, program = _compile(mesh_text, 1, torch.float64)
+    reference = copy.deepcopy(model)
+    _step_alongside(program, program.init_states(model), reference, _torch_adamw(reference, 1e-2), inputs,
+                    shardgraph_entry("tiny")[2], 5, loss_tolerance=1e-9, norm_tolerance=1e-9, state_tolerance=1e-9)
+
+
+@pytest.mark.parametrize("mesh_text", ["world=4,tp=2,ep=2", "world=8,tp=2,ep=2,etp=2"])
+def test_zero1_splits_the_state_over_dp_and_edp_without_moving_more_bytes(mesh_text):
+    mesh = sg.MeshSpec.parse(mesh_text)
+    _, _, plain = _compile(mesh_text, 0)
+    _, _, split = _compile(mesh_text, 1)
+    for name in split.trainable_names:
+        state, parameter = split.state_sharding(name), split.parameter_sharding(name)
+        axis = "edp" if "experts" in name else "dp"
+        if mesh.size(axis) > 1:
+            assert state.placement(axis).is_shard(), f"{name}: {state!r}"
+            assert {a: p for a, p in state.items() if a != axis} == dict(parameter.items())
+    plain_totals, split_totals = (p.report(format="dict")["totals"] for p in (plain, split))
+    assert split_totals["optimizer_state_bytes_per_rank"] * min(mesh.dp, mesh.edp) <= \
+        plain_totals["optimizer_state_bytes_per_rank"] * 1.0001
+    # The gradients are reduce-scattered to the slices and the new slices all-gathered: the
+    # bytes of the all-reduce they replace, plus the norm's scalars.
+    assert split_totals["communication_bytes_per_rank"] <= plain_totals["communication_bytes_per_rank"] * 1.01
+    kinds = {meta.collective(n).kind.value for n in split.graph_module.graph.nodes
+             if meta.collective(n) is not None and meta.collective(n).purpose.name == "GRADIENT_SYNC"}
+    assert "reduce_scatter" in kinds
+
+
+def test_a_zero1_state_resumes_on_a_zero0_program_of_another_mesh():
+    model, inputs, split = _compile("world=8,tp=2,ep=4", 1, torch.float64)
+    _, _, plain = _compile("world=4,tp=2,ep=2", 0, torch.float64)
+    _, _, straight = _compile("world=4,tp=2,ep=2", 0, torch.float64)
+    states, straight_states = split.init_states(model), straight.init_states(model)
+    for _ in range(3):
+        _, states, _ = split.simulate_train_step(states, inputs)
+        _, straight_states, _ = straight.simulate_train_step(straight_states, inputs)
+    resumed = plain.init_states(split.gather_state(states))
+    loss, resumed, _ = plain.simulate_train_step(resumed, inputs)
+    expected, straight_states, _ = straight.simulate_train_step(straight_states, inputs)
+    assert relative(loss, expected) < 1e-12
+    full, reference = plain.gather_state(resumed), straight.gather_state(straight_states)
+    assert max(relative(full.optimizer[n][s], reference.optimizer[n][s]) for n in reference.optimizer
+               for s in reference.optimizer[n]) < 1e-9
+
+
+def test_a_parameter_with_no_free_dim_keeps_its_state_whole_and_says_why():
+    mesh = sg.MeshSpec.parse("world=4,tp=2")
+    bias = Sharding.of(tp=Shard(0))
+    sharding, why = optimizer_state_sharding("proj.bias", (8,), bias, View.DENSE, mesh, 1)
+    assert sharding == bias and "divides by dp=2" in why
+    sharding, why = optimizer_state_sharding("proj.weight", (8, 6), bias, View.DENSE, mesh, 1)
+    assert sharding == Sharding.of(tp=Shard(0), dp=Shard(1)) and "dim 1" in why
+
+
+def test_an_unknown_zero_stage_or_zero_without_an_optimizer_is_refused():
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
+    with pytest.raises(ValueError, match="zero must be one of"):
+        sg.compile(model, sg.MeshSpec.parse("world=2,ep=2"), inputs, loss_fn, optimizer=sg.optim.SGD(lr=0.1), zero=3)
+    with pytest.raises(ValueError, match="pass an optimizer"):
+        sg.compile(model, sg.MeshSpec.parse("world=2,ep=2"), inputs, loss_fn, zero=1)
