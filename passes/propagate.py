@@ -47,7 +47,7 @@ from shardgraph.placement import Partial, Placement, Replicate, Shard, Sharding,
 
 from .cost import LinkModel, redistribution
 from .optimizer_sharding import optimizer_state_sharding
-from .plan import ParameterPlacement, default_plan, resolve_plan
+from .plan import ParameterPlacement, default_plan, expert_parameters, resolve_plan
 from .rules import RuleContext, rule_for
 
 __all__ = ["PropagationError", "PlacedGraph", "propagate"]
@@ -241,9 +241,13 @@ def _seed(gm: GraphModule, mesh: MeshSpec, plan, batch_sharding, zero: int = 0) 
     placeholders = meta.graph_inputs(gm.graph)
     parameter_shapes = {record.name: tuple(meta.value(n).shape) for n, record in placeholders
                         if record.kind is InputKind.PARAMETER}
+    # Experts are found by structure (the parameters the moe_experts ops read), so a block that
+    # names them its own way is sharded as the op needs, its fused gate/up rows included.
+    experts = expert_parameters(gm)
     if plan is None:
-        plan = default_plan(list(parameter_shapes))
-    state.parameters = resolve_plan(parameter_shapes, plan, mesh)
+        plan = default_plan(list(parameter_shapes), gm)
+    state.parameters = resolve_plan(parameter_shapes, plan, mesh,
+                                    fused_names=[name for name, (_, fused) in experts.items() if fused])
     for _, record in placeholders:
         if record.kind is InputKind.OPTIMIZER_STATE and record.parameter not in state.state_shardings:
             placement = state.parameters[record.parameter]
