@@ -8,6 +8,7 @@
     lower_moe             communicator    -> no MoE op left; dispatch + grouped GEMMs
     bucket_gradient_sync  typed collectives -> one all-reduce per gradient bucket
     cast_gradient_reductions  typed collectives -> gradients reduced in reduce_dtype (option)
+    schedule_gradient_sync  typed collectives -> each gradient reduced right after it is computed
     donate_state          communicator    -> new parameters and state written into the old (option)
 
 Conditions are checked before and after every pass (as ``torch.fx.passes.infra.pass_base``'s
@@ -40,6 +41,7 @@ from .lower_localize import lower_localize
 from .lower_moe import is_moe_backward, is_moe_forward, lower_moe
 from .lower_redistribute import lower_redistribute
 from .propagate import PlacedGraph, propagate
+from .schedule_gradient_sync import schedule_gradient_sync
 
 __all__ = ["Condition", "Pass", "PassContractError", "CompileOptions", "Compiled", "PIPELINE", "run_pipeline"]
 
@@ -148,6 +150,8 @@ PIPELINE: tuple[Pass, ...] = (
          (COLLECTIVES_TYPED, COMMUNICATOR)),
     Pass("cast_gradient_reductions", lambda gm, options, compiled: cast_gradient_reductions(gm, options.reduce_dtype),
          (COLLECTIVES_TYPED,), (COLLECTIVES_TYPED,)),
+    Pass("schedule_gradient_sync", lambda gm, options, compiled: schedule_gradient_sync(gm), (COLLECTIVES_TYPED,),
+         (COLLECTIVES_TYPED,)),
     Pass("donate_state", lambda gm, options, compiled: donate_state(gm) if options.donate_state else gm,
          (COMMUNICATOR,), (COLLECTIVES_TYPED, COMMUNICATOR)),
 )
