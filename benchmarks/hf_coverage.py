@@ -12,7 +12,7 @@ model run eagerly: loss, every gradient and the weights after one SGD step
 * ``WRONG``: the step ran but the numbers differ (max relative error shown), or are not finite.
 
 and whether the routed experts were recognised (``moe_experts`` in the graph) and sharded over ep
-(their weights carry ``Shard(0)`` on ep). A refusal is acceptable; FAIL and WRONG are bugs.
+(every parameter they read their weights from carries a ``Shard`` on ep). A refusal is acceptable; FAIL and WRONG are bugs.
 
 Usage::
 

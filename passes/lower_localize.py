@@ -42,6 +42,8 @@ _SHAPE_ARGUMENT = {
     aten.new_ones.default: 1,
     aten.new_full.default: 1,
     aten.new_empty.default: 1,
+    # LayerNorm's decomposition broadcasts its statistics and affine parameters with it.
+    torch.ops.prims.broadcast_in_dim.default: 1,
 }
 
 

@@ -29,6 +29,18 @@ Styles and what they mean for a parameter of shape ``shape``:
 ``expert_replicate`` ``Shard(0)`` over ep only (every etp rank holds whole experts)
 =================  =====================================================================
 
+The expert styles also take one expert's own 2-d Linear weight, as blocks with an
+``nn.ModuleList`` of expert MLPs hold them (``experts.3.gate_proj.weight [I, H]``,
+``experts.3.down_proj.weight [H, I]``). The frontend stacks them in the graph into the
+``[E, 2I, H]`` / ``[E, H, I]`` operands, so the split of a piece is the split of the stack
+with the expert dim dropped: over etp as above (gate/up ``Shard(0)``, down ``Shard(1)``), and
+over ep on the hidden dim (gate/up ``Shard(1)``, down ``Shard(0)``). A piece is one parameter
+that no single ep rank owns alone, so its hidden dim is what ep splits: every rank stores 1/ep of
+each expert and the stacked weights are gathered over ep before the expert computation (as
+ZeRO-3 does), and their gradients cut back. Stored stacked (one ``[E, ...]`` parameter per
+projection) the experts would be split by expert with no gathering; that needs the parameter
+list of the program to differ from the model's.
+
 Expert styles live on the expert view (edp, ep, etp); the others on the dense view (dp, tp).
 Every parameter is replicated over its view's data-parallel axis (dp or edp).
 """
@@ -97,9 +109,12 @@ def _style_sharding(name: str, style: str, shape: Sequence[int], mesh: MeshSpec)
         if ndim != 2:
             raise PlanError(f"parameter {name!r} has shape {tuple(shape)}; style {style!r} needs a 2-d weight")
         return Sharding.of(tp=Shard(1) if style == "rowwise" else Shard(0))
+    if ndim == 2:
+        return _expert_piece_sharding(style, mesh)
     if ndim != 3:
         raise PlanError(
-            f"parameter {name!r} has shape {tuple(shape)}; expert style {style!r} needs [experts, out, in]"
+            f"parameter {name!r} has shape {tuple(shape)}; expert style {style!r} needs [experts, out, in], or "
+            f"one expert's [out, in] Linear weight"
         )
     if style == "expert_replicate" or mesh.etp == 1:
         return Sharding.of(ep=Shard(0))
@@ -107,6 +122,15 @@ def _style_sharding(name: str, style: str, shape: Sequence[int], mesh: MeshSpec)
         return Sharding.of(ep=Shard(0), etp=Shard(2))
     # expert_colwise: a fused [E, 2I, H] weight keeps gate and up halves aligned per etp rank.
     return Sharding.of(ep=Shard(0), etp=InterleavedShard(1, stripes=2) if _is_fused(name) else Shard(1))
+
+
+def _expert_piece_sharding(style: str, mesh: MeshSpec) -> Sharding:
+    """One expert's 2-d Linear weight (gate/up ``[I, H]``, down ``[H, I]``): the stacked layout's
+    split with the expert dim dropped over etp, and its hidden dim over ep."""
+    hidden_dim, intermediate_dim = (0, 1) if style == "expert_rowwise" else (1, 0)
+    if style == "expert_replicate" or mesh.etp == 1:
+        return Sharding.of(ep=Shard(hidden_dim))
+    return Sharding.of(ep=Shard(hidden_dim), etp=Shard(intermediate_dim))
 
 
 def _is_fused(name: str) -> bool:
@@ -173,6 +197,17 @@ _ATTENTION = {
     "*self_attn.o_proj.weight": "rowwise",
 }
 
+# Blocks with an nn.ModuleList of expert MLPs: the frontend traces them as moe_experts on the
+# stacked weights, or refuses the block, so these names only reach a plan for recognised experts.
+_EXPERT_LISTS = {
+    "*experts.[0-9]*.gate_proj.weight": "expert_colwise",
+    "*experts.[0-9]*.up_proj.weight": "expert_colwise",
+    "*experts.[0-9]*.down_proj.weight": "expert_rowwise",
+    "*experts.[0-9]*.w1.weight": "expert_colwise",
+    "*experts.[0-9]*.w3.weight": "expert_colwise",
+    "*experts.[0-9]*.w2.weight": "expert_rowwise",
+}
+
 DEFAULT_PLANS: dict[str, dict[str, str]] = {
     # shardgraph's example model and HF transformers 5.x fused experts, whatever the block holding
     # them is called (``mlp``, ``block_sparse_moe``, ``feed_forward``)
@@ -180,6 +215,7 @@ DEFAULT_PLANS: dict[str, dict[str, str]] = {
         **_ATTENTION,
         "*.experts.gate_up_proj": "expert_colwise",
         "*.experts.down_proj": "expert_rowwise",
+        **_EXPERT_LISTS,
     },
     # torchtitan-style GroupedExperts with separate w1 (gate), w3 (up), w2 (down)
     "torchtitan": {
@@ -190,6 +226,7 @@ DEFAULT_PLANS: dict[str, dict[str, str]] = {
         "*moe.experts.w1": "expert_colwise",
         "*moe.experts.w3": "expert_colwise",
         "*moe.experts.w2": "expert_rowwise",
+        **_EXPERT_LISTS,
     },
 }
 
@@ -224,8 +261,10 @@ def _literal(name: str) -> str:
 
 
 # Ops the adapters put between an expert parameter and the moe_experts op that reads it: views,
-# casts, copies, the w1/w3 concatenation and the getitems of split or chunked weights.
-_PASS_THROUGH = ("aten.view.", "aten._unsafe_view.", "aten.reshape.", "aten.cat.", "aten.clone.", "aten._to_copy.",
+# casts, copies, the w1/w3 concatenation, the stack of per-expert weights and the getitems of
+# split or chunked weights.
+_PASS_THROUGH = ("aten.view.", "aten._unsafe_view.", "aten.reshape.", "aten.cat.", "aten.stack.", "aten.clone.",
+                 "aten._to_copy.",
                  "aten.alias.", "aten.detach.", "aten.contiguous.", "prims.convert_element_type.", "aten.t.",
                  "aten.transpose.", "aten.permute.")
 

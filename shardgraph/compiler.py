@@ -110,26 +110,71 @@ def _refuse_empty_batch(model: torch.nn.Module, example_inputs: tuple) -> None:
 
 
 def _refuse_empty_values(traced) -> None:
-    """A value computed from the batch that has no elements (a next-token loss on sequences of
-    length 1 keeps ``seq - 1 = 0`` positions) leaves the loss an average over nothing, and no
-    placement rule splits a zero-size dim: refuse it with the op and the model's source line."""
+    """A value computed from the batch that has no elements and that the loss counts (a next-token
+    loss on sequences of length 1 keeps ``seq - 1 = 0`` positions) leaves the loss an average over
+    nothing, and no placement rule splits a zero-size dim: refuse it with the op and the model's
+    source line.
+
+    Empty values the loss does not count are fine: a pass-through slice ``q[..., rotary_dim:]``
+    is empty when the rotary embedding covers the whole head, and is concatenated back onto the
+    rotated part. An empty value counts when it is reduced into a non-empty one with nothing else
+    from the batch (a sum, a mean or a loss over zero positions, a product over a zero-size
+    contraction) on the way to the loss, or when the loss itself is empty."""
     from . import meta
     from .meta import InputKind
 
-    from_batch = {node for node, _ in meta.graph_inputs(traced.graph_module.graph, InputKind.INPUT)}
-    for node in traced.graph_module.graph.nodes:
+    def elements(node) -> int | None:
+        found = meta.value(node) if meta.has_value(node) else None
+        tensors = [found] if isinstance(found, torch.Tensor) else [
+            t for t in (found if isinstance(found, (tuple, list)) else ()) if isinstance(t, torch.Tensor)]
+        return sum(t.numel() for t in tensors) if tensors else None
+
+    graph = traced.graph_module.graph
+    from_batch = {node for node, _ in meta.graph_inputs(graph, InputKind.INPUT)}
+    empty = set()
+    for node in graph.nodes:
         if node.op != "call_function" or not any(source in from_batch for source in node.all_input_nodes):
             continue
         from_batch.add(node)
+        if elements(node) == 0:
+            empty.add(node)
+    if not empty:
+        return
+    outputs = next(n for n in graph.nodes if n.op == "output").args[0]
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    roots = [outputs[0]] if getattr(traced, "has_loss", True) else list(outputs)
+    feeds_loss, pending = set(), [n for n in roots if isinstance(n, torch.fx.Node)]
+    while pending:
+        node = pending.pop()
+        if node not in feeds_loss:
+            feeds_loss.add(node)
+            pending.extend(node.all_input_nodes)
+    counted = set()
+    for node in graph.nodes:
+        if node not in feeds_loss or node not in from_batch:
+            continue
+        batch_inputs = [source for source in node.all_input_nodes if source in from_batch]
+        made_from_nothing = (node not in empty and batch_inputs and all(source in empty for source in batch_inputs))
+        if node in empty and node in roots or made_from_nothing:
+            # Every empty value that leads into it counts, back to the first one.
+            pending = [node] if node in empty else list(batch_inputs)
+            while pending:
+                source = pending.pop()
+                if source in empty and source not in counted:
+                    counted.add(source)
+                    pending.extend(source.all_input_nodes)
+    for node in graph.nodes:
+        if node not in counted:
+            continue
         value = meta.tensor_value(node)
-        if value is not None and value.numel() == 0:
-            shapes = ", ".join(f"{name!r} {shape}" for name, shape in traced.input_shapes.items())
-            source = meta.source_line(node)
-            where = "in the model or its loss_fn" if source.startswith("(") else f"at {source}"
-            raise ValueError(
-                f"compile: {node.name} ({node.target}) {where} is empty (shape "
-                f"{tuple(value.shape)}) for the batch {shapes}: the loss would count zero positions "
-                f"(a next-token loss needs sequences of length 2 or more); compile for a longer batch")
+        empty_shape = tuple(value.shape) if value is not None else "()"
+        shapes = ", ".join(f"{name!r} {shape}" for name, shape in traced.input_shapes.items())
+        source = meta.source_line(node)
+        where = "in the model or its loss_fn" if source.startswith("(") else f"at {source}"
+        raise ValueError(
+            f"compile: {node.name} ({node.target}) {where} is empty (shape "
+            f"{empty_shape}) for the batch {shapes}: the loss would count zero positions "
+            f"(a next-token loss needs sequences of length 2 or more); compile for a longer batch")
 
 
 def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None, *, batch_sharding=None, link=None,

@@ -319,8 +319,10 @@ def rule_flip(ctx, axis, placements):
 @register(torch.ops.prims.broadcast_in_dim.default, family="broadcast_in_dim")
 def rule_broadcast_in_dim(ctx, axis, placements):
     """``broadcast_in_dim(x, shape, dims)``: input dim i becomes output dim ``dims[i]``. Linear,
-    so a partial stays partial. A split follows its dim only where lowering rewrites the ``shape``
-    argument to local sizes; until then the op runs on whole values."""
+    so a partial stays partial. A split of a dim that keeps its size follows it to ``dims[i]``
+    (lowering rewrites the ``shape`` argument to the local sizes), so LayerNorm's statistics
+    and affine parameters keep the dp/tp splits of the tokens they are broadcast against; a dim
+    of size 1 broadcast to a larger one is never split."""
     from passes.lower_localize import _SHAPE_ARGUMENT
 
     placement = placements[0]

@@ -28,7 +28,12 @@ Recognised without registration, in this order:
   ``index_add_``: exactly ``moe_experts``. Layouts that differ (``is_transposed``,
   ``has_bias``, interleaved gate/up, a custom ``_apply_gate``, a post-expert norm) are refused;
 * a ``GroupedExperts``-like module (3-d ``w1``/``w2``/``w3``) whose forward takes
-  ``(x, topk_ids, topk_weights)``.
+  ``(x, topk_ids, topk_weights)``;
+* a block of per-expert MLP modules (transformers 4.x and many remote-code models): an
+  ``experts`` ``nn.ModuleList`` of identical modules with bias-free ``gate_proj``/``up_proj``/
+  ``down_proj`` (or ``w1``/``w3``/``w2``) ``nn.Linear`` layers, inside a block with a linear router
+  whose forward loops over the experts (``(topk_ids == i).nonzero()``, ``index_add_``), which a
+  static graph cannot follow. See ``_module_list_block``.
 
 The activation of HF experts is identified by evaluating ``act_fn`` on a float64 probe and
 comparing it with each activation ``moe_experts`` knows, so ``nn.SiLU``, ``SiLUActivation``,
@@ -39,11 +44,13 @@ else (``QuickGELUActivation``, a clipped GELU) is refused rather than approximat
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.moe import ACTIVATIONS, activation_function
@@ -229,15 +236,23 @@ def _hf_fused_experts(path: str, module: nn.Module) -> _Recognised:
             f"top_k_weights): its tokens arrive already routed (and, in Llama 4, scaled by their routing score "
             f"before the experts, where moe_experts scales the expert outputs); register the enclosing MoE block "
             f"with register_experts")
+    biases = [name for name, _ in module.named_parameters(recurse=False) if name.endswith("_bias")]
+    clamped = [name for name in ("alpha", "limit") if isinstance(getattr(module, name, None), (int, float))]
+    if biases or clamped:
+        # GPT-OSS: per-expert biases and act = (gate.clamp(max=limit) * sigmoid(alpha * gate)) *
+        # (up.clamp(-limit, limit) + 1); moe_experts has neither, and approximating would be wrong.
+        what = [f"expert biases {biases}"] if biases else []
+        what += [f"a clamped gated activation ({', '.join(f'{n}={getattr(module, n)}' for n in clamped)})"] \
+            if clamped else []
+        raise AdapterError(f"{path}: {type(module).__name__} has {' and '.join(what)}, which moe_experts does not "
+                           f"compute (it takes bias-free experts with act(gate) * up); register the class with "
+                           f"register_experts")
     for attribute, expected in _HF_LAYOUT.items():
         if getattr(module, attribute, expected) != expected:
             raise AdapterError(
                 f"{path}: {type(module).__name__}.{attribute} is {getattr(module, attribute)!r}; moe_experts takes "
                 f"the layout with {attribute}={expected!r}; register the class with register_experts"
             )
-    biases = [name for name, _ in module.named_parameters(recurse=False) if name.endswith("_bias")]
-    if biases:
-        raise AdapterError(f"{path}: expert biases {biases} have no place in moe_experts; register the class")
     apply_gate = getattr(type(module), "_apply_gate", None)
     if apply_gate is not None and getattr(apply_gate, "__name__", "") != "_default_apply_gate":
         raise AdapterError(
@@ -261,6 +276,251 @@ def _hf_fused_experts(path: str, module: nn.Module) -> _Recognised:
     return _Recognised("hf_fused_experts", forward)
 
 
+# ----------------------------------------------------------------------------- per-expert MLP modules
+# Linear layer names of one expert MLP: (gate, up, down).
+_MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+# Where blocks keep their router (a Linear from hidden to one logit per expert), the number of
+# experts a token goes to, and the always-on shared experts.
+_ROUTER_NAMES = ("gate", "router", "gating", "wg", "gate_layer")
+_TOP_K_NAMES = ("top_k", "num_experts_per_tok", "topk", "num_selected_experts", "k")
+_SHARED_NAMES = ("shared_experts", "shared_expert")
+_ACTIVATION_NAMES = ("act_fn", "act", "activation", "activation_fn", "act_func")
+
+
+def _mlp_linears(expert: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
+    for names in _MLP_NAMES:
+        layers = [getattr(expert, name, None) for name in names]
+        if all(isinstance(layer, nn.Linear) for layer in layers):
+            return tuple(layers)
+    return None
+
+
+def _is_expert_list(experts) -> bool:
+    """An ``nn.ModuleList`` of MLP modules with gate/up/down (or w1/w3/w2) Linear layers: the
+    shape of a per-expert block, whether or not it turns out to be recognised."""
+    return (isinstance(experts, nn.ModuleList) and len(experts) > 0
+            and all(_mlp_linears(expert) is not None for expert in experts))
+
+
+def _expert_weights(expert: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gate, up, down = _mlp_linears(expert)
+    return gate.weight, up.weight, down.weight
+
+
+def _check_expert_list(path: str, experts: nn.ModuleList) -> tuple[int, int]:
+    """(hidden, intermediate) shared by every expert; refuses what moe_experts cannot hold."""
+    classes = {type(expert) for expert in experts}
+    if len(classes) != 1:
+        raise AdapterError(f"{path}: the experts are of several classes {sorted(c.__name__ for c in classes)}; "
+                           f"moe_experts stacks identical experts")
+    gate, up, down = _mlp_linears(experts[0])
+    hidden, intermediate = gate.in_features, gate.out_features
+    for index, expert in enumerate(experts):
+        layers = _mlp_linears(expert)
+        with_bias = [f"{path}.{index}.{name}" for name, layer in zip(("gate", "up", "down"), layers)
+                     if layer.bias is not None]
+        if with_bias:
+            raise AdapterError(f"{path}: expert Linear layers with a bias ({', '.join(with_bias)}) have no place "
+                               f"in moe_experts")
+        shapes = [tuple(layer.weight.shape) for layer in layers]
+        if shapes != [(intermediate, hidden), (intermediate, hidden), (hidden, intermediate)]:
+            raise AdapterError(f"{path}.{index}: gate/up/down weights {shapes} are not [I, H], [I, H], [H, I] "
+                               f"with the I={intermediate}, H={hidden} of expert 0")
+        if len({layer.weight.dtype for layer in layers}) != 1:
+            raise AdapterError(f"{path}.{index}: gate/up/down weights have different dtypes")
+    return hidden, intermediate
+
+
+def _mlp_activation(path: str, expert: nn.Module) -> str:
+    """The activation one expert applies to its gate, found by what its forward computes:
+    ``down(act(gate(x)) * up(x))`` is checked against every moe_experts activation on a probe."""
+    gate, up, down = _expert_weights(expert)
+    hidden = gate.shape[1]
+    probe = torch.randn(5, hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        try:
+            result = expert(probe)
+        except Exception as error:  # noqa: BLE001 - any failure means the expert cannot be identified
+            raise AdapterError(f"{path}: cannot run expert 0 ({type(expert).__name__}) on a probe "
+                               f"({type(error).__name__}: {error})") from None
+        for name in ACTIVATIONS:
+            expected = F.linear(activation_function(name)(F.linear(probe, gate)) * F.linear(probe, up), down)
+            if isinstance(result, torch.Tensor) and result.shape == expected.shape and torch.allclose(
+                    result, expected, rtol=1e-9, atol=1e-12):
+                return name
+    act = next((getattr(expert, n) for n in _ACTIVATION_NAMES if callable(getattr(expert, n, None))), None)
+    what = f" (its activation is {_describe(act)})" if act is not None else ""
+    raise AdapterError(f"{path}: expert 0 ({type(expert).__name__}) does not compute down(act(gate(x)) * up(x)) "
+                       f"with act one of {', '.join(ACTIVATIONS)}{what}")
+
+
+def _router_of(block: nn.Module, experts: int) -> tuple[str, nn.Linear] | None:
+    for name in _ROUTER_NAMES:
+        router = getattr(block, name, None)
+        if isinstance(router, nn.Linear) and router.out_features == experts:
+            return name, router
+    linears = [(name, child) for name, child in block.named_children()
+               if isinstance(child, nn.Linear) and child.out_features == experts]
+    return linears[0] if len(linears) == 1 else None
+
+
+def _top_k_candidates(block: nn.Module, experts: int) -> list[int]:
+    for holder in (block, getattr(block, "config", None)):
+        for name in _TOP_K_NAMES:
+            value = getattr(holder, name, None) if holder is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= experts:
+                return [value]
+    return list(range(1, min(experts, 8) + 1))
+
+
+def _routing(kind: str, logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, ids) of one routing convention; scores are computed in float32 and cast back, as
+    routers in the wild do (identical in float32)."""
+    scores = logits.float()
+    if kind.startswith("topk_softmax"):  # choose on logits, softmax over the chosen ones
+        chosen, ids = torch.topk(scores, top_k, dim=-1)
+        return chosen.softmax(dim=-1).to(logits.dtype), ids
+    probabilities = scores.softmax(dim=-1) if kind.startswith("softmax") else scores.sigmoid()
+    weights, ids = torch.topk(probabilities, top_k, dim=-1)
+    if kind.endswith("_renormalised"):
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), ids
+
+
+_ROUTINGS = ("softmax_topk", "softmax_topk_renormalised", "topk_softmax", "sigmoid_topk", "sigmoid_topk_renormalised")
+
+
+@dataclass(frozen=True)
+class _ListRouting:
+    """What the block's own forward was found to compute."""
+
+    routing: str
+    top_k: int
+    activation: str
+    returns_logits: bool  # the forward returns (output, router_logits)
+
+
+# (block class, expert class, experts, gate shape, router name, shared, settings) -> _ListRouting.
+# Found once per kind of block: the layers of one model share it.
+_LIST_ROUTINGS: dict[tuple, _ListRouting] = {}
+
+
+def _stacked_weights(experts: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe_experts' ``[E, 2I, H]`` and ``[E, H, I]`` operands, built in the graph from the
+    per-expert weights: the parameters stay the experts' own Linear weights (autograd carries
+    each gradient back through the stack to its own name), and a per-expert piece placed on
+    the expert view stacks into the layout moe_experts is lowered with."""
+    weights = [_expert_weights(expert) for expert in experts]
+    gates = torch.stack([gate for gate, _, _ in weights])
+    ups = torch.stack([up for _, up, _ in weights])
+    downs = torch.stack([down for _, _, down in weights])
+    # Gate rows then up rows of every expert, as the w1/w3 concatenation.
+    return torch.cat([gates, ups], dim=1), downs
+
+
+def _list_forward(block: nn.Module, experts: nn.ModuleList, router: nn.Linear, shared, found: _ListRouting):
+    def forward(hidden_states, *args, **kwargs):
+        shape = hidden_states.shape
+        tokens = hidden_states.reshape(-1, shape[-1])
+        logits = router(tokens)
+        weights, ids = _routing(found.routing, logits, found.top_k)
+        gate_up, down = _stacked_weights(experts)
+        out = torch.ops.shardgraph.moe_experts(tokens, ids, weights.to(tokens.dtype), gate_up, down, found.activation)
+        if shared is not None:
+            out = out + shared(tokens)
+        out = out.reshape(shape)
+        return (out, logits) if found.returns_logits else out
+
+    return forward
+
+
+def _verification_copy(block: nn.Module) -> nn.Module:
+    """A float64 CPU copy of ``block`` to run its own forward on; a block on the meta device gets
+    random weights (what is checked is the computation, not the values)."""
+    if any(t.is_meta for t in [*block.parameters(), *block.buffers()]):
+        twin = copy.deepcopy(block).to_empty(device="cpu")
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for parameter in twin.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        return twin.double()
+    return copy.deepcopy(block).to(device="cpu", dtype=torch.float64)
+
+
+def _find_list_routing(path: str, block: nn.Module, router_name: str, shared_name: str | None) -> _ListRouting:
+    """Run the block's own forward (its class's, eagerly, on a float64 copy) and find the routing
+    convention and top-k that reproduce it with moe_experts; refuse when none does."""
+    twin = _verification_copy(block)
+    experts, router = twin.experts, getattr(twin, router_name)
+    shared = getattr(twin, shared_name) if shared_name else None
+    hidden = router.in_features
+    activation = _mlp_activation(f"{path}.experts.0", experts[0])
+    probe = torch.randn(2, 6, hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        try:
+            expected = type(twin).forward(twin, probe)
+        except Exception as error:  # noqa: BLE001 - a forward that cannot run on a probe is not recognised
+            raise AdapterError(f"{path}: {type(block).__name__} holds per-expert MLP modules but its forward cannot "
+                               f"run on a [batch, seq, hidden] probe ({type(error).__name__}: {error}); its experts "
+                               f"are not recognised and would not be expert-sharded: register the class with "
+                               f"register_experts") from None
+        returns_logits = isinstance(expected, (tuple, list))
+        target = expected[0] if returns_logits else expected
+        tried = []
+        for top_k in _top_k_candidates(block, len(experts)):
+            for routing in _ROUTINGS:
+                found = _ListRouting(routing, top_k, activation, returns_logits)
+                result = _list_forward(twin, experts, router, shared, found)(probe)
+                result = result[0] if returns_logits else result
+                tried.append(f"{routing} k={top_k}")
+                if (isinstance(target, torch.Tensor) and target.shape == result.shape
+                        and torch.allclose(result, target, rtol=1e-5, atol=1e-7)):
+                    return found
+    raise AdapterError(
+        f"{path}: {type(block).__name__} holds per-expert MLP modules (experts: {len(experts)} x "
+        f"{type(experts[0]).__name__}) but no routing shardgraph knows reproduces its forward (tried router "
+        f"{router_name!r} with {', '.join(tried[:6])}{' ...' if len(tried) > 6 else ''}"
+        f"{', plus ' + shared_name if shared_name else ''}); its experts are not recognised and would not be "
+        f"expert-sharded: register the class with register_experts")
+
+
+def _module_list_block(path: str, block: nn.Module) -> _Recognised:
+    """A block whose ``experts`` are an ``nn.ModuleList`` of MLP modules and whose forward routes
+    tokens with a Python loop over the experts (``(topk_ids == i).nonzero()``, ``index_add_``),
+    which one static graph cannot follow. The block is traced as
+    ``router(tokens)`` -> routing -> ``moe_experts`` on the stacked expert weights (+ shared experts).
+
+    Which routing (softmax or sigmoid, top-k, renormalised or not) and activation the block
+    computes is not read from its source: its own forward is run on a float64 copy and a probe
+    batch and compared with each convention, and only an exact match is recognised. Anything
+    else is refused, naming the block, so per-expert modules are never silently replicated."""
+    experts = block.experts
+    _check_expert_list(f"{path}.experts", experts)
+    found_router = _router_of(block, len(experts))
+    if found_router is None:
+        raise AdapterError(
+            f"{path}: {type(block).__name__} holds {len(experts)} per-expert MLP modules but no router (an "
+            f"nn.Linear to {len(experts)} logits named {'/'.join(_ROUTER_NAMES)}); its experts are not recognised "
+            f"and would not be expert-sharded: register the class with register_experts")
+    router_name, router = found_router
+    if router.bias is not None:
+        raise AdapterError(f"{path}.{router_name}: a router with a bias is not a routing shardgraph knows; register "
+                           f"the class with register_experts")
+    shared_name = next((n for n in _SHARED_NAMES if isinstance(getattr(block, n, None), nn.Module)), None)
+    gate = _expert_weights(experts[0])[0]
+    # Blocks of one class and the same settings (top_k, norm_topk_prob, ...) compute the same
+    # routing: their scalar attributes, and their config's, are part of the key.
+    settings = tuple(sorted((name, value) for holder in (block, getattr(block, "config", None)) if holder is not None
+                            for name, value in vars(holder).items()
+                            if isinstance(value, (bool, int, float, str, type(None)))))
+    key = (type(block), type(experts[0]), len(experts), tuple(gate.shape), router_name, shared_name, settings)
+    if key not in _LIST_ROUTINGS:
+        _LIST_ROUTINGS[key] = _find_list_routing(path, block, router_name, shared_name)
+    shared = getattr(block, shared_name) if shared_name else None
+    return _Recognised("module_list_experts", _list_forward(block, experts, router, shared, _LIST_ROUTINGS[key]),
+                       covers_children=True)
+
+
 def _recognise(path: str, module: nn.Module) -> _Recognised | None:
     for cls in type(module).__mro__:
         if cls in _REGISTERED:
@@ -276,6 +536,8 @@ def _recognise(path: str, module: nn.Module) -> _Recognised | None:
         return _hf_fused_experts(path, module)
     if _has_grouped_weights(module):
         return _grouped_experts(path, module)
+    if _is_expert_list(getattr(module, "experts", None)):
+        return _module_list_block(path, module)
     return None
 
 

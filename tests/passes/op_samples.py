@@ -333,6 +333,9 @@ def _sequence_mixers(m: _Maker) -> list[Sample]:
             Sample(aten.flip.default, (m.f(8, 16, 8), [0, 2])),
             Sample(prims.broadcast_in_dim.default, (m.f(8, 16), [8, 16, 1], [0, 1])),
             Sample(prims.broadcast_in_dim.default, (m.f(16), [8, 16], [1])),
+            # LayerNorm's statistics [batch, seq, 1] and its weight [hidden] broadcast to the input
+            Sample(prims.broadcast_in_dim.default, (m.f(8, 16, 1), [8, 16, 8], [0, 1, 2])),
+            Sample(prims.broadcast_in_dim.default, (m.f(8, 16), [8, 4, 16], [0, 2])),
             Sample(prims.var.default, (m.f(8, 16), [1], 1.0)),
             Sample(prims.var.default, (m.f(8, 16, 8), [0, 2], 0.0)),
             Sample(prims.sum.default, (m.f(8, 16), [1])),
