@@ -1,6 +1,7 @@
 """The compile pipeline as a list of passes, each with the conditions it requires and ensures.
 
     decompose_loss        traced          -> traced          mean losses as sum / count
+    recompute             traced          -> traced          layers' activations recomputed in the backward (option)
     propagate             traced          -> placed          a PlacedValue on every node
     add_communicator      placed          -> communicator    the collectives' input
     lower_redistribute    communicator    -> typed collectives, gradient sync
@@ -41,6 +42,7 @@ from .lower_localize import lower_localize
 from .lower_moe import is_moe_backward, is_moe_forward, lower_moe
 from .lower_redistribute import lower_redistribute
 from .propagate import PlacedGraph, propagate
+from .recompute import recompute
 from .schedule_gradient_sync import schedule_gradient_sync
 
 __all__ = ["Condition", "Pass", "PassContractError", "CompileOptions", "Compiled", "PIPELINE", "run_pipeline"]
@@ -111,6 +113,7 @@ class CompileOptions:
     reduce_dtype: torch.dtype | None = None  # None: gradients are reduced in their own dtype
     donate_state: bool = False  # a training step writes its new parameters and state in place
     zero: int = 0  # 1: optimizer state split over the data-parallel axes (passes/optimizer_sharding.py)
+    recompute: str = "none"  # "selective" | "full": activations recomputed in the backward (passes/recompute.py)
 
 
 @dataclass
@@ -139,6 +142,7 @@ def _propagate(gm: GraphModule, options: CompileOptions, compiled: Compiled) -> 
 
 PIPELINE: tuple[Pass, ...] = (
     Pass("decompose_loss", lambda gm, options, compiled: decompose_loss(gm), (TRACED,), (TRACED,)),
+    Pass("recompute", lambda gm, options, compiled: recompute(gm, options.recompute), (TRACED,), (TRACED,)),
     Pass("propagate", _propagate, (TRACED,), (PLACED,)),
     Pass("add_communicator", lambda gm, options, compiled: add_communicator(gm), (PLACED,), (COMMUNICATOR,)),
     Pass("lower_redistribute", lambda gm, options, compiled: lower_redistribute(gm, options.mesh),

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from passes.optimizer_sharding import ZERO_STAGES
+from passes.recompute import RECOMPUTE_POLICIES
 from passes.pipeline import CompileOptions, run_pipeline
 
 from .frontend import trace
@@ -46,6 +47,7 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     reduce_dtype: torch.dtype | None = None,
     donate_state: bool = True,
     zero: int = 0,
+    recompute: str = "none",
 ) -> ShardedProgram:
     """Compile ``model`` for ``mesh``; see ``ShardedProgram`` for what comes back.
 
@@ -61,7 +63,13 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     ``donate_argnums``): a step needs no second copy of the weights and state. ``zero=1``
     splits the optimizer state over the data-parallel axes (dp for dense parameters, edp for
     experts; ZeRO stage 1): gradients are reduce-scattered to the state's slices, updated there,
-    and the new parameters all-gathered."""
+    and the new parameters all-gathered. ``recompute="selective"`` recomputes each layer's
+    elementwise, norm and routing ops in the backward instead of keeping their outputs;
+    ``"full"`` recomputes the whole layer from its input."""
+    if recompute not in RECOMPUTE_POLICIES:
+        raise ValueError(f"compile: recompute must be one of {RECOMPUTE_POLICIES} (none; selective: elementwise, "
+                         f"norm and routing ops recomputed, matrix products kept; full: each layer recomputed "
+                         f"from its input), got {recompute!r}")
     if zero not in ZERO_STAGES:
         raise ValueError(f"compile: zero must be one of {ZERO_STAGES} (0: optimizer state placed like its parameter, "
                          f"1: also split over the data-parallel axes), got {zero!r}")
@@ -78,7 +86,7 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     _refuse_empty_values(traced)
     program = compile_traced(traced, mesh, plan, batch_sharding=batch_sharding, link=link,
                              replicate_fallback=replicate_fallback, reduce_dtype=reduce_dtype,
-                             donate_state=donate_state and optimizer is not None, zero=zero)
+                             donate_state=donate_state and optimizer is not None, zero=zero, recompute=recompute)
     # Buffers (rotary tables, running statistics) are state, not batch: the program keeps the
     # model's own unless a call passes others. Checkpoints hold the persistent ones only, as
     # the model's state_dict does.
@@ -179,9 +187,10 @@ def _refuse_empty_values(traced) -> None:
 
 def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None, *, batch_sharding=None, link=None,
                    replicate_fallback: bool = False, reduce_dtype: torch.dtype | None = None,
-                   donate_state: bool = False, zero: int = 0) -> ShardedProgram:
+                   donate_state: bool = False, zero: int = 0, recompute: str = "none") -> ShardedProgram:
     """The passes after tracing, for a graph traced already (``shardgraph.frontend.trace``)."""
-    options = CompileOptions(mesh, plan, batch_sharding, link, replicate_fallback, reduce_dtype, donate_state, zero)
+    options = CompileOptions(mesh, plan, batch_sharding, link, replicate_fallback, reduce_dtype, donate_state, zero,
+                             recompute)
     compiled = run_pipeline(traced.graph_module, options)
     if getattr(traced, "optimizer", None) is not None:
         from .training import TrainingProgram

@@ -1,0 +1,118 @@
+"""Activation recomputation: recompute a layer's activations in the backward instead of keeping them.
+
+Reads
+    a traced joint graph: the ``Phase`` of every op (forward: what the loss depends on) and
+    the transformer layer each op belongs to (``meta.layer``).
+Writes
+    for every layer, copies of the forward ops whose values the layer's backward reads, inserted
+    right before the first backward op that reads one; the backward reads the copies, so the
+    forward's values die with the forward. What is kept instead of recomputed:
+      every policy   the layer's boundary (values from outside the layer, the layer's values read
+                     by another layer's forward or by the output) and the inputs of each
+                     ``moe_experts`` op (its backward is paired with its forward by them, so the
+                     routing is computed once);
+      ``selective``  also the outputs of matrix products (``mm``, ``addmm``, ``bmm``,
+                     ``moe_experts``, ``attention``): only the cheap elementwise, norm and
+                     routing ops are recomputed;
+      ``full``       nothing else: the whole layer is recomputed from its input.
+    Copies carry the original's records (source line, module path) and the backward phase.
+Assumes
+    the forward is deterministic (the frontend refuses random ops), so a copy computes the
+    value it replaces; placement and lowering see the copies as ordinary ops, so collectives
+    inside a recomputed region are recomputed too.
+
+Why: a layer's saved activations are most of a training step's memory at long sequences;
+recomputing them costs a second forward of the recomputed ops.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import operator
+
+from torch.fx import GraphModule, Node
+
+from shardgraph import meta
+from shardgraph.meta import Phase
+
+__all__ = ["RECOMPUTE_POLICIES", "recompute"]
+
+RECOMPUTE_POLICIES = ("none", "selective", "full")
+
+_PRODUCTS = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten.baddbmm.", "shardgraph.moe_experts.",
+             "shardgraph.attention.")
+
+
+def _is_product(node: Node) -> bool:
+    return str(node.target).startswith(_PRODUCTS)
+
+
+def _is_moe_forward(node: Node) -> bool:
+    return node.op == "call_function" and str(node.target).startswith("shardgraph.moe_experts.")
+
+
+def recompute(gm: GraphModule, policy: str) -> GraphModule:
+    if policy not in RECOMPUTE_POLICIES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {policy!r}")
+    if policy == "none":
+        return gm
+    graph = gm.graph
+    forward_of_layer: dict[str, set[Node]] = defaultdict(set)
+    for node in graph.nodes:
+        if node.op == "call_function" and meta.phase(node) is Phase.FORWARD:
+            name = meta.layer(node)
+            if name is not None:
+                forward_of_layer[name].add(node)
+    kept = _kept(graph, forward_of_layer, policy)
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    for layer, forward in forward_of_layer.items():
+        _recompute_layer(graph, forward, kept, order)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _kept(graph, forward_of_layer: dict[str, set[Node]], policy: str) -> set[Node]:
+    kept: set[Node] = set()
+    for forward in forward_of_layer.values():
+        for node in forward:
+            # Read by another layer's forward, or by nothing of the forward at all (the output):
+            # the boundary the layer is recomputed from.
+            if any(user.op == "output" or (meta.phase(user) is Phase.FORWARD and user not in forward)
+                   for user in node.users):
+                kept.add(node)
+            if policy == "selective" and (_is_product(node) or (
+                    node.target is operator.getitem and _is_product(node.args[0]))):
+                kept.add(node)
+            if _is_moe_forward(node):
+                kept.update(arg for arg in node.args if isinstance(arg, Node))
+    return kept
+
+
+def _recompute_layer(graph, forward: set[Node], kept: set[Node], order: dict[Node, int]) -> None:
+    saved = [node for node in forward if node not in kept
+             and any(meta.phase(user) is Phase.BACKWARD for user in node.users)]
+    if not saved:
+        return
+    needed: set[Node] = set()
+    pending = list(saved)
+    while pending:
+        node = pending.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        pending.extend(source for source in node.all_input_nodes if source in forward and source not in kept)
+    readers = [user for node in saved for user in node.users if meta.phase(user) is Phase.BACKWARD]
+    first_reader = min(readers, key=order.__getitem__)
+    copies: dict[Node, Node] = {}
+    with graph.inserting_before(first_reader):
+        for node in sorted(needed, key=order.__getitem__):
+            copy = graph.node_copy(node, lambda source: copies.get(source, source))
+            copy.meta = dict(node.meta)
+            meta.set_phase(copy, Phase.BACKWARD)
+            copies[node] = copy
+    for node in saved:
+        for user in list(node.users):
+            if user not in copies.values() and meta.phase(user) is Phase.BACKWARD:
+                user.replace_input_with(node, copies[node])
