@@ -294,6 +294,12 @@ def _prepare(args):
         raise CliError(f"pipeline parallelism is not compiled yet (mesh {args.mesh} has pp={mesh.pp})",
                        "drop pp from --mesh; `shardgraph mesh` shows pipeline stages")
     check = getattr(args, "check", False)
+    if args.zero and not args.optimizer:
+        raise CliError("--zero 1 splits optimizer state, and there is none without --optimizer",
+                       "add --optimizer adamw (or sgd), or drop --zero")
+    if check and args.optimizer:
+        raise CliError("--check compares the gradient and one SGD step with the unsharded model, not a compiled "
+                       "optimizer step", "drop --optimizer to check; tests/test_training.py checks the step itself")
     device = args.device or ("cpu" if check else "meta")
     if check and device == "meta":
         raise CliError("--check runs the model, so it needs real weights; --device meta allocates none",
@@ -321,7 +327,13 @@ def _compile(args, stages: Stages, mesh: MeshSpec, device: str, plan):
     if check and not sized_on_meta:
         _refuse_oversized_check(model, mesh, plan, _device_of(model), config)
     stages.start("trace+compile")
-    program = shardgraph.compile(model, mesh, inputs, loss_fn, plan=plan, replicate_fallback=args.replicate_fallback)
+    step = {}
+    if args.optimizer:
+        step = dict(optimizer=shardgraph.optim.AdamW() if args.optimizer == "adamw" else shardgraph.optim.SGD(lr=0.01),
+                    zero=args.zero)
+    compute_dtype = getattr(torch, args.compute_dtype) if args.compute_dtype else None
+    program = shardgraph.compile(model, mesh, inputs, loss_fn, plan=plan, replicate_fallback=args.replicate_fallback,
+                                 recompute=args.recompute, compute_dtype=compute_dtype, **step)
     built_on = _device_of(model)
     note = ", built on meta: no weights allocated" if built_on == "meta" else f", built on {built_on}"
     stages.echo(f"compiled {args.model} ({config}{note}) for {mesh} in {stages.seconds:.1f} s")
@@ -510,6 +522,16 @@ def _model_options() -> argparse.ArgumentParser:
                          help="replicate ops that have no placement rule instead of refusing; the output lists them")
     options.add_argument("--no-progress", action="store_true",
                          help="no progress bar (it shows on a terminal only, once a run takes over a second)")
+    options.add_argument("--optimizer", choices=("sgd", "adamw"),
+                         help="compile the whole training step with this optimizer (default: the gradient only); "
+                              "the report then counts optimizer state")
+    options.add_argument("--zero", type=int, choices=(0, 1), default=0,
+                         help="1: optimizer state split over dp / edp (needs --optimizer)")
+    options.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
+                         help="activations recomputed in the backward: selective keeps matrix products, "
+                              "full keeps each layer's input only")
+    options.add_argument("--compute-dtype", choices=("float32", "bfloat16"),
+                         help="compute forward and backward in this dtype from the model's own (master) weights")
     return options
 
 

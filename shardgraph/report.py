@@ -755,7 +755,10 @@ def format_summary(report: dict) -> str:
         f"mesh: world={mesh['world']} dp={mesh['dp']} tp={mesh['tp']} | edp={mesh['edp']} ep={mesh['ep']} etp={mesh['etp']}",
         f"values placed: {totals['values']} ({totals['partial_values']} partial before reduction)",
         f"per rank: parameters {_bytes(totals['parameter_bytes_per_rank'])}, gradients "
-        f"{_bytes(totals['gradient_bytes_per_rank'])}, peak activations {_bytes(totals['peak_activation_bytes_per_rank'])}"
+        f"{_bytes(totals['gradient_bytes_per_rank'])}"
+        + (f", optimizer state {_bytes(totals['optimizer_state_bytes_per_rank'])}"
+           if totals.get("optimizer_state_bytes_per_rank") else "")
+        + f", peak activations {_bytes(totals['peak_activation_bytes_per_rank'])}"
         + (f", peak in all {_bytes(totals['peak_memory_bytes_per_rank'])}" if "peak_memory_bytes_per_rank" in totals else ""),
         f"communication per rank per step: {_bytes(totals['communication_bytes_per_rank'])}",
     ]

@@ -138,14 +138,14 @@ def test_default_config_is_the_model_files_own(capsys):
 
 
 def test_replicate_fallback_lists_the_replicated_ops(capsys, tmp_path):
-    model_file = _flip_model(tmp_path)
+    model_file = _unruled_model(tmp_path)
     assert main(["compile", model_file, "--mesh", "world=2"]) == 2
     err = capsys.readouterr().err
     assert "2 op(s) have no placement rule" in err and "hint: --replicate-fallback" in err
     assert len(err.splitlines()) == 2
     assert main(["compile", model_file, "--mesh", "world=2", "--replicate-fallback", "--check"]) == 0
     out = capsys.readouterr().out
-    assert "-> OK" in out and "replicated for lack of a placement rule: 2 op(s): flip, flip_1" in out
+    assert "-> OK" in out and "replicated for lack of a placement rule: 2 op(s): roll, roll_1" in out
 
 
 def test_replicate_fallback_says_none_were_needed(capsys):
@@ -208,7 +208,7 @@ def test_model_file_without_an_entry_is_one_line(capsys, tmp_path):
 
 
 def test_flag_the_entry_does_not_take_is_one_line(capsys, tmp_path):
-    _assert_one_line_error(capsys, ["compile", _flip_model(tmp_path), "--mesh", "world=2", "--seq-len", "4"],
+    _assert_one_line_error(capsys, ["compile", _unruled_model(tmp_path), "--mesh", "world=2", "--seq-len", "4"],
                            "takes no 'seq_len' argument")
 
 
@@ -289,9 +289,9 @@ def test_progress_bar_names_each_stage_on_a_terminal(capsys):
     assert capsys.readouterr().out == "a line of output\n"
 
 
-def _flip_model(directory) -> str:
-    """A model file whose torch.flip has no placement rule (forward and backward)."""
-    path = directory / "flip_model.py"
+def _unruled_model(directory) -> str:
+    """A model file whose torch.roll has no placement rule (forward and backward)."""
+    path = directory / "roll_model.py"
     path.write_text(
         "import torch\n\n\n"
         "def shardgraph_entry(device='cpu'):\n"
@@ -301,6 +301,28 @@ def _flip_model(directory) -> str:
         "    return torch.nn.Sequential(model, Flip()), inputs, lambda out, x: out.pow(2).mean()\n\n\n"
         "class Flip(torch.nn.Module):\n"
         "    def forward(self, x):\n"
-        "        return torch.flip(x, dims=[1])\n"
+        "        return torch.roll(x, 1, dims=1)\n"
     )
     return str(path)
+
+
+def test_compile_of_a_training_step_reports_its_split_optimizer_state(capsys, tmp_path):
+    report = tmp_path / "report.json"
+    arguments = ["compile", "examples/moe_model.py", "--mesh", "world=4,tp=2,ep=2", "--no-progress",
+                 "--optimizer", "adamw", "--json", str(report)]
+    assert main(arguments + ["--zero", "1", "--recompute", "selective", "--compute-dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer state" in out
+    import json
+
+    split = json.loads(report.read_text())["totals"]["optimizer_state_bytes_per_rank"]
+    assert main(arguments) == 0
+    whole = json.loads(report.read_text())["totals"]["optimizer_state_bytes_per_rank"]
+    assert 0 < split < whole
+
+
+def test_zero_without_an_optimizer_and_check_of_a_step_are_one_line_errors(capsys):
+    _assert_one_line_error(capsys, ["compile", "examples/moe_model.py", "--mesh", "world=4,tp=2,ep=2", "--zero", "1"],
+                           "there is none without --optimizer")
+    _assert_one_line_error(capsys, ["compile", "examples/moe_model.py", "--mesh", "world=4,tp=2,ep=2", "--check",
+                                    "--optimizer", "sgd"], "not a compiled optimizer step")
