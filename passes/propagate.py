@@ -27,9 +27,7 @@ placements differ runs the rules again. ``PlacedGraph.decisions_reused`` counts 
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import gc
 import operator
 import time
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from torch.fx import GraphModule, Node
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from shardgraph import meta
+from shardgraph.frontend.context import collection_paused
 from shardgraph.fx_graph import op_name, output_node, output_values, tensor_inputs
 from shardgraph.mesh import MeshSpec
 from shardgraph.meta import GraphInput, InputKind, PlacedValue, View
@@ -596,19 +595,6 @@ def _sweep_to_fixed_point(compute_nodes: list[Node], state: _State, mesh: MeshSp
     return sweeps, fallbacks
 
 
-@contextlib.contextmanager
-def _collection_paused():
-    """The cyclic garbage collector off during the sweeps: they allocate records for every node
-    while the whole graph stays alive, so each full collection would walk all of it again."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def propagate(
     graph_module: GraphModule,
     mesh: MeshSpec,
@@ -635,7 +621,7 @@ def propagate(
     _refuse_missing_rules(compute_nodes, replicate_fallback)
     _prepare_keys(compute_nodes, state)
 
-    with _collection_paused():
+    with collection_paused():
         sweeps, fallbacks = _sweep_to_fixed_point(compute_nodes, state, mesh, link, replicate_fallback)
 
     _place_outputs(gm, state)
