@@ -109,7 +109,6 @@ def _recompute_layer(graph, forward: set[Node], kept: set[Node], order: dict[Nod
     with graph.inserting_before(first_reader):
         for node in sorted(needed, key=order.__getitem__):
             copy = graph.node_copy(node, lambda source: copies.get(source, source))
-            copy.meta = dict(node.meta)
             meta.set_phase(copy, Phase.BACKWARD)
             copies[node] = copy
     for node in saved:
