@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 from torch.fx import Graph, GraphModule, Node
+from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
 from torch.fx.node import map_arg
 
 from . import meta
@@ -84,8 +85,13 @@ def set_output_values(graph: Graph, values: list) -> None:
 
 
 def copy_graph_module(gm: GraphModule) -> GraphModule:
-    """A copy whose graph (nodes and their records) can be rewritten without touching ``gm``."""
-    copied = GraphModule(gm, copy.deepcopy(gm.graph))
+    """A copy whose graph (nodes and their records) can be rewritten without touching ``gm``.
+
+    The copy writes its Python code when first run or read: passes copy a graph to rewrite it,
+    and code written for the copy's first state (a second per 10,000 nodes) would be thrown away.
+    """
+    with _use_lazy_graph_module(True):
+        copied = _make_graph_module(gm, copy.deepcopy(gm.graph))
     meta.copy_module_records(gm, copied)
     return copied
 

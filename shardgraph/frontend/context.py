@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -226,3 +226,82 @@ class ModuleTracker:
             handle.remove()
 
 
+
+
+FLOW = "flow"
+"""A mark that leaves each node's layer to its inputs: the layer all its tensor inputs share, if one."""
+_BACKWARD_DONE = "backward done"  # a layer's backward has produced its input's gradient
+
+
+class LayerMarks:
+    """Which of a list of layers each traced node belongs to, for replicating identical layers.
+
+    Events ``(graph length, layer)`` are noted as tracing goes: a layer's forward begins when the
+    layer is entered and ends when it returns; its backward begins when autograd is about to run
+    the op that produced the layer's output (a prehook on that output's ``grad_fn``) and ends when
+    it is about to run the producer of the layer's input. The step function adds its own marks
+    around per-parameter work (casts, zero gradients, optimizer updates), and ``FLOW`` where the
+    layer is best read from the inputs. ``layer=None`` marks work no layer owns.
+    Hooks on autograd nodes that return nothing add no op, so the traced graph is unchanged.
+    """
+
+    def __init__(self, layers: nn.ModuleList):
+        self.events: list[tuple[int, Any]] = []
+        self.handles = []
+        for index, layer in enumerate(layers):
+            self.handles.append(layer.register_forward_pre_hook(self._enter_hook(index), with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(self._leave_hook(index)))
+
+    def mark(self, layer) -> None:
+        mode = get_proxy_mode()
+        if mode is not None:
+            self.events.append((len(mode.tracer.graph.nodes), layer))
+
+    def on_gradient(self, tensor, layer) -> None:
+        """Mark ``layer`` when autograd is about to run the op that produced ``tensor``."""
+        grad_fn = getattr(tensor, "grad_fn", None) if isinstance(tensor, torch.Tensor) else None
+        if grad_fn is not None:
+            grad_fn.register_prehook(lambda grad_outputs: self.mark(layer))
+
+    def _enter_hook(self, index: int):
+        def hook(module, args, kwargs):
+            found = [t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor) and t.requires_grad]
+            if found:
+                self.on_gradient(found[0], _BACKWARD_DONE)
+            self.mark(index)
+
+        return hook
+
+    def _leave_hook(self, index: int):
+        def hook(module, args, output):
+            self.mark(None)
+            found = [output] if isinstance(output, torch.Tensor) else [
+                t for t in (output if isinstance(output, (tuple, list)) else ()) if isinstance(t, torch.Tensor)]
+            if found:
+                self.on_gradient(found[0], index)
+
+        return hook
+
+    def layers(self, count: int) -> list:
+        """The mark in force at each of the first ``count`` nodes (None before the first one).
+
+        Of several marks noted at one graph length the last holds, except the end of a layer's
+        backward: it coincides with the start of the previous layer's backward (the input's
+        producer is that layer's output), which holds whichever hook ran first."""
+        found: list = [None] * count
+        current, position = None, 0
+        events = sorted(self.events, key=lambda event: event[0])
+        for index in range(count):
+            pending = []
+            while position < len(events) and events[position][0] <= index:
+                pending.append(events[position][1])
+                position += 1
+            if pending:
+                others = [mark for mark in pending if mark is not _BACKWARD_DONE]
+                current = others[-1] if others else None
+            found[index] = current
+        return found
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()

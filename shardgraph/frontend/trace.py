@@ -15,6 +15,10 @@ own decompositions (``silu_backward`` becomes sigmoid arithmetic) and adds
 ``_assert_tensor_metadata`` and ``empty_like`` + ``fill`` nodes (measured on the example model),
 which widens the op set every later pass needs a rule for; ``torch.func.grad`` cannot see through ``register_autograd`` custom ops.
 Fake mode means no kernel runs, so a model built on the meta device traces without memory.
+A deep model whose ``nn.ModuleList`` repeats one layer (same class, shapes and attributes) is
+traced with four layers of that run; the other layers' nodes are the middle layer's, written
+out with the layer index renamed, after a check that the two middle layers agree node for node
+(see "repeated layers" below; anything else traces every layer).
 
 Then, in order:
 
@@ -46,13 +50,16 @@ step keeps no KV cache), and recognised expert modules run through their adapter
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import linecache
+import logging
 import operator
 import re
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx.traceback as fx_traceback
@@ -60,15 +67,18 @@ from torch import nn
 from torch._decomp import get_decompositions
 from torch.func import functional_call, functionalize
 from torch.fx import GraphModule, Node
-from torch.fx._lazy_graph_module import _use_lazy_graph_module
+from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot, make_fx
 
 from .. import meta
 from ..meta import GraphInput, InputKind, OutputRole, Phase
 from .adapters import adapters_installed
-from .context import AttentionRouting, ModuleTracker, collection_paused, positions_not_packed, without_kv_cache
+from .context import (FLOW, AttentionRouting, LayerMarks, ModuleTracker, collection_paused, positions_not_packed,
+                      without_kv_cache)
 from .errors import AdapterError, TraceError
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["TraceError", "TracedGraph", "OutputRole", "trace", "op_histogram", "DECOMPOSITIONS"]
 
@@ -186,7 +196,13 @@ def _explain(error: BaseException, module: nn.Module | None) -> str:
 def _is_mutating(node: Node) -> bool:
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return False
-    return any(a.alias_info is not None and a.alias_info.is_write for a in node.target._schema.arguments)
+    return _writes_an_argument(node.target)
+
+
+@functools.lru_cache(maxsize=None)
+def _writes_an_argument(op: torch._ops.OpOverload) -> bool:
+    # Asked of every node of deep graphs: the schema walk is done once per op.
+    return any(a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments)
 
 
 def _aliased_placeholder(node: Node) -> Node | None:
@@ -254,7 +270,11 @@ def _drop_identities(gm: GraphModule) -> None:
         if node.op == "call_function" and node.target in identities:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
+    # Dead code, as Graph.eliminate_dead_code finds it, but asking about side effects only of
+    # nodes nobody reads (that method asks of every node, and lints the graph first).
+    for node in reversed(list(gm.graph.nodes)):
+        if not node.users and node.op not in ("placeholder", "output") and not node.is_impure():
+            gm.graph.erase_node(node)
 
 
 def _unique(names: list[str]) -> list[str]:
@@ -322,7 +342,7 @@ def _forward_outputs(output) -> tuple[list[torch.Tensor], list[str]]:
 # ----------------------------------------------------------------------------- trace
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Callable | None = None, *,
           input_names: Sequence[str] | None = None, optimizer=None, clip_grad_norm: float | None = None,
-          compute_dtype: torch.dtype | None = None) -> TracedGraph:
+          compute_dtype: torch.dtype | None = None, reuse_layers: bool = True) -> TracedGraph:
     """Trace ``model`` into one functional forward+backward graph (see the module docstring).
 
     ``loss = loss_fn(model(*example_inputs), *example_inputs)`` must be a scalar tensor; the
@@ -336,6 +356,8 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
     floating-point parameters cast to it, while the parameters themselves (the master weights),
     their gradients and the optimizer state keep the model's dtype.
     Build the model and inputs on the meta device to trace without allocating weights.
+    ``reuse_layers=False`` traces every layer of a deep model instead of writing out the graph
+    of repeated layers from a few traced ones (the same graph, node for node, only slower).
     """
     # Over 60 lines only by its docstring: each step below is one call, in the order they run.
     example_inputs = _checked_arguments(model, example_inputs, loss_fn)
@@ -354,7 +376,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
     step = _Step(model, list(parameters), list(buffers), trainable, loss_fn, len(example_inputs), optimizer,
                  clip_grad_norm, slots, compute_dtype)
     gm, expert_modules = _make_joint_graph(model, step, parameters, buffers, example_inputs, trainable, slots,
-                                           optimizer is not None)
+                                           optimizer is not None, reuse_layers)
 
     _refuse_random_ops(gm)
     labels = _labels(parameters, buffers, names, slots, optimizer is not None)
@@ -441,14 +463,32 @@ class _Step:
         self.compute_dtype = compute_dtype
         self.output_paths: list[str] = []
         self.stage = "module '<root>'"  # where the step is when no module is running, for error messages
+        # Set while a prefix of repeated layers is traced: which layer each parameter belongs to.
+        self.marks: LayerMarks | None = None
+        self.layer_of: Mapping[str, int] = {}
+
+    def _mark(self, layer) -> None:
+        if self.marks is not None:
+            self.marks.mark(layer)
+
+    def _mark_parameter(self, name: str) -> None:
+        if self.marks is not None:
+            self.marks.mark(self.layer_of.get(name))
 
     def __call__(self, *flat):
         count_p, count_b = len(self.parameter_names), len(self.buffer_names)
         params = dict(zip(self.parameter_names, flat[:count_p]))
         # Mixed precision: the model computes with cast copies; autograd carries each gradient back
         # through the cast, so it arrives in the master weight's dtype.
-        compute = {n: p.to(self.compute_dtype) if self.compute_dtype is not None and p.is_floating_point() else p
-                   for n, p in params.items()}
+        compute = {}
+        for name, param in params.items():
+            self._mark_parameter(name)
+            cast = self.compute_dtype is not None and param.is_floating_point()
+            compute[name] = param.to(self.compute_dtype) if cast else param
+            if cast and self.marks is not None and name in self.layer_of:
+                # The cast's backward (to the master dtype) belongs to the parameter's layer.
+                self.marks.on_gradient(compute[name], self.layer_of[name])
+        self._mark(None)
         state = {**compute, **dict(zip(self.buffer_names, flat[count_p:count_p + count_b]))}
         batch = flat[count_p + count_b:count_p + count_b + self.batch_count]
         with AttentionRouting():
@@ -464,9 +504,14 @@ class _Step:
                              f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}")
         self.stage = "the backward pass"
         wrt = [params[n] for n in self.trainable]
-        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+        grads = list(torch.autograd.grad(loss, wrt, allow_unused=True))
+        self._mark(FLOW)
         # A parameter the loss does not reach has gradient zero, as an optimizer would see it.
-        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, wrt)]
+        for index, (name, param) in enumerate(zip(self.trainable, wrt)):
+            if grads[index] is None:
+                self._mark_parameter(name)
+                grads[index] = torch.zeros_like(param)
+                self._mark(FLOW)
         if self.optimizer is None:
             return (loss, *grads)
         self.stage = "the optimizer step"
@@ -491,17 +536,19 @@ class _Step:
                 grads = [g * coefficient.to(g.dtype) for g in grads]
             new_params, new_state = [], []
             for name, param, grad in zip(self.trainable, wrt, grads):
+                self._mark_parameter(name)
                 slots = {slot: slot_values[(name, slot)] for slot in self.optimizer.state_slots()}
                 updated, updated_state = self.optimizer.update(name, param.detach(), grad, slots, lr, step)
                 new_params.append(updated)
                 new_state.extend(updated_state[slot] for slot in self.optimizer.state_slots())
+            self._mark(FLOW)
         return (*new_params, *new_state, norm)
 
 
-def _make_joint_graph(model, step: _Step, parameters, buffers, example_inputs, trainable, slots=(),
-                      scalars: bool = False):
+def _traced_joint_graph(model, step: _Step, parameters, buffers, example_inputs, trainable, slots=(),
+                        scalars: bool = False, run: "_LayerRun | None" = None):
     """make_fx of ``step`` on fake tensors, with the expert adapters installed; errors name the
-    module and the user's line that caused them."""
+    module and the user's line that caused them. With ``run``, the layers are marked (``step.marks``)."""
     # A fake mode without a shape environment keeps every shape static: an op whose output
     # shape depends on values (nonzero, boolean masking) or a Python number read from a tensor
     # raises where the model does it, instead of leaving unbacked symbolic sizes in the graph.
@@ -516,6 +563,7 @@ def _make_joint_graph(model, step: _Step, parameters, buffers, example_inputs, t
         if scalars:
             arguments += [torch.zeros((), dtype=torch.float64, device=leaves[0].device) for _ in range(2)]
     tracker = ModuleTracker(model)
+    step.marks = LayerMarks(run.layers) if run is not None else None
     modules = {path or "<root>": module for path, module in model.named_modules()}
     try:
         # A lazily compiled module: the passes that follow rewrite the graph, so Python code
@@ -535,8 +583,460 @@ def _make_joint_graph(model, step: _Step, parameters, buffers, example_inputs, t
         raise TraceError(f"cannot trace {where} at {_user_frame(error)}: {_explain(error, module)}") from None
     finally:
         tracker.remove()
+        if step.marks is not None:
+            step.marks.remove()
     tracker.annotate(gm)
     return gm, expert_modules
+
+
+# ----------------------------------------------------------------------------- repeated layers
+# A deep model repeats one layer class: its joint graph is the graph of a few layers with the
+# middle layer's forward, backward and optimizer nodes written out once per further layer. Only
+# ``_PREFIX`` layers of the longest run of interchangeable layers are traced (the first, two
+# middle ones, the last); the two middle layers must give the same nodes up to the layer index
+# (ops, constants, values, source records, and the same wiring relative to their neighbours),
+# and the graph of every layer in between is then the middle layer's, renamed. Anything the
+# pattern cannot express (layers that differ, a node outside the layers that reads a middle
+# layer alone, in-place ops that functionalisation would rewrite) traces the whole model.
+
+_PREFIX = 4
+_SHORTEST_RUN = _PREFIX + 2  # below this, replication saves at most one layer's trace
+
+
+class _NotReplicable(Exception):
+    """The prefix's graph does not have the shape replication needs."""
+
+
+@dataclass
+class _LayerRun:
+    """Layers ``start .. stop-1`` of the ``nn.ModuleList`` at ``path`` are interchangeable."""
+
+    path: str
+    layers: nn.ModuleList
+    start: int
+    stop: int
+    _renamed: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def skipped(self) -> int:
+        return self.stop - self.start - _PREFIX
+
+    @property
+    def middle(self) -> tuple[int, int]:
+        """The prefix indices of the two middle layers, whose graphs must agree."""
+        return self.start + 1, self.start + 2
+
+    def full_index(self, index: int) -> int:
+        """The model's layer that the prefix's layer ``index`` stands for (outside the middle)."""
+        return index if index <= self.start + 1 else index + self.skipped
+
+    def renamed(self, text: str, index: int, new: str | int) -> str:
+        """``text`` (a module path or parameter name) with layer ``index`` of the list as ``new``."""
+        key = (text, index, new)
+        found = self._renamed.get(key)
+        if found is None:
+            head = f"{self.path}.{index}"
+            found = f"{self.path}.{new}{text[len(head):]}" if text == head or text.startswith(head + ".") else text
+            self._renamed[key] = found
+        return found
+
+    @contextlib.contextmanager
+    def truncated(self) -> Iterator[None]:
+        """The list holds only the traced layers meanwhile (renumbered from 0), then all again."""
+        original = dict(self.layers._modules)
+        modules = list(original.values())
+        kept = [*range(self.start + _PREFIX), *range(self.stop, len(modules))]
+        self.layers._modules.clear()
+        for position, index in enumerate(kept):
+            self.layers._modules[str(position)] = modules[index]
+        try:
+            yield
+        finally:
+            self.layers._modules.clear()
+            self.layers._modules.update(original)
+
+
+def _layer_state(layer: nn.Module) -> dict | None:
+    """What decides a layer's graph besides its index: module classes, parameter and buffer
+    shapes, plain attributes (objects by identity). None when a hook could treat it apart."""
+    state: dict = {}
+    for path, module in layer.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+            return None
+        state[("module", path)] = type(module)
+        for name, param in module._parameters.items():
+            state[("parameter", path, name)] = None if param is None else (tuple(param.shape), param.dtype,
+                                                                            param.requires_grad)
+        for name, buffer in module._buffers.items():
+            state[("buffer", path, name)] = None if buffer is None else (tuple(buffer.shape), buffer.dtype)
+        for key, value in vars(module).items():
+            if key.startswith("_"):
+                continue
+            plain = value is None or isinstance(value, (bool, int, float, str, torch.dtype)) or (
+                isinstance(value, tuple) and all(isinstance(item, (bool, int, float, str)) for item in value))
+            state[("attribute", path, key)] = value if plain else ("object", id(value))
+    return state
+
+
+def _repeated_layers(model: nn.Module) -> _LayerRun | None:
+    """The longest run of interchangeable layers in an outermost ``nn.ModuleList`` of the model."""
+    lists = [(path, module) for path, module in model.named_modules() if isinstance(module, nn.ModuleList)]
+    best = None
+    for path, layers in lists:
+        nested = any(other != path and (other == "" or path.startswith(other + ".")) for other, _ in lists)
+        if not path or nested or len(layers) < _SHORTEST_RUN:
+            continue
+        states = [_layer_state(layer) for layer in layers]
+        owners = [id(p) for layer in layers for _, p in layer.named_parameters(remove_duplicate=False)]
+        if any(state is None for state in states) or len(owners) != len(set(owners)):
+            continue  # hooks, or a parameter shared between layers
+        # Every attribute must match, a layer index too: a forward that reads its own index (HF's
+        # ``config.layer_types[self.layer_idx]``) may branch on it in ways two traced layers
+        # cannot show, and a layer built the same way everywhere cannot tell its position.
+        signatures = states
+        start = 0
+        for position in range(1, len(layers) + 1):
+            if position == len(layers) or signatures[position] != signatures[start]:
+                if position - start >= _SHORTEST_RUN and (best is None or position - start > best.stop - best.start):
+                    best = _LayerRun(path, layers, start, position)
+                start = position
+    return best
+
+
+def _make_joint_graph(model, step: _Step, parameters, buffers, example_inputs, trainable, slots=(),
+                      scalars: bool = False, reuse_layers: bool = True):
+    """The joint graph, from a prefix of repeated layers where the model has them (see above),
+    else from tracing the whole model."""
+    run = _repeated_layers(model) if reuse_layers and step.loss_fn is not None else None
+    if run is not None:
+        try:
+            return _replicated_joint_graph(model, run, step, example_inputs, scalars)
+        except Exception as error:  # noqa: BLE001 - the whole model is traced instead, which reports real errors
+            _log.debug("trace: layers %d..%d of '%s' are traced one by one: %s", run.start, run.stop - 1, run.path,
+                       error)
+    return _traced_joint_graph(model, step, parameters, buffers, example_inputs, trainable, slots, scalars)
+
+
+def _replicated_joint_graph(model, run: _LayerRun, step: _Step, example_inputs, scalars: bool):
+    with run.truncated():
+        parameters, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        trainable = [n for n in parameters if parameters[n].requires_grad]
+        slots = [(n, slot) for n in trainable for slot in step.optimizer.state_slots()] if step.optimizer else []
+        prefix = _Step(model, list(parameters), list(buffers), trainable, step.loss_fn, step.batch_count,
+                       step.optimizer, step.clip_grad_norm, slots, step.compute_dtype)
+        prefix.layer_of = {name: index for name in parameters
+                           if (index := _layer_index(run, name)) is not None}
+        gm, expert_modules = _traced_joint_graph(model, prefix, parameters, buffers, example_inputs, trainable,
+                                                 slots, scalars, run)
+    if any(_is_mutating(n) or n.op not in ("placeholder", "call_function", "output") for n in gm.graph.nodes):
+        raise _NotReplicable("the graph mutates tensors or holds constants")
+    labels = _labels(parameters, buffers, ["input"] * step.batch_count, slots, scalars)
+    owners = [name.split(":")[0] if kind == "optimizer state" else name if kind == "parameter" else None
+              for kind, name in labels]
+    count = len(gm.graph.nodes)
+    layers = prefix.marks.layers(count)
+    position = {node: index for index, node in enumerate(gm.graph.nodes)}
+    placeholder_count = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    if placeholder_count != len(labels):
+        raise _NotReplicable("placeholders and labels disagree")
+    layers[:placeholder_count] = [prefix.layer_of.get(owner) if owner else None for owner in owners]
+    for index, node in enumerate(gm.graph.nodes):
+        if layers[index] == FLOW:  # the one layer the node's inputs come from, if they share one
+            found = {layers[position[source]] for source in node.all_input_nodes} - {None}
+            layers[index] = found.pop() if len(found) == 1 else None
+    graph = _replicate_layers(gm, layers, run)
+    expected = len(step.parameter_names) + len(step.buffer_names) + step.batch_count + len(step.slots) + 2 * scalars
+    if sum(1 for n in graph.nodes if n.op == "placeholder") != expected:
+        raise _NotReplicable("the replicated graph takes other inputs than the model")
+    with _use_lazy_graph_module(True):
+        replicated = _make_graph_module(gm, graph)
+    meta.copy_module_records(gm, replicated)
+    return replicated, _replicated_names(expert_modules, run)
+
+
+def _layer_index(run: _LayerRun, name: str) -> int | None:
+    head = run.path + "."
+    if not name.startswith(head):
+        return None
+    index = name[len(head):].split(".", 1)[0]
+    return int(index) if index.isdigit() else None
+
+
+def _replicated_names(names: Mapping[str, str], run: _LayerRun) -> dict[str, str]:
+    """``{module path: kind}`` of the prefix, for the whole model."""
+    first, second = run.middle
+    out = {}
+    for path, kind in names.items():
+        index = _layer_index(run, path + ".")
+        if index is None:
+            out[path] = kind
+        elif index == first:
+            out.update({run.renamed(path, index, full): kind for full in range(first, run.stop - 1)})
+        elif index != second:
+            out[run.renamed(path, index, run.full_index(index))] = kind
+    return out
+
+
+def _base_name(name: str) -> str:
+    """The name fx derived ``name`` from (``mm`` for ``mm_12``): given again, the graph's
+    namespace numbers it as the full trace would, since nodes are created in the same order."""
+    return re.sub(r"_\d+$", "", name)
+
+
+def _value_signature(found) -> Any:
+    if isinstance(found, torch.Tensor):
+        return ("tensor", tuple(found.shape), tuple(found.stride()), found.dtype, found.device.type,
+                found.requires_grad, found.storage_offset())
+    if isinstance(found, (tuple, list)):
+        return (type(found).__name__,) + tuple(_value_signature(item) for item in found)
+    if isinstance(found, dict):
+        return ("dict",) + tuple((key, _value_signature(item)) for key, item in found.items())
+    return found
+
+
+class _Replicator:
+    """Writes the whole model's graph from the prefix's, node by node in the full trace's order."""
+
+    def __init__(self, gm: GraphModule, layers: list, run: _LayerRun):
+        self.run, self.nodes = run, list(gm.graph.nodes)
+        self.layer = dict(zip(self.nodes, layers))
+        self.layer[self.nodes[-1]] = None  # the output node belongs to no layer
+        self.first, self.second = run.middle
+        # Segments: a shared node, or a stretch of layer blocks ("runs"), each layer once, in
+        # ascending or descending order; a node's place is (segment, position in its block).
+        self.plan: list = []
+        self.segment: dict[Node, int] = {}
+        self.position: dict[Node, int] = {}
+        self.blocks: dict[tuple[int, int], list[Node]] = {}
+        self._split()
+        self.base = {node: _base_name(node.name) for node in self.nodes}
+        self.suffix = {}
+        for node in self.nodes:
+            if node.op == "placeholder":
+                match = re.fullmatch(r"arg\d+(_\d+)", node.name)
+                if match is None or node.target != node.name:
+                    raise _NotReplicable(f"unexpected placeholder {node.name}")
+                self.suffix[node] = match.group(1)
+        self.graph = torch.fx.Graph(tracer_cls=gm.graph._tracer_cls, tracer_extras=gm.graph._tracer_extras)
+        self.shared: dict[Node, Node] = {}
+        self.built: dict[tuple[int, int], list[Node]] = {}
+        self.changed: set[Node] = set()
+        self.inputs = 0
+        self.stacks: dict[tuple[int, int, int], dict] = {}
+
+    def _split(self) -> None:
+        previous = None
+        for node in self.nodes:
+            layer = self.layer[node]
+            if layer is None:
+                self.plan.append(("shared", node))
+                previous = None
+                continue
+            if previous is None:
+                self.plan.append(("run", len(self.plan), []))
+            _, segment, order = self.plan[-1]
+            if not order or order[-1] != layer:
+                step = layer - order[-1] if order else 0
+                if layer in order or (order and abs(step) != 1) or (len(order) > 1 and step != order[-1] - order[-2]):
+                    raise _NotReplicable(f"layer {layer}'s nodes around {node.name} are not one block in layer order")
+                order.append(layer)
+                self.blocks[(segment, layer)] = []
+            self.segment[node], self.position[node] = segment, len(self.blocks[(segment, layer)])
+            self.blocks[(segment, layer)].append(node)
+            previous = layer
+        for item in self.plan:
+            if item[0] == "run" and (self.first in item[2]) != (self.second in item[2]):
+                raise _NotReplicable("a stretch of layer nodes holds one middle layer without the other")
+
+    # ------------------------------------------------------------------------- the check
+    def _reference(self, node: Node, layer: int):
+        found = self.layer[node]
+        if found is None:
+            return ("shared", node)
+        if abs(found - layer) > 1:
+            raise _NotReplicable(f"a node of layer {layer} reads layer {found}")
+        return ("layer", found - layer, self.segment[node], self.position[node])
+
+    def _described(self, item, layer: int):
+        if isinstance(item, Node):
+            return self._reference(item, layer)
+        if isinstance(item, (tuple, list)):
+            return (type(item).__name__,) + tuple(self._described(part, layer) for part in item)
+        if isinstance(item, dict):
+            return ("dict",) + tuple((key, self._described(part, layer)) for key, part in item.items())
+        return ("constant", type(item).__name__, item)
+
+    def _meta_described(self, node: Node, layer: int):
+        # fx's other records (tensor_meta, eager_input_vals) are derived from these values.
+        gradient = meta.gradient_of(node)
+        return (_value_signature(meta.value(node)) if meta.has_value(node) else None, meta.stack_trace(node),
+                tuple((self.run.renamed(path, layer, "*"), self.run.renamed(inner, layer, "*"), kind)
+                      for path, (inner, kind) in meta.module_stack(node).items()),
+                self.run.renamed(gradient, layer, "*") if gradient else None)
+
+    def _signature(self, node: Node, layer: int):
+        named = node.op != "placeholder"
+        return (node.op, node.target if named else None, _base_name(node.name) if named else None,
+                self._described(node.args, layer), self._described(node.kwargs, layer),
+                self._meta_described(node, layer), node.type)
+
+    def check(self) -> None:
+        """The two middle layers' blocks agree node for node, up to the layer index."""
+        for item in self.plan:
+            if item[0] != "run" or self.first not in item[2]:
+                continue
+            left, right = self.blocks[(item[1], self.first)], self.blocks[(item[1], self.second)]
+            if len(left) != len(right):
+                raise _NotReplicable(f"layers {self.first} and {self.second} have {len(left)} and {len(right)} nodes")
+            for mine, theirs in zip(left, right):
+                if self._signature(mine, self.first) != self._signature(theirs, self.second):
+                    raise _NotReplicable(f"layers {self.first} and {self.second} differ at {mine.name} / {theirs.name}")
+
+    # ------------------------------------------------------------------------- the build
+    def _lookup(self, node: Node, source: int | None, full: int | None) -> Node:
+        found = self.layer[node]
+        if found is None:
+            return self.shared[node]
+        if source in (self.first, self.second):
+            target = full + (found - source)
+        elif found in (self.first, self.second) and source is None:
+            raise _NotReplicable(f"a node outside the layers reads the middle layer {found} ({node.name})")
+        else:
+            if source is not None and abs(found - source) > 1:
+                raise _NotReplicable(f"a node of layer {source} reads layer {found}")
+            target = self.run.full_index(found)
+        return self.built[(self.segment[node], target)][self.position[node]]
+
+    def _middle_layers(self, leading: int) -> range:
+        """The model's layers that the middle stretch stands for, in the order of the prefix."""
+        if leading == self.first:
+            return range(self.first, self.run.stop - 1)
+        return range(self.run.stop - 2, self.first - 1, -1)
+
+    def _shared_list(self, items):
+        """A list argument of a shared node, a stretch of middle layers' entries written out for every layer."""
+        out, index, middle = [], 0, (self.first, self.second)
+        while index < len(items):
+            item = items[index]
+            if not (isinstance(item, Node) and self.layer[item] in middle):
+                out.append(self._mapped(item, None, None))
+                index += 1
+                continue
+            groups = []
+            for layer in (self.layer[item], sum(middle) - self.layer[item]):
+                group = []
+                while index < len(items) and isinstance(items[index], Node) and self.layer[items[index]] == layer:
+                    group.append((self.segment[items[index]], self.position[items[index]]))
+                    index += 1
+                groups.append(group)
+            if groups[0] != groups[1]:
+                raise _NotReplicable("a list holds the two middle layers' values in different patterns")
+            for full in self._middle_layers(self.layer[item]):
+                out.extend(self.built[(segment, full)][position] for segment, position in groups[0])
+        return type(items)(out)
+
+    def _mapped(self, item, source: int | None, full: int | None):
+        if isinstance(item, Node):
+            return self._lookup(item, source, full)
+        if isinstance(item, (tuple, list)):
+            if source is None:  # a list argument of a node outside the layers
+                return self._shared_list(item)
+            return type(item)(self._mapped(part, source, full) for part in item)
+        if isinstance(item, dict):
+            return {key: self._mapped(part, source, full) for key, part in item.items()}
+        return item
+
+    def _copy(self, node: Node, source: int | None, full: int | None) -> Node:
+        """``node`` written into the new graph: fx's ``node_copy`` carries every record; given the
+        name fx derived the original's from, the graph's namespace numbers it as the full trace."""
+        if node.op == "placeholder":
+            name = f"arg{self.inputs}{self.suffix[node]}"
+            self.inputs += 1
+            node.name = node.target = name  # the prefix graph is not used again
+            return self.graph.node_copy(node)
+        args = tuple(self._mapped(part, source, full) for part in node.args)
+        kwargs = {key: self._mapped(part, source, full) for key, part in node.kwargs.items()}
+        node.name = self.base[node]
+        if source is None and node.op == "call_function" and (
+                _flat_length(args, kwargs) != _flat_length(node.args, node.kwargs)
+                or any(isinstance(n, Node) and n in self.changed for n in torch.utils._pytree.tree_leaves((args, kwargs)))):
+            return self._recomputed(node, args, kwargs)
+        new = self.graph.node_copy(node, lambda _: None)
+        new.args, new.kwargs = args, kwargs
+        if source is not None and full != source:
+            self._rename_records(new, source, full)
+        return new
+
+    def _rename_records(self, node: Node, source: int, full: int) -> None:
+        stack = meta.module_stack(node)
+        if stack:
+            key = (id(stack), source, full)
+            if key not in self.stacks:
+                self.stacks[key] = {self.run.renamed(path, source, full): (self.run.renamed(inner, source, full), kind)
+                                    for path, (inner, kind) in stack.items()}
+            meta.set_module_stack(node, self.stacks[key])
+        gradient = meta.gradient_of(node)
+        if gradient:
+            meta.set_gradient_of(node, self.run.renamed(gradient, source, full))
+
+    def _recomputed(self, old: Node, args, kwargs) -> Node:
+        """A shared node that reads every layer's values (``stack`` of per-parameter norms) may
+        have another shape than in the prefix: its value is computed again on the fake values.
+        Where the shape changed, the node carries the new value (and no fx ``tensor_meta``, which
+        no pass reads) and the nodes reading it are computed again in turn."""
+        if not (isinstance(old.target, torch._ops.OpOverload) and old.target.namespace == "aten"):
+            raise _NotReplicable(f"{old.name} reads every layer and cannot be re-evaluated")
+        values = torch.fx.node.map_arg((args, kwargs), meta.value)
+        fake_mode = next((v.fake_mode for v in torch.utils._pytree.tree_leaves(values) if hasattr(v, "fake_mode")),
+                         None)
+        with fake_mode if fake_mode is not None else contextlib.nullcontext():
+            found = old.target(*values[0], **values[1])
+        if _value_signature(found) == _value_signature(meta.value(old)):
+            new = self.graph.node_copy(old, lambda _: None)
+            new.args, new.kwargs = args, kwargs
+            return new
+        new = self.graph.create_node(old.op, old.target, args, kwargs, name=old.name, type_expr=old.type)
+        meta.copy_source_info(old, new)
+        meta.set_value(new, found)
+        self.changed.add(new)
+        return new
+
+    def build(self) -> torch.fx.Graph:
+        for item in self.plan:
+            if item[0] == "shared":
+                self.shared[item[1]] = self._copy(item[1], None, None)
+                continue
+            _, segment, order = item
+            for layer in order:
+                if layer in (self.first, self.second):
+                    leading = next(found for found in order if found in (self.first, self.second))
+                    if layer != leading:
+                        continue  # written out with the other middle layer
+                    targets = list(self._middle_layers(leading))
+                else:
+                    targets = [self.run.full_index(layer)]
+                for full in targets:
+                    # The middle layer next to the run's last layer is the second middle layer's
+                    # block, whose references to that last layer are the ones the prefix recorded;
+                    # every other middle layer is the first's.
+                    source = layer if layer not in (self.first, self.second) else (
+                        self.second if full == self.run.stop - 2 else self.first)
+                    new_block = self.built[(segment, full)] = []  # filled as it goes: a block reads itself
+                    for node in self.blocks[(segment, source)]:
+                        new_block.append(self._copy(node, source, full))
+                    if self.changed and any(n in self.changed for new in new_block for n in new.all_input_nodes):
+                        raise _NotReplicable("a layer reads a value whose shape grows with the layers")
+        return self.graph
+
+
+def _flat_length(args, kwargs) -> int:
+    return sum(len(part) for part in (*args, *kwargs.values()) if isinstance(part, (tuple, list)))
+
+
+def _replicate_layers(gm: GraphModule, layers: list, run: _LayerRun) -> torch.fx.Graph:
+    replicator = _Replicator(gm, layers, run)
+    replicator.check()
+    return replicator.build()
 
 
 def _mark_phases(gm: GraphModule) -> None:
