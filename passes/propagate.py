@@ -128,7 +128,7 @@ def _reduction_potential(axis: str, placement, piece_bytes: float, link: LinkMod
 
 
 def _choose_axis(ctx: RuleContext, rule, axis: str, placements: tuple, link: LinkModel, demand: Sharding | None,
-                 fits=lambda candidate: True, shared: tuple = ()):
+                 fits=lambda candidate: True, shared: tuple = (), hints: tuple = ()):
     """The cheapest candidate on ``axis``.
 
     Cost is the seconds of the input redistributions plus a potential for partial values: a
@@ -144,9 +144,10 @@ def _choose_axis(ctx: RuleContext, rule, axis: str, placements: tuple, link: Lin
     replicated = tuple(Replicate() for _ in placements)
     if placements != replicated:
         candidates += [c for c in rule(ctx, axis, replicated) if c not in candidates]
-    # A shard another consumer needs of an input is made anyway, so reading the input that way
-    # is a candidate too (a gradient reduce-scattered for a zero=1 update feeds the norm as is).
-    for i, options in enumerate(shared):
+    # A shard an input is known to be needed in (``hints``: a gradient in its zero=1 optimizer
+    # state's sharding) is made anyway, so reading the input that way is a candidate too; the
+    # norm then reads the reduce-scattered gradient as it is.
+    for i, options in enumerate(hints):
         for option in options:
             if option.is_shard() and option != placements[i]:
                 hypothetical = placements[:i] + (option,) + placements[i + 1:]
@@ -335,7 +336,8 @@ def _place_whole(node: Node, registered, inputs, input_shardings, mesh: MeshSpec
 
 
 def _place_per_axis(node: Node, registered, inputs, input_shardings, view: View, mesh: MeshSpec, link: LinkModel,
-                    demand: Sharding | None, shared_by_input: tuple = (), even_splits: dict | None = None) -> Decision:
+                    demand: Sharding | None, shared_by_input: tuple = (), even_splits: dict | None = None,
+                    hints_by_input: tuple = ()) -> Decision:
     """Rules written per mesh axis: the cheapest candidate on each axis of the node's view."""
     axes = view.axes
     ctx = RuleContext(node, mesh, inputs, input_shardings, view, axes)
@@ -351,7 +353,8 @@ def _place_per_axis(node: Node, registered, inputs, input_shardings, view: View,
         placements = tuple(s.placement(axis) for s in input_shardings)
         fits = _even_split_check(ctx, axis, per_axis_in, per_axis_out, {} if even_splits is None else even_splits)
         shared = tuple({s.placement(axis) for s in others} for others in shared_by_input)
-        chosen, scored = _choose_axis(ctx, registered.function, axis, placements, link, demand, fits, shared)
+        hints = tuple({s.placement(axis) for s in wanted} for wanted in hints_by_input)
+        chosen, scored = _choose_axis(ctx, registered.function, axis, placements, link, demand, fits, shared, hints)
         if chosen is None:
             raise PropagationError(
                 f"no placement of node {node.name} ({op_name(node.target)}) works on axis {axis} "
@@ -442,8 +445,9 @@ def _place_node(node: Node, inputs: list[Node], state: _State, mesh: MeshSpec, l
         )
     view = input_views.pop() if input_views else View.DENSE
     shared = tuple(state.required_of.get(producer, set()) - {state.current[producer]} for producer in inputs)
+    hints = tuple(state.wanted_by_state.get(producer, set()) - {state.current[producer]} for producer in inputs)
     return _place_per_axis(node, registered, inputs, input_shardings, view, mesh, link, demand, shared,
-                           state.even_splits)
+                           state.even_splits, hints)
 
 
 # ----------------------------------------------------------------------------- reuse

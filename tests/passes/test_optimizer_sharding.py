@@ -87,3 +87,13 @@ def test_an_unknown_zero_stage_or_zero_without_an_optimizer_is_refused():
         sg.compile(model, sg.MeshSpec.parse("world=2,ep=2"), inputs, loss_fn, optimizer=sg.optim.SGD(lr=0.1), zero=3)
     with pytest.raises(ValueError, match="pass an optimizer"):
         sg.compile(model, sg.MeshSpec.parse("world=2,ep=2"), inputs, loss_fn, zero=1)
+
+
+@pytest.mark.parametrize("optimizer", [None, sg.optim.AdamW(lr=1e-3)], ids=["gradients", "zero1-step"])
+def test_propagation_settles_before_its_sweep_cap_with_and_without_state_hints(optimizer):
+    from passes.propagate import _MAX_SWEEPS
+
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
+    options = dict(optimizer=optimizer, zero=1) if optimizer is not None else {}
+    program = sg.compile(model, sg.MeshSpec.parse("world=8,tp=2,ep=4"), inputs, loss_fn, **options)
+    assert program.placed.sweeps < _MAX_SWEEPS
