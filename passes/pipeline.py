@@ -135,7 +135,8 @@ class Pass:
 
 def _propagate(gm: GraphModule, options: CompileOptions, compiled: Compiled) -> GraphModule:
     compiled.placed = propagate(gm, options.mesh, options.plan, batch_sharding=options.batch_sharding,
-                                link=options.link, replicate_fallback=options.replicate_fallback, zero=options.zero)
+                                link=options.link, replicate_fallback=options.replicate_fallback, zero=options.zero,
+                                in_place=True)
     # Lowering rewrites a copy: the placed graph stays as propagation left it, for the report.
     return copy_graph_module(compiled.placed.graph_module)
 

@@ -609,16 +609,19 @@ def propagate(
     replicate_fallback: bool = False,
     reuse_decisions: bool = True,
     zero: int = 0,
+    in_place: bool = False,
 ) -> PlacedGraph:
     """Place every value of a traced joint graph on ``mesh``. See the module docstring.
 
     ``reuse_decisions=False`` runs the rules for every node in every sweep (the result is the
-    same; it is there to check that reuse changes nothing)."""
+    same; it is there to check that reuse changes nothing). ``in_place=True`` records the
+    placements on ``graph_module`` itself instead of on a copy (the pipeline, whose graph is
+    its own copy already)."""
     if not isinstance(graph_module, GraphModule):
         raise TypeError(f"propagate takes the traced fx GraphModule, got {type(graph_module).__name__}")
     started = time.perf_counter()
     link = link or LinkModel()
-    gm = _copy(graph_module)
+    gm = graph_module if in_place else _copy(graph_module)
     state = _seed(gm, mesh, plan, batch_sharding, zero)
     state.reuse = reuse_decisions
     compute_nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
