@@ -19,18 +19,9 @@ from passes.pipeline import CompileOptions, run_pipeline
 from shardgraph import meta
 from shardgraph.frontend import trace
 from shardgraph.mesh import MeshSpec
+from tests.passes.test_layer_reuse import _argument
 
 _trace_module = __import__("importlib").import_module("shardgraph.frontend.trace")
-
-
-def _argument(item):
-    if isinstance(item, Node):
-        return ("node", item.name)
-    if isinstance(item, (tuple, list)):
-        return (type(item).__name__, tuple(_argument(part) for part in item))
-    if isinstance(item, dict):
-        return ("dict", tuple((name, _argument(part)) for name, part in sorted(item.items())))
-    return ("constant", repr(item))
 
 
 def _value(found):
