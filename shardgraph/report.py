@@ -724,11 +724,23 @@ def build_report(program, name_pattern: str | None = None, op: str | None = None
             "peak_activation_bytes_per_rank": int(memory.peak_activation_bytes),
             "peak_memory_bytes_per_rank": int(sum(input_bytes.values()) + memory.peak_live_bytes),
             "outside_layers": outside,
+            "unsplit_parameters": _unsplit_parameters(parameters, mesh),
             "partial_values": sum(1 for r in values if any("Partial" in p for p in r["placement"].values())),
             "values": len(values),
         },
         "layers": {k: rows[k] for k in sorted_layers(rows)},
     }
+
+
+def _unsplit_parameters(parameters: list[dict], mesh) -> dict:
+    """Parameters whole on every rank of a mesh of several: what no plan entry split, largest
+    first, so a user sees which weights cost full memory everywhere."""
+    if mesh.world == 1:
+        return {"count": 0, "bytes_per_rank": 0, "largest": []}
+    whole = sorted((row for row in parameters if all(p == "Replicate()" for p in row["placement"].values())),
+                   key=lambda row: -row["bytes_per_rank"])
+    return {"count": len(whole), "bytes_per_rank": int(sum(row["bytes_per_rank"] for row in whole)),
+            "largest": [[row["name"], int(row["bytes_per_rank"])] for row in whole[:5]]}
 
 
 # ---------------------------------------------------------------------------------- text
@@ -762,6 +774,11 @@ def format_summary(report: dict) -> str:
         + (f", peak in all {_bytes(totals['peak_memory_bytes_per_rank'])}" if "peak_memory_bytes_per_rank" in totals else ""),
         f"communication per rank per step: {_bytes(totals['communication_bytes_per_rank'])}",
     ]
+    unsplit = totals.get("unsplit_parameters") or {}
+    if unsplit.get("count"):
+        largest = ", ".join(f"{name} {_bytes(nbytes)}" for name, nbytes in unsplit["largest"])
+        lines.append(f"whole on every rank (no plan entry splits them): {unsplit['count']} parameters, "
+                     f"{_bytes(unsplit['bytes_per_rank'])} per rank; largest: {largest}")
     axis_rows = [(axis, _bytes(b)) for axis, b in sorted(totals["communication_bytes_per_rank_by_axis"].items())]
     family_rows = [(family, _bytes(b)) for family, b in sorted(totals["communication_bytes_per_rank_by_family"].items())]
     lines += [""] + _table(["axis", "bytes/rank/step"], axis_rows)

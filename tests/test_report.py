@@ -261,3 +261,26 @@ def test_graph_html_renders_in_a_headless_browser(tiny_program, tmp_path):
     assert _png_size(shot.read_bytes()) == (1600, 1000)
     # A page with its boxes, chips and the embedded chart; a blank page compresses to a few KiB.
     assert shot.stat().st_size > 60_000
+
+
+def test_the_summary_names_the_parameters_no_plan_entry_splits_largest_first():
+    import shardgraph as sg
+    from examples.moe_model import shardgraph_entry
+    from shardgraph.report import format_summary
+
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
+    plan = {"*self_attn.q_proj.weight": "colwise", "*self_attn.o_proj.weight": "rowwise"}
+    program = sg.compile(model, MeshSpec(4, tp=2, ep=2), inputs, loss_fn, plan=plan)
+    report = program.report(format="dict")
+    unsplit = report["totals"]["unsplit_parameters"]
+    whole = [v for v in report["values"] if v["op"] == "parameter"
+             and all(p == "Replicate()" for p in v["placement"].values())]
+    assert unsplit["count"] == len(whole) > 0
+    assert unsplit["bytes_per_rank"] == sum(v["bytes_per_rank"] for v in whole)
+    sizes = [nbytes for _, nbytes in unsplit["largest"]]
+    assert sizes == sorted(sizes, reverse=True) and unsplit["largest"][0][1] == max(v["bytes_per_rank"] for v in whole)
+    assert all(not name.endswith("q_proj.weight") for name, _ in unsplit["largest"])
+    assert f"no plan entry splits them): {unsplit['count']} parameters" in format_summary(report)
+    single = sg.compile(model, MeshSpec(1), inputs, loss_fn).report(format="dict")
+    assert single["totals"]["unsplit_parameters"]["count"] == 0
+    assert "no plan entry splits them" not in format_summary(single)
