@@ -197,13 +197,15 @@ _STEP_FUNCTIONS = {
 }
 
 
-def _chain_bytes(source: Sharding, target: Sharding, found, producer: Node, mesh: MeshSpec) -> float:
+def _steps(source: Sharding, target: Sharding, found, producer: Node, mesh: MeshSpec):
+    """Each step from ``source`` to ``target`` with the bytes it sends per rank and the sharding
+    after it: what a chain costs and what its inserted nodes record."""
     ndim = found.dim() if found is not None else 0
-    total, current = 0.0, source
+    current = source
     for step in plan_redistribution(source, target, ndim, mesh):
-        total += step_bytes(step, meta.local_bytes(found, current, mesh, producer.name), mesh)
+        sent = step_bytes(step, meta.local_bytes(found, current, mesh, producer.name), mesh)
         current = _apply_placement(current, step)
-    return total
+        yield step, sent, current
 
 
 def _insert_chain(graph, comm: Node, producer: Node, source: Sharding, target: Sharding, mesh: MeshSpec,
@@ -213,25 +215,22 @@ def _insert_chain(graph, comm: Node, producer: Node, source: Sharding, target: S
     sends the fewest bytes: a gradient reduced to ``Replicate`` for the norm is sliced locally
     for an update that wants it ``Shard``, not reduced a second time."""
     found = meta.tensor_value(producer)
-    ndim = found.dim() if found is not None else 0
     held = cache.setdefault(producer, [(source, producer)])
     for sharding, node in held:
         if sharding == target:
             return node
     # Ties keep the earliest holder (the producer first): fewer steps in flight, same bytes.
-    start, current_node = min(held, key=lambda item: _chain_bytes(item[0], target, found, producer, mesh))
-    current = start
-    for step in plan_redistribution(current, target, ndim, mesh):
+    start, current_node = min(held, key=lambda item: sum(
+        sent for _, sent, _ in _steps(item[0], target, found, producer, mesh)))
+    for step, sent, current in _steps(start, target, found, producer, mesh):
         function, kwargs = _STEP_FUNCTIONS[step.kind](step)
         with graph.inserting_before(before):
             node = graph.call_function(function, (comm, current_node), kwargs)
-        piece = meta.local_bytes(found, current, mesh, producer.name)
-        current = _apply_placement(current, step)
         meta.copy_source_info(producer, node)
         meta.set_placed(node, PlacedValue(current, meta.view(producer) or View.DENSE, (),
                                           f"{step.kind} over {step.axis}: {start!r} -> {target!r} for {detail}"))
         meta.set_collective(node, Collective(CollectiveKind(step.kind), step.axis, mesh.size(step.axis),
-                                             step_bytes(step, piece, mesh), purpose, of=producer.name, detail=detail))
+                                             sent, purpose, of=producer.name, detail=detail))
         current_node = node
         held.append((current, node))
     return current_node
