@@ -26,17 +26,21 @@ from shardgraph.mesh import MeshSpec
 from shardgraph.meta import View
 from shardgraph.placement import Shard, Sharding, ShardingError, local_shape
 
-__all__ = ["ZERO_STAGES", "optimizer_state_sharding"]
+__all__ = ["ZERO_STAGES", "check_zero_stage", "optimizer_state_sharding"]
 
 ZERO_STAGES = (0, 1)
+
+
+def check_zero_stage(zero, where: str = "zero") -> None:
+    if zero not in ZERO_STAGES:
+        raise ValueError(f"{where} must be one of {ZERO_STAGES} (0: optimizer state placed like its parameter, 1: "
+                         f"also split over the data-parallel axes), got {zero!r}")
 
 
 def optimizer_state_sharding(name: str, shape: Sequence[int], sharding: Sharding, view: View, mesh: MeshSpec,
                              zero: int) -> tuple[Sharding, str]:
     """``(the state's sharding, why)`` for the parameter ``name`` of ``shape`` placed ``sharding``."""
-    if zero not in ZERO_STAGES:
-        raise ValueError(f"zero must be one of {ZERO_STAGES} (0: state placed like its parameter, 1: also split "
-                         f"over the data-parallel axis), got {zero!r}")
+    check_zero_stage(zero)
     if zero == 0:
         return sharding, "placed like its parameter"
     axis = "edp" if view is View.EXPERT else "dp"

@@ -36,9 +36,18 @@ from torch.fx import GraphModule, Node
 from shardgraph import meta
 from shardgraph.meta import Phase
 
-__all__ = ["RECOMPUTE_POLICIES", "recompute"]
+from .lower_moe import is_moe_forward
+
+__all__ = ["RECOMPUTE_POLICIES", "check_recompute_policy", "recompute"]
 
 RECOMPUTE_POLICIES = ("none", "selective", "full")
+
+
+def check_recompute_policy(policy, where: str = "recompute") -> None:
+    if policy not in RECOMPUTE_POLICIES:
+        raise ValueError(f"{where} must be one of {RECOMPUTE_POLICIES} (none; selective: elementwise, norm and "
+                         f"routing ops recomputed, matrix products kept; full: each layer recomputed from its "
+                         f"input), got {policy!r}")
 
 _PRODUCTS = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten.baddbmm.", "shardgraph.moe_experts.",
              "shardgraph.attention.")
@@ -48,13 +57,8 @@ def _is_product(node: Node) -> bool:
     return str(node.target).startswith(_PRODUCTS)
 
 
-def _is_moe_forward(node: Node) -> bool:
-    return node.op == "call_function" and str(node.target).startswith("shardgraph.moe_experts.")
-
-
 def recompute(gm: GraphModule, policy: str) -> GraphModule:
-    if policy not in RECOMPUTE_POLICIES:
-        raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {policy!r}")
+    check_recompute_policy(policy)
     if policy == "none":
         return gm
     graph = gm.graph
@@ -66,7 +70,7 @@ def recompute(gm: GraphModule, policy: str) -> GraphModule:
                 forward_of_layer[name].add(node)
     kept = _kept(graph, forward_of_layer, policy)
     order = {node: index for index, node in enumerate(graph.nodes)}
-    for layer, forward in forward_of_layer.items():
+    for forward in forward_of_layer.values():
         _recompute_layer(graph, forward, kept, order)
     graph.lint()
     gm.recompile()
@@ -85,7 +89,7 @@ def _kept(graph, forward_of_layer: dict[str, set[Node]], policy: str) -> set[Nod
             if policy == "selective" and (_is_product(node) or (
                     node.target is operator.getitem and _is_product(node.args[0]))):
                 kept.add(node)
-            if _is_moe_forward(node):
+            if is_moe_forward(node):
                 kept.update(arg for arg in node.args if isinstance(arg, Node))
     return kept
 

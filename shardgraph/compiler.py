@@ -20,8 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from passes.optimizer_sharding import ZERO_STAGES
-from passes.recompute import RECOMPUTE_POLICIES
+from passes.optimizer_sharding import check_zero_stage
+from passes.recompute import check_recompute_policy
 from passes.pipeline import CompileOptions, run_pipeline
 
 from .frontend import trace
@@ -66,13 +66,8 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     and the new parameters all-gathered. ``recompute="selective"`` recomputes each layer's
     elementwise, norm and routing ops in the backward instead of keeping their outputs;
     ``"full"`` recomputes the whole layer from its input."""
-    if recompute not in RECOMPUTE_POLICIES:
-        raise ValueError(f"compile: recompute must be one of {RECOMPUTE_POLICIES} (none; selective: elementwise, "
-                         f"norm and routing ops recomputed, matrix products kept; full: each layer recomputed "
-                         f"from its input), got {recompute!r}")
-    if zero not in ZERO_STAGES:
-        raise ValueError(f"compile: zero must be one of {ZERO_STAGES} (0: optimizer state placed like its parameter, "
-                         f"1: also split over the data-parallel axes), got {zero!r}")
+    check_recompute_policy(recompute, "compile: recompute")
+    check_zero_stage(zero, "compile: zero")
     if zero and optimizer is None:
         raise ValueError(f"compile: zero={zero} shards optimizer state; pass an optimizer")
     _check_dtype_option("reduce_dtype", reduce_dtype)
