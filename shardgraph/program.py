@@ -81,6 +81,7 @@ class ShardedProgram:
         # run(): ranks of this process whose first step was checked, and whether the ranks were
         # found to run the same program.
         self._checked_ranks: set[int] = set()
+        self._compiled_graphs: dict[str, torch.nn.Module] = {}
         self._program_checked = False
         self._communicator = None
 
@@ -255,6 +256,16 @@ class ShardedProgram:
                          f"first NaN or inf appeared")
         return "\n  ".join(lines)
 
+    def _graph_under(self, compile: str | None):
+        """The lowered graph module, or it under ``torch.compile`` (``"inductor"``, or
+        ``"cudagraph"``: inductor replayed as CUDA graphs), compiled once per mode."""
+        if compile is None:
+            return self.graph_module
+        if compile not in self._compiled_graphs:
+            self._compiled_graphs[compile] = torch.compile(
+                self.graph_module, dynamic=False, mode="reduce-overhead" if compile == "cudagraph" else None)
+        return self._compiled_graphs[compile]
+
     def single_device_step(self, compile: str | None = None):
         """``step(parameters, batch, buffers=None) -> (loss, {name: gradient})`` for a world=1 program.
 
@@ -270,9 +281,7 @@ class ShardedProgram:
                              f"use run() under torch.distributed or run_simulated()")
         if compile not in (None, "inductor", "cudagraph"):
             raise ValueError(f"single_device_step: compile must be None, 'inductor' or 'cudagraph', got {compile!r}")
-        graph = self.graph_module
-        if compile is not None:
-            graph = torch.compile(graph, dynamic=False, mode="reduce-overhead" if compile == "cudagraph" else None)
+        graph = self._graph_under(compile)
         marked: set[int] = set()
 
         def step(parameters: Mapping[str, torch.Tensor], batch: Sequence[torch.Tensor],

@@ -68,7 +68,6 @@ class TrainingProgram(ShardedProgram):
         super().__init__(traced, placed, lowered, mesh)
         self.donates_state = donates_state
         self._scalar_inputs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._compiled_graph = None
         self.optimizer = traced.optimizer
         self.clip_grad_norm = traced.clip_grad_norm
         self.state_slots = list(traced.state_slots)
@@ -245,9 +244,7 @@ class TrainingProgram(ShardedProgram):
             # The collectives of a world > 1 program are Python calls on the communicator
             # object, which dynamo cannot trace into one graph.
             raise ValueError(f"train_step: compile='inductor' needs a world=1 program, this one is for {self.mesh}")
-        if self._compiled_graph is None:
-            self._compiled_graph = torch.compile(self.graph_module, dynamic=False)
-        return self._compiled_graph
+        return self._graph_under(compile)
 
     def train_step(self, state: TrainState, batch: Sequence[torch.Tensor], lr: float | None = None,
                    buffers: Mapping[str, torch.Tensor] | None = None, communicator=None, *,
