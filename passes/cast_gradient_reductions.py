@@ -105,7 +105,7 @@ def cast_gradient_reductions(gm: GraphModule, reduce_dtype: torch.dtype | None) 
             with graph.inserting_before(node):
                 node.replace_input_with(source, _cast(graph, source, reduce_dtype, node))
         record = meta.collective(node)
-        scale = torch.empty((), dtype=reduce_dtype).element_size() / torch.empty((), dtype=dtype).element_size()
+        scale = reduce_dtype.itemsize / dtype.itemsize
         meta.set_collective(node, dataclasses.replace(record, bytes=record.bytes * scale,
                                                       detail=f"{record.detail}, in {str(reduce_dtype).split('.')[-1]}"))
         with graph.inserting_after(node):

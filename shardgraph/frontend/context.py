@@ -226,8 +226,6 @@ class ModuleTracker:
             handle.remove()
 
 
-
-
 FLOW = "flow"
 """A mark that leaves each node's layer to its inputs: the layer all its tensor inputs share, if one."""
 _BACKWARD_DONE = "backward done"  # a layer's backward has produced its input's gradient
