@@ -6,7 +6,8 @@ Writes
     for ops that carry sizes in their arguments (``view``, ``reshape``, ``expand``, ``slice_backward``,
     ``select_backward``, factories), the sizes of this rank's piece, and a sharded ``view`` becomes a
     ``reshape`` (a piece may be strided where the whole was not); for ``slice`` and ``split`` on
-    an interleaved dim, the stripe boundaries divided by the axis size.
+    an interleaved dim, the stripe boundaries divided by the axis size. ``gather_parameter``
+    nodes (zero=3) are removed: lower_redistribute put their all-gather on their input.
 Assumes
     the rules only placed a value sharded where its op's local form is exact (the rule registry's
     contract), so rewriting sizes is all that is left to make the op local.
@@ -20,6 +21,8 @@ from torch.fx import GraphModule
 from shardgraph import meta
 from shardgraph.mesh import MeshSpec
 from shardgraph.placement import InterleavedShard, local_shape
+
+from .gather_parameters import is_parameter_gather
 
 __all__ = ["lower_localize"]
 
@@ -72,10 +75,15 @@ def _interleaved_divisor(node, dim, mesh) -> int:
 
 
 def lower_localize(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         target = node.target
+        if is_parameter_gather(node):
+            # Its all-gather is on its input now (lower_redistribute): the node itself is the identity.
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            continue
         if target in _SHAPE_ARGUMENT:
             local = _local(node, mesh)
             if local is None:

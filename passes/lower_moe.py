@@ -110,16 +110,28 @@ def _token_bytes(hidden: Node, top_k: int, mesh: MeshSpec) -> float:
     return local_tokens * top_k * found.shape[-1] * found.element_size()
 
 
+def _weight_origin(node):
+    """The value an expert weight operand was made from: with zero=3 the forward and the backward
+    read their own all-gathers (of their own casts) of one held parameter, which pair them."""
+    while isinstance(node, Node) and node.op == "call_function" and node.all_input_nodes and (
+            meta.collective(node) is not None or str(node.target).startswith(_CASTS)):
+        node = node.all_input_nodes[-1]
+    return node
+
+
+_CASTS = ("aten._to_copy.", "prims.convert_element_type.")
+
+
 def lower_moe(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
     graph = gm.graph
     comm = meta.communicator_node(graph)
     routings: dict[tuple, Routing] = {}
     for node in list(graph.nodes):
         if is_moe_forward(node):
-            key = tuple(node.args[:5])
+            key = tuple(node.args[:3]) + tuple(_weight_origin(w) for w in node.args[3:5])
             routings[key] = _lower_forward(graph, _Emitter(graph, comm, node, mesh), node, mesh)
         elif is_moe_backward(node):
-            routing = routings.get(tuple(node.args[1:6]))
+            routing = routings.get(tuple(node.args[1:4]) + tuple(_weight_origin(w) for w in node.args[4:6]))
             if routing is None:
                 raise ValueError(
                     f"{node.name}: no matching moe_experts forward (same hidden, routing and weights) precedes it"

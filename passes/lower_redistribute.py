@@ -36,6 +36,8 @@ from shardgraph.meta import Collective, CollectiveKind, PlacedValue, Purpose, Vi
 from shardgraph.placement import InterleavedShard, Partial, Replicate, Shard, Sharding
 from shardgraph.runtime import collectives
 
+from .gather_parameters import is_parameter_gather
+
 __all__ = ["RedistributeStep", "plan_redistribution", "lower_redistribute", "step_bytes"]
 
 
@@ -209,13 +211,13 @@ def _steps(source: Sharding, target: Sharding, found, producer: Node, mesh: Mesh
 
 
 def _insert_chain(graph, comm: Node, producer: Node, source: Sharding, target: Sharding, mesh: MeshSpec,
-                  before: Node, purpose: Purpose, detail: str, cache: dict) -> Node:
+                  before: Node, purpose: Purpose, detail: str, cache: dict, key=None) -> Node:
     """The node holding ``producer`` under ``target``, starting from whichever sharding of it the
     graph already holds (the producer's own, or any step of an earlier consumer's chain) that
     sends the fewest bytes: a gradient reduced to ``Replicate`` for the norm is sliced locally
     for an update that wants it ``Shard``, not reduced a second time."""
     found = meta.tensor_value(producer)
-    held = cache.setdefault(producer, [(source, producer)])
+    held = cache.setdefault(producer if key is None else key, [(source, producer)])
     for sharding, node in held:
         if sharding == target:
             return node
@@ -266,10 +268,15 @@ def lower_redistribute(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
                 # A training step consumes its gradients in the graph: their reduction is still
                 # the gradient synchronisation, wherever it lands.
                 purpose, detail = Purpose.GRADIENT_SYNC, f"gradient of {meta.gradient_of(producer)} for {node.name}"
+            elif is_parameter_gather(node):
+                purpose, detail = Purpose.PARAMETER_GATHER, f"{meta.phase(node).value} readers of {producer.name}"
             else:
                 purpose, detail = Purpose.REDISTRIBUTE, node.name
+            # The backward's gather of a parameter is its own: sharing the forward's gathered copy
+            # would keep it alive through the step (gather_parameters, reshard_after_forward).
+            key = (producer, meta.phase(node)) if is_parameter_gather(node) else producer
             replacements[position] = _insert_chain(graph, comm, producer, have, want, mesh, node, purpose, detail,
-                                                   cache)
+                                                   cache, key)
         if not replacements:
             continue
         if node.op == "output":

@@ -1,5 +1,5 @@
-"""Where a parameter's optimizer state lives: like the parameter, or also split over the
-data-parallel axis of its view (ZeRO stage 1).
+"""Where a parameter's optimizer state (and, with ZeRO-3, the parameter itself) lives: like the
+parameter, or also split over the data-parallel axis of its view.
 
 With ``zero=0`` the state is placed exactly like its parameter, so the update is local.
 
@@ -10,6 +10,14 @@ reduce-scattered over the data-parallel axis instead of all-reduced, each rank u
 slice of the parameter, and the new slices are all-gathered back into the parameter's own
 sharding. The bytes on the wire are those of the all-reduce they replace (a reduce-scatter plus
 an all-gather), while each rank holds 1/dp of the state.
+
+With ``zero=3`` the parameter itself is held in that sharding too (``passes/gather_parameters.py``
+gathers it for its readers): the update then writes the rank's slice in place and no all-gather
+of the new parameter follows; the forward and the backward each all-gather it instead.
+
+There is no stage 2 of its own: the training step reduce-scatters each gradient as the backward
+produces it (``schedule_gradient_sync``), so stage 1 already never holds a whole gradient past
+its reduction.
 
 Why a dim no other axis splits: a view's axes nest major to minor (dp outside tp), so a dp
 split on the dim tp already splits would cut the dim into dp blocks first, and a rank's state
@@ -28,13 +36,16 @@ from shardgraph.placement import Shard, Sharding, ShardingError, local_shape
 
 __all__ = ["ZERO_STAGES", "check_zero_stage", "optimizer_state_sharding"]
 
-ZERO_STAGES = (0, 1)
+ZERO_STAGES = (0, 1, 3)
 
 
 def check_zero_stage(zero, where: str = "zero") -> None:
     if zero not in ZERO_STAGES:
+        hint = (" (stage 1 already reduce-scatters each gradient as the backward produces it, which is "
+                "stage 2's memory)") if zero == 2 else ""
         raise ValueError(f"{where} must be one of {ZERO_STAGES} (0: optimizer state placed like its parameter, 1: "
-                         f"also split over the data-parallel axes), got {zero!r}")
+                         f"also split over the data-parallel axes, 3: the parameters too, gathered where they are "
+                         f"read), got {zero!r}{hint}")
 
 
 def optimizer_state_sharding(name: str, shape: Sequence[int], sharding: Sharding, view: View, mesh: MeshSpec,
@@ -57,6 +68,6 @@ def optimizer_state_sharding(name: str, shape: Sequence[int], sharding: Sharding
             local_shape(tuple(shape), split, mesh, name=name)
         except ShardingError:
             continue
-        return split, f"split over {axis} on dim {dim} (zero=1)"
+        return split, f"split over {axis} on dim {dim} (zero={zero})"
     return sharding, (f"placed like its parameter: no dim of local shape {tuple(local)} that no other axis splits "
                       f"divides by {axis}={size}")

@@ -2,6 +2,7 @@
 
     decompose_loss        traced          -> traced          mean losses as sum / count
     recompute             traced          -> traced          layers' activations recomputed in the backward (option)
+    gather_parameters     traced          -> traced          zero=3: parameters gathered before their readers
     propagate             traced          -> placed          a PlacedValue on every node
     add_communicator      placed          -> communicator    the collectives' input
     lower_redistribute    communicator    -> typed collectives, gradient sync
@@ -38,6 +39,7 @@ from .cast_gradient_reductions import cast_gradient_reductions
 from .cost import LinkModel
 from .decompose_loss import decompose_loss
 from .donate_state import donate_state
+from .gather_parameters import gather_parameters
 from .lower_localize import lower_localize
 from .lower_moe import is_moe_backward, is_moe_forward, lower_moe
 from .lower_redistribute import lower_redistribute
@@ -112,8 +114,9 @@ class CompileOptions:
     replicate_fallback: bool = False
     reduce_dtype: torch.dtype | None = None  # None: gradients are reduced in their own dtype
     donate_state: bool = False  # a training step writes its new parameters and state in place
-    zero: int = 0  # 1: optimizer state split over the data-parallel axes (passes/optimizer_sharding.py)
+    zero: int = 0  # 1: optimizer state split over the data-parallel axes, 3: parameters too (passes/optimizer_sharding.py)
     recompute: str = "none"  # "selective" | "full": activations recomputed in the backward (passes/recompute.py)
+    reshard_after_forward: bool = True  # zero=3: gather each parameter again for the backward (passes/gather_parameters.py)
 
 
 @dataclass
@@ -144,6 +147,9 @@ def _propagate(gm: GraphModule, options: CompileOptions, compiled: Compiled) -> 
 PIPELINE: tuple[Pass, ...] = (
     Pass("decompose_loss", lambda gm, options, compiled: decompose_loss(gm), (TRACED,), (TRACED,)),
     Pass("recompute", lambda gm, options, compiled: recompute(gm, options.recompute), (TRACED,), (TRACED,)),
+    Pass("gather_parameters", lambda gm, options, compiled: gather_parameters(gm, options.zero,
+                                                                            options.reshard_after_forward),
+         (TRACED,), (TRACED,)),
     Pass("propagate", _propagate, (TRACED,), (PLACED,)),
     Pass("add_communicator", lambda gm, options, compiled: add_communicator(gm), (PLACED,), (COMMUNICATOR,)),
     Pass("lower_redistribute", lambda gm, options, compiled: lower_redistribute(gm, options.mesh),

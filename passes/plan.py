@@ -90,7 +90,9 @@ class ParameterPlacement:
     name: str
     style: str
     pattern: str | None
-    sharding: Sharding
+    sharding: Sharding  # how the program holds it: the plan's split, and with zero=3 also over dp/edp
+    # With zero=3, the split its readers see once it is gathered over dp/edp (the plan's split).
+    gathered: Sharding | None = None
 
     @property
     def view(self) -> View:
@@ -278,6 +280,8 @@ def expert_parameters(graph_module) -> dict[str, tuple[str, bool]]:
     from shardgraph import meta
     from shardgraph.meta import InputKind
 
+    from .gather_parameters import is_parameter_gather
+
     found: dict[str, tuple[str, bool]] = {}
     for node in graph_module.graph.nodes:
         if node.op != "call_function" or str(node.target) != "shardgraph.moe_experts.default":
@@ -294,7 +298,8 @@ def expert_parameters(graph_module) -> dict[str, tuple[str, bool]]:
                         fused = style == "expert_colwise" and not concatenated
                         found[record.name] = (style, fused)
                     continue
-                if source.op == "call_function" and str(source.target).startswith(_PASS_THROUGH):
+                if source.op == "call_function" and (str(source.target).startswith(_PASS_THROUGH)
+                                                     or is_parameter_gather(source)):
                     concatenated |= str(source.target).startswith("aten.cat.")
                     frontier.extend(source.all_input_nodes)
     return found

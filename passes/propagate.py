@@ -28,6 +28,7 @@ placements differ runs the rules again. ``PlacedGraph.decisions_reused`` counts 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 import time
 from dataclasses import dataclass, field
@@ -248,6 +249,14 @@ def _seed(gm: GraphModule, mesh: MeshSpec, plan, batch_sharding, zero: int = 0) 
         plan = default_plan(list(parameter_shapes), gm)
     state.parameters = resolve_plan(parameter_shapes, plan, mesh,
                                     fused_names=[name for name, (_, fused) in experts.items() if fused])
+    if zero == 3:
+        # The parameter is held split over dp/edp like its state; its readers see it gathered
+        # (``gather_parameters`` put a gather_parameter node before them).
+        for name, placement in list(state.parameters.items()):
+            held, why = optimizer_state_sharding(name, parameter_shapes[name], placement.sharding, placement.view,
+                                                 mesh, zero)
+            state.state_shardings[name] = (held, why)
+            state.parameters[name] = dataclasses.replace(placement, sharding=held, gathered=placement.sharding)
     for _, record in placeholders:
         if record.kind is InputKind.OPTIMIZER_STATE and record.parameter not in state.state_shardings:
             placement = state.parameters[record.parameter]
@@ -257,9 +266,10 @@ def _seed(gm: GraphModule, mesh: MeshSpec, plan, batch_sharding, zero: int = 0) 
         state.place(node, _seed_decision(node, record, state, mesh, batch_sharding))
     for node in gm.graph.nodes:
         parameter = meta.gradient_of(node)
-        if parameter in state.state_shardings and state.state_shardings[parameter][0] != \
-                state.parameters[parameter].sharding:
-            state.wanted_by_state[node] = {state.state_shardings[parameter][0]}
+        if parameter in state.state_shardings:
+            placement = state.parameters[parameter]
+            if state.state_shardings[parameter][0] != (placement.gathered or placement.sharding):
+                state.wanted_by_state[node] = {state.state_shardings[parameter][0]}
     state.required_of = {node: set(wanted) for node, wanted in state.wanted_by_state.items()}
     for node in gm.graph.nodes:
         if node.op == "get_attr":

@@ -48,6 +48,7 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     donate_state: bool = True,
     zero: int = 0,
     recompute: str = "none",
+    reshard_after_forward: bool = True,
 ) -> ShardedProgram:
     """Compile ``model`` for ``mesh``; see ``ShardedProgram`` for what comes back.
 
@@ -63,7 +64,11 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     ``donate_argnums``): a step needs no second copy of the weights and state. ``zero=1``
     splits the optimizer state over the data-parallel axes (dp for dense parameters, edp for
     experts; ZeRO stage 1): gradients are reduce-scattered to the state's slices, updated there,
-    and the new parameters all-gathered. ``recompute="selective"`` recomputes each layer's
+    and the new parameters all-gathered. ``zero=3`` (FSDP) holds the parameters split that way
+    too: each is all-gathered right before its forward readers and, with
+    ``reshard_after_forward`` (the default), again before its backward readers, so no layer's
+    whole weights outlive their use; the update writes each rank's slice and nothing is gathered
+    after it. ``recompute="selective"`` recomputes each layer's
     elementwise, norm and routing ops in the backward instead of keeping their outputs;
     ``"full"`` recomputes the whole layer from its input."""
     check_recompute_policy(recompute, "compile: recompute")
@@ -81,7 +86,8 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     _refuse_empty_values(traced)
     program = compile_traced(traced, mesh, plan, batch_sharding=batch_sharding, link=link,
                              replicate_fallback=replicate_fallback, reduce_dtype=reduce_dtype,
-                             donate_state=donate_state and optimizer is not None, zero=zero, recompute=recompute)
+                             donate_state=donate_state and optimizer is not None, zero=zero, recompute=recompute,
+                             reshard_after_forward=reshard_after_forward)
     # Buffers (rotary tables, running statistics) are state, not batch: the program keeps the
     # model's own unless a call passes others. Checkpoints hold the persistent ones only, as
     # the model's state_dict does.
@@ -182,10 +188,13 @@ def _refuse_empty_values(traced) -> None:
 
 def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None, *, batch_sharding=None, link=None,
                    replicate_fallback: bool = False, reduce_dtype: torch.dtype | None = None,
-                   donate_state: bool = False, zero: int = 0, recompute: str = "none") -> ShardedProgram:
+                   donate_state: bool = False, zero: int = 0, recompute: str = "none",
+                   reshard_after_forward: bool = True) -> ShardedProgram:
     """The passes after tracing, for a graph traced already (``shardgraph.frontend.trace``)."""
-    options = CompileOptions(mesh, plan, batch_sharding, link, replicate_fallback, reduce_dtype, donate_state, zero,
-                             recompute)
+    if not isinstance(reshard_after_forward, bool):
+        raise ValueError(f"compile: reshard_after_forward must be True or False, got {reshard_after_forward!r}")
+    options = CompileOptions(mesh, plan, batch_sharding, link, replicate_fallback, reduce_dtype, donate_state,
+                             zero=zero, recompute=recompute, reshard_after_forward=reshard_after_forward)
     compiled = run_pipeline(traced.graph_module, options)
     if getattr(traced, "optimizer", None) is not None:
         from .training import TrainingProgram

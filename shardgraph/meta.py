@@ -287,11 +287,14 @@ class Purpose(enum.Enum):
     MOE_DISPATCH = "moe dispatch"  # tokens (or output gradients) to their experts
     MOE_RETURN = "moe return"  # expert outputs (or token gradients) back to their ranks
     MOE_ETP = "moe etp"  # expert tokens gathered over etp, partial sums reduced over etp
+    PARAMETER_GATHER = "parameter gather"  # zero=3: a parameter held split over dp/edp, gathered for its readers
 
     @property
     def family(self) -> str:
         if self is Purpose.GRADIENT_SYNC:
             return "gradient sync"
+        if self is Purpose.PARAMETER_GATHER:
+            return "parameter gather"
         if self.name.startswith("MOE_"):
             return "moe"
         return "redistribute"

@@ -156,4 +156,4 @@ def rule_for(target) -> RegisteredRule | None:
 
 
 # Import the families so their @register calls run.
-from . import attention, factory, matmul, moe, pointwise, reduction, shape, embedding, loss, index, convolution  # noqa: E402,F401
+from . import attention, factory, matmul, moe, pointwise, reduction, shape, embedding, loss, index, convolution, gather  # noqa: E402,F401,E501

@@ -84,7 +84,9 @@ def test_a_parameter_with_no_free_dim_keeps_its_state_whole_and_says_why():
 def test_an_unknown_zero_stage_or_zero_without_an_optimizer_is_refused():
     model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
     with pytest.raises(ValueError, match="zero must be one of"):
-        sg.compile(model, sg.MeshSpec.parse("world=2,ep=2"), inputs, loss_fn, optimizer=sg.optim.SGD(lr=0.1), zero=3)
+        sg.compile(model, sg.MeshSpec.parse("world=2,ep=2"), inputs, loss_fn, optimizer=sg.optim.SGD(lr=0.1), zero=4)
+    with pytest.raises(ValueError, match="stage 1 already reduce-scatters each gradient"):
+        sg.compile(model, sg.MeshSpec.parse("world=2,ep=2"), inputs, loss_fn, optimizer=sg.optim.SGD(lr=0.1), zero=2)
     with pytest.raises(ValueError, match="pass an optimizer"):
         sg.compile(model, sg.MeshSpec.parse("world=2,ep=2"), inputs, loss_fn, zero=1)
 
