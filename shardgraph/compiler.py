@@ -73,8 +73,9 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     ``"full"`` recomputes the whole layer from its input."""
     check_recompute_policy(recompute, "compile: recompute")
     check_zero_stage(zero, "compile: zero")
-    if zero and optimizer is None:
-        raise ValueError(f"compile: zero={zero} shards optimizer state; pass an optimizer")
+    if zero == 1 and optimizer is None:
+        raise ValueError("compile: zero=1 shards optimizer state; pass an optimizer (zero=3 without one compiles "
+                         "the gradient program with parameters and gradients split over the data-parallel axes)")
     _check_dtype_option("reduce_dtype", reduce_dtype)
     if not isinstance(mesh, MeshSpec):
         raise TypeError(f"mesh must be a shardgraph.MeshSpec, got {type(mesh).__name__}")

@@ -42,3 +42,45 @@ def test_gloo_processes_match_the_unsharded_model(mesh_text):
                               check_replicas=False)
         reference = reference_gradients[name]
         assert ((gradient - reference).norm() / reference.norm()).item() < 1e-5, name
+
+
+def _zero3_program():
+    from tests.test_training import NO_DECAY
+
+    torch.manual_seed(0)
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
+    model = model.to(torch.float64)
+    optimizer = sg.optim.AdamW(lr=1e-2, weight_decay=0.1, no_decay=NO_DECAY)
+    program = sg.compile(model, sg.MeshSpec.parse("world=4,tp=2,ep=2"), inputs, loss_fn, optimizer=optimizer,
+                         clip_grad_norm=1.0, zero=3)
+    return model, inputs, loss_fn, program
+
+
+def gloo_zero3_steps(rank, steps):
+    from shardgraph.runtime.distributed import DistributedCommunicator
+
+    model, inputs, _, program = _zero3_program()
+    state, losses = program.init_state(model, rank), []
+    communicator = DistributedCommunicator(program.mesh)
+    for _ in range(steps):
+        loss, state, _ = program.train_step(state, program.local_batch(rank, inputs), communicator=communicator)
+        losses.append(loss)
+    return losses, state.state_dict()
+
+
+def test_gloo_processes_take_zero3_adamw_steps_equal_to_torch_optim():
+    from shardgraph.runtime.distributed import spawn_gloo
+    from shardgraph.training import TrainState
+    from tests.test_training import _torch_adamw, _torch_step, _worst_state_error
+
+    model, inputs, loss_fn, program = _zero3_program()
+    results = spawn_gloo(gloo_zero3_steps, program.mesh.world, 2)
+    reference = model
+    torch_optimizer = _torch_adamw(reference, 1e-2)
+    for step in range(2):
+        expected, _ = _torch_step(reference, torch_optimizer, inputs, loss_fn, 1.0)
+        for losses, _ in results:
+            assert abs(losses[step].item() - expected.item()) / abs(expected.item()) < 1e-9
+    states = [TrainState.from_state_dict(state) for _, state in results]
+    weights, moments = _worst_state_error(program, states, reference, torch_optimizer)
+    assert weights < 1e-9 and moments < 1e-9, (weights, moments)
