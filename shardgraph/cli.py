@@ -294,9 +294,11 @@ def _prepare(args):
         raise CliError(f"pipeline parallelism is not compiled yet (mesh {args.mesh} has pp={mesh.pp})",
                        "drop pp from --mesh; `shardgraph mesh` shows pipeline stages")
     check = getattr(args, "check", False)
-    if args.zero and not args.optimizer:
+    if args.zero == 1 and not args.optimizer:
         raise CliError("--zero 1 splits optimizer state, and there is none without --optimizer",
-                       "add --optimizer adamw (or sgd), or drop --zero")
+                       "add --optimizer adamw (or sgd), or use --zero 3 (parameters and gradients split)")
+    if args.keep_gathered and args.zero != 3:
+        raise CliError("--keep-gathered is about parameters gathered by --zero 3", "add --zero 3, or drop the flag")
     if check and args.optimizer:
         raise CliError("--check compares the gradient and one SGD step with the unsharded model, not a compiled "
                        "optimizer step", "drop --optimizer to check; tests/test_training.py checks the step itself")
@@ -327,10 +329,9 @@ def _compile(args, stages: Stages, mesh: MeshSpec, device: str, plan):
     if check and not sized_on_meta:
         _refuse_oversized_check(model, mesh, plan, _device_of(model), config)
     stages.start("trace+compile")
-    step = {}
+    step = dict(zero=args.zero, reshard_after_forward=not args.keep_gathered)
     if args.optimizer:
-        step = dict(optimizer=shardgraph.optim.AdamW() if args.optimizer == "adamw" else shardgraph.optim.SGD(lr=0.01),
-                    zero=args.zero)
+        step["optimizer"] = shardgraph.optim.AdamW() if args.optimizer == "adamw" else shardgraph.optim.SGD(lr=0.01)
     compute_dtype = getattr(torch, args.compute_dtype) if args.compute_dtype else None
     program = shardgraph.compile(model, mesh, inputs, loss_fn, plan=plan, replicate_fallback=args.replicate_fallback,
                                  recompute=args.recompute, compute_dtype=compute_dtype, **step)
@@ -525,8 +526,12 @@ def _model_options() -> argparse.ArgumentParser:
     options.add_argument("--optimizer", choices=("sgd", "adamw"),
                          help="compile the whole training step with this optimizer (default: the gradient only); "
                               "the report then counts optimizer state")
-    options.add_argument("--zero", type=int, choices=(0, 1), default=0,
-                         help="1: optimizer state split over dp / edp (needs --optimizer)")
+    options.add_argument("--zero", type=int, choices=(0, 1, 3), default=0,
+                         help="1: optimizer state split over dp / edp (needs --optimizer); 3: the parameters too, "
+                              "all-gathered before their forward and backward readers (FSDP)")
+    options.add_argument("--keep-gathered", action="store_true",
+                         help="with --zero 3: keep each parameter gathered from its forward to its backward instead "
+                              "of gathering it again (less communication, more memory)")
     options.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
                          help="activations recomputed in the backward: selective keeps matrix products, "
                               "full keeps each layer's input only")

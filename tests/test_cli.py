@@ -326,3 +326,18 @@ def test_zero_without_an_optimizer_and_check_of_a_step_are_one_line_errors(capsy
                            "there is none without --optimizer")
     _assert_one_line_error(capsys, ["compile", "examples/moe_model.py", "--mesh", "world=4,tp=2,ep=2", "--check",
                                     "--optimizer", "sgd"], "not a compiled optimizer step")
+
+
+def test_zero3_compiles_from_the_cli_checks_against_the_unsharded_model_and_reports_parameter_gathers(capsys,
+                                                                                                   tmp_path):
+    report = tmp_path / "report.json"
+    arguments = ["compile", "examples/moe_model.py", "--mesh", "world=4,tp=2,ep=2", "--no-progress", "--zero", "3"]
+    assert main(arguments + ["--check", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "parameter gather" in out
+    import json
+
+    families = json.loads(report.read_text())["totals"]["communication_bytes_per_rank_by_family"]
+    assert families["parameter gather"] > 0
+    _assert_one_line_error(capsys, ["compile", "examples/moe_model.py", "--mesh", "world=4,tp=2,ep=2",
+                                    "--keep-gathered"], "--keep-gathered is about parameters gathered by --zero 3")
