@@ -95,8 +95,15 @@ def _kept(graph, forward_of_layer: dict[str, set[Node]], policy: str) -> set[Nod
 
 
 def _recompute_layer(graph, forward: set[Node], kept: set[Node], order: dict[Node, int]) -> None:
-    saved = [node for node in forward if node not in kept
-             and any(meta.phase(user) is Phase.BACKWARD for user in node.users)]
+    # Only readers after the layer's whole forward read copies: an op the loss does not depend on
+    # may sit inside the forward (a value only a gradient needs, computed where its inputs are),
+    # and copies placed before it could read forward values not made yet.
+    end_of_forward = max(order[node] for node in forward)
+
+    def reads_copies(user: Node) -> bool:
+        return meta.phase(user) is Phase.BACKWARD and order.get(user, -1) > end_of_forward
+
+    saved = [node for node in forward if node not in kept and any(reads_copies(user) for user in node.users)]
     if not saved:
         return
     needed: set[Node] = set()
@@ -107,7 +114,7 @@ def _recompute_layer(graph, forward: set[Node], kept: set[Node], order: dict[Nod
             continue
         needed.add(node)
         pending.extend(source for source in node.all_input_nodes if source in forward and source not in kept)
-    readers = [user for node in saved for user in node.users if meta.phase(user) is Phase.BACKWARD]
+    readers = [user for node in saved for user in node.users if reads_copies(user)]
     first_reader = min(readers, key=order.__getitem__)
     copies: dict[Node, Node] = {}
     with graph.inserting_before(first_reader):
@@ -117,5 +124,5 @@ def _recompute_layer(graph, forward: set[Node], kept: set[Node], order: dict[Nod
             copies[node] = copy
     for node in saved:
         for user in list(node.users):
-            if user not in copies.values() and meta.phase(user) is Phase.BACKWARD:
+            if user not in copies.values() and reads_copies(user):
                 user.replace_input_with(node, copies[node])
