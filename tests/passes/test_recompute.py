@@ -71,3 +71,26 @@ def test_an_unknown_policy_is_refused_by_name():
     model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
     with pytest.raises(ValueError, match="recompute must be one of"):
         sg.compile(model, sg.MeshSpec(world=1), inputs, loss_fn, recompute="everything")
+
+
+@pytest.mark.parametrize("policy", ["selective", "full"])
+def test_an_op_only_a_gradient_needs_inside_the_forward_keeps_recomputation_in_order(policy):
+    # HF's DeepSeek-V3 MLA makes a clone in the forward that the loss does not depend on (it is
+    # of the backward phase) but that sits before the layer's later forward ops: recomputed
+    # copies must go after the whole forward, not before that clone.
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from examples.hf_models import lm_loss
+    from shardgraph.check import parity_errors
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                              num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
+                              num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8,
+                              qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, n_shared_experts=1,
+                              num_experts_per_tok=2, n_group=4, topk_group=2, attn_implementation="sdpa")
+    model = DeepseekV3ForCausalLM(config)
+    ids = torch.randint(0, 64, (4, 8))
+    program = sg.compile(model, sg.MeshSpec.parse("world=2,ep=2"), (ids,), lm_loss, recompute=policy)
+    errors, _ = parity_errors(program, model, (ids,), lm_loss, 0.1)
+    assert errors.loss < 1e-5 and errors.gradients < 1e-5 and errors.weights < 1e-5, errors
