@@ -1,10 +1,12 @@
-"""ZeRO-3 / FSDP: parameters held split over the data-parallel axes, gathered where they are used.
+"""Where a parameter's readers get it from: with ZeRO-3 (FSDP) gathered over the data-parallel
+axes right before the forward and again before the backward; at every level, cast again for the
+backward rather than kept from the forward.
 
 Reads
     a traced joint graph of a training step: parameter placeholders (``meta.GraphInput``), the
     ``Phase`` of every op, and the gradient nodes (``meta.gradient_of``).
 Writes
-    a ``gather_parameter`` node between each parameter and its forward readers, and (with
+    with zero=3, a ``gather_parameter`` node between each parameter and its forward readers, and (with
     ``reshard_after_forward``) a second one right before its first backward reader, whose
     readers it serves; views of the forward's gathered value that the backward reads (the
     transposed weight of a linear layer) are made again from the backward's gathered value. A
@@ -17,6 +19,12 @@ Assumes
     (``passes/rules/gather.py``) and the parameter placeholder split over them
     (``optimizer_state_sharding`` with ``zero=3``), so lowering inserts the all-gather on its
     input (``Purpose.PARAMETER_GATHER``) and then drops the node (``lower_localize``).
+
+At every zero level, a narrowing cast of a parameter that the backward reads is made again right
+before the backward's first reader (and views of it the backward reads, from the copy): with bf16
+compute, a bf16 copy of every weight would otherwise live from its forward to its backward, which
+for an MoE model is most of the expert weights' bytes again as activations. Casting again costs
+one read of the fp32 weight.
 
 Why a second gather for the backward: a gathered weight kept from the forward to the backward
 is a whole layer's parameters alive for the whole step, which is the memory ZeRO-3 exists to
@@ -84,8 +92,7 @@ def _gradient_cone(graph) -> set[Node]:
 
 
 def gather_parameters(gm: GraphModule, zero: int, reshard_after_forward: bool = True) -> GraphModule:
-    if zero < 3:
-        return gm
+    gather = zero >= 3
     graph = gm.graph
     cone = _gradient_cone(graph)
     order = {node: index for index, node in enumerate(graph.nodes)}
@@ -102,10 +109,10 @@ def gather_parameters(gm: GraphModule, zero: int, reshard_after_forward: bool = 
         for user in list(placeholder.users):
             if _narrowing_cast(user) and phase_of(user) is not None:
                 roots.append((user, user))
-        if any(phase_of(user) is not None for user in placeholder.users if (user, user) not in roots):
+        if gather and any(phase_of(user) is not None for user in placeholder.users if (user, user) not in roots):
             roots.append((placeholder, None))
         for root, cast in roots:
-            _gather_root(graph, root, cast, placeholder, phase_of, order, reshard_after_forward)
+            _gather_root(graph, root, cast, phase_of, order, reshard_after_forward or not gather, gather)
     graph.lint()
     gm.recompile()
     return gm
@@ -121,41 +128,45 @@ def _insert_gather(graph, source: Node, before: Node, phase: Phase) -> Node:
     return node
 
 
-def _gather_root(graph, root: Node, cast: Node | None, placeholder: Node, phase_of, order, reshard: bool) -> None:
+def _gather_root(graph, root: Node, cast: Node | None, phase_of, order, reshard: bool, gather: bool) -> None:
+    """Give the forward and the backward readers of ``root`` their own copies of it: gathered
+    (``gather``, zero=3) and, for the backward, made again from the held parameter."""
     # The placeholder's readers other than its narrowing casts (each cast is a root of its own).
     users = [u for u in root.users if not (cast is None and _narrowing_cast(u) and phase_of(u) is not None)]
     forward = [u for u in users if phase_of(u) is Phase.FORWARD]
     backward = [u for u in users if phase_of(u) is Phase.BACKWARD]
     first = lambda users: min(users, key=order.__getitem__)  # noqa: E731
-    forward_gather = None
+    held_forward = None
     if forward:
-        forward_gather = _insert_gather(graph, root, first(forward), Phase.FORWARD)
+        held_forward = _insert_gather(graph, root, first(forward), Phase.FORWARD) if gather else root
         for user in forward:
-            user.replace_input_with(root, forward_gather)
-    if not reshard and forward_gather is not None:
+            user.replace_input_with(root, held_forward)
+    if not reshard and held_forward is not None:
         for user in backward:
-            user.replace_input_with(root, forward_gather)
+            user.replace_input_with(root, held_forward)
         return
-    # Forward views of the gathered value that the backward reads: made again from the
-    # backward's own gathered copy.
-    saved_views = _views_read_by_backward(forward_gather, phase_of) if forward_gather is not None else []
+    # Forward views of the forward's copy that the backward reads: made again from the
+    # backward's own copy.
+    saved_views = _views_read_by_backward(held_forward, phase_of) if held_forward is not None else []
     readers = backward + [u for view in saved_views for u in view.users if phase_of(u) is Phase.BACKWARD]
     if not readers:
         return
     before = first(readers)
     source = root
     if cast is not None and phase_of(cast) is Phase.FORWARD:
-        # The cast of the held slice is made again too: holding it from the forward would keep
-        # a slice per parameter alive through the step for no saving.
+        # The cast of the held parameter is made again: holding the forward's would keep a
+        # compute-dtype copy of every parameter alive from its forward to its backward.
         with graph.inserting_before(before):
             source = graph.node_copy(cast)
         meta.set_phase(source, Phase.BACKWARD)
-    backward_gather = _insert_gather(graph, source, before, Phase.BACKWARD)
+    held_backward = _insert_gather(graph, source, before, Phase.BACKWARD) if gather else source
+    if held_backward is root:
+        return
     for user in backward:
-        user.replace_input_with(root, backward_gather)
-    copies = {forward_gather: backward_gather}
+        user.replace_input_with(root, held_backward)
+    copies = {held_forward: held_backward}
     with graph.inserting_before(before):
-        for view in sorted(_with_view_ancestors(saved_views, forward_gather), key=order.__getitem__):
+        for view in sorted(_with_view_ancestors(saved_views, held_forward), key=order.__getitem__):
             copy = graph.node_copy(view, lambda source_node: copies.get(source_node, source_node))
             meta.set_phase(copy, Phase.BACKWARD)
             copies[view] = copy

@@ -150,3 +150,18 @@ def test_zero1_without_an_optimizer_is_refused_and_zero3_without_one_compiles_th
     assert program.parameter_sharding("layers.0.self_attn.q_proj.weight").placement("dp").is_shard()
     with pytest.raises(ValueError, match="reshard_after_forward must be True or False"):
         sg.compile(model, mesh, inputs, loss_fn, zero=3, reshard_after_forward="yes")
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_no_compute_dtype_copy_of_a_weight_lives_from_its_forward_to_its_backward(zero):
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
+    traced = sg.trace(model, inputs, loss_fn, optimizer=sg.optim.AdamW(lr=1e-3), compute_dtype=torch.bfloat16)
+    options = CompileOptions(sg.MeshSpec.parse("world=4,tp=2,ep=2"), zero=zero, donate_state=True)
+    compiled = run_pipeline(traced.graph_module, options)
+    casts = [node for node in compiled.placed.graph_module.graph.nodes
+             if node.op == "call_function" and node.target is torch.ops.aten._to_copy.default
+             and node.args[0].op == "placeholder" and meta.value(node).dtype == torch.bfloat16]
+    assert casts
+    for cast in casts:
+        readers = {meta.phase(user) for user in cast.users if user.op == "call_function"}
+        assert len(readers) <= 1, f"{cast.name} is read by {readers}"
