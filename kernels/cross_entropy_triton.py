@@ -34,12 +34,13 @@ def _softmax_cross_entropy_grad_kernel(logits_ptr, row_stride, target_ptr, coeff
         columns = start + offsets
         x = tl.load(base + columns, mask=columns < vocab, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, x)
-        # Lanes that have seen only -inf keep a zero sum (exp(-inf - -inf) would be nan).
-        rescale = tl.where(new_max == float("-inf"), 0.0, tl.exp(running_max - new_max))
-        running_sum = running_sum * rescale + tl.where(new_max == float("-inf"), 0.0, tl.exp(x - new_max))
+        # A lane that has seen only -inf (masked columns) subtracts 0, not -inf: its terms are
+        # exp(-inf) = 0 instead of exp(-inf - -inf) = nan.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.exp(x - shift)
         running_max = new_max
     row_max = tl.max(running_max, axis=0)
-    lane_sum = tl.where(running_max == float("-inf"), 0.0, running_sum * tl.exp(running_max - row_max))
+    lane_sum = running_sum * tl.exp(running_max - row_max)
     lse = row_max + tl.log(tl.sum(lane_sum, axis=0))
     picked = tl.load(base + target).to(tl.float32)
     loss = tl.where(coefficient != 0.0, lse - picked, 0.0)
