@@ -29,8 +29,10 @@ from __future__ import annotations
 import torch
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "chunk_rows_for_budget",
-           "DEFAULT_CHUNK_BYTES", "use_triton"]
+           "DEFAULT_CHUNK_BYTES", "TRITON_ENABLED", "use_triton"]
 
+# False sends every chunk through the torch ops (to compare the two paths on a GPU).
+TRITON_ENABLED = True
 # Bytes a chunk's logits and their float32 work buffers may take (the op's temporary memory).
 DEFAULT_CHUNK_BYTES = 512 << 20
 
@@ -55,7 +57,7 @@ def chunk_rows_for_budget(rows: int, vocab: int, dtype: torch.dtype, budget_byte
 
 def use_triton(logits: torch.Tensor) -> bool:
     """The Triton softmax / gradient kernel runs on CUDA tensors (where Triton is importable)."""
-    if logits.device.type != "cuda" or logits.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if not TRITON_ENABLED or logits.device.type != "cuda" or logits.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     try:
         import triton  # noqa: F401
