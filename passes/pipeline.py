@@ -8,6 +8,7 @@
     lower_redistribute    communicator    -> typed collectives, gradient sync
     lower_localize        placed          -> shape arguments in local sizes
     lower_moe             communicator    -> no MoE op left; dispatch + grouped GEMMs
+    fuse_linear_cross_entropy  placed, local sizes -> output projection + loss + backward as one chunked op (option)
     bucket_gradient_sync  typed collectives -> one all-reduce per gradient bucket
     cast_gradient_reductions  typed collectives -> gradients reduced in reduce_dtype (option)
     schedule_gradient_sync  typed collectives -> each gradient reduced right after it is computed
@@ -39,6 +40,7 @@ from .cast_gradient_reductions import cast_gradient_reductions
 from .cost import LinkModel
 from .decompose_loss import decompose_loss
 from .donate_state import donate_state
+from .fuse_linear_cross_entropy import fuse_linear_cross_entropy
 from .gather_parameters import gather_parameters
 from .lower_localize import lower_localize
 from .lower_moe import is_moe_backward, is_moe_forward, lower_moe
@@ -117,6 +119,7 @@ class CompileOptions:
     zero: int = 0  # 1: optimizer state split over the data-parallel axes, 3: parameters too (passes/optimizer_sharding.py)
     recompute: str = "none"  # "selective" | "full": activations recomputed in the backward (passes/recompute.py)
     reshard_after_forward: bool = True  # zero=3: gather each parameter again for the backward (passes/gather_parameters.py)
+    fused_loss: bool = True  # output projection + cross-entropy as one chunked op (passes/fuse_linear_cross_entropy.py)
 
 
 @dataclass
@@ -157,6 +160,9 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("lower_localize", lambda gm, options, compiled: lower_localize(gm, options.mesh), (PLACED,), ()),
     Pass("lower_moe", lambda gm, options, compiled: lower_moe(gm, options.mesh), (COMMUNICATOR,),
          (NO_MOE_OPS, COLLECTIVES_TYPED)),
+    Pass("fuse_linear_cross_entropy",
+         lambda gm, options, compiled: fuse_linear_cross_entropy(gm, options.mesh, options.fused_loss),
+         (PLACED, COLLECTIVES_TYPED), (PLACED, COLLECTIVES_TYPED)),
     Pass("bucket_gradient_sync", lambda gm, options, compiled: bucket_gradient_sync(gm), (COLLECTIVES_TYPED,),
          (COLLECTIVES_TYPED, COMMUNICATOR)),
     Pass("cast_gradient_reductions", lambda gm, options, compiled: cast_gradient_reductions(gm, options.reduce_dtype),

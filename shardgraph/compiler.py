@@ -8,6 +8,7 @@
     #   lower_redistribute    collectives where placements change; gradient sync at the output
     #   lower_localize        shape arguments to local sizes
     #   lower_moe             expert dispatch + grouped GEMMs
+    #   fuse_linear_cross_entropy  output projection + loss + backward as one chunked op (option)
     #   bucket_gradient_sync  one all-reduce per gradient bucket
     #   cast_gradient_reductions  gradients reduced in reduce_dtype (option)
     #   donate_state          a training step's new state written into the old (option)
@@ -49,6 +50,7 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     zero: int = 0,
     recompute: str = "none",
     reshard_after_forward: bool = True,
+    fused_loss: bool = True,
 ) -> ShardedProgram:
     """Compile ``model`` for ``mesh``; see ``ShardedProgram`` for what comes back.
 
@@ -70,7 +72,10 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     whole weights outlive their use; the update writes each rank's slice and nothing is gathered
     after it. ``recompute="selective"`` recomputes each layer's
     elementwise, norm and routing ops in the backward instead of keeping their outputs;
-    ``"full"`` recomputes the whole layer from its input."""
+    ``"full"`` recomputes the whole layer from its input. ``fused_loss`` (on by default) computes a
+    cross-entropy over a linear layer's output, with its backward, as one op over chunks of rows
+    (``passes/fuse_linear_cross_entropy.py``), so the whole logits are never held; where the
+    pattern does not match exactly the graph is left as traced."""
     check_recompute_policy(recompute, "compile: recompute")
     check_zero_stage(zero, "compile: zero")
     if zero == 1 and optimizer is None:
@@ -88,7 +93,8 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     program = compile_traced(traced, mesh, plan, batch_sharding=batch_sharding, link=link,
                              replicate_fallback=replicate_fallback, reduce_dtype=reduce_dtype,
                              donate_state=donate_state and optimizer is not None, zero=zero, recompute=recompute,
-                             reshard_after_forward=reshard_after_forward)
+                             reshard_after_forward=reshard_after_forward,
+                             fused_loss=fused_loss)
     # Buffers (rotary tables, running statistics) are state, not batch: the program keeps the
     # model's own unless a call passes others. Checkpoints hold the persistent ones only, as
     # the model's state_dict does.
@@ -190,12 +196,13 @@ def _refuse_empty_values(traced) -> None:
 def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None, *, batch_sharding=None, link=None,
                    replicate_fallback: bool = False, reduce_dtype: torch.dtype | None = None,
                    donate_state: bool = False, zero: int = 0, recompute: str = "none",
-                   reshard_after_forward: bool = True) -> ShardedProgram:
+                   reshard_after_forward: bool = True, fused_loss: bool = True) -> ShardedProgram:
     """The passes after tracing, for a graph traced already (``shardgraph.frontend.trace``)."""
     if not isinstance(reshard_after_forward, bool):
         raise ValueError(f"compile: reshard_after_forward must be True or False, got {reshard_after_forward!r}")
     options = CompileOptions(mesh, plan, batch_sharding, link, replicate_fallback, reduce_dtype, donate_state,
-                             zero=zero, recompute=recompute, reshard_after_forward=reshard_after_forward)
+                             zero=zero, recompute=recompute, reshard_after_forward=reshard_after_forward,
+                             fused_loss=fused_loss)
     compiled = run_pipeline(traced.graph_module, options)
     if getattr(traced, "optimizer", None) is not None:
         from .training import TrainingProgram
