@@ -36,6 +36,7 @@ from shardgraph.meta import Collective, CollectiveKind, MoeStep, PlacedValue, Pu
 from shardgraph.runtime import collectives
 from shardgraph.runtime import moe as moe_steps
 
+from .routing_path import routing_path
 from .rules.moe import token_copies
 
 __all__ = ["lower_moe", "is_moe_forward", "is_moe_backward", "Routing"]
@@ -126,10 +127,12 @@ def lower_moe(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
     graph = gm.graph
     comm = meta.communicator_node(graph)
     routings: dict[tuple, Routing] = {}
+    on_routing_path = routing_path(gm)
     for node in list(graph.nodes):
         if is_moe_forward(node):
             key = tuple(node.args[:3]) + tuple(_weight_origin(w) for w in node.args[3:5])
-            routings[key] = _lower_forward(graph, _Emitter(graph, comm, node, mesh), node, mesh)
+            routings[key] = _lower_forward(graph, _Emitter(graph, comm, node, mesh), node, mesh,
+                                           _exact_down_dtype(node, mesh, on_routing_path))
         elif is_moe_backward(node):
             routing = routings.get(tuple(node.args[1:4]) + tuple(_weight_origin(w) for w in node.args[4:6]))
             if routing is None:
@@ -167,7 +170,22 @@ def _dispatch(emit: _Emitter, copies: Node, tokens_per_expert: Node, num_experts
     return grouped, permutation, offsets, send, receive, etp_sizes
 
 
-def _lower_forward(graph, emit: _Emitter, node: Node, mesh: MeshSpec) -> Routing:
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_CAST = torch.ops.prims.convert_element_type.default
+
+
+def _exact_down_dtype(node: Node, mesh: MeshSpec, on_routing_path: set) -> torch.dtype | None:
+    """The low-precision dtype of an MoE layer whose output a later router reads and whose down
+    projection is split over etp, else None. Its partial sums are formed in float32 and rounded
+    once after the etp reduction, as the unsharded grouped product rounds once
+    (``exact_partial_reductions`` says why)."""
+    found = meta.tensor_value(node)
+    if mesh.etp == 1 or node not in on_routing_path or found is None or found.dtype not in _LOW_PRECISION:
+        return None
+    return found.dtype
+
+
+def _lower_forward(graph, emit: _Emitter, node: Node, mesh: MeshSpec, exact_dtype: torch.dtype | None = None) -> Routing:
     hidden, topk_ids, topk_weights, w_gate_up, w_down = node.args[:5]
     activation = node.args[5] if len(node.args) > 5 else node.kwargs.get("activation", "silu")
     num_experts = meta.value(w_gate_up).shape[0]
@@ -189,15 +207,23 @@ def _lower_forward(graph, emit: _Emitter, node: Node, mesh: MeshSpec) -> Routing
             emit, copies, tokens_per_expert, num_experts, estimate, mesh)
     gate_up = emit.call(torch.ops.shardgraph.grouped_mm.default, grouped, w_gate_up, offsets, "enk")
     activated = emit.call(moe_steps.glu, gate_up, activation)
-    down = emit.call(torch.ops.shardgraph.grouped_mm.default, activated, w_down, offsets, "enk")
+    if exact_dtype is None:
+        down = emit.call(torch.ops.shardgraph.grouped_mm.default, activated, w_down, offsets, "enk")
+    else:
+        down = emit.call(torch.ops.shardgraph.grouped_mm.default, emit.call(_CAST, activated, torch.float32),
+                         emit.call(_CAST, w_down, torch.float32), offsets, "enk")
     returned = down
     if permutation is not None:
         expert_out = emit.call(moe_steps.ungroup, down, permutation)
         if mesh.etp > 1:
+            widening = 1 if exact_dtype is None else torch.float32.itemsize / exact_dtype.itemsize
             expert_out = emit.communicate(moe_steps.etp_reduce_own, expert_out, "etp", etp_sizes,
                                           kind=CollectiveKind.ALL_REDUCE, axis="etp",
-                                          estimate=2 * estimate * (mesh.etp - 1) / mesh.etp, purpose=Purpose.MOE_ETP,
-                                          detail="down-projection partial sums")
+                                          estimate=2 * estimate * widening * (mesh.etp - 1) / mesh.etp,
+                                          purpose=Purpose.MOE_ETP, detail="down-projection partial sums" + (
+                                              "" if exact_dtype is None else ", in float32 (exact routing)"))
+            if exact_dtype is not None:
+                expert_out = emit.call(_CAST, expert_out, exact_dtype)
         returned = emit.communicate(collectives.all_to_all, expert_out, "ep", receive, output_splits=send,
                                     kind=CollectiveKind.ALL_TO_ALL, axis="ep", estimate=estimate,
                                     purpose=Purpose.MOE_RETURN, detail="return")

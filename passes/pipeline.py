@@ -6,6 +6,7 @@
     propagate             traced          -> placed          a PlacedValue on every node
     add_communicator      placed          -> communicator    the collectives' input
     lower_redistribute    communicator    -> typed collectives, gradient sync
+    exact_partial_reductions  typed collectives -> partial products on the routing path in float32
     lower_localize        placed          -> shape arguments in local sizes
     lower_moe             communicator    -> no MoE op left; dispatch + grouped GEMMs
     fuse_linear_cross_entropy  placed, local sizes -> output projection + loss + backward as one chunked op (option)
@@ -40,6 +41,7 @@ from .cast_gradient_reductions import cast_gradient_reductions
 from .cost import LinkModel
 from .decompose_loss import decompose_loss
 from .donate_state import donate_state
+from .exact_partial_reductions import exact_partial_reductions
 from .fuse_linear_cross_entropy import fuse_linear_cross_entropy
 from .gather_parameters import gather_parameters
 from .lower_localize import lower_localize
@@ -157,6 +159,8 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("add_communicator", lambda gm, options, compiled: add_communicator(gm), (PLACED,), (COMMUNICATOR,)),
     Pass("lower_redistribute", lambda gm, options, compiled: lower_redistribute(gm, options.mesh),
          (PLACED, COMMUNICATOR), (COLLECTIVES_TYPED,)),
+    Pass("exact_partial_reductions", lambda gm, options, compiled: exact_partial_reductions(gm),
+         (COLLECTIVES_TYPED,), (COLLECTIVES_TYPED,)),
     Pass("lower_localize", lambda gm, options, compiled: lower_localize(gm, options.mesh), (PLACED,), ()),
     Pass("lower_moe", lambda gm, options, compiled: lower_moe(gm, options.mesh), (COMMUNICATOR,),
          (NO_MOE_OPS, COLLECTIVES_TYPED)),

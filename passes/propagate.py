@@ -48,6 +48,7 @@ from shardgraph.placement import Partial, Placement, Replicate, Shard, Sharding,
 from .cost import LinkModel, redistribution
 from .optimizer_sharding import optimizer_state_sharding
 from .plan import ParameterPlacement, default_plan, expert_parameters, resolve_plan
+from .routing_path import routing_path
 from .rules import RuleContext, rule_for
 
 __all__ = ["PropagationError", "PlacedGraph", "propagate"]
@@ -227,6 +228,8 @@ class _State:
     # key, so only the first layer (and any layer whose entering placements differ) runs the rules.
     decisions: dict = field(default_factory=dict)
     reuse: bool = True
+    # The ops a routing decision reads (``routing_path``): none of them reads a ``Partial`` input.
+    routing: set = field(default_factory=set)
     made: int = 0
     reused: int = 0
 
@@ -323,11 +326,14 @@ def _replicate_fallback(node: Node, inputs: list[Node]) -> Decision:
     return Decision(out, View.DENSE, tuple(replicated for _ in inputs), "replicate fallback (no rule for this op)")
 
 
-def _place_whole(node: Node, registered, inputs, input_shardings, mesh: MeshSpec, link: LinkModel) -> Decision:
+def _place_whole(node: Node, registered, inputs, input_shardings, mesh: MeshSpec, link: LinkModel,
+                 exact: bool = False) -> Decision:
     """Rules that see every axis at once (the MoE ops): the strategy whose input changes cost least."""
     ctx = RuleContext(node, mesh, inputs, input_shardings, View.DENSE, View.DENSE.axes)
     best, best_cost, alternatives = None, None, []
     for strategy in registered.function(ctx):
+        if exact and _reads_partial(strategy.inputs):
+            continue
         seconds = 0.0
         for producer, have, want in zip(inputs, input_shardings, strategy.inputs):
             if want is None:
@@ -347,8 +353,11 @@ def _place_whole(node: Node, registered, inputs, input_shardings, mesh: MeshSpec
 
 def _place_per_axis(node: Node, registered, inputs, input_shardings, view: View, mesh: MeshSpec, link: LinkModel,
                     demand: Sharding | None, shared_by_input: tuple = (), even_splits: dict | None = None,
-                    hints_by_input: tuple = ()) -> Decision:
-    """Rules written per mesh axis: the cheapest candidate on each axis of the node's view."""
+                    hints_by_input: tuple = (), exact: bool = False) -> Decision:
+    """Rules written per mesh axis: the cheapest candidate on each axis of the node's view.
+
+    ``exact``: the node is on the way into a routing decision, so no candidate that reads a
+    ``Partial`` input is taken (its inputs are reduced first, as ``routing_path`` explains)."""
     axes = view.axes
     ctx = RuleContext(node, mesh, inputs, input_shardings, view, axes)
     per_axis_in: dict[str, tuple] = {}
@@ -362,6 +371,8 @@ def _place_per_axis(node: Node, registered, inputs, input_shardings, view: View,
             continue
         placements = tuple(s.placement(axis) for s in input_shardings)
         fits = _even_split_check(ctx, axis, per_axis_in, per_axis_out, {} if even_splits is None else even_splits)
+        if exact:
+            fits = _and_reads_no_partial(fits)
         shared = tuple({s.placement(axis) for s in others} for others in shared_by_input)
         hints = tuple({s.placement(axis) for s in wanted} for wanted in hints_by_input)
         chosen, scored = _choose_axis(ctx, registered.function, axis, placements, link, demand, fits, shared, hints)
@@ -434,6 +445,18 @@ def _even_split_check(ctx: RuleContext, axis: str, per_axis_in: dict, per_axis_o
     return fits
 
 
+def _reads_partial(placements) -> bool:
+    for placement in placements:
+        found = placement.items() if isinstance(placement, Sharding) else [(None, placement)]
+        if any(isinstance(p, Partial) for _, p in found):
+            return True
+    return False
+
+
+def _and_reads_no_partial(fits):
+    return lambda candidate: fits(candidate) and not _reads_partial(candidate.inputs)
+
+
 def _place_node(node: Node, inputs: list[Node], state: _State, mesh: MeshSpec, link: LinkModel,
                 demand: Sharding | None, fallback: bool) -> Decision:
     input_shardings = [state.current[n] for n in inputs]
@@ -445,8 +468,9 @@ def _place_node(node: Node, inputs: list[Node], state: _State, mesh: MeshSpec, l
         if not fallback:
             raise PropagationError(f"node {node.name} ({op_name(node.target)}) has no placement rule")
         return _replicate_fallback(node, inputs)
+    exact = node in state.routing
     if registered.whole:
-        return _place_whole(node, registered, inputs, input_shardings, mesh, link)
+        return _place_whole(node, registered, inputs, input_shardings, mesh, link, exact)
     input_views = {state.views[n] for n, s in zip(inputs, input_shardings) if View.of_sharding(s) is not None}
     if len(input_views) > 1:
         raise PropagationError(
@@ -457,7 +481,7 @@ def _place_node(node: Node, inputs: list[Node], state: _State, mesh: MeshSpec, l
     shared = tuple(state.required_of.get(producer, set()) - {state.current[producer]} for producer in inputs)
     hints = tuple(state.wanted_by_state.get(producer, set()) - {state.current[producer]} for producer in inputs)
     return _place_per_axis(node, registered, inputs, input_shardings, view, mesh, link, demand, shared,
-                           state.even_splits, hints)
+                           state.even_splits, hints, exact)
 
 
 # ----------------------------------------------------------------------------- reuse
@@ -526,6 +550,8 @@ def _prepare_keys(compute_nodes: list[Node], state: _State) -> None:
         if node.target is operator.getitem:
             continue
         static = _static_key(node)
+        if static is not None:
+            static = (static, node in state.routing)  # a routing op is placed under its own constraint
         # A small int stands for the (deep) static key, so the per-sweep key hashes cheaply.
         state.static_keys[node] = None if static is None else interned.setdefault(static, len(interned))
 
@@ -634,6 +660,7 @@ def propagate(
     gm = graph_module if in_place else _copy(graph_module)
     state = _seed(gm, mesh, plan, batch_sharding, zero)
     state.reuse = reuse_decisions
+    state.routing = routing_path(gm)
     compute_nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     _refuse_missing_rules(compute_nodes, replicate_fallback)
     _prepare_keys(compute_nodes, state)

@@ -6,6 +6,7 @@
     #   propagate             a placement on every value (the placed graph, kept for reports)
     #   add_communicator      the rank's communicator as the first input
     #   lower_redistribute    collectives where placements change; gradient sync at the output
+    #   exact_partial_reductions  partial products on the way into routing in float32, rounded once
     #   lower_localize        shape arguments to local sizes
     #   lower_moe             expert dispatch + grouped GEMMs
     #   fuse_linear_cross_entropy  output projection + loss + backward as one chunked op (option)
