@@ -8,7 +8,8 @@ Writes
     ``reduce_dtype`` before it and a cast back to the gradient's dtype after it. Where one
     gradient is reduced over two axes in a row (dp, then tp, or a bucket of such), the cast back
     and the next cast cancel and are left out, so the whole chain runs in ``reduce_dtype`` and
-    rounds once at the end. The reduction's ``Collective`` bytes are rescaled to the dtype it now sends, so the
+    rounds once at the end; an all-gather that follows a reduction in the chain (into a
+    parameter's split) runs in ``reduce_dtype`` as well, its values being rounded already. The reduction's ``Collective`` bytes are rescaled to the dtype it now sends, so the
     report and the simulator's byte records agree.
 Assumes
     a reduction is elementwise, so casting before and after changes only the precision of the
@@ -35,6 +36,7 @@ from .bucket_gradient_sync import flatten
 __all__ = ["cast_gradient_reductions"]
 
 _REDUCTIONS = (CollectiveKind.ALL_REDUCE, CollectiveKind.REDUCE_SCATTER)
+_GATHERS = (CollectiveKind.ALL_GATHER, CollectiveKind.INTERLEAVED_ALL_GATHER)
 
 
 def _dtype(node: Node) -> torch.dtype | None:
@@ -76,6 +78,14 @@ def _is_gradient_reduction(node: Node) -> bool:
     return record is not None and record.purpose is Purpose.GRADIENT_SYNC and record.kind in _REDUCTIONS
 
 
+def _is_gradient_gather(node: Node) -> bool:
+    # An all-gather after a gradient's reduction (a gradient reduced over dp, then gathered over
+    # tp into its parameter's sharding) moves values already rounded to reduce_dtype: it runs in
+    # reduce_dtype too, with no second rounding.
+    record = meta.collective(node)
+    return record is not None and record.purpose is Purpose.GRADIENT_SYNC and record.kind in _GATHERS
+
+
 def _cast(graph, source: Node, dtype: torch.dtype, like: Node) -> Node:
     """``source`` in ``dtype``, placed as ``source`` is, attributed to the reduction ``like``."""
     cast = graph.call_function(torch.ops.prims.convert_element_type.default, (source, dtype))
@@ -91,10 +101,13 @@ def cast_gradient_reductions(gm: GraphModule, reduce_dtype: torch.dtype | None) 
     graph = gm.graph
     restores: dict[Node, tuple[Node, torch.dtype]] = {}  # cast back -> (reduced node, dtype it restores)
     for node in list(graph.nodes):
-        if not _is_gradient_reduction(node):
+        gathered_after_reduction = _is_gradient_gather(node) and node.args[1] in restores
+        if not (_is_gradient_reduction(node) or gathered_after_reduction):
             continue
         source = node.args[1]
         found = _still_reduced(graph, source, restores)
+        if gathered_after_reduction and found is None:
+            continue
         if found is not None:
             # Reduced over a previous axis already: keep going in reduce_dtype.
             dtype = found[1]
