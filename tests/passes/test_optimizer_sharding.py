@@ -1,6 +1,8 @@
 """zero=1: optimizer state split over the data-parallel axes, the update on the slices, and
 the same steps as torch.optim on the unsharded model."""
 
+import copy
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from passes.optimizer_sharding import optimizer_state_sharding
 from shardgraph import meta
 from shardgraph.meta import View
 from shardgraph.placement import Shard, Sharding
+from tests.test_parity import MESHES
 from tests.test_training import NO_DECAY, _step_alongside, _torch_adamw, relative
 
 ZERO_MESHES = ["world=2,ep=2", "world=4,tp=2,ep=2", "world=8,tp=2,ep=4", "world=8,tp=2,ep=2,etp=2", "world=4,ep=4"]
@@ -99,3 +102,17 @@ def test_propagation_settles_before_its_sweep_cap_with_and_without_state_hints(o
     options = dict(optimizer=optimizer, zero=1) if optimizer is not None else {}
     program = sg.compile(model, sg.MeshSpec.parse("world=8,tp=2,ep=4"), inputs, loss_fn, **options)
     assert program.placed.sweeps < _MAX_SWEEPS
+
+
+@pytest.mark.parametrize("mesh_text", MESHES)
+def test_two_zero1_sgd_momentum_steps_in_float32_equal_torch_optim_on_every_parity_mesh(mesh_text):
+    # SGD keeps the gradient's scale (Adam would hide a factor of tp or dp): the loss, the norm
+    # and the weights after two steps with a momentum buffer split over dp / edp.
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
+    reference = copy.deepcopy(model)
+    optimizer = sg.optim.SGD(lr=0.1, momentum=0.9)
+    program = sg.compile(model, sg.MeshSpec.parse(mesh_text), inputs, loss_fn, optimizer=optimizer,
+                         clip_grad_norm=1.0, zero=1)
+    torch_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    _step_alongside(program, program.init_states(model), reference, torch_optimizer, inputs, loss_fn, 2,
+                    loss_tolerance=1e-5, norm_tolerance=1e-5, state_tolerance=1e-5)
