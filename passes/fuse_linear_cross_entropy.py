@@ -245,7 +245,7 @@ def _match(nll: Node) -> _Match | None:
                 grad_weight_t, grad_weight_mm = user, product
                 continue
         if (user.target == aten.mm.default and user.args[0] is grad_logits and user.args[1].target == aten.t.default
-                and user.args[1].args[0] is weight_t):
+                and _same_value(user.args[1].args[0], weight_t)):
             grad_hidden_mm = user
             continue
         return None
@@ -269,6 +269,19 @@ def _match(nll: Node) -> _Match | None:
     return _Match(mm, hidden, weight_t, weight, forward_ops, log_softmax, nll, nll_backward, log_softmax_backward,
                   backward_ops, grad_weight_mm, grad_weight_t, grad_hidden_mm, loss_items, count_items, seeds,
                   target, ignore_index, forward_reduction, backward_reduction)
+
+
+def _same_value(left, right) -> bool:
+    """Whether two nodes compute the same value by the same ops from the same inputs: the
+    backward may read a copy of the forward's transposed weight, made again from the parameter
+    (``gather_parameters`` casts a weight again for the backward rather than keep the forward's)."""
+    if left is right:
+        return True
+    if not (isinstance(left, Node) and isinstance(right, Node)) or left.op != "call_function" \
+            or right.op != "call_function" or left.target != right.target or left.kwargs != right.kwargs \
+            or len(left.args) != len(right.args):
+        return False
+    return all(_same_value(a, b) if isinstance(a, Node) else a == b for a, b in zip(left.args, right.args))
 
 
 class _Emitter:
