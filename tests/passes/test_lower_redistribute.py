@@ -14,6 +14,7 @@ from shardgraph.runtime.simulate import Simulator
 STEP = {
     "all_gather": lambda comm, x, s: collectives.all_gather(comm, x, s.axis, s.dim),
     "interleaved_all_gather": lambda comm, x, s: collectives.interleaved_all_gather(comm, x, s.axis, s.dim, s.stripes),
+    "all_to_all": lambda comm, x, s: collectives.shard_to_shard(comm, x, s.axis, s.source_dim, s.dim),
     "reduce_scatter": lambda comm, x, s: collectives.reduce_scatter(comm, x, s.axis, s.dim, s.op),
     "all_reduce": lambda comm, x, s: collectives.all_reduce(comm, x, s.axis, s.op),
     "local_slice": lambda comm, x, s: collectives.local_slice(comm, x, s.axis, s.dim),
