@@ -118,18 +118,23 @@ def _pad_to_partials(plan: _Plan) -> None:
 
 
 def _swap_shard_dims(plan: _Plan) -> None:
-    """``Shard(i) -> Shard(j)`` on one axis as one all-to-all (each rank sends the block of its
-    piece that another rank keeps), where no other axis shards dim i or j before or after: then
-    the pieces are plain blocks of both dims and nothing nested has to be undone first."""
-    for axis in plan.axes:
+    """``Shard(i) -> Shard(j)`` on one axis as one all-to-all (each rank sends every other member
+    the block of its piece that member keeps, 1/n of it, where a gather would bring n - 1 pieces).
+
+    It is exact when this axis is the minor-most shard of dim i before and of dim j after, the
+    other axes sharding either dim being major to it and unchanged: the members of its group
+    then hold the same blocks of every other axis, dim i loses its innermost level and dim j
+    gains one. Other cases are left to the gathers and cuts below."""
+    for position, axis in enumerate(plan.axes):
         have, want = plan.current[axis], plan.wanted[axis]
         if type(have) is not Shard or type(want) is not Shard:
             continue
         source, target = have.dim % plan.ndim, want.dim % plan.ndim
-        if source == target or any(
-            plan.shards_dim(plan.current[a], d) or plan.shards_dim(plan.wanted[a], d)
-            for a in plan.axes if a != axis for d in (source, target)
-        ):
+        if source == target:
+            continue
+        others = [(index, a) for index, a in enumerate(plan.axes) if a != axis and any(
+            plan.shards_dim(plan.current[a], d) or plan.shards_dim(plan.wanted[a], d) for d in (source, target))]
+        if any(index > position or plan.current[a] != plan.wanted[a] for index, a in others):
             continue
         plan.add(RedistributeStep("all_to_all", axis, dim=target, source_dim=source), Shard(target))
 

@@ -136,8 +136,8 @@ def test_a_value_two_consumers_want_differently_is_reduced_once():
     for node in program.graph_module.graph.nodes:
         record = meta.collective(node)
         if record is not None and record.kind.value in ("all_reduce", "reduce_scatter"):
-            source = node.args[1]
-            reductions.setdefault((source.name, record.axis), []).append(node.name)
+            # ``of`` names the value a collective moves (through the layout steps around it).
+            reductions.setdefault((record.of, record.axis), []).append(node.name)
     assert reductions, "the step has no reductions to check"
     twice = {key: names for key, names in reductions.items() if len(names) > 1}
     assert not twice, f"values reduced more than once over one axis: {twice}"

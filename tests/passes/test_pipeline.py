@@ -17,7 +17,8 @@ def _traced():
 def test_the_pipeline_lists_every_pass_in_order():
     assert [p.name for p in PIPELINE] == ["decompose_loss", "recompute", "propagate", "add_communicator", "lower_redistribute",
                                          "lower_localize", "lower_moe", "bucket_gradient_sync",
-                                         "cast_gradient_reductions", "schedule_gradient_sync", "donate_state"]
+                                         "cast_gradient_reductions", "schedule_gradient_sync", "lower_collectives",
+                                         "schedule_collectives", "donate_state"]
 
 
 def test_a_lowering_without_its_communicator_is_refused_at_its_seam():
