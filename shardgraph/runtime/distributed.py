@@ -1,7 +1,10 @@
 """The torch.distributed runtime: one process per rank, gloo on CPU or NCCL on GPU.
 
-``DistributedCommunicator`` has the simulator communicator's methods, so a lowered program runs
-unchanged under either. Collectives go through torch's functional collectives
+A lowered program's collectives are ``torch.ops._c10d_functional`` ops on groups named by
+``c10d.group_name(mesh, axis)``; ``DistributedCommunicator`` creates the groups and registers
+this rank's group of each axis under that name, so the program runs here as it is (eagerly or
+under ``torch.compile``). It also has the simulator communicator's methods, for the local steps
+that read this rank's position and for code that calls collectives directly. Collectives go through torch's functional collectives
 (``torch.distributed._functional_collectives``), each on the process group of one mesh group.
 Every group of every axis is created up front, in the same order on every rank, as
 ``torch.distributed.new_group`` requires.
@@ -29,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..mesh import AxisName, MeshSpec
+from .c10d import register_groups
 from .guards import CollectiveFailure, ProgramMismatchError, collective_failure, fingerprint_mismatch
 
 __all__ = ["DistributedCommunicator", "gather_objects", "init_from_environment", "spawn_gloo"]
@@ -130,6 +134,9 @@ class DistributedCommunicator:
                 group = dist.new_group(list(members), timeout=self.timeout) if len(members) > 1 else None
                 if self.rank in members:
                     self._groups[_key(axis)] = (members, group)
+        # The lowered program's c10d ops name their groups by axis, the same name on every rank:
+        # each rank registers its own group of each axis under it.
+        register_groups(mesh, {axis: self._groups[_key(axis)][1] for axis in _AXES_USED})
 
     def group(self, axis: AxisName) -> tuple[int, ...]:
         return self.mesh.group_of(axis, self.rank)
