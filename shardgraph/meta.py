@@ -52,6 +52,7 @@ __all__ = [
     "set_collective_part",
     "collective_or_part",
     "moved_tensor",
+    "collective_source",
     "MoeStep",
     "OutputRole",
     "graph_input",
@@ -352,6 +353,26 @@ def collective_or_part(node: Node) -> Collective | None:
         return record
     part = _COLLECTIVE_PART.get(node)
     return part.collective if part is not None else None
+
+
+def collective_source(node: Node) -> Node | None:
+    """The value a collective moves, read from any node of it (its op, its wait, a layout step):
+    its tensor input before the layout steps of its own expansion. None for other nodes."""
+    record, part = _COLLECTIVE.get(node), _COLLECTIVE_PART.get(node)
+    if record is None and part is None:
+        return None
+    issue = node.name if record is not None else part.issue
+
+    def own(candidate) -> bool:
+        if not isinstance(candidate, Node):
+            return False
+        found = _COLLECTIVE_PART.get(candidate)
+        return candidate.name == issue or (found is not None and found.issue == issue)
+
+    source = moved_tensor(node)
+    while own(source):
+        source = moved_tensor(source)
+    return source
 
 
 def moved_tensor(node: Node) -> Node | None:
