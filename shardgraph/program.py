@@ -333,7 +333,19 @@ class ShardedProgram:
         self._check_first_step(communicator, parameters_local, buffers_local, check, debug)
         if debug:
             return self._run_debug(communicator, parameters_local, batch_local, buffers_local)
-        return self.step(communicator, parameters_local, batch_local, buffers_local, graph=self._graph_under(compile))
+        graph = self._graph_under(compile) if compile is not None else self._eager_distributed_graph(communicator)
+        return self.step(communicator, parameters_local, batch_local, buffers_local, graph=graph)
+
+    def _eager_distributed_graph(self, communicator):
+        """Under torch.distributed, eagerly: the program with its collectives' failures named
+        (``with_named_failures``), made once; otherwise the program as it is."""
+        if not self._distributed(communicator):
+            return self.graph_module
+        if "named_failures" not in self._compiled_graphs:
+            from .runtime.distributed import with_named_failures
+
+            self._compiled_graphs["named_failures"] = with_named_failures(self.graph_module)
+        return self._compiled_graphs["named_failures"]
 
     def _default_communicator(self, debug: bool):
         """This process's communicator over the default process group, made on first use."""
