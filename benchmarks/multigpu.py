@@ -9,6 +9,8 @@ Launch with torchrun, one process per GPU::
    compares the loss and the rebuilt gradients with the unsharded model run on its own GPU.
 2. Throughput (bf16, Qwen3-30B-A3B-shaped layers, ``--layers`` of them): median step time over
    ``--steps`` steps after warm-up, tokens per second. Writes JSON under benchmarks/results/.
+Both count the collectives one step issues (``collectives_per_step``, by op).
+
 3. The same two for the hand-written baseline (``benchmarks/titan_baseline.py``: DTensor
    ``parallelize_module`` for TP, an all-to-all EP in which every TP lane dispatches its
    duplicated tokens, gradient sync by hand), and the ratio of tokens per second.
@@ -35,6 +37,7 @@ import torch.distributed as dist  # noqa: E402
 import shardgraph as sg  # noqa: E402
 from examples.moe_model import shardgraph_entry  # noqa: E402
 from shardgraph.runtime.distributed import DistributedCommunicator, init_from_environment  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 
 def parity(mesh: sg.MeshSpec, rank: int, device: torch.device) -> dict:
@@ -105,7 +108,29 @@ def baseline_throughput(mesh: sg.MeshSpec, rank: int, device: torch.device, conf
         if step >= 3:
             times.append(time.perf_counter() - begin)
     median = statistics.median(times)
-    return {"median_step_s": median, "tokens_per_s": batch * seq / median}
+    with _CountCollectives() as counter:
+        loss_fn(model(ids), ids).backward()
+        sync()
+        model.zero_grad(set_to_none=True)
+    return {"median_step_s": median, "tokens_per_s": batch * seq / median,
+            "collectives_per_step": sum(counter.counts.values()), "collectives_by_op": counter.counts}
+
+
+class _CountCollectives(TorchDispatchMode):
+    """Counts the collectives a step issues: torch's functional (``_c10d_functional``, what our
+    program and DTensor issue) and eager (``c10d``, what ``dist.all_reduce`` issues) ops, by op."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # (``_wrap_tensor_autograd`` and the waits are bookkeeping, not collectives)
+        if func.namespace in ("_c10d_functional", "c10d") and not any(
+                word in func.__name__ for word in ("wait", "_wrap_tensor_autograd")):
+            key = func.__name__.split(".")[0]
+            self.counts[key] = self.counts.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
 
 
 def _synchronize(device: torch.device) -> None:
@@ -136,8 +161,11 @@ def throughput(mesh: sg.MeshSpec, rank: int, device: torch.device, config: str, 
         if step >= 3:
             times.append(time.perf_counter() - begin)
     median = statistics.median(times)
+    with _CountCollectives() as counter:
+        program.run(local, batch_local, communicator=communicator)
     return {"layers": layers, "batch": batch, "seq": seq, "compile_s": compile_s, "median_step_s": median,
             "tokens_per_s": batch * seq / median,
+            "collectives_per_step": sum(counter.counts.values()), "collectives_by_op": counter.counts,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
 

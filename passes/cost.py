@@ -11,7 +11,7 @@ Replicate -> Shard              local slice             0
 Replicate -> Partial            keep on one rank        0
 Partial(sum) <-> Partial(avg)   local scale             0
 Shard -> Replicate              all_gather              b * (n - 1)
-Shard(i) -> Shard(j)            all_gather + slice      b * (n - 1)
+Shard(i) -> Shard(j)            all_to_all              b * (n - 1) / n
 Partial -> Replicate            all_reduce              2 * b * (n - 1) / n
 Partial -> Shard                reduce_scatter          b * (n - 1) / n
 Partial -> InterleavedShard     all_reduce + slice      2 * b * (n - 1) / n
@@ -75,7 +75,9 @@ def redistribution(source: Placement, target: Placement, piece_bytes: float, gro
     # source is a Shard or InterleavedShard
     if type(source) is Shard and target == Partial("sum"):
         return Redistribution("pad", 0.0)
-    # Any other change (another dim, interleaved <-> blocked, a shard to a partial) is what lowering emits:
-    # gather whole, then cut locally. Pricing it as an all-to-all would make it look n times
-    # cheaper than what runs.
+    if type(source) is Shard and type(target) is Shard:
+        # Another dim of a plain shard: one all-to-all (each rank keeps 1/n of its piece).
+        return Redistribution("all_to_all", piece_bytes * (n - 1) / n)
+    # Any other change (interleaved <-> blocked, a shard to a partial) is what lowering emits:
+    # gather whole, then cut locally.
     return Redistribution("all_gather", piece_bytes * (n - 1))

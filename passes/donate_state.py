@@ -30,6 +30,7 @@ from torch.fx import GraphModule, Node
 from shardgraph import meta
 from shardgraph.fx_graph import output_values, set_output_values
 from shardgraph.meta import InputKind
+from shardgraph.runtime import c10d
 
 __all__ = ["donate_state", "donated_outputs"]
 
@@ -56,6 +57,9 @@ def _may_alias_input(node: Node) -> bool:
     would change a value still to be read."""
     if node.op != "call_function":
         return False
+    if c10d.is_issue(node):
+        # A collective reads its input until its wait_tensor: the wait is a reader too.
+        return True
     if isinstance(node.target, torch._ops.OpOverload):
         return any(r.alias_info is not None and not r.alias_info.is_write for r in node.target._schema.returns)
     return True

@@ -43,9 +43,10 @@ __all__ = ["RedistributeStep", "plan_redistribution", "lower_redistribute", "ste
 
 @dataclass(frozen=True)
 class RedistributeStep:
-    kind: str  # all_reduce | reduce_scatter | all_gather | interleaved_all_gather | local_slice | ...
+    kind: str  # all_reduce | reduce_scatter | all_gather | interleaved_all_gather | all_to_all | local_slice | ...
     axis: str
     dim: int | None = None
+    source_dim: int | None = None  # all_to_all: the dim the pieces were cut along before it
     op: str | None = None
     stripes: int | None = None
     factor: float | None = None
@@ -80,6 +81,7 @@ def plan_redistribution(source: Sharding, target: Sharding, ndim: int, mesh: Mes
     plan = _Plan(axes, {a: source.placement(a) for a in axes}, {a: target.placement(a) for a in axes}, ndim, mesh, [])
     _reduce_partials(plan)
     _pad_to_partials(plan)
+    _swap_shard_dims(plan)
     _gather_changing_shards(plan)
     _cut_new_shards(plan)
     return plan.steps
@@ -115,6 +117,28 @@ def _pad_to_partials(plan: _Plan) -> None:
             a != axis and plan.shards_dim(plan.current[a], have.dim % plan.ndim) for a in plan.axes
         ):
             plan.add(RedistributeStep("pad_to_partial", axis, dim=have.dim % plan.ndim), want)
+
+
+def _swap_shard_dims(plan: _Plan) -> None:
+    """``Shard(i) -> Shard(j)`` on one axis as one all-to-all (each rank sends every other member
+    the block of its piece that member keeps, 1/n of it, where a gather would bring n - 1 pieces).
+
+    It is exact when this axis is the minor-most shard of dim i before and of dim j after, the
+    other axes sharding either dim being major to it and unchanged: the members of its group
+    then hold the same blocks of every other axis, dim i loses its innermost level and dim j
+    gains one. Other cases are left to the gathers and cuts below."""
+    for position, axis in enumerate(plan.axes):
+        have, want = plan.current[axis], plan.wanted[axis]
+        if type(have) is not Shard or type(want) is not Shard:
+            continue
+        source, target = have.dim % plan.ndim, want.dim % plan.ndim
+        if source == target:
+            continue
+        others = [(index, a) for index, a in enumerate(plan.axes) if a != axis and any(
+            plan.shards_dim(plan.current[a], d) or plan.shards_dim(plan.wanted[a], d) for d in (source, target))]
+        if any(index > position or plan.current[a] != plan.wanted[a] for index, a in others):
+            continue
+        plan.add(RedistributeStep("all_to_all", axis, dim=target, source_dim=source), Shard(target))
 
 
 def _gather_changing_shards(plan: _Plan) -> None:
@@ -162,7 +186,7 @@ def step_bytes(step: RedistributeStep, piece_bytes: float, mesh: MeshSpec) -> fl
     n = mesh.size(step.axis)
     if step.kind in ("all_gather", "interleaved_all_gather"):
         return piece_bytes * (n - 1)
-    if step.kind == "reduce_scatter":
+    if step.kind in ("reduce_scatter", "all_to_all"):
         return piece_bytes * (n - 1) / n
     if step.kind == "all_reduce":
         return 2 * piece_bytes * (n - 1) / n
@@ -173,7 +197,7 @@ def _apply_placement(sharding: Sharding, step: RedistributeStep) -> Sharding:
     placements = dict(sharding.items())
     if step.kind in ("all_gather", "interleaved_all_gather", "all_reduce"):
         placements[step.axis] = Replicate()
-    elif step.kind == "reduce_scatter" or step.kind == "local_slice":
+    elif step.kind in ("reduce_scatter", "local_slice", "all_to_all"):
         placements[step.axis] = Shard(step.dim)
     elif step.kind == "local_interleaved_slice":
         placements[step.axis] = InterleavedShard(step.dim, step.stripes)
@@ -189,6 +213,7 @@ def _apply_placement(sharding: Sharding, step: RedistributeStep) -> Sharding:
 _STEP_FUNCTIONS = {
     "all_gather": lambda s: (collectives.all_gather, {"axis": s.axis, "dim": s.dim}),
     "interleaved_all_gather": lambda s: (collectives.interleaved_all_gather, {"axis": s.axis, "dim": s.dim, "stripes": s.stripes}),
+    "all_to_all": lambda s: (collectives.shard_to_shard, {"axis": s.axis, "source_dim": s.source_dim, "dim": s.dim}),
     "reduce_scatter": lambda s: (collectives.reduce_scatter, {"axis": s.axis, "dim": s.dim, "op": s.op}),
     "all_reduce": lambda s: (collectives.all_reduce, {"axis": s.axis, "op": s.op}),
     "local_slice": lambda s: (collectives.local_slice, {"axis": s.axis, "dim": s.dim}),

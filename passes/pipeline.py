@@ -13,6 +13,8 @@
     bucket_gradient_sync  typed collectives -> one all-reduce per gradient bucket
     cast_gradient_reductions  typed collectives -> gradients reduced in reduce_dtype (option)
     schedule_gradient_sync  typed collectives -> each gradient reduced right after it is computed
+    lower_collectives     typed collectives -> torch's _c10d_functional ops + wait_tensor, nothing else
+    schedule_collectives  c10d            -> ops issued early, waits late (overlap), bytes in flight bounded
     donate_state          communicator    -> new parameters and state written into the old (option)
 
 Conditions are checked before and after every pass (as ``torch.fx.passes.infra.pass_base``'s
@@ -33,7 +35,7 @@ from shardgraph import meta
 from shardgraph.fx_graph import copy_graph_module
 from shardgraph.mesh import MeshSpec
 from shardgraph.meta import InputKind, MetadataError
-from shardgraph.runtime import collectives
+from shardgraph.runtime import c10d, collectives
 
 from .add_communicator import add_communicator
 from .bucket_gradient_sync import bucket_gradient_sync
@@ -46,9 +48,11 @@ from .fuse_linear_cross_entropy import fuse_linear_cross_entropy
 from .gather_parameters import gather_parameters
 from .lower_localize import lower_localize
 from .lower_moe import is_moe_backward, is_moe_forward, lower_moe
+from .lower_collectives import CALL_FORM, lower_collectives
 from .lower_redistribute import lower_redistribute
 from .propagate import PlacedGraph, propagate
 from .recompute import recompute
+from .schedule_collectives import schedule_collectives
 from .schedule_gradient_sync import schedule_gradient_sync
 
 __all__ = ["Condition", "Pass", "PassContractError", "CompileOptions", "Compiled", "PIPELINE", "run_pipeline"]
@@ -92,9 +96,23 @@ _COLLECTIVE_FUNCTIONS = set(collectives.COLLECTIVE_FUNCTIONS)
 
 
 def _collectives_typed(gm: GraphModule) -> list[str]:
-    return [f"collective node {node.name} ({node.target.__name__}) has no Collective record"
+    """Every collective, in the call form or as a c10d op, carries its ``Collective`` record."""
+    return [f"collective node {node.name} ({getattr(node.target, '__name__', node.target)}) has no Collective record"
             for node in gm.graph.nodes
-            if node.op == "call_function" and node.target in _COLLECTIVE_FUNCTIONS and meta.collective(node) is None]
+            if node.op == "call_function" and (node.target in _COLLECTIVE_FUNCTIONS or c10d.is_issue(node))
+            and meta.collective(node) is None]
+
+
+def _c10d_only(gm: GraphModule) -> list[str]:
+    """Collectives only as torch's c10d ops, each waited on exactly once before its value is read."""
+    problems = [f"node {node.name} calls {node.target.__name__}, a collective in the call form"
+                for node in gm.graph.nodes if node.op == "call_function" and node.target in CALL_FORM]
+    for node in gm.graph.nodes:
+        if c10d.is_issue(node):
+            users = list(node.users)
+            if len(users) != 1 or not c10d.is_wait(users[0]):
+                problems.append(f"c10d op {node.name} is read by {[u.name for u in users]}, not by one wait_tensor")
+    return problems
 
 
 def _no_moe_ops(gm: GraphModule) -> list[str]:
@@ -107,6 +125,7 @@ PLACED = Condition("placed: a PlacedValue on every node", _placed)
 COMMUNICATOR = Condition("one communicator input", _has_communicator)
 COLLECTIVES_TYPED = Condition("every collective carries a Collective record", _collectives_typed)
 NO_MOE_OPS = Condition("no MoE op left to lower", _no_moe_ops)
+C10D_ONLY = Condition("collectives are _c10d_functional ops, each with its wait_tensor", _c10d_only)
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,9 @@ class CompileOptions:
     recompute: str = "none"  # "selective" | "full": activations recomputed in the backward (passes/recompute.py)
     reshard_after_forward: bool = True  # zero=3: gather each parameter again for the backward (passes/gather_parameters.py)
     fused_loss: bool = True  # output projection + cross-entropy as one chunked op (passes/fuse_linear_cross_entropy.py)
+    # Most bytes of collectives in flight (issued, not yet waited on) that schedule_collectives
+    # lets an early issue add; None: passes/schedule_collectives.py's default.
+    prefetch_bytes: int | None = None
 
 
 @dataclass
@@ -173,8 +195,12 @@ PIPELINE: tuple[Pass, ...] = (
          (COLLECTIVES_TYPED,), (COLLECTIVES_TYPED,)),
     Pass("schedule_gradient_sync", lambda gm, options, compiled: schedule_gradient_sync(gm), (COLLECTIVES_TYPED,),
          (COLLECTIVES_TYPED,)),
+    Pass("lower_collectives", lambda gm, options, compiled: lower_collectives(gm, options.mesh),
+         (COLLECTIVES_TYPED, COMMUNICATOR), (C10D_ONLY, COLLECTIVES_TYPED)),
+    Pass("schedule_collectives", lambda gm, options, compiled: schedule_collectives(gm, options.prefetch_bytes),
+         (C10D_ONLY, COLLECTIVES_TYPED), (C10D_ONLY, COLLECTIVES_TYPED)),
     Pass("donate_state", lambda gm, options, compiled: donate_state(gm) if options.donate_state else gm,
-         (COMMUNICATOR,), (COLLECTIVES_TYPED, COMMUNICATOR)),
+         (COMMUNICATOR,), (C10D_ONLY, COLLECTIVES_TYPED, COMMUNICATOR)),
 )
 
 

@@ -15,6 +15,7 @@ record                 written by                   read by
                        for the nodes they insert
 ``Collective``         lower_redistribute,          bucket_gradient_sync, report, dump
                        lower_moe, bucket_...
+``CollectivePart``     lower_collectives            report (a collective's waits and layout steps)
 ``MoeStep``            lower_moe                    report, dump (which MoE layer a node serves)
 ``OutputRole`` list    trace (on the graph module)  propagate (what each output must be)
 =====================  ===========================  ============================================
@@ -46,6 +47,12 @@ __all__ = [
     "CollectiveKind",
     "Purpose",
     "Collective",
+    "CollectivePart",
+    "collective_part",
+    "set_collective_part",
+    "collective_or_part",
+    "moved_tensor",
+    "collective_source",
     "MoeStep",
     "OutputRole",
     "graph_input",
@@ -98,6 +105,7 @@ _PHASE = _Key("shardgraph.phase")
 _PLACED = _Key("shardgraph.placed")
 _COLLECTIVE = _Key("shardgraph.collective")
 _MOE_STEP = _Key("shardgraph.moe_step")
+_COLLECTIVE_PART = _Key("shardgraph.collective_part")
 _OUTPUT_ROLES = "shardgraph.output_roles"
 # Written by make_fx / fx; read only here.
 _VALUE = "val"
@@ -322,6 +330,65 @@ class Collective:
 # Reader and writer of the record (``collective(node)``, ``set_collective(node, record)``).
 collective = _COLLECTIVE.get
 set_collective = _COLLECTIVE.set
+
+
+@dataclass(frozen=True)
+class CollectivePart:
+    """A node of a collective's expansion into torch's c10d IR other than the one that issues it
+    (``passes/lower_collectives.py``): a local layout step before or after it, or its
+    ``wait_tensor``. ``issue`` names the node that carries the ``Collective`` record;
+    ``collective`` is that record, so readers that walk a value through its synchronisation
+    (the report's gradient walk) see the same purpose on every node of it."""
+
+    issue: str
+    collective: Collective
+    role: str  # "before" | "wait" | "after"
+
+
+collective_part = _COLLECTIVE_PART.get
+set_collective_part = _COLLECTIVE_PART.set
+
+
+def collective_or_part(node: Node) -> Collective | None:
+    """The ``Collective`` a node issues, or the one whose expansion it belongs to."""
+    record = _COLLECTIVE.get(node)
+    if record is not None:
+        return record
+    part = _COLLECTIVE_PART.get(node)
+    return part.collective if part is not None else None
+
+
+def collective_source(node: Node) -> Node | None:
+    """The value a collective moves, read from any node of it (its op, its wait, a layout step):
+    its tensor input before the layout steps of its own expansion. None for other nodes."""
+    record, part = _COLLECTIVE.get(node), _COLLECTIVE_PART.get(node)
+    if record is None and part is None:
+        return None
+    issue = node.name if record is not None else part.issue
+
+    def own(candidate) -> bool:
+        if not isinstance(candidate, Node):
+            return False
+        found = _COLLECTIVE_PART.get(candidate)
+        return candidate.name == issue or (found is not None and found.issue == issue)
+
+    source = moved_tensor(node)
+    while own(source):
+        source = moved_tensor(source)
+    return source
+
+
+def moved_tensor(node: Node) -> Node | None:
+    """The tensor input a collective (or a step of its expansion) moves: the first tensor node
+    argument that is not the communicator placeholder."""
+    for argument in node.args:
+        if isinstance(argument, Node) and not (argument.op == "placeholder"
+                                                and (graph_input(argument) is not None
+                                                     and graph_input(argument).kind is InputKind.COMMUNICATOR)):
+            return argument
+        if isinstance(argument, (list, tuple)):
+            return None
+    return None
 
 
 # ----------------------------------------------------------------------------- MoE steps

@@ -174,7 +174,7 @@ class ShardedProgram:
             rank = comm.rank if comm is not None else 0
             buffers = dict(zip(self.buffer_names, self._local_buffers(rank, self.default_buffers)))
         args = [parameters[n] for n in self.parameter_names] + [buffers[n] for n in self.buffer_names] + list(batch)
-        outputs = (graph or self.graph_module)(comm, *args)
+        outputs = (graph if graph is not None else self.graph_module)(comm, *args)
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         if not getattr(self.traced, "has_loss", True):
             return outputs
@@ -306,7 +306,7 @@ class ShardedProgram:
 
     def run(self, parameters_local: Mapping[str, torch.Tensor], batch_local: Sequence[torch.Tensor],
             buffers_local: Mapping[str, torch.Tensor] | None = None, communicator=None, *,
-            check: bool | None = None, debug: bool | None = None):
+            check: bool | None = None, debug: bool | None = None, compile: str | None = None):
         """This rank's step under torch.distributed (initialised by torchrun or ``spawn_gloo``).
 
         ``batch_local`` is this rank's piece (``local_batch``); without ``buffers_local`` the
@@ -315,8 +315,12 @@ class ShardedProgram:
         and that replicated parameters and buffers agree across their groups. With ``debug``
         (default: ``SHARDGRAPH_DEBUG``) a NaN or inf in an input, the loss or a gradient raises
         ``NonFiniteError`` on every rank, naming the first node that produced one. ``debug`` must
-        be the same on every rank: it adds collectives.
+        be the same on every rank: it adds collectives. ``compile="inductor"`` runs the step under
+        ``torch.compile`` (compiled once per program and mode; the collectives are c10d ops that
+        dynamo traces and inductor lowers).
         """
+        if compile not in (None, "inductor"):
+            raise ValueError(f"run: compile must be None or 'inductor', got {compile!r}")
         debug = debug_enabled(debug)
         self.check_batch(batch_local, local=True, where="run")
         communicator = communicator if communicator is not None else self._default_communicator(debug)
@@ -329,7 +333,19 @@ class ShardedProgram:
         self._check_first_step(communicator, parameters_local, buffers_local, check, debug)
         if debug:
             return self._run_debug(communicator, parameters_local, batch_local, buffers_local)
-        return self.step(communicator, parameters_local, batch_local, buffers_local)
+        graph = self._graph_under(compile) if compile is not None else self._eager_distributed_graph(communicator)
+        return self.step(communicator, parameters_local, batch_local, buffers_local, graph=graph)
+
+    def _eager_distributed_graph(self, communicator):
+        """Under torch.distributed, eagerly: the program with its collectives' failures named
+        (``with_named_failures``), made once; otherwise the program as it is."""
+        if not self._distributed(communicator):
+            return self.graph_module
+        if "named_failures" not in self._compiled_graphs:
+            from .runtime.distributed import with_named_failures
+
+            self._compiled_graphs["named_failures"] = with_named_failures(self.graph_module)
+        return self._compiled_graphs["named_failures"]
 
     def _default_communicator(self, debug: bool):
         """This process's communicator over the default process group, made on first use."""

@@ -159,7 +159,8 @@ def _common_layer(groups: Iterable[NodeGroup | None], skip_outside: bool = False
 
 
 def _is_gradient_sync(node: Node) -> bool:
-    record = meta.collective(node)
+    """A gradient's synchronisation: the collective, its wait or a layout step of it."""
+    record = meta.collective_or_part(node)
     return record is not None and record.purpose is Purpose.GRADIENT_SYNC
 
 
@@ -195,7 +196,7 @@ def _is_bucket_flatten(node: Node) -> bool:
 def _bucket_members(node: Node) -> list[Node]:
     """The gradients a bucket's all-reduce reduces (read from its flatten, as the names its
     record keeps may belong to nodes a later pass replaced); [] for any other node."""
-    flat = node.args[1] if len(node.args) > 1 else None
+    flat = meta.collective_source(node)
     return list(flat.args[0]) if isinstance(flat, Node) and _is_bucket_flatten(flat) else []
 
 
@@ -214,13 +215,14 @@ class _Grouper:
 
     def _moved(self, node: Node) -> Node | None:
         """The value a collective moves: the node its record names or, where a later pass
-        replaced that node, its tensor input (the communicator comes first). None for others."""
-        record = meta.collective(node)
+        replaced that node, its tensor input (through the layout steps of its c10d expansion).
+        None for others (a collective's wait and layout steps count as the collective)."""
+        record = meta.collective_or_part(node)
         if record is None:
             return None
         found = self.by_name.get(record.of)
-        if found is None and len(node.args) > 1 and isinstance(node.args[1], Node):
-            found = node.args[1]
+        if found is None:
+            found = meta.collective_source(node)
         return found if found in self.groups else None
 
     def _anchor_group(self, node: Node) -> NodeGroup | None:
@@ -237,7 +239,7 @@ class _Grouper:
             user = pending.pop()
             if user not in self.groups or meta.phase(user) is not Phase.FORWARD:
                 continue
-            if meta.collective(user) is not None:
+            if meta.collective_or_part(user) is not None:
                 pending.extend(user.users)
             else:
                 readers.add(self.groups[user])
@@ -247,7 +249,7 @@ class _Grouper:
 
     def _inherited(self, node: Node) -> NodeGroup:
         groups = self.groups
-        record = meta.collective(node)
+        record = meta.collective_or_part(node)
         inputs = [n for n in node.all_input_nodes if n in groups and groups[n].block != INPUTS]
         moved = self._moved(node)
         if record is not None and record.purpose is Purpose.GRADIENT_SYNC:
@@ -292,9 +294,9 @@ class _Grouper:
             node = value if role.kind == "grad" else None
             while isinstance(node, Node):
                 found[node] = role.parameter
-                record = meta.collective(node)
-                if record is not None and record.purpose is Purpose.GRADIENT_SYNC and len(node.args) > 1:
-                    node = node.args[1]  # a collective's tensor follows the communicator
+                record = meta.collective_or_part(node)
+                if record is not None and record.purpose is Purpose.GRADIENT_SYNC:
+                    node = meta.collective_source(node)  # through the collective to what it moves
                 elif _bucket_piece_source(node) is not None:
                     node = _bucket_piece_source(node)
                 else:
@@ -407,20 +409,20 @@ def _estimated_pieces(node: Node, pieces: dict[Node, list], mesh: MeshSpec) -> l
         found = pieces.get(node.args[0]) or []
         index = node.args[1]
         return [found[index]] if isinstance(index, int) and index < len(found) else [None]
-    if kind in ("split_sizes", "etp_sizes"):
+    if kind in ("split_sizes", "host_list"):
         return [None]  # host lists of row counts
+    if kind == "_c10d_functional.all_gather_into_tensor" and arg(0):  # every member's rows
+        return [_rows(arg(0), arg(0)[0][0] * int(node.args[1]))]
+    if kind == "_c10d_functional.reduce_scatter_tensor" and arg(0):  # this member's block of rows
+        return [_rows(arg(0), arg(0)[0][0] // int(node.args[2]))]
+    if kind == "as_matrix" and arg(0):  # copies from each ep peer for each local expert
+        peers = int(node.args[1])
+        return [((peers, arg(0)[0][0] // peers), arg(0)[1])]
     if kind == "sort_by_expert" and arg(0):  # (token copy order, copies per expert)
         copies = math.prod(arg(0)[0])
         return [((copies,), torch.int64), ((int(node.args[1]),), torch.int64)]
-    if kind == "exchange_counts" and arg(1):  # copies from each ep peer for each local expert
-        axis = node.args[2] if len(node.args) > 2 else node.kwargs.get("ep_axis", "ep")
-        peers = mesh.size(axis)
-        return [((peers, arg(1)[0][0] // peers), arg(1)[1])]
     if kind == "gather_copies" and arg(0) and arg(1):  # one row of hidden per token copy
         return [_rows(arg(0), arg(1)[0][0])]
-    if kind == "etp_gather" and arg(1):  # rows of every etp rank
-        axis = node.args[2] if len(node.args) > 2 else node.kwargs.get("etp_axis", "etp")
-        return [_rows(arg(1), arg(1)[0][0] * mesh.size(axis))]
     if kind == "group_by_local_expert" and arg(0) and arg(1):  # (rows, permutation, offsets)
         rows = arg(0)[0][0]
         return [arg(0), ((rows,), torch.int64), ((arg(1)[0][-1],), torch.int32)]

@@ -240,10 +240,8 @@ class TrainingProgram(ShardedProgram):
             return self.graph_module
         if compile != "inductor":
             raise ValueError(f"train_step: compile must be None or 'inductor', got {compile!r}")
-        if self.mesh.world != 1:
-            # The collectives of a world > 1 program are Python calls on the communicator
-            # object, which dynamo cannot trace into one graph.
-            raise ValueError(f"train_step: compile='inductor' needs a world=1 program, this one is for {self.mesh}")
+        # At world > 1 the collectives are torch's c10d ops on named groups, which dynamo traces
+        # and inductor lowers like any other op.
         return self._graph_under(compile)
 
     def train_step(self, state: TrainState, batch: Sequence[torch.Tensor], lr: float | None = None,
@@ -254,8 +252,9 @@ class TrainingProgram(ShardedProgram):
         piece (``local_batch``). The first step runs ``run``'s guards (same program everywhere,
         replicated parameters equal); ``check`` as for ``run``. A program compiled with
         ``donate_state`` (the default) writes the new state into ``state``'s tensors and marks
-        ``state`` consumed: continue with the state it returns. ``compile="inductor"`` (world=1)
-        runs the step's graph under ``torch.compile``: the update fuses into a few kernels."""
+        ``state`` consumed: continue with the state it returns. ``compile="inductor"`` runs the
+        step's graph under ``torch.compile`` (any world: the collectives are c10d ops): the update
+        fuses into a few kernels."""
         lr = self._learning_rate(lr)
         graph = self._graph(compile)
         if communicator is None and self.mesh.world > 1:

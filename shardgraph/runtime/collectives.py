@@ -1,10 +1,14 @@
-"""The communication and layout steps a lowered program calls, on any communicator.
+"""The communication and layout steps of a redistribution, on any communicator.
 
 Every function takes the rank's communicator first: a ``Communicator``
 (``shardgraph/runtime/communicator.py``), the simulator's or ``DistributedCommunicator`` over
-torch.distributed. Lowered graphs call these functions as fx ``call_function`` nodes with the
-communicator as a graph input, so the program is a pure function of (communicator, parameters,
-batch) and the same graph runs on every rank.
+torch.distributed. Lowering emits these as fx ``call_function`` nodes with the communicator as a
+graph input; the collectives among them (``COLLECTIVE_FUNCTIONS``) are an intermediate form:
+``passes/lower_collectives.py`` rewrites each into torch's ``_c10d_functional`` op, its
+``wait_tensor`` and the local steps around it (``runtime/c10d.py``), so the finished program
+speaks torch's distributed IR. The local steps (slices, zero-pads, scales) stay as they are: they
+read only this rank's position in a group. Run directly, these functions compute the same values
+as their lowered form (the tests of each pass run them in the simulator).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ __all__ = [
     "reduce_scatter",
     "all_reduce",
     "all_to_all",
+    "shard_to_shard",
     "local_slice",
     "local_interleaved_slice",
     "keep_on_first",
@@ -63,6 +68,15 @@ def all_to_all(comm: Communicator, tensor: torch.Tensor, axis, input_splits, dim
     return comm.all_to_all(tensor.contiguous(), axis, input_splits, dim=dim, output_splits=output_splits)
 
 
+def shard_to_shard(comm: Communicator, tensor: torch.Tensor, axis, source_dim: int, dim: int) -> torch.Tensor:
+    """Shard(source_dim) -> Shard(dim) over ``axis`` as one all-to-all: block k of the piece
+    along ``dim`` goes to member k, the blocks received are joined along ``source_dim``."""
+    n = comm.mesh.size(axis)
+    blocks = torch.stack(tensor.chunk(n, dim=dim), dim=0)
+    received = comm.all_to_all(blocks, axis, [1] * n, dim=0, output_splits=[1] * n)
+    return torch.cat(received.unbind(0), dim=source_dim)
+
+
 def local_slice(comm: Communicator, tensor: torch.Tensor, axis, dim: int) -> torch.Tensor:
     """Replicate -> Shard(dim): this rank's block, no communication."""
     n = comm.mesh.size(axis)
@@ -102,4 +116,4 @@ def scale(comm: Communicator, tensor: torch.Tensor, factor: float) -> torch.Tens
     return tensor * factor
 
 
-COLLECTIVE_FUNCTIONS = {all_gather, interleaved_all_gather, reduce_scatter, all_reduce, all_to_all}
+COLLECTIVE_FUNCTIONS = {all_gather, interleaved_all_gather, reduce_scatter, all_reduce, all_to_all, shard_to_shard}

@@ -1,7 +1,10 @@
 """The torch.distributed runtime: one process per rank, gloo on CPU or NCCL on GPU.
 
-``DistributedCommunicator`` has the simulator communicator's methods, so a lowered program runs
-unchanged under either. Collectives go through torch's functional collectives
+A lowered program's collectives are ``torch.ops._c10d_functional`` ops on groups named by
+``c10d.group_name(mesh, axis)``; ``DistributedCommunicator`` creates the groups and registers
+this rank's group of each axis under that name, so the program runs here as it is (eagerly or
+under ``torch.compile``). It also has the simulator communicator's methods, for the local steps
+that read this rank's position and for code that calls collectives directly. Collectives go through torch's functional collectives
 (``torch.distributed._functional_collectives``), each on the process group of one mesh group.
 Every group of every axis is created up front, in the same order on every rank, as
 ``torch.distributed.new_group`` requires.
@@ -29,9 +32,10 @@ import torch
 import torch.distributed as dist
 
 from ..mesh import AxisName, MeshSpec
+from .c10d import register_groups
 from .guards import CollectiveFailure, ProgramMismatchError, collective_failure, fingerprint_mismatch
 
-__all__ = ["DistributedCommunicator", "gather_objects", "init_from_environment", "spawn_gloo"]
+__all__ = ["DistributedCommunicator", "gather_objects", "init_from_environment", "spawn_gloo", "with_named_failures"]
 
 _AXES_USED = ("tp", "dp", "ep", "etp", "edp", ("dp", "tp"), ("ep", "etp"))
 # The timeout given to init_from_environment / spawn_gloo in this process: torch's new_group
@@ -119,6 +123,7 @@ class DistributedCommunicator:
         self.timeout = _as_timedelta(timeout) or _timeout
         self.backend = dist.get_backend()
         self._calls: dict[tuple, int] = {}
+        self._in_flight: dict[int, tuple] = {}  # a c10d op's result -> (kind, axis, call number)
         # Ranks given different meshes would create different groups below, in a different
         # order, and hang inside new_group: agree on the mesh first.
         meshes = gather_objects(str(mesh), "the mesh check before creating process groups", self.timeout)
@@ -130,9 +135,18 @@ class DistributedCommunicator:
                 group = dist.new_group(list(members), timeout=self.timeout) if len(members) > 1 else None
                 if self.rank in members:
                     self._groups[_key(axis)] = (members, group)
+        # The lowered program's c10d ops name their groups by axis, the same name on every rank:
+        # each rank registers its own group of each axis under it.
+        register_groups(mesh, {axis: self._groups[_key(axis)][1] for axis in _AXES_USED})
 
     def group(self, axis: AxisName) -> tuple[int, ...]:
         return self.mesh.group_of(axis, self.rank)
+
+    def _failure(self, kind: str, axis, call: int, error: BaseException) -> CollectiveFailure:
+        members = self._groups[_key(axis)][0] if _key(axis) in self._groups else ()
+        label = axis if isinstance(axis, str) else "*".join(axis)
+        what = f"{kind} over {label} group {tuple(members)} (call #{call} on that group)"
+        return collective_failure(what, self.rank, members, error, _seconds(self.timeout))
 
     def index(self, axis: AxisName) -> int:
         return self.mesh.index(axis, self.rank)
@@ -302,3 +316,53 @@ def spawn_gloo(fn: Callable[..., Any], world: int, *args, timeout: float | datet
             record = torch.load(os.path.join(result_dir, f"rank{rank}.pt"), weights_only=False)
             results.append(record["result"])
         return results
+
+
+# ---------------------------------------------------------------------------------- named failures
+def _guarded_issue(op, comm: "DistributedCommunicator", kind: str, axis, *args):
+    """A c10d op of the program, counted per group; a backend error names the collective."""
+    key = _key(axis)
+    comm._calls[key] = comm._calls.get(key, 0) + 1
+    try:
+        out = op(*args)
+    except RuntimeError as error:
+        raise comm._failure(kind, axis, comm._calls[key], error) from error
+    comm._in_flight[id(out)] = (kind, axis, comm._calls[key])
+    return out
+
+
+def _guarded_wait(tensor, comm: "DistributedCommunicator"):
+    """The wait of a c10d op; a timeout or backend error names the collective it waited for."""
+    kind, axis, call = comm._in_flight.pop(id(tensor), ("collective", "?", 0))
+    try:
+        return torch.ops._c10d_functional.wait_tensor.default(tensor)
+    except RuntimeError as error:
+        raise comm._failure(kind, axis, call, error) from error
+
+
+def with_named_failures(gm):
+    """A copy of a lowered program whose c10d ops and waits name the collective when they fail
+    (``CollectiveFailure``: kind, axis, group, call number, ranks missing), for eager runs under
+    torch.distributed. The ops are the same; each costs one Python call more. Programs run under
+    ``torch.compile`` run the plain graph (inductor owns the calls there)."""
+    from torch.fx import GraphModule
+
+    from .. import meta
+    from . import c10d
+
+    graph = torch.fx.Graph()
+    mapping: dict = {}
+    output = graph.graph_copy(gm.graph, mapping, return_output_node=True)
+    graph.output(output[0] if isinstance(output, tuple) else output)
+    comm = meta.communicator_node(graph)
+    for node in list(graph.nodes):
+        if c10d.is_issue(node):
+            record = meta.collective(node)
+            node.args = (node.target, comm, record.kind.value, record.axis, *node.args)
+            node.target = _guarded_issue
+        elif c10d.is_wait(node):
+            node.args = (node.args[0], comm)
+            node.target = _guarded_wait
+    result = GraphModule(gm, graph)
+    result.recompile()
+    return result

@@ -6,7 +6,9 @@ Two ways in:
   every participating rank at once and returns every rank's result. Each group of ``axis`` among
   the given ranks is reduced on its own.
 * SPMD level: ``Simulator.run(fn, per_rank_args)`` calls ``fn(comm, *args)`` once per rank, each in
-  its own thread, where ``comm`` is that rank's ``RankCommunicator``; a collective blocks until
+  its own thread, where ``comm`` is that rank's ``RankCommunicator`` (and the thread's
+  ``torch.ops._c10d_functional`` ops, what a lowered program issues, go to it through
+  ``c10d.SimulatedCollectives``); a collective blocks until
   every member of its group has arrived, then the result is computed once, from all members'
   tensors in group order. This is how per-rank programs run.
 
@@ -37,6 +39,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..mesh import AxisName, MeshSpec
+from .c10d import SimulatedCollectives
 
 __all__ = [
     "CollectiveError",
@@ -344,7 +347,10 @@ class Simulator:
 
         def body(rank: int) -> None:
             try:
-                results[rank] = fn(self.communicator(rank), *args_of[rank])
+                comm = self.communicator(rank)
+                # A lowered program's c10d ops go to this thread's rank (the mode is thread-local).
+                with SimulatedCollectives(comm):
+                    results[rank] = fn(comm, *args_of[rank])
             except BaseException as error:  # noqa: BLE001 - re-raised on the calling thread
                 errors[rank] = error
                 with self._condition:

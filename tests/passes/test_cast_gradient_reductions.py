@@ -31,13 +31,14 @@ def _dtype(node):
         members = {_dtype(member) for member in node.args[0]}
         assert len(members) == 1, f"{node.name} flattens gradients of several dtypes {members}"
         return members.pop()
-    if meta.collective(node) is not None:
-        return _dtype(node.args[1])
+    if meta.collective_or_part(node) is not None:
+        # A collective, its wait or a layout step of it: the dtype of what it moves.
+        return _dtype(meta.moved_tensor(node))
     return meta.tensor_value(node).dtype
 
 
 def _reduced_dtype(node):
-    return _dtype(node.args[1])
+    return _dtype(meta.moved_tensor(node))
 
 
 @pytest.mark.parametrize("optimizer", [None, sg.optim.AdamW(lr=1e-3)], ids=["gradients", "train-step"])
@@ -50,6 +51,8 @@ def test_bf16_reduction_halves_the_gradient_bytes_and_the_simulator_sends_them(o
     assert all(_reduced_dtype(node) == torch.float32 for node in _gradient_reductions(default))
 
     def family(program):
+        # Every collective of the gradient synchronisation: the reductions and the all-gathers
+        # after them (a gradient sharded over tp where its parameter is replicated) run in bf16.
         return program.report(format="dict")["totals"]["communication_bytes_per_rank_by_family"]["gradient sync"]
 
     assert family(halved) == pytest.approx(family(default) / 2)
@@ -69,21 +72,48 @@ def _simulated_bytes(program, model, inputs, optimizer):
     return sum(metrics["simulator"].bytes_sent_by_axis(0).values())
 
 
+def _fed_by(node):
+    """The value a c10d collective moves, before the layout steps of its own expansion."""
+    source = meta.moved_tensor(node)
+    while (part := meta.collective_part(source)) is not None and part.issue == node.name:
+        source = meta.moved_tensor(source)
+    return source
+
+
+def _result(node):
+    """The value a c10d collective leaves, after its wait and the layout steps of its expansion."""
+    result = next(iter(node.users))
+    while True:
+        following = [u for u in result.users if (part := meta.collective_part(u)) is not None
+                     and part.issue == node.name]
+        if not following:
+            return result
+        result = following[0]
+
+
 def test_a_gradient_reduced_over_two_axes_is_cast_once_each_way():
     _, _, program = _compile("world=4,tp=2,ep=2", compute_dtype=torch.bfloat16, optimizer=sg.optim.SGD(lr=0.1),
                              reduce_dtype=torch.bfloat16)
     graph = program.graph_module.graph
-    reductions = _gradient_reductions(program)
-    # The casts around gradient reductions (exact routing adds its own around the router's inputs).
+
+    def synchronises(node):
+        record = meta.collective_or_part(node)
+        return record is not None and record.purpose is Purpose.GRADIENT_SYNC
+
+    # The casts around the gradient synchronisation (exact routing casts the router's inputs).
     casts = [n for n in graph.nodes if n.target is torch.ops.prims.convert_element_type.default
-             and (n.args[0] in reductions or any(user in reductions for user in n.users))]
-    chained = [n for n in reductions if meta.collective(n.args[1]) is not None]
+             and (synchronises(n.args[0]) or any(synchronises(user) for user in n.users))]
+    reductions = _gradient_reductions(program)
+    # A chain ends in a reduction or in the all-gather after it (both in bf16).
+    in_bf16 = [n for n in graph.nodes if (record := meta.collective(n)) is not None
+               and record.purpose is Purpose.GRADIENT_SYNC and _reduced_dtype(n) == torch.bfloat16]
+    chained = [n for n in reductions if meta.collective_or_part(_fed_by(n)) is not None]
     assert chained, "the tiny model at tp=2 has gradients reduced over dp and then tp"
     # A reduction reads the previous one directly, still in bf16; only a reduction that reads
     # no other reduction has a cast in front of it, and only the last of a chain casts back.
-    firsts = [n for n in reductions if meta.collective(n.args[1]) is None]
-    lasts = [n for n in reductions if not any(meta.collective(u) is not None for u in n.users)]
-    assert all(n.args[1].target is torch.ops.prims.convert_element_type.default for n in firsts)
+    firsts = [n for n in reductions if meta.collective_or_part(_fed_by(n)) is None]
+    lasts = [n for n in in_bf16 if not any(meta.collective_or_part(u) is not None for u in _result(n).users)]
+    assert all(_fed_by(n).target is torch.ops.prims.convert_element_type.default for n in firsts)
     assert len(casts) == len(firsts) + len(lasts)
 
 

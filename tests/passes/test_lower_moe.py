@@ -5,23 +5,26 @@ import torch
 
 import shardgraph as sg
 from examples.moe_model import shardgraph_entry
-from shardgraph.runtime import collectives
+from shardgraph import meta
+from shardgraph.meta import Purpose
+from shardgraph.runtime import c10d
 from shardgraph.runtime import moe as moe_steps
 
-EXCHANGE_STEPS = {moe_steps.exchange_counts, moe_steps.split_sizes, moe_steps.group_by_local_expert,
-                  moe_steps.ungroup, collectives.all_to_all}
+EXCHANGE_STEPS = {moe_steps.split_sizes, moe_steps.group_by_local_expert, moe_steps.ungroup}
 
 
-def lowered_targets(mesh_text):
+def lowered_program(mesh_text):
     model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=4, seq_len=8, num_layers=1)
-    program = sg.compile(model, sg.MeshSpec.parse(mesh_text), inputs, loss_fn)
-    return [node.target for node in program.graph_module.graph.nodes if node.op == "call_function"]
+    return sg.compile(model, sg.MeshSpec.parse(mesh_text), inputs, loss_fn)
 
 
 @pytest.mark.parametrize("mesh_text", ["world=1", "world=2,tp=2", "world=4,tp=2"])
 def test_every_expert_local_means_no_exchange_steps_and_device_offsets(mesh_text):
-    targets = lowered_targets(mesh_text)
+    nodes = [n for n in lowered_program(mesh_text).graph_module.graph.nodes if n.op == "call_function"]
+    targets = [n.target for n in nodes]
     assert not EXCHANGE_STEPS & set(targets), [t for t in targets if t in EXCHANGE_STEPS]
+    # (an all-to-all that turns one dense shard into another is a redistribution, not a dispatch)
+    assert not [n.name for n in nodes if (record := meta.collective(n)) is not None and record.purpose.family == "moe"]
     assert targets.count(moe_steps.expert_offsets) == 1
     assert targets.count(torch.ops.shardgraph.grouped_mm.default) == 2
     assert targets.count(torch.ops.shardgraph.grouped_mm_dgrad.default) == 2
@@ -30,11 +33,14 @@ def test_every_expert_local_means_no_exchange_steps_and_device_offsets(mesh_text
 
 @pytest.mark.parametrize("mesh_text", ["world=2,ep=2", "world=8,tp=2,ep=2,etp=2"])
 def test_expert_parallel_meshes_keep_the_count_exchange_and_both_all_to_alls(mesh_text):
-    targets = lowered_targets(mesh_text)
-    assert targets.count(moe_steps.exchange_counts) == 1
+    nodes = [n for n in lowered_program(mesh_text).graph_module.graph.nodes if n.op == "call_function"]
+    targets = [n.target for n in nodes]
+    all_to_alls = [meta.collective(n).purpose for n in nodes
+                   if n.target is c10d.ALL_TO_ALL and meta.collective(n).purpose.family == "moe"]
+    # the count exchange; dispatch and return forward, and the same two for the gradients
+    assert sorted(p.value for p in all_to_alls) == sorted(
+        p.value for p in [Purpose.MOE_COUNTS] + [Purpose.MOE_DISPATCH, Purpose.MOE_RETURN] * 2)
     assert targets.count(moe_steps.split_sizes) == 1
-    # dispatch and return forward, and the same two for the gradients
-    assert targets.count(collectives.all_to_all) == 4
     assert moe_steps.expert_offsets not in targets
 
 

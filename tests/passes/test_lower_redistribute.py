@@ -14,6 +14,7 @@ from shardgraph.runtime.simulate import Simulator
 STEP = {
     "all_gather": lambda comm, x, s: collectives.all_gather(comm, x, s.axis, s.dim),
     "interleaved_all_gather": lambda comm, x, s: collectives.interleaved_all_gather(comm, x, s.axis, s.dim, s.stripes),
+    "all_to_all": lambda comm, x, s: collectives.shard_to_shard(comm, x, s.axis, s.source_dim, s.dim),
     "reduce_scatter": lambda comm, x, s: collectives.reduce_scatter(comm, x, s.axis, s.dim, s.op),
     "all_reduce": lambda comm, x, s: collectives.all_reduce(comm, x, s.axis, s.op),
     "local_slice": lambda comm, x, s: collectives.local_slice(comm, x, s.axis, s.dim),
@@ -135,8 +136,8 @@ def test_a_value_two_consumers_want_differently_is_reduced_once():
     for node in program.graph_module.graph.nodes:
         record = meta.collective(node)
         if record is not None and record.kind.value in ("all_reduce", "reduce_scatter"):
-            source = node.args[1]
-            reductions.setdefault((source.name, record.axis), []).append(node.name)
+            # ``of`` names the value a collective moves (through the layout steps around it).
+            reductions.setdefault((record.of, record.axis), []).append(node.name)
     assert reductions, "the step has no reductions to check"
     twice = {key: names for key, names in reductions.items() if len(names) > 1}
     assert not twice, f"values reduced more than once over one axis: {twice}"

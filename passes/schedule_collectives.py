@@ -1,0 +1,152 @@
+"""Issue every collective as early as its inputs allow and wait for it as late as its readers allow.
+
+Reads
+    a graph after ``lower_collectives``: each ``_c10d_functional`` op (carrying a
+    ``meta.Collective``) is read by one ``wait_tensor``; the local steps of its expansion carry a
+    ``meta.CollectivePart`` (``before`` the op, or ``after`` the wait).
+Writes
+    the same nodes in another order, nothing else:
+
+    * each wait, and the local steps after it, moved to just before the first node that reads
+      them (the output node included), so the compute in between runs while the collective is
+      in flight;
+    * each op, with the local steps before it, moved to just after the last node it reads (past
+      the placeholders at the top when it reads only inputs), as long as the bytes of the
+      collectives in flight over the range it moves across, plus its own, stay within
+      ``prefetch_bytes``; otherwise it moves only as far as the first point where they do
+      (just after the wait of a collective that then finishes).
+Assumes
+    every rank runs this graph, so every rank issues the collectives in one order (what NCCL and
+    gloo need of collectives on one group) and the simulator's rendezvous, which completes a
+    collective when its op is issued, meets the same sequence on every rank; a node moved
+    earlier still follows all its inputs and a node moved later still precedes all its users,
+    so the program computes the same values.
+
+Why: lowering puts every collective right before its first reader and waits at once, so nothing
+overlaps. Moved apart, the next layer's gathers (a parameter's all-gather reads only the
+parameter) are issued at the start, a gradient's reduction as soon as the backward produced it,
+and the MoE return's wait sits after compute that does not need it. ``prefetch_bytes`` is
+the memory bound: how much issued-but-unfinished communication (buffers held alive early) the
+schedule may add.
+"""
+
+from __future__ import annotations
+
+from torch.fx import GraphModule, Node
+
+from shardgraph import meta
+from shardgraph.runtime import c10d
+
+__all__ = ["schedule_collectives", "DEFAULT_PREFETCH_BYTES", "collectives_in_flight"]
+
+DEFAULT_PREFETCH_BYTES = 128 * 2**20
+
+
+def _part(node: Node, role: str) -> bool:
+    found = meta.collective_part(node)
+    return found is not None and found.role == role
+
+
+def _sink(graph, position: dict) -> None:
+    """Waits and the steps after them, latest first, to just before their first reader."""
+    for node in reversed(list(graph.nodes)):
+        if not (c10d.is_wait(node) or _part(node, "after")):
+            continue
+        if not node.users:
+            continue
+        first = min(node.users, key=position.__getitem__)
+        if first.prev is node:
+            continue
+        first.prepend(node)
+        position[node] = _between(position, node.prev, first)
+
+
+def _between(position: dict, before: Node, after: Node) -> float:
+    return (position[before] + position[after]) / 2
+
+
+def _intervals(graph, position: dict) -> dict[Node, tuple[float, float, float]]:
+    """Every c10d op's (issue position, wait position, bytes)."""
+    found = {}
+    for node in graph.nodes:
+        if c10d.is_issue(node):
+            wait = next(iter(node.users))
+            found[node] = (position[node], position[wait], float(meta.collective(node).bytes))
+    return found
+
+
+def _hoist(graph, position: dict, prefetch_bytes: float) -> None:
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    top = placeholders[-1] if placeholders else None
+    intervals = _intervals(graph, position)
+    for issue in [n for n in graph.nodes if c10d.is_issue(n)]:
+        unit = [n for n in _before_chain(issue)] + [issue]
+        members = set(unit)
+        inputs = [i for n in unit for i in n.all_input_nodes if i not in members and i.op != "placeholder"]
+        anchor = max(inputs, key=position.__getitem__) if inputs else top
+        if anchor is None or anchor.next is unit[0]:
+            continue
+        start, wait_at, nbytes = intervals.pop(issue)
+        if position[anchor] >= position[unit[0]]:
+            intervals[issue] = (start, wait_at, nbytes)
+            continue
+
+        def load(after: float) -> float:
+            # Bytes of the other collectives in flight somewhere between `after` and the issue.
+            return sum(b for s, w, b in intervals.values() if s < start and w > after)
+
+        # The anchor, or the wait of a collective in flight across the range: after it, that one
+        # has finished. The earliest that keeps the bytes in flight within the bound wins.
+        candidates = [anchor] + sorted(
+            (next(iter(other.users)) for other, (s, w, _) in intervals.items()
+             if s < start and position[anchor] < w < start),
+            key=position.__getitem__)
+        chosen = next((c for c in candidates if load(position[c]) + nbytes <= prefetch_bytes), None)
+        if chosen is None or chosen.next is unit[0]:
+            intervals[issue] = (start, wait_at, nbytes)
+            continue
+        after = chosen
+        for node in unit:
+            after.append(node)
+            position[node] = _between(position, after, node.next)
+            after = node
+        intervals[issue] = (position[issue], wait_at, nbytes)
+
+
+def _before_chain(issue: Node) -> list[Node]:
+    """The local steps before ``issue`` that feed it (its layout), earliest first."""
+    chain, frontier = [], [issue]
+    while frontier:
+        node = frontier.pop()
+        for source in node.all_input_nodes:
+            part = meta.collective_part(source)
+            if part is not None and part.role == "before" and part.issue == issue.name and source not in chain:
+                chain.append(source)
+                frontier.append(source)
+    order = {n: i for i, n in enumerate(issue.graph.nodes)} if chain else {}
+    return sorted(chain, key=order.__getitem__)
+
+
+def collectives_in_flight(gm: GraphModule) -> list[tuple[Node, list[Node]]]:
+    """Each c10d op with the nodes that run between it and its wait (what can overlap it)."""
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    found = []
+    for node in nodes:
+        if c10d.is_issue(node):
+            wait = next(iter(node.users))
+            found.append((node, nodes[index[node] + 1: index[wait]]))
+    return found
+
+
+def schedule_collectives(gm: GraphModule, prefetch_bytes: float | None = None) -> GraphModule:
+    graph = gm.graph
+    bound = DEFAULT_PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes
+    # Positions in graph order; a moved node takes a place between its neighbours, so the order
+    # stays exact without renumbering.
+    position = {node: float(index) for index, node in enumerate(graph.nodes)}
+    _sink(graph, position)
+    _hoist(graph, position, bound)
+    graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,95 @@
+"""schedule_collectives: ops issued early, waits late, independent compute in between, a prefetch bound."""
+
+import pytest
+import torch
+
+import shardgraph as sg
+from examples.moe_model import shardgraph_entry
+from passes.pipeline import PIPELINE, CompileOptions, run_pipeline
+from passes.schedule_collectives import collectives_in_flight, schedule_collectives
+from shardgraph import meta
+from shardgraph.fx_graph import copy_graph_module
+from shardgraph.runtime import c10d
+
+MESH = "world=4,tp=2,ep=2"
+
+
+@pytest.fixture(scope="module")
+def case():
+    """The lowered program before schedule_collectives: each wait right after its op."""
+    model, inputs, loss_fn = shardgraph_entry("tiny_shared", batch_size=8, seq_len=8)
+    program = sg.compile(model, sg.MeshSpec.parse(MESH), inputs, loss_fn)
+    passes = tuple(p for p in PIPELINE if p.name not in ("schedule_collectives", "donate_state"))
+    compiled = run_pipeline(program.traced.graph_module, CompileOptions(mesh=sg.MeshSpec.parse(MESH)), passes)
+    return model, inputs, loss_fn, compiled.lowered
+
+
+@pytest.fixture(scope="module")
+def unscheduled(case):
+    return case[3]
+
+
+def _compute(node) -> bool:
+    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and node.target.namespace == "aten" and meta.collective_or_part(node) is None)
+
+
+def _descendants(node) -> set:
+    seen, stack = set(), [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def _hoisted(before, after) -> list[str]:
+    """Ops that ``after`` issues ahead of a node they followed in ``before`` (a node of the
+    program's own, not a wait or layout step of another collective, which move late)."""
+    old = {n.name: i for i, n in enumerate(before.graph.nodes)}
+    own = {n.name for n in before.graph.nodes if meta.collective_or_part(n) is None}
+    new_order = [n.name for n in after.graph.nodes]
+    new = {name: i for i, name in enumerate(new_order)}
+    moved = []
+    for node in after.graph.nodes:
+        if c10d.is_issue(node):
+            passed = [name for name in new_order[new[node.name] + 1:]
+                      if name in own and old[name] < old[node.name]]
+            if passed:
+                moved.append(node.name)
+    return moved
+
+
+def test_lowering_alone_waits_right_after_every_op(unscheduled):
+    assert all(not between for _, between in collectives_in_flight(unscheduled))
+
+
+def test_waits_come_after_independent_compute_and_only_independent_compute(unscheduled):
+    scheduled = schedule_collectives(copy_graph_module(unscheduled))
+    overlapped = 0
+    for issue, between in collectives_in_flight(scheduled):
+        depends = _descendants(issue)
+        # Nothing between an op and its wait reads the op's result: the wait precedes every reader.
+        assert not [n.name for n in between if n in depends], issue.name
+        if any(_compute(n) for n in between):
+            overlapped += 1
+    assert overlapped >= len(collectives_in_flight(scheduled)) // 4, overlapped
+
+
+def test_a_prefetch_bound_of_zero_issues_nothing_early(unscheduled):
+    assert _hoisted(unscheduled, schedule_collectives(copy_graph_module(unscheduled), prefetch_bytes=0)) == []
+    assert _hoisted(unscheduled, schedule_collectives(copy_graph_module(unscheduled)))
+
+
+def test_the_scheduled_program_matches_the_unsharded_model_in_the_simulator(case):
+    model, inputs, loss_fn, _ = case
+    program = sg.compile(model, sg.MeshSpec.parse(MESH), inputs, loss_fn)
+    assert any(between for _, between in collectives_in_flight(program.graph_module))
+    parameters = {n: p.detach() for n, p in model.named_parameters()}
+    result = program.run_simulated(parameters, inputs)
+    reference = loss_fn(model(*inputs), *inputs)
+    gradients = torch.autograd.grad(reference, list(model.parameters()))
+    assert abs(result.loss.item() - reference.item()) <= 1e-5 * abs(reference.item())
+    for (name, _), expected in zip(model.named_parameters(), gradients):
+        assert ((result.gradients[name] - expected).norm() / expected.norm()).item() < 1e-5, name
