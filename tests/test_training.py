@@ -9,7 +9,6 @@ import torch
 import shardgraph as sg
 from examples.moe_model import shardgraph_entry
 from shardgraph import meta
-from shardgraph.meta import Purpose
 from shardgraph.optim import OptimizerError
 from shardgraph.training import StateError
 

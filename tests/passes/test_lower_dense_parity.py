@@ -1,6 +1,5 @@
 """Lowered dense graphs reproduce the unsharded loss and gradients on every mesh (simulator)."""
 
-import copy
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from shardgraph.mesh import MeshSpec
 from shardgraph.placement import shard, unshard
 from shardgraph.runtime.simulate import Simulator
 
-from .graphs import attention_case, attention_loss, joint_graph, lm_loss
+from .graphs import attention_case, attention_loss, joint_graph
 from shardgraph import meta
 from shardgraph.fx_graph import copy_graph_module
 from passes.add_communicator import add_communicator
