@@ -58,11 +58,7 @@ def _sink(graph, position: dict) -> None:
         if first.prev is node:
             continue
         first.prepend(node)
-        position[node] = _between(position, node.prev, first)
-
-
-def _between(position: dict, before: Node, after: Node) -> float:
-    return (position[before] + position[after]) / 2
+        _place_between(position, graph, node, node.prev, first)
 
 
 def _intervals(graph, position: dict) -> dict[Node, tuple[float, float, float]]:
@@ -80,7 +76,7 @@ def _hoist(graph, position: dict, prefetch_bytes: float) -> None:
     top = placeholders[-1] if placeholders else None
     intervals = _intervals(graph, position)
     for issue in [n for n in graph.nodes if c10d.is_issue(n)]:
-        unit = [n for n in _before_chain(issue)] + [issue]
+        unit = _before_chain(issue, position) + [issue]
         members = set(unit)
         inputs = [i for n in unit for i in n.all_input_nodes if i not in members and i.op != "placeholder"]
         anchor = max(inputs, key=position.__getitem__) if inputs else top
@@ -90,30 +86,51 @@ def _hoist(graph, position: dict, prefetch_bytes: float) -> None:
         if position[anchor] >= position[unit[0]]:
             intervals[issue] = (start, wait_at, nbytes)
             continue
-
-        def load(after: float) -> float:
-            # Bytes of the other collectives in flight somewhere between `after` and the issue.
-            return sum(b for s, w, b in intervals.values() if s < start and w > after)
-
-        # The anchor, or the wait of a collective in flight across the range: after it, that one
-        # has finished. The earliest that keeps the bytes in flight within the bound wins.
-        candidates = [anchor] + sorted(
-            (next(iter(other.users)) for other, (s, w, _) in intervals.items()
-             if s < start and position[anchor] < w < start),
-            key=position.__getitem__)
-        chosen = next((c for c in candidates if load(position[c]) + nbytes <= prefetch_bytes), None)
+        # The collectives issued before this one and still in flight after the anchor, by the
+        # position of their waits: moved to just after a point, the issue adds its bytes to those
+        # whose waits come later. The anchor, or the wait of one in flight across the range
+        # (after it, that one has finished): the earliest that keeps the bytes within the bound wins.
+        from_anchor = position[anchor]
+        in_flight = sorted(((w, b, other) for other, (s, w, b) in intervals.items() if s < start and w > from_anchor),
+                           key=lambda item: item[0])
+        load = sum(b for _, b, _ in in_flight)
+        chosen = anchor if load + nbytes <= prefetch_bytes else None
+        if chosen is None:
+            for w, b, other in in_flight:
+                if w >= start:
+                    break
+                load -= b
+                if load + nbytes <= prefetch_bytes:
+                    chosen = next(iter(other.users))
+                    break
         if chosen is None or chosen.next is unit[0]:
             intervals[issue] = (start, wait_at, nbytes)
             continue
-        after = chosen
+        after, renumbered = chosen, False
         for node in unit:
             after.append(node)
-            position[node] = _between(position, after, node.next)
+            renumbered |= _place_between(position, graph, node, after, node.next)
             after = node
-        intervals[issue] = (position[issue], wait_at, nbytes)
+        if renumbered:
+            intervals = _intervals(graph, position)
+        else:
+            intervals[issue] = (position[issue], position[next(iter(issue.users))], nbytes)
 
 
-def _before_chain(issue: Node) -> list[Node]:
+def _place_between(position: dict, graph, node: Node, before: Node, after: Node) -> bool:
+    """A position for ``node`` between its neighbours; all positions are renumbered in graph order
+    when the gap has become too narrow to halve (many nodes moved into one place). Returns
+    whether they were."""
+    low, high = position[before], position[after]
+    if high - low > 1e-6 * max(1.0, abs(high)):
+        position[node] = (low + high) / 2
+        return False
+    for index, each in enumerate(graph.nodes):
+        position[each] = float(index)
+    return True
+
+
+def _before_chain(issue: Node, position: dict) -> list[Node]:
     """The local steps before ``issue`` that feed it (its layout), earliest first."""
     chain, frontier = [], [issue]
     while frontier:
@@ -123,8 +140,7 @@ def _before_chain(issue: Node) -> list[Node]:
             if part is not None and part.role == "before" and part.issue == issue.name and source not in chain:
                 chain.append(source)
                 frontier.append(source)
-    order = {n: i for i, n in enumerate(issue.graph.nodes)} if chain else {}
-    return sorted(chain, key=order.__getitem__)
+    return sorted(chain, key=position.__getitem__)
 
 
 def collectives_in_flight(gm: GraphModule) -> list[tuple[Node, list[Node]]]:
