@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -136,7 +137,9 @@ def main() -> None:
         for mesh_text in args.mesh or MESHES[name]:
             rows += rows_for(name, mesh_text, args.sequences, args.seq, args.layers)
     with open(args.out, "w") as handle:
-        json.dump({"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        json.dump({"commit": commit, "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
                    "sequences_per_rank": args.sequences, "seq": args.seq, "rows": rows}, handle, indent=1)
     print(f"# wrote {args.out}")
 
