@@ -354,7 +354,7 @@ def _fallback_lines(program, asked: bool) -> list[str]:
 
 def command_compile(args) -> int:
     from .check import parity_errors
-    from .report import format_summary
+    from .report import format_report, format_summary
 
     mesh, device, plan = _prepare(args)
     names = ["build model", "trace+compile", *(["check"] if args.check else []), "report",
@@ -371,8 +371,8 @@ def command_compile(args) -> int:
                         f"-> {'OK' if ok else 'FAILED'} (tolerance {args.tolerance:g})")
             status = 0 if ok else 1
         stages.start("report")
-        report = program.report(format="dict")
-        text = program.report(max_values=args.max_values) if args.report else format_summary(report)
+        report = program.report(format="dict", hardware=args.hardware)
+        text = format_report(report, max_values=args.max_values) if args.report else format_summary(report)
         stages.echo()
         stages.echo("\n".join([text] + _fallback_lines(program, args.replicate_fallback)))
         if args.dump:
@@ -567,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="rows of the values table that --report prints (default 40)")
     compile_parser.add_argument("--dump", metavar="DIR", help="also write what `shardgraph dump` writes into DIR")
     compile_parser.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE")
+    compile_parser.add_argument("--hardware", choices=("h100", "h200", "cpu"), default="h100",
+                                help="rates (passes/cost.py presets) of the report's predicted step time (default h100)")
     compile_parser.set_defaults(handler=command_compile)
 
     dump = commands.add_parser(

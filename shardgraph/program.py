@@ -145,11 +145,13 @@ class ShardedProgram:
 
     # ------------------------------------------------------------------ reports
     def report(self, format: str = "text", name: str | None = None, op: str | None = None,
-               layer: str | None = None, max_values: int | None = 60):
-        """The placement report as text (``format="text"``), a summary, or a JSON-ready dict."""
+               layer: str | None = None, max_values: int | None = 60, hardware="h100", link=None):
+        """The placement report as text (``format="text"``), a summary, or a JSON-ready dict.
+        ``hardware`` (``"h100"``, ``"h200"``, ``"cpu"``) and ``link`` (a calibrated
+        ``LinkModel``) price the predicted step time (``shardgraph/predict.py``)."""
         from .report import build_report, format_report, format_summary
 
-        report = build_report(self, name_pattern=name, op=op, layer=layer)
+        report = build_report(self, name_pattern=name, op=op, layer=layer, hardware=hardware, link=link)
         if format == "dict":
             return report
         if format == "summary":

@@ -671,12 +671,19 @@ def _layer_row() -> dict:
             "communication_bytes": 0.0, "communication_bytes_by_family": {}, "collectives": 0}
 
 
-def build_report(program, name_pattern: str | None = None, op: str | None = None, layer: str | None = None) -> dict:
+def build_report(program, name_pattern: str | None = None, op: str | None = None, layer: str | None = None,
+                 hardware="h100", link=None) -> dict:
+    """The report of ``program``; ``hardware`` (a ``passes.cost.HARDWARE`` name or ``Hardware``)
+    and ``link`` (a calibrated ``LinkModel``, optional) price its predicted step time."""
+    from .predict import predict_step
+
     mesh = program.mesh
     lowered = program.graph_module
     groups = node_groups(lowered)
     pieces = local_pieces(lowered, mesh)
     memory = memory_walk(lowered, mesh, groups, pieces)
+    prediction = predict_step(lowered, mesh, hardware, link=link, pieces=pieces)
+    prediction_fused = predict_step(lowered, mesh, hardware, link=link, pieces=pieces, fused=True)
     values = _value_rows(program, node_groups(program.placed.graph_module))
     collectives = _collective_rows(program, groups)
     trained = set(getattr(program, "gradient_names", None) or program.parameter_names)
@@ -725,6 +732,12 @@ def build_report(program, name_pattern: str | None = None, op: str | None = None
             "batch_bytes_per_rank": int(input_bytes.get(InputKind.INPUT.value, 0)),
             "peak_activation_bytes_per_rank": int(memory.peak_activation_bytes),
             "peak_memory_bytes_per_rank": int(sum(input_bytes.values()) + memory.peak_live_bytes),
+            "predicted_step_seconds": prediction.step_seconds,
+            "predicted_step_seconds_without_overlap": prediction.step_seconds_without_overlap,
+            "communication_hidden_fraction": prediction.communication_hidden_fraction,
+            "prediction": prediction.as_dict(),
+            "predicted_step_seconds_fused": prediction_fused.step_seconds,
+            "prediction_fused": prediction_fused.as_dict(),
             "outside_layers": outside,
             "unsplit_parameters": _unsplit_parameters(parameters, mesh),
             "partial_values": sum(1 for r in values if any("Partial" in p for p in r["placement"].values())),
@@ -776,6 +789,8 @@ def format_summary(report: dict) -> str:
         + (f", peak in all {_bytes(totals['peak_memory_bytes_per_rank'])}" if "peak_memory_bytes_per_rank" in totals else ""),
         f"communication per rank per step: {_bytes(totals['communication_bytes_per_rank'])}",
     ]
+    if "prediction" in totals:
+        lines += _prediction_lines(totals["prediction"], totals.get("prediction_fused"))
     unsplit = totals.get("unsplit_parameters") or {}
     if unsplit.get("count"):
         largest = ", ".join(f"{name} {_bytes(nbytes)}" for name, nbytes in unsplit["largest"])
@@ -786,6 +801,31 @@ def format_summary(report: dict) -> str:
     lines += [""] + _table(["axis", "bytes/rank/step"], axis_rows)
     lines += [""] + _table(["family", "bytes/rank/step"], family_rows)
     return "\n".join(lines)
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1e3:.1f} ms" if value < 10 else f"{value:.2f} s"
+
+
+def _prediction_lines(found: dict, fused: dict | None = None) -> list[str]:
+    """The predicted step: a model of the program on preset (or calibrated) rates, not a
+    measurement; op by op as the program runs, and with elementwise ops fused."""
+    by_kind = ", ".join(f"{kind} {_seconds(s)}" for kind, s in sorted(found["compute_seconds_by_kind"].items(),
+                                                                     key=lambda item: -item[1]))
+    by_axis = ", ".join(f"{axis} {_seconds(s)} ({found['links'].get(axis, '?')})"
+                        for axis, s in sorted(found["communication_seconds_by_axis"].items()))
+    return [
+        f"predicted step on {found['hardware']} (a model, not a measurement): {_seconds(found['step_seconds'])} "
+        f"with overlap, {_seconds(found['step_seconds_without_overlap'])} without; "
+        f"{found['communication_hidden_fraction']:.0%} of communication hidden",
+        f"  compute {_seconds(found['compute_seconds'])} ({by_kind or 'none'})",
+        *([f"  elementwise ops fused (as inductor compiles the program): {_seconds(fused['step_seconds'])} with "
+           f"overlap, {_seconds(fused['step_seconds_without_overlap'])} without, "
+           f"{fused['communication_hidden_fraction']:.0%} hidden; compute {_seconds(fused['compute_seconds'])}"]
+          if fused else []),
+        f"  communication {_seconds(found['communication_seconds'])} in {found['collectives']} collectives"
+        + (f" ({by_axis}), exposed {_seconds(found['exposed_communication_seconds'])}" if by_axis else ""),
+    ]
 
 
 def _layer_table(report: dict) -> list[str]:
