@@ -155,9 +155,10 @@ def test_per_layer_rows_carry_bytes_and_sum_to_the_totals(tiny_program):
         for field in ("parameter_bytes", "gradient_bytes", "activation_bytes", "communication_bytes", "collectives"):
             assert row[field] > 0, field
         assert {"moe", "gradient sync"} <= set(row["communication_bytes_by_family"])
-    # The two layers have the same shapes and the same placements.
+    # The two layers have the same shapes and parameter placements. Their activations may differ:
+    # the first layer's whole forward feeds the second layer's router, so none of its ops reads
+    # a partial value (exact routing), while the last layer's experts feed no router.
     assert layers["layers.0"]["parameter_bytes"] == layers["layers.1"]["parameter_bytes"]
-    assert layers["layers.0"]["activation_bytes"] == layers["layers.1"]["activation_bytes"]
     rows = [*layers.values(), totals["outside_layers"]]
     assert sum(r["parameter_bytes"] for r in rows) == totals["parameter_bytes_per_rank"]
     assert sum(r["gradient_bytes"] for r in rows) == totals["gradient_bytes_per_rank"]
