@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -61,6 +62,14 @@ def measure(args, policy: str) -> dict:
     peak = torch.cuda.max_memory_allocated()
     row.update(measured_peak_gib=peak / GIB, allocated_before_step_gib=before / GIB,
                planned_over_measured=row["planned_peak_gib"] / (peak / GIB), loss=float(loss))
+    # The step time of the same plain program: what each policy's recomputation costs.
+    times = []
+    for _ in range(args.steps):
+        started = time.perf_counter()
+        loss, state, _ = program.train_step(state, inputs)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - started) * 1e3)
+    row["step_ms"] = statistics.median(times)
     del state
     gc.collect()
     torch.cuda.empty_cache()
@@ -75,18 +84,21 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--policies", default="none,selective,full")
     parser.add_argument("--cpu", action="store_true", help="plan only, even where CUDA is available")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after the measured one (median)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     rows = [measure(args, policy) for policy in args.policies.split(",")]
-    header = f"{'policy':<10} {'planned GiB':>11} {'measured GiB':>12} {'planned/measured':>16} {'activations GiB':>15}"
+    header = (f"{'policy':<10} {'planned GiB':>11} {'measured GiB':>12} {'planned/measured':>16} {'activations GiB':>15}"
+              f" {'step ms':>8}")
     print(f"{args.config}, {args.layers or 'all'} layers, batch {args.batch} x {args.seq}, AdamW, bf16 compute")
     print(header)
     for row in rows:
         measured = row.get("measured_peak_gib")
         shown = f"{measured:.2f}" if measured is not None else "-"
         ratio = f"{row['planned_over_measured']:.3f}" if measured is not None else "-"
+        step = f"{row['step_ms']:.1f}" if "step_ms" in row else "-"
         print(f"{row['policy']:<10} {row['planned_peak_gib']:>11.2f} {shown:>12} {ratio:>16} "
-              f"{row['planned_activation_gib']:>15.2f}")
+              f"{row['planned_activation_gib']:>15.2f} {step:>8}")
     if args.out:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu else platform.processor()
         with open(args.out, "w", encoding="utf-8") as handle:
