@@ -32,7 +32,7 @@ from typing import Sequence
 
 from shardgraph.mesh import MeshSpec
 from shardgraph.meta import View
-from shardgraph.placement import Shard, Sharding, ShardingError, local_shape
+from shardgraph.placement import Padding, Shard, Sharding, ShardingError, local_shape, padded_size
 
 __all__ = ["ZERO_STAGES", "check_zero_stage", "optimizer_state_sharding"]
 
@@ -49,25 +49,40 @@ def check_zero_stage(zero, where: str = "zero") -> None:
 
 
 def optimizer_state_sharding(name: str, shape: Sequence[int], sharding: Sharding, view: View, mesh: MeshSpec,
-                             zero: int) -> tuple[Sharding, str]:
-    """``(the state's sharding, why)`` for the parameter ``name`` of ``shape`` placed ``sharding``."""
+                             zero: int) -> tuple[Sharding, str, Padding | None]:
+    """``(the state's sharding, why, its padding)`` for the parameter ``name`` of ``shape`` placed
+    ``sharding``. The sharding is of the held shape: ``shape`` with the padding, where there is one."""
     check_zero_stage(zero)
     if zero == 0:
-        return sharding, "placed like its parameter"
+        return sharding, "placed like its parameter", None
     axis = "edp" if view is View.EXPERT else "dp"
     size = mesh.size(axis)
     if size == 1:
-        return sharding, f"placed like its parameter ({axis}=1)"
+        return sharding, f"placed like its parameter ({axis}=1)", None
     local = local_shape(tuple(shape), sharding, mesh, name=name)
     taken = {placement.dim % len(shape) for _, placement in sharding.items() if placement.is_shard()}
-    for dim, extent in enumerate(local):
-        if dim in taken or not isinstance(extent, int) or extent % size:
+    free = [dim for dim in range(len(shape)) if dim not in taken]
+    for dim in free:
+        extent = local[dim]
+        if not isinstance(extent, int) or extent % size:
             continue
         split = Sharding(sharding.axes + (axis,), sharding.placements + (Shard(dim),))
         try:
             local_shape(tuple(shape), split, mesh, name=name)
         except ShardingError:
             continue
-        return split, f"split over {axis} on dim {dim} (zero={zero})"
-    return sharding, (f"placed like its parameter: no dim of local shape {tuple(local)} that no other axis splits "
-                      f"divides by {axis}={size}")
+        return split, f"split over {axis} on dim {dim} (zero={zero})", None
+    # No free dim divides: the first one is held padded with zeros to a multiple of the axis.
+    for dim in free:
+        if not isinstance(shape[dim], int) or shape[dim] == 0:
+            continue
+        padding = Padding(dim, shape[dim], padded_size(shape[dim], size))
+        split = Sharding(sharding.axes + (axis,), sharding.placements + (Shard(dim),))
+        try:
+            local_shape(padding.held_shape(shape), split, mesh, name=name)
+        except ShardingError:
+            continue
+        return split, (f"split over {axis} on dim {dim}, padded from {padding.size} to {padding.padded} "
+                       f"(zero={zero})"), padding
+    return sharding, (f"placed like its parameter: local shape {tuple(local)} has no dim that no other axis splits "
+                      f"for {axis}={size} to split, padded or not"), None
