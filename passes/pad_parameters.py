@@ -94,7 +94,7 @@ def pad_parameters(gm: GraphModule, mesh: MeshSpec, plan=None, zero: int = 0) ->
     if not paddings:
         return gm
     graph = gm.graph
-    cone = _gradient_cone(graph)
+    cone = _gradient_cone(gm)
     order = {node: index for index, node in enumerate(graph.nodes)}
     parameters = {record.name: node for node, record in meta.graph_inputs(graph, InputKind.PARAMETER)}
     states: dict[str, list[Node]] = {}
