@@ -5,10 +5,10 @@ With ``zero=0`` the state is placed exactly like its parameter, so the update is
 
 With ``zero=1`` the state is additionally ``Shard(dim)`` over ``dp`` (dense parameters) or
 ``edp`` (routed experts), on the first dim that no other axis splits and whose local size the
-axis divides. Propagation then places the update on those pieces: the gradient arrives
-reduce-scattered over the data-parallel axis instead of all-reduced, each rank updates its
-slice of the parameter, and the new slices are all-gathered back into the parameter's own
-sharding. The bytes on the wire are those of the all-reduce they replace (a reduce-scatter plus
+axis divides (where none divides, the first such dim held padded: see below). Propagation then
+places the update on those pieces: the gradient arrives reduce-scattered over the
+data-parallel axis instead of all-reduced, each rank updates its slice of the parameter, and
+the new slices are all-gathered back into the parameter's own sharding. The bytes on the wire are those of the all-reduce they replace (a reduce-scatter plus
 an all-gather), while each rank holds 1/dp of the state.
 
 With ``zero=3`` the parameter itself is held in that sharding too (``passes/gather_parameters.py``
@@ -22,8 +22,17 @@ its reduction.
 Why a dim no other axis splits: a view's axes nest major to minor (dp outside tp), so a dp
 split on the dim tp already splits would cut the dim into dp blocks first, and a rank's state
 rows would not lie inside its own tp piece of the parameter; the update would need an
-all-to-all. A parameter with no such dim (a tp-split bias, a dim of size 1) keeps its state
-whole over the axis, and the reason says so.
+all-to-all. A parameter with no such dim (a tp-split bias, a 0-d scalar) keeps its state whole
+over the axis, and the reason says so.
+
+Uneven sizes are padded, not refused: where the axis divides none of the free dims (a
+vocabulary of 151936 rows over dp=3), the first free dim is held padded with zeros to a multiple
+of the axis size and split like the others; the third element of the result is that
+``placement.Padding`` (None where nothing is padded), and the sharding is one of the padded
+shape. ``passes/pad_parameters.py`` puts the padding into the graph (padded state placeholders,
+with zero=3 the padded parameter, a ``constant_pad_nd`` of the gradient, a ``slice`` back to the
+logical shape where a reader needs it) before propagation seeds these shardings; zeros stay
+zeros through every update, so the step is exactly the unpadded one.
 """
 
 from __future__ import annotations

@@ -36,6 +36,10 @@ like from any checkpoint; optimizer slots are ``"{parameter}:{slot}"``, the name
 graph gives their inputs. ``load_train_state`` returns the full state, which any program loads
 whatever its mesh (``init_state`` / ``init_states``).
 
+A zero=3 parameter held padded (``program.parameter_padding``) is saved and indexed in its own
+shape: ``load_local`` reads a rank's rows of it and fills the rows past its size with zeros,
+``save_checkpoint`` drops them.
+
 DTensor: ``to_dtensor`` wraps a local piece as a DTensor on a DeviceMesh laid out like the
 mesh view, for torch.distributed.checkpoint; ``InterleavedShard`` has no DTensor form and is
 refused with a pointer to the safetensors path.

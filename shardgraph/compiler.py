@@ -3,6 +3,9 @@
     traced   = trace(model, example_inputs, loss_fn)            # one forward+backward fx graph
     compiled = run_pipeline(traced.graph_module, options)       # passes/pipeline.py, in order:
     #   decompose_loss        mean losses as sum / count
+    #   recompute             activations recomputed in the backward (option)
+    #   gather_parameters     zero=3: parameters gathered before their readers
+    #   pad_parameters        zero>=1: state (zero=3: parameters) that dp/edp divides unevenly held padded
     #   propagate             a placement on every value (the placed graph, kept for reports)
     #   add_communicator      the rank's communicator as the first input
     #   lower_redistribute    collectives where placements change; gradient sync at the output
