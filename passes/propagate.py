@@ -688,7 +688,9 @@ def propagate(
 
     _place_outputs(gm, state)
     _check_every_value_placed(gm)
-    paddings = {name: held[2] for name, held in state.state_shardings.items() if held[2] is not None}
+    with_state = {record.parameter for _, record in meta.graph_inputs(gm.graph, InputKind.OPTIMIZER_STATE)}
+    paddings = {name: held[2] for name, held in state.state_shardings.items()
+                if held[2] is not None and name in with_state}
     return PlacedGraph(gm, mesh, state.parameters, state.input_shardings, sweeps, time.perf_counter() - started,
                        fallbacks, paddings, state.made, state.reused)
 

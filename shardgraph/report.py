@@ -798,8 +798,9 @@ def format_summary(report: dict) -> str:
     padded = totals.get("padded") or []
     if padded:
         shown = ", ".join(f"{row['name']} dim {row['dim']} {row['size']} -> {row['padded']}" for row in padded[:4])
-        lines.append(f"held padded for an even dp/edp split: {len(padded)} parameters' "
-                     f"{' and '.join(padded[0]['held'])} ({shown}{', ...' if len(padded) > 4 else ''})")
+        held = " and ".join(sorted({part for row in padded for part in row["held"]}, reverse=True))
+        lines.append(f"held padded for an even dp/edp split ({held}): {len(padded)} parameters "
+                     f"({shown}{', ...' if len(padded) > 4 else ''})")
     axis_rows = [(axis, _bytes(b)) for axis, b in sorted(totals["communication_bytes_per_rank_by_axis"].items())]
     family_rows = [(family, _bytes(b)) for family, b in sorted(totals["communication_bytes_per_rank_by_family"].items())]
     lines += [""] + _table(["axis", "bytes/rank/step"], axis_rows)

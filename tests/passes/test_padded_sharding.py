@@ -101,7 +101,7 @@ def test_the_padded_state_is_split_over_dp_and_edp_and_the_report_counts_the_pad
     assert set(padded) == {n for n, _ in model.named_parameters()}
     assert padded["lm_head.weight"] == {"name": "lm_head.weight", "held": ["optimizer state"], "dim": 0, "size": 67,
                                         "padded": 69}
-    assert "held padded for an even dp/edp split: 21 parameters' optimizer state" in program.report(format="summary")
+    assert "held padded for an even dp/edp split (optimizer state): 21 parameters (embed_tokens.weight dim 0 67 -> 69" in program.report(format="summary")
 
 
 def test_pad_and_slice_are_graph_nodes_and_the_values_have_the_padded_shapes():
