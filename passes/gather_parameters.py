@@ -4,7 +4,8 @@ backward rather than kept from the forward.
 
 Reads
     a traced joint graph of a training step: parameter placeholders (``meta.GraphInput``), the
-    ``Phase`` of every op, and the gradient nodes (``meta.gradient_of``).
+    ``Phase`` of every op, and the gradient nodes (``meta.gradient_of``; in a gradient program,
+    which marks none, the ``grad`` outputs): what they are computed from is the backward.
 Writes
     with zero=3, a ``gather_parameter`` node between each parameter and its forward readers, and (with
     ``reshard_after_forward``) a second one right before its first backward reader, whose
