@@ -569,7 +569,9 @@ def _prepare_keys(compute_nodes: list[Node], state: _State) -> None:
             continue
         static = _static_key(node)
         if static is not None:
-            static = (static, node in state.routing)  # a routing op is placed under its own constraint
+            # A routing op is placed under its own constraint, a pad of a held gradient
+            # (``pad_parameters``) under its rule's own.
+            static = (static, node in state.routing, meta.padding(node) is not None)
         # A small int stands for the (deep) static key, so the per-sweep key hashes cheaply.
         state.static_keys[node] = None if static is None else interned.setdefault(static, len(interned))
 

@@ -97,6 +97,20 @@ def test_the_padded_state_is_split_over_dp_and_edp_and_the_report_counts_the_pad
     whole = 2 * sum(torch.Size(local_shape(tuple(p.shape), program.parameter_sharding(n), mesh)).numel() * 4
                     for n, p in model.named_parameters())
     assert whole / 3 < expected < whole / 3 * 1.1, "a third of the state, and a few padded rows"
+    # The padded gradients are reduce-scattered (the gradient sync) and the updated slices
+    # all-gathered, the textbook bytes of the padded parameters; nothing is all-reduced over dp
+    # or edp but the loss and the norm's scalars.
+    sent, all_reduced = {}, []
+    for node in program.graph_module.graph.nodes:
+        record = meta.collective(node)
+        if record is not None and record.axis in ("dp", "edp"):
+            key = (record.kind.value, record.axis, record.purpose)
+            sent[key] = sent.get(key, 0.0) + record.bytes
+            if record.kind.value == "all_reduce":
+                all_reduced.append(record.bytes)
+    for axis in ("dp", "edp"):
+        assert sent[("reduce_scatter", axis, Purpose.GRADIENT_SYNC)] == sent[("all_gather", axis, Purpose.REDISTRIBUTE)]
+    assert max(all_reduced) <= 2 * 8, "a scalar at most (2 (n-1)/n of 8 bytes)"
     padded = {row["name"]: row for row in totals["padded"]}
     assert set(padded) == {n for n, _ in model.named_parameters()}
     assert padded["lm_head.weight"] == {"name": "lm_head.weight", "held": ["optimizer state"], "dim": 0, "size": 67,
