@@ -4,7 +4,8 @@ backward rather than kept from the forward.
 
 Reads
     a traced joint graph of a training step: parameter placeholders (``meta.GraphInput``), the
-    ``Phase`` of every op, and the gradient nodes (``meta.gradient_of``).
+    ``Phase`` of every op, and the gradient nodes (``meta.gradient_of``; in a gradient program,
+    which marks none, the ``grad`` outputs): what they are computed from is the backward.
 Writes
     with zero=3, a ``gather_parameter`` node between each parameter and its forward readers, and (with
     ``reshard_after_forward``) a second one right before its first backward reader, whose
@@ -40,6 +41,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from shardgraph import meta
+from shardgraph.fx_graph import output_values
 from shardgraph.meta import InputKind, Phase
 
 __all__ = ["gather_parameter", "gather_parameters", "is_parameter_gather"]
@@ -79,9 +81,13 @@ def _narrowing_cast(node: Node) -> bool:
             and tuple(after.shape) == tuple(before.shape))
 
 
-def _gradient_cone(graph) -> set[Node]:
-    """Every node some gradient is computed from (the forward included)."""
+def _gradient_cone(gm: GraphModule) -> set[Node]:
+    """Every node some gradient is computed from (the forward included): the gradients of a
+    training step (``meta.gradient_of``), or a gradient program's ``grad`` outputs."""
+    graph = gm.graph
     pending = [node for node in graph.nodes if meta.gradient_of(node) is not None]
+    pending += [found for found, role in zip(output_values(graph), meta.output_roles(gm))
+                if role.kind == "grad" and isinstance(found, Node)]
     cone: set[Node] = set()
     while pending:
         node = pending.pop()
@@ -94,7 +100,7 @@ def _gradient_cone(graph) -> set[Node]:
 def gather_parameters(gm: GraphModule, zero: int, reshard_after_forward: bool = True) -> GraphModule:
     gather = zero >= 3
     graph = gm.graph
-    cone = _gradient_cone(graph)
+    cone = _gradient_cone(gm)
     order = {node: index for index, node in enumerate(graph.nodes)}
 
     def phase_of(user: Node) -> Phase | None:

@@ -113,9 +113,11 @@ def _token_bytes(hidden: Node, top_k: int, mesh: MeshSpec) -> float:
 
 def _weight_origin(node):
     """The value an expert weight operand was made from: with zero=3 the forward and the backward
-    read their own all-gathers (of their own casts) of one held parameter, which pair them."""
+    read their own all-gathers (of their own casts) of one held parameter, which pair them, and
+    of one held padded, the slices that drop the padding (``pad_parameters``)."""
     while isinstance(node, Node) and node.op == "call_function" and node.all_input_nodes and (
-            meta.collective(node) is not None or str(node.target).startswith(_CASTS)):
+            meta.collective(node) is not None or str(node.target).startswith(_CASTS)
+            or meta.padding(node) is not None):
         node = node.all_input_nodes[-1]
     return node
 

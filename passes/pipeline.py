@@ -3,6 +3,7 @@
     decompose_loss        traced          -> traced          mean losses as sum / count
     recompute             traced          -> traced          layers' activations recomputed in the backward (option)
     gather_parameters     traced          -> traced          zero=3: parameters gathered before their readers
+    pad_parameters        traced          -> traced          zero>=1: what dp/edp divides no dim of held padded
     propagate             traced          -> placed          a PlacedValue on every node
     add_communicator      placed          -> communicator    the collectives' input
     lower_redistribute    communicator    -> typed collectives, gradient sync
@@ -50,6 +51,7 @@ from .lower_localize import lower_localize
 from .lower_moe import is_moe_backward, is_moe_forward, lower_moe
 from .lower_collectives import CALL_FORM, lower_collectives
 from .lower_redistribute import lower_redistribute
+from .pad_parameters import pad_parameters
 from .propagate import PlacedGraph, propagate
 from .recompute import recompute
 from .schedule_collectives import schedule_collectives
@@ -176,6 +178,8 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("recompute", lambda gm, options, compiled: recompute(gm, options.recompute), (TRACED,), (TRACED,)),
     Pass("gather_parameters", lambda gm, options, compiled: gather_parameters(gm, options.zero,
                                                                             options.reshard_after_forward),
+         (TRACED,), (TRACED,)),
+    Pass("pad_parameters", lambda gm, options, compiled: pad_parameters(gm, options.mesh, options.plan, options.zero),
          (TRACED,), (TRACED,)),
     Pass("propagate", _propagate, (TRACED,), (PLACED,)),
     Pass("add_communicator", lambda gm, options, compiled: add_communicator(gm), (PLACED,), (COMMUNICATOR,)),

@@ -53,10 +53,10 @@ from typing import Mapping, Sequence
 
 from shardgraph.mesh import MeshSpec
 from shardgraph.meta import View
-from shardgraph.placement import InterleavedShard, Shard, Sharding, ShardingError, local_shape
+from shardgraph.placement import InterleavedShard, Padding, Shard, Sharding, ShardingError, local_shape
 
 __all__ = ["PlanError", "ParameterPlacement", "STYLES", "STYLE_DESCRIPTIONS", "resolve_plan", "default_plan",
-           "DEFAULT_PLANS", "expert_parameters"]
+           "DEFAULT_PLANS", "expert_parameters", "parameter_placements"]
 
 STYLES = (
     "replicate",
@@ -93,6 +93,9 @@ class ParameterPlacement:
     sharding: Sharding  # how the program holds it: the plan's split, and with zero=3 also over dp/edp
     # With zero=3, the split its readers see once it is gathered over dp/edp (the plan's split).
     gathered: Sharding | None = None
+    # With zero=3, where no dim divides over dp/edp: the dim held padded with zeros (``sharding``
+    # is then of the padded shape; readers see the logical one).
+    padding: Padding | None = None
 
     @property
     def view(self) -> View:
@@ -298,8 +301,28 @@ def expert_parameters(graph_module) -> dict[str, tuple[str, bool]]:
                         fused = style == "expert_colwise" and not concatenated
                         found[record.name] = (style, fused)
                     continue
+                # A gathered parameter, and the slice that drops its padding (pad_parameters).
                 if source.op == "call_function" and (str(source.target).startswith(_PASS_THROUGH)
-                                                     or is_parameter_gather(source)):
+                                                     or is_parameter_gather(source) or meta.padding(source)):
                     concatenated |= str(source.target).startswith("aten.cat.")
                     frontier.extend(source.all_input_nodes)
     return found
+
+
+def parameter_placements(graph_module, mesh: MeshSpec, plan: Mapping[str, str] | None = None
+                         ) -> dict[str, ParameterPlacement]:
+    """The plan's placement of every parameter placeholder of a traced graph, by its logical shape
+    (a placeholder held padded, ``meta.padding``, counts without its padding). Experts are found
+    by structure (``expert_parameters``), so a block that names them its own way is sharded as
+    the op needs, its fused gate/up rows included; without a ``plan``, ``default_plan``."""
+    from shardgraph import meta
+    from shardgraph.meta import InputKind
+
+    shapes = {}
+    for node, record in meta.graph_inputs(graph_module.graph, InputKind.PARAMETER):
+        held, padding = tuple(meta.value(node).shape), meta.padding(node)
+        shapes[record.name] = held if padding is None else padding.logical_shape(held)
+    experts = expert_parameters(graph_module)
+    if plan is None:
+        plan = default_plan(list(shapes), graph_module)
+    return resolve_plan(shapes, plan, mesh, fused_names=[name for name, (_, fused) in experts.items() if fused])

@@ -47,7 +47,7 @@ from shardgraph.placement import Partial, Placement, Replicate, Shard, Sharding,
 
 from .cost import LinkModel, redistribution
 from .optimizer_sharding import optimizer_state_sharding
-from .plan import ParameterPlacement, default_plan, expert_parameters, resolve_plan
+from .plan import ParameterPlacement, parameter_placements
 from .routing_path import routing_path
 from .rules import RuleContext, rule_for
 
@@ -69,6 +69,9 @@ class PlacedGraph:
     sweeps: int
     seconds: float
     fallbacks: list[str] = field(default_factory=list)
+    # Parameter name -> how its optimizer state is held padded (``placement.Padding``), for the
+    # parameters whose state is split over a data-parallel axis that divides none of its dims.
+    state_paddings: dict = field(default_factory=dict)
     # Op placements made by running the rules, and those reused from an identical earlier one
     # (the same op, shapes and entering placements: the nodes of repeated layers).
     decisions_made: int = 0
@@ -209,8 +212,8 @@ class _State:
     current: dict[Node, Any] = field(default_factory=dict)
     views: dict[Node, View] = field(default_factory=dict)
     parameters: dict[str, ParameterPlacement] = field(default_factory=dict)
-    # Parameter name -> (its optimizer state's sharding, why): ``optimizer_state_sharding``.
-    state_shardings: dict[str, tuple[Sharding, str]] = field(default_factory=dict)
+    # Parameter name -> (its optimizer state's sharding, why, padding): ``optimizer_state_sharding``.
+    state_shardings: dict[str, tuple[Sharding, str, Any]] = field(default_factory=dict)
     input_shardings: dict[str, Sharding] = field(default_factory=dict)
     # The shardings each value's consumers required in the previous sweep.
     required_of: dict[Node, set] = field(default_factory=dict)
@@ -243,28 +246,28 @@ def _seed(gm: GraphModule, mesh: MeshSpec, plan, batch_sharding, zero: int = 0) 
     by ``zero``) and constants."""
     state = _State()
     placeholders = meta.graph_inputs(gm.graph)
-    parameter_shapes = {record.name: tuple(meta.value(n).shape) for n, record in placeholders
-                        if record.kind is InputKind.PARAMETER}
-    # Experts are found by structure (the parameters the moe_experts ops read), so a block that
-    # names them its own way is sharded as the op needs, its fused gate/up rows included.
-    experts = expert_parameters(gm)
-    if plan is None:
-        plan = default_plan(list(parameter_shapes), gm)
-    state.parameters = resolve_plan(parameter_shapes, plan, mesh,
-                                    fused_names=[name for name, (_, fused) in experts.items() if fused])
+    parameter_nodes = {record.name: n for n, record in placeholders if record.kind is InputKind.PARAMETER}
+    parameter_shapes = {name: _logical_shape(node) for name, node in parameter_nodes.items()}
+    state.parameters = parameter_placements(gm, mesh, plan)
     if zero == 3:
         # The parameter is held split over dp/edp like its state; its readers see it gathered
         # (``gather_parameters`` put a gather_parameter node before them).
         for name, placement in list(state.parameters.items()):
-            held, why = optimizer_state_sharding(name, parameter_shapes[name], placement.sharding, placement.view,
-                                                 mesh, zero)
-            state.state_shardings[name] = (held, why)
-            state.parameters[name] = dataclasses.replace(placement, sharding=held, gathered=placement.sharding)
-    for _, record in placeholders:
-        if record.kind is InputKind.OPTIMIZER_STATE and record.parameter not in state.state_shardings:
+            held, why, padding = optimizer_state_sharding(name, parameter_shapes[name], placement.sharding,
+                                                          placement.view, mesh, zero)
+            state.state_shardings[name] = (held, why, padding)
+            state.parameters[name] = dataclasses.replace(placement, sharding=held, gathered=placement.sharding,
+                                                         padding=padding)
+    for name, node in parameter_nodes.items():
+        _check_padding(node, f"parameter {name!r}", state.parameters[name].padding)
+    for node, record in placeholders:
+        if record.kind is not InputKind.OPTIMIZER_STATE:
+            continue
+        if record.parameter not in state.state_shardings:
             placement = state.parameters[record.parameter]
             state.state_shardings[record.parameter] = optimizer_state_sharding(
                 record.parameter, parameter_shapes[record.parameter], placement.sharding, placement.view, mesh, zero)
+        _check_padding(node, f"optimizer state {record.name!r}", state.state_shardings[record.parameter][2])
     for node, record in placeholders:
         state.place(node, _seed_decision(node, record, state, mesh, batch_sharding))
     for node in gm.graph.nodes:
@@ -279,6 +282,21 @@ def _seed(gm: GraphModule, mesh: MeshSpec, plan, batch_sharding, zero: int = 0) 
             # Constants captured during tracing (a literal tensor in the model): every rank has them.
             state.place(node, Decision(Sharding.replicate(), View.DENSE, (), f"constant {node.target} replicated"))
     return state
+
+
+def _logical_shape(node: Node) -> tuple:
+    held, padding = tuple(meta.value(node).shape), meta.padding(node)
+    return held if padding is None else padding.logical_shape(held)
+
+
+def _check_padding(node: Node, what: str, needed) -> None:
+    """The placeholder's value must be held as its sharding needs: padded where the data-parallel
+    axis divides no dim (``passes/pad_parameters.py`` pads it before propagation)."""
+    held = meta.padding(node)
+    if held != needed:
+        raise PropagationError(f"{what} is held {'with ' + repr(held) if held else 'unpadded'}, but its sharding "
+                               f"over the data-parallel axis needs {'no padding' if needed is None else repr(needed)}; "
+                               f"run passes/pad_parameters.py (with the same mesh, plan and zero) before propagate")
 
 
 def _seed_decision(node: Node, record: GraphInput, state: _State, mesh: MeshSpec, batch_sharding) -> Decision:
@@ -296,7 +314,7 @@ def _seed_decision(node: Node, record: GraphInput, state: _State, mesh: MeshSpec
     if record.kind is InputKind.OPTIMIZER_STATE:
         # State lives where its parameter lives (zero=0), so the update is local to every piece,
         # or on a 1/dp slice of it (zero=1).
-        sharding, why = state.state_shardings[record.parameter]
+        sharding, why, _ = state.state_shardings[record.parameter]
         return Decision(sharding, state.parameters[record.parameter].view, (),
                         f"seed: optimizer state {record.name!r} {why}")
     if record.kind is InputKind.SCALAR:
@@ -551,7 +569,9 @@ def _prepare_keys(compute_nodes: list[Node], state: _State) -> None:
             continue
         static = _static_key(node)
         if static is not None:
-            static = (static, node in state.routing)  # a routing op is placed under its own constraint
+            # A routing op is placed under its own constraint, a pad of a held gradient
+            # (``pad_parameters``) under its rule's own.
+            static = (static, node in state.routing, meta.padding(node) is not None)
         # A small int stands for the (deep) static key, so the per-sweep key hashes cheaply.
         state.static_keys[node] = None if static is None else interned.setdefault(static, len(interned))
 
@@ -670,8 +690,11 @@ def propagate(
 
     _place_outputs(gm, state)
     _check_every_value_placed(gm)
+    with_state = {record.parameter for _, record in meta.graph_inputs(gm.graph, InputKind.OPTIMIZER_STATE)}
+    paddings = {name: held[2] for name, held in state.state_shardings.items()
+                if held[2] is not None and name in with_state}
     return PlacedGraph(gm, mesh, state.parameters, state.input_shardings, sweeps, time.perf_counter() - started,
-                       fallbacks, state.made, state.reused)
+                       fallbacks, paddings, state.made, state.reused)
 
 
 def _copy(graph_module: GraphModule) -> GraphModule:

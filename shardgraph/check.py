@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .placement import shard, unshard
+
 
 __all__ = ["ParityErrors", "parity_errors"]
 
@@ -47,10 +47,13 @@ def parity_errors(program, model: torch.nn.Module, inputs, loss_fn, learning_rat
     mesh = program.mesh
     for name in trainable:
         value, sharding = full[name], program.parameter_sharding(name)
-        # Each rank steps its own piece with its own gradient piece; then the pieces are rebuilt.
-        pieces = [shard(value, sharding, mesh, r) - learning_rate * shard(result.gradients[name], sharding, mesh, r)
+        padding = program.parameter_padding(name)
+        # Each rank steps its own piece (padded as the program holds it) with its own gradient
+        # piece; then the pieces are rebuilt.
+        pieces = [program.shard_held(value, sharding, padding, r, name)
+                  - learning_rate * program.shard_held(result.gradients[name], sharding, padding, r, name)
                   for r in mesh.ranks]
-        updated = unshard(pieces, sharding, mesh, check_replicas=True)
+        updated = program.unshard_held(pieces, sharding, padding, tuple(value.shape), name)
         weights_error = max(weights_error, _relative(updated, (value - learning_rate * gradients[name])))
     worst = max(gradient_errors, key=gradient_errors.get)
     errors = ParityErrors(_relative(result.loss, loss.detach()), gradient_errors[worst], weights_error, worst)

@@ -36,6 +36,10 @@ like from any checkpoint; optimizer slots are ``"{parameter}:{slot}"``, the name
 graph gives their inputs. ``load_train_state`` returns the full state, which any program loads
 whatever its mesh (``init_state`` / ``init_states``).
 
+A zero=3 parameter held padded (``program.parameter_padding``) is saved and indexed in its own
+shape: ``load_local`` reads a rank's rows of it and fills the rows past its size with zeros,
+``save_checkpoint`` drops them.
+
 DTensor: ``to_dtensor`` wraps a local piece as a DTensor on a DeviceMesh laid out like the
 mesh view, for torch.distributed.checkpoint; ``InterleavedShard`` has no DTensor form and is
 refused with a pointer to the safetensors path.
@@ -238,13 +242,40 @@ def load_local(path_or_index, program, rank: int, plan: LoadPlan | None = None) 
     local = {}
     for name, shape in shapes.items():
         sharding = program.parameter_sharding(name)
-        runs = _runs_per_dim(shape, sharding, mesh, rank, name)
+        padding = _parameter_padding(program, name)
+        held = shape if padding is None else padding.held_shape(shape)
+        runs = _runs_per_dim(held, sharding, mesh, rank, name)
         blocks = []
         for combination in itertools.product(*[range(len(r)) for r in runs]):
-            blocks.append((combination, _read_block(index, plan.sources[name], shape,
-                                                    [runs[d][i] for d, i in enumerate(combination)])))
+            blocks.append((combination, _read_held_block(index, plan.sources[name], shape,
+                                                         [runs[d][i] for d, i in enumerate(combination)], padding)))
         local[name] = _assemble(blocks, [len(r) for r in runs])
     return local
+
+
+def _parameter_padding(program, name: str):
+    """How the program holds ``name`` padded (zero=3, ``ShardedProgram.parameter_padding``), or None."""
+    found = getattr(program, "parameter_padding", None)
+    return found(name) if found is not None else None
+
+
+def _read_held_block(index: CheckpointIndex, source: Source, shape, block, padding) -> torch.Tensor:
+    """``_read_block`` of a parameter held padded: the rows past the logical size are zeros."""
+    if padding is None:
+        return _read_block(index, source, shape, block)
+    dim = padding.dim
+    start, stop = block[dim]
+    parts = []
+    if min(stop, padding.size) > start:
+        parts.append(_read_block(index, source, shape, block[:dim] + [(start, min(stop, padding.size))] + block[dim + 1:]))
+    if stop > max(start, padding.size):
+        # The dtype of the checkpoint's tensor, from one element of it where the block holds none.
+        like = parts[0] if parts else _read_block(index, source, shape, [(a, a + 1) if d != dim else (0, 1)
+                                                                         for d, (a, _) in enumerate(block)])
+        zeros = [b - a for a, b in block]
+        zeros[dim] = stop - max(start, padding.size)
+        parts.append(torch.zeros(zeros, dtype=like.dtype))
+    return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
 
 
 def _assemble(blocks, counts):
@@ -370,7 +401,10 @@ def save_checkpoint(pieces_by_rank: Sequence[Mapping[str, torch.Tensor]], progra
     for name in program.parameter_names:
         sharding = program.parameter_sharding(name)
         shape = tuple(program.traced.parameter_shapes[name])
-        full = unshard([pieces[name] for pieces in pieces_by_rank], sharding, mesh, global_shape=shape, name=name)
+        padding = _parameter_padding(program, name)
+        held = shape if padding is None else padding.held_shape(shape)
+        full = unshard([pieces[name] for pieces in pieces_by_rank], sharding, mesh, global_shape=held, name=name)
+        full = full if padding is None else padding.unpad(full)
         source = plan.sources.get(name) if plan is not None else None
         if source is None or source.kind == "direct":
             tensors[source.keys[0] if source else name] = full.contiguous()
@@ -486,8 +520,10 @@ def shard_optimizer_state(state: Mapping[str, Mapping[str, torch.Tensor]], progr
     for name, entries in state.items():
         sharding = program.parameter_sharding(name)
         shape = tuple(program.traced.parameter_shapes[name])
+        padding = _parameter_padding(program, name)
         result[name] = {
-            key: shard(value, sharding, program.mesh, rank, name=f"{name}.{key}")
+            key: shard(value if padding is None else padding.pad(value), sharding, program.mesh, rank,
+                       name=f"{name}.{key}")
             if isinstance(value, torch.Tensor) and tuple(value.shape) == shape else value
             for key, value in entries.items()
         }

@@ -3,6 +3,9 @@
     traced   = trace(model, example_inputs, loss_fn)            # one forward+backward fx graph
     compiled = run_pipeline(traced.graph_module, options)       # passes/pipeline.py, in order:
     #   decompose_loss        mean losses as sum / count
+    #   recompute             activations recomputed in the backward (option)
+    #   gather_parameters     zero=3: parameters gathered before their readers
+    #   pad_parameters        zero>=1: state (zero=3: parameters) that dp/edp divides unevenly held padded
     #   propagate             a placement on every value (the placed graph, kept for reports)
     #   add_communicator      the rank's communicator as the first input
     #   lower_redistribute    collectives where placements change; gradient sync at the output
@@ -205,8 +208,19 @@ def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None
                              zero=zero, recompute=recompute, reshard_after_forward=reshard_after_forward,
                              fused_loss=fused_loss)
     compiled = run_pipeline(traced.graph_module, options)
+    _refuse_inexact_padding(getattr(traced, "optimizer", None), compiled.placed)
     if getattr(traced, "optimizer", None) is not None:
         from .training import TrainingProgram
 
         return TrainingProgram(traced, compiled.placed, compiled.lowered, mesh, donates_state=options.donate_state)
     return ShardedProgram(traced, compiled.placed, compiled.lowered, mesh)
+
+
+def _refuse_inexact_padding(optimizer, placed) -> None:
+    """A state held padded (``passes/pad_parameters.py``) stays zero in its padding only if the
+    update maps zeros to zeros: AdamW with ``eps=0`` divides zero by zero there."""
+    padded = sorted(placed.state_paddings)
+    if padded and optimizer is not None and getattr(optimizer, "eps", None) == 0:
+        raise ValueError(f"compile: {optimizer.name}(eps=0) would write 0/0 into the padding of {padded[0]!r} (held "
+                         f"padded {placed.state_paddings[padded[0]]!r}, since its data-parallel axis divides none of "
+                         f"its free dims); use eps > 0, or zero=0, or a mesh whose dp/edp divides the parameter")

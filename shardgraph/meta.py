@@ -18,6 +18,8 @@ record                 written by                   read by
 ``CollectivePart``     lower_collectives            report (a collective's waits and layout steps)
 ``MoeStep``            lower_moe                    report, dump (which MoE layer a node serves)
 ``OutputRole`` list    trace (on the graph module)  propagate (what each output must be)
+``Padding``            pad_parameters               propagate (the logical shape of a placeholder
+                       (placeholders held padded)   whose value is held padded)
 =====================  ===========================  ============================================
 
 Values that fx and make_fx write themselves (``val``, ``stack_trace``, ``nn_module_stack``) are
@@ -72,6 +74,9 @@ __all__ = [
     "output_roles",
     "gradient_of",
     "set_gradient_of",
+    "clear_gradient_of",
+    "padding",
+    "set_padding",
     "set_output_roles",
     "value",
     "has_value",
@@ -106,6 +111,7 @@ _PLACED = _Key("shardgraph.placed")
 _COLLECTIVE = _Key("shardgraph.collective")
 _MOE_STEP = _Key("shardgraph.moe_step")
 _COLLECTIVE_PART = _Key("shardgraph.collective_part")
+_PADDING = _Key("shardgraph.padding")
 _OUTPUT_ROLES = "shardgraph.output_roles"
 # Written by make_fx / fx; read only here.
 _VALUE = "val"
@@ -418,6 +424,18 @@ def gradient_of(node: Node) -> str | None:
 
 def set_gradient_of(node: Node, parameter: str) -> None:
     node.meta[_CUSTOM] = {**(node.meta.get(_CUSTOM) or {}), _GRADIENT_OF: parameter}
+
+
+def clear_gradient_of(node: Node) -> None:
+    """The node no longer is the gradient (a pass moved the mark to the gradient as held)."""
+    node.meta[_CUSTOM] = {key: value for key, value in (node.meta.get(_CUSTOM) or {}).items() if key != _GRADIENT_OF}
+
+
+# ----------------------------------------------------------------------------- padding
+# A placeholder whose value is held padded (``placement.Padding``): its logical shape is the
+# value's shape without the padding.
+padding = _PADDING.get
+set_padding = _PADDING.set
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -44,10 +44,12 @@ __all__ = [
     "Shard",
     "InterleavedShard",
     "Partial",
+    "Padding",
     "Sharding",
     "ShardingError",
     "Run",
     "interleaved",
+    "padded_size",
     "local_shape",
     "run_plan",
     "shard",
@@ -305,6 +307,55 @@ def _global_indices(runs: list[Run], device: torch.device) -> torch.Tensor:
 
 def _sharded_dims(sharding: Sharding, ndim: int) -> list[int]:
     return sorted({p.dim % ndim for p in sharding.placements if p.is_shard()}) if ndim else []
+
+
+# ---------------------------------------------------------------------------------- padding
+@dataclass(frozen=True)
+class Padding:
+    """A tensor held with ``dim`` padded with zeros from ``size`` to ``padded`` elements, so that
+    an axis that does not divide ``size`` splits it evenly (a vocabulary of 151936 rows over
+    dp=3 is held as 151938). The padding is at the end of the dim; every rank's piece has the
+    same shape, and the last pieces hold the zeros (``passes/pad_parameters.py``)."""
+
+    dim: int
+    size: int
+    padded: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.size < self.padded:
+            raise ValueError(f"Padding: {self.size} -> {self.padded} elements on dim {self.dim} does not pad")
+
+    def __repr__(self) -> str:
+        return f"Padding(dim {self.dim}: {self.size} -> {self.padded})"
+
+    def held_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """``shape`` (the logical one) as held."""
+        return tuple(self.padded if d == self.dim else int(s) for d, s in enumerate(shape))
+
+    def logical_shape(self, held: Sequence[int]) -> tuple[int, ...]:
+        """``held`` (the padded shape) without the padding."""
+        return tuple(self.size if d == self.dim else int(s) for d, s in enumerate(held))
+
+    def pad_argument(self, ndim: int) -> list[int]:
+        """``constant_pad_nd``'s ``pad``: (before, after) pairs from the last dim backwards."""
+        return [0, 0] * (ndim - 1 - self.dim) + [0, self.padded - self.size]
+
+    def pad(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The logical ``tensor`` as held: zeros appended on ``dim``."""
+        if tensor.shape[self.dim] != self.size:
+            raise ShardingError(f"{self!r}: the tensor has {tensor.shape[self.dim]} elements on dim {self.dim}")
+        return torch.constant_pad_nd(tensor, self.pad_argument(tensor.dim()), 0)
+
+    def unpad(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The held ``tensor`` without its padding."""
+        if tensor.shape[self.dim] != self.padded:
+            raise ShardingError(f"{self!r}: the tensor has {tensor.shape[self.dim]} elements on dim {self.dim}")
+        return tensor.narrow(self.dim, 0, self.size)
+
+
+def padded_size(size: int, parts: int) -> int:
+    """The least multiple of ``parts`` that is at least ``size``."""
+    return -(-size // parts) * parts
 
 
 # ---------------------------------------------------------------------------------- shard / unshard

@@ -23,7 +23,7 @@ from torch.fx import GraphModule
 from . import meta
 from .mesh import MeshSpec
 from .meta import InputKind
-from .placement import Sharding, local_shape, shard, unshard
+from .placement import Padding, Sharding, local_shape, shard, unshard
 from .runtime.guards import (
     NonFiniteError,
     NonFiniteLocator,
@@ -87,7 +87,40 @@ class ShardedProgram:
 
     # ------------------------------------------------------------------ shardings
     def parameter_sharding(self, name: str) -> Sharding:
+        """How the program holds parameter ``name`` (with ``zero=3`` also split over dp/edp). For a
+        parameter held padded (``parameter_padding``), a sharding of the padded shape."""
         return self.placed.parameters[name].sharding
+
+    def parameter_padding(self, name: str) -> Padding | None:
+        """How parameter ``name`` is held padded with zeros, or None: with ``zero=3``, a parameter
+        whose data-parallel axis divides none of its free dims has the first of them padded to a
+        multiple of the axis size (``passes/pad_parameters.py``). Everything a user gives or gets
+        (full parameters, gradients, states) has the logical shape; only the pieces are padded."""
+        return self.placed.parameters[name].padding
+
+    def held_shape(self, name: str) -> tuple[int, ...]:
+        """The global shape the program holds parameter ``name`` in: its own, or padded."""
+        shape = tuple(self.traced.parameter_shapes[name])
+        padding = self.parameter_padding(name)
+        return shape if padding is None else padding.held_shape(shape)
+
+    def shard_held(self, tensor: torch.Tensor, sharding: Sharding, padding: Padding | None, rank: int,
+                    name: str) -> torch.Tensor:
+        """``rank``'s piece of a logical tensor held with ``padding`` (zeros appended) under ``sharding``."""
+        return shard(tensor if padding is None else padding.pad(tensor), sharding, self.mesh, rank, name=name)
+
+    def unshard_held(self, pieces, sharding: Sharding, padding: Padding | None, shape, name: str) -> torch.Tensor:
+        """The logical tensor from every rank's pieces of it as held (replicas checked equal; the
+        padding checked zero, which every update keeps it)."""
+        held = tuple(shape) if padding is None else padding.held_shape(shape)
+        full = unshard(pieces, sharding, self.mesh, global_shape=held, name=name, check_replicas=True)
+        if padding is None:
+            return full
+        extra = full.narrow(padding.dim, padding.size, padding.padded - padding.size)
+        if bool((extra != 0).any()):
+            raise ValueError(f"{name}: the padding of {padding!r} holds non-zero values; a padded value must keep "
+                             f"zeros there (the pieces were written by something other than the program)")
+        return padding.unpad(full)
 
     def input_sharding(self, name: str) -> Sharding:
         return self._sharding_of_input[(InputKind.INPUT, name)]
@@ -130,7 +163,8 @@ class ShardedProgram:
         if missing:
             raise KeyError(f"state dict lacks parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         return {
-            name: shard(state[name].detach(), self.parameter_sharding(name), self.mesh, rank, name=name)
+            name: self.shard_held(state[name].detach(), self.parameter_sharding(name), self.parameter_padding(name),
+                                   rank, name)
             for name in self.parameter_names
         }
 
@@ -230,9 +264,8 @@ class ShardedProgram:
         gradients = {}
         for name in self.gradient_names:
             pieces = [r[1][name] for r in results]
-            gradients[name] = unshard(pieces, self.parameter_sharding(name), self.mesh,
-                                      global_shape=tuple(parameters[name].shape), name=f"gradient of {name}",
-                                      check_replicas=True)
+            gradients[name] = self.unshard_held(pieces, self.parameter_sharding(name), self.parameter_padding(name),
+                                                 tuple(parameters[name].shape), f"gradient of {name}")
         not_finite = [name for name, g in gradients.items() if not bool(torch.isfinite(g).all())]
         if not bool(torch.isfinite(losses[0]).all()) or not_finite:
             findings = {rank: locator.first for rank, locator in locators.items()} if debug else None

@@ -740,11 +740,27 @@ def build_report(program, name_pattern: str | None = None, op: str | None = None
             "prediction_fused": prediction_fused.as_dict(),
             "outside_layers": outside,
             "unsplit_parameters": _unsplit_parameters(parameters, mesh),
+            "padded": _padded(program),
             "partial_values": sum(1 for r in values if any("Partial" in p for p in r["placement"].values())),
             "values": len(values),
         },
         "layers": {k: rows[k] for k in sorted_layers(rows)},
     }
+
+
+def _padded(program) -> list[dict]:
+    """The tensors held padded so that dp/edp splits them evenly (``passes/pad_parameters.py``):
+    which parameter, what is padded (its optimizer state; with zero=3 the parameter too), the
+    dim, and its logical and padded sizes."""
+    placed = program.placed
+    found = []
+    for name in sorted(set(placed.state_paddings) | {n for n, p in placed.parameters.items() if p.padding}):
+        padding = placed.parameters[name].padding or placed.state_paddings.get(name)
+        held = (["parameter"] if placed.parameters[name].padding else []) + (
+            ["optimizer state"] if name in placed.state_paddings else [])
+        found.append({"name": name, "held": held, "dim": padding.dim, "size": padding.size,
+                      "padded": padding.padded})
+    return found
 
 
 def _unsplit_parameters(parameters: list[dict], mesh) -> dict:
@@ -796,6 +812,12 @@ def format_summary(report: dict) -> str:
         largest = ", ".join(f"{name} {_bytes(nbytes)}" for name, nbytes in unsplit["largest"])
         lines.append(f"whole on every rank (no plan entry splits them): {unsplit['count']} parameters, "
                      f"{_bytes(unsplit['bytes_per_rank'])} per rank; largest: {largest}")
+    padded = totals.get("padded") or []
+    if padded:
+        shown = ", ".join(f"{row['name']} dim {row['dim']} {row['size']} -> {row['padded']}" for row in padded[:4])
+        held = " and ".join(sorted({part for row in padded for part in row["held"]}, reverse=True))
+        lines.append(f"held padded for an even dp/edp split ({held}): {len(padded)} parameters "
+                     f"({shown}{', ...' if len(padded) > 4 else ''})")
     axis_rows = [(axis, _bytes(b)) for axis, b in sorted(totals["communication_bytes_per_rank_by_axis"].items())]
     family_rows = [(family, _bytes(b)) for family, b in sorted(totals["communication_bytes_per_rank_by_family"].items())]
     lines += [""] + _table(["axis", "bytes/rank/step"], axis_rows)

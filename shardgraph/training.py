@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .placement import shard, unshard
+
 from .program import ShardedProgram
 from .meta import InputKind
 from .runtime.guards import debug_enabled, same_bits
@@ -88,8 +88,9 @@ class TrainingProgram(ShardedProgram):
             value = full.optimizer.get(name, {}).get(slot)
             if value is None:
                 value = torch.zeros_like(full.parameters[name])
-            optimizer.setdefault(name, {})[slot] = own(shard(value.detach(), self.state_sharding(name), self.mesh,
-                                                             rank, name=f"{name}:{slot}"))
+            optimizer.setdefault(name, {})[slot] = own(self.shard_held(value.detach(), self.state_sharding(name),
+                                                                        self.state_padding(name), rank,
+                                                                        f"{name}:{slot}"))
         return TrainState(parameters, optimizer, full.step)
 
     def init_states(self, model_or_state) -> list[TrainState]:
@@ -139,39 +140,49 @@ class TrainingProgram(ShardedProgram):
                                  f"mesh or model; gather it and init_state it again")
         for name, slot in self.state_slots:
             piece = state.optimizer.get(name, {}).get(slot)
-            if piece is None or tuple(piece.shape) != self._local_shape(name, self.state_sharding(name)):
+            if piece is None or tuple(piece.shape) != self._local_shape(name, self.state_sharding(name),
+                                                                        self.state_padding(name)):
                 raise StateError(f"rank {rank}: optimizer state {name}:{slot} is missing or shaped for another mesh")
 
     def state_sharding(self, name: str):
         """How parameter ``name``'s optimizer state is split: like the parameter, or with
-        ``zero=1`` also over the data-parallel axis of its view."""
+        ``zero=1`` also over the data-parallel axis of its view. For a state held padded
+        (``state_padding``), a sharding of the padded shape."""
         slot = self.optimizer.state_slots()[0]
         return self._sharding_of_input[(InputKind.OPTIMIZER_STATE, f"{name}:{slot}")]
 
-    def local_parameters_shape(self, name: str) -> tuple[int, ...]:
-        return self._local_shape(name, self.parameter_sharding(name))
+    def state_padding(self, name: str):
+        """How parameter ``name``'s optimizer state is held padded with zeros (a
+        ``placement.Padding``), or None: with ``zero>=1``, where the data-parallel axis divides
+        none of the parameter's free dims. ``init_state`` pads, ``gather_state`` drops the padding."""
+        return self.placed.state_paddings.get(name)
 
-    def _local_shape(self, name: str, sharding) -> tuple[int, ...]:
+    def local_parameters_shape(self, name: str) -> tuple[int, ...]:
+        return self._local_shape(name, self.parameter_sharding(name), self.parameter_padding(name))
+
+    def _local_shape(self, name: str, sharding, padding=None) -> tuple[int, ...]:
         from .placement import local_shape
 
-        return tuple(int(s) for s in local_shape(tuple(self.traced.parameter_shapes[name]), sharding, self.mesh,
-                                                 name=name))
+        shape = tuple(self.traced.parameter_shapes[name])
+        held = shape if padding is None else padding.held_shape(shape)
+        return tuple(int(s) for s in local_shape(held, sharding, self.mesh, name=name))
 
     def gather_state(self, states: Sequence[TrainState]) -> TrainState:
-        """Full parameters and optimizer state from every rank's pieces (replicas checked equal)."""
+        """Full parameters and optimizer state from every rank's pieces (replicas checked equal), in
+        their logical shapes: a padded piece's padding is checked zero and dropped."""
         if len(states) != self.mesh.world:
             raise StateError(f"gather_state needs one state per rank ({self.mesh.world}), got {len(states)}")
         for rank, state in enumerate(states):
             _refuse_donated(state, rank)
         parameters = {
-            name: unshard([s.parameters[name] for s in states], self.parameter_sharding(name), self.mesh,
-                          global_shape=self.traced.parameter_shapes[name], name=name, check_replicas=True)
+            name: self.unshard_held([s.parameters[name] for s in states], self.parameter_sharding(name),
+                                     self.parameter_padding(name), self.traced.parameter_shapes[name], name)
             for name in self.parameter_names}
         optimizer: dict[str, dict[str, torch.Tensor]] = {}
         for name, slot in self.state_slots:
-            optimizer.setdefault(name, {})[slot] = unshard(
-                [s.optimizer[name][slot] for s in states], self.state_sharding(name), self.mesh,
-                global_shape=self.traced.parameter_shapes[name], name=f"{name}:{slot}", check_replicas=True)
+            optimizer.setdefault(name, {})[slot] = self.unshard_held(
+                [s.optimizer[name][slot] for s in states], self.state_sharding(name), self.state_padding(name),
+                self.traced.parameter_shapes[name], f"{name}:{slot}")
         return TrainState(parameters, optimizer, states[0].step)
 
     # ------------------------------------------------------------------ steps

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from shardgraph import meta
 from shardgraph.placement import InterleavedShard, Replicate, Shard, interleaved
 
 from . import AxisCandidate, register, value_of
@@ -297,6 +298,11 @@ def rule_pad(ctx, axis, placements):
     ndim = len(ctx.output_shape)
     pad = list(ctx.arg(1, "pad", []))
     padded = {ndim - 1 - i for i in range(len(pad) // 2) if pad[2 * i] != 0 or pad[2 * i + 1] != 0}
+    if meta.padding(ctx.node) is not None and ctx.input_shardings[0].placement(axis).is_partial():
+        # A gradient padded as its parameter is held (pad_parameters): it is reduce-scattered
+        # padded, never all-reduced first (twice the bytes, and the whole gradient on every rank).
+        actual = ctx.input_shardings[0].placement(axis)
+        return [AxisCandidate((actual,), actual, "a gradient is padded partial, then reduce-scattered")]
     candidates = [AxisCandidate((R,), R)]
     if placement.is_shard() and placement.dim % ndim not in padded:
         candidates.insert(0, AxisCandidate((placement,), placement))

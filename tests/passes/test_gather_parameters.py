@@ -165,3 +165,12 @@ def test_no_compute_dtype_copy_of_a_weight_lives_from_its_forward_to_its_backwar
     for cast in casts:
         readers = {meta.phase(user) for user in cast.users if user.op == "call_function"}
         assert len(readers) <= 1, f"{cast.name} is read by {readers}"
+
+
+def test_a_zero3_gradient_program_gathers_each_parameter_again_for_its_backward():
+    # Without an optimizer no node is marked a gradient: the gradient outputs say what the
+    # backward is, so its readers get their own gather instead of reading the held slice.
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
+    program = sg.compile(model, sg.MeshSpec.parse("world=4,tp=2,ep=2"), inputs, loss_fn, zero=3)
+    gathered = _gather_bytes(program)
+    assert 0.8 * gathered["forward"] < gathered["backward"] <= gathered["forward"], gathered

@@ -11,7 +11,7 @@ from examples.moe_model import shardgraph_entry
 from passes.optimizer_sharding import optimizer_state_sharding
 from shardgraph import meta
 from shardgraph.meta import View
-from shardgraph.placement import Shard, Sharding
+from shardgraph.placement import Padding, Shard, Sharding
 from tests.test_parity import MESHES
 from tests.test_training import NO_DECAY, _step_alongside, _torch_adamw, relative
 
@@ -78,10 +78,21 @@ def test_a_zero1_state_resumes_on_a_zero0_program_of_another_mesh():
 def test_a_parameter_with_no_free_dim_keeps_its_state_whole_and_says_why():
     mesh = sg.MeshSpec.parse("world=4,tp=2")
     bias = Sharding.of(tp=Shard(0))
-    sharding, why = optimizer_state_sharding("proj.bias", (8,), bias, View.DENSE, mesh, 1)
-    assert sharding == bias and "divides by dp=2" in why
-    sharding, why = optimizer_state_sharding("proj.weight", (8, 6), bias, View.DENSE, mesh, 1)
-    assert sharding == Sharding.of(tp=Shard(0), dp=Shard(1)) and "dim 1" in why
+    sharding, why, padding = optimizer_state_sharding("proj.bias", (8,), bias, View.DENSE, mesh, 1)
+    assert sharding == bias and padding is None and "no dim that no other axis splits" in why
+    sharding, why, padding = optimizer_state_sharding("proj.weight", (8, 6), bias, View.DENSE, mesh, 1)
+    assert sharding == Sharding.of(tp=Shard(0), dp=Shard(1)) and padding is None and "dim 1" in why
+
+
+def test_a_free_dim_the_axis_does_not_divide_is_padded_the_first_dividing_one_is_preferred():
+    mesh = sg.MeshSpec.parse("world=6,tp=2")  # dp=3
+    rowwise = Sharding.of(tp=Shard(1))
+    sharding, why, padding = optimizer_state_sharding("embed.weight", (151936, 64), rowwise, View.DENSE, mesh, 1)
+    assert sharding == Sharding.of(tp=Shard(1), dp=Shard(0))
+    assert padding == Padding(0, 151936, 151938) and "padded from 151936 to 151938" in why
+    # A later free dim that divides is split as it is, with no padding.
+    sharding, _, padding = optimizer_state_sharding("w", (7, 8, 9), rowwise, View.DENSE, mesh, 3)
+    assert sharding == Sharding.of(tp=Shard(1), dp=Shard(2)) and padding is None
 
 
 def test_an_unknown_zero_stage_or_zero_without_an_optimizer_is_refused():
