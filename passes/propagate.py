@@ -53,7 +53,10 @@ from .rules import RuleContext, rule_for
 
 __all__ = ["PropagationError", "PlacedGraph", "propagate"]
 
-_MAX_SWEEPS = 4
+# Each sweep can settle one more link of a chain of demands (exact routing adds such chains: a
+# reduction moved next to its product changes what the ops after it are asked for); reuse makes
+# a sweep that changes little cheap.
+_MAX_SWEEPS = 6
 
 
 class PropagationError(ValueError):
