@@ -14,7 +14,9 @@ Writes
       the placeholders at the top when it reads only inputs), as long as the bytes of the
       collectives in flight over the range it moves across, plus its own, stay within
       ``prefetch_bytes``; otherwise it moves only as far as the first point where they do
-      (just after the wait of a collective that then finishes).
+      (just after the wait of a collective that then finishes). A parameter's gather (zero=3) is
+      issued no earlier than the previous parameter gather's wait: one gather ahead, as FSDP
+      prefetches.
 Assumes
     every rank runs this graph, so every rank issues the collectives in one order (what NCCL and
     gloo need of collectives on one group) and the simulator's rendezvous, which completes a
@@ -35,6 +37,7 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from shardgraph import meta
+from shardgraph.meta import Purpose
 from shardgraph.runtime import c10d
 
 __all__ = ["schedule_collectives", "DEFAULT_PREFETCH_BYTES", "collectives_in_flight"]
@@ -75,11 +78,20 @@ def _hoist(graph, position: dict, prefetch_bytes: float) -> None:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     top = placeholders[-1] if placeholders else None
     intervals = _intervals(graph, position)
+    previous_gather_wait = None
     for issue in [n for n in graph.nodes if c10d.is_issue(n)]:
         unit = _before_chain(issue, position) + [issue]
         members = set(unit)
         inputs = [i for n in unit for i in n.all_input_nodes if i not in members and i.op != "placeholder"]
         anchor = max(inputs, key=position.__getitem__) if inputs else top
+        if meta.collective(issue).purpose is Purpose.PARAMETER_GATHER:
+            # A held parameter's gather could be issued at the very start (it reads only the
+            # parameter), which would keep every gathered weight alive from there and undo
+            # resharding: it is prefetched one gather ahead, after the previous one has arrived.
+            if previous_gather_wait is not None and (anchor is None
+                                                     or position[previous_gather_wait] > position[anchor]):
+                anchor = previous_gather_wait
+            previous_gather_wait = next(iter(issue.users))
         if anchor is None or anchor.next is unit[0]:
             continue
         start, wait_at, nbytes = intervals.pop(issue)

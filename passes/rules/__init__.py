@@ -145,7 +145,14 @@ def _overloads(target) -> list:
 def registered_ops() -> list[str]:
     """Every op with a rule, by name (``aten.mm.default``, ``shardgraph.moe_experts``): the op
     catalogue a traced graph may use without ``replicate_fallback``."""
-    return sorted({str(target) for target in RULES})
+    return sorted({_name(target) for target in RULES})
+
+
+def _name(target) -> str:
+    # A plain function (the parameter gather marker) by its import path, not by its address.
+    if callable(target) and hasattr(target, "__qualname__") and not isinstance(target, torch._ops.OpOverload):
+        return f"{target.__module__}.{target.__qualname__}"
+    return str(target)
 
 
 def rule_for(target) -> RegisteredRule | None:

@@ -172,7 +172,7 @@ def test_no_op_on_the_routing_path_reads_a_partial_value(references):
     # ... and is computed in float32, reduced in float32 and rounded once.
     wide = [n for n in program.graph_module.graph.nodes if meta.collective(n) is not None
             and "exact routing" in meta.collective(n).detail]
-    assert wide and all(meta.tensor_value(n).dtype == torch.float32 for n in wide)
+    assert wide and all(meta.tensor_value(meta.collective_source(n)).dtype == torch.float32 for n in wide)
 
 
 def test_routing_path_is_found_by_the_ops_not_by_names():
