@@ -41,6 +41,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from kernels.linear_cross_entropy import DEFAULT_CHUNK_BYTES, chunk_rows_for_budget
 from shardgraph import meta
+from shardgraph.fx_graph import descendants
 from shardgraph.mesh import MeshSpec
 from shardgraph.meta import PlacedValue, View
 from shardgraph.placement import local_shape
@@ -170,16 +171,6 @@ def _ancestors_reach(starts: list[Node], forbidden: set[Node], cut: set[Node]) -
     return False
 
 
-def _descendants(start: Node) -> set[Node]:
-    seen, pending = set(), [start]
-    while pending:
-        node = pending.pop()
-        if node not in seen:
-            seen.add(node)
-            pending.extend(node.users)
-    return seen
-
-
 def _match(nll: Node) -> _Match | None:
     log_softmax, target = nll.args[0], nll.args[1]
     if _argument(nll, 2, "weight") is not None:
@@ -261,7 +252,7 @@ def _match(nll: Node) -> _Match | None:
     # The op runs where the backward's grad_out and total weight are known: they may read the
     # count (rewritten from the target) and a ones_like of the loss (its shape only), nothing else
     # made from the loss.
-    from_loss = {nll}.union(*(_descendants(item) for item in loss_items))
+    from_loss = {nll}.union(*(descendants([item]) for item in loss_items))
     seeds = [n for n in from_loss if n.target in _SCALAR_LIKE and _shape(n) == () and n.args
              and isinstance(n.args[0], Node)]
     if _ancestors_reach([grad_out, nll_backward.args[6]], from_loss, set(count_items) | set(seeds)):

@@ -41,7 +41,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from shardgraph import meta
-from shardgraph.fx_graph import output_values
+from shardgraph.fx_graph import ancestors, output_values
 from shardgraph.meta import InputKind, Phase
 
 __all__ = ["gather_parameter", "gather_parameters", "is_parameter_gather"]
@@ -88,13 +88,7 @@ def _gradient_cone(gm: GraphModule) -> set[Node]:
     pending = [node for node in graph.nodes if meta.gradient_of(node) is not None]
     pending += [found for found, role in zip(output_values(graph), meta.output_roles(gm))
                 if role.kind == "grad" and isinstance(found, Node)]
-    cone: set[Node] = set()
-    while pending:
-        node = pending.pop()
-        if node not in cone:
-            cone.add(node)
-            pending.extend(node.all_input_nodes)
-    return cone
+    return ancestors(pending)
 
 
 def gather_parameters(gm: GraphModule, zero: int, reshard_after_forward: bool = True) -> GraphModule:
@@ -199,12 +193,4 @@ def _views_read_by_backward(start: Node, phase_of) -> list[Node]:
 
 
 def _with_view_ancestors(views: list[Node], start: Node) -> set[Node]:
-    needed: set[Node] = set()
-    pending = list(views)
-    while pending:
-        node = pending.pop()
-        if node in needed or node is start:
-            continue
-        needed.add(node)
-        pending.extend(node.all_input_nodes)
-    return needed
+    return ancestors(views, stop=lambda node: node is start) - {start}

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
+from shardgraph.fx_graph import ancestors
+
 __all__ = ["DECISION_OPS", "is_routing_decision", "routing_decisions", "routing_path"]
 
 aten = torch.ops.aten
@@ -45,24 +47,14 @@ def is_routing_decision(node: Node) -> bool:
     return node.op == "call_function" and node.target in DECISION_OPS
 
 
-def _ancestors(starts) -> set[Node]:
-    found: set[Node] = set()
-    pending = list(starts)
-    while pending:
-        node = pending.pop()
-        if node in found:
-            continue
-        found.add(node)
-        pending.extend(node.all_input_nodes)
-    return found
 
 
 def routing_decisions(gm: GraphModule) -> list[Node]:
     """The order-selecting ops upstream of an MoE op, in graph order."""
-    upstream = _ancestors(source for node in gm.graph.nodes if _is_moe_op(node) for source in node.all_input_nodes)
+    upstream = ancestors(source for node in gm.graph.nodes if _is_moe_op(node) for source in node.all_input_nodes)
     return [node for node in gm.graph.nodes if node in upstream and is_routing_decision(node)]
 
 
 def routing_path(gm: GraphModule) -> set[Node]:
     """Every op node a routing decision depends on, the decisions included."""
-    return {node for node in _ancestors(routing_decisions(gm)) if node.op == "call_function"}
+    return {node for node in ancestors(routing_decisions(gm)) if node.op == "call_function"}

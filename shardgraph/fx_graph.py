@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import operator
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch.fx import Graph, GraphModule, Node
@@ -20,7 +20,7 @@ from torch.fx.node import map_arg
 
 from . import meta
 
-__all__ = ["tensor_inputs", "map_tensor_inputs", "op_name", "output_node", "output_values", "is_getitem",
+__all__ = ["ancestors", "descendants", "tensor_inputs", "map_tensor_inputs", "op_name", "output_node", "output_values", "is_getitem",
            "call_nodes", "copy_graph_module"]
 
 
@@ -98,3 +98,31 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
 
 def call_nodes(graph: Graph) -> list[Node]:
     return [node for node in graph.nodes if node.op == "call_function"]
+
+
+def ancestors(starts: Iterable[Node], stop: Callable[[Node], bool] = lambda node: False) -> set[Node]:
+    """``starts`` and every node they are computed from, not walking past a node where ``stop``
+    holds (that node is included)."""
+    found: set[Node] = set()
+    pending = list(starts)
+    while pending:
+        node = pending.pop()
+        if node in found:
+            continue
+        found.add(node)
+        if not stop(node):
+            pending.extend(node.all_input_nodes)
+    return found
+
+
+def descendants(starts: Iterable[Node]) -> set[Node]:
+    """``starts`` and every node computed from them."""
+    found: set[Node] = set()
+    pending = list(starts)
+    while pending:
+        node = pending.pop()
+        if node not in found:
+            found.add(node)
+            pending.extend(node.users)
+    return found
+
