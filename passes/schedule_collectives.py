@@ -8,8 +8,9 @@ Writes
     the same nodes in another order, nothing else:
 
     * each wait, and the local steps after it, moved to just before the first node that reads
-      them (the output node included), so the compute in between runs while the collective is
-      in flight;
+      them, so the compute in between runs while the collective is in flight (not the waits of
+      program outputs, whose reader is the end of the step: sunk there, every output gathered
+      by the update would be held to the end together);
     * each op, with the local steps before it, moved to just after the last node it reads (past
       the placeholders at the top when it reads only inputs), as long as the bytes of the
       collectives in flight over the range it moves across, plus its own, stay within
@@ -51,11 +52,17 @@ def _part(node: Node, role: str) -> bool:
 
 
 def _sink(graph, position: dict) -> None:
-    """Waits and the steps after them, latest first, to just before their first reader."""
+    """Waits and the steps after them, latest first, to just before their first reader; a
+    program output's (a new parameter gathered by the update) where lowering put it."""
     for node in reversed(list(graph.nodes)):
         if not (c10d.is_wait(node) or _part(node, "after")):
             continue
         if not node.users:
+            continue
+        # An output's first reader is the end of the step: waited for there, every gathered new
+        # parameter (and the slice it was gathered from) would be held to the end together.
+        record = meta.collective_or_part(node)
+        if record is not None and record.purpose is Purpose.OUTPUT:
             continue
         first = min(node.users, key=position.__getitem__)
         if first.prev is node:
@@ -84,6 +91,8 @@ def _hoist(graph, position: dict, prefetch_bytes: float) -> None:
         members = set(unit)
         inputs = [i for n in unit for i in n.all_input_nodes if i not in members and i.op != "placeholder"]
         anchor = max(inputs, key=position.__getitem__) if inputs else top
+        if meta.collective(issue).purpose is Purpose.OUTPUT:
+            continue  # see _sink: issued early, each would be held to the end of the step
         if meta.collective(issue).purpose is Purpose.PARAMETER_GATHER:
             # A held parameter's gather could be issued at the very start (it reads only the
             # parameter), which would keep every gathered weight alive from there and undo
