@@ -286,6 +286,9 @@ def _worker(rank: int, world: int, fn, args, result_dir: str, timeout) -> None:
         raise
     finally:
         if dist.is_initialized():
+            # The axis groups a communicator registered by name (runtime/c10d.py) are dropped
+            # first, so no group outlives the default one into the interpreter's shutdown.
+            torch._C._distributed_c10d._unregister_all_process_groups()
             dist.destroy_process_group()
 
 
