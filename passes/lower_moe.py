@@ -36,6 +36,7 @@ from shardgraph.meta import Collective, CollectiveKind, MoeStep, PlacedValue, Pu
 from shardgraph.runtime import collectives
 from shardgraph.runtime import moe as moe_steps
 
+from .gather_parameters import _CASTS
 from .routing_path import routing_path
 from .rules.moe import token_copies
 
@@ -116,13 +117,11 @@ def _weight_origin(node):
     read their own all-gathers (of their own casts) of one held parameter, which pair them, and
     of one held padded, the slices that drop the padding (``pad_parameters``)."""
     while isinstance(node, Node) and node.op == "call_function" and node.all_input_nodes and (
-            meta.collective(node) is not None or str(node.target).startswith(_CASTS)
+            meta.collective(node) is not None or node.target in _CASTS
             or meta.padding(node) is not None):
         node = node.all_input_nodes[-1]
     return node
 
-
-_CASTS = ("aten._to_copy.", "prims.convert_element_type.")
 
 
 def lower_moe(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
