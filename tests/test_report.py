@@ -56,10 +56,10 @@ def test_report_bytes_match_hand_computed_values():
     assert rows["x"]["local_shape"] == [3, 4] and rows["x"]["bytes_per_rank"] == 48
     assert report["totals"]["parameter_bytes_per_rank"] == 64
     # The loss is a partial sum over dp and tp (a scalar: 4 bytes); making it whole is one
-    # all-reduce per axis of 2 * 4 * (2 - 1) / 2 = 4 bytes. The gradient of w is partial over dp
-    # only: an all-reduce of its 64-byte piece sends 2 * 64 * 1 / 2 = 64 bytes.
+    # all-reduce over the product group of 4 ranks: 2 * 4 * (4 - 1) / 4 = 6 bytes. The gradient
+    # of w is partial over dp only: an all-reduce of its 64-byte piece sends 2 * 64 * 1 / 2 = 64.
     by_axis = report["totals"]["communication_bytes_per_rank_by_axis"]
-    assert by_axis == {"dp": 4 + 64, "tp": 4}
+    assert by_axis == {"dp": 64, "dp*tp": 6}
     grad_sync = [c for c in report["collectives"] if c["family"] == "gradient sync"]
     assert [(c["kind"], c["axis"], c["bytes_per_rank"]) for c in grad_sync if c["bytes_per_rank"] == 64] == [("all_reduce", "dp", 64.0)]
 

@@ -37,7 +37,10 @@ from .guards import CollectiveFailure, ProgramMismatchError, collective_failure,
 
 __all__ = ["DistributedCommunicator", "gather_objects", "init_from_environment", "spawn_gloo", "with_named_failures"]
 
-_AXES_USED = ("tp", "dp", "ep", "etp", "edp", ("dp", "tp"), ("ep", "etp"))
+# Every axis, and every product of two or more axes of one view: a value partial over several
+# axes is all-reduced once over their product group (lower_redistribute).
+_AXES_USED = ("tp", "dp", "ep", "etp", "edp", ("dp", "tp"), ("ep", "etp"), ("edp", "ep"), ("edp", "etp"),
+              ("edp", "ep", "etp"))
 # The timeout given to init_from_environment / spawn_gloo in this process: torch's new_group
 # does not inherit the default group's timeout, so every group made here is given it again.
 _timeout: datetime.timedelta | None = None

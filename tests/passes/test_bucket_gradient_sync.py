@@ -23,7 +23,24 @@ def test_each_partial_gradient_is_reduced_once_over_its_axis_in_a_shared_bucket(
     partial_over = {node.name: [axis for axis, p in meta.sharding(node).items() if isinstance(p, sg.Partial)]
                     for node in output.args[0][1:]}
     for r in buckets:
-        assert all(r["axis"] in partial_over[name] for name in r["members"]), r
+        # a gradient partial over both dp and tp is reduced once over their product group "dp*tp"
+        assert all(set(r["axis"].split("*")) <= set(partial_over[name]) for name in r["members"]), r
+
+
+def test_a_gradient_partial_over_two_axes_is_reduced_by_one_all_reduce_over_their_product_group():
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
+    program = sg.compile(model, sg.MeshSpec.parse("world=4,tp=2,ep=2"), inputs, loss_fn)
+    output = next(n for n in program.placed.graph_module.graph.nodes if n.op == "output")
+    partial_over = {node.name: {axis for axis, p in meta.sharding(node).items() if isinstance(p, sg.Partial)}
+                    for node in output.args[0][1:]}
+    rows = [r for r in program.report(format="dict")["collectives"] if r["family"] == "gradient sync"]
+    # every gradient partial over dp and tp that is wanted replicated on both
+    both = [r for r in rows if r["axis"] == "dp*tp"]
+    assert both and all(r["kind"] == "all_reduce" for r in both)
+    for name in (m for r in both for m in r["members"]):
+        assert partial_over[name] == {"dp", "tp"}
+        # and no other gradient-sync collective reduces it again over dp or tp alone
+        assert not [r for r in rows if name in r["members"] and r["axis"] in ("dp", "tp")]
 
 
 def test_flatten_and_unflatten_round_trip_and_give_views_of_the_buffer():
