@@ -88,8 +88,9 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                    {"layer_types": ["linear_attention", "full_attention"], "mlp_only_layers": [],
                     "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
                     "linear_num_value_heads": 4}),
+    # swiglu_limit: GPT-OSS's 7.0 is never reached by a tiny model's products; 0.5 clamps some.
     "gpt_oss": ("gpt_oss", "GptOssForCausalLM", {"layer_types": ["sliding_attention", "full_attention"],
-                                                  "sliding_window": 4}),
+                                                  "sliding_window": 4, "swiglu_limit": 0.5}),
     "llama4_text": ("llama4_text", "Llama4ForCausalLM",
                     {"intermediate_size_mlp": 32, "interleave_moe_layer_step": 1, "num_experts_per_tok": 1,
                      "attention_chunk_size": 64, "no_rope_layer_interval": 2}),
@@ -124,6 +125,12 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
 }
 
 
+# Families whose zero-initialised parameters (GPT-OSS's expert and attention biases) are drawn at
+# random after building: a bias that is zero cannot show that it is added once, split right or
+# given the right gradient.
+NONZERO_BIASES = {"gpt_oss"}
+
+
 def _trim_layer_lists(config) -> None:
     """Per-layer lists of a default config are as long as its default depth: keep two entries."""
     layers = getattr(config, "num_hidden_layers", 2)
@@ -151,6 +158,12 @@ def build(family: str, seed: int = 0):
         config.attn_config.rope_theta = 10000.0
     torch.manual_seed(seed)
     model = getattr(transformers, class_name)(config).float().eval()
+    if family in NONZERO_BIASES:
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if not parameter.any():
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
     # Routers that add noise or drop tokens in training mode would differ run to run; eval keeps
     # dropout off while autograd still runs.
     return model

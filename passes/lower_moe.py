@@ -112,12 +112,46 @@ def _token_bytes(hidden: Node, top_k: int, mesh: MeshSpec) -> float:
     return local_tokens * top_k * found.shape[-1] * found.element_size()
 
 
+def moe_operand(node: Node, position: int, name: str, default=None):
+    """An argument of a ``moe_experts`` node (positions of the forward op), passed by position or name."""
+    if position < len(node.args):
+        return node.args[position]
+    return node.kwargs.get(name, default)
+
+
+# Forward op argument positions; the backward op's are one further (grad_out comes first).
+_OPERANDS = {"activation": 5, "gate_up_bias": 6, "down_bias": 7}
+
+
+def _operands(node: Node, backward: bool) -> dict:
+    shift = 1 if backward else 0
+    found = {name: moe_operand(node, position + shift, name) for name, position in _OPERANDS.items()}
+    found["activation"] = found["activation"] or "silu"
+    return found
+
+
+_TRANSPOSE = torch.ops.aten.transpose.int
+
+
+def _weight_in_place(weight: Node) -> tuple[Node, str]:
+    """The tensor a grouped product reads an ``[E, N, K]`` operand from, and its layout: a
+    transpose of the last two dims of a stored ``[E, K, N]`` weight (GPT-OSS's ``gate_up_proj
+    [E, H, 2I]``, which the adapter hands the op as ``transpose(1, 2)``) is read in place as
+    ``"ekn"``, so the kernels get the stored, contiguous tensor and no transposed copy is made."""
+    if (weight.op == "call_function" and weight.target is _TRANSPOSE
+            and sorted(d % 3 for d in weight.args[1:3]) == [1, 2]):
+        found = meta.tensor_value(weight)
+        if found is not None and found.dim() == 3:
+            return weight.args[0], "ekn"
+    return weight, "enk"
+
+
 def _weight_origin(node):
     """The value an expert weight operand was made from: with zero=3 the forward and the backward
     read their own all-gathers (of their own casts) of one held parameter, which pair them, and
     of one held padded, the slices that drop the padding (``pad_parameters``)."""
     while isinstance(node, Node) and node.op == "call_function" and node.all_input_nodes and (
-            meta.collective(node) is not None or node.target in _CASTS
+            meta.collective(node) is not None or node.target in _CASTS or node.target is _TRANSPOSE
             or meta.padding(node) is not None):
         node = node.all_input_nodes[-1]
     return node
@@ -168,7 +202,7 @@ def _dispatch(emit: _Emitter, copies: Node, tokens_per_expert: Node, num_experts
         counts = emit.call(moe_steps.etp_gather, emit.comm, received_counts, "etp")
     grouped_ = emit.call(moe_steps.group_by_local_expert, received, counts)
     grouped, permutation, offsets = (emit.item(grouped_, i) for i in range(3))
-    return grouped, permutation, offsets, send, receive, etp_sizes
+    return grouped, permutation, offsets, send, receive, etp_sizes, received_counts
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -188,7 +222,8 @@ def _exact_down_dtype(node: Node, mesh: MeshSpec, on_routing_path: set) -> torch
 
 def _lower_forward(graph, emit: _Emitter, node: Node, mesh: MeshSpec, exact_dtype: torch.dtype | None = None) -> Routing:
     hidden, topk_ids, topk_weights, w_gate_up, w_down = node.args[:5]
-    activation = node.args[5] if len(node.args) > 5 else node.kwargs.get("activation", "silu")
+    operands = _operands(node, backward=False)
+    activation, gate_up_bias, down_bias = operands["activation"], operands["gate_up_bias"], operands["down_bias"]
     num_experts = meta.value(w_gate_up).shape[0]
     top_k = meta.value(topk_ids).shape[-1]
     # Uniform routing sends (ep - 1) / ep of each rank's copies away: an estimate for the report;
@@ -197,22 +232,30 @@ def _lower_forward(graph, emit: _Emitter, node: Node, mesh: MeshSpec, exact_dtyp
     sorted_ = emit.call(moe_steps.sort_by_expert, topk_ids, num_experts)
     order, tokens_per_expert = emit.item(sorted_, 0), emit.item(sorted_, 1)
     copies = emit.call(moe_steps.gather_copies, hidden, order, top_k)
-    send = receive = permutation = etp_sizes = None
+    send = receive = permutation = etp_sizes = received_counts = None
     if mesh.ep == 1 and mesh.etp == 1:
         # Every expert is on this rank: the copies are already grouped by expert, so the offsets
         # stay on the device and nothing waits for the host.
         grouped = copies
         offsets = emit.call(moe_steps.expert_offsets, tokens_per_expert)
     else:
-        grouped, permutation, offsets, send, receive, etp_sizes = _dispatch(
+        grouped, permutation, offsets, send, receive, etp_sizes, received_counts = _dispatch(
             emit, copies, tokens_per_expert, num_experts, estimate, mesh)
-    gate_up = emit.call(torch.ops.shardgraph.grouped_mm.default, grouped, w_gate_up, offsets, "enk")
+    gate_up_weight, gate_up_layout = _weight_in_place(w_gate_up)
+    down_weight, down_layout = _weight_in_place(w_down)
+    gate_up = emit.call(torch.ops.shardgraph.grouped_mm.default, grouped, gate_up_weight, offsets, gate_up_layout)
+    if gate_up_bias is not None:
+        # This rank's gate/up columns of each row's expert: the bias is split over etp as the rows are.
+        gate_up = emit.call(moe_steps.add_expert_bias, gate_up, gate_up_bias, offsets)
     activated = emit.call(moe_steps.glu, gate_up, activation)
     if exact_dtype is None:
-        down = emit.call(torch.ops.shardgraph.grouped_mm.default, activated, w_down, offsets, "enk")
+        down = emit.call(torch.ops.shardgraph.grouped_mm.default, activated, down_weight, offsets, down_layout)
     else:
         down = emit.call(torch.ops.shardgraph.grouped_mm.default, emit.call(_CAST, activated, torch.float32),
-                         emit.call(_CAST, w_down, torch.float32), offsets, "enk")
+                         emit.call(_CAST, down_weight, torch.float32), offsets, down_layout)
+    if down_bias is not None and mesh.etp == 1:
+        # Whole rows: the bias goes on in the grouped layout, where the offsets give each row's expert.
+        down = emit.call(moe_steps.add_expert_bias, down, down_bias, offsets)
     returned = down
     if permutation is not None:
         expert_out = emit.call(moe_steps.ungroup, down, permutation)
@@ -225,6 +268,11 @@ def _lower_forward(graph, emit: _Emitter, node: Node, mesh: MeshSpec, exact_dtyp
                                               "" if exact_dtype is None else ", in float32 (exact routing)"))
             if exact_dtype is not None:
                 expert_out = emit.call(_CAST, expert_out, exact_dtype)
+            if down_bias is not None:
+                # Added once, to the reduced rows this rank keeps (added to every etp rank's partial
+                # sum it would count etp times). They arrived source-major, by local expert within.
+                ends = emit.call(moe_steps.group_ends, received_counts)
+                expert_out = emit.call(moe_steps.add_expert_bias, expert_out, down_bias, ends)
         returned = emit.communicate(collectives.all_to_all, expert_out, "ep", receive, output_splits=send,
                                     kind=CollectiveKind.ALL_TO_ALL, axis="ep", estimate=estimate,
                                     purpose=Purpose.MOE_RETURN, detail="return")
@@ -240,6 +288,9 @@ def _lower_forward(graph, emit: _Emitter, node: Node, mesh: MeshSpec, exact_dtyp
 
 def _lower_backward(graph, emit: _Emitter, node: Node, routing: Routing, mesh: MeshSpec) -> None:
     grad_out, hidden, _topk_ids, topk_weights, w_gate_up, w_down = node.args[:6]
+    operands = _operands(node, backward=True)
+    gate_up_weight, gate_up_layout = _weight_in_place(w_gate_up)
+    down_weight, down_layout = _weight_in_place(w_down)
     combined = emit.call(moe_steps.combine_backward, grad_out, routing.returned, routing.order, topk_weights)
     grad_copies, grad_topk_weights = emit.item(combined, 0), emit.item(combined, 1)
     grad_grouped = grad_copies  # already in expert order when nothing was dispatched
@@ -255,13 +306,27 @@ def _lower_backward(graph, emit: _Emitter, node: Node, routing: Routing, mesh: M
                                              purpose=Purpose.MOE_ETP, detail="output gradients to every etp rank")
         grad_grouped = emit.call(torch.index_select, grad_received, 0, routing.permutation)
     grouped_mm = torch.ops.shardgraph
-    grad_activated = emit.call(grouped_mm.grouped_mm_dgrad.default, grad_grouped, w_down, routing.offsets, "enk")
-    grad_w_down = emit.call(grouped_mm.grouped_mm_wgrad.default, routing.activated, grad_grouped, routing.offsets,
-                            routing.local_experts, "enk")
+    grad_activated = emit.call(grouped_mm.grouped_mm_dgrad.default, grad_grouped, down_weight, routing.offsets,
+                               down_layout)
+    grad_w_down = _operand_layout(emit, emit.call(grouped_mm.grouped_mm_wgrad.default, routing.activated,
+                                                  grad_grouped, routing.offsets, routing.local_experts, down_layout),
+                                  down_layout)
     grad_gate_up = emit.call(moe_steps.glu_backward, grad_activated, routing.gate_up, routing.activation)
-    grad_tokens = emit.call(grouped_mm.grouped_mm_dgrad.default, grad_gate_up, w_gate_up, routing.offsets, "enk")
-    grad_w_gate_up = emit.call(grouped_mm.grouped_mm_wgrad.default, routing.grouped, grad_gate_up, routing.offsets,
-                               routing.local_experts, "enk")
+    grad_tokens = emit.call(grouped_mm.grouped_mm_dgrad.default, grad_gate_up, gate_up_weight, routing.offsets,
+                            gate_up_layout)
+    grad_w_gate_up = _operand_layout(emit, emit.call(grouped_mm.grouped_mm_wgrad.default, routing.grouped,
+                                                     grad_gate_up, routing.offsets, routing.local_experts,
+                                                     gate_up_layout), gate_up_layout)
+    # Bias gradients: each local expert's rows summed. The rows are every row of the etp group
+    # (the output gradients were gathered over etp), so the down bias's gradient is whole on each
+    # etp rank, as the bias is; the gate/up bias's covers this rank's columns, as its piece does.
+    bias_grads = []
+    if operands["gate_up_bias"] is not None:
+        bias_grads.append(emit.call(moe_steps.expert_bias_gradient, grad_gate_up, routing.offsets,
+                                    routing.local_experts))
+    if operands["down_bias"] is not None:
+        bias_grads.append(emit.call(moe_steps.expert_bias_gradient, grad_grouped, routing.offsets,
+                                    routing.local_experts))
     record = meta.placed(node)
     copies = token_copies(record.input_shardings[1], mesh)
     if copies > 1:
@@ -269,6 +334,7 @@ def _lower_backward(graph, emit: _Emitter, node: Node, routing: Routing, mesh: M
         # dp x tp), so every expert summed its gradient `copies` times.
         grad_w_down = emit.call(torch.mul, grad_w_down, 1.0 / copies)
         grad_w_gate_up = emit.call(torch.mul, grad_w_gate_up, 1.0 / copies)
+        bias_grads = [emit.call(torch.mul, grad, 1.0 / copies) for grad in bias_grads]
     if routing.dispatched:
         grad_tokens = emit.call(moe_steps.ungroup, grad_tokens, routing.permutation)
         if mesh.etp > 1:
@@ -281,8 +347,9 @@ def _lower_backward(graph, emit: _Emitter, node: Node, routing: Routing, mesh: M
                                        estimate=routing.estimate, purpose=Purpose.MOE_RETURN,
                                        detail="return of token gradients")
     grad_hidden = emit.call(_scatter_to_tokens, grad_tokens, routing.order, routing.top_k, hidden)
-    results = [grad_hidden, grad_topk_weights, grad_w_gate_up, grad_w_down]
-    shardings = record.sharding if record is not None and isinstance(record.sharding, tuple) else (None,) * 4
+    results = [grad_hidden, grad_topk_weights, grad_w_gate_up, grad_w_down, *bias_grads]
+    shardings = (record.sharding if record is not None and isinstance(record.sharding, tuple)
+                 else (None,) * len(results))
     values = meta.value(node)
     for result, item_sharding, found in zip(results, shardings, values):
         meta.set_value(result, found)
@@ -293,6 +360,12 @@ def _lower_backward(graph, emit: _Emitter, node: Node, routing: Routing, mesh: M
             user.replace_all_uses_with(results[user.args[1]])
             graph.erase_node(user)
     graph.erase_node(node)
+
+
+def _operand_layout(emit: _Emitter, grad_weight: Node, layout: str) -> Node:
+    """A weight gradient computed in the stored layout, as the op's ``[E, N, K]`` operand (a view:
+    the transpose the adapter put in the graph turns it back)."""
+    return grad_weight if layout == "enk" else emit.call(torch.transpose, grad_weight, 1, 2)
 
 
 def _scatter_to_tokens(grad_copies: torch.Tensor, order: torch.Tensor, top_k: int, hidden: torch.Tensor):

@@ -27,7 +27,18 @@ Styles and what they mean for a parameter of shape ``shape``:
                    ``Shard(1)`` over etp
 ``expert_rowwise`` ``[E, H, I]``: ``Shard(0)`` over ep, ``Shard(2)`` over etp
 ``expert_replicate`` ``Shard(0)`` over ep only (every etp rank holds whole experts)
+``expert_colwise_bias`` ``[E, 2I]`` gate/up bias: ``Shard(0)`` over ep, over etp split as the
+                   gate/up rows (``InterleavedShard(1, stripes=2)``; ``Shard(1)`` when the rows
+                   are interleaved)
+``expert_rowwise_bias`` ``[E, H]`` down bias: ``Shard(0)`` over ep only; it is added once,
+                   after the etp reduction of the down product
 =================  =====================================================================
+
+Where the traced graph is given, the routed-expert parameters are found by structure
+(``expert_parameters``) and each is held as the ``moe_experts`` op needs it, through the views
+between them: GPT-OSS stores ``gate_up_proj [E, H, 2I]`` with gate and up columns interleaved and
+the adapter hands the op its ``transpose(1, 2)``, so over etp it is split ``Shard(2)`` (a contiguous
+run of (gate, up) pairs), and ``down_proj [E, I, H]`` ``Shard(1)``.
 
 The expert styles also take one expert's own 2-d Linear weight, as blocks with an
 ``nn.ModuleList`` of expert MLPs hold them (``experts.3.gate_proj.weight [I, H]``,
@@ -55,7 +66,9 @@ from shardgraph.mesh import MeshSpec
 from shardgraph.meta import View
 from shardgraph.placement import InterleavedShard, Padding, Shard, Sharding, ShardingError, local_shape
 
-__all__ = ["PlanError", "ParameterPlacement", "STYLES", "STYLE_DESCRIPTIONS", "resolve_plan", "default_plan",
+from .rules.moe import expert_bias_shardings, expert_weight_shardings
+
+__all__ = ["PlanError", "ParameterPlacement", "ExpertParameter", "STYLES", "STYLE_DESCRIPTIONS", "resolve_plan", "default_plan",
            "DEFAULT_PLANS", "expert_parameters", "parameter_placements"]
 
 STYLES = (
@@ -66,6 +79,8 @@ STYLES = (
     "expert_colwise",
     "expert_rowwise",
     "expert_replicate",
+    "expert_colwise_bias",
+    "expert_rowwise_bias",
 )
 
 
@@ -78,6 +93,8 @@ STYLE_DESCRIPTIONS = {
     "expert_colwise": "experts [E, 2I, H] over ep; gate/up rows interleaved over etp",
     "expert_rowwise": "experts [E, H, I] over ep; I split over etp",
     "expert_replicate": "experts over ep only; every etp rank holds whole experts",
+    "expert_colwise_bias": "experts' gate/up bias [E, 2I] over ep; split over etp as the gate/up rows",
+    "expert_rowwise_bias": "experts' down bias [E, H] over ep; whole on every etp rank",
 }
 
 
@@ -114,6 +131,11 @@ def _style_sharding(name: str, style: str, shape: Sequence[int], mesh: MeshSpec)
         if ndim != 2:
             raise PlanError(f"parameter {name!r} has shape {tuple(shape)}; style {style!r} needs a 2-d weight")
         return Sharding.of(tp=Shard(1) if style == "rowwise" else Shard(0))
+    if style in ("expert_colwise_bias", "expert_rowwise_bias"):
+        if ndim != 2:
+            raise PlanError(f"parameter {name!r} has shape {tuple(shape)}; style {style!r} needs an [experts, n] bias")
+        gate_up, down = expert_bias_shardings(mesh)
+        return gate_up if style == "expert_colwise_bias" else down
     if ndim == 2:
         return _expert_piece_sharding(style, mesh)
     if ndim != 3:
@@ -148,10 +170,13 @@ def resolve_plan(
     plan: Mapping[str, str],
     mesh: MeshSpec,
     fused_names: Sequence[str] = (),
+    expert_layouts: Mapping[str, "ExpertParameter"] | None = None,
 ) -> dict[str, ParameterPlacement]:
     """Placement of every parameter under ``plan``; unmatched parameters are replicated.
 
-    ``fused_names`` lists parameters that hold fused gate/up rows regardless of their leaf name.
+    ``fused_names`` lists parameters that hold fused gate/up rows regardless of their leaf name;
+    ``expert_layouts`` (``expert_parameters``) gives the routed-expert parameters found by
+    structure, each held as the op reads it where the plan gives it the style found.
     Divisibility of every sharded dim is checked here, before anything is traced or lowered.
     """
     for pattern, style in plan.items():
@@ -182,7 +207,11 @@ def resolve_plan(
             )
         style = plan[patterns[0]] if patterns else "replicate"
         sharding = _style_sharding(name, style, shape, mesh)
-        if name in fused_names and style == "expert_colwise" and mesh.etp > 1:
+        structural = (expert_layouts or {}).get(name)
+        held = structural.sharding(style, mesh) if structural is not None else None
+        if held is not None:
+            sharding = held
+        elif name in fused_names and style == "expert_colwise" and mesh.etp > 1:
             sharding = Sharding.of(ep=Shard(0), etp=InterleavedShard(1, stripes=2))
         try:
             local_shape(tuple(shape), sharding, mesh, name=f"parameter {name!r} ({style})")
@@ -196,6 +225,8 @@ def resolve_plan(
 # experts are expert-parallel; router gate, norms, embedding and lm_head stay replicated, so the
 # loss needs no vocabulary-parallel cross entropy.
 _ATTENTION = {
+    # GPT-OSS's attention sinks: one learned logit per head, split with the heads.
+    "*self_attn.sinks": "colwise",
     "*self_attn.q_proj.weight": "colwise",
     "*self_attn.k_proj.weight": "colwise",
     "*self_attn.v_proj.weight": "colwise",
@@ -235,7 +266,7 @@ DEFAULT_PLANS: dict[str, dict[str, str]] = {
     },
 }
 
-_EXPERT_STYLES = ("expert_colwise", "expert_rowwise", "expert_replicate")
+_EXPERT_STYLES = ("expert_colwise", "expert_rowwise", "expert_replicate", "expert_colwise_bias", "expert_rowwise_bias")
 
 
 def default_plan(parameter_names: Sequence[str], graph_module=None) -> dict[str, str]:
@@ -256,7 +287,7 @@ def default_plan(parameter_names: Sequence[str], graph_module=None) -> dict[str,
             continue
         if any(fnmatch.fnmatchcase(n, pattern) for n in names):
             plan[pattern] = style
-    plan.update({_literal(name): style for name, (style, _fused) in experts.items() if name in names})
+    plan.update({_literal(name): found.style for name, found in experts.items() if name in names})
     return plan
 
 
@@ -272,40 +303,117 @@ _PASS_THROUGH = ("aten.view.", "aten._unsafe_view.", "aten.reshape.", "aten.cat.
                  "aten._to_copy.",
                  "aten.alias.", "aten.detach.", "aten.contiguous.", "prims.convert_element_type.", "aten.t.",
                  "aten.transpose.", "aten.permute.")
+# Of those, the ones that keep every element where it is (and the shape).
+_SAME_LAYOUT = ("aten.clone.", "aten._to_copy.", "aten.alias.", "aten.detach.", "aten.contiguous.",
+                "prims.convert_element_type.")
+# moe_experts operand positions: (position, structural style).
+_EXPERT_OPERANDS = ((3, "w_gate_up", "expert_colwise"), (4, "w_down", "expert_rowwise"),
+                    (6, "gate_up_bias", "expert_colwise_bias"), (7, "down_bias", "expert_rowwise_bias"))
 
 
-def expert_parameters(graph_module) -> dict[str, tuple[str, bool]]:
-    """``{parameter name: (style, fused)}`` for every parameter a ``moe_experts`` op reads its
-    expert weights from: ``expert_colwise`` behind ``w_gate_up`` (``fused`` when the parameter is
-    read as the op's ``[E, 2I, H]`` operand itself, gate and up rows together), ``expert_rowwise``
-    behind ``w_down``. A parameter reached through anything other than views, casts and the
-    gate/up concatenation is left to the name patterns (its layout is not known here)."""
+@dataclass(frozen=True)
+class ExpertParameter:
+    """A parameter that a ``moe_experts`` op reads an expert operand from.
+
+    ``style``: the operand's role (``expert_colwise`` gate/up, ``expert_rowwise`` down,
+    ``expert_colwise_bias``, ``expert_rowwise_bias``); ``fused``: the gate/up parameter is the op's
+    ``[E, 2I, H]`` operand itself (gate and up rows together, not a concatenation of pieces);
+    ``interleaved``: the op reads its gate/up rows interleaved; ``operand_dims``: for each dim of
+    the stored parameter, the operand dim it becomes (the path between them only transposes or
+    permutes), or None where the path reshapes, concatenates or stacks."""
+
+    style: str
+    fused: bool
+    interleaved: bool = False
+    operand_dims: tuple[int, ...] | None = None
+
+    def sharding(self, style: str, mesh: MeshSpec) -> Sharding | None:
+        """The stored parameter's sharding that gives the op its operand as the lowering computes
+        with it, under the plan's ``style``; None where the name-based style decides."""
+        if self.operand_dims is None:
+            if self.fused and style == "expert_colwise" and mesh.etp > 1:
+                return Sharding.of(ep=Shard(0), etp=InterleavedShard(1, stripes=2))
+            return None
+        if style == "expert_replicate":
+            wanted = Sharding.of(ep=Shard(0))
+        elif style != self.style:
+            return None
+        elif style in ("expert_colwise", "expert_rowwise"):
+            wanted = expert_weight_shardings(mesh, self.interleaved)[style == "expert_rowwise"]
+        else:
+            wanted = expert_bias_shardings(mesh, self.interleaved)[style == "expert_rowwise_bias"]
+        stored_dim = {operand: stored for stored, operand in enumerate(self.operand_dims)}
+        placements = {axis: _moved(placement, stored_dim) for axis, placement in wanted.items()}
+        return Sharding(tuple(placements), tuple(placements.values()))
+
+
+def _moved(placement, stored_dim: dict[int, int]):
+    if isinstance(placement, InterleavedShard):
+        return InterleavedShard(stored_dim[placement.dim], stripes=placement.stripes)
+    if isinstance(placement, Shard):
+        return Shard(stored_dim[placement.dim])
+    return placement
+
+
+def _input_dims(node, dims: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """``dims`` (operand dim of each of ``node``'s dims) carried back to ``node``'s input."""
+    target = str(node.target)
+    if dims is None or target.startswith(_SAME_LAYOUT):
+        return dims
+    if target.startswith(("aten.transpose.", "aten.t.")):
+        ndim = len(dims)
+        first, second = (node.args[1], node.args[2]) if target.startswith("aten.transpose.") else (0, 1)
+        first, second = first % ndim, second % ndim
+        swapped = list(dims)
+        swapped[first], swapped[second] = dims[second], dims[first]
+        return tuple(swapped)
+    if target.startswith("aten.permute."):
+        permutation = [d % len(dims) for d in node.args[1]]
+        moved = [0] * len(dims)
+        for output_dim, input_dim in enumerate(permutation):  # output dim j is input dim permutation[j]
+            moved[input_dim] = dims[output_dim]
+        return tuple(moved)
+    return None
+
+
+def expert_parameters(graph_module) -> dict[str, ExpertParameter]:
+    """``{parameter name: ExpertParameter}`` for every parameter a ``moe_experts`` op reads an
+    expert operand from: ``expert_colwise`` behind ``w_gate_up``, ``expert_rowwise`` behind
+    ``w_down``, ``expert_colwise_bias`` / ``expert_rowwise_bias`` behind the biases. A parameter
+    reached through anything other than views, casts and the gate/up concatenation is left to
+    the name patterns (its layout is not known here)."""
     from shardgraph import meta
     from shardgraph.meta import InputKind
 
     from .gather_parameters import is_parameter_gather
+    from .rules.moe import moe_layout
 
-    found: dict[str, tuple[str, bool]] = {}
+    found: dict[str, ExpertParameter] = {}
     for node in graph_module.graph.nodes:
         if node.op != "call_function" or str(node.target) != "shardgraph.moe_experts.default":
             continue
-        for position, style in ((3, "expert_colwise"), (4, "expert_rowwise")):
-            if position >= len(node.args):
+        interleaved = moe_layout(node)[0]
+        for position, name, style in _EXPERT_OPERANDS:
+            operand = node.args[position] if position < len(node.args) else node.kwargs.get(name)
+            if operand is None:
                 continue
-            frontier, concatenated = [node.args[position]], False
+            value = meta.tensor_value(operand)
+            identity = tuple(range(value.dim())) if value is not None else None
+            frontier, concatenated = [(operand, identity)], False
             while frontier:
-                source = frontier.pop()
+                source, dims = frontier.pop()
                 record = meta.graph_input(source) if source.op == "placeholder" else None
                 if record is not None:
                     if record.kind is InputKind.PARAMETER:
                         fused = style == "expert_colwise" and not concatenated
-                        found[record.name] = (style, fused)
+                        found[record.name] = ExpertParameter(style, fused, interleaved, dims)
                     continue
                 # A gathered parameter, and the slice that drops its padding (pad_parameters).
                 if source.op == "call_function" and (str(source.target).startswith(_PASS_THROUGH)
                                                      or is_parameter_gather(source) or meta.padding(source)):
                     concatenated |= str(source.target).startswith("aten.cat.")
-                    frontier.extend(source.all_input_nodes)
+                    carried = _input_dims(source, dims) if str(source.target).startswith(_PASS_THROUGH) else dims
+                    frontier.extend((producer, carried) for producer in source.all_input_nodes)
     return found
 
 
@@ -325,4 +433,4 @@ def parameter_placements(graph_module, mesh: MeshSpec, plan: Mapping[str, str] |
     experts = expert_parameters(graph_module)
     if plan is None:
         plan = default_plan(list(shapes), graph_module)
-    return resolve_plan(shapes, plan, mesh, fused_names=[name for name, (_, fused) in experts.items() if fused])
+    return resolve_plan(shapes, plan, mesh, expert_layouts=experts)

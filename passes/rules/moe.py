@@ -16,8 +16,12 @@ count does not divide, the most even split that does is taken and each token is 
 ``copies`` ranks; the lowering divides the weight gradients by ``copies`` (``token_copies``).
 
 The weights are asked for in the layout the lowering computes with: ``Shard(0)`` over ep, and
-with etp > 1 gate/up interleaved over etp (every etp rank holds the same part of gate and of up)
-and down split on its intermediate dim. A plan that places them otherwise on the expert view is
+with etp > 1 gate/up split over etp so that every etp rank holds the gate and the up columns of
+the same intermediate units (``InterleavedShard(1, 2)`` of concatenated gate/up rows, ``Shard(1)``
+of interleaved ones, whose pairs stay whole when the intermediate size divides by etp) and down
+split on its intermediate dim. The optional biases follow their products: the gate/up bias
+``[E, 2I]`` splits as the gate/up rows do, the down bias ``[E, H]`` only over ep (it is added
+once, after the etp reduction). A plan that places them otherwise on the expert view is
 redistributed (a replicated expert weight is sliced locally); one that places them on the dense
 view cannot be, and is refused naming the parameter and its plan entry.
 
@@ -31,12 +35,13 @@ import math
 
 from shardgraph import meta
 from shardgraph.mesh import MeshSpec
+from shardgraph.ops.moe import GatedActivation
 from shardgraph.meta import View
 from shardgraph.placement import InterleavedShard, Partial, Shard, Sharding, ShardingError, local_shape
 
 from . import Strategy, register, value_of
 
-__all__ = ["token_sharding", "token_copies", "expert_weight_shardings"]
+__all__ = ["token_sharding", "token_copies", "expert_weight_shardings", "expert_bias_shardings", "moe_layout"]
 
 _TOKEN_SPLITS = (("dp", "tp"), ("dp",), ("tp",), ())
 
@@ -59,12 +64,56 @@ def token_sharding(shape: tuple[int, ...], mesh: MeshSpec) -> Sharding:
     return min(options, key=lambda option: option[:2])[2]
 
 
-def expert_weight_shardings(mesh: MeshSpec) -> tuple[Sharding, Sharding]:
-    """(w_gate_up, w_down) as the lowering computes with them."""
+def _gate_up_columns(interleaved: bool):
+    """The etp split of dim 1 of the gate/up weight ``[E, 2I, H]`` and of its bias ``[E, 2I]``
+    that gives every etp rank the gate and the up of the same intermediate units."""
+    return Shard(1) if interleaved else InterleavedShard(1, stripes=2)
+
+
+def expert_weight_shardings(mesh: MeshSpec, interleaved: bool = False) -> tuple[Sharding, Sharding]:
+    """(w_gate_up, w_down) as the lowering computes with them (``interleaved``: gate/up rows
+    alternate, the activation spec's ``layout=interleaved``)."""
     if mesh.etp == 1:
         return Sharding.of(ep=Shard(0)), Sharding.of(ep=Shard(0))
-    return (Sharding.of(ep=Shard(0), etp=InterleavedShard(1, stripes=2)),
+    return (Sharding.of(ep=Shard(0), etp=_gate_up_columns(interleaved)),
             Sharding.of(ep=Shard(0), etp=Shard(2)))
+
+
+def expert_bias_shardings(mesh: MeshSpec, interleaved: bool = False) -> tuple[Sharding, Sharding]:
+    """(gate_up_bias ``[E, 2I]``, down_bias ``[E, H]``): the gate/up bias splits as the gate/up
+    rows; the down bias only over ep, since it is added once after the etp reduction."""
+    if mesh.etp == 1:
+        return Sharding.of(ep=Shard(0)), Sharding.of(ep=Shard(0))
+    return Sharding.of(ep=Shard(0), etp=_gate_up_columns(interleaved)), Sharding.of(ep=Shard(0))
+
+
+def moe_layout(node) -> tuple[bool, bool, bool]:
+    """``(interleaved, has gate_up bias, has down bias)`` of a ``moe_experts`` or
+    ``moe_experts_backward`` node, read from its arguments."""
+    shift = 1 if "backward" in str(node.target) else 0
+
+    def argument(position, name, default=None):
+        position += shift
+        return node.args[position] if position < len(node.args) else node.kwargs.get(name, default)
+
+    activation = GatedActivation.parse(argument(5, "activation") or "silu")
+    return (activation.interleaved, argument(6, "gate_up_bias") is not None,
+            argument(7, "down_bias") is not None)
+
+
+def _wanted(ctx) -> tuple[list[int], list[Sharding], bool]:
+    """Positions (among the node's tensor inputs) and wanted shardings of its expert weights and
+    biases, and whether the gate/up rows are interleaved."""
+    interleaved, has_gate_up_bias, has_down_bias = moe_layout(ctx.node)
+    first = 4 if "backward" in str(ctx.node.target) else 3
+    gate_up, down = expert_weight_shardings(ctx.mesh, interleaved)
+    gate_up_bias, down_bias = expert_bias_shardings(ctx.mesh, interleaved)
+    positions, wanted = [first, first + 1], [gate_up, down]
+    for present, sharding in ((has_gate_up_bias, gate_up_bias), (has_down_bias, down_bias)):
+        if present:
+            positions.append(first + len(positions))
+            wanted.append(sharding)
+    return positions, wanted, interleaved
 
 
 def _check_weight(ctx, position: int) -> None:
@@ -88,9 +137,17 @@ def _parameter_behind(node):
     return meta.display_name(node)
 
 
-def _check_layout_divides(ctx, positions, shardings) -> None:
+def _check_layout_divides(ctx, positions, shardings, interleaved: bool = False) -> None:
     """The expert layout must split every weight evenly: refused here, naming the parameter, rather
-    than as a ragged piece of an internal node later."""
+    than as a ragged piece of an internal node later. Interleaved gate/up rows split over etp keep
+    their (gate, up) pairs whole only if the intermediate size divides by etp."""
+    gate_up = ctx.inputs[positions[0]]
+    two_intermediate = tuple(value_of(gate_up).shape)[1]
+    if interleaved and ctx.mesh.etp > 1 and (two_intermediate // 2) % ctx.mesh.etp:
+        raise ShardingError(
+            f"expert weight {_parameter_behind(gate_up)!r} of {ctx.node.name} holds interleaved gate/up rows of "
+            f"intermediate size {two_intermediate // 2}, which does not divide by etp={ctx.mesh.etp}: a piece "
+            f"would part a gate row from its up row; {meta.source_line(ctx.node)}")
     for position, wanted in zip(positions, shardings):
         weight = ctx.inputs[position]
         shape = tuple(value_of(weight).shape)
@@ -123,21 +180,23 @@ def _note(tokens: Sharding, mesh: MeshSpec) -> str:
 
 @register("shardgraph.moe_experts", family="moe_experts", whole=True)
 def rule_moe_experts(ctx):
-    _check_weight(ctx, 3)
-    _check_weight(ctx, 4)
+    positions, wanted, interleaved = _wanted(ctx)
+    for position in positions:
+        _check_weight(ctx, position)
     tokens = token_sharding(tuple(value_of(ctx.inputs[0]).shape), ctx.mesh)
-    gate_up, down = expert_weight_shardings(ctx.mesh)
-    _check_layout_divides(ctx, (3, 4), (gate_up, down))
-    return [Strategy((tokens, tokens, tokens, gate_up, down), tokens, view=View.DENSE, note=_note(tokens, ctx.mesh))]
+    _check_layout_divides(ctx, positions, wanted, interleaved)
+    return [Strategy((tokens, tokens, tokens, *wanted), tokens, view=View.DENSE, note=_note(tokens, ctx.mesh))]
 
 
 @register("shardgraph.moe_experts_backward", family="moe_experts_backward", whole=True)
 def rule_moe_experts_backward(ctx):
-    _check_weight(ctx, 4)
-    _check_weight(ctx, 5)
+    positions, wanted, interleaved = _wanted(ctx)
+    for position in positions:
+        _check_weight(ctx, position)
     tokens = token_sharding(tuple(value_of(ctx.inputs[1]).shape), ctx.mesh)
-    gate_up, down = expert_weight_shardings(ctx.mesh)
-    _check_layout_divides(ctx, (4, 5), (gate_up, down))
-    outputs = (tokens, tokens, _weight_gradient(ctx.mesh, gate_up), _weight_gradient(ctx.mesh, down))
-    return [Strategy((tokens, tokens, tokens, tokens, gate_up, down), outputs, view=View.DENSE,
+    _check_layout_divides(ctx, positions, wanted, interleaved)
+    # Weight and bias gradients come out as their operands are held, partial over edp. The down
+    # bias's gradient is whole on every etp rank: it sums output gradients gathered over etp.
+    outputs = (tokens, tokens, *(_weight_gradient(ctx.mesh, sharding) for sharding in wanted))
+    return [Strategy((tokens, tokens, tokens, tokens, *wanted), outputs, view=View.DENSE,
                      note=_note(tokens, ctx.mesh) + "; weight gradients partial over edp")]

@@ -20,13 +20,18 @@ Recognised without registration, in this order:
   ordinary aten ``cat`` in the graph, so the parameters stay ``w1`` and ``w3``) and ``w2``, then
   adds ``shared_experts``. The load-balancing counter ``tokens_per_expert`` is a no-grad
   statistic and is not accumulated by the traced step;
-* HF transformers 5.x fused experts (``MixtralExperts``, ``Qwen2MoeExperts``, ``Qwen3MoeExperts``
-  and every class built the same way): 3-d ``gate_up_proj [E, 2I, H]`` and ``down_proj
-  [E, H, I]`` and ``forward(hidden_states, top_k_index, top_k_weights)``. Their eager forward is
+* HF transformers 5.x fused experts (``MixtralExperts``, ``Qwen2MoeExperts``, ``Qwen3MoeExperts``,
+  ``GptOssExperts`` and every class built the same way): 3-d ``gate_up_proj`` and ``down_proj``
+  and ``forward(hidden_states, top_k_index, top_k_weights)``. Mixtral's eager forward is
   ``gate, up = F.linear(x, gate_up_proj[e]).chunk(2, dim=-1)``, ``act_fn(gate) * up``,
   ``F.linear(., down_proj[e])``, times ``top_k_weights[token, slot]``, summed with
-  ``index_add_``: exactly ``moe_experts``. Layouts that differ (``is_transposed``,
-  ``has_bias``, interleaved gate/up, a custom ``_apply_gate``, a post-expert norm) are refused;
+  ``index_add_``: exactly ``moe_experts``. GPT-OSS stores the experts transposed (``[E, H, 2I]``,
+  ``[E, I, H]``, handed to the op as ``transpose(1, 2)`` views), adds ``gate_up_proj_bias`` and
+  ``down_proj_bias``, and its own ``_apply_gate`` reads gate and up interleaved and computes a
+  clamped SwiGLU: the op's bias operands and activation spec. The layout is read from the
+  parameters, the gate from what it computes (``identify_gated_activation``); a post-expert
+  norm, other biases, a gate none of the op's activations reproduces, or a layout flag that
+  contradicts what was found are refused;
 * a ``GroupedExperts``-like module (3-d ``w1``/``w2``/``w3``) whose forward takes
   ``(x, topk_ids, topk_weights)``;
 * a block of per-expert MLP modules (transformers 4.x and many remote-code models): an
@@ -53,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.moe import ACTIVATIONS, activation_function
+from ..ops.moe import ACTIVATIONS, LAYOUTS, GatedActivation, activation_function
 from .errors import AdapterError
 
 __all__ = [
@@ -62,6 +67,7 @@ __all__ = [
     "register_experts",
     "unregister_experts",
     "identify_activation",
+    "identify_gated_activation",
     "adapter_for",
     "adapters_installed",
 ]
@@ -219,13 +225,71 @@ def _grouped_experts(path: str, module: nn.Module) -> _Recognised:
     return _Recognised("grouped_experts", forward)
 
 
-# HF's ``use_experts_implementation`` decorator records the layout on the instance; these are
-# the values of the [gate; up]-concatenated, untransposed, bias-free layout moe_experts has.
-_HF_LAYOUT = {"is_transposed": False, "has_bias": False, "has_gate": True, "is_concatenated": True,
-              "has_post_expert_norm": False, "_is_expert_parallel": False}
+# HF's ``use_experts_implementation`` decorator records the layout on the instance. These must
+# hold: moe_experts computes gated experts with no norm after them, over every expert id.
+_HF_LAYOUT = {"has_gate": True, "has_post_expert_norm": False, "_is_expert_parallel": False}
+# The per-expert biases moe_experts adds (to the gate/up product, to the down product).
+_HF_BIASES = ("gate_up_proj_bias", "down_proj_bias")
+
+
+def identify_gated_activation(apply_gate, two_intermediate: int, path: str, alpha=None, limit=None) -> str:
+    """The ``moe_experts`` activation spec (``ops.moe.GatedActivation``) that ``apply_gate``
+    computes from a ``[n, 2I]`` gate/up product, found by evaluating it on a float64 probe whose
+    values pass any clamp: each elementwise activation as ``act(gate) * up`` and, where the
+    module has a numeric ``alpha`` and ``limit``, ``clamped_swiglu``, each with gate/up columns
+    concatenated and interleaved. Anything else is refused rather than approximated."""
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(16, two_intermediate, dtype=torch.float64, generator=generator) * 6.0
+    try:
+        with torch.no_grad():
+            values = apply_gate(probe.clone())
+    except Exception as error:  # noqa: BLE001 - any failure means the gate cannot be identified
+        raise AdapterError(
+            f"{path}: cannot evaluate its gate {_describe(apply_gate)} on a float64 CPU probe "
+            f"({type(error).__name__}: {error}); register the class with register_experts"
+        ) from None
+    candidates = [GatedActivation(name) for name in ACTIVATIONS]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (alpha, limit)) and limit > 0:
+        candidates.append(GatedActivation("clamped_swiglu", float(alpha), float(limit)))
+    tried = []
+    for candidate in candidates:
+        for layout in LAYOUTS:
+            spec = GatedActivation(candidate.name, candidate.alpha, candidate.limit, layout)
+            tried.append(str(spec))
+            expected = spec(probe)
+            if (isinstance(values, torch.Tensor) and values.shape == expected.shape
+                    and torch.allclose(values, expected, rtol=1e-8, atol=1e-9)):
+                return str(spec)
+    raise AdapterError(
+        f"{path}: its gate {_describe(apply_gate)} computes none of the moe_experts gated activations "
+        f"({', '.join(tried)}); register the class with register_experts")
+
+
+def _hf_transposed(path: str, module: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether the experts are stored ``[E, H, 2I]`` / ``[E, I, H]`` (transposed) rather than
+    ``[E, 2I, H]`` / ``[E, H, I]``: read from the shapes (they cannot fit both), and checked
+    against the decorator's ``is_transposed`` where the instance has it."""
+    experts, first, second = gate_up.shape
+    plain = first % 2 == 0 and tuple(down.shape) == (experts, second, first // 2)
+    transposed = second % 2 == 0 and tuple(down.shape) == (experts, second // 2, first)
+    if not plain and not transposed:
+        raise AdapterError(
+            f"{path}: gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are neither [E, 2I, H] "
+            f"and [E, H, I] nor (transposed) [E, H, 2I] and [E, I, H]")
+    recorded = getattr(module, "is_transposed", transposed)
+    if recorded != transposed:
+        raise AdapterError(
+            f"{path}: {type(module).__name__}.is_transposed is {recorded!r}, but gate_up_proj {tuple(gate_up.shape)} "
+            f"and down_proj {tuple(down.shape)} are stored {'transposed' if transposed else 'untransposed'}; "
+            f"moe_experts takes the layout with is_transposed={transposed!r}; register the class with "
+            f"register_experts")
+    return transposed
 
 
 def _hf_fused_experts(path: str, module: nn.Module) -> _Recognised:
+    """HF fused experts: the layout is read from the parameters (transposed or not, biases), the
+    gate from what ``_apply_gate`` (or ``act_fn``) computes; GPT-OSS's ``GptOssExperts`` (transposed
+    ``[E, H, 2I]`` interleaved gate/up, per-expert biases, clamped SwiGLU) and Mixtral's alike."""
     gate_up, down = module.gate_up_proj, module.down_proj
     arity = _positional_arity(module.forward)
     if arity is not None and arity != 3:
@@ -236,42 +300,55 @@ def _hf_fused_experts(path: str, module: nn.Module) -> _Recognised:
             f"top_k_weights): its tokens arrive already routed (and, in Llama 4, scaled by their routing score "
             f"before the experts, where moe_experts scales the expert outputs); register the enclosing MoE block "
             f"with register_experts")
-    biases = [name for name, _ in module.named_parameters(recurse=False) if name.endswith("_bias")]
-    clamped = [name for name in ("alpha", "limit") if isinstance(getattr(module, name, None), (int, float))]
-    if biases or clamped:
-        # GPT-OSS: per-expert biases and act = (gate.clamp(max=limit) * sigmoid(alpha * gate)) *
-        # (up.clamp(-limit, limit) + 1); moe_experts has neither, and approximating would be wrong.
-        what = [f"expert biases {biases}"] if biases else []
-        what += [f"a clamped gated activation ({', '.join(f'{n}={getattr(module, n)}' for n in clamped)})"] \
-            if clamped else []
-        raise AdapterError(f"{path}: {type(module).__name__} has {' and '.join(what)}, which moe_experts does not "
-                           f"compute (it takes bias-free experts with act(gate) * up); register the class with "
-                           f"register_experts")
     for attribute, expected in _HF_LAYOUT.items():
         if getattr(module, attribute, expected) != expected:
             raise AdapterError(
                 f"{path}: {type(module).__name__}.{attribute} is {getattr(module, attribute)!r}; moe_experts takes "
                 f"the layout with {attribute}={expected!r}; register the class with register_experts"
             )
+    transposed = _hf_transposed(path, module, gate_up, down)
+    experts = gate_up.shape[0]
+    two_intermediate, hidden = (gate_up.shape[2], gate_up.shape[1]) if transposed else gate_up.shape[1:]
+    biases = {name: value for name, value in module.named_parameters(recurse=False) if name.endswith("_bias")}
+    unknown = sorted(set(biases) - set(_HF_BIASES))
+    if unknown:
+        raise AdapterError(f"{path}: {type(module).__name__} has biases {unknown}; moe_experts adds only "
+                           f"{' and '.join(_HF_BIASES)}; register the class with register_experts")
+    for name, shape in zip(_HF_BIASES, ((experts, two_intermediate), (experts, hidden))):
+        if name in biases and tuple(biases[name].shape) != shape:
+            raise AdapterError(f"{path}: {name} {tuple(biases[name].shape)} is not [E, {'2I' if 'gate' in name else 'H'}]"
+                               f" = {list(shape)}")
+    if getattr(module, "has_bias", bool(biases)) != bool(biases):
+        raise AdapterError(f"{path}: {type(module).__name__}.has_bias is {module.has_bias!r} but it holds "
+                           f"{'biases ' + str(sorted(biases)) if biases else 'no bias parameters'}; register the class "
+                           f"with register_experts")
     apply_gate = getattr(type(module), "_apply_gate", None)
     if apply_gate is not None and getattr(apply_gate, "__name__", "") != "_default_apply_gate":
+        # The class's own gate (GPT-OSS: interleaved columns, clamped SwiGLU): found by what it computes.
+        activation = identify_gated_activation(module._apply_gate, two_intermediate, f"{path}._apply_gate",
+                                               getattr(module, "alpha", None), getattr(module, "limit", None))
+    else:
+        if not hasattr(module, "act_fn"):
+            raise AdapterError(f"{path}: fused experts without an act_fn; register the class with register_experts")
+        activation = identify_activation(module.act_fn, f"{path}.act_fn")
+    interleaved = GatedActivation.parse(activation).interleaved
+    if getattr(module, "is_concatenated", not interleaved) == interleaved:
         raise AdapterError(
-            f"{path}: {type(module).__name__} overrides _apply_gate ({_describe(apply_gate)}); moe_experts computes "
-            f"act(gate) * up with (gate, up) = chunk(2); register the class with register_experts"
-        )
-    experts, two_intermediate, hidden = gate_up.shape
-    if two_intermediate % 2 or tuple(down.shape) != (experts, hidden, two_intermediate // 2):
-        raise AdapterError(
-            f"{path}: gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not [E, 2I, H] and "
-            f"[E, H, I]"
-        )
-    if not hasattr(module, "act_fn"):
-        raise AdapterError(f"{path}: fused experts without an act_fn; register the class with register_experts")
-    activation = identify_activation(module.act_fn, f"{path}.act_fn")
+            f"{path}: {type(module).__name__}.is_concatenated is {module.is_concatenated!r}, but its gate reads the "
+            f"gate/up columns {'interleaved' if interleaved else 'concatenated'} ({activation}); register the class "
+            f"with register_experts")
+    gate_up_bias, down_bias = (biases.get(name) is not None for name in _HF_BIASES)
 
     def forward(hidden_states, top_k_index, top_k_weights):
+        # Transposed experts are handed to the op as views in its [E, 2I, H] / [E, H, I] layout: the
+        # parameters keep their names and shapes, and the lowering reads them in place.
+        w_gate_up = module.gate_up_proj.transpose(1, 2) if transposed else module.gate_up_proj
+        w_down = module.down_proj.transpose(1, 2) if transposed else module.down_proj
+        extra = ()
+        if gate_up_bias or down_bias:
+            extra = (module.gate_up_proj_bias if gate_up_bias else None, module.down_proj_bias if down_bias else None)
         return torch.ops.shardgraph.moe_experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype),
-                                                module.gate_up_proj, module.down_proj, activation)
+                                                w_gate_up, w_down, activation, *extra)
 
     return _Recognised("hf_fused_experts", forward)
 

@@ -3,6 +3,8 @@
 from .attention import attention, attention_backward
 from .moe import (
     ACTIVATIONS,
+    GATED_ACTIVATIONS,
+    GatedActivation,
     activation_derivative,
     activation_function,
     moe_experts,
@@ -14,6 +16,8 @@ __all__ = [
     "attention",
     "attention_backward",
     "ACTIVATIONS",
+    "GATED_ACTIVATIONS",
+    "GatedActivation",
     "activation_function",
     "activation_derivative",
     "moe_experts",

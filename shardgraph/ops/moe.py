@@ -1,6 +1,6 @@
 """``shardgraph::moe_experts``: the routed-expert block as one op, forward and backward.
 
-    out[t] = sum_j topk_weights[t, j] * (act(x W_gate[e]^T) * (x W_up[e]^T)) W_down[e]^T
+    out[t] = sum_j topk_weights[t, j] * (glu(x W_gate_up[e]^T + b_gate_up[e]) W_down[e]^T + b_down[e])
              with x = hidden[t], e = topk_ids[t, j]
 
 Operands:
@@ -9,36 +9,56 @@ Operands:
 * ``topk_ids [T, k]`` int64, every id in ``0 .. E-1``;
 * ``topk_weights [T, k]``, floating point, already normalised by the router (the op only
   weights and sums); the weighting is done in ``hidden``'s dtype;
-* ``w_gate_up [E, 2I, H]``: rows ``0 .. I-1`` of each expert are the gate projection, rows
-  ``I .. 2I-1`` the up projection. This is the layout of HF transformers 5.x fused experts,
-  whose eager forward computes ``F.linear(x, gate_up_proj[e]).chunk(2, dim=-1)`` as
-  ``(gate, up)``;
+* ``w_gate_up [E, 2I, H]``: the gate and up projections of each expert, rows arranged as the
+  activation spec's ``layout`` says: ``concatenated`` (the default) has rows ``0 .. I-1`` gate and
+  ``I .. 2I-1`` up, the layout of HF transformers 5.x fused experts, whose eager forward computes
+  ``F.linear(x, gate_up_proj[e]).chunk(2, dim=-1)`` as ``(gate, up)``; ``interleaved`` has gate
+  in the even rows and up in the odd ones (GPT-OSS: ``gate_up[..., ::2]``, ``gate_up[..., 1::2]``);
 * ``w_down [E, H, I]``;
-* ``activation``: ``"silu"`` (SwiGLU), ``"gelu"`` (exact, erf) or ``"gelu_tanh"`` (tanh
-  approximation), applied to the gate half only.
+* ``activation``: a spec string (``GatedActivation``) naming what turns the ``2I`` gate/up
+  columns into ``I``: ``"silu"`` (SwiGLU), ``"gelu"`` (exact, erf) or ``"gelu_tanh"`` (tanh
+  approximation), applied to the gate half and multiplied by up, or
+  ``"clamped_swiglu(alpha=A,limit=L)"`` (GPT-OSS): ``gate = gate.clamp(max=L)``,
+  ``up = up.clamp(-L, L)``, ``(up + 1) * gate * sigmoid(A * gate)``. ``layout=interleaved`` in the
+  parameters selects the interleaved rows: ``"clamped_swiglu(alpha=1.702,limit=7.0,layout=interleaved)"``;
+* ``gate_up_bias [E, 2I]`` (optional): added to each copy's gate/up product before the
+  activation, its columns in the rows' layout;
+* ``down_bias [E, H]`` (optional): added to each copy's down product before the routing weight.
 
 The backward is a second op, ``moe_experts_backward``, wired in with ``register_autograd``, so a
 traced joint graph holds exactly one forward and one backward node per MoE layer and the MoE
-lowering can replace both. Both ops have fake kernels (shape checks only), so tracing on fake or
-meta tensors never runs the reference kernels; those run eagerly, where out-of-range expert ids
-are refused before any indexing.
+lowering can replace both. It returns ``[grad_hidden, grad_topk_weights, grad_w_gate_up,
+grad_w_down]`` followed by the gradient of each bias that was given (``gate_up_bias`` first).
+Both ops have fake kernels (shape checks only), so tracing on fake or meta tensors never runs the
+reference kernels; those run eagerly, where out-of-range expert ids are refused before any indexing.
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "ACTIVATIONS",
+    "GATED_ACTIVATIONS",
+    "GatedActivation",
     "activation_function",
     "activation_derivative",
+    "bias_gradient_positions",
     "moe_experts",
     "moe_experts_backward",
     "moe_experts_reference",
 ]
 
+# Elementwise activations of the gate half: act(gate) * up.
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+# Gated activations that read gate and up together (with their parameters).
+GATED_ACTIVATIONS = ("clamped_swiglu",)
+LAYOUTS = ("concatenated", "interleaved")
 
 
 def activation_function(name: str):
@@ -49,7 +69,7 @@ def activation_function(name: str):
         return F.gelu
     if name == "gelu_tanh":
         return lambda x: F.gelu(x, approximate="tanh")
-    raise ValueError(f"moe_experts: unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
+    raise ValueError(f"moe_experts: unknown activation {name!r}; known: {', '.join(ACTIVATIONS + GATED_ACTIVATIONS)}")
 
 
 def activation_derivative(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -65,16 +85,124 @@ def activation_derivative(name: str, x: torch.Tensor) -> torch.Tensor:
         k = 0.7978845608028654  # sqrt(2 / pi)
         tanh = torch.tanh(k * (x + 0.044715 * x.pow(3)))
         return 0.5 * (1 + tanh) + 0.5 * x * (1 - tanh * tanh) * k * (1 + 3 * 0.044715 * x * x)
-    raise ValueError(f"moe_experts: unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
+    raise ValueError(f"moe_experts: unknown activation {name!r}; known: {', '.join(ACTIVATIONS + GATED_ACTIVATIONS)}")
+
+
+@dataclass(frozen=True)
+class GatedActivation:
+    """What ``moe_experts`` computes between its two products, parsed from the op's spec string.
+
+    ``name(key=value, ...)``: ``name`` one of ``ACTIVATIONS`` (``act(gate) * up``) or
+    ``clamped_swiglu`` (needs ``alpha`` and ``limit``); ``layout`` is ``concatenated`` (gate
+    columns, then up columns; the default) or ``interleaved`` (gate even, up odd). ``str()`` gives
+    the canonical spec, so equal activations have equal strings in a graph.
+    """
+
+    name: str
+    alpha: float | None = None
+    limit: float | None = None
+    layout: str = "concatenated"
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def parse(spec: str) -> "GatedActivation":
+        if not isinstance(spec, str):
+            raise ValueError(f"moe_experts: the activation must be a spec string, got {spec!r}")
+        name, _, rest = spec.strip().partition("(")
+        name, settings = name.strip(), {}
+        if rest:
+            if not rest.endswith(")"):
+                raise ValueError(f"moe_experts: activation spec {spec!r} has no closing parenthesis")
+            for item in filter(None, (part.strip() for part in rest[:-1].split(","))):
+                key, equals, value = (part.strip() for part in item.partition("="))
+                if not equals or key not in ("alpha", "limit", "layout") or key in settings:
+                    raise ValueError(f"moe_experts: activation spec {spec!r}: {item!r} is not one of alpha=, limit=, "
+                                     f"layout= (each at most once)")
+                settings[key] = value
+        if name not in ACTIVATIONS + GATED_ACTIVATIONS:
+            raise ValueError(f"moe_experts: unknown activation {name!r}; known: "
+                             f"{', '.join(ACTIVATIONS + GATED_ACTIVATIONS)}")
+        layout = settings.pop("layout", "concatenated")
+        if layout not in LAYOUTS:
+            raise ValueError(f"moe_experts: activation spec {spec!r}: layout must be one of {', '.join(LAYOUTS)}")
+        numbers = {}
+        for key, value in settings.items():
+            try:
+                numbers[key] = float(value)
+            except ValueError:
+                raise ValueError(f"moe_experts: activation spec {spec!r}: {key}={value!r} is not a number") from None
+        if name in GATED_ACTIVATIONS:
+            if set(numbers) != {"alpha", "limit"}:
+                raise ValueError(f"moe_experts: activation {name!r} needs alpha= and limit=, got spec {spec!r}")
+            if numbers["limit"] <= 0:
+                raise ValueError(f"moe_experts: activation spec {spec!r}: limit must be positive")
+        elif numbers:
+            raise ValueError(f"moe_experts: activation {name!r} takes no {', '.join(sorted(numbers))}")
+        return GatedActivation(name, numbers.get("alpha"), numbers.get("limit"), layout)
+
+    def __str__(self) -> str:
+        settings = [] if self.alpha is None else [f"alpha={self.alpha!r}", f"limit={self.limit!r}"]
+        settings += ["layout=interleaved"] if self.layout == "interleaved" else []
+        return self.name + (f"({','.join(settings)})" if settings else "")
+
+    @property
+    def interleaved(self) -> bool:
+        return self.layout == "interleaved"
+
+    def split(self, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate, up) columns of a gate/up product (or of a bias, or of its gradient)."""
+        if self.interleaved:
+            return gate_up[..., ::2], gate_up[..., 1::2]
+        return gate_up.chunk(2, dim=-1)
+
+    def join(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``split``: gate and up columns back in the layout."""
+        if self.interleaved:
+            return torch.stack([gate, up], dim=-1).flatten(-2)
+        return torch.cat([gate, up], dim=-1)
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``[..., 2I] -> [..., I]``."""
+        gate, up = self.split(gate_up)
+        if self.name == "clamped_swiglu":
+            gate = gate.clamp(max=self.limit)
+            up = up.clamp(min=-self.limit, max=self.limit)
+            return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        return activation_function(self.name)(gate) * up
+
+    def backward(self, grad: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+        """The gradient of ``self(gate_up)`` with respect to ``gate_up``, in its layout."""
+        gate, up = self.split(gate_up)
+        if self.name == "clamped_swiglu":
+            # clamp passes the gradient where its input is within the bounds, ends included
+            # (as torch.clamp's backward does).
+            clamped_gate = gate.clamp(max=self.limit)
+            clamped_up = up.clamp(min=-self.limit, max=self.limit)
+            sigmoid = torch.sigmoid(clamped_gate * self.alpha)
+            glu = clamped_gate * sigmoid
+            d_glu = sigmoid * (1 + self.alpha * clamped_gate * (1 - sigmoid))
+            grad_gate = grad * (clamped_up + 1) * d_glu * (gate <= self.limit)
+            grad_up = grad * glu * ((up >= -self.limit) & (up <= self.limit))
+            return self.join(grad_gate, grad_up)
+        grad_gate = grad * up * activation_derivative(self.name, gate)
+        return self.join(grad_gate, grad * activation_function(self.name)(gate))
+
+
+def bias_gradient_positions(has_gate_up_bias: bool, has_down_bias: bool) -> tuple[int | None, int | None]:
+    """Where ``moe_experts_backward``'s outputs hold the gradients of the two biases (None: absent)."""
+    gate_up = 4 if has_gate_up_bias else None
+    down = (5 if has_gate_up_bias else 4) if has_down_bias else None
+    return gate_up, down
 
 
 def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
     return tuple(tensor.shape)
 
 
-def _check(op: str, hidden, topk_ids, topk_weights, w_gate_up, w_down, activation) -> None:
+def _check(op: str, hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, gate_up_bias=None,
+           down_bias=None) -> GatedActivation:
     """Shapes, dtypes and devices of the operands; runs in the fake kernels too, so at trace time."""
-    activation_function(activation)
+    parsed = GatedActivation.parse(activation)
     if hidden.dim() != 2:
         raise ValueError(f"{op}: hidden must be [tokens, hidden], got shape {_shape(hidden)}")
     if not hidden.dtype.is_floating_point:
@@ -100,12 +228,20 @@ def _check(op: str, hidden, topk_ids, topk_weights, w_gate_up, w_down, activatio
             f"{op}: w_down must be [experts={experts}, hidden={hidden_size}, intermediate={two_intermediate // 2}], "
             f"got shape {_shape(w_down)}"
         )
-    for name, weight in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+    operands = [("w_gate_up", w_gate_up), ("w_down", w_down)]
+    for name, bias, shape in (("gate_up_bias", gate_up_bias, (experts, two_intermediate)),
+                              ("down_bias", down_bias, (experts, hidden_size))):
+        if bias is not None:
+            if _shape(bias) != shape:
+                raise ValueError(f"{op}: {name} must be {list(shape)} (one row per expert), got shape {_shape(bias)}")
+            operands.append((name, bias))
+    for name, weight in operands:
         if weight.dtype != hidden.dtype:
             raise TypeError(f"{op}: {name} is {weight.dtype} but hidden is {hidden.dtype}; they must match")
-    devices = {t.device for t in (hidden, topk_ids, topk_weights, w_gate_up, w_down)}
+    devices = {t.device for t in (hidden, topk_ids, topk_weights, *(t for _, t in operands))}
     if len(devices) > 1:
         raise ValueError(f"{op}: operands are on several devices {sorted(str(d) for d in devices)}")
+    return parsed
 
 
 def _check_ids(op: str, topk_ids: torch.Tensor, experts: int) -> None:
@@ -126,10 +262,11 @@ def _group_by_expert(topk_ids: torch.Tensor, experts: int):
 
 @torch.library.custom_op("shardgraph::moe_experts", mutates_args=())
 def moe_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up: torch.Tensor,
-                w_down: torch.Tensor, activation: str = "silu") -> torch.Tensor:
-    _check("moe_experts", hidden, topk_ids, topk_weights, w_gate_up, w_down, activation)
+                w_down: torch.Tensor, activation: str = "silu", gate_up_bias: Optional[torch.Tensor] = None,
+                down_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    act = _check("moe_experts", hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, gate_up_bias,
+                 down_bias)
     _check_ids("moe_experts", topk_ids, w_gate_up.shape[0])
-    act = activation_function(activation)
     order, token_of_copy, counts = _group_by_expert(topk_ids, w_gate_up.shape[0])
     copies = hidden.index_select(0, token_of_copy)
     expert_outputs = torch.empty_like(copies)
@@ -137,28 +274,33 @@ def moe_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     for expert, count in enumerate(counts):
         if count:
             rows = slice(start, start + count)
-            gate, up = (copies[rows] @ w_gate_up[expert].T).chunk(2, dim=-1)
-            expert_outputs[rows] = (act(gate) * up) @ w_down[expert].T
+            gate_up = copies[rows] @ w_gate_up[expert].T
+            if gate_up_bias is not None:
+                gate_up = gate_up + gate_up_bias[expert]
+            expert_out = act(gate_up) @ w_down[expert].T
+            expert_outputs[rows] = expert_out if down_bias is None else expert_out + down_bias[expert]
         start += count
     weights = topk_weights.reshape(-1).index_select(0, order).to(hidden.dtype).unsqueeze(-1)
     return torch.zeros_like(hidden).index_add_(0, token_of_copy, expert_outputs * weights)
 
 
 @moe_experts.register_fake
-def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation="silu"):
-    _check("moe_experts", hidden, topk_ids, topk_weights, w_gate_up, w_down, activation)
+def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation="silu", gate_up_bias=None, down_bias=None):
+    _check("moe_experts", hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, gate_up_bias, down_bias)
     return torch.empty_like(hidden)
 
 
 @torch.library.custom_op("shardgraph::moe_experts_backward", mutates_args=())
 def moe_experts_backward(grad_out: torch.Tensor, hidden: torch.Tensor, topk_ids: torch.Tensor,
                          topk_weights: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                         activation: str = "silu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_hidden, grad_topk_weights, grad_w_gate_up, grad_w_down)`` of ``moe_experts``."""
-    _check("moe_experts_backward", hidden, topk_ids, topk_weights, w_gate_up, w_down, activation)
+                         activation: str = "silu", gate_up_bias: Optional[torch.Tensor] = None,
+                         down_bias: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+    """``[grad_hidden, grad_topk_weights, grad_w_gate_up, grad_w_down]`` of ``moe_experts``, then
+    ``grad_gate_up_bias`` and ``grad_down_bias`` where those biases were given."""
+    act = _check("moe_experts_backward", hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, gate_up_bias,
+                 down_bias)
     _check_grad_out(grad_out, hidden)
     _check_ids("moe_experts_backward", topk_ids, w_gate_up.shape[0])
-    act = activation_function(activation)
     order, token_of_copy, counts = _group_by_expert(topk_ids, w_gate_up.shape[0])
     copies = hidden.index_select(0, token_of_copy)
     weights = topk_weights.reshape(-1).index_select(0, order).to(hidden.dtype)
@@ -167,28 +309,37 @@ def moe_experts_backward(grad_out: torch.Tensor, hidden: torch.Tensor, topk_ids:
     grad_weights_sorted = torch.empty_like(weights)
     grad_w_gate_up = torch.zeros_like(w_gate_up)
     grad_w_down = torch.zeros_like(w_down)
+    grad_gate_up_bias = None if gate_up_bias is None else torch.zeros_like(gate_up_bias)
+    grad_down_bias = None if down_bias is None else torch.zeros_like(down_bias)
     start = 0
     for expert, count in enumerate(counts):
         if count:
             rows = slice(start, start + count)
             x = copies[rows]
-            gate, up = (x @ w_gate_up[expert].T).chunk(2, dim=-1)
-            activated_gate = act(gate)
-            activated = activated_gate * up
+            gate_up = x @ w_gate_up[expert].T
+            if gate_up_bias is not None:
+                gate_up = gate_up + gate_up_bias[expert]
+            activated = act(gate_up)
             expert_out = activated @ w_down[expert].T
+            if down_bias is not None:
+                expert_out = expert_out + down_bias[expert]
             grad_weights_sorted[rows] = (grad_copies_out[rows] * expert_out).sum(dim=-1)
             grad_expert_out = grad_copies_out[rows] * weights[rows].unsqueeze(-1)
             grad_w_down[expert] = grad_expert_out.T @ activated
+            if grad_down_bias is not None:
+                grad_down_bias[expert] = grad_expert_out.sum(dim=0)
             grad_activated = grad_expert_out @ w_down[expert]
-            grad_gate = grad_activated * up * activation_derivative(activation, gate)
-            grad_gate_up = torch.cat([grad_gate, grad_activated * activated_gate], dim=-1)
+            grad_gate_up = act.backward(grad_activated, gate_up)
             grad_w_gate_up[expert] = grad_gate_up.T @ x
+            if grad_gate_up_bias is not None:
+                grad_gate_up_bias[expert] = grad_gate_up.sum(dim=0)
             grad_copies_in[rows] = grad_gate_up @ w_gate_up[expert]
         start += count
     grad_hidden = torch.zeros_like(hidden).index_add_(0, token_of_copy, grad_copies_in)
     grad_topk_weights = torch.empty(topk_weights.numel(), dtype=topk_weights.dtype, device=topk_weights.device)
     grad_topk_weights[order] = grad_weights_sorted.to(topk_weights.dtype)
-    return grad_hidden, grad_topk_weights.reshape(topk_weights.shape), grad_w_gate_up, grad_w_down
+    grads = [grad_hidden, grad_topk_weights.reshape(topk_weights.shape), grad_w_gate_up, grad_w_down]
+    return grads + [g for g in (grad_gate_up_bias, grad_down_bias) if g is not None]
 
 
 def _check_grad_out(grad_out: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -200,32 +351,38 @@ def _check_grad_out(grad_out: torch.Tensor, hidden: torch.Tensor) -> None:
 
 
 @moe_experts_backward.register_fake
-def _(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, activation="silu"):
-    _check("moe_experts_backward", hidden, topk_ids, topk_weights, w_gate_up, w_down, activation)
+def _(grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, activation="silu", gate_up_bias=None,
+      down_bias=None):
+    _check("moe_experts_backward", hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, gate_up_bias,
+           down_bias)
     _check_grad_out(grad_out, hidden)
-    return (torch.empty_like(hidden), torch.empty_like(topk_weights), torch.empty_like(w_gate_up),
-            torch.empty_like(w_down))
+    grads = [torch.empty_like(hidden), torch.empty_like(topk_weights), torch.empty_like(w_gate_up),
+             torch.empty_like(w_down)]
+    return grads + [torch.empty_like(b) for b in (gate_up_bias, down_bias) if b is not None]
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, topk_ids, topk_weights, w_gate_up, w_down, activation = inputs
-    ctx.save_for_backward(hidden, topk_ids, topk_weights, w_gate_up, w_down)
+    hidden, topk_ids, topk_weights, w_gate_up, w_down, activation, gate_up_bias, down_bias = inputs
+    ctx.save_for_backward(hidden, topk_ids, topk_weights, w_gate_up, w_down, gate_up_bias, down_bias)
     ctx.activation = activation
 
 
 def _backward(ctx, grad_out):
-    hidden, topk_ids, topk_weights, w_gate_up, w_down = ctx.saved_tensors
-    grad_hidden, grad_weights, grad_gate_up, grad_down = torch.ops.shardgraph.moe_experts_backward(
-        grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, ctx.activation)
-    return grad_hidden, None, grad_weights, grad_gate_up, grad_down, None
+    hidden, topk_ids, topk_weights, w_gate_up, w_down, gate_up_bias, down_bias = ctx.saved_tensors
+    grads = torch.ops.shardgraph.moe_experts_backward(
+        grad_out, hidden, topk_ids, topk_weights, w_gate_up, w_down, ctx.activation, gate_up_bias, down_bias)
+    at_gate_up, at_down = bias_gradient_positions(gate_up_bias is not None, down_bias is not None)
+    return (grads[0], None, grads[1], grads[2], grads[3], None,
+            None if at_gate_up is None else grads[at_gate_up], None if at_down is None else grads[at_down])
 
 
 moe_experts.register_autograd(_backward, setup_context=_setup_context)
 
 
-def moe_experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation="silu"):
+def moe_experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation="silu", gate_up_bias=None,
+                          down_bias=None):
     """The definition, token by token, differentiable with plain autograd (for tests; slow)."""
-    act = activation_function(activation)
+    act = GatedActivation.parse(activation)
     experts = w_gate_up.shape[0]
     rows = []
     for t in range(hidden.shape[0]):
@@ -234,7 +391,12 @@ def moe_experts_reference(hidden, topk_ids, topk_weights, w_gate_up, w_down, act
             expert = int(topk_ids[t, j])
             if not 0 <= expert < experts:
                 raise ValueError(f"moe_experts_reference: topk_ids[{t}, {j}] = {expert} is outside 0..{experts - 1}")
-            gate, up = (hidden[t] @ w_gate_up[expert].T).chunk(2)
-            total = total + topk_weights[t, j].to(hidden.dtype) * ((act(gate) * up) @ w_down[expert].T)
+            gate_up = hidden[t] @ w_gate_up[expert].T
+            if gate_up_bias is not None:
+                gate_up = gate_up + gate_up_bias[expert]
+            expert_out = act(gate_up) @ w_down[expert].T
+            if down_bias is not None:
+                expert_out = expert_out + down_bias[expert]
+            total = total + topk_weights[t, j].to(hidden.dtype) * expert_out
         rows.append(total)
     return torch.stack(rows) if rows else hidden.new_zeros(hidden.shape)

@@ -10,9 +10,11 @@ Forward on one rank, whose tokens are its own (already split over dp and tp)::
     (etp > 1: received, counts gathered over etp, so every etp rank sees the expert's tokens)
     grouped, permutation, offsets = group_by_local_expert(received, counts)
     gate_up  = grouped_mm(grouped, w_gate_up)                        # [n, 2I/etp]
+    (gate_up bias: add_expert_bias(gate_up, gate_up_bias, offsets))
     act      = glu(gate_up, activation)                              # [n, I/etp]
     down     = grouped_mm(act, w_down)                               # [n, H], partial over etp
     (etp > 1: partial sums over etp reduced, each rank keeps its own tokens)
+    (down bias: add_expert_bias, once per row: after the etp reduction, on the reduced rows)
     returned = all_to_all(ungroup(down, permutation) over ep, recv_sizes)
     out      = combine(returned, order, topk_weights)
 
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.moe import activation_derivative, activation_function
+from ..ops.moe import GatedActivation
 
 __all__ = [
     "sort_by_expert",
@@ -46,6 +48,9 @@ __all__ = [
     "ungroup",
     "glu",
     "glu_backward",
+    "group_ends",
+    "add_expert_bias",
+    "expert_bias_gradient",
     "combine",
     "combine_backward",
     "scatter_copies",
@@ -155,15 +160,38 @@ def ungroup(grouped: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
 
 
 def glu(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(gate) * up, where the first half of the last dim is gate and the second half up."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return activation_function(activation)(gate) * up
+    """The activation spec's gated activation (``ops.moe.GatedActivation``): ``[n, 2J] -> [n, J]``.
+    Columns are gate/up pairs in the spec's layout; a piece split over etp keeps its pairs whole."""
+    return GatedActivation.parse(activation)(gate_up)
 
 
 def glu_backward(grad: torch.Tensor, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    grad_gate = grad * up * activation_derivative(activation, gate)
-    return torch.cat([grad_gate, grad * activation_function(activation)(gate)], dim=-1)
+    return GatedActivation.parse(activation).backward(grad, gate_up)
+
+
+def group_ends(counts: torch.Tensor) -> torch.Tensor:
+    """Cumulative end offsets of row groups counted by ``counts`` (any shape, read row-major)."""
+    return torch.cumsum(counts.reshape(-1), dim=0)
+
+
+def _expert_of_rows(ends: torch.Tensor, rows: int, experts: int) -> torch.Tensor:
+    """The expert of each row, where row group ``g`` (ending at ``ends[g]``) belongs to expert
+    ``g % experts``: groups come expert-major (grouped layout, ``ends`` the grouped GEMM
+    offsets) or source-major then expert (the layout an EP rank receives). On the device: no host read."""
+    positions = torch.arange(rows, device=ends.device, dtype=ends.dtype)
+    return torch.searchsorted(ends, positions, right=True) % experts
+
+
+def add_expert_bias(rows: torch.Tensor, bias: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Each row plus its expert's bias row (``bias [local experts, n]``)."""
+    return rows + bias.index_select(0, _expert_of_rows(ends, rows.shape[0], bias.shape[0])).to(rows.dtype)
+
+
+def expert_bias_gradient(grad_rows: torch.Tensor, ends: torch.Tensor, experts: int) -> torch.Tensor:
+    """The gradient of ``add_expert_bias``'s bias: each expert's rows summed (``[experts, n]``)."""
+    where = _expert_of_rows(ends, grad_rows.shape[0], experts)
+    total = grad_rows.new_zeros(experts, grad_rows.shape[1])
+    return total.index_add_(0, where, grad_rows)
 
 
 def combine(returned: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:

@@ -117,3 +117,129 @@ def test_operands_with_wrong_shapes_or_dtypes_are_named():
     for arguments, error, pattern in cases:
         with pytest.raises(error, match=pattern):
             moe_experts(*arguments)
+
+
+# ----------------------------------------------------------------------------- biases, gated activations
+import kernels  # noqa: E402
+from shardgraph.ops import GatedActivation  # noqa: E402
+from shardgraph.runtime import moe as moe_steps  # noqa: E402
+
+GPT_OSS = "clamped_swiglu(alpha=1.702,limit=0.8,layout=interleaved)"
+
+
+def gpt_oss_definition(h, ids, weights, gate_up, down, gate_up_bias, down_bias, alpha=1.702, limit=0.8):
+    """GPT-OSS's expert formula written out token by token, independent of GatedActivation."""
+    rows = []
+    for t in range(h.shape[0]):
+        total = torch.zeros_like(h[t])
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            product = gate_up[e] @ h[t] + gate_up_bias[e]
+            gate, up = product[::2].clamp(max=limit), product[1::2].clamp(-limit, limit)
+            total = total + weights[t, j] * (down[e] @ ((up + 1) * gate * torch.sigmoid(gate * alpha)) + down_bias[e])
+        rows.append(total)
+    return torch.stack(rows)
+
+
+def biased_case(seed=5, **sizes):
+    h, ids, weights, gate_up, down = case(seed=seed, **sizes)
+    generator = torch.Generator().manual_seed(seed + 100)
+    gate_up_bias = torch.randn(gate_up.shape[:2], dtype=h.dtype, generator=generator)
+    down_bias = torch.randn(down.shape[:2], dtype=h.dtype, generator=generator)
+    return h, ids, weights, gate_up, down, gate_up_bias, down_bias
+
+
+def test_biases_and_clamped_interleaved_swiglu_match_gpt_oss_formula_forward_and_backward():
+    h, ids, weights, gate_up, down, gate_up_bias, down_bias = biased_case()
+    ours = leaves((h, weights, gate_up, down, gate_up_bias, down_bias))
+    theirs = leaves((h, weights, gate_up, down, gate_up_bias, down_bias))
+    out = moe_experts(ours[0], ids, ours[1], ours[2], ours[3], GPT_OSS, ours[4], ours[5])
+    expected = gpt_oss_definition(theirs[0], ids, *theirs[1:])
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    # Both clamps cut in on these operands, so their gradient masks are exercised.
+    products = torch.einsum("th,eih->tei", h, gate_up) + gate_up_bias
+    assert (products[..., ::2] > 0.8).any() and (products[..., 1::2].abs() > 0.8).any()
+    grad = torch.randn_like(out)
+    names = ("hidden", "topk_weights", "w_gate_up", "w_down", "gate_up_bias", "down_bias")
+    for name, got, want in zip(names, torch.autograd.grad(out, ours, grad), torch.autograd.grad(expected, theirs, grad)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+    assert moe_experts_reference(h, ids, weights, gate_up, down, GPT_OSS, gate_up_bias, down_bias).allclose(expected)
+
+
+@pytest.mark.parametrize("which", ["gate_up_bias", "down_bias"])
+def test_each_bias_is_optional_and_its_gradient_follows_the_four_weight_gradients(which):
+    h, ids, weights, gate_up, down, gate_up_bias, down_bias = biased_case(seed=6)
+    biases = (gate_up_bias, None) if which == "gate_up_bias" else (None, down_bias)
+    theirs = leaves((h, weights, gate_up, down, biases[0] if biases[0] is not None else biases[1]))
+    given = (theirs[4], None) if which == "gate_up_bias" else (None, theirs[4])
+    reference = moe_experts_reference(theirs[0], ids, theirs[1], theirs[2], theirs[3], "gelu", *given)
+    grad = torch.randn_like(reference)
+    expected = torch.autograd.grad(reference, theirs, grad)
+    got = moe_experts_backward(grad, h, ids, weights, gate_up, down, "gelu", *biases)
+    assert len(got) == 5
+    for value, want in zip(got, expected):
+        torch.testing.assert_close(value, want, rtol=1e-10, atol=1e-10)
+    torch.library.opcheck(moe_experts.default, (h.float(), ids, weights.float(), gate_up.float(), down.float(),
+                                                "silu", *(b if b is None else b.float() for b in biases)))
+
+
+def test_activation_specs_parse_to_one_canonical_string_and_bad_ones_are_refused():
+    parsed = GatedActivation.parse(" clamped_swiglu( limit=7, alpha=1.702 , layout=interleaved )")
+    assert str(parsed) == "clamped_swiglu(alpha=1.702,limit=7.0,layout=interleaved)" and parsed.interleaved
+    assert str(GatedActivation.parse("silu")) == "silu" and str(GatedActivation.parse("gelu(layout=interleaved)")) \
+        == "gelu(layout=interleaved)"
+    for spec, pattern in [("clamped_swiglu(alpha=1.702)", "needs alpha= and limit="),
+                          ("silu(alpha=1)", "takes no alpha"), ("silu(layout=striped)", "layout must be one of"),
+                          ("clamped_swiglu(alpha=x,limit=1)", "is not a number"), ("silu(beta=1)", "is not one of")]:
+        with pytest.raises(ValueError, match=pattern):
+            GatedActivation.parse(spec)
+
+
+@pytest.mark.parametrize("layout", ["concatenated", "interleaved"])
+def test_etp_pieces_with_the_down_bias_added_once_after_the_reduction_give_the_whole_experts(layout):
+    """What the lowering does on 2 etp ranks, step by step: each rank holds the gate and up columns
+    of half the intermediate units (with the matching gate/up bias columns) and half of down;
+    the partial down products sum to the whole, plus the down bias once. Gradients of the pieces
+    put back together are the whole's."""
+    etp, activation = 2, f"clamped_swiglu(alpha=1.702,limit=0.8,layout={layout})"
+    h, ids, weights, gate_up, down, gate_up_bias, down_bias = biased_case(seed=7, intermediate=6)
+    act = GatedActivation.parse(activation)
+    intermediate = down.shape[2]
+    tokens_per_expert = torch.bincount(ids.reshape(-1), minlength=gate_up.shape[0])
+    order, _ = moe_steps.sort_by_expert(ids, gate_up.shape[0])
+    rows = moe_steps.gather_copies(h, order, ids.shape[1])
+    offsets = moe_steps.expert_offsets(tokens_per_expert)
+
+    def columns(rank):  # this rank's gate/up columns of the product, in the layout's order
+        units = torch.arange(rank * intermediate // etp, (rank + 1) * intermediate // etp)
+        gate, up = act.split(torch.arange(2 * intermediate))
+        return act.join(gate[units], up[units]), units
+
+    partials, bias_grad_pieces = [], []
+    grad_out = torch.randn(rows.shape[0], h.shape[1], dtype=h.dtype, generator=torch.Generator().manual_seed(8))
+    for rank in range(etp):
+        kept, units = columns(rank)
+        if layout == "interleaved":  # a contiguous run of (gate, up) pairs: Shard(1)
+            assert torch.equal(kept, torch.arange(rank * 2 * intermediate // etp, (rank + 1) * 2 * intermediate // etp))
+        product = moe_steps.add_expert_bias(kernels.grouped_mm(rows, gate_up[:, kept], offsets, w_layout="enk"),
+                                            gate_up_bias[:, kept], offsets)
+        activated = moe_steps.glu(product, activation)
+        partials.append(kernels.grouped_mm(activated, down[:, :, units], offsets, w_layout="enk"))
+        grad_activated = kernels.grouped_mm_dgrad(grad_out, down[:, :, units], offsets, w_layout="enk")
+        grad_product = moe_steps.glu_backward(grad_activated, product, activation)
+        bias_grad_pieces.append((kept, moe_steps.expert_bias_gradient(grad_product, offsets, gate_up.shape[0])))
+    whole = moe_steps.add_expert_bias(sum(partials), down_bias, offsets)
+    expected = torch.stack([down[e] @ act(gate_up[e] @ rows[i] + gate_up_bias[e]) + down_bias[e]
+                            for i, e in enumerate(ids.reshape(-1)[order].tolist())])
+    torch.testing.assert_close(whole, expected, rtol=1e-12, atol=1e-12)
+    # Added on every rank's partial sum, the bias would be counted etp times.
+    assert not torch.allclose(sum(moe_steps.add_expert_bias(p, down_bias, offsets) for p in partials), expected)
+    # Gradients: the gate/up bias's pieces are the whole's columns, the down bias's is whole on each rank.
+    leaves_ = [gate_up_bias.clone().requires_grad_(True), down_bias.clone().requires_grad_(True)]
+    reference = torch.stack([down[e] @ act(gate_up[e] @ rows[i] + leaves_[0][e]) + leaves_[1][e]
+                             for i, e in enumerate(ids.reshape(-1)[order].tolist())])
+    grad_gate_up_bias, grad_down_bias = torch.autograd.grad(reference, leaves_, grad_out)
+    for kept, piece in bias_grad_pieces:
+        torch.testing.assert_close(piece, grad_gate_up_bias[:, kept], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(moe_steps.expert_bias_gradient(grad_out, offsets, gate_up.shape[0]), grad_down_bias,
+                               rtol=1e-10, atol=1e-10)

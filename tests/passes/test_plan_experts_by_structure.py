@@ -65,7 +65,8 @@ def test_hf_experts_under_any_block_name_are_expert_sharded_by_structure():
     ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(1))
     traced = trace(model, (ids,), lm_loss)
     found = expert_parameters(traced.graph_module)
-    assert found == {f"model.layers.{i}.block_sparse_moe.experts.{name}": style
+    assert {name: (found.style, found.fused) for name, found in found.items()} == {
+        f"model.layers.{i}.block_sparse_moe.experts.{name}": style
                      for i in range(2) for name, style in (("gate_up_proj", ("expert_colwise", True)),
                                                           ("down_proj", ("expert_rowwise", False)))}
     plan = default_plan(traced.parameter_names, traced.graph_module)
