@@ -108,21 +108,60 @@ def baseline_throughput(mesh: sg.MeshSpec, rank: int, device: torch.device, conf
         if step >= 3:
             times.append(time.perf_counter() - begin)
     median = statistics.median(times)
-    with _CountCollectives() as counter:
+    with _CountCollectives(mesh) as counter:
         loss_fn(model(ids), ids).backward()
+        counter.phase = "gradient sync"
         sync()
         model.zero_grad(set_to_none=True)
     return {"median_step_s": median, "tokens_per_s": batch * seq / median,
-            "collectives_per_step": sum(counter.counts.values()), "collectives_by_op": counter.counts}
+            "collectives_per_step": sum(counter.counts.values()), "collectives_by_op": counter.counts,
+            "collectives_by_phase_op_axis": counter.by_axis}
+
+
+# Bytes one rank sends in a collective of ``n`` ranks whose local input is ``b`` bytes (ring
+# algorithms; the formulas of passes/cost.py, which the report's bytes use too).
+_SENT = {
+    "all_reduce": lambda b, n: 2 * b * (n - 1) / n,
+    "allreduce_": lambda b, n: 2 * b * (n - 1) / n,
+    "all_gather_into_tensor": lambda b, n: b * (n - 1),
+    "reduce_scatter_tensor": lambda b, n: b * (n - 1) / n,
+    "all_to_all_single": lambda b, n: b * (n - 1) / n,
+    "alltoall_base_": lambda b, n: b * (n - 1) / n,
+}
 
 
 class _CountCollectives(TorchDispatchMode):
     """Counts the collectives a step issues: torch's functional (``_c10d_functional``, what our
-    program and DTensor issue) and eager (``c10d``, what ``dist.all_reduce`` issues) ops, by op."""
+    program and DTensor issue) and eager (``c10d``, what ``dist.all_reduce`` issues) ops, by op,
+    and by mesh axis (found from the group's ranks) and ``phase`` with the bytes each rank sends."""
 
-    def __init__(self):
+    def __init__(self, mesh: sg.MeshSpec):
         super().__init__()
         self.counts: dict[str, int] = {}
+        self.by_axis: dict[str, dict] = {}
+        self.phase = "forward+backward"
+        self._axis_of = {}
+        for axis in ("dp", "tp", "ep", "etp", "edp", ("dp", "tp"), ("ep", "etp"), ("edp", "ep"), ("edp", "etp"),
+                     ("edp", "ep", "etp")):
+            if mesh.size(axis) > 1:
+                for members in mesh.groups(axis):
+                    self._axis_of.setdefault(tuple(sorted(members)), axis if isinstance(axis, str) else "*".join(axis))
+
+    def _axis(self, args) -> str:
+        from torch.distributed import distributed_c10d
+
+        for value in args:
+            group = None
+            if isinstance(value, str):
+                try:
+                    group = distributed_c10d._resolve_process_group(value)
+                except Exception:  # noqa: BLE001 - a string argument that names no group (a reduce op)
+                    continue
+            elif type(value).__name__ == "ProcessGroup" or "ProcessGroup" in str(type(value)):
+                group = value
+            if group is not None:
+                return self._axis_of.get(tuple(sorted(dist.get_process_group_ranks(group))), "other")
+        return "?"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # (``_wrap_tensor_autograd`` and the waits are bookkeeping, not collectives)
@@ -130,6 +169,14 @@ class _CountCollectives(TorchDispatchMode):
                 word in func.__name__ for word in ("wait", "_wrap_tensor_autograd")):
             key = func.__name__.split(".")[0]
             self.counts[key] = self.counts.get(key, 0) + 1
+            tensors = [a for a in args if isinstance(a, torch.Tensor)] + [
+                t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+            axis = self._axis(list(args) + list((kwargs or {}).values()))
+            local = tensors[0].numel() * tensors[0].element_size() if tensors else 0
+            n = len(next((m for m, a in self._axis_of.items() if a == axis), (1,)))
+            row = self.by_axis.setdefault(f"{self.phase} | {key} | {axis}", {"count": 0, "bytes_per_rank": 0.0})
+            row["count"] += 1
+            row["bytes_per_rank"] += _SENT.get(key, lambda b, n: 0.0)(local, n) if n > 1 else 0.0
         return func(*args, **(kwargs or {}))
 
 
@@ -161,12 +208,41 @@ def throughput(mesh: sg.MeshSpec, rank: int, device: torch.device, config: str, 
         if step >= 3:
             times.append(time.perf_counter() - begin)
     median = statistics.median(times)
-    with _CountCollectives() as counter:
+    with _CountCollectives(mesh) as counter:
         program.run(local, batch_local, communicator=communicator)
+    # By purpose from the program's own records (what the report prints), to set beside the
+    # counts seen at run time.
+    by_purpose: dict[str, dict] = {}
+    for row in program.report(format="dict")["collectives"]:
+        entry = by_purpose.setdefault(f"{row['family']} | {row['kind']} | {row['axis']}", {"count": 0, "bytes_per_rank": 0.0})
+        entry["count"] += 1
+        entry["bytes_per_rank"] += row["bytes_per_rank"]
     return {"layers": layers, "batch": batch, "seq": seq, "compile_s": compile_s, "median_step_s": median,
             "tokens_per_s": batch * seq / median,
             "collectives_per_step": sum(counter.counts.values()), "collectives_by_op": counter.counts,
+            "collectives_by_phase_op_axis": counter.by_axis, "collectives_by_purpose_kind_axis": by_purpose,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+
+
+def collectives_markdown(result: dict) -> str:
+    """Collectives and bytes sent per rank in one step, by phase, op and axis (counted at run
+    time), ours beside the baseline; then ours by purpose (the program's records)."""
+    ours = result["throughput"].get("collectives_by_phase_op_axis", {})
+    theirs = result.get("baseline_throughput", {}).get("collectives_by_phase_op_axis", {})
+    lines = ["| phase | op | axis | ours: count | ours: bytes/rank | baseline: count | baseline: bytes/rank |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for key in sorted(set(ours) | set(theirs)):
+        phase, op, axis = key.split(" | ")
+        mine, other = ours.get(key, {}), theirs.get(key, {})
+        lines.append(f"| {phase} | {op} | {axis} | {mine.get('count', 0)} | {mine.get('bytes_per_rank', 0):,.0f} | "
+                     f"{other.get('count', 0)} | {other.get('bytes_per_rank', 0):,.0f} |")
+    total = [sum(r["count"] for r in table.values()) for table in (ours, theirs)]
+    sent = [sum(r["bytes_per_rank"] for r in table.values()) for table in (ours, theirs)]
+    lines.append(f"| all | | | {total[0]} | {sent[0]:,.0f} | {total[1]} | {sent[1]:,.0f} |")
+    lines += ["", "| ours by purpose | kind | axis | count | bytes/rank |", "|---|---|---|---:|---:|"]
+    for key, row in sorted(result["throughput"].get("collectives_by_purpose_kind_axis", {}).items()):
+        lines.append(f"| {' | '.join(key.split(' | '))} | {row['count']} | {row['bytes_per_rank']:,.0f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -200,6 +276,7 @@ def main() -> None:
                                                 / result["baseline_throughput"]["tokens_per_s"])
     if rank == 0:
         print(json.dumps(result, indent=1))
+        print(collectives_markdown(result))
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=1)

@@ -110,6 +110,10 @@ def _reduce_partials(plan: _Plan) -> None:
         else:
             plan.add(RedistributeStep("all_reduce", axis, op=have.op), Replicate())
     _merge_all_reduces(plan, first)
+    # Reduce-scatters before all-reduces: the all-reduce then sums a piece 1/n the size, and
+    # being the chain's last step a gradient's all-reduce can share a bucket with others
+    # (bucket_gradient_sync). The reductions act on different axes and commute.
+    plan.steps[first:] = sorted(plan.steps[first:], key=lambda step: step.kind == "all_reduce")
 
 
 def _merge_all_reduces(plan: _Plan, first: int) -> None:

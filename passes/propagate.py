@@ -175,6 +175,13 @@ def _choose_axis(ctx: RuleContext, rule, axis: str, placements: tuple, link: Lin
             if i < len(shared) and wanted in shared[i] and isinstance(current, Partial):
                 continue
             seconds += link.seconds(axis, redistribution(current, wanted, nbytes, n).bytes)
+            if current.is_shard() and not wanted.is_shard() and _is_parameter_view(ctx.inputs[i]):
+                # A parameter read gathered is differentiated gathered: each rank's gradient of it
+                # then covers only the rank's own rows of the product, a partial sum that the
+                # backward must reduce-scatter back to the parameter's split, one more collective
+                # that the backward's own choice cannot avoid. Its latency is charged here; its
+                # bytes are priced where the backward reduces the gradient.
+                seconds += link.alpha(axis)
             # Only a pending reduction can be absorbed: making a whole value partial (a free local
             # zero) defers nothing, it creates a reduction someone must pay for later.
             # Nor is one that another consumer makes anyway (a gradient reduced for the norm).
@@ -193,6 +200,21 @@ def _choose_axis(ctx: RuleContext, rule, axis: str, placements: tuple, link: Lin
         scored.append((round(seconds, 12), matches_demand, sharded, order, candidate))
     scored.sort(key=lambda item: item[:4])
     return scored[0][4], [(c, s) for s, _, _, _, c in scored]
+
+
+# Ops through which a parameter keeps its values and layout up to a transpose: reading through
+# them reads the parameter.
+_PARAMETER_VIEWS = ("aten.t.", "aten.transpose.", "aten.view.", "aten._unsafe_view.", "aten.reshape.",
+                    "aten.permute.", "aten._to_copy.", "prims.convert_element_type.", "aten.alias.", "aten.detach.")
+
+
+def _is_parameter_view(node: Node) -> bool:
+    while node.op == "call_function" and str(node.target).startswith(_PARAMETER_VIEWS):
+        node = node.args[0]
+    if node.op != "placeholder":
+        return False
+    record = meta.graph_input(node)
+    return record is not None and record.kind is InputKind.PARAMETER
 
 
 def _estimated_output_bytes(ctx: RuleContext, input_bytes: list[float]) -> list[float]:
