@@ -66,6 +66,7 @@ from shardgraph.mesh import MeshSpec
 from shardgraph.meta import View
 from shardgraph.placement import InterleavedShard, Padding, Shard, Sharding, ShardingError, local_shape
 
+from .attention_plan import attention_sites, site_styles
 from .rules.moe import expert_bias_shardings, expert_weight_shardings
 
 __all__ = ["PlanError", "ParameterPlacement", "ExpertParameter", "STYLES", "STYLE_DESCRIPTIONS", "resolve_plan", "default_plan",
@@ -223,14 +224,20 @@ def resolve_plan(
 
 # Default plans per model family. Attention is Megatron-style (colwise q/k/v, rowwise o), routed
 # experts are expert-parallel; router gate, norms, embedding and lm_head stay replicated, so the
-# loss needs no vocabulary-parallel cross entropy.
+# loss needs no vocabulary-parallel cross entropy. Given the traced graph, attention projections
+# and experts are found by structure (``attention_parameters``, ``expert_parameters``); the name
+# patterns below serve where the graph holds no attention (or no experts) that structure finds.
 _ATTENTION = {
-    # GPT-OSS's attention sinks: one learned logit per head, split with the heads.
-    "*self_attn.sinks": "colwise",
     "*self_attn.q_proj.weight": "colwise",
     "*self_attn.k_proj.weight": "colwise",
     "*self_attn.v_proj.weight": "colwise",
     "*self_attn.o_proj.weight": "rowwise",
+}
+_TITAN_ATTENTION = {
+    "*attention.wq.weight": "colwise",
+    "*attention.wk.weight": "colwise",
+    "*attention.wv.weight": "colwise",
+    "*attention.wo.weight": "rowwise",
 }
 
 # Blocks with an nn.ModuleList of expert MLPs: the frontend traces them as moe_experts on the
@@ -255,10 +262,7 @@ DEFAULT_PLANS: dict[str, dict[str, str]] = {
     },
     # torchtitan-style GroupedExperts with separate w1 (gate), w3 (up), w2 (down)
     "torchtitan": {
-        "*attention.wq.weight": "colwise",
-        "*attention.wk.weight": "colwise",
-        "*attention.wv.weight": "colwise",
-        "*attention.wo.weight": "rowwise",
+        **_TITAN_ATTENTION,
         "*moe.experts.w1": "expert_colwise",
         "*moe.experts.w3": "expert_colwise",
         "*moe.experts.w2": "expert_rowwise",
@@ -266,28 +270,46 @@ DEFAULT_PLANS: dict[str, dict[str, str]] = {
     },
 }
 
+_SINKS = {"*self_attn.sinks": "colwise"}
+
 _EXPERT_STYLES = ("expert_colwise", "expert_rowwise", "expert_replicate", "expert_colwise_bias", "expert_rowwise_bias")
 
 
-def default_plan(parameter_names: Sequence[str], graph_module=None) -> dict[str, str]:
+def default_plan(parameter_names: Sequence[str], graph_module=None, mesh: MeshSpec | None = None) -> dict[str, str]:
     """The default plan of the model family these parameter names belong to.
 
     Patterns that would match nothing in this model (no attention projections, say) are
     dropped, so a default plan never fails for a missing layer kind. Given the traced graph, the
     routed-expert weights are found from its structure (``expert_parameters``: the parameters
-    every ``moe_experts`` op reads its weights from), whatever the model calls them, and the
-    name patterns for experts are not used.
+    every ``moe_experts`` op reads its weights from), and so are the attention projections
+    (``attention_parameters``: the Linears that make each attention's query, key and value per
+    head are colwise, the one reading its output rowwise), whatever the model calls them; the
+    name patterns for experts, and for attention, are then not used. ``mesh`` lets the attention
+    walk check that tp divides the heads (an attention it does not divide stays replicated).
     """
     names = list(parameter_names)
     family = "torchtitan" if any(n.endswith("experts.w1") for n in names) else "hf_fused_experts"
     experts = expert_parameters(graph_module) if graph_module is not None else {}
+    tp = mesh.tp if mesh is not None else None
+    sites = attention_sites(graph_module, tp) if graph_module is not None else []
+    attention = site_styles(sites) if sites else None
+    by_name_attention = {**_ATTENTION, **_TITAN_ATTENTION}
     plan = {}
     for pattern, style in DEFAULT_PLANS[family].items():
         if experts and style in _EXPERT_STYLES:
             continue
+        if attention is not None and pattern in by_name_attention:
+            continue
         if any(fnmatch.fnmatchcase(n, pattern) for n in names):
             plan[pattern] = style
     plan.update({_literal(name): found.style for name, found in experts.items() if name in names})
+    plan.update({_literal(name): style for name, style in (attention or {}).items()
+                 if name in names and name not in experts})
+    # GPT-OSS's attention sinks: one learned logit per head, split with the heads where the
+    # heads are split (by name, or by structure when some projection was found colwise).
+    if attention is None or "colwise" in attention.values():
+        plan.update({pattern: style for pattern, style in _SINKS.items()
+                     if any(fnmatch.fnmatchcase(n, pattern) for n in names)})
     return plan
 
 
@@ -422,7 +444,8 @@ def parameter_placements(graph_module, mesh: MeshSpec, plan: Mapping[str, str] |
     """The plan's placement of every parameter placeholder of a traced graph, by its logical shape
     (a placeholder held padded, ``meta.padding``, counts without its padding). Experts are found
     by structure (``expert_parameters``), so a block that names them its own way is sharded as
-    the op needs, its fused gate/up rows included; without a ``plan``, ``default_plan``."""
+    the op needs, its fused gate/up rows included; without a ``plan``, ``default_plan``, which
+    finds the attention projections by structure too (``passes/attention_plan.py``)."""
     from shardgraph import meta
     from shardgraph.meta import InputKind
 
@@ -432,5 +455,5 @@ def parameter_placements(graph_module, mesh: MeshSpec, plan: Mapping[str, str] |
         shapes[record.name] = held if padding is None else padding.logical_shape(held)
     experts = expert_parameters(graph_module)
     if plan is None:
-        plan = default_plan(list(shapes), graph_module)
+        plan = default_plan(list(shapes), graph_module, mesh)
     return resolve_plan(shapes, plan, mesh, expert_layouts=experts)

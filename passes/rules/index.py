@@ -91,12 +91,19 @@ def rule_scatter_into(ctx, axis, placements):
     dim = ctx.arg(2, "dim", 0) % ndim
     selecting = ctx.node.target == aten.select_scatter.default
     candidates = [AxisCandidate((R, R), R)]
+    offered = set()
     if isinstance(self_placement, Shard) and type(self_placement) is Shard:
-        self_dim = self_placement.dim % ndim
+        offered.add(self_placement.dim % ndim)
+    if isinstance(source_placement, Shard) and type(source_placement) is Shard:
+        # Following src's split: self is cut to match (a local slice where it is whole), as a
+        # slice assignment into a fresh ``new_empty`` (DeepSeek's MLA key) needs.
+        source_dim = source_placement.dim % len(ctx.input_shapes[1])
+        offered.add(source_dim + (1 if selecting and source_dim >= dim else 0))
+    for self_dim in sorted(offered):
         if self_dim != dim and (selecting or _aligned(ctx, self_dim)):
             # select_scatter's src lacks the selected dim: dims after it shift down by one.
             source_dim = self_dim - (1 if selecting and self_dim > dim else 0)
-            candidates.append(AxisCandidate((self_placement, Shard(source_dim)), self_placement))
+            candidates.append(AxisCandidate((Shard(self_dim), Shard(source_dim)), Shard(self_dim)))
     for op in ("sum", "avg"):
         if Partial(op) in placements:
             candidates.append(AxisCandidate((Partial(op), Partial(op)), Partial(op), "writing a slice is linear"))

@@ -6,7 +6,8 @@ contiguous block of the merged (or split) dim; divisibility of the receiving dim
 size is checked, otherwise the candidate is refused and the value must be gathered first.
 Two interleaved cases are exact too: ``[k, m]`` sharded on ``m`` merges into
 ``InterleavedShard(k stripes)``, and an ``InterleavedShard(d, s)`` split into ``[s, d/s]`` is a
-plain ``Shard`` of the second dim. ``Partial`` passes through every view (they are linear).
+plain ``Shard`` of the second dim; where axes before this one split the outer dim ``p`` ways
+(dp on the batch of attention's ``[batch * heads]``), the split is ``[s * p, d/(s * p)]``. ``Partial`` passes through every view (they are linear).
 """
 
 from __future__ import annotations
@@ -85,8 +86,11 @@ def _view_candidate(ctx, axis, placement):
             return None, f"view of dim {dim} (size {in_shape[dim]}) into {[out_shape[d] for d in out_dims]}: not a block split on {axis}={n}"
         if len(in_dims) == 1 and len(out_dims) == 1:
             return InterleavedShard(out_dims[0], placement.stripes), None
-        if (len(in_dims) == 1 and len(out_dims) == 2 and out_shape[out_dims[0]] == placement.stripes
-                and out_shape[out_dims[1]] % factor == 0):
+        # The stripes count in the piece this axis receives: where major axes split the outer
+        # dim (dp on batch of a [batch * heads] dim), each of their pieces holds fewer stripes.
+        if (len(in_dims) == 1 and len(out_dims) == 2
+                and out_shape[out_dims[0]] == placement.stripes * _prior_factor(ctx, axis, dim)
+                and out_shape[out_dims[1]] % n == 0):
             return Shard(out_dims[1]), None
         return None, f"interleaved dim {dim} cannot be viewed as {[out_shape[d] for d in out_dims]}"
     return None, f"dim {dim} has no counterpart in the output shape"
