@@ -36,6 +36,8 @@ import torch.distributed as dist  # noqa: E402
 
 import shardgraph as sg  # noqa: E402
 from examples.moe_model import shardgraph_entry  # noqa: E402
+from passes.cost import axis_label  # noqa: E402
+from shardgraph.runtime import c10d  # noqa: E402
 from shardgraph.runtime.distributed import DistributedCommunicator, init_from_environment  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
@@ -137,31 +139,43 @@ class _CountCollectives(TorchDispatchMode):
 
     def __init__(self, mesh: sg.MeshSpec):
         super().__init__()
+        self._mesh = mesh
         self.counts: dict[str, int] = {}
         self.by_axis: dict[str, dict] = {}
         self.phase = "forward+backward"
-        self._axis_of = {}
+        # Axes of a folded mesh may have the same groups (tp and ep at world=4 tp=2 ep=2): a group
+        # seen only by its ranks is labelled with every axis it serves ("tp=ep"), while our
+        # program's groups carry their axis in their name.
+        labels: dict[tuple, list[str]] = {}
         for axis in ("dp", "tp", "ep", "etp", "edp", ("dp", "tp"), ("ep", "etp"), ("edp", "ep"), ("edp", "etp"),
                      ("edp", "ep", "etp")):
             if mesh.size(axis) > 1:
                 for members in mesh.groups(axis):
-                    self._axis_of.setdefault(tuple(sorted(members)), axis if isinstance(axis, str) else "*".join(axis))
+                    labels.setdefault(tuple(sorted(members)), []).append(axis_label(axis))
+        self._axis_of = {members: "=".join(names) for members, names in labels.items()}
+        self._size = {label: len(members) for members, label in self._axis_of.items()}
 
-    def _axis(self, args) -> str:
+    def _axis(self, args) -> tuple[str, int]:
         from torch.distributed import distributed_c10d
 
         for value in args:
             group = None
             if isinstance(value, str):
                 try:
+                    axis = c10d.axis_of_group(value)
+                    return axis_label(axis), self._mesh.size(axis)
+                except ValueError:  # not one of our program's groups
+                    pass
+                try:
                     group = distributed_c10d._resolve_process_group(value)
                 except Exception:  # noqa: BLE001 - a string argument that names no group (a reduce op)
                     continue
-            elif type(value).__name__ == "ProcessGroup" or "ProcessGroup" in str(type(value)):
-                group = value
+            elif isinstance(value, torch.ScriptObject) and "ProcessGroup" in str(value._type()):
+                group = dist.ProcessGroup.unbox(value)
             if group is not None:
-                return self._axis_of.get(tuple(sorted(dist.get_process_group_ranks(group))), "other")
-        return "?"
+                members = tuple(sorted(dist.get_process_group_ranks(group)))
+                return self._axis_of.get(members, "other"), len(members)
+        return "?", 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # (``_wrap_tensor_autograd`` and the waits are bookkeeping, not collectives)
@@ -171,9 +185,8 @@ class _CountCollectives(TorchDispatchMode):
             self.counts[key] = self.counts.get(key, 0) + 1
             tensors = [a for a in args if isinstance(a, torch.Tensor)] + [
                 t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
-            axis = self._axis(list(args) + list((kwargs or {}).values()))
+            axis, n = self._axis(list(args) + list((kwargs or {}).values()))
             local = tensors[0].numel() * tensors[0].element_size() if tensors else 0
-            n = len(next((m for m, a in self._axis_of.items() if a == axis), (1,)))
             row = self.by_axis.setdefault(f"{self.phase} | {key} | {axis}", {"count": 0, "bytes_per_rank": 0.0})
             row["count"] += 1
             row["bytes_per_rank"] += _SENT.get(key, lambda b, n: 0.0)(local, n) if n > 1 else 0.0
