@@ -251,12 +251,31 @@ def _refuse_random_ops(gm: GraphModule) -> None:
             )
 
 
+def _broadcast_in_dim(value: torch.Tensor, shape, broadcast_dimensions) -> torch.Tensor:
+    """``prims.broadcast_in_dim`` as aten ``unsqueeze`` + ``expand`` (the same view)."""
+    for dim in range(len(shape)):
+        if dim not in broadcast_dimensions:
+            value = value.unsqueeze(dim)
+    return value.expand(shape)
+
+
+class _FunctionalReplay(torch.fx.Interpreter):
+    """Replays a graph under ``functionalize``, which refuses custom ops whose output aliases an
+    input: the one the decompositions emit (``prims.broadcast_in_dim``, from LayerNorm's
+    ``var_mean``) is replayed as the aten views it stands for."""
+
+    def call_function(self, target, args, kwargs):
+        if target is torch.ops.prims.broadcast_in_dim.default:
+            return _broadcast_in_dim(*args, **kwargs)
+        return super().call_function(target, args, kwargs)
+
+
 def _functionalize(gm: GraphModule) -> GraphModule:
     """Re-trace ``gm`` without mutations, keeping every node's source metadata."""
     values = [meta.value(n) for n in gm.graph.nodes if n.op == "placeholder"]
 
     def replay(*args):
-        return torch.fx.Interpreter(gm).run(*args)
+        return _FunctionalReplay(gm).run(*args)
 
     with fx_traceback.preserve_node_meta():
         functional = make_fx(functionalize(replay, remove="mutations"), tracing_mode="fake",

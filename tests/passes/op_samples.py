@@ -92,7 +92,8 @@ class _Maker:
 _UNARY = [aten.neg.default, aten.abs.default, aten.exp.default, aten.expm1.default, aten.sin.default,
           aten.cos.default, aten.tanh.default, aten.sigmoid.default, aten.silu.default, aten.gelu.default,
           aten.relu.default, aten.erf.default, aten.sign.default, aten.clone.default, aten.alias.default,
-          aten.detach.default, aten.lift_fresh_copy.default, aten.contiguous.default, aten.reciprocal.default]
+          aten.detach.default, aten.lift_fresh_copy.default, aten.contiguous.default, aten.reciprocal.default,
+          aten.floor.default, aten.sgn.default]
 _POSITIVE_UNARY = [aten.log.default, aten.log1p.default, aten.sqrt.default, aten.rsqrt.default]
 _POSITIVE_WITH_SCALAR = [aten.pow.Tensor_Scalar]  # a negative base to the power 0.7 is nan
 _BINARY = [aten.add.Tensor, aten.sub.Tensor, aten.rsub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.maximum.default,
