@@ -19,6 +19,8 @@ Usage::
     PYTHONPATH=. python benchmarks/hf_coverage.py                  # every family, four meshes
     PYTHONPATH=. python benchmarks/hf_coverage.py --family jamba --mesh world=4,tp=2,ep=2
     PYTHONPATH=. python benchmarks/hf_coverage.py --list           # families and whether they build
+    PYTHONPATH=. python benchmarks/hf_coverage.py --family phimoe --train   # train() mode: routers draw
+                                                                   # random numbers from a seed
 
 Writes a markdown table to stdout and JSON to ``benchmarks/results/hf_coverage.json``.
 """
@@ -214,7 +216,8 @@ def _experts_state(program) -> tuple[bool, bool]:
     return recognised, sharded
 
 
-def run_case(family: str, mesh_text: str, batch: int = 8, seq: int = 8, race: bool = False) -> dict:
+def run_case(family: str, mesh_text: str, batch: int = 8, seq: int = 8, race: bool = False,
+             train: bool = False) -> dict:
     import shardgraph as sg
     from shardgraph.check import parity_errors
 
@@ -226,6 +229,10 @@ def run_case(family: str, mesh_text: str, batch: int = 8, seq: int = 8, race: bo
     except Exception as error:  # noqa: BLE001 - a family that cannot be built here is listed, not fatal
         row.update(status="not built", detail=_one_line(error))
         return row
+    if train:
+        # Routers that add noise or sample experts draw from the program's seed; parity_errors
+        # runs the eager model after torch.manual_seed of the same seed.
+        model.train()
     ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(3))
     try:
         with warnings.catch_warnings():
@@ -286,6 +293,8 @@ def main() -> None:
     parser.add_argument("--race", action="store_true",
                         help="leave the lowered module's code generation to the simulator's rank threads")
     parser.add_argument("--list", action="store_true", help="only build each family and say whether it builds")
+    parser.add_argument("--train", action="store_true",
+                        help="run the models in train() mode (random routers draw from the program's seed)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "hf_coverage.json"))
     args = parser.parse_args()
@@ -302,7 +311,7 @@ def main() -> None:
     rows = []
     for family in args.family:
         for mesh_text in args.mesh:
-            row = run_case(family, mesh_text, race=args.race)
+            row = run_case(family, mesh_text, race=args.race, train=args.train)
             rows.append(row)
             print(f"{family:18} {mesh_text:24} {row['status']:9} {row['seconds']:6.1f}s {row['detail'][:150]}",
                   file=sys.stderr, flush=True)

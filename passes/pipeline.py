@@ -5,6 +5,7 @@
     gather_parameters     traced          -> traced          zero=3: parameters gathered before their readers
     pad_parameters        traced          -> traced          zero>=1: what dp/edp divides no dim of held padded
     propagate             traced          -> placed          a PlacedValue on every node
+    check_random_draws    placed          -> placed          random draws read whole or by rows only
     add_communicator      placed          -> communicator    the collectives' input
     lower_redistribute    communicator    -> typed collectives, gradient sync
     exact_partial_reductions  typed collectives -> partial products on the routing path in float32
@@ -41,6 +42,7 @@ from shardgraph.runtime import c10d, collectives
 from .add_communicator import add_communicator
 from .bucket_gradient_sync import bucket_gradient_sync
 from .cast_gradient_reductions import cast_gradient_reductions
+from .check_random_draws import check_random_draws
 from .cost import LinkModel
 from .decompose_loss import decompose_loss
 from .donate_state import donate_state
@@ -182,6 +184,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("pad_parameters", lambda gm, options, compiled: pad_parameters(gm, options.mesh, options.plan, options.zero),
          (TRACED,), (TRACED,)),
     Pass("propagate", _propagate, (TRACED,), (PLACED,)),
+    Pass("check_random_draws", lambda gm, options, compiled: check_random_draws(gm), (PLACED,), (PLACED,)),
     Pass("add_communicator", lambda gm, options, compiled: add_communicator(gm), (PLACED,), (COMMUNICATOR,)),
     Pass("lower_redistribute", lambda gm, options, compiled: lower_redistribute(gm, options.mesh),
          (PLACED, COMMUNICATOR), (COLLECTIVES_TYPED,)),

@@ -58,6 +58,7 @@ Every parameter is replicated over its view's data-parallel axis (dp or edp).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -70,7 +71,7 @@ from .attention_plan import attention_sites, site_styles
 from .rules.moe import expert_bias_shardings, expert_weight_shardings
 
 __all__ = ["PlanError", "ParameterPlacement", "ExpertParameter", "STYLES", "STYLE_DESCRIPTIONS", "resolve_plan", "default_plan",
-           "DEFAULT_PLANS", "expert_parameters", "parameter_placements"]
+           "DEFAULT_PLANS", "expert_parameters", "expert_layout_shardings", "parameter_placements"]
 
 STYLES = (
     "replicate",
@@ -456,4 +457,182 @@ def parameter_placements(graph_module, mesh: MeshSpec, plan: Mapping[str, str] |
     experts = expert_parameters(graph_module)
     if plan is None:
         plan = default_plan(list(shapes), graph_module, mesh)
-    return resolve_plan(shapes, plan, mesh, expert_layouts=experts)
+    placements = resolve_plan(shapes, plan, mesh, expert_layouts=experts)
+    return _with_expert_layouts(placements, shapes, graph_module, mesh)
+
+
+# ----------------------------------------------------------------------------- stored expert layouts
+# A block may store its experts in another layout than moe_experts' operands and hand the op a
+# view: Llama 4 keeps gate_up_proj [E, H, 2I] and down_proj [E, I, H] (the op reads their
+# transposes); DBRX keeps w1/v1/w2 flattened as [E * I, H] (the op reads [E, I, H] views). The
+# styles above assume the op's own layout, so for such a parameter the split the op needs is
+# carried back through the views to the stored dims: the parameter is then held exactly as the
+# op's operand is split, and propagation places the views with no redistribution.
+_LAYOUT_CASTS = ("aten._to_copy.", "aten.clone.", "aten.alias.", "aten.detach.", "aten.contiguous.",
+                 "prims.convert_element_type.")
+_LAYOUT_VIEWS = ("aten.view.", "aten._unsafe_view.", "aten.reshape.")
+_LAYOUT_PERMUTES = ("aten.t.", "aten.transpose.", "aten.permute.")
+
+
+class _NoLayout(Exception):
+    """The path from a parameter to the op is not one a split can be carried back through."""
+
+
+def _shape_of(node) -> tuple[int, ...]:
+    from shardgraph import meta
+
+    return tuple(meta.value(node).shape)
+
+
+def _prior_sizes(sharding: Sharding, axis: str, dim: int, mesh: MeshSpec) -> int:
+    """Product of the axes before ``axis`` (view order) that shard ``dim``."""
+    factor = 1
+    for other, placement in sharding.items():
+        if other == axis:
+            break
+        if placement.is_shard(dim):
+            factor *= mesh.size(other)
+    return factor
+
+
+def _back_through_permute(node, wanted: Sharding) -> Sharding:
+    target, ndim = str(node.target), len(_shape_of(node))
+    if target.startswith("aten.t."):
+        source_of = [1, 0] if ndim == 2 else [0]
+    elif target.startswith("aten.transpose."):
+        d0, d1 = (d % ndim for d in node.args[1:3])
+        source_of = list(range(ndim))
+        source_of[d0], source_of[d1] = d1, d0
+    else:
+        source_of = [d % ndim for d in node.args[1]]
+    return _moved_sharding(wanted, {out_dim: source for out_dim, source in enumerate(source_of)})
+
+
+def _moved_sharding(wanted: Sharding, dim_map: dict[int, int]) -> Sharding:
+    placements = {axis: _moved(placement, dim_map) for axis, placement in wanted.items()}
+    return Sharding(tuple(placements), tuple(placements.values()))
+
+
+def _back_through_view(node, wanted: Sharding, mesh: MeshSpec) -> Sharding:
+    """The split of a view's input that gives its output the split ``wanted``. Only views that
+    split a stored dim into several are carried back: a block of the outer dim is a block of the
+    stored dim; a split of an inner dim is an interleaved split of the stored dim, one stripe per
+    outer index in the piece this axis receives (``placement.py``'s nesting)."""
+    from .rules.shape import view_groups
+
+    in_shape, out_shape = _shape_of(node.args[0]), _shape_of(node)
+    groups = view_groups(in_shape, out_shape)
+    axes = [axis for axis, _ in wanted.items()]
+    placements = {}
+    for axis, placement in wanted.items():
+        if not placement.is_shard():
+            placements[axis] = placement
+            continue
+        dim = placement.dim % len(out_shape)
+        in_dims, out_dims = next((i, o) for i, o in groups if dim in o)
+        if len(in_dims) != 1:
+            raise _NoLayout(f"{node.name} merges dims {in_dims} into the split dim {dim}")
+        position = out_dims.index(dim)
+        for other, other_placement in wanted.items():
+            outer_split = any(other_placement.is_shard(d) for d in out_dims[:position])
+            if other != axis and (outer_split and axes.index(other) > axes.index(axis)
+                                  or any(other_placement.is_shard(d) for d in out_dims[1:position + 1])):
+                raise _NoLayout(f"{node.name}: {wanted!r} nests its splits of {out_dims} inner first")
+        stripes = placement.stripes if isinstance(placement, InterleavedShard) else 1
+        if position == 0:
+            if out_shape[dim] % (_prior_sizes(wanted, axis, dim, mesh) * mesh.size(axis) * stripes):
+                raise PlanError(f"{axis}={mesh.size(axis)} does not divide dim {dim} (size {out_shape[dim]}) of the "
+                                f"view {list(out_shape)} that moe_experts reads: ranks would hold parts of experts")
+        else:
+            stripes *= out_shape[out_dims[0]] // _prior_sizes(wanted, axis, out_dims[0], mesh)
+            for d in out_dims[1:position]:
+                stripes *= out_shape[d]
+        placements[axis] = InterleavedShard(in_dims[0], stripes) if stripes > 1 else Shard(in_dims[0])
+    return Sharding(tuple(placements), tuple(placements.values()))
+
+
+def _back_through_cat(node, wanted: Sharding) -> Sharding:
+    pieces = node.args[0]
+    dim = (node.args[1] if len(node.args) > 1 else 0) % len(_shape_of(node))
+    if len({_shape_of(piece)[dim] for piece in pieces}) != 1:
+        raise _NoLayout(f"{node.name} joins pieces of different sizes")
+    placements = {}
+    for axis, placement in wanted.items():
+        if placement.is_shard(dim):
+            if not isinstance(placement, InterleavedShard) or placement.stripes % len(pieces):
+                raise _NoLayout(f"{node.name}: {placement!r} does not split its pieces alike")
+            stripes = placement.stripes // len(pieces)
+            placement = InterleavedShard(dim, stripes) if stripes > 1 else Shard(dim)
+        placements[axis] = placement
+    return Sharding(tuple(placements), tuple(placements.values()))
+
+
+def _layouts_behind(node, wanted: Sharding, mesh: MeshSpec, reshaped: bool, found: dict) -> None:
+    """Carry ``wanted`` (the split of ``node``'s value) back to the parameters it is a view of."""
+    from shardgraph import meta
+    from shardgraph.meta import InputKind
+
+    if node.op == "placeholder":
+        record = meta.graph_input(node)
+        if record is not None and record.kind is InputKind.PARAMETER and reshaped:
+            if found.get(record.name, wanted) != wanted:
+                raise PlanError(f"parameter {record.name!r} is read by moe_experts as {found[record.name]!r} and as "
+                                f"{wanted!r}")
+            found[record.name] = wanted
+        return
+    target = str(node.target) if node.op == "call_function" else ""
+    if target.startswith(_LAYOUT_CASTS):
+        _layouts_behind(node.args[0], wanted, mesh, reshaped, found)
+    elif target.startswith(_LAYOUT_PERMUTES):
+        _layouts_behind(node.args[0], _back_through_permute(node, wanted), mesh, True, found)
+    elif target.startswith(_LAYOUT_VIEWS):
+        reshaped = reshaped or _shape_of(node.args[0]) != _shape_of(node)
+        _layouts_behind(node.args[0], _back_through_view(node, wanted, mesh), mesh, reshaped, found)
+    elif target.startswith("aten.cat."):
+        for piece in node.args[0]:
+            _layouts_behind(piece, _back_through_cat(node, wanted), mesh, reshaped, found)
+    else:
+        raise _NoLayout(f"{node.name} ({target or node.op})")
+
+
+def expert_layout_shardings(graph_module, mesh: MeshSpec) -> dict[str, Sharding]:
+    """``{parameter: sharding}`` for the expert parameters that ``moe_experts`` reads through a
+    transpose or a reshape: the split its operand needs (``rules.moe.expert_weight_shardings``)
+    carried back to the stored dims. Parameters read as the operand itself, or through ops a
+    split cannot be carried back through (the stack of per-expert pieces), are not listed."""
+    from .rules.moe import moe_layout
+
+    found: dict[str, Sharding] = {}
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or str(node.target) != "shardgraph.moe_experts.default":
+            continue
+        interleaved = moe_layout(node)[0]
+        for position, wanted in zip((3, 4), expert_weight_shardings(mesh, interleaved)):
+            try:
+                _layouts_behind(node.args[position], wanted, mesh, False, found)
+            except _NoLayout:
+                continue
+            except PlanError as error:
+                from .rules.moe import _parameter_behind
+
+                raise PlanError(f"expert weight {_parameter_behind(node.args[position])!r} of {node.name}: "
+                                f"{error}") from None
+    return found
+
+
+def _with_expert_layouts(placements: dict[str, ParameterPlacement], shapes: Mapping[str, Sequence[int]],
+                         graph_module, mesh: MeshSpec) -> dict[str, ParameterPlacement]:
+    """Replace the style's split of every expert parameter stored in another layout than the op's."""
+    for name, sharding in expert_layout_shardings(graph_module, mesh).items():
+        placement = placements.get(name)
+        if placement is None or placement.style not in _EXPERT_STYLES:
+            continue  # a dense style on an expert weight is refused by the moe_experts rule, naming it
+        if placement.style == "expert_replicate":
+            sharding = Sharding.of(**{axis: p for axis, p in sharding.items() if axis != "etp"})
+        shape = tuple(shapes[name])
+        try:
+            local_shape(shape, sharding, mesh, name=f"parameter {name!r} ({placement.style}, stored as {shape})")
+        except ShardingError as error:
+            raise PlanError(str(error)) from None
+        placements[name] = dataclasses.replace(placement, sharding=sharding)
+    return placements

@@ -344,6 +344,8 @@ def _seed_decision(node: Node, record: GraphInput, state: _State, mesh: MeshSpec
                         f"seed: optimizer state {record.name!r} {why}")
     if record.kind is InputKind.SCALAR:
         return Decision(Sharding.replicate(), View.DENSE, (), f"seed: scalar {record.name!r} replicated")
+    if record.kind is InputKind.SEED:
+        return Decision(Sharding.replicate(), View.DENSE, (), "seed: the random draws' seed, replicated")
     raise PropagationError(f"placeholder {node.name} is a {record.kind.value}; propagation runs before any "
                            f"pass adds one")
 

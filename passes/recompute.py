@@ -17,9 +17,10 @@ Writes
       ``full``       nothing else: the whole layer is recomputed from its input.
     Copies carry the original's records (source line, module path) and the backward phase.
 Assumes
-    the forward is deterministic (the frontend refuses random ops), so a copy computes the
-    value it replaces; placement and lowering see the copies as ordinary ops, so collectives
-    inside a recomputed region are recomputed too.
+    the forward is deterministic (the frontend's random draws are functions of a threaded
+    generator state, ``shardgraph/ops/random.py``), so a copy computes the value it replaces;
+    placement and lowering see the copies as ordinary ops, so collectives inside a recomputed
+    region are recomputed too.
 
 Why: a layer's saved activations are most of a training step's memory at long sequences;
 recomputing them costs a second forward of the recomputed ops.

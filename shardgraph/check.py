@@ -30,18 +30,24 @@ def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
     return ((value - reference).norm() / reference.norm().clamp_min(1e-30)).item()
 
 
-def parity_errors(program, model: torch.nn.Module, inputs, loss_fn, learning_rate: float = 0.1):
+def parity_errors(program, model: torch.nn.Module, inputs, loss_fn, learning_rate: float = 0.1,
+                  seed: int | None = None):
     """Relative errors of the simulated program against ``model`` run eagerly; and the step result.
 
     Only trainable parameters (``program.gradient_names``) have gradients and take the SGD step;
-    frozen ones (``requires_grad=False``) are inputs that stay as they are.
+    frozen ones (``requires_grad=False``) are inputs that stay as they are. A program whose model
+    draws random numbers (a train-mode router) runs with ``seed`` (default 0), and the eager model
+    after ``torch.manual_seed(seed)``, so both draw the same numbers.
     """
     parameters = dict(model.named_parameters())
     trainable = list(program.gradient_names)
+    if getattr(program, "takes_seed", False):
+        seed = 0 if seed is None else seed
+        torch.manual_seed(seed)
     loss = loss_fn(model(*inputs), *inputs)
     gradients = dict(zip(trainable, torch.autograd.grad(loss, [parameters[name] for name in trainable])))
     full = {name: p.detach() for name, p in parameters.items()}
-    result = program.run_simulated(full, inputs)
+    result = program.run_simulated(full, inputs, seed=seed)
     gradient_errors = {name: _relative(result.gradients[name], g) for name, g in gradients.items()}
     weights_error = 0.0
     mesh = program.mesh

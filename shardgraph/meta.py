@@ -182,6 +182,7 @@ class InputKind(enum.Enum):
     OPTIMIZER_STATE = "optimizer state"  # one slot of a parameter's optimizer state (exp_avg, ...)
     SCALAR = "scalar"  # a per-step number every rank shares (the learning rate, the step count)
     COMMUNICATOR = "communicator"  # the rank's collectives, added by the add_communicator pass
+    SEED = "seed"  # the 0-d int64 seed of a step's random draws (shardgraph/ops/random.py), every rank the same
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,8 @@ class ShardedProgram:
         self.gradient_names = list(getattr(traced, "gradient_names", None) or traced.parameter_names)
         self.buffer_names = list(getattr(traced, "buffer_names", []))
         self.input_names = list(getattr(traced, "input_names", []))
+        # The model draws random numbers: every step takes a seed (shardgraph/ops/random.py).
+        self.takes_seed = bool(getattr(traced, "takes_seed", False))
         self.default_buffers: dict[str, torch.Tensor] = {}
         # The buffers a checkpoint holds: compile() keeps the model's persistent ones (a router's
         # expert_bias, not a rotary table); a program built from a traced graph keeps them all.
@@ -200,21 +202,30 @@ class ShardedProgram:
 
     # ------------------------------------------------------------------ execution
     def step(self, comm, parameters: Mapping[str, torch.Tensor], batch: Sequence[torch.Tensor],
-             buffers: Mapping[str, torch.Tensor] | None = None, graph=None):
+             buffers: Mapping[str, torch.Tensor] | None = None, graph=None, seed: int | None = None):
         """One rank's step on its local pieces: ``(loss, {name: local gradient})``.
 
         Without ``buffers`` the rank's pieces of the model's own (``default_buffers``) are used.
-        ``graph`` runs the lowered graph another way (a ``NonFiniteLocator``'s ``run``).
+        ``graph`` runs the lowered graph another way (a ``NonFiniteLocator``'s ``run``). A program
+        whose model draws random numbers (``takes_seed``) needs ``seed``, the same on every rank:
+        it draws what the model draws eagerly after ``torch.manual_seed(seed)``.
         """
         if buffers is None:
             rank = comm.rank if comm is not None else 0
             buffers = dict(zip(self.buffer_names, self._local_buffers(rank, self.default_buffers)))
         args = [parameters[n] for n in self.parameter_names] + [buffers[n] for n in self.buffer_names] + list(batch)
+        args += self._seed_input(seed)
         outputs = (graph if graph is not None else self.graph_module)(comm, *args)
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         if not getattr(self.traced, "has_loss", True):
             return outputs
         return outputs[0], dict(zip(self.gradient_names, outputs[1:]))
+
+    def _seed_input(self, seed) -> list[torch.Tensor]:
+        from .frontend.trace import seed_tensor
+
+        found = seed_tensor(seed, self.takes_seed, "the program")
+        return [] if found is None else [found]
 
     def _named_inputs(self, parameters, buffers, batch):
         """``(label, tensor)`` of every input of a step, for the non-finite checks."""
@@ -223,7 +234,8 @@ class ShardedProgram:
                 + [(f"batch input {n!r}", t) for n, t in zip(self.input_names, batch)])
 
     def run_simulated(self, parameters: Mapping[str, torch.Tensor], batch: Sequence[torch.Tensor],
-                      buffers: Mapping[str, torch.Tensor] | None = None, debug: bool | None = None) -> StepResult:
+                      buffers: Mapping[str, torch.Tensor] | None = None, debug: bool | None = None,
+                      seed: int | None = None) -> StepResult:
         """Every rank in one process, from full parameters and the global batch.
 
         Returns the loss (identical on every rank; checked) and full gradients rebuilt from the
@@ -231,8 +243,10 @@ class ShardedProgram:
         ``NonFiniteError`` naming the inputs that hold NaN or inf; with ``debug`` (default:
         ``SHARDGRAPH_DEBUG``) inputs are checked before the step and every rank runs the graph
         node by node, so the error names the rank, node and source line of the first NaN or inf.
+        ``seed``: see ``step``.
         """
         debug = debug_enabled(debug)
+        self._seed_input(seed)  # a missing or unexpected seed fails here, not on a rank's thread
         self.check_batch(batch, where="run_simulated")
         buffers = buffers if buffers is not None else self.default_buffers
         missing = [n for n in self.buffer_names if n not in buffers]
@@ -251,9 +265,9 @@ class ShardedProgram:
 
         def rank_step(comm, p, b, buf):
             if not debug:
-                return self.step(comm, p, b, buf)
+                return self.step(comm, p, b, buf, seed=seed)
             locators[comm.rank] = NonFiniteLocator(self.graph_module)
-            return self.step(comm, p, b, buf, graph=locators[comm.rank].run)
+            return self.step(comm, p, b, buf, graph=locators[comm.rank].run, seed=seed)
 
         results = simulator.run(rank_step, per_rank)
         losses = [r[0] for r in results]
@@ -320,7 +334,7 @@ class ShardedProgram:
         marked: set[int] = set()
 
         def step(parameters: Mapping[str, torch.Tensor], batch: Sequence[torch.Tensor],
-                 buffers: Mapping[str, torch.Tensor] | None = None):
+                 buffers: Mapping[str, torch.Tensor] | None = None, seed: int | None = None):
             buffers = self.default_buffers if buffers is None else buffers
             missing = [n for n in self.parameter_names if n not in parameters]
             missing += [n for n in self.buffer_names if n not in buffers]
@@ -334,14 +348,15 @@ class ShardedProgram:
                     if id(tensor) not in marked:
                         torch._dynamo.mark_static_address(tensor)
                         marked.add(id(tensor))
-            outputs = graph(None, *arguments, *batch)
+            outputs = graph(None, *arguments, *batch, *self._seed_input(seed))
             return outputs[0], dict(zip(self.gradient_names, outputs[1:]))
 
         return step
 
     def run(self, parameters_local: Mapping[str, torch.Tensor], batch_local: Sequence[torch.Tensor],
             buffers_local: Mapping[str, torch.Tensor] | None = None, communicator=None, *,
-            check: bool | None = None, debug: bool | None = None, compile: str | None = None):
+            check: bool | None = None, debug: bool | None = None, compile: str | None = None,
+            seed: int | None = None):
         """This rank's step under torch.distributed (initialised by torchrun or ``spawn_gloo``).
 
         ``batch_local`` is this rank's piece (``local_batch``); without ``buffers_local`` the
@@ -352,7 +367,7 @@ class ShardedProgram:
         ``NonFiniteError`` on every rank, naming the first node that produced one. ``debug`` must
         be the same on every rank: it adds collectives. ``compile="inductor"`` runs the step under
         ``torch.compile`` (compiled once per program and mode; the collectives are c10d ops that
-        dynamo traces and inductor lowers).
+        dynamo traces and inductor lowers). ``seed``: see ``step`` (the same on every rank).
         """
         if compile not in (None, "inductor"):
             raise ValueError(f"run: compile must be None or 'inductor', got {compile!r}")
@@ -367,9 +382,9 @@ class ShardedProgram:
             raise KeyError(f"run on rank {rank} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         self._check_first_step(communicator, parameters_local, buffers_local, check, debug)
         if debug:
-            return self._run_debug(communicator, parameters_local, batch_local, buffers_local)
+            return self._run_debug(communicator, parameters_local, batch_local, buffers_local, seed)
         graph = self._graph_under(compile) if compile is not None else self._eager_distributed_graph(communicator)
-        return self.step(communicator, parameters_local, batch_local, buffers_local, graph=graph)
+        return self.step(communicator, parameters_local, batch_local, buffers_local, graph=graph, seed=seed)
 
     def _eager_distributed_graph(self, communicator):
         """Under torch.distributed, eagerly: the program with its collectives' failures named
@@ -432,7 +447,7 @@ class ShardedProgram:
             raise ProgramMismatchError(f"rank {dist.get_rank()}: {found}")
         self._program_checked = True
 
-    def _run_debug(self, comm, parameters, batch, buffers):
+    def _run_debug(self, comm, parameters, batch, buffers, seed=None):
         """``step`` node by node; non-finite inputs, loss or gradients raise on every rank, named."""
         distributed = self._distributed(comm)
 
@@ -449,7 +464,7 @@ class ShardedProgram:
             lines = [f"rank {r}: {p}" for r, items in sorted(problems.items()) for p in items]
             raise NonFiniteError(f"rank {comm.rank}: inputs are not finite before the step:\n  " + "\n  ".join(lines))
         locator = NonFiniteLocator(self.graph_module)
-        loss, gradients = self.step(comm, parameters, batch, buffers, graph=locator.run)
+        loss, gradients = self.step(comm, parameters, batch, buffers, graph=locator.run, seed=seed)
         local = {"loss": bool(torch.isfinite(loss).all()),
                  "gradients": [n for n, g in gradients.items() if not bool(torch.isfinite(g).all())],
                  "first": locator.first}

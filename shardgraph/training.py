@@ -186,9 +186,11 @@ class TrainingProgram(ShardedProgram):
         return TrainState(parameters, optimizer, states[0].step)
 
     # ------------------------------------------------------------------ steps
-    def _arguments(self, state: TrainState, batch, buffers, scalars: tuple[torch.Tensor, torch.Tensor]) -> list:
+    def _arguments(self, state: TrainState, batch, buffers, scalars: tuple[torch.Tensor, torch.Tensor],
+                   seed: int | None = None) -> list:
         return ([state.parameters[n] for n in self.parameter_names] + [buffers[n] for n in self.buffer_names]
-                + list(batch) + [state.optimizer[n][slot] for n, slot in self.state_slots] + list(scalars))
+                + list(batch) + [state.optimizer[n][slot] for n, slot in self.state_slots] + list(scalars)
+                + self._seed_input(seed))
 
     def _scalars(self, state: TrainState, lr: float, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The learning rate and step number as float64 tensors on the state's device. ``shared``
@@ -257,7 +259,7 @@ class TrainingProgram(ShardedProgram):
 
     def train_step(self, state: TrainState, batch: Sequence[torch.Tensor], lr: float | None = None,
                    buffers: Mapping[str, torch.Tensor] | None = None, communicator=None, *,
-                   check: bool | None = None, compile: str | None = None):
+                   check: bool | None = None, compile: str | None = None, seed: int | None = None):
         """This rank's step under torch.distributed (or on one device with ``communicator=None`` at
         world=1): ``(loss, new state, {"grad_norm": ..., "lr": ...})``. ``batch`` is this rank's
         piece (``local_batch``). The first step runs ``run``'s guards (same program everywhere,
@@ -265,7 +267,8 @@ class TrainingProgram(ShardedProgram):
         ``donate_state`` (the default) writes the new state into ``state``'s tensors and marks
         ``state`` consumed: continue with the state it returns. ``compile="inductor"`` runs the
         step's graph under ``torch.compile`` (any world: the collectives are c10d ops): the update
-        fuses into a few kernels."""
+        fuses into a few kernels. A model that draws random numbers needs ``seed`` (the same on
+        every rank; a new one each step for new noise): see ``ShardedProgram.step``."""
         lr = self._learning_rate(lr)
         graph = self._graph(compile)
         if communicator is None and self.mesh.world > 1:
@@ -277,17 +280,19 @@ class TrainingProgram(ShardedProgram):
         buffers = self._rank_buffers(rank, buffers)
         if communicator is not None:
             self._check_first_step(communicator, state.parameters, buffers, check, debug_enabled(None))
-        outputs = graph(communicator, *self._arguments(state, batch, buffers, self._scalars(state, lr, shared=True)))
+        arguments = self._arguments(state, batch, buffers, self._scalars(state, lr, shared=True), seed)
+        outputs = graph(communicator, *arguments)
         self._consume(state)
         loss, new_state, metrics = self._result(state, outputs)
         metrics["lr"] = lr
         return loss, new_state, metrics
 
     def simulate_train_step(self, states: Sequence[TrainState], batch: Sequence[torch.Tensor], lr: float | None = None,
-                            buffers: Mapping[str, torch.Tensor] | None = None):
+                            buffers: Mapping[str, torch.Tensor] | None = None, seed: int | None = None):
         """Every rank's step in the simulator from the global batch: ``(loss, states, metrics)``;
-        the loss and metrics are checked identical on every rank."""
+        the loss and metrics are checked identical on every rank. ``seed``: see ``train_step``."""
         lr = self._learning_rate(lr)
+        self._seed_input(seed)
         if len(states) != self.mesh.world:
             raise StateError(f"simulate_train_step needs one state per rank ({self.mesh.world}), got {len(states)}")
         self.check_batch(batch, where="simulate_train_step")
@@ -303,7 +308,7 @@ class TrainingProgram(ShardedProgram):
         results = simulator.run(
             lambda comm, state, local_batch, local_buffers: self._result(
                 state, self.graph_module(comm, *self._arguments(state, local_batch, local_buffers,
-                                                                self._scalars(state, lr, shared=False)))),
+                                                                self._scalars(state, lr, shared=False), seed))),
             per_rank)
         for state in states:
             self._consume(state)

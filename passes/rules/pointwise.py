@@ -52,6 +52,9 @@ _POINTWISE = [
     # LayerNorm's decomposition divides with prims; routers clamp by a tensor bound; rotary
     # embeddings in complex form build and conjugate unit phasors.
     torch.ops.prims.div.default, aten.clamp.Tensor, aten._conj.default, aten.polar.default,
+    # Llama 4's attention temperature of positions without rotary embeddings; the backward of
+    # abs (DBRX normalises its top-k weights by their L1 norm).
+    aten.floor.default, aten.sgn.default,
 ]
 
 

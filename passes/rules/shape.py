@@ -66,6 +66,17 @@ def _prior_factor(ctx, axis, dim):
     return factor
 
 
+def _prior_are_blocks(ctx, axis, dim):
+    """Every axis before ``axis`` that splits input dim ``dim`` does so in plain blocks."""
+    for other in ctx.axes:
+        if other == axis:
+            return True
+        placement = ctx.input_shardings[0].placement(other)
+        if placement.is_shard(dim) and not isinstance(placement, Shard):
+            return False
+    return True
+
+
 def _view_candidate(ctx, axis, placement):
     in_shape = tuple(value_of(ctx.inputs[0]).shape)
     out_shape = ctx.output_shape
@@ -86,11 +97,11 @@ def _view_candidate(ctx, axis, placement):
             return None, f"view of dim {dim} (size {in_shape[dim]}) into {[out_shape[d] for d in out_dims]}: not a block split on {axis}={n}"
         if len(in_dims) == 1 and len(out_dims) == 1:
             return InterleavedShard(out_dims[0], placement.stripes), None
-        # The stripes count in the piece this axis receives: where major axes split the outer
-        # dim (dp on batch of a [batch * heads] dim), each of their pieces holds fewer stripes.
-        if (len(in_dims) == 1 and len(out_dims) == 2
-                and out_shape[out_dims[0]] == placement.stripes * _prior_factor(ctx, axis, dim)
-                and out_shape[out_dims[1]] % n == 0):
+        # Stripes count in the piece this axis receives: major axes that cut the dim in blocks
+        # (ep before etp on flattened experts) leave it out_shape[outer] / their sizes of them.
+        prior = _prior_factor(ctx, axis, dim)
+        if (len(in_dims) == 1 and len(out_dims) == 2 and out_shape[out_dims[0]] == placement.stripes * prior
+                and out_shape[out_dims[1]] % n == 0 and _prior_are_blocks(ctx, axis, dim)):
             return Shard(out_dims[1]), None
         return None, f"interleaved dim {dim} cannot be viewed as {[out_shape[d] for d in out_dims]}"
     return None, f"dim {dim} has no counterpart in the output shape"

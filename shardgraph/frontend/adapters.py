@@ -353,6 +353,241 @@ def _hf_fused_experts(path: str, module: nn.Module) -> _Recognised:
     return _Recognised("hf_fused_experts", forward)
 
 
+# ----------------------------------------------------------------------------- blocks checked by their own forward
+# The adapters below compute a block's forward in another order than the block does (routing
+# written out, weights read through views). Each is accepted only once the block's own forward,
+# run eagerly on a float64 copy and a probe, agrees with it; one verification per kind of block.
+_VERIFIED: dict[tuple, bool] = {}
+
+
+def _settings_key(*holders) -> tuple:
+    """Scalar attributes of ``holders`` (and their configs): blocks that agree on them compute alike."""
+    items = []
+    for holder in holders:
+        for owner in (holder, getattr(holder, "config", None)):
+            if owner is not None:
+                items += [(type(owner).__name__, name, value) for name, value in vars(owner).items()
+                          if isinstance(value, (bool, int, float, str, type(None)))]
+    return tuple(sorted(items, key=repr))
+
+
+def _verify_own_forward(path: str, block: nn.Module, make_forward: Callable[[nn.Module], Callable], probe_shape,
+                        what: str) -> None:
+    """Refuse ``block`` unless ``make_forward(copy)(probe)`` equals the class's own forward on a
+    float64 copy (outputs compared leaf by leaf)."""
+    key = (type(block), tuple((n, tuple(p.shape)) for n, p in block.named_parameters()), _settings_key(block),
+           tuple(probe_shape))
+    if key in _VERIFIED:
+        return
+    twin = _verification_copy(block)
+    probe = torch.randn(*probe_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        try:
+            expected = type(twin).forward(twin, probe)
+        except Exception as error:  # noqa: BLE001 - a forward that cannot run on a probe is not recognised
+            raise AdapterError(f"{path}: {type(block).__name__} looks like {what} but its forward cannot run on a "
+                               f"probe {list(probe_shape)} ({type(error).__name__}: {error}); register the class "
+                               f"with register_experts") from None
+        result = make_forward(twin)(probe)
+    expected_leaves = expected if isinstance(expected, (tuple, list)) else (expected,)
+    result_leaves = result if isinstance(result, (tuple, list)) else (result,)
+    same = len(expected_leaves) == len(result_leaves) and all(
+        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+        and torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(expected_leaves, result_leaves))
+    if not same:
+        raise AdapterError(f"{path}: {type(block).__name__} looks like {what} but its own forward does not compute "
+                           f"what shardgraph would trace for it (checked on a float64 probe); register the class "
+                           f"with register_experts")
+    _VERIFIED[key] = True
+
+
+def _is_llama4_block(module: nn.Module) -> bool:
+    experts = getattr(module, "experts", None)
+    return (isinstance(experts, nn.Module) and callable(getattr(module, "router", None))
+            and _parameter(experts, "gate_up_proj", 3) is not None and _parameter(experts, "down_proj", 3) is not None
+            and _positional_arity(experts.forward) == 1)
+
+
+def _llama4_block(path: str, block: nn.Module) -> _Recognised:
+    """Llama 4's MoE block (``Llama4TextMoe``): experts ``gate_up_proj [E, H, 2I]`` and
+    ``down_proj [E, I, H]`` (``x @ gate_up_proj[e]``, the transposes of moe_experts' operands), a
+    router returning ``(scores [T, E], logits [T, E])`` with ``scores = sigmoid`` of the top-k
+    logits and 0 elsewhere, and a shared expert. The block multiplies each expert's *input* by
+    its score: ``sum_e expert_e(x * score_e)`` (an expert of a zero input is zero). Scaling a
+    gated MLP's input is not scaling its output, so each (token, slot) becomes its own row
+    ``x * score`` with weight 1: ``moe_experts`` then computes exactly the block's sum."""
+    experts = block.experts
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    count, hidden, two_intermediate = gate_up.shape
+    if two_intermediate % 2 or tuple(down.shape) != (count, two_intermediate // 2, hidden):
+        raise AdapterError(f"{path}.experts: gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} "
+                           f"are not [E, H, 2I] and [E, I, H]")
+    top_k = getattr(block, "top_k", None) or getattr(block.router, "top_k", None)
+    if not isinstance(top_k, int) or not 0 < top_k <= count:
+        raise AdapterError(f"{path}: {type(block).__name__} has no top_k between 1 and {count}")
+    if not hasattr(experts, "act_fn"):
+        raise AdapterError(f"{path}.experts: no act_fn; register the block with register_experts")
+    activation = identify_activation(experts.act_fn, f"{path}.experts.act_fn")
+
+    def make_forward(module: nn.Module):
+        def forward(hidden_states, *args, **kwargs):
+            tokens = hidden_states.reshape(-1, hidden)
+            scores, logits = module.router(tokens)
+            ids = torch.topk(logits, top_k, dim=1).indices  # the router's own choice
+            chosen = scores.gather(1, ids).to(tokens.dtype)
+            rows = (tokens.unsqueeze(1) * chosen.unsqueeze(-1)).reshape(-1, hidden)  # one per (token, slot)
+            ones = torch.ones_like(chosen).reshape(-1, 1)
+            # Contiguous operands: the lowered kernels return contiguous weight gradients, and
+            # the graph's views of them were traced with the strides the operands had.
+            out = torch.ops.shardgraph.moe_experts(rows, ids.reshape(-1, 1), ones,
+                                                   module.experts.gate_up_proj.transpose(1, 2).contiguous(),
+                                                   module.experts.down_proj.transpose(1, 2).contiguous(), activation)
+            out = out.reshape(-1, top_k, hidden).sum(dim=1)
+            shared = getattr(module, "shared_expert", None)
+            if shared is not None:
+                out = shared(tokens) + out
+            return out, logits
+        return forward
+
+    _verify_own_forward(path, block, make_forward, (2, 6, hidden), "a Llama 4 MoE block (router, experts "
+                        "[E, H, 2I] / [E, I, H], routing scores applied to the expert inputs)")
+    return _Recognised("llama4_moe_block", make_forward(block), covers_children=True)
+
+
+def _flat_expert_mlp(module: nn.Module) -> nn.Module | None:
+    """DBRX's layout: ``mlp`` (or the module itself) holding 2-d ``w1``, ``v1``, ``w2`` of one shape
+    ``[E * I, H]``, the experts' gate, up and (transposed) down stacked along dim 0."""
+    for holder in (getattr(module, "mlp", None), module):
+        if isinstance(holder, nn.Module):
+            weights = [_parameter(holder, name, 2) for name in ("w1", "v1", "w2")]
+            if all(w is not None for w in weights) and len({tuple(w.shape) for w in weights}) == 1:
+                return holder
+    return None
+
+
+def _flat_experts(path: str, module: nn.Module) -> _Recognised:
+    """DBRX's experts (``DbrxExperts``): ``forward(hidden_states, top_k_index, top_k_weights)``
+    over ``w1``, ``v1``, ``w2`` stored ``[E * I, H]``; expert ``e`` computes
+    ``act(x w1[e]^T) * (x v1[e]^T) @ w2[e]`` with ``w[e]`` the ``[I, H]`` rows ``e*I .. (e+1)*I-1``.
+    moe_experts reads views: ``cat([w1.view(E, I, H), v1.view(E, I, H)], 1)`` and
+    ``w2.view(E, I, H).transpose(1, 2)``; the plan holds the stored parameters split by whole
+    experts over ep (``passes/plan.py``, stored layouts)."""
+    mlp = _flat_expert_mlp(module)
+    rows, hidden = mlp.w1.shape
+    count = next((getattr(holder, name) for holder in (module, mlp) for name in ("num_experts", "moe_num_experts")
+                  if isinstance(getattr(holder, name, None), int)), None)
+    if count is None or count <= 0 or rows % count:
+        raise AdapterError(f"{path}: w1/v1/w2 {tuple(mlp.w1.shape)} store experts flattened, but the module names no "
+                           f"number of experts (num_experts) that divides {rows}")
+    intermediate = rows // count
+    act_fn = next((getattr(mlp, n) for n in ("activation_fn", *_ACTIVATION_NAMES) if callable(getattr(mlp, n, None))),
+                  None)
+    if act_fn is None:
+        raise AdapterError(f"{path}: flattened experts without an activation; register the class with register_experts")
+    activation = identify_activation(act_fn, f"{path}.activation")
+
+    def make_forward(experts: nn.Module):
+        weights = _flat_expert_mlp(experts)
+
+        def forward(hidden_states, top_k_index, top_k_weights):
+            tokens = hidden_states.reshape(-1, hidden)
+            shape = (count, intermediate, hidden)
+            gate_up = torch.cat([weights.w1.view(shape), weights.v1.view(shape)], dim=1)
+            down = weights.w2.view(shape).transpose(1, 2).contiguous()  # as in the Llama 4 block
+            out = torch.ops.shardgraph.moe_experts(tokens, top_k_index, top_k_weights.to(tokens.dtype), gate_up,
+                                                   down, activation)
+            return out.view(*hidden_states.shape[:-1], hidden) if hidden_states.dim() > 1 else out
+        return forward
+
+    _verify_flat(path, module, make_forward, hidden, count)
+    return _Recognised("flat_experts", make_forward(module), covers_children=True)
+
+
+def _verify_flat(path: str, module: nn.Module, make_forward, hidden: int, count: int) -> None:
+    """The module's own forward against the adapter's, on a float64 copy with a fixed routing
+    that reaches every expert."""
+    key = (type(module), tuple((n, tuple(p.shape)) for n, p in module.named_parameters()), _settings_key(module))
+    if key in _VERIFIED:
+        return
+    twin = _verification_copy(module)
+    ids = torch.arange(12).remainder(count).reshape(6, 2) if count > 1 else torch.zeros(6, 1, dtype=torch.long)
+    weights = torch.rand(ids.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    probe = torch.randn(1, 6, hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        try:
+            expected = type(twin).forward(twin, probe, ids, weights)
+        except Exception as error:  # noqa: BLE001 - a forward that cannot run on a probe is not recognised
+            raise AdapterError(f"{path}: {type(module).__name__} stores experts flattened but its forward cannot run "
+                               f"on a probe ({type(error).__name__}: {error}); register the class with "
+                               f"register_experts") from None
+        result = make_forward(twin)(probe, ids, weights)
+    if not (isinstance(expected, torch.Tensor) and expected.shape == result.shape
+            and torch.allclose(expected, result, rtol=1e-9, atol=1e-12)):
+        raise AdapterError(f"{path}: {type(module).__name__} stores w1/v1/w2 flattened but does not compute "
+                           f"act(x w1[e]^T) * (x v1[e]^T) @ w2[e] weighted by top_k_weights (checked on a float64 "
+                           f"probe); register the class with register_experts")
+    _VERIFIED[key] = True
+
+
+def _parallel_weight(module: nn.Module, name: str) -> torch.Tensor | None:
+    child = getattr(module, name, None)
+    return _parameter(child, "weight", 3) if isinstance(child, nn.Module) else None
+
+
+def _is_parallel_experts_block(module: nn.Module) -> bool:
+    """JetMoE's layout: a ``router`` with a ``layer`` Linear, and ``input_linear`` /
+    ``output_linear`` modules holding 3-d ``weight`` ``[E, out, in]``."""
+    router = getattr(module, "router", None)
+    return (isinstance(router, nn.Module) and isinstance(getattr(router, "layer", None), nn.Linear)
+            and _parallel_weight(module, "input_linear") is not None
+            and _parallel_weight(module, "output_linear") is not None)
+
+
+def _parallel_experts_block(path: str, block: nn.Module) -> _Recognised:
+    """JetMoE's MoE MLP (``JetMoeMoE``): ``input_linear.weight [E, 2I, H]`` (gate rows, then up
+    rows: ``chunk(2)`` of the product), ``output_linear.weight [E, H, I]``, the router
+    ``topk`` of the float32 logits, ``softmax`` over the chosen ones, and a bias ``[H]`` added to
+    the block's output. Its mixture-of-attention-heads twin (``JetMoeMoA``: the same weights
+    around attention, called through ``map`` / ``reduce``) computes no gated MLP and is refused."""
+    if callable(getattr(block, "map", None)) and callable(getattr(block, "reduce", None)):
+        raise AdapterError(
+            f"{path}: {type(block).__name__} is a mixture of attention heads (per-expert query projections routed "
+            f"before attention, per-expert output projections after it, called through map/reduce); moe_experts "
+            f"computes a routed gated MLP, and shardgraph does not support routed attention projections")
+    gate_up, down = block.input_linear.weight, block.output_linear.weight
+    count, two_intermediate, hidden = gate_up.shape
+    if two_intermediate % 2 or tuple(down.shape) != (count, hidden, two_intermediate // 2):
+        raise AdapterError(f"{path}: input_linear {tuple(gate_up.shape)} and output_linear {tuple(down.shape)} are not "
+                           f"[E, 2I, H] and [E, H, I]")
+    router = block.router
+    top_k = getattr(router, "top_k", None)
+    if not isinstance(top_k, int) or not 0 < top_k <= count or router.layer.out_features != count:
+        raise AdapterError(f"{path}.router: expected a Linear to {count} logits and a top_k between 1 and {count}")
+    act_fn = next((getattr(block, n) for n in _ACTIVATION_NAMES if callable(getattr(block, n, None))), None)
+    if act_fn is None:
+        raise AdapterError(f"{path}: no activation; register the class with register_experts")
+    activation = identify_activation(act_fn, f"{path}.activation")
+    bias = getattr(block, "bias", None)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (hidden,)):
+        raise AdapterError(f"{path}: a bias of shape {tuple(bias.shape)} is not [hidden={hidden}]")
+
+    def make_forward(module: nn.Module):
+        def forward(layer_input, *args, **kwargs):
+            tokens = layer_input.reshape(-1, hidden)
+            logits = module.router.layer(tokens).float()
+            top_logits, ids = logits.topk(top_k, dim=1)
+            gates = torch.softmax(top_logits, dim=1).type_as(tokens)
+            out = torch.ops.shardgraph.moe_experts(tokens, ids, gates, module.input_linear.weight,
+                                                   module.output_linear.weight, activation)
+            out = out.view(*layer_input.shape[:-1], hidden)
+            return out + module.bias if getattr(module, "bias", None) is not None else out
+        return forward
+
+    _verify_own_forward(path, block, make_forward, (2, 6, hidden), "a JetMoE MoE block (router.layer, input_linear "
+                        "[E, 2I, H], output_linear [E, H, I])")
+    return _Recognised("parallel_experts_block", make_forward(block), covers_children=True)
+
+
 # ----------------------------------------------------------------------------- per-expert MLP modules
 # Linear layer names of one expert MLP: (gate, up, down).
 _MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
@@ -604,6 +839,12 @@ def _recognise(path: str, module: nn.Module) -> _Recognised | None:
             user_adapter = _REGISTERED[cls]
             return _Recognised(f"registered:{cls.__qualname__}",
                                lambda *args, **kwargs: user_adapter(module, *args, **kwargs), covers_children=True)
+    if _is_llama4_block(module):
+        return _llama4_block(path, module)
+    if _is_parallel_experts_block(module):
+        return _parallel_experts_block(path, module)
+    if _flat_expert_mlp(module) is not None and _positional_arity(module.forward) == 3:
+        return _flat_experts(path, module)
     experts = getattr(module, "experts", None)
     if (isinstance(experts, nn.Module) and hasattr(module, "router") and _has_grouped_weights(experts)
             and _positional_arity(experts.forward) == 2):

@@ -27,7 +27,10 @@ Then, in order:
    mutations through views right (``x[:, 0] = 0`` becomes ``select_scatter``). Node metadata
    (source lines, module stack) is carried over. A graph that would mutate a parameter, buffer
    or batch tensor is refused with the node's source line.
-   Random ops (dropout, noise) are refused the same way: a traced step is deterministic.
+   Random ops (a router's noise or sampling, dropout) then draw from a generator state threaded
+   through the graph from a ``seed`` input (``shardgraph/ops/random.py``), in the eager run's
+   order, so the step stays a pure function and draws what the model draws eagerly after
+   ``torch.manual_seed(seed)``; random ops it cannot seed are refused with their source line.
 2. ``detach`` and ``alias`` nodes (identities once autograd is gone) and dead code are removed.
 3. Placeholders are named after the parameter / buffer FQNs and the forward's argument names
    and labelled with a ``meta.GraphInput`` record; every op is marked forward or backward
@@ -126,9 +129,14 @@ class TracedGraph:
     clip_grad_norm: float | None = None
     state_slots: list[tuple[str, str]] = field(default_factory=list)
     compute_dtype: torch.dtype | None = None
+    # The model draws random numbers (a router's jitter or sampling): the graph takes a seed as
+    # its last input (``shardgraph/ops/random.py``).
+    takes_seed: bool = False
 
-    def arguments(self, model_or_state: nn.Module | Mapping[str, torch.Tensor], *inputs) -> list[torch.Tensor]:
-        """The graph's positional arguments: parameters, buffers, then ``inputs``."""
+    def arguments(self, model_or_state: nn.Module | Mapping[str, torch.Tensor], *inputs,
+                  seed: int | None = None) -> list[torch.Tensor]:
+        """The graph's positional arguments: parameters, buffers, then ``inputs`` (and the
+        ``seed`` of a graph that draws random numbers)."""
         if len(inputs) != len(self.input_names):
             raise TypeError(f"the graph takes {len(self.input_names)} batch tensors {self.input_names}, "
                             f"got {len(inputs)}")
@@ -146,14 +154,31 @@ class TracedGraph:
             if tuple(state[name].shape) != self.parameter_shapes[name]:
                 raise ValueError(f"parameter {name} has shape {tuple(state[name].shape)}; the graph was traced with "
                                  f"{self.parameter_shapes[name]}")
-        return [state[n].detach() for n in self.parameter_names + self.buffer_names] + list(inputs)
+        found = [state[n].detach() for n in self.parameter_names + self.buffer_names] + list(inputs)
+        seed_input = seed_tensor(seed, self.takes_seed, "the traced graph")
+        return found if seed_input is None else found + [seed_input]
 
-    def run(self, model_or_state: nn.Module | Mapping[str, torch.Tensor], *inputs):
-        """Run the graph eagerly: ``(loss, {parameter name: gradient})``, or the forward outputs."""
-        outputs = self.graph_module(*self.arguments(model_or_state, *inputs))
+    def run(self, model_or_state: nn.Module | Mapping[str, torch.Tensor], *inputs, seed: int | None = None):
+        """Run the graph eagerly: ``(loss, {parameter name: gradient})``, or the forward outputs.
+        A graph that draws random numbers draws what the model does after ``torch.manual_seed(seed)``."""
+        outputs = self.graph_module(*self.arguments(model_or_state, *inputs, seed=seed))
         if not self.has_loss:
             return tuple(outputs)
         return outputs[0], dict(zip(self.gradient_names, outputs[1:]))
+
+
+def seed_tensor(seed: int | None, takes_seed: bool, what: str) -> torch.Tensor | None:
+    """The seed input of a graph that draws random numbers (None for one that does not)."""
+    if not takes_seed:
+        if seed is not None:
+            raise TypeError(f"{what} draws no random numbers; it takes no seed")
+        return None
+    if isinstance(seed, torch.Tensor) and seed.dim() == 0 and not seed.is_floating_point():
+        seed = int(seed)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{what} draws random numbers (a router's noise or sampling): pass seed=<int>; the "
+                        f"numbers are those the model draws eagerly after torch.manual_seed(seed), got {seed!r}")
+    return torch.tensor(seed, dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------- error messages
@@ -241,14 +266,108 @@ def _refuse_input_mutation(gm: GraphModule, labels: list[tuple[str, str]]) -> No
                 )
 
 
-def _refuse_random_ops(gm: GraphModule) -> None:
-    for node in gm.graph.nodes:
-        tags = getattr(node.target, "tags", ()) if node.op == "call_function" else ()
-        if torch.Tag.nondeterministic_seeded in tags:
-            raise TraceError(
-                f"module '{_module_of(node)}' at {meta.source_line(node)} draws random numbers ({node.target}); a traced "
-                f"step must be deterministic: set dropout and noise to 0 or call model.eval()"
-            )
+# ----------------------------------------------------------------------------- seeded random numbers
+# Random ops, by their functional form (in-place draws such as ``exponential_`` are functional
+# by the time they are seeded): ``(distribution, a, b)`` from the normalised arguments.
+_SEEDED_DRAWS: dict = {
+    aten.rand_like.default: lambda kw: ("uniform", 0.0, 1.0),
+    aten.rand.default: lambda kw: ("uniform", 0.0, 1.0),
+    aten.randn_like.default: lambda kw: ("normal", 0.0, 1.0),
+    aten.randn.default: lambda kw: ("normal", 0.0, 1.0),
+    aten.uniform.default: lambda kw: ("uniform", float(kw.get("from", 0.0)), float(kw.get("to", 1.0))),
+    aten.exponential.default: lambda kw: ("exponential", float(kw.get("lambd", 1.0)), 0.0),
+    aten.normal_functional.default: lambda kw: ("normal", float(kw.get("mean", 0.0)), float(kw.get("std", 1.0))),
+    aten.bernoulli.p: lambda kw: ("bernoulli", float(kw.get("p", 0.5)), 0.0),
+}
+
+
+def _is_random(node: Node) -> bool:
+    tags = getattr(node.target, "tags", ()) if node.op == "call_function" else ()
+    return torch.Tag.nondeterministic_seeded in tags
+
+
+class _SeededReplay(torch.fx.Interpreter):
+    """Replays a graph with every random op drawn from a generator state threaded through the
+    graph from ``seed`` (``shardgraph/ops/random.py``): ``random_state(seed)`` before the first
+    draw, ``random_draw(state, ...)`` for each, in the graph's (the eager run's) order."""
+
+    def __init__(self, gm: GraphModule, seed):
+        super().__init__(gm)
+        self.seed, self.state, self.device, self.node = seed, None, None, None
+
+    def run_node(self, node):
+        self.node = node
+        return super().run_node(node)
+
+    def _refuse(self, why: str):
+        node = self.node
+        raise TraceError(f"module '{_module_of(node)}' at {meta.source_line(node)} draws random numbers "
+                         f"({node.target}) {why}")
+
+    def call_function(self, target, args, kwargs):
+        if not _is_random(self.node):
+            return super().call_function(target, args, kwargs)
+        if target not in _SEEDED_DRAWS:
+            self._refuse("that shardgraph does not seed (it seeds rand, randn, their _like forms, uniform_, "
+                         "exponential_, normal_ and bernoulli_ with a probability); set dropout and noise to 0 or "
+                         "call model.eval()")
+        from torch.fx.operator_schemas import normalize_function
+
+        found = normalize_function(target, tuple(args), dict(kwargs), normalize_to_only_use_kwargs=True)
+        named = found.kwargs if found is not None else dict(kwargs)
+        if named.get("generator") is not None:
+            self._refuse("from a generator of its own; the program seeds the default generator only")
+        like = named.get("self", named.get("input"))
+        shape = list(like.shape) if isinstance(like, torch.Tensor) else list(named["size"])
+        dtype = named.get("dtype") or (like.dtype if isinstance(like, torch.Tensor) else torch.get_default_dtype())
+        device = torch.device(named.get("device") or (like.device if isinstance(like, torch.Tensor) else "cpu"))
+        if self.state is None:
+            self.device = device
+            self.state = torch.ops.shardgraph.random_state(self.seed, device)
+        elif device != self.device:
+            self._refuse(f"on {device} after drawing on {self.device}; one program seeds one device's generator")
+        distribution, a, b = _SEEDED_DRAWS[target](named)
+        values, self.state = torch.ops.shardgraph.random_draw(self.state, distribution, shape, dtype, device, a, b)
+        return values
+
+
+def _seed_random_ops(gm: GraphModule) -> tuple[GraphModule, bool]:
+    """``gm`` with its random ops drawn from a ``seed`` input (a 0-d int64 tensor, the last
+    placeholder), and whether it draws any. A traced step stays a pure function of its inputs."""
+    if not any(_is_random(node) for node in gm.graph.nodes):
+        return gm, False
+    import shardgraph.ops  # noqa: F401 - registers shardgraph::random_state / random_draw
+
+    values = [meta.value(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    fake_mode = next((v.fake_mode for v in values if hasattr(v, "fake_mode")), None) or FakeTensorMode()
+    with fake_mode:
+        seed = torch.zeros((), dtype=torch.int64)
+
+    def replay(*args):
+        return _SeededReplay(gm, args[-1]).run(*args[:-1])
+
+    with fx_traceback.preserve_node_meta():
+        seeded = make_fx(replay, tracing_mode="fake", record_module_stack=True)(*values, seed)
+    return seeded, True
+
+
+def _broadcast_in_dim(value: torch.Tensor, shape, broadcast_dimensions) -> torch.Tensor:
+    """``prims.broadcast_in_dim`` as aten ``unsqueeze`` + ``expand`` (the same view)."""
+    for dim in range(len(shape)):
+        if dim not in broadcast_dimensions:
+            value = value.unsqueeze(dim)
+    return value.expand(shape)
+
+
+class _FunctionalReplay(torch.fx.Interpreter):
+    """Replays a graph under ``functionalize``, which refuses custom ops whose output aliases an
+    input: the one the decompositions emit (``prims.broadcast_in_dim``, from LayerNorm's
+    ``var_mean``) is replayed as the aten views it stands for."""
+
+    def call_function(self, target, args, kwargs):
+        if target is torch.ops.prims.broadcast_in_dim.default:
+            return _broadcast_in_dim(*args, **kwargs)
+        return super().call_function(target, args, kwargs)
 
 
 def _functionalize(gm: GraphModule) -> GraphModule:
@@ -256,7 +375,7 @@ def _functionalize(gm: GraphModule) -> GraphModule:
     values = [meta.value(n) for n in gm.graph.nodes if n.op == "placeholder"]
 
     def replay(*args):
-        return torch.fx.Interpreter(gm).run(*args)
+        return _FunctionalReplay(gm).run(*args)
 
     with fx_traceback.preserve_node_meta():
         functional = make_fx(functionalize(replay, remove="mutations"), tracing_mode="fake",
@@ -378,11 +497,13 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
     gm, expert_modules = _make_joint_graph(model, step, parameters, buffers, example_inputs, trainable, slots,
                                            optimizer is not None, reuse_layers)
 
-    _refuse_random_ops(gm)
     labels = _labels(parameters, buffers, names, slots, optimizer is not None)
     if any(_is_mutating(n) for n in gm.graph.nodes):
         _refuse_input_mutation(gm, labels)
         gm = _functionalize(gm)
+    gm, draws_random = _seed_random_ops(gm)
+    if draws_random:
+        labels.append(("seed", "seed"))
     _drop_identities(gm)
     _label_placeholders(gm, labels, {f"{n}:{slot}": n for n, slot in slots})
     roles = _roles(step)
@@ -406,6 +527,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
         clip_grad_norm=clip_grad_norm,
         state_slots=slots,
         compute_dtype=compute_dtype,
+        takes_seed=draws_random,
     )
 
 

@@ -11,6 +11,7 @@ from .moe import (
     moe_experts_backward,
     moe_experts_reference,
 )
+from .random import random_draw, random_state
 
 __all__ = [
     "attention",
@@ -23,4 +24,6 @@ __all__ = [
     "moe_experts",
     "moe_experts_backward",
     "moe_experts_reference",
+    "random_draw",
+    "random_state",
 ]

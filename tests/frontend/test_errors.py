@@ -116,7 +116,7 @@ def test_errors_inside_the_loss_function_name_it_and_its_line():
     assert message.startswith(f"cannot trace loss_fn at {__file__}:{line_of('if out.max() > 0 else')}")
 
 
-def test_random_ops_in_training_mode_are_refused_and_eval_mode_traces():
+def test_random_ops_in_training_mode_draw_from_a_seed_input_and_eval_mode_traces_without():
     class Noisy(nn.Module):
         def __init__(self):
             super().__init__()
@@ -127,11 +127,14 @@ def test_random_ops_in_training_mode_are_refused_and_eval_mode_traces():
             return self.dropout(self.proj(x))
 
     model = Wrapper(Noisy())
-    message = trace_error(model)
-    assert message.startswith("module 'block.dropout' at ")
-    assert f"{THIS_FILE}:{line_of('return self.dropout(self.proj(x))')}" in message
-    assert "draws random numbers (aten.bernoulli" in message
-    trace(model.eval(), (torch.randn(2, 4),), square_loss)
+    x = torch.randn(2, 4)
+    traced = trace(model, (x,), square_loss)
+    assert traced.takes_seed
+    assert [n.name for n in traced.graph_module.graph.nodes if n.op == "placeholder"][-1] == "seed"
+    torch.manual_seed(4)
+    expected = square_loss(model(x), x)
+    assert torch.equal(traced.run(model, x, seed=4)[0], expected.detach())
+    assert not trace(model.eval(), (x,), square_loss).takes_seed
 
 
 def test_attention_dropout_is_refused():

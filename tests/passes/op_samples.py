@@ -92,7 +92,8 @@ class _Maker:
 _UNARY = [aten.neg.default, aten.abs.default, aten.exp.default, aten.expm1.default, aten.sin.default,
           aten.cos.default, aten.tanh.default, aten.sigmoid.default, aten.silu.default, aten.gelu.default,
           aten.relu.default, aten.erf.default, aten.sign.default, aten.clone.default, aten.alias.default,
-          aten.detach.default, aten.lift_fresh_copy.default, aten.contiguous.default, aten.reciprocal.default]
+          aten.detach.default, aten.lift_fresh_copy.default, aten.contiguous.default, aten.reciprocal.default,
+          aten.floor.default, aten.sgn.default]
 _POSITIVE_UNARY = [aten.log.default, aten.log1p.default, aten.sqrt.default, aten.rsqrt.default]
 _POSITIVE_WITH_SCALAR = [aten.pow.Tensor_Scalar]  # a negative base to the power 0.7 is nan
 _BINARY = [aten.add.Tensor, aten.sub.Tensor, aten.rsub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.maximum.default,
@@ -350,8 +351,18 @@ def _sequence_mixers(m: _Maker) -> list[Sample]:
             Sample(aten.polar.default, (m.pos(8, 16), m.f(8, 16)))]
 
 
+def _random_draws(m: _Maker) -> list[Sample]:
+    """The seeded random ops a train-mode router becomes (``shardgraph/ops/random.py``)."""
+    cpu = torch.device("cpu")
+    state = torch.ops.shardgraph.random_state(torch.tensor(7), cpu)
+    draw = torch.ops.shardgraph.random_draw.default
+    return [Sample(torch.ops.shardgraph.random_state.default, (torch.tensor(7), cpu)),
+            Sample(draw, (state, "uniform", [8, 16], F64, cpu, -1.0, 1.0)),
+            Sample(draw, (state, "exponential", [8, 4], F64, cpu, 1.0, 0.0))]
+
+
 def samples(seed: int = 0) -> list[Sample]:
     """Every sample, in a fixed order, from one seeded generator."""
     m = _Maker(seed)
     return [*_pointwise(m), *_factories(m), *_matmul(m), *_reductions(m), *_shapes(m), *_indexing(m), *_loss(m),
-            *_attention(m), *_sequence_mixers(m)]
+            *_attention(m), *_sequence_mixers(m), *_random_draws(m)]

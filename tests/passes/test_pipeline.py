@@ -16,7 +16,7 @@ def _traced():
 
 def test_the_pipeline_lists_every_pass_in_order():
     assert [p.name for p in PIPELINE] == ["decompose_loss", "recompute", "gather_parameters", "pad_parameters", "propagate",
-                                         "add_communicator", "lower_redistribute", "exact_partial_reductions",
+                                         "check_random_draws", "add_communicator", "lower_redistribute", "exact_partial_reductions",
                                          "lower_localize", "lower_moe", "fuse_linear_cross_entropy",
                                          "bucket_gradient_sync", "cast_gradient_reductions", "schedule_gradient_sync",
                                          "lower_collectives", "schedule_collectives", "donate_state"]
