@@ -45,6 +45,31 @@ from kernels import grouped_gemm, grouped_gemm_pingpong  # noqa: E402
 from kernels.grouped_gemm import launch_counts, triton_grouped_mm, triton_grouped_mm_wgrad  # noqa: E402
 
 SHAPES = [(384, 2048), (2048, 192), (1536, 2048), (2048, 768)]
+# Large-K and wide-N shapes: DeepSeek-V3's gate/up (N = 2I = 4096, K = H = 7168) and down
+# (N = H = 7168, K = I = 2048) experts, GPT-OSS's gate/up (N = 5760, K = 2880). ``--shapes large``.
+LARGE_SHAPES = [(4096, 7168), (7168, 2048), (5760, 2880)]
+
+
+def parse_shapes(text: str | None) -> list[tuple[int, int]]:
+    """``None`` -> SHAPES; ``large`` -> LARGE_SHAPES; ``N:K,N:K`` -> those."""
+    if not text:
+        return SHAPES
+    if text == "large":
+        return LARGE_SHAPES
+    try:
+        return [tuple(int(v) for v in part.split(":")) for part in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--shapes {text!r}: expected 'large' or N:K pairs such as 4096:7168,7168:2048") from None
+
+
+def select_distributions(text: str | None) -> dict:
+    cases = distributions()
+    if not text:
+        return cases
+    unknown = [name for name in text.split(",") if name not in cases]
+    if unknown:
+        raise SystemExit(f"--distributions: unknown {unknown}; known: {', '.join(cases)}")
+    return {name: cases[name] for name in text.split(",")}
 FAILURES: list = []  # correctness failures on timed shapes: reported, and the run exits non-zero
 TUNED_KERNELS = (grouped_gemm._grouped_product_tma_kernel, grouped_gemm._grouped_product_kernel,
                  grouped_gemm._grouped_wgrad_tma_kernel, grouped_gemm._grouped_wgrad_kernel)
@@ -464,6 +489,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds per row (columns interleaved; median)")
     parser.add_argument("--skip-sweep", action="store_true", help="skip the correctness sweep")
     parser.add_argument("--profile-host", action="store_true", help="profile the host side of a launch and exit")
+    parser.add_argument("--shapes", help="'large' (DeepSeek-V3 / GPT-OSS experts) or N:K,N:K (default: the MoE set)")
+    parser.add_argument("--distributions", help="comma-separated token distributions (default: all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/grouped_gemm.py needs a CUDA GPU")
@@ -481,8 +508,8 @@ def main() -> None:
           flush=True)
     FAILURES.extend(json.dumps(row) for row in failed)
     dtype = torch.bfloat16
-    shapes = SHAPES[:1] if args.quick else SHAPES
-    cases = distributions()
+    shapes = parse_shapes(args.shapes)[:1] if args.quick else parse_shapes(args.shapes)
+    cases = select_distributions(args.distributions)
     if args.quick:
         cases = {"32x2048": cases["32x2048"]}
     rows = []

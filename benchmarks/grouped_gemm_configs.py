@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from benchmarks.grouped_gemm import (  # noqa: E402
-    SHAPES, distributions, geomean, loop_dgrad, loop_forward, relative, timing_operands)
+    geomean, loop_dgrad, loop_forward, parse_shapes, relative, select_distributions, timing_operands)
 from kernels import grouped_gemm  # noqa: E402
 from kernels.grouped_gemm import product_tma_config, triton_grouped_mm  # noqa: E402
 
@@ -125,14 +125,16 @@ def main() -> None:
     parser.add_argument("--kinds", default="forward,dgrad")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "grouped_gemm_configs.json"))
+    parser.add_argument("--shapes", help="'large' (DeepSeek-V3 / GPT-OSS experts) or N:K,N:K (default: the MoE set)")
+    parser.add_argument("--distributions", help="comma-separated token distributions (default: all)")
     args = parser.parse_args()
     started = time.time()
     kernel = grouped_gemm._grouped_product_tma_kernel
     broken: dict = {}
     rows = []
     for kind in args.kinds.split(","):
-        for n, k in SHAPES:
-            for distribution, sizes in distributions().items():
+        for n, k in parse_shapes(args.shapes):
+            for distribution, sizes in select_distributions(args.distributions).items():
                 row = sweep_row(kind, n, k, sizes, kernel, broken)
                 row["distribution"] = distribution
                 rows.append(row)
