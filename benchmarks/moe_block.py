@@ -229,7 +229,8 @@ def load_weights(block: nn.Module, weights: dict[str, torch.Tensor], dtype) -> n
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.data = weights[name].to(dtype).clone(memory_format=torch.contiguous_format)
-    return block
+    # Buffers (torchtitan's tokens_per_expert_E) follow the weights to their device.
+    return block.to(next(iter(weights.values())).device)
 
 
 # ---------------------------------------------------------------------------------- routing

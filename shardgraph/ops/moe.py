@@ -35,7 +35,6 @@ reference kernels; those run eagerly, where out-of-range expert ids are refused 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -88,6 +87,9 @@ def activation_derivative(name: str, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"moe_experts: unknown activation {name!r}; known: {', '.join(ACTIVATIONS + GATED_ACTIVATIONS)}")
 
 
+_PARSED: dict[str, "GatedActivation"] = {}
+
+
 @dataclass(frozen=True)
 class GatedActivation:
     """What ``moe_experts`` computes between its two products, parsed from the op's spec string.
@@ -104,8 +106,17 @@ class GatedActivation:
     layout: str = "concatenated"
 
     @staticmethod
-    @functools.lru_cache(maxsize=None)
     def parse(spec: str) -> "GatedActivation":
+        # A graph's specs are parsed when it is built (the op's rule, its fake kernel), so a run
+        # under torch.compile finds its record here, an existing object, instead of tracing the
+        # parser and the frozen record's construction (which dynamo of torch 2.11 cannot).
+        found = _PARSED.get(spec) if isinstance(spec, str) else None
+        if found is None:
+            found = _PARSED[spec] = GatedActivation._parse(spec)
+        return found
+
+    @staticmethod
+    def _parse(spec: str) -> "GatedActivation":
         if not isinstance(spec, str):
             raise ValueError(f"moe_experts: the activation must be a spec string, got {spec!r}")
         name, _, rest = spec.strip().partition("(")
