@@ -597,8 +597,10 @@ def _prepare_keys(compute_nodes: list[Node], state: _State) -> None:
         static = _static_key(node)
         if static is not None:
             # A routing op is placed under its own constraint, a pad of a held gradient
-            # (``pad_parameters``) under its rule's own.
-            static = (static, node in state.routing, meta.padding(node) is not None)
+            # (``pad_parameters``) under its rule's own; an input that is a parameter is priced
+            # with its gradient's reduction (``_choose_axis``).
+            static = (static, node in state.routing, meta.padding(node) is not None,
+                      tuple(_is_parameter_view(producer) for producer in state.inputs_of[node]))
         # A small int stands for the (deep) static key, so the per-sweep key hashes cheaply.
         state.static_keys[node] = None if static is None else interned.setdefault(static, len(interned))
 

@@ -92,8 +92,11 @@ def _result(node):
 
 
 def test_a_gradient_reduced_over_two_axes_is_cast_once_each_way():
-    _, _, program = _compile("world=4,tp=2,ep=2", compute_dtype=torch.bfloat16, optimizer=sg.optim.SGD(lr=0.1),
-                             reduce_dtype=torch.bfloat16)
+    # With zero=1 a gradient partial over dp and tp is reduce-scattered over dp (to its optimizer
+    # state's split) and all-reduced over tp: a chain of two reductions. (Without zero it is one
+    # all-reduce over the dp*tp group.)
+    _, _, program = _compile("world=4,tp=2,ep=2", compute_dtype=torch.bfloat16, optimizer=sg.optim.AdamW(lr=0.1),
+                             reduce_dtype=torch.bfloat16, zero=1)
     graph = program.graph_module.graph
 
     def synchronises(node):
@@ -108,7 +111,7 @@ def test_a_gradient_reduced_over_two_axes_is_cast_once_each_way():
     in_bf16 = [n for n in graph.nodes if (record := meta.collective(n)) is not None
                and record.purpose is Purpose.GRADIENT_SYNC and _reduced_dtype(n) == torch.bfloat16]
     chained = [n for n in reductions if meta.collective_or_part(_fed_by(n)) is not None]
-    assert chained, "the tiny model at tp=2 has gradients reduced over dp and then tp"
+    assert chained, "the tiny model at tp=2 with zero=1 has gradients reduced over dp and then tp"
     # A reduction reads the previous one directly, still in bf16; only a reduction that reads
     # no other reduction has a cast in front of it, and only the last of a chain casts back.
     firsts = [n for n in reductions if meta.collective_or_part(_fed_by(n)) is None]
