@@ -863,6 +863,14 @@ def _recognise(path: str, module: nn.Module) -> _Recognised | None:
         return _titan_block(path, module)
     if _parameter(module, "gate_up_proj", 3) is not None and _parameter(module, "down_proj", 3) is not None:
         return _hf_fused_experts(path, module)
+    up = _parameter(module, "up_proj", 3)
+    if getattr(module, "has_gate", True) is False and up is not None and _parameter(module, "down_proj", 3) is not None:
+        # Nemotron-H: act(x @ up_proj[e]^T) @ down_proj[e]^T, one projection in, no gate; the HF
+        # forward loops over the hit experts, which tracing cannot follow.
+        raise AdapterError(
+            f"{path}: {type(module).__name__} holds ungated experts (has_gate=False, up_proj {tuple(up.shape)}: "
+            f"act(x up_proj[e]^T) down_proj[e]^T); moe_experts computes gated experts (act(gate) * up) only; "
+            f"register the class with register_experts")
     if _has_grouped_weights(module):
         return _grouped_experts(path, module)
     if _is_expert_list(getattr(module, "experts", None)):

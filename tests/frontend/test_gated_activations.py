@@ -1,6 +1,6 @@
 """Gated activations of HF experts found by what their ``_apply_gate`` computes: a gate computed in
 float32 whatever its input (Beam's), a clamped SwiGLU whose constants are named swiglu_alpha and
-swiglu_limit (MiniMax-M3's)."""
+swiglu_limit (MiniMax-M3's); experts without a gate (Nemotron-H's) refused."""
 
 import pytest
 import torch
@@ -49,3 +49,13 @@ def test_minimax_m3_experts_are_one_op_equal_to_their_eager_forward_with_clamps_
     torch.testing.assert_close(forward(hidden, ids, weights), experts(hidden, ids, weights), rtol=1e-12, atol=1e-12)
     gate, up = (hidden @ experts.gate_up_proj[0].T).chunk(2, dim=-1)
     assert (gate > config.swiglu_limit).any() and (up.abs() > config.swiglu_limit).any()  # both clamps cut in
+
+
+def test_ungated_experts_are_refused_naming_the_module_and_has_gate():
+    from benchmarks.model_coverage import tiny_config
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    experts = NemotronHExperts(tiny_config("nemotron_h"))
+    with pytest.raises(AdapterError, match=r"layers\.1\.mixer\.experts: NemotronHExperts holds ungated experts "
+                                           r"\(has_gate=False"):
+        adapter_for("layers.1.mixer.experts", experts)
