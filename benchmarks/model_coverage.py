@@ -43,6 +43,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -446,8 +447,7 @@ def markdown(rows: list[dict]) -> str:
             sharded = "not recognised"
         elif row["mesh"] == "world=1" and row["experts_recognised"]:
             sharded = "n/a (ep=1)"
-        detail = row["detail"].replace("|", "\\|")
-        lines.append(f"| {row['model']} | {row['mesh']} | {row['status']} | {sharded} | {detail} |")
+        lines.append(f"| {row['model']} | {row['mesh']} | {row['status']} | {sharded} | {_short(row['detail'], 400)} |")
     return "\n".join(lines)
 
 
@@ -464,17 +464,53 @@ def family_summary(rows: list[dict]) -> dict[str, str]:
     return summary
 
 
-def report(rows: list[dict], discovered: list[Discovered], meshes: list[str], train: bool) -> str:
-    """The markdown page: what was discovered, counts per model type, the model x mesh table."""
-    import transformers
+def _short(text: str, limit: int = 160) -> str:
+    # Source paths from transformers' package on: the install prefix says nothing.
+    text = re.sub(r"\S*/site-packages/", "", text).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit] + "..."
 
+
+def matrix(rows: list[dict], meshes: list[str]) -> str:
+    """Model type x mesh: each cell ``pass``, ``refused``, ``not built``, ``FAIL`` or ``WRONG`` with
+    its error; then whether the experts were sharded over ep and the first reason given."""
+    by_family: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_family.setdefault(row["model"], {})[row["mesh"]] = row
+    lines = ["| model type | " + " | ".join(meshes) + " | experts sharded | reason |",
+             "| --- | " + " | ".join("---" for _ in meshes) + " | --- | --- |"]
+    for family, cells in by_family.items():
+        not_built = any(row["status"] == "not built" for row in cells.values())
+        statuses = []
+        for mesh in meshes:
+            row = cells.get(mesh)
+            if not_built or row is None:
+                statuses.append("not built" if not_built else "-")
+            elif row["status"] == "WRONG":
+                statuses.append(f"WRONG ({row.get('max_rel_error', float('nan')):.2g})")
+            else:
+                statuses.append(row["status"])
+        split = [row["experts_sharded"] for mesh, row in cells.items() if mesh != "world=1" and row["experts_sharded"] is not None]
+        if any(row["experts_recognised"] is False for row in cells.values()):
+            sharded = "not recognised"
+        elif split:
+            sharded = "yes" if all(split) else "no"
+        else:
+            sharded = "-"
+        reason = next((row["detail"] for row in cells.values() if row["detail"]), "")
+        lines.append(f"| {family} | " + " | ".join(statuses) + f" | {sharded} | {_short(reason)} |")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict], discovered: list[Discovered], meshes: list[str], train: bool, versions: str) -> str:
+    """The markdown page: what was discovered, counts per model type, the model x mesh table, and
+    every case with its full reason."""
     summary = family_summary(rows)
     totals: dict[str, int] = {}
     for status in summary.values():
         totals[status] = totals.get(status, 0) + 1
     runs = [entry for entry in discovered if entry.runs_as is None]
-    lines = [f"transformers {transformers.__version__}, torch {torch.__version__}; meshes {', '.join(meshes)}; "
-             f"{'train' if train else 'eval'} mode; parity tolerance {TOLERANCE:g} (loss, gradients, weights after one SGD step).",
+    lines = [f"{versions}; meshes {', '.join(meshes)}; {'train' if train else 'eval'} mode; parity tolerance "
+             f"{TOLERANCE:g} (loss, gradients, weights after one SGD step).",
              "",
              f"Discovered {len(discovered)} MoE causal LM model types; {len(runs)} build their own causal LM, "
              f"{len(summary)} run here. Per model type: "
@@ -483,7 +519,7 @@ def report(rows: list[dict], discovered: list[Discovered], meshes: list[str], tr
     if aliases:
         lines += ["Run as another model type (same causal LM class): "
                   + ", ".join(f"{entry.model_type} as {entry.runs_as}" for entry in aliases) + ".", ""]
-    lines.append(markdown(rows))
+    lines += [matrix(rows, meshes), "", "Every case:", "", markdown(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -516,8 +552,20 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "model_coverage.json"),
                         help="the JSON results; the markdown goes next to it (.md)")
+    parser.add_argument("--markdown-from", metavar="JSON",
+                        help="only write the markdown page (next to JSON) from a results file of an earlier run")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if args.markdown_from:
+        # The page again from a results file (a new layout without running the table again).
+        with open(args.markdown_from) as handle:
+            results = json.load(handle)
+        page = report(results["rows"], [Discovered(**entry) for entry in results["discovered"]], results["meshes"],
+                      results["train"], f"transformers {results['transformers']}, torch {results['torch']}")
+        with open(os.path.splitext(args.markdown_from)[0] + ".md", "w") as handle:
+            handle.write(page)
+        print(page)
+        return
     discovered = discover()
     if args.list:
         print_discovered(discovered)
@@ -536,9 +584,10 @@ def main() -> None:
                   file=sys.stderr, flush=True)
             if row["status"] == "not built":
                 break
-    page = report(rows, discovered, args.mesh, args.train)
-    print(page)
     import transformers
+
+    page = report(rows, discovered, args.mesh, args.train, f"transformers {transformers.__version__}, torch {torch.__version__}")
+    print(page)
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     counts: dict[str, int] = {}
