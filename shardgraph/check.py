@@ -37,7 +37,8 @@ def parity_errors(program, model: torch.nn.Module, inputs, loss_fn, learning_rat
     Only trainable parameters (``program.gradient_names``) have gradients and take the SGD step;
     frozen ones (``requires_grad=False``) are inputs that stay as they are. A program whose model
     draws random numbers (a train-mode router) runs with ``seed`` (default 0), and the eager model
-    after ``torch.manual_seed(seed)``, so both draw the same numbers.
+    after ``torch.manual_seed(seed)``, so both draw the same numbers. A parameter the loss does
+    not reach is compared with a zero gradient.
     """
     parameters = dict(model.named_parameters())
     trainable = list(program.gradient_names)
@@ -45,7 +46,11 @@ def parity_errors(program, model: torch.nn.Module, inputs, loss_fn, learning_rat
         seed = 0 if seed is None else seed
         torch.manual_seed(seed)
     loss = loss_fn(model(*inputs), *inputs)
-    gradients = dict(zip(trainable, torch.autograd.grad(loss, [parameters[name] for name in trainable])))
+    # A parameter the loss does not reach (a sparse-attention indexer that only selects keys) has
+    # gradient zero, as the traced step gives it.
+    reached = torch.autograd.grad(loss, [parameters[name] for name in trainable], allow_unused=True)
+    gradients = {name: torch.zeros_like(parameters[name]) if gradient is None else gradient
+                 for name, gradient in zip(trainable, reached)}
     full = {name: p.detach() for name, p in parameters.items()}
     result = program.run_simulated(full, inputs, seed=seed)
     gradient_errors = {name: _relative(result.gradients[name], g) for name, g in gradients.items()}

@@ -169,3 +169,19 @@ def test_the_program_code_is_generated_before_the_simulators_threads_first_call_
     assert lazy._needs_recompile()
     ShardedProgram(program.traced, program.placed, lazy, program.mesh)
     assert not lazy._needs_recompile()
+
+
+class UnusedParameter(MoETransformer):
+    """Holds a trainable parameter that the loss never reaches (as a sparse-attention indexer
+    that only selects keys does)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.unused = torch.nn.Parameter(torch.randn(4, 4))
+
+
+def test_parity_compares_a_parameter_the_loss_does_not_reach_with_a_zero_gradient():
+    # Before: the eager reference's autograd.grad raised on the unused parameter.
+    errors, program = _errors("world=2,ep=2", UnusedParameter)
+    assert "unused" in program.gradient_names
+    assert errors.within(TOLERANCE), errors

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import shardgraph as sg
-from benchmarks.hf_coverage import build, lm_loss
+from benchmarks.model_coverage import build, lm_loss
 from passes.attention_plan import attention_sites
 from passes.plan import default_plan
 from shardgraph import meta
