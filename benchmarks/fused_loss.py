@@ -79,8 +79,9 @@ def measure(fn, device, steps: int, warmup: int) -> dict:
             started = time.perf_counter()
             fn()
             times.append((time.perf_counter() - started) * 1e3)
-    row = {"median_ms": statistics.median(times), "min_ms": min(times)}
+    row = {"median_ms": statistics.median(times), "min_ms": min(times), "steps_ms": times}
     if device.type == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         row["peak_above_inputs_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
     return row
 

@@ -92,10 +92,8 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import gc
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -107,6 +105,7 @@ from torch import nn  # noqa: E402
 
 import kernels  # noqa: E402
 import shardgraph as sg  # noqa: E402
+from benchmarks.fused_loss import measure  # noqa: E402
 from benchmarks.train_step import is_out_of_memory, synchronize, versions  # noqa: E402
 from benchmarks.train_step import release as release_memory  # noqa: E402
 
@@ -618,31 +617,13 @@ def check_compiled_torchtitan(shape, weights, hidden, probe, args) -> dict:
 
 # ---------------------------------------------------------------------------------- timing
 def timed(fn, device, steps: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            started = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - started) * 1e3)
-    row = {"ms": statistics.median(times), "min_ms": min(times), "steps_ms": times}
-    if device.type == "cuda":
-        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        row["peak_above_start_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
-    return row
+    """Median / min ms of ``fn()`` over ``steps`` after ``warmup`` (fused_loss.measure), and its
+    peak memory: in all and above what was allocated before the timed steps."""
+    row = measure(fn, device, steps, warmup)
+    timed_row = {"ms": row["median_ms"], "min_ms": row["min_ms"], "steps_ms": row["steps_ms"]}
+    if "peak_gib" in row:
+        timed_row.update(peak_gib=row["peak_gib"], peak_above_start_gib=row["peak_above_inputs_gib"])
+    return timed_row
 
 
 def compare_with_hf(loss, gradients, reference) -> dict:
