@@ -105,17 +105,23 @@ def _describe(function) -> str:
     return getattr(function, "__qualname__", None) or repr(function)
 
 
+def _on_probe(function, probe: torch.Tensor, path: str, what: str):
+    """``function(probe)``, or a refusal naming the module: anything failing on a float64 CPU
+    probe cannot be identified."""
+    try:
+        with torch.no_grad():
+            return function(probe.clone())
+    except Exception as error:  # noqa: BLE001 - any failure means it cannot be identified
+        raise AdapterError(
+            f"{path}: cannot evaluate its {what} {_describe(function)} on a float64 CPU probe "
+            f"({type(error).__name__}: {error}); register the class with register_experts"
+        ) from None
+
+
 def identify_activation(act_fn, path: str) -> str:
     """Which ``moe_experts`` activation ``act_fn`` computes, found by evaluating it."""
     probe = torch.linspace(-8.0, 8.0, 321, dtype=torch.float64, device="cpu")
-    try:
-        with torch.no_grad():
-            values = act_fn(probe.clone())
-    except Exception as error:  # noqa: BLE001 - any failure means the activation cannot be identified
-        raise AdapterError(
-            f"{path}: cannot evaluate its activation {_describe(act_fn)} on a float64 CPU probe "
-            f"({type(error).__name__}: {error}); register the class with register_experts"
-        ) from None
+    values = _on_probe(act_fn, probe, path, "activation")
     if not isinstance(values, torch.Tensor) or values.shape != probe.shape:
         raise AdapterError(f"{path}: activation {_describe(act_fn)} is not elementwise")
     for name in ACTIVATIONS:
@@ -244,14 +250,7 @@ def identify_gated_activation(apply_gate, two_intermediate: int, path: str, alph
     precision (relative 2e-6), which still tells every candidate from every other."""
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(16, two_intermediate, dtype=torch.float64, generator=generator) * 6.0
-    try:
-        with torch.no_grad():
-            values = apply_gate(probe.clone())
-    except Exception as error:  # noqa: BLE001 - any failure means the gate cannot be identified
-        raise AdapterError(
-            f"{path}: cannot evaluate its gate {_describe(apply_gate)} on a float64 CPU probe "
-            f"({type(error).__name__}: {error}); register the class with register_experts"
-        ) from None
+    values = _on_probe(apply_gate, probe, path, "gate")
     candidates = [GatedActivation(name) for name in ACTIVATIONS]
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (alpha, limit)) and limit > 0:
         candidates.append(GatedActivation("clamped_swiglu", float(alpha), float(limit)))
