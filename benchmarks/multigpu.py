@@ -198,8 +198,21 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _median_step_s(step, device: torch.device, steps: int) -> float:
+    """Median seconds of ``step()`` over ``steps`` after three warm-up steps."""
+    times = []
+    for index in range(steps + 3):
+        _synchronize(device)
+        begin = time.perf_counter()
+        step()
+        _synchronize(device)
+        if index >= 3:
+            times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
 def throughput(mesh: sg.MeshSpec, rank: int, device: torch.device, config: str, layers: int, batch: int, seq: int,
-               steps: int, dtype: torch.dtype) -> dict:
+               steps: int, dtype: torch.dtype, compile_mode: str | None = None) -> dict:
     torch.manual_seed(0)
     # Built on the device it runs on: factory ops in the traced graph keep the tracing device.
     model, inputs, loss_fn = shardgraph_entry(config, device=str(device), batch_size=batch, seq_len=seq,
@@ -212,17 +225,17 @@ def throughput(mesh: sg.MeshSpec, rank: int, device: torch.device, config: str, 
     del model
     batch_local = program.local_batch(rank, inputs)
     communicator = DistributedCommunicator(mesh)
-    times = []
-    for step in range(steps + 3):
-        _synchronize(device)
-        begin = time.perf_counter()
-        program.run(local, batch_local, communicator=communicator)
-        _synchronize(device)
-        if step >= 3:
-            times.append(time.perf_counter() - begin)
-    median = statistics.median(times)
+    median = _median_step_s(lambda: program.run(local, batch_local, communicator=communicator, compile=compile_mode),
+                            device, steps)
+    single_device = {}
+    if mesh.world == 1:
+        # The same program without torch.distributed in the loop, timed in the same process.
+        step = program.single_device_step(compile=compile_mode)
+        single_median = _median_step_s(lambda: step(local, batch_local), device, steps)
+        single_device = {"single_device_step_median_s": single_median,
+                         "run_over_single_device_step": median / single_median}
     with _CountCollectives(mesh) as counter:
-        program.run(local, batch_local, communicator=communicator)
+        program.run(local, batch_local, communicator=communicator, compile=compile_mode)
     # By purpose from the program's own records (what the report prints), to set beside the
     # counts seen at run time.
     by_purpose: dict[str, dict] = {}
@@ -230,7 +243,8 @@ def throughput(mesh: sg.MeshSpec, rank: int, device: torch.device, config: str, 
         entry = by_purpose.setdefault(f"{row['family']} | {row['kind']} | {row['axis']}", {"count": 0, "bytes_per_rank": 0.0})
         entry["count"] += 1
         entry["bytes_per_rank"] += row["bytes_per_rank"]
-    return {"layers": layers, "batch": batch, "seq": seq, "compile_s": compile_s, "median_step_s": median,
+    return {"layers": layers, "batch": batch, "seq": seq, "compile": compile_mode, **single_device,
+            "compile_s": compile_s, "median_step_s": median,
             "tokens_per_s": batch * seq / median,
             "collectives_per_step": sum(counter.counts.values()), "collectives_by_op": counter.counts,
             "collectives_by_phase_op_axis": counter.by_axis, "collectives_by_purpose_kind_axis": by_purpose,
@@ -268,6 +282,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--compile", choices=["inductor"], default=None,
+                        help="run our step under torch.compile (program.run(compile=...)); at world=1 the same "
+                             "program's single_device_step(compile=...) is timed beside it")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the hand-written DTensor TP + duplicated-dispatch EP baseline")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "multigpu.json"))
@@ -280,7 +297,7 @@ def main() -> None:
     result = {"mesh": args.mesh, "device": name, "torch": torch.__version__, "config": args.config}
     result["parity"] = parity(mesh, rank, device)
     result["throughput"] = throughput(mesh, rank, device, args.config, args.layers, args.batch, args.seq, args.steps,
-                                      getattr(torch, args.dtype))
+                                      getattr(torch, args.dtype), args.compile)
     if not args.no_baseline:
         result["baseline_parity"] = baseline_parity(mesh, rank, device)
         result["baseline_throughput"] = baseline_throughput(mesh, rank, device, args.config, args.layers, args.batch,
