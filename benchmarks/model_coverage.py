@@ -330,7 +330,9 @@ def build(family: str, seed: int = 0):
 
 def lm_loss(output, input_ids):
     logits = getattr(output, "logits", output)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1))
+    # At least float32 (a bf16 model's loss as HF computes it); a float64 model keeps float64.
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
@@ -462,6 +464,8 @@ def float64_referee(program, model, ids, result, ratio: float = 1.5) -> dict | N
     names = list(program.gradient_names)
     try:
         exact = copy.deepcopy(model).double()
+        if getattr(exact, "_can_set_experts_implementation", lambda: False)():
+            exact.set_experts_implementation("eager")  # torch._grouped_mm takes no float64
         for run in (model, exact):
             if getattr(program, "takes_seed", False):
                 torch.manual_seed(0)

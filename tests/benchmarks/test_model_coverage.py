@@ -32,3 +32,24 @@ def test_the_tiny_config_has_four_experts_and_two_layers_and_keeps_both_layer_ki
     assert config.sliding_window == 4
     model = build("mixtral")
     assert model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == EXPERTS
+
+
+def test_the_float64_referee_passes_the_program_and_catches_a_gradient_off_by_more_than_rounding():
+    import dataclasses
+
+    import torch
+
+    import shardgraph as sg
+    from benchmarks.model_coverage import VOCAB, float64_referee, lm_loss
+    from shardgraph.check import parity_errors
+
+    model = build("mixtral")
+    ids = torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(3))
+    program = sg.compile(model, sg.MeshSpec.parse("world=4,tp=2,ep=2"), (ids,), lm_loss)
+    _, result = parity_errors(program, model, (ids,), lm_loss)
+    referee = float64_referee(program, model, ids, result)
+    assert referee["no_further_than_eager"] and referee["program_error"] < 1e-5
+    name = program.gradient_names[0]
+    skewed = dict(result.gradients, **{name: result.gradients[name] * (1 + 1e-4)})
+    referee = float64_referee(program, model, ids, dataclasses.replace(result, gradients=skewed))
+    assert not referee["no_further_than_eager"] and referee["worst_parameter"] == name
