@@ -375,8 +375,7 @@ def _experts_state(program) -> tuple[bool, bool]:
     return recognised, sharded
 
 
-def run_case(family: str, mesh_text: str, batch: int = 8, seq: int = 8, race: bool = False,
-             train: bool = False) -> dict:
+def run_case(family: str, mesh_text: str, batch: int = 8, seq: int = 8, train: bool = False) -> dict:
     import shardgraph as sg
     from shardgraph.check import parity_errors
 
@@ -415,14 +414,6 @@ def run_case(family: str, mesh_text: str, batch: int = 8, seq: int = 8, race: bo
         return row
     recognised, sharded = _experts_state(program)
     row.update(experts_recognised=recognised, experts_sharded=sharded)
-    if not race:
-        # The lowered module generates its code on its first call; the simulator makes that call
-        # from every rank's thread at once, and concurrent code generation of one fx graph can
-        # mix up value names (UnboundLocalError in the generated forward). Generating it here,
-        # once, keeps that race out of the table; --race leaves it in.
-        real_recompile = getattr(program.graph_module, "real_recompile", None)
-        if real_recompile is not None:
-            real_recompile()
     try:
         errors, result = parity_errors(program, model, (ids,), lm_loss)
     except Exception as error:  # noqa: BLE001
@@ -462,22 +453,22 @@ def float64_referee(program, model, ids, result, ratio: float = 1.5) -> dict | N
     import copy
 
     names = list(program.gradient_names)
+
+    def gradients_of(run) -> dict:
+        if getattr(program, "takes_seed", False):
+            torch.manual_seed(0)
+        parameters = dict(run.named_parameters())
+        loss = lm_loss(run(ids), ids)
+        reached = torch.autograd.grad(loss, [parameters[n] for n in names], allow_unused=True)
+        return {n: torch.zeros_like(parameters[n]) if g is None else g for n, g in zip(names, reached)}
+
     try:
         exact = copy.deepcopy(model).double()
         if getattr(exact, "_can_set_experts_implementation", lambda: False)():
             exact.set_experts_implementation("eager")  # torch._grouped_mm takes no float64
-        for run in (model, exact):
-            if getattr(program, "takes_seed", False):
-                torch.manual_seed(0)
-            parameters = dict(run.named_parameters())
-            loss = lm_loss(run(ids), ids)
-            reached = torch.autograd.grad(loss, [parameters[n] for n in names], allow_unused=True)
-            run._referee_gradients = {n: torch.zeros_like(parameters[n]) if g is None else g
-                                      for n, g in zip(names, reached)}
+        eager, reference = gradients_of(model), gradients_of(exact)
     except Exception:  # noqa: BLE001 - a model that cannot run in float64 gets no referee
         return None
-    reference, eager = exact._referee_gradients, model._referee_gradients
-    del model._referee_gradients
 
     def off(value, name):
         truth = reference[name].double()
@@ -596,8 +587,6 @@ def main() -> None:
     parser.add_argument("--family", nargs="+", metavar="MODEL_TYPE",
                         help="model types to run (default: every discovered one; --list shows them)")
     parser.add_argument("--mesh", nargs="+", default=MESHES)
-    parser.add_argument("--race", action="store_true",
-                        help="leave the lowered module's code generation to the simulator's rank threads")
     parser.add_argument("--list", action="store_true",
                         help="only discover: each MoE model type, its expert fields and whether its tiny model builds")
     parser.add_argument("--train", action="store_true",
@@ -631,7 +620,7 @@ def main() -> None:
     rows = []
     for family in args.family or runnable:
         for mesh_text in args.mesh:
-            row = run_case(family, mesh_text, race=args.race, train=args.train)
+            row = run_case(family, mesh_text, train=args.train)
             rows.append(row)
             print(f"{family:18} {mesh_text:24} {row['status']:9} {row['seconds']:6.1f}s {row['detail'][:150]}",
                   file=sys.stderr, flush=True)

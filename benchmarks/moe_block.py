@@ -106,7 +106,7 @@ from torch import nn  # noqa: E402
 import kernels  # noqa: E402
 import shardgraph as sg  # noqa: E402
 from benchmarks.fused_loss import measure  # noqa: E402
-from benchmarks.train_step import is_out_of_memory, synchronize, versions  # noqa: E402
+from benchmarks.train_step import benchmark_device, is_out_of_memory, synchronize, versions  # noqa: E402
 from benchmarks.train_step import release as release_memory  # noqa: E402
 
 COLUMNS = ("ours", "ours_inductor", "hf", "hf_compiled", "torchtitan", "torchtitan_compiled", "grouped_gemm_only")
@@ -822,9 +822,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: pass --device cpu (with --tiny)")
+    device = benchmark_device(args.device)
     dtype = getattr(torch, args.dtype)
     args.torchtitan_error = (torchtitan_importable()
                              if any(c.startswith("torchtitan") for c in args.columns) else None)

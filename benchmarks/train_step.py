@@ -772,11 +772,17 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    device = torch.device(args.device)
+def benchmark_device(name: str) -> torch.device:
+    """The device ``--device`` names; a CUDA device on a machine without one ends the run."""
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --device cpu (with --tiny)")
+    return device
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = benchmark_device(args.device)
     dtype = getattr(torch, args.dtype)
     vocab = (TINY_SHAPE if args.tiny else FULL_SHAPE)["vocab_size"]
     batch = (torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))

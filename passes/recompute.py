@@ -35,6 +35,7 @@ import operator
 from torch.fx import GraphModule, Node
 
 from shardgraph import meta
+from shardgraph.fx_graph import ancestors
 from shardgraph.meta import Phase
 
 from .lower_moe import is_moe_forward
@@ -107,14 +108,11 @@ def _recompute_layer(graph, forward: set[Node], kept: set[Node], order: dict[Nod
     saved = [node for node in forward if node not in kept and any(reads_copies(user) for user in node.users)]
     if not saved:
         return
-    needed: set[Node] = set()
-    pending = list(saved)
-    while pending:
-        node = pending.pop()
-        if node in needed:
-            continue
-        needed.add(node)
-        pending.extend(source for source in node.all_input_nodes if source in forward and source not in kept)
+    # What the saved values are computed from within the layer's forward, up to kept values.
+    def outside(node: Node) -> bool:
+        return node not in forward or node in kept
+
+    needed = {node for node in ancestors(saved, stop=outside) if not outside(node)}
     readers = [user for node in saved for user in node.users if reads_copies(user)]
     first_reader = min(readers, key=order.__getitem__)
     copies: dict[Node, Node] = {}

@@ -7,13 +7,12 @@ import torch
 import torch.nn.functional as F
 
 import shardgraph as sg
-from shardgraph import meta
 from shardgraph.check import parity_errors
 from shardgraph.frontend import trace
 from shardgraph.ops.moe import moe_experts_reference
 
-from .models import MOE_BACKWARD, MOE_FORWARD, calls, reference_loss_and_gradients, relative_error, \
-    worst_gradient_error
+from .models import MOE_BACKWARD, MOE_FORWARD, assert_moe_operands_read_as_computed_over_ep_etp, calls, \
+    reference_loss_and_gradients, relative_error, worst_gradient_error
 
 
 def _loss(out, ids):
@@ -74,9 +73,6 @@ def test_llama4_matches_eager_with_transposed_expert_weights_split_in_their_stor
     assert gate_up.placement("ep") == sg.Shard(0) and gate_up.placement("etp") == sg.InterleavedShard(2, stripes=2)
     assert down.placement("ep") == sg.Shard(0) and down.placement("etp") == sg.Shard(1)
     # The op reads its transposed operands split as it computes with them: no redistribution.
-    for node in calls(program.placed, MOE_FORWARD):
-        record = meta.placed(node)
-        assert record.input_shardings[3] == sg.Sharding.of(ep=sg.Shard(0), etp=sg.InterleavedShard(1, stripes=2))
-        assert record.input_shardings[4] == sg.Sharding.of(ep=sg.Shard(0), etp=sg.Shard(2))
+    assert_moe_operands_read_as_computed_over_ep_etp(program.placed)
     errors, _ = parity_errors(program, model, (ids,), _loss)
     assert errors.within(1e-5), errors
