@@ -449,13 +449,13 @@ def graph_breaks() -> dict:
 
 # Checked in order; the first class with a key in the lower-cased kernel name wins. Inductor's
 # fused kernels come first: their names list the ops they fused, grouped_mm or attention included.
-# Grouped GEMMs: ours are the Triton kernels _grouped_product*/_grouped_wgrad* (on the CPU the
+# Grouped GEMMs: ours are the Triton kernels _grouped_product*/_grouped_wgrad*/_pingpong_product* (on the CPU the
 # shardgraph::grouped_mm* ops), torch._grouped_mm's are CUTLASS kernels over a GroupProblemShape.
 # The aten:: keys only match CPU op names (profile_steps' CPU fallback).
 KERNEL_CLASSES = [
     ("dense GEMM", ("triton_tem_",)),
     ("elementwise/reduction", ("triton_poi_", "triton_red_", "triton_per_")),
-    ("grouped GEMM", ("grouped", "groupproblemshape")),
+    ("grouped GEMM", ("grouped", "groupproblemshape", "_pingpong_product")),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("dense GEMM", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
     ("optimizer update", ("multi_tensor_apply", "_foreach_")),
@@ -594,6 +594,8 @@ def run_variant(name, variant, args, device, dtype, batch) -> dict:
                       if device.type == "cuda" else None)
         if args.profile and variant in args.profile_variants:
             row["profile"] = profile_steps(runner, device, row["median_ms"])
+        if args.predict and getattr(runner, "program", None) is not None:
+            row["prediction"] = predict_row(runner, variant, device, dtype, row["median_ms"])
     except Exception as error:  # a variant that cannot run is reported, the others still run
         if is_out_of_memory(error):
             row["error"] = "oom"
@@ -605,6 +607,59 @@ def run_variant(name, variant, args, device, dtype, batch) -> dict:
     release(device)
     row["wall_s"] = time.perf_counter() - started_variant
     return row
+
+
+def predict_row(runner, variant, device, dtype, measured_ms: float) -> dict:
+    """The report's predicted step of the variant's program beside its measured median: on the
+    preset rates of the card (``passes.cost.HARDWARE``), and on rates calibrated on this device
+    (``calibrate_compute``) with the program's products, grouped GEMMs, attention and loss timed
+    alone at its own shapes (``calibrate_kernels``). Op by op for the plain program, fused
+    (``predict_step(fused=True)``) where inductor compiles it. The SGD variants apply their update
+    outside the program: it is added as a streaming op (read parameter and gradient, write the
+    parameter)."""
+    from dataclasses import replace
+
+    from passes.cost import HARDWARE, calibrate_compute
+    from shardgraph.predict import calibrate_kernels, measured_efficiency, predict_step
+    from shardgraph.report import local_pieces
+
+    program = runner.program
+    gm, mesh = program.graph_module, program.mesh
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    preset = HARDWARE["h200" if "H200" in name else "h100" if device.type == "cuda" else "cpu"]
+    started = time.perf_counter()
+    calibrated = replace(preset, name=f"{preset.name}-calibrated",
+                         compute=calibrate_compute(device, dtype, size=4096 if device.type == "cuda" else 512))
+    pieces = local_pieces(gm, mesh)
+    measured = calibrate_kernels(gm, mesh, device, pieces=pieces)
+    calibration_s = time.perf_counter() - started
+    fused = variant not in NO_TORCH_COMPILE
+    update_bytes = 0 if variant in PROGRAM_ADAMW_VARIANTS else 3 * sum(
+        t.numel() * t.element_size() for t in runner.trainable)
+    result = {"fused": fused, "calibration_s": calibration_s, "measured_ms": measured_ms,
+              "kind_efficiency": measured_efficiency(gm, measured, preset.compute.matmul_flops, pieces),
+              "calibrated_rates": {k: (str(v) if isinstance(v, dict) else v)
+                                   for k, v in vars(calibrated.compute).items()}}
+    for label, hardware, timed in (("preset", preset, None), ("calibrated", calibrated, measured)):
+        prediction = predict_step(gm, mesh, hardware, pieces=pieces, fused=fused, measured=timed)
+        compute = hardware.compute
+        update_s = update_bytes / (compute.memory_bandwidth * compute.memory_efficiency)
+        predicted_ms = (prediction.step_seconds + update_s) * 1e3
+        result[label] = {"predicted_ms": predicted_ms, "predicted_over_measured": predicted_ms / measured_ms,
+                         "update_outside_program_ms": update_s * 1e3,
+                         "by_kind_ms": {k: v * 1e3 for k, v in prediction.compute_seconds_by_kind.items()},
+                         "kernels": prediction.kernels, "launch_ms": prediction.launch_seconds * 1e3,
+                         "measured_nodes": prediction.measured_nodes}
+        print(f"{variant} predicted ({label}): {predicted_ms:.2f} ms against {measured_ms:.2f} ms measured "
+              f"({predicted_ms / measured_ms:.3f}); by kind "
+              + ", ".join(f"{k} {v:.2f}" for k, v in result[label]["by_kind_ms"].items())
+              + f"; {prediction.kernels} kernels, launches {prediction.launch_seconds * 1e3:.2f} ms", flush=True)
+    print(f"{variant} calibrated: " + ", ".join(f"{kind} {fraction:.3f} of peak" for kind, fraction
+                                                  in result["kind_efficiency"].items())
+          + f"; streaming {calibrated.compute.memory_bandwidth / 1e12:.2f} TB/s, indexing "
+          f"{calibrated.compute.indexing_efficiency:.2f} of it, launch {calibrated.compute.launch_seconds * 1e6:.1f} us",
+          flush=True)
+    return result
 
 
 def check_one_step(name, args, device, dtype, batch) -> dict:
@@ -746,6 +801,9 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true", help="torch.profiler kernel breakdown of --profile-variants")
     parser.add_argument("--profile-variants", default="shardgraph,shardgraph_compile,shardgraph_cudagraph")
     parser.add_argument("--check", action="store_true", help="also compare one SGD step of shardgraph with eager")
+    parser.add_argument("--predict", action="store_true",
+                        help="the report's predicted step of each shardgraph variant beside its measured one, on "
+                             "preset and on calibrated rates (predict_row)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "train_step.json"))
     args = parser.parse_args(argv)

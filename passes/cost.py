@@ -181,7 +181,13 @@ class LinkModel:
 class ComputeRates:
     """What one device computes per second: dense matrix-product FLOP/s by dtype (the peak, and
     the fraction GEMMs achieve), FLOP/s of everything else, and memory bandwidth (the peak and
-    the fraction streaming kernels achieve). An op takes max(FLOPs / rate, bytes / bandwidth)."""
+    the fraction streaming kernels achieve). An op takes max(FLOPs / rate, bytes / bandwidth).
+
+    ``kind_efficiency``: the fraction of the matrix-product peak that a kind of FLOP-bound op
+    (``grouped_mm``, ``attention``, ``loss``) reaches, where it differs from ``matmul_efficiency``.
+    ``indexing_efficiency``: the fraction of the memory bandwidth that ops moving rows by index
+    (gathers, scatters, sorts) reach. ``launch_seconds``: the host's time to issue one kernel;
+    a device that runs kernels faster than the host issues them waits for it."""
 
     name: str
     matmul_flops: dict  # torch.dtype -> peak FLOP/s of a dense matrix product
@@ -189,14 +195,19 @@ class ComputeRates:
     vector_flops: float  # elementwise and reductions (no tensor cores)
     memory_bandwidth: float  # bytes/s
     memory_efficiency: float
+    kind_efficiency: dict = field(default_factory=dict)
+    indexing_efficiency: float = 1.0
+    launch_seconds: float = 0.0
 
-    def matmul_rate(self, dtype: torch.dtype | None) -> float:
+    def matmul_rate(self, dtype: torch.dtype | None, kind: str = "matmul") -> float:
         peak = self.matmul_flops.get(dtype) or self.matmul_flops.get(torch.float32) or min(self.matmul_flops.values())
-        return peak * self.matmul_efficiency
+        return peak * self.kind_efficiency.get(kind, self.matmul_efficiency)
 
-    def seconds(self, flops: float, nbytes: float, dtype: torch.dtype | None = None, matmul: bool = False) -> float:
-        rate = self.matmul_rate(dtype) if matmul else self.vector_flops
-        return max(flops / rate, nbytes / (self.memory_bandwidth * self.memory_efficiency))
+    def seconds(self, flops: float, nbytes: float, dtype: torch.dtype | None = None, matmul: bool = False,
+                kind: str | None = None) -> float:
+        rate = self.matmul_rate(dtype, kind or "matmul") if matmul else self.vector_flops
+        efficiency = self.indexing_efficiency if kind == "indexing" else self.memory_efficiency
+        return max(flops / rate, nbytes / (self.memory_bandwidth * efficiency))
 
 
 # H100 SXM5 (NVIDIA datasheet, dense, no sparsity): BF16/FP16 tensor cores 989 TFLOP/s, FP32 67
@@ -341,14 +352,30 @@ def calibrate_link_model(mesh: MeshSpec, axes=None, sizes=(2**12, 2**16, 2**20, 
 
 
 def calibrate_compute(device="cpu", dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5,
-                      name: str = "calibrated") -> ComputeRates:
-    """``ComputeRates`` measured on ``device``: a ``size`` x ``size`` matrix product in ``dtype``
-    (achieved FLOP/s, so the efficiency is 1) and a copy of 64 MiB (achieved bytes/s)."""
+                      name: str = "calibrated", rows: int = 65536, width: int = 2048) -> ComputeRates:
+    """``ComputeRates`` measured on ``device``.
+
+    * a ``size`` x ``size`` matrix product in ``dtype``: achieved FLOP/s (so the efficiency is 1);
+    * ``out = x + y`` over 64 Mi float32 elements: achieved bytes/s of a streaming kernel;
+    * ``index_select`` of ``rows`` rows of ``width`` (``dtype``) in a shuffled order, and
+      ``index_copy_`` of them back to their places: the fraction of the streaming bandwidth that
+      moving whole rows by index reaches (``indexing_efficiency``; the program's gathers and
+      scatters move rows of the hidden size, each to one place);
+    * 200 back-to-back kernels on a one-element tensor: the time to issue one (``launch_seconds``),
+      where the device's own time is far below the host's.
+    FLOP-bound kinds other than the dense product keep its rate (``kind_efficiency`` empty):
+    ``shardgraph.predict.calibrate_kernels`` measures a program's own products, grouped GEMMs,
+    attention and loss instead."""
     device = torch.device(device)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    source = torch.empty(16 * 2**20, dtype=torch.float32, device=device)
-    target = torch.empty_like(source)
+    elements = 64 * 2**20 if device.type == "cuda" else 4 * 2**20
+    x, y = torch.ones(elements, device=device), torch.ones(elements, device=device)
+    total = torch.empty_like(x)
+    table = torch.randn(rows, width, device=device).to(dtype)
+    order = torch.randperm(rows, device=device)
+    gathered = torch.empty_like(table)
+    tiny = torch.zeros(1, device=device)
 
     def best(run) -> float:
         times = []
@@ -360,9 +387,18 @@ def calibrate_compute(device="cpu", dtype: torch.dtype = torch.float32, size: in
             times.append(time.perf_counter() - start)
         return min(times[1:])
 
+    def launches():
+        for _ in range(200):
+            tiny.add_(1.0)
+
     matmul = 2 * size**3 / best(lambda: torch.mm(a, b))
-    copy = 2 * source.numel() * 4 / best(lambda: target.copy_(source))
-    return ComputeRates(name, {dtype: matmul}, 1.0, matmul / 16, copy, 1.0)
+    stream = 3 * elements * 4 / best(lambda: torch.add(x, y, out=total))
+    # Each reads and writes one [rows, width] block, rows in a shuffled order on one side.
+    moved = 2 * rows * width * dtype.itemsize
+    indexed = 2 * moved / (best(lambda: torch.index_select(table, 0, order, out=gathered))
+                           + best(lambda: table.index_copy_(0, order, gathered)))
+    return ComputeRates(name, {dtype: matmul}, 1.0, matmul / 16, stream, 1.0,
+                        indexing_efficiency=min(indexed / stream, 1.0), launch_seconds=best(launches) / 200)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from .fx_graph import op_name
 from .mesh import MeshSpec
 from .runtime import c10d
 
-__all__ = ["Work", "node_work", "Prediction", "predict_step", "simulate"]
+__all__ = ["Work", "node_work", "Prediction", "predict_step", "simulate", "calibrate_kernels", "measured_efficiency"]
 
 _MATMULS = {"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm"}
 _GROUPED = {"shardgraph.grouped_mm", "shardgraph.grouped_mm_dgrad", "shardgraph.grouped_mm_wgrad"}
@@ -57,8 +57,15 @@ _ATTENTION_BACKWARD = {"aten._scaled_dot_product_flash_attention_backward",
                        "aten._scaled_dot_product_efficient_attention_backward",
                        "aten._scaled_dot_product_cudnn_attention_backward",
                        "aten._scaled_dot_product_flash_attention_for_cpu_backward"}
-# Host-side bookkeeping of the MoE exchange: a few integers.
-_FREE = {"split_sizes", "host_list", "row_count", "contiguous"}
+# Host-side bookkeeping of the MoE exchange: a few integers; allocations that write nothing.
+_FREE = {"split_sizes", "host_list", "row_count", "contiguous", "empty", "empty_like", "new_empty", "empty_strided"}
+# Ops that move rows by index (gathers, scatters, sorts, top-k): their reads or writes land in
+# an order the memory system serves below its streaming rate (``ComputeRates.indexing_efficiency``).
+_INDEXING = {"aten.index_select", "aten.index", "aten.index_add", "aten.index_add_", "aten.index_copy",
+             "aten.index_copy_", "aten.index_put", "aten.index_put_", "aten.scatter", "aten.scatter_",
+             "aten.scatter_add", "aten.scatter_add_", "aten.scatter_reduce", "aten.gather", "aten.sort",
+             "aten.argsort", "aten.topk", "aten.embedding", "aten.embedding_dense_backward", "aten.searchsorted",
+             "aten.repeat_interleave", "aten.bincount", "aten.histc"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,7 @@ class Work:
     dtype: torch.dtype | None = None
     matmul: bool = False
     kind: str = "memory"
+    kernels: int = 1  # kernels launched (a Python function of the runtime runs several)
 
 
 def _name(node: Node) -> str:
@@ -110,6 +118,24 @@ def _argument(node: Node, names: tuple[str, ...], position: int):
     return node.args[position] if position < len(node.args) else None
 
 
+# Ops that read no operand's values: they take only its shape, dtype and device.
+_READS_NOTHING = {"aten.new_full", "aten.new_zeros", "aten.new_ones", "aten.new_empty", "aten.zeros_like",
+                  "aten.ones_like", "aten.full_like", "aten.empty_like", "aten.rand_like", "aten.randn_like"}
+
+
+def read_operands(node: Node) -> list[Node]:
+    """The operands whose values ``node`` reads: not the shape-only operand of a factory
+    (``new_full``, ``zeros_like``), not the destination ``copy_`` overwrites (the state a
+    donated step writes its new value into)."""
+    name = _name(node)
+    if name in _READS_NOTHING:
+        return []
+    if name == "aten.copy_" and node.args and isinstance(node.args[0], Node):
+        destination = node.args[0]
+        return [n for n in node.all_input_nodes if n is not destination]
+    return list(node.all_input_nodes)
+
+
 def _is_view(node: Node) -> bool:
     if node.target is operator.getitem:
         return True
@@ -137,7 +163,7 @@ def node_work(node: Node, pieces: dict) -> Work | None:
     name = _name(node)
     if name.rsplit(".", 1)[-1] in _FREE:
         return None
-    inputs = [n for n in node.all_input_nodes]
+    inputs = read_operands(node)
     moved = sum(_piece_bytes(p) for n in inputs for p in _pieces_of(n, pieces))
     moved += sum(_piece_bytes(p) for p in pieces.get(node, []) if p is not None)
     first = next((p for n in inputs for p in _pieces_of(n, pieces)), None)
@@ -176,8 +202,75 @@ def node_work(node: Node, pieces: dict) -> Work | None:
         # float32 logits of each chunk are written, read for the softmax, written as their
         # gradient and read by two products.
         return Work(6.0 * rows * hidden[-1] * vocab, moved + 4 * rows * vocab * 4, dtype, True, "loss")
+    if not isinstance(node.target, torch._ops.OpOverload) and callable(node.target):
+        composite = _composite_work(node, pieces)
+        if composite is not None:
+            return composite
     numel = max((math.prod(p[0]) for p in _pieces_of(node, pieces)), default=0)
-    return Work(float(numel), moved, dtype, False, "memory")
+    return Work(float(numel), moved, dtype, False, "indexing" if name in _INDEXING else "memory")
+
+
+_COMPOSITE_CACHE: dict = {}
+
+
+def _composite_work(node: Node, pieces: dict) -> Work | None:
+    """A Python function of the runtime (``combine``, ``glu``, ...) priced as the aten ops it
+    runs: traced on fake tensors of its operands' pieces, each op's work summed (bytes, FLOPs,
+    one kernel each). ``indexing`` if any of them moves rows by index. None where it cannot be
+    traced without values (a shape read from the data, a host read): the caller prices its
+    operands and results once."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    arguments, signature = [], [node.target]
+    for argument in node.args:
+        if isinstance(argument, Node):
+            found = _pieces_of(argument, pieces)
+            if len(found) != 1:
+                return None
+            shape, dtype = found[0]
+            arguments.append(("tensor", shape, dtype))
+            signature.append((tuple(shape), dtype))
+        elif isinstance(argument, (int, float, str, bool, type(None))):
+            arguments.append(("constant", argument))
+            signature.append(argument)
+        else:
+            return None
+    if node.kwargs:
+        return None
+    key = tuple(signature)
+    if key in _COMPOSITE_CACHE:
+        return _COMPOSITE_CACHE[key]
+
+    def materialise(spec):
+        if spec[0] == "constant":
+            return spec[1]
+        _, shape, dtype = spec
+        if dtype.is_floating_point:
+            return torch.empty(shape, dtype=dtype)
+        # Integer operands are indices or counts: zeros index in range of any non-empty dim.
+        return torch.zeros(shape, dtype=dtype)
+
+    work = None
+    try:
+        traced = make_fx(node.target, tracing_mode="fake")(*[materialise(a) for a in arguments])
+    except Exception:  # data-dependent shapes or host reads: not traceable on fake tensors
+        traced = None
+    if traced is not None:
+        inner: dict = {}
+        for inner_node in traced.graph.nodes:
+            value = inner_node.meta.get("val")
+            inner[inner_node] = ([(tuple(value.shape), value.dtype)] if isinstance(value, torch.Tensor)
+                                 else [None])
+        # A size that depends on values (a repeat by counts) has no number to price.
+        sized = all(all(isinstance(d, int) for d in p[0]) for found in inner.values() for p in found if p is not None)
+        works = [w for n in traced.graph.nodes if n.op == "call_function" and (w := node_work(n, inner)) is not None] \
+            if sized else []
+        if works:
+            kind = "indexing" if any(w.kind == "indexing" for w in works) else "memory"
+            work = Work(sum(w.flops for w in works), sum(w.nbytes for w in works), works[0].dtype, False, kind,
+                        sum(w.kernels for w in works))
+    _COMPOSITE_CACHE[key] = work
+    return work
 
 
 @dataclass
@@ -195,38 +288,47 @@ class Prediction:
     communication_seconds_by_axis: dict = field(default_factory=dict)
     links: dict = field(default_factory=dict)  # axis -> the link it runs on
     collectives: int = 0
+    kernels: int = 0  # compute kernels launched
+    launch_seconds: float = 0.0  # the host's time to issue them
+    measured_nodes: int = 0  # nodes priced by their measured time (calibrate_kernels)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def simulate(nodes: list[Node], compute: dict[Node, float], communication: dict[Node, float],
-             overlap: bool = True) -> float:
+             overlap: bool = True, launch: dict[Node, float] | None = None) -> float:
     """Finish time of ``nodes`` (program order) on one compute and one communication stream.
 
-    ``compute``: seconds of each compute node; ``communication``: seconds of each c10d op.
-    Without ``overlap`` each c10d op is waited for as soon as it is issued."""
-    compute_free = comm_free = 0.0
+    ``compute``: seconds of each compute node; ``communication``: seconds of each c10d op;
+    ``launch``: the host's seconds to issue each node's kernels. The host issues in program order
+    and never waits for the device (nothing reads a value back), so a node starts no earlier than
+    the host has issued it: a run of kernels shorter than their launches is the host's time, not
+    the device's. Without ``overlap`` each c10d op is waited for as soon as it is issued."""
+    launch = launch or {}
+    host = compute_free = comm_free = 0.0
     finished: dict[Node, float] = {}
     for node in nodes:
+        host += launch.get(node, 0.0)
         if node in communication:
-            start = max(compute_free, comm_free)
+            start = max(compute_free, comm_free, host)
             comm_free = finished[node] = start + communication[node]
             if not overlap:
                 compute_free = comm_free
         elif c10d.is_wait(node):
             issue = node.args[0]
             compute_free = max(compute_free, finished.get(issue, 0.0))
-        else:
-            compute_free += compute.get(node, 0.0)
+        elif node in compute:
+            compute_free = max(compute_free, host) + compute[node]
     return max(compute_free, comm_free)
 
 
-def _fused_bytes(nodes: list[Node], works: dict[Node, Work], pieces: dict) -> dict[Node, float]:
+def _fused_bytes(nodes: list[Node], works: dict[Node, Work], pieces: dict) -> tuple[dict[Node, float], set[Node]]:
     """Bytes each elementwise or reduction aten op moves when a compiler fuses them (inductor):
     a value made by such an op and read only by such ops (through views) stays in registers; it
     is written only where something else (a matrix product, a collective, a custom op, the
-    program's output) reads it, and read only from memory."""
+    program's output) reads it, and read only from memory. Also returns the fusible ops whose
+    value is written: each ends one fused kernel."""
     def fusible(node: Node) -> bool:
         work = works.get(node)
         return work is not None and work.kind == "memory" and isinstance(node.target, torch._ops.OpOverload)
@@ -247,19 +349,22 @@ def _fused_bytes(nodes: list[Node], works: dict[Node, Work], pieces: dict) -> di
     for node in nodes:
         if not fusible(node):
             continue
-        read = sum(_piece_bytes(p) for n in node.all_input_nodes for p in _pieces_of(n, pieces)
+        read = sum(_piece_bytes(p) for n in read_operands(node) for p in _pieces_of(n, pieces)
                    if not fusible(base[n]) or base[n] in written)
         fused[node] = read + (sum(_piece_bytes(p) for p in _pieces_of(node, pieces)) if node in written else 0)
-    return fused
+    return fused, written
 
 
 def predict_step(gm: GraphModule, mesh: MeshSpec, hardware: Hardware | str = "h100", *, link: LinkModel | None = None,
-                 gpus_per_node: int | None = None, pieces: dict | None = None, fused: bool = False) -> Prediction:
+                 gpus_per_node: int | None = None, pieces: dict | None = None, fused: bool = False,
+                 measured: dict[Node, float] | None = None) -> Prediction:
     """The predicted step of the lowered program ``gm`` (see the module docstring).
 
     ``hardware``: a ``passes.cost.HARDWARE`` name or a ``Hardware``; ``link`` replaces its links
     (a calibrated ``LinkModel``); ``gpus_per_node`` its ranks per node. ``fused``: elementwise
-    ops cost what they would fused by a compiler (``_fused_bytes``), not one kernel each."""
+    ops cost what they would fused by a compiler (``_fused_bytes``), not one kernel each, and
+    launch one kernel per fused group. ``measured``: seconds of nodes timed on the device
+    (``calibrate_kernels``), used in place of their modelled time."""
     if isinstance(hardware, str):
         if hardware not in HARDWARE:
             raise ValueError(f"unknown hardware {hardware!r}; known: {', '.join(HARDWARE)}")
@@ -274,11 +379,19 @@ def predict_step(gm: GraphModule, mesh: MeshSpec, hardware: Hardware | str = "h1
     by_kind: dict[str, float] = defaultdict(float)
     works = {node: work for node in nodes if (work := node_work(node, pieces)) is not None}
     if fused:
-        moved = _fused_bytes(nodes, works, pieces)
-        works = {node: replace(work, nbytes=moved.get(node, work.nbytes)) for node, work in works.items()}
+        moved, written = _fused_bytes(nodes, works, pieces)
+        # A fused group is one kernel, launched for the value it writes.
+        works = {node: replace(work, nbytes=moved.get(node, work.nbytes),
+                               kernels=work.kernels if node not in moved else int(node in written))
+                 for node, work in works.items()}
+    measured = measured or {}
+    launch: dict[Node, float] = {}
     for node, work in works.items():
-        seconds = hardware.compute.seconds(work.flops, work.nbytes, work.dtype, work.matmul)
+        seconds = measured.get(node)
+        if seconds is None:
+            seconds = hardware.compute.seconds(work.flops, work.nbytes, work.dtype, work.matmul, work.kind)
         compute[node] = seconds
+        launch[node] = work.kernels * hardware.compute.launch_seconds
         by_kind[work.kind] += seconds
     communication: dict[Node, float] = {}
     by_axis: dict[str, float] = defaultdict(float)
@@ -292,10 +405,118 @@ def predict_step(gm: GraphModule, mesh: MeshSpec, hardware: Hardware | str = "h1
         communication[node] = seconds
         by_axis[label] += seconds
         links[label] = link.axis_link.get(label, "custom")
-    with_overlap = simulate(nodes, compute, communication, overlap=True)
-    without = simulate(nodes, compute, communication, overlap=False)
+    for node in communication:
+        launch[node] = hardware.compute.launch_seconds
+    with_overlap = simulate(nodes, compute, communication, overlap=True, launch=launch)
+    without = simulate(nodes, compute, communication, overlap=False, launch=launch)
     compute_total, comm_total = sum(compute.values()), sum(communication.values())
     exposed = max(with_overlap - compute_total, 0.0)
     hidden = 1.0 - min(exposed / comm_total, 1.0) if comm_total else 0.0
     return Prediction(hardware.name, with_overlap, without, compute_total, comm_total, exposed, hidden,
-                      dict(by_kind), dict(by_axis), links, len(communication))
+                      dict(by_kind), dict(by_axis), links, len(communication),
+                      sum(work.kernels for work in works.values()), sum(launch.values()),
+                      sum(1 for node in works if node in measured))
+
+
+# The kinds whose time depends on the shape far more than bytes and a peak rate say: timed on
+# the device at the program's own shapes by ``calibrate_kernels``.
+_TIMED_KINDS = ("matmul", "grouped_mm", "attention", "loss")
+
+
+def _replay_operands(node: Node, pieces: dict, device: torch.device):
+    """Operands for running ``node``'s op alone on ``device``: random floats of its operands'
+    pieces; integer operands made valid for the op (a grouped GEMM's offsets split the rows
+    evenly over the groups, a loss's targets lie in the vocabulary). None where an operand is
+    not one tensor piece."""
+    name = _name(node)
+    values = []
+    for argument in node.args:
+        if not isinstance(argument, Node):
+            if isinstance(argument, (list, tuple)) and any(isinstance(a, Node) for a in argument):
+                return None
+            values.append(argument)
+            continue
+        found = _pieces_of(argument, pieces)
+        if len(found) != 1:
+            return None
+        shape, dtype = found[0]
+        if dtype.is_floating_point:
+            values.append(torch.randn(shape, device=device, dtype=torch.float32).mul_(0.02).to(dtype))
+        elif name in _GROUPED:
+            rows, groups = values[0].shape[0], shape[0]
+            ends = [(g + 1) * rows // groups for g in range(groups)]
+            values.append(torch.tensor(ends, dtype=torch.int32, device=device))  # the ops take int32 ends
+        elif name == "shardgraph.linear_cross_entropy":
+            values.append(torch.randint(0, values[1].shape[0], shape, device=device, dtype=dtype))
+        else:
+            values.append(torch.zeros(shape, device=device, dtype=dtype))
+    return values
+
+
+def _time_once(run, device: torch.device) -> float:
+    """Seconds of one ``run()``: on a GPU between two events on its stream (the device's time,
+    not the host's wait for it), elsewhere on the host's clock."""
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def calibrate_kernels(gm: GraphModule, mesh: MeshSpec, device="cuda", *, pieces: dict | None = None,
+                      repeats: int = 5, warmup: int = 2) -> dict[Node, float]:
+    """Seconds of each matrix product, grouped GEMM, attention and fused loss of ``gm`` measured
+    on ``device``: each distinct op and operand shape (a layer's repeat shares its first's time)
+    run alone on random operands of one rank's pieces, the median of ``repeats`` after
+    ``warmup``. Routing-dependent ops run with the rows spread evenly over the experts, as the
+    rest of the prediction assumes. Give the result to ``predict_step(measured=...)``."""
+    device = torch.device(device)
+    if pieces is None:
+        from .report import local_pieces
+
+        pieces = local_pieces(gm, mesh)
+    by_signature: dict = {}
+    measured: dict[Node, float] = {}
+    for node in gm.graph.nodes:
+        work = node_work(node, pieces) if node.op == "call_function" else None
+        if work is None or work.kind not in _TIMED_KINDS or node.kwargs:
+            continue
+        signature = (node.target, tuple(tuple(_pieces_of(a, pieces)) if isinstance(a, Node) else repr(a)
+                                        for a in node.args))
+        if signature not in by_signature:
+            operands = _replay_operands(node, pieces, device)
+            if operands is None:
+                by_signature[signature] = None
+                continue
+            samples = []
+            with torch.no_grad():
+                for _ in range(warmup + repeats):
+                    samples.append(_time_once(lambda: node.target(*operands), device))
+            samples = samples[warmup:]
+            by_signature[signature] = sorted(samples)[len(samples) // 2]
+            del operands
+        if by_signature[signature] is not None:
+            measured[node] = by_signature[signature]
+    return measured
+
+
+def measured_efficiency(gm: GraphModule, measured: dict[Node, float], peak: dict, pieces: dict) -> dict[str, float]:
+    """The fraction of the peak (``peak``: FLOP/s by dtype, ``ComputeRates.matmul_flops``) that
+    each timed kind reached in ``measured`` (``calibrate_kernels``): its nodes' FLOPs over their
+    measured seconds. What ``ComputeRates.kind_efficiency`` holds for a card."""
+    flops: dict[str, float] = defaultdict(float)
+    seconds: dict[str, float] = defaultdict(float)
+    for node, taken in measured.items():
+        work = node_work(node, pieces)
+        rate = peak.get(work.dtype) or peak.get(torch.float32)
+        flops[work.kind] += work.flops / rate
+        seconds[work.kind] += taken
+    return {kind: flops[kind] / seconds[kind] for kind in flops if seconds[kind] > 0}
