@@ -126,7 +126,9 @@ EXTRAS: dict[str, dict] = {
     "axk2": {**MLA, **INDEXER},
     "deepseek_v32": {**MLA, **INDEXER},
     "glm_moe_dsa": {**MLA, **INDEXER},
-    "hy_v4": {**MLA, **INDEXER},
+    # swiglu_limit: the clamps of the experts' gate and up (10.0, 7.0 by default) cut some of a tiny
+    # model's products (|gate|, |up| up to 0.4 in DeepSeek-V4's, 0.1 in HunYuan-V4's).
+    "hy_v4": {**MLA, **INDEXER, "swiglu_limit": 0.04},
     "kimi_linear": {**MLA, "q_lora_rank": None, "linear_head_dim": 8, "linear_num_heads": 4, "num_experts_per_token": 2},
     "nemotron_h": {"layers_block_type": ["full_attention", "moe"], "moe_shared_expert_intermediate_size": 16,
                    "mamba_num_heads": 4, "mamba_head_dim": 8, "ssm_state_size": 8, "n_groups": 1, "chunk_size": 8,
@@ -136,7 +138,8 @@ EXTRAS: dict[str, dict] = {
                        "linear_value_head_dim": 8, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "hc_lowrank": 8,
                        "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8, "indexer_budget": 4,
                        "indexer_compress_ratio": 2},
-    "deepseek_v4": {"q_lora_rank": 16, "o_lora_rank": 16, "o_groups": 2, "qk_rope_head_dim": 8, **INDEXER},
+    "deepseek_v4": {"q_lora_rank": 16, "o_lora_rank": 16, "o_groups": 2, "qk_rope_head_dim": 8, **INDEXER,
+                    "swiglu_limit": 0.15},
     "zaya": {"num_experts_per_tok": 1, "router_hidden_size": 16},
     "gemma4_text": {"enable_moe_block": True, "top_k_experts": 2, "hidden_size_per_layer_input": 8,
                     "vocab_size_per_layer_input": VOCAB, "per_layer_config": {}},
@@ -154,7 +157,10 @@ EXTRAS: dict[str, dict] = {
                        "num_key_value_heads": 4},
     "lara_mini": {"linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
                   "linear_num_value_heads": 4},
-    "inkling_text": INKLING, "inkling2_text": INKLING, "inkling2_loop_text": INKLING,
+    # The soft caps of the experts' gate and up (4.0, 25.0 by default) bend a tiny model's products
+    # (|gate|, |up| up to 0.4): tanh(0.4 / 0.1) is far from linear.
+    "inkling_text": INKLING, "inkling2_text": {**INKLING, "mlp_gate_softcap": 0.1, "mlp_up_softcap": 0.2},
+    "inkling2_loop_text": {**INKLING, "mlp_gate_softcap": 0.1, "mlp_up_softcap": 0.2},
 }
 
 # Config keys that count a model's routed experts; a causal LM whose default config has one (at
@@ -255,8 +261,12 @@ def discover() -> list[Discovered]:
 # and attention biases (a bias that is zero cannot show that it is added once, split right or
 # given the right gradient); Doge's dynamic-mask scale ``self_attn.A`` (at zero the mask is
 # exp(0) = 1 everywhere: ``dt_proj`` gets no gradient, and A's own gradient is a sum that
-# cancels to 1e-5 of its terms, where float32 rounding alone moves it by 1e-5 relative).
-NONZERO_PARAMETERS = {"gpt_oss", "doge"}
+# cancels to 1e-5 of its terms, where float32 rounding alone moves it by 1e-5 relative);
+# DeepSeek-V4's attention sinks, compressor position biases and hyper-connection biases (with
+# ``hc_head.hc_base`` at zero every stream weight is sigmoid(~0) = 0.5 and the gradient of
+# ``hc_head.hc_scale`` is a sum of mean-zero terms: float32 rounding moves it by 1e-4 relative,
+# HF's own batched_mm experts in float32 are 3.5e-4 from float64).
+NONZERO_PARAMETERS = {"gpt_oss", "doge", "deepseek_v4"}
 
 
 LAYER_LIST_SUFFIXES = ("layer_types", "_layers", "layers_block_type")
@@ -317,6 +327,15 @@ def build(family: str, seed: int = 0):
     torch.manual_seed(seed)
     with _quiet():
         model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])(config).float().eval()
+    for name, table in model.named_buffers():
+        if name.endswith("tid2eid"):
+            # DeepSeek-V4's hash routing reads its experts from a token -> experts table that HF
+            # starts at zero (set by the checkpoint): every token's slots would all pick expert 0,
+            # and their weights s / (s + s) would give the router no gradient. Distinct experts per
+            # token instead, drawn at random.
+            generator = torch.Generator().manual_seed(seed + 2)
+            rows = [torch.randperm(EXPERTS, generator=generator)[:table.shape[1]] for _ in range(table.shape[0])]
+            table.copy_(torch.stack(rows))
     if family in NONZERO_PARAMETERS:
         generator = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():

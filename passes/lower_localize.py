@@ -4,7 +4,7 @@ Reads
     a placed graph (a ``meta.PlacedValue`` and the global fake value on every node).
 Writes
     for ops that carry sizes in their arguments (``view``, ``reshape``, ``expand``, ``slice_backward``,
-    ``select_backward``, factories), the sizes of this rank's piece, and a sharded ``view`` becomes a
+    ``select_backward``, ``unfold_backward``, factories), the sizes of this rank's piece, and a sharded ``view`` becomes a
     ``reshape`` (a piece may be strided where the whole was not); for ``slice`` and ``split`` on
     an interleaved dim, the stripe boundaries divided by the axis size. ``gather_parameter``
     nodes (zero=3) are removed: lower_redistribute put their all-gather on their input.
@@ -37,6 +37,7 @@ _SHAPE_ARGUMENT = {
     aten.expand.default: 1,
     aten.slice_backward.default: 1,
     aten.select_backward.default: 1,
+    aten.unfold_backward.default: 1,
     aten.ones.default: 0,
     aten.zeros.default: 0,
     aten.full.default: 0,

@@ -23,7 +23,8 @@ Styles and what they mean for a parameter of shape ``shape``:
 ``vocab``          Embedding ``[vocab, hidden]``: ``Shard(0)`` over tp
 ``expert_colwise`` ``[E, 2I, H]`` fused gate/up: ``Shard(0)`` over ep and, when etp > 1,
                    ``InterleavedShard(1, stripes=2)`` over etp, so each etp rank holds the
-                   same part of every expert's gate and up; ``[E, I, H]`` (separate w1/w3):
+                   same part of every expert's gate and up; ``[E, I, H]`` (separate w1/w3,
+                   or the up rows of ungated experts) and interleaved gate/up rows:
                    ``Shard(1)`` over etp
 ``expert_rowwise`` ``[E, H, I]``: ``Shard(0)`` over ep, ``Shard(2)`` over etp
 ``expert_replicate`` ``Shard(0)`` over ep only (every etp rank holds whole experts)
@@ -341,13 +342,14 @@ class ExpertParameter:
     ``style``: the operand's role (``expert_colwise`` gate/up, ``expert_rowwise`` down,
     ``expert_colwise_bias``, ``expert_rowwise_bias``); ``fused``: the gate/up parameter is the op's
     ``[E, 2I, H]`` operand itself (gate and up rows together, not a concatenation of pieces);
-    ``interleaved``: the op reads its gate/up rows interleaved; ``operand_dims``: for each dim of
+    ``layout``: how the op's gate/up rows hold each intermediate unit (``concatenated``,
+    ``interleaved``, ``ungated``: ``ops.moe.GatedActivation.layout``); ``operand_dims``: for each dim of
     the stored parameter, the operand dim it becomes (the path between them only transposes or
     permutes), or None where the path reshapes, concatenates or stacks."""
 
     style: str
     fused: bool
-    interleaved: bool = False
+    layout: str = "concatenated"
     operand_dims: tuple[int, ...] | None = None
 
     def sharding(self, style: str, mesh: MeshSpec) -> Sharding | None:
@@ -355,16 +357,16 @@ class ExpertParameter:
         with it, under the plan's ``style``; None where the name-based style decides."""
         if self.operand_dims is None:
             if self.fused and style == "expert_colwise" and mesh.etp > 1:
-                return Sharding.of(ep=Shard(0), etp=InterleavedShard(1, stripes=2))
+                return expert_weight_shardings(mesh, self.layout)[0]
             return None
         if style == "expert_replicate":
             wanted = Sharding.of(ep=Shard(0))
         elif style != self.style:
             return None
         elif style in ("expert_colwise", "expert_rowwise"):
-            wanted = expert_weight_shardings(mesh, self.interleaved)[style == "expert_rowwise"]
+            wanted = expert_weight_shardings(mesh, self.layout)[style == "expert_rowwise"]
         else:
-            wanted = expert_bias_shardings(mesh, self.interleaved)[style == "expert_rowwise_bias"]
+            wanted = expert_bias_shardings(mesh, self.layout)[style == "expert_rowwise_bias"]
         stored_dim = {operand: stored for stored, operand in enumerate(self.operand_dims)}
         placements = {axis: _moved(placement, stored_dim) for axis, placement in wanted.items()}
         return Sharding(tuple(placements), tuple(placements.values()))
@@ -415,7 +417,7 @@ def expert_parameters(graph_module) -> dict[str, ExpertParameter]:
     for node in graph_module.graph.nodes:
         if node.op != "call_function" or str(node.target) != "shardgraph.moe_experts.default":
             continue
-        interleaved = moe_layout(node)[0]
+        layout = moe_layout(node)[0]
         for position, name, style in _EXPERT_OPERANDS:
             operand = node.args[position] if position < len(node.args) else node.kwargs.get(name)
             if operand is None:
@@ -429,7 +431,7 @@ def expert_parameters(graph_module) -> dict[str, ExpertParameter]:
                 if record is not None:
                     if record.kind is InputKind.PARAMETER:
                         fused = style == "expert_colwise" and not concatenated
-                        found[record.name] = ExpertParameter(style, fused, interleaved, dims)
+                        found[record.name] = ExpertParameter(style, fused, layout, dims)
                     continue
                 # A gathered parameter, and the slice that drops its padding (pad_parameters).
                 if source.op == "call_function" and (str(source.target).startswith(_PASS_THROUGH)
@@ -606,8 +608,8 @@ def expert_layout_shardings(graph_module, mesh: MeshSpec) -> dict[str, Sharding]
     for node in graph_module.graph.nodes:
         if node.op != "call_function" or str(node.target) != "shardgraph.moe_experts.default":
             continue
-        interleaved = moe_layout(node)[0]
-        for position, wanted in zip((3, 4), expert_weight_shardings(mesh, interleaved)):
+        layout = moe_layout(node)[0]
+        for position, wanted in zip((3, 4), expert_weight_shardings(mesh, layout)):
             try:
                 _layouts_behind(node.args[position], wanted, mesh, False, found)
             except _NoLayout:

@@ -18,7 +18,8 @@ count does not divide, the most even split that does is taken and each token is 
 The weights are asked for in the layout the lowering computes with: ``Shard(0)`` over ep, and
 with etp > 1 gate/up split over etp so that every etp rank holds the gate and the up columns of
 the same intermediate units (``InterleavedShard(1, 2)`` of concatenated gate/up rows, ``Shard(1)``
-of interleaved ones, whose pairs stay whole when the intermediate size divides by etp) and down
+of interleaved ones, whose pairs stay whole when the intermediate size divides by etp, and of the
+``I`` up rows of ungated experts) and down
 split on its intermediate dim. The optional biases follow their products: the gate/up bias
 ``[E, 2I]`` splits as the gate/up rows do, the down bias ``[E, H]`` only over ep (it is added
 once, after the etp reduction). A plan that places them otherwise on the expert view is
@@ -64,31 +65,33 @@ def token_sharding(shape: tuple[int, ...], mesh: MeshSpec) -> Sharding:
     return min(options, key=lambda option: option[:2])[2]
 
 
-def _gate_up_columns(interleaved: bool):
+def _gate_up_columns(layout: str):
     """The etp split of dim 1 of the gate/up weight ``[E, 2I, H]`` and of its bias ``[E, 2I]``
-    that gives every etp rank the gate and the up of the same intermediate units."""
-    return Shard(1) if interleaved else InterleavedShard(1, stripes=2)
+    that gives every etp rank the gate and the up of the same intermediate units: two stripes of
+    concatenated gate/up rows; a block of interleaved ones (whole (gate, up) pairs) or of the up
+    rows of ungated experts (``[E, I, H]``, one row per unit)."""
+    return InterleavedShard(1, stripes=2) if layout == "concatenated" else Shard(1)
 
 
-def expert_weight_shardings(mesh: MeshSpec, interleaved: bool = False) -> tuple[Sharding, Sharding]:
-    """(w_gate_up, w_down) as the lowering computes with them (``interleaved``: gate/up rows
-    alternate, the activation spec's ``layout=interleaved``)."""
+def expert_weight_shardings(mesh: MeshSpec, layout: str = "concatenated") -> tuple[Sharding, Sharding]:
+    """(w_gate_up, w_down) as the lowering computes with them; ``layout``: how the gate/up rows hold
+    each intermediate unit, the activation spec's (``ops.moe.GatedActivation.layout``)."""
     if mesh.etp == 1:
         return Sharding.of(ep=Shard(0)), Sharding.of(ep=Shard(0))
-    return (Sharding.of(ep=Shard(0), etp=_gate_up_columns(interleaved)),
+    return (Sharding.of(ep=Shard(0), etp=_gate_up_columns(layout)),
             Sharding.of(ep=Shard(0), etp=Shard(2)))
 
 
-def expert_bias_shardings(mesh: MeshSpec, interleaved: bool = False) -> tuple[Sharding, Sharding]:
+def expert_bias_shardings(mesh: MeshSpec, layout: str = "concatenated") -> tuple[Sharding, Sharding]:
     """(gate_up_bias ``[E, 2I]``, down_bias ``[E, H]``): the gate/up bias splits as the gate/up
     rows; the down bias only over ep, since it is added once after the etp reduction."""
     if mesh.etp == 1:
         return Sharding.of(ep=Shard(0)), Sharding.of(ep=Shard(0))
-    return Sharding.of(ep=Shard(0), etp=_gate_up_columns(interleaved)), Sharding.of(ep=Shard(0))
+    return Sharding.of(ep=Shard(0), etp=_gate_up_columns(layout)), Sharding.of(ep=Shard(0))
 
 
-def moe_layout(node) -> tuple[bool, bool, bool]:
-    """``(interleaved, has gate_up bias, has down bias)`` of a ``moe_experts`` or
+def moe_layout(node) -> tuple[str, bool, bool]:
+    """``(layout of the gate/up rows, has gate_up bias, has down bias)`` of a ``moe_experts`` or
     ``moe_experts_backward`` node, read from its arguments."""
     shift = 1 if "backward" in str(node.target) else 0
 
@@ -97,23 +100,23 @@ def moe_layout(node) -> tuple[bool, bool, bool]:
         return node.args[position] if position < len(node.args) else node.kwargs.get(name, default)
 
     activation = GatedActivation.parse(argument(5, "activation") or "silu")
-    return (activation.interleaved, argument(6, "gate_up_bias") is not None,
+    return (activation.layout, argument(6, "gate_up_bias") is not None,
             argument(7, "down_bias") is not None)
 
 
 def _wanted(ctx) -> tuple[list[int], list[Sharding], bool]:
     """Positions (among the node's tensor inputs) and wanted shardings of its expert weights and
-    biases, and whether the gate/up rows are interleaved."""
-    interleaved, has_gate_up_bias, has_down_bias = moe_layout(ctx.node)
+    biases, and the layout of the gate/up rows."""
+    layout, has_gate_up_bias, has_down_bias = moe_layout(ctx.node)
     first = 4 if "backward" in str(ctx.node.target) else 3
-    gate_up, down = expert_weight_shardings(ctx.mesh, interleaved)
-    gate_up_bias, down_bias = expert_bias_shardings(ctx.mesh, interleaved)
+    gate_up, down = expert_weight_shardings(ctx.mesh, layout)
+    gate_up_bias, down_bias = expert_bias_shardings(ctx.mesh, layout)
     positions, wanted = [first, first + 1], [gate_up, down]
     for present, sharding in ((has_gate_up_bias, gate_up_bias), (has_down_bias, down_bias)):
         if present:
             positions.append(first + len(positions))
             wanted.append(sharding)
-    return positions, wanted, interleaved
+    return positions, wanted, layout
 
 
 def _check_weight(ctx, position: int) -> None:
@@ -137,13 +140,13 @@ def _parameter_behind(node):
     return meta.display_name(node)
 
 
-def _check_layout_divides(ctx, positions, shardings, interleaved: bool = False) -> None:
+def _check_layout_divides(ctx, positions, shardings, layout: str = "concatenated") -> None:
     """The expert layout must split every weight evenly: refused here, naming the parameter, rather
     than as a ragged piece of an internal node later. Interleaved gate/up rows split over etp keep
     their (gate, up) pairs whole only if the intermediate size divides by etp."""
     gate_up = ctx.inputs[positions[0]]
     two_intermediate = tuple(value_of(gate_up).shape)[1]
-    if interleaved and ctx.mesh.etp > 1 and (two_intermediate // 2) % ctx.mesh.etp:
+    if layout == "interleaved" and ctx.mesh.etp > 1 and (two_intermediate // 2) % ctx.mesh.etp:
         raise ShardingError(
             f"expert weight {_parameter_behind(gate_up)!r} of {ctx.node.name} holds interleaved gate/up rows of "
             f"intermediate size {two_intermediate // 2}, which does not divide by etp={ctx.mesh.etp}: a piece "
@@ -180,21 +183,21 @@ def _note(tokens: Sharding, mesh: MeshSpec) -> str:
 
 @register("shardgraph.moe_experts", family="moe_experts", whole=True)
 def rule_moe_experts(ctx):
-    positions, wanted, interleaved = _wanted(ctx)
+    positions, wanted, layout = _wanted(ctx)
     for position in positions:
         _check_weight(ctx, position)
     tokens = token_sharding(tuple(value_of(ctx.inputs[0]).shape), ctx.mesh)
-    _check_layout_divides(ctx, positions, wanted, interleaved)
+    _check_layout_divides(ctx, positions, wanted, layout)
     return [Strategy((tokens, tokens, tokens, *wanted), tokens, view=View.DENSE, note=_note(tokens, ctx.mesh))]
 
 
 @register("shardgraph.moe_experts_backward", family="moe_experts_backward", whole=True)
 def rule_moe_experts_backward(ctx):
-    positions, wanted, interleaved = _wanted(ctx)
+    positions, wanted, layout = _wanted(ctx)
     for position in positions:
         _check_weight(ctx, position)
     tokens = token_sharding(tuple(value_of(ctx.inputs[1]).shape), ctx.mesh)
-    _check_layout_divides(ctx, positions, wanted, interleaved)
+    _check_layout_divides(ctx, positions, wanted, layout)
     # Weight and bias gradients come out as their operands are held, partial over edp. The down
     # bias's gradient is whole on every etp rank: it sums output gradients gathered over etp.
     outputs = (tokens, tokens, *(_weight_gradient(ctx.mesh, sharding) for sharding in wanted))

@@ -233,6 +233,35 @@ def rule_slice_backward(ctx, axis, placements):
     return [AxisCandidate((placement,), out), AxisCandidate((R,), R)]
 
 
+@register(aten.unfold.default, family="unfold")
+def rule_unfold(ctx, axis, placements):
+    """``x.unfold(dim, size, step)``: windows along ``dim`` (which keeps its place, now counting
+    windows) in a new last dim. A window reads neighbouring elements of ``dim``, so a split of it
+    needs the whole dim; a split of any other dim stays where it is. Linear: a partial stays
+    partial (a causal convolution's windows, Inkling 2's)."""
+    placement = placements[0]
+    ndim = len(value_of(ctx.inputs[0]).shape)
+    dim = ctx.args[1] % ndim
+    if placement.is_shard() and placement.dim % ndim == dim:
+        return [AxisCandidate((R,), R, "windows along a sharded dim need the whole dim")]
+    note = "windowing is linear" if placement.is_partial() else ""
+    return [AxisCandidate((placement,), placement, note), AxisCandidate((R,), R)]
+
+
+@register(aten.unfold_backward.default, family="unfold_backward")
+def rule_unfold_backward(ctx, axis, placements):
+    """``unfold_backward(grad, input_sizes, dim, size, step)``: each window's gradient summed back
+    onto the elements it read. A split of a dim other than ``dim`` and the window dim stays; a
+    partial stays partial (the sum is linear)."""
+    placement = placements[0]
+    ndim = len(ctx.args[1])
+    dim = ctx.args[2] % ndim
+    if placement.is_shard() and placement.dim % (ndim + 1) in (dim, ndim):
+        return [AxisCandidate((R,), R, "summing windows along a sharded dim needs the whole dim")]
+    note = "summing windows is linear" if placement.is_partial() else ""
+    return [AxisCandidate((placement,), placement, note), AxisCandidate((R,), R)]
+
+
 @register(aten.cat.default, family="cat")
 def rule_cat(ctx, axis, placements):
     shapes = ctx.input_shapes

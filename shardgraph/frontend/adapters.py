@@ -50,15 +50,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.moe import ACTIVATIONS, LAYOUTS, GatedActivation, activation_function
+from ..ops.moe import ACTIVATIONS, LAYOUTS, UNGATED, GatedActivation, activation_function
 from .errors import AdapterError
 
 __all__ = [
@@ -238,38 +239,72 @@ _HF_LAYOUT = {"has_gate": True, "has_post_expert_norm": False, "_is_expert_paral
 _HF_BIASES = ("gate_up_proj_bias", "down_proj_bias")
 
 
-def identify_gated_activation(apply_gate, two_intermediate: int, path: str, alpha=None, limit=None) -> str:
+def _numeric_settings(module: nn.Module) -> list[float]:
+    """The positive numbers a module and its submodules hold as plain attributes (GPT-OSS's
+    ``limit``, HunYuan-V4's ``swiglu_limit``, Inkling 2's ``act_fn.gate_softcap.softcap``): the
+    candidates for the constants of a gate, so that a gate is recognised by what it computes,
+    whatever its constants are called."""
+    found = set()
+    for submodule in module.modules():
+        for value in vars(submodule).values():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"):
+                found.add(float(value))
+    return sorted(found)
+
+
+def _gate_candidates(alpha, limit, constants: Sequence[float]) -> list[GatedActivation]:
+    """Every gated activation a gate may compute, plain ones first: each elementwise activation
+    as ``act(gate) * up``, then clamped at each constant, GPT-OSS's clamped SwiGLU where ``alpha``
+    and ``limit`` are numbers, and the soft-capped SwiGLU with each ordered pair of constants."""
+    candidates = [GatedActivation(name) for name in ACTIVATIONS]
+    candidates += [GatedActivation(name, limit=c) for c in constants for name in ACTIVATIONS]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (alpha, limit)) and limit > 0:
+        candidates.append(GatedActivation("clamped_swiglu", float(alpha), float(limit)))
+    candidates += [GatedActivation("softcapped_swiglu", gate_softcap=g, up_softcap=u)
+                   for g in constants for u in constants]
+    return candidates
+
+
+def identify_gated_activation(apply_gate, two_intermediate: int, path: str, alpha=None, limit=None,
+                              constants: Sequence[float] = ()) -> str:
     """The ``moe_experts`` activation spec (``ops.moe.GatedActivation``) that ``apply_gate``
-    computes from a ``[n, 2I]`` gate/up product, found by evaluating it on a float64 probe whose
-    values pass any clamp: each elementwise activation as ``act(gate) * up`` and, where the
-    module has a numeric ``alpha`` and ``limit``, ``clamped_swiglu``, each with gate/up columns
-    concatenated and interleaved. Anything else is refused rather than approximated.
+    computes from a ``[n, 2I]`` gate/up product, found by evaluating it on a float64 probe: each
+    elementwise activation as ``act(gate) * up``; the same with both halves clamped at one of
+    ``constants`` (``act(gate.clamp(max=L)) * up.clamp(-L, L)``: DeepSeek-V4, HunYuan-V4); where
+    the module has a numeric ``alpha`` and ``limit``, ``clamped_swiglu``; and
+    ``softcapped_swiglu`` with its two caps among ``constants`` (Inkling 2); each with gate/up
+    columns concatenated and interleaved. The probe's rows come at several scales, the largest
+    beyond twice every constant, so any clamp or cap among them bends some of its values.
+    Anything else is refused rather than approximated.
 
     A gate that computes in float32 whatever its input (``act(gate.float()) * up.float()``, cast
     back: Beam's) rounds the probe's values to float32; its result is then compared at float32's
     precision (relative 2e-6), which still tells every candidate from every other."""
+    constants = sorted({float(c) for c in constants} | ({float(limit)} if isinstance(limit, (int, float))
+                                                         and not isinstance(limit, bool) and limit > 0 else set()))
     generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(16, two_intermediate, dtype=torch.float64, generator=generator) * 6.0
+    scales = sorted({6.0, *(2.0 * c for c in constants)})
+    probe = torch.cat([torch.randn(16, two_intermediate, dtype=torch.float64, generator=generator) * scale
+                       for scale in scales])
     values = _on_probe(apply_gate, probe, path, "gate")
-    candidates = [GatedActivation(name) for name in ACTIVATIONS]
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (alpha, limit)) and limit > 0:
-        candidates.append(GatedActivation("clamped_swiglu", float(alpha), float(limit)))
     rtol, atol = 1e-8, 1e-9
     if (isinstance(values, torch.Tensor) and values.dtype == torch.float64
             and torch.equal(values, values.float().double())):
         rtol, atol = 2e-6, 1e-6  # the gate computed in float32
     tried = []
-    for candidate in candidates:
+    for candidate in _gate_candidates(alpha, limit, constants):
         for layout in LAYOUTS:
-            spec = GatedActivation(candidate.name, candidate.alpha, candidate.limit, layout)
+            spec = dataclasses.replace(candidate, layout=layout)
             tried.append(str(spec))
             expected = spec(probe)
             if (isinstance(values, torch.Tensor) and values.shape == expected.shape
                     and torch.allclose(values, expected, rtol=rtol, atol=atol)):
                 return str(spec)
+    shown = ", ".join(tried[:2 * len(ACTIVATIONS)]) + (f", ... ({len(tried)} in all)" if len(tried) > 8 else "")
     raise AdapterError(
         f"{path}: its gate {_describe(apply_gate)} computes none of the moe_experts gated activations "
-        f"({', '.join(tried)}); register the class with register_experts")
+        f"({shown}; constants tried: {', '.join(f'{c:g}' for c in constants) or 'none'}); register the class with "
+        f"register_experts")
 
 
 def _hf_transposed(path: str, module: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
@@ -336,7 +371,8 @@ def _hf_fused_experts(path: str, module: nn.Module) -> _Recognised:
         # swiglu_limit.
         alpha = getattr(module, "alpha", getattr(module, "swiglu_alpha", None))
         limit = getattr(module, "limit", getattr(module, "swiglu_limit", None))
-        activation = identify_gated_activation(module._apply_gate, two_intermediate, f"{path}._apply_gate", alpha, limit)
+        activation = identify_gated_activation(module._apply_gate, two_intermediate, f"{path}._apply_gate", alpha, limit,
+                                               _numeric_settings(module))
     else:
         if not hasattr(module, "act_fn"):
             raise AdapterError(f"{path}: fused experts without an act_fn; register the class with register_experts")
@@ -361,6 +397,45 @@ def _hf_fused_experts(path: str, module: nn.Module) -> _Recognised:
                                                 w_gate_up, w_down, activation, *extra)
 
     return _Recognised("hf_fused_experts", forward)
+
+
+def _hf_ungated_experts(path: str, module: nn.Module) -> _Recognised:
+    """HF fused experts without a gate (``has_gate=False``, Nemotron-H's ``NemotronHExperts``):
+    ``up_proj [E, I, H]`` and ``down_proj [E, H, I]``, expert ``e`` computing
+    ``act(x up_proj[e]^T) down_proj[e]^T``, weighted by ``top_k_weights`` and summed: ``moe_experts``
+    with the activation's ``layout=ungated`` and ``up_proj`` as ``w_gate_up`` (``I`` rows). Its
+    own forward loops over the hit experts (``.item()``), which tracing cannot follow; it is run
+    on a float64 copy and a probe routing that reaches every expert and must agree."""
+    up, down = module.up_proj, module.down_proj
+    count, intermediate, hidden = up.shape
+    if tuple(down.shape) != (count, hidden, intermediate):
+        raise AdapterError(f"{path}: up_proj {tuple(up.shape)} and down_proj {tuple(down.shape)} of ungated experts "
+                           f"are not [E, I, H] and [E, H, I]; register the class with register_experts")
+    for attribute, expected in (("is_transposed", False), ("has_bias", False), ("has_post_expert_norm", False),
+                                ("_is_expert_parallel", False)):
+        if getattr(module, attribute, expected) != expected:
+            raise AdapterError(f"{path}: {type(module).__name__}.{attribute} is {getattr(module, attribute)!r}; "
+                               f"moe_experts takes ungated experts with {attribute}={expected!r}; register the class "
+                               f"with register_experts")
+    biases = sorted(name for name, _ in module.named_parameters(recurse=False) if name.endswith("bias"))
+    if biases:
+        raise AdapterError(f"{path}: ungated experts with biases {biases}; register the class with register_experts")
+    if _positional_arity(module.forward) not in (None, 3):
+        raise AdapterError(f"{path}: {type(module).__name__}.forward does not take (hidden_states, top_k_index, "
+                           f"top_k_weights); register the class with register_experts")
+    if not hasattr(module, "act_fn"):
+        raise AdapterError(f"{path}: ungated experts without an act_fn; register the class with register_experts")
+    activation = str(GatedActivation(identify_activation(module.act_fn, f"{path}.act_fn"), layout=UNGATED))
+
+    def make_forward(experts: nn.Module):
+        def forward(hidden_states, top_k_index, top_k_weights):
+            return torch.ops.shardgraph.moe_experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype),
+                                                    experts.up_proj, experts.down_proj, activation)
+        return forward
+
+    _verify_routed_experts(path, module, make_forward, hidden, count,
+                           f"act(x up_proj[e]^T) down_proj[e]^T with act {activation}")
+    return _Recognised("hf_ungated_experts", make_forward(module))
 
 
 # ----------------------------------------------------------------------------- blocks checked by their own forward
@@ -509,33 +584,35 @@ def _flat_experts(path: str, module: nn.Module) -> _Recognised:
             return out.view(*hidden_states.shape[:-1], hidden) if hidden_states.dim() > 1 else out
         return forward
 
-    _verify_flat(path, module, make_forward, hidden, count)
+    _verify_routed_experts(path, module, make_forward, hidden, count, "act(x w1[e]^T) * (x v1[e]^T) @ w2[e] with "
+                           "w1/v1/w2 stored flattened [E * I, H]", probe_shape=(1, 6))
     return _Recognised("flat_experts", make_forward(module), covers_children=True)
 
 
-def _verify_flat(path: str, module: nn.Module, make_forward, hidden: int, count: int) -> None:
-    """The module's own forward against the adapter's, on a float64 copy with a fixed routing
-    that reaches every expert."""
+def _verify_routed_experts(path: str, module: nn.Module, make_forward, hidden: int, count: int, what: str,
+                           probe_shape: tuple[int, ...] = (6,)) -> None:
+    """Experts of ``forward(hidden_states, top_k_index, top_k_weights)``: the module's own forward
+    against the adapter's, on a float64 copy with a fixed routing that reaches every expert (6 tokens,
+    ``probe_shape`` their leading dims)."""
     key = (type(module), tuple((n, tuple(p.shape)) for n, p in module.named_parameters()), _settings_key(module))
     if key in _VERIFIED:
         return
     twin = _verification_copy(module)
     ids = torch.arange(12).remainder(count).reshape(6, 2) if count > 1 else torch.zeros(6, 1, dtype=torch.long)
     weights = torch.rand(ids.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    probe = torch.randn(1, 6, hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    probe = torch.randn(*probe_shape, hidden, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         try:
             expected = type(twin).forward(twin, probe, ids, weights)
         except Exception as error:  # noqa: BLE001 - a forward that cannot run on a probe is not recognised
-            raise AdapterError(f"{path}: {type(module).__name__} stores experts flattened but its forward cannot run "
-                               f"on a probe ({type(error).__name__}: {error}); register the class with "
+            raise AdapterError(f"{path}: {type(module).__name__} looks like experts computing {what} but its forward "
+                               f"cannot run on a probe ({type(error).__name__}: {error}); register the class with "
                                f"register_experts") from None
         result = make_forward(twin)(probe, ids, weights)
     if not (isinstance(expected, torch.Tensor) and expected.shape == result.shape
             and torch.allclose(expected, result, rtol=1e-9, atol=1e-12)):
-        raise AdapterError(f"{path}: {type(module).__name__} stores w1/v1/w2 flattened but does not compute "
-                           f"act(x w1[e]^T) * (x v1[e]^T) @ w2[e] weighted by top_k_weights (checked on a float64 "
-                           f"probe); register the class with register_experts")
+        raise AdapterError(f"{path}: {type(module).__name__} does not compute {what} weighted by top_k_weights "
+                           f"(checked on a float64 probe); register the class with register_experts")
     _VERIFIED[key] = True
 
 
@@ -862,14 +939,9 @@ def _recognise(path: str, module: nn.Module) -> _Recognised | None:
         return _titan_block(path, module)
     if _parameter(module, "gate_up_proj", 3) is not None and _parameter(module, "down_proj", 3) is not None:
         return _hf_fused_experts(path, module)
-    up = _parameter(module, "up_proj", 3)
-    if getattr(module, "has_gate", True) is False and up is not None and _parameter(module, "down_proj", 3) is not None:
-        # Nemotron-H: act(x @ up_proj[e]^T) @ down_proj[e]^T, one projection in, no gate; the HF
-        # forward loops over the hit experts, which tracing cannot follow.
-        raise AdapterError(
-            f"{path}: {type(module).__name__} holds ungated experts (has_gate=False, up_proj {tuple(up.shape)}: "
-            f"act(x up_proj[e]^T) down_proj[e]^T); moe_experts computes gated experts (act(gate) * up) only; "
-            f"register the class with register_experts")
+    if (getattr(module, "has_gate", True) is False and _parameter(module, "up_proj", 3) is not None
+            and _parameter(module, "down_proj", 3) is not None):
+        return _hf_ungated_experts(path, module)
     if _has_grouped_weights(module):
         return _grouped_experts(path, module)
     if _is_expert_list(getattr(module, "experts", None)):

@@ -14,14 +14,20 @@ Operands:
   ``I .. 2I-1`` up, the layout of HF transformers 5.x fused experts, whose eager forward computes
   ``F.linear(x, gate_up_proj[e]).chunk(2, dim=-1)`` as ``(gate, up)``; ``interleaved`` has gate
   in the even rows and up in the odd ones (GPT-OSS: ``gate_up[..., ::2]``, ``gate_up[..., 1::2]``);
+  ``ungated`` experts have no gate (Nemotron-H: ``act(x up_proj[e]^T) down_proj[e]^T``) and
+  ``w_gate_up [E, I, H]`` holds the up projection alone;
 * ``w_down [E, H, I]``;
 * ``activation``: a spec string (``GatedActivation``) naming what turns the ``2I`` gate/up
-  columns into ``I``: ``"silu"`` (SwiGLU), ``"gelu"`` (exact, erf) or ``"gelu_tanh"`` (tanh
-  approximation), applied to the gate half and multiplied by up, or
+  columns into ``I``: ``"silu"`` (SwiGLU), ``"gelu"`` (exact, erf), ``"gelu_tanh"`` (tanh
+  approximation) or ``"relu2"`` (squared ReLU), applied to the gate half and multiplied by up
+  (``limit=L`` clamps both first: ``act(gate.clamp(max=L)) * up.clamp(-L, L)``), or
   ``"clamped_swiglu(alpha=A,limit=L)"`` (GPT-OSS): ``gate = gate.clamp(max=L)``,
-  ``up = up.clamp(-L, L)``, ``(up + 1) * gate * sigmoid(A * gate)``. ``layout=interleaved`` in the
+  ``up = up.clamp(-L, L)``, ``(up + 1) * gate * sigmoid(A * gate)``, or
+  ``"softcapped_swiglu(gate_softcap=G,up_softcap=U)"`` (Inkling 2):
+  ``G tanh(gate / G) * sigmoid(gate) * U tanh(up / U)``. ``layout=interleaved`` in the
   parameters selects the interleaved rows: ``"clamped_swiglu(alpha=1.702,limit=7.0,layout=interleaved)"``;
-* ``gate_up_bias [E, 2I]`` (optional): added to each copy's gate/up product before the
+  ``layout=ungated`` the experts without a gate: ``"relu2(layout=ungated)"`` is ``relu(up)^2``;
+* ``gate_up_bias [E, 2I]`` (``[E, I]`` ungated; optional): added to each copy's gate/up product before the
   activation, its columns in the rows' layout;
 * ``down_bias [E, H]`` (optional): added to each copy's down product before the routing weight.
 
@@ -53,11 +59,19 @@ __all__ = [
     "moe_experts_reference",
 ]
 
-# Elementwise activations of the gate half: act(gate) * up.
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+# Elementwise activations: of the gate half (``act(gate) * up``), or of the whole product where
+# the experts have no gate (``layout=ungated``).
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2")
 # Gated activations that read gate and up together (with their parameters).
-GATED_ACTIVATIONS = ("clamped_swiglu",)
+GATED_ACTIVATIONS = ("clamped_swiglu", "softcapped_swiglu")
+# How the rows of ``w_gate_up`` hold the gate and the up projection of each intermediate unit.
 LAYOUTS = ("concatenated", "interleaved")
+# Experts without a gate: ``w_gate_up`` holds the up projection only, I rows.
+UNGATED = "ungated"
+# The numeric settings each activation needs (and, for ACTIVATIONS, may take).
+_REQUIRED = {"clamped_swiglu": ("alpha", "limit"), "softcapped_swiglu": ("gate_softcap", "up_softcap")}
+_OPTIONAL = {name: ("limit",) for name in ACTIVATIONS}
+_SETTINGS = ("alpha", "limit", "gate_softcap", "up_softcap")
 
 
 def activation_function(name: str):
@@ -68,6 +82,8 @@ def activation_function(name: str):
         return F.gelu
     if name == "gelu_tanh":
         return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu2":  # squared ReLU (Primer; Nemotron-H's experts)
+        return lambda x: torch.square(F.relu(x))
     raise ValueError(f"moe_experts: unknown activation {name!r}; known: {', '.join(ACTIVATIONS + GATED_ACTIVATIONS)}")
 
 
@@ -84,7 +100,13 @@ def activation_derivative(name: str, x: torch.Tensor) -> torch.Tensor:
         k = 0.7978845608028654  # sqrt(2 / pi)
         tanh = torch.tanh(k * (x + 0.044715 * x.pow(3)))
         return 0.5 * (1 + tanh) + 0.5 * x * (1 - tanh * tanh) * k * (1 + 3 * 0.044715 * x * x)
+    if name == "relu2":
+        return 2 * F.relu(x)
     raise ValueError(f"moe_experts: unknown activation {name!r}; known: {', '.join(ACTIVATIONS + GATED_ACTIVATIONS)}")
+
+
+def _softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap
 
 
 _PARSED: dict[str, "GatedActivation"] = {}
@@ -94,16 +116,28 @@ _PARSED: dict[str, "GatedActivation"] = {}
 class GatedActivation:
     """What ``moe_experts`` computes between its two products, parsed from the op's spec string.
 
-    ``name(key=value, ...)``: ``name`` one of ``ACTIVATIONS`` (``act(gate) * up``) or
-    ``clamped_swiglu`` (needs ``alpha`` and ``limit``); ``layout`` is ``concatenated`` (gate
-    columns, then up columns; the default) or ``interleaved`` (gate even, up odd). ``str()`` gives
-    the canonical spec, so equal activations have equal strings in a graph.
+    ``name(key=value, ...)``:
+
+    * ``name`` one of ``ACTIVATIONS``: ``act(gate) * up``; with ``limit=L``,
+      ``act(gate.clamp(max=L)) * up.clamp(-L, L)`` (DeepSeek-V4, HunYuan-V4);
+    * ``clamped_swiglu(alpha=A,limit=L)`` (GPT-OSS): ``gate = gate.clamp(max=L)``,
+      ``up = up.clamp(-L, L)``, ``(up + 1) * gate * sigmoid(A * gate)``;
+    * ``softcapped_swiglu(gate_softcap=G,up_softcap=U)`` (Inkling 2):
+      ``G tanh(gate / G) * sigmoid(gate) * U tanh(up / U)`` (the sigmoid sees the raw gate).
+
+    ``layout`` says how the rows of ``w_gate_up`` (and the columns of its product) hold each
+    intermediate unit: ``concatenated`` (gate columns, then up columns; the default),
+    ``interleaved`` (gate even, up odd), or ``ungated`` (experts without a gate: ``I`` up rows,
+    ``act(up)``; an elementwise activation without a limit only). ``str()`` gives the canonical
+    spec, so equal activations have equal strings in a graph.
     """
 
     name: str
     alpha: float | None = None
     limit: float | None = None
     layout: str = "concatenated"
+    gate_softcap: float | None = None
+    up_softcap: float | None = None
 
     @staticmethod
     def parse(spec: str) -> "GatedActivation":
@@ -126,42 +160,61 @@ class GatedActivation:
                 raise ValueError(f"moe_experts: activation spec {spec!r} has no closing parenthesis")
             for item in filter(None, (part.strip() for part in rest[:-1].split(","))):
                 key, equals, value = (part.strip() for part in item.partition("="))
-                if not equals or key not in ("alpha", "limit", "layout") or key in settings:
-                    raise ValueError(f"moe_experts: activation spec {spec!r}: {item!r} is not one of alpha=, limit=, "
-                                     f"layout= (each at most once)")
+                if not equals or key not in _SETTINGS + ("layout",) or key in settings:
+                    raise ValueError(f"moe_experts: activation spec {spec!r}: {item!r} is not one of "
+                                     f"{', '.join(k + '=' for k in _SETTINGS + ('layout',))} (each at most once)")
                 settings[key] = value
         if name not in ACTIVATIONS + GATED_ACTIVATIONS:
             raise ValueError(f"moe_experts: unknown activation {name!r}; known: "
                              f"{', '.join(ACTIVATIONS + GATED_ACTIVATIONS)}")
         layout = settings.pop("layout", "concatenated")
-        if layout not in LAYOUTS:
-            raise ValueError(f"moe_experts: activation spec {spec!r}: layout must be one of {', '.join(LAYOUTS)}")
+        if layout not in LAYOUTS + (UNGATED,):
+            raise ValueError(f"moe_experts: activation spec {spec!r}: layout must be one of "
+                             f"{', '.join(LAYOUTS + (UNGATED,))}")
         numbers = {}
         for key, value in settings.items():
             try:
                 numbers[key] = float(value)
             except ValueError:
                 raise ValueError(f"moe_experts: activation spec {spec!r}: {key}={value!r} is not a number") from None
-        if name in GATED_ACTIVATIONS:
-            if set(numbers) != {"alpha", "limit"}:
-                raise ValueError(f"moe_experts: activation {name!r} needs alpha= and limit=, got spec {spec!r}")
-            if numbers["limit"] <= 0:
-                raise ValueError(f"moe_experts: activation spec {spec!r}: limit must be positive")
-        elif numbers:
-            raise ValueError(f"moe_experts: activation {name!r} takes no {', '.join(sorted(numbers))}")
-        return GatedActivation(name, numbers.get("alpha"), numbers.get("limit"), layout)
+        required = _REQUIRED.get(name, ())
+        if not set(required) <= set(numbers):
+            raise ValueError(f"moe_experts: activation {name!r} needs {' and '.join(k + '=' for k in required)}, "
+                             f"got spec {spec!r}")
+        extra = set(numbers) - set(required) - set(_OPTIONAL.get(name, ()))
+        if extra:
+            raise ValueError(f"moe_experts: activation {name!r} takes no {', '.join(sorted(extra))}")
+        for key in ("limit", "gate_softcap", "up_softcap"):
+            if key in numbers and numbers[key] <= 0:
+                raise ValueError(f"moe_experts: activation spec {spec!r}: {key} must be positive")
+        if layout == UNGATED and (name not in ACTIVATIONS or numbers):
+            raise ValueError(f"moe_experts: activation spec {spec!r}: layout=ungated takes an elementwise activation "
+                             f"({', '.join(ACTIVATIONS)}) without settings: there is no gate or up half to clamp")
+        return GatedActivation(name, numbers.get("alpha"), numbers.get("limit"), layout, numbers.get("gate_softcap"),
+                               numbers.get("up_softcap"))
 
     def __str__(self) -> str:
-        settings = [] if self.alpha is None else [f"alpha={self.alpha!r}", f"limit={self.limit!r}"]
-        settings += ["layout=interleaved"] if self.layout == "interleaved" else []
+        settings = [f"{key}={getattr(self, key)!r}" for key in _SETTINGS if getattr(self, key) is not None]
+        settings += [f"layout={self.layout}"] if self.layout != "concatenated" else []
         return self.name + (f"({','.join(settings)})" if settings else "")
 
     @property
     def interleaved(self) -> bool:
         return self.layout == "interleaved"
 
+    @property
+    def gated(self) -> bool:
+        return self.layout != UNGATED
+
+    @property
+    def rows_per_unit(self) -> int:
+        """Rows of ``w_gate_up`` (columns of its product) per intermediate unit: gate and up, or up alone."""
+        return 2 if self.gated else 1
+
     def split(self, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate, up) columns of a gate/up product (or of a bias, or of its gradient)."""
+        if not self.gated:
+            raise ValueError(f"moe_experts: {self} has no gate: its product is the up projection alone")
         if self.interleaved:
             return gate_up[..., ::2], gate_up[..., 1::2]
         return gate_up.chunk(2, dim=-1)
@@ -173,30 +226,53 @@ class GatedActivation:
         return torch.cat([gate, up], dim=-1)
 
     def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """``[..., 2I] -> [..., I]``."""
+        """``[..., 2I] -> [..., I]`` (``[..., I] -> [..., I]`` ungated)."""
+        if not self.gated:
+            return activation_function(self.name)(gate_up)
         gate, up = self.split(gate_up)
         if self.name == "clamped_swiglu":
             gate = gate.clamp(max=self.limit)
             up = up.clamp(min=-self.limit, max=self.limit)
             return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        if self.name == "softcapped_swiglu":
+            return _softcap(gate, self.gate_softcap) * torch.sigmoid(gate) * _softcap(up, self.up_softcap)
+        if self.limit is not None:
+            gate = gate.clamp(max=self.limit)
+            up = up.clamp(min=-self.limit, max=self.limit)
         return activation_function(self.name)(gate) * up
 
     def backward(self, grad: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
         """The gradient of ``self(gate_up)`` with respect to ``gate_up``, in its layout."""
+        if not self.gated:
+            return grad * activation_derivative(self.name, gate_up)
         gate, up = self.split(gate_up)
+        if self.name == "softcapped_swiglu":
+            tanh_gate, tanh_up = torch.tanh(gate / self.gate_softcap), torch.tanh(up / self.up_softcap)
+            capped_gate, capped_up = tanh_gate * self.gate_softcap, tanh_up * self.up_softcap
+            sigmoid = torch.sigmoid(gate)
+            # d/dgate of capped_gate * sigmoid: (1 - tanh^2) * sigmoid + capped_gate * sigmoid (1 - sigmoid)
+            d_gate = (1 - tanh_gate * tanh_gate) * sigmoid + capped_gate * sigmoid * (1 - sigmoid)
+            grad_gate = grad * capped_up * d_gate
+            grad_up = grad * capped_gate * sigmoid * (1 - tanh_up * tanh_up)
+            return self.join(grad_gate, grad_up)
+        if self.limit is None:
+            grad_gate = grad * up * activation_derivative(self.name, gate)
+            return self.join(grad_gate, grad * activation_function(self.name)(gate))
+        # clamp passes the gradient where its input is within the bounds, ends included (as
+        # torch.clamp's backward does).
+        clamped_gate = gate.clamp(max=self.limit)
+        clamped_up = up.clamp(min=-self.limit, max=self.limit)
+        gate_passes, up_passes = gate <= self.limit, (up >= -self.limit) & (up <= self.limit)
         if self.name == "clamped_swiglu":
-            # clamp passes the gradient where its input is within the bounds, ends included
-            # (as torch.clamp's backward does).
-            clamped_gate = gate.clamp(max=self.limit)
-            clamped_up = up.clamp(min=-self.limit, max=self.limit)
             sigmoid = torch.sigmoid(clamped_gate * self.alpha)
             glu = clamped_gate * sigmoid
             d_glu = sigmoid * (1 + self.alpha * clamped_gate * (1 - sigmoid))
-            grad_gate = grad * (clamped_up + 1) * d_glu * (gate <= self.limit)
-            grad_up = grad * glu * ((up >= -self.limit) & (up <= self.limit))
+            grad_gate = grad * (clamped_up + 1) * d_glu * gate_passes
+            grad_up = grad * glu * up_passes
             return self.join(grad_gate, grad_up)
-        grad_gate = grad * up * activation_derivative(self.name, gate)
-        return self.join(grad_gate, grad * activation_function(self.name)(gate))
+        grad_gate = grad * clamped_up * activation_derivative(self.name, clamped_gate) * gate_passes
+        grad_up = grad * activation_function(self.name)(clamped_gate) * up_passes
+        return self.join(grad_gate, grad_up)
 
 
 def bias_gradient_positions(has_gate_up_bias: bool, has_down_bias: bool) -> tuple[int | None, int | None]:
@@ -228,16 +304,18 @@ def _check(op: str, hidden, topk_ids, topk_weights, w_gate_up, w_down, activatio
             f"{op}: topk_weights {_shape(topk_weights)} must have the shape of topk_ids {_shape(topk_ids)}")
     if not topk_weights.dtype.is_floating_point:
         raise TypeError(f"{op}: topk_weights must be floating point, got {topk_weights.dtype}")
-    if w_gate_up.dim() != 3 or w_gate_up.shape[2] != hidden.shape[1] or w_gate_up.shape[1] % 2:
+    rows_per_unit = parsed.rows_per_unit
+    if w_gate_up.dim() != 3 or w_gate_up.shape[2] != hidden.shape[1] or w_gate_up.shape[1] % rows_per_unit:
+        rows = "2 * intermediate" if parsed.gated else "intermediate (ungated)"
         raise ValueError(
-            f"{op}: w_gate_up must be [experts, 2 * intermediate, hidden={hidden.shape[1]}], "
+            f"{op}: w_gate_up must be [experts, {rows}, hidden={hidden.shape[1]}], "
             f"got shape {_shape(w_gate_up)}"
         )
     experts, two_intermediate, hidden_size = w_gate_up.shape
-    if _shape(w_down) != (experts, hidden_size, two_intermediate // 2):
+    if _shape(w_down) != (experts, hidden_size, two_intermediate // rows_per_unit):
         raise ValueError(
-            f"{op}: w_down must be [experts={experts}, hidden={hidden_size}, intermediate={two_intermediate // 2}], "
-            f"got shape {_shape(w_down)}"
+            f"{op}: w_down must be [experts={experts}, hidden={hidden_size}, "
+            f"intermediate={two_intermediate // rows_per_unit}], got shape {_shape(w_down)}"
         )
     operands = [("w_gate_up", w_gate_up), ("w_down", w_down)]
     for name, bias, shape in (("gate_up_bias", gate_up_bias, (experts, two_intermediate)),

@@ -2,21 +2,23 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from shardgraph.ops import ACTIVATIONS, moe_experts_reference
+from shardgraph.ops import ACTIVATIONS, GatedActivation, moe_experts_reference
 
 moe_experts = torch.ops.shardgraph.moe_experts
 moe_experts_backward = torch.ops.shardgraph.moe_experts_backward
 
 
-def case(seed=0, tokens=9, hidden=6, intermediate=4, experts=5, top_k=2, dtype=torch.float64):
-    """Random operands; the last expert is never chosen, so one group is empty."""
+def case(seed=0, tokens=9, hidden=6, intermediate=4, experts=5, top_k=2, dtype=torch.float64, rows_per_unit=2):
+    """Random operands; the last expert is never chosen, so one group is empty. ``rows_per_unit``:
+    rows of w_gate_up per intermediate unit (1 for ungated experts)."""
     generator = torch.Generator().manual_seed(seed)
     h = torch.randn(tokens, hidden, dtype=dtype, generator=generator)
     ids = torch.stack([torch.randperm(experts - 1, generator=generator)[:top_k] for _ in range(tokens)]
                       or [torch.empty(0, top_k, dtype=torch.long)]).reshape(tokens, top_k)
     weights = torch.rand(tokens, top_k, dtype=dtype, generator=generator)
-    gate_up = torch.randn(experts, 2 * intermediate, hidden, dtype=dtype, generator=generator)
+    gate_up = torch.randn(experts, rows_per_unit * intermediate, hidden, dtype=dtype, generator=generator)
     down = torch.randn(experts, hidden, intermediate, dtype=dtype, generator=generator)
     return h, ids, weights, gate_up, down
 
@@ -25,9 +27,19 @@ def leaves(tensors):
     return [t.clone().requires_grad_(True) for t in tensors]
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+# Beyond the plain elementwise ones: clamped (DeepSeek-V4, HunYuan-V4), soft-capped (Inkling 2), and
+# ungated (Nemotron-H) experts. The operands' products reach |x| ~ 5, so every clamp and cap cuts in.
+MORE_SPECS = ("silu(limit=0.9)", "gelu_tanh(limit=1.5,layout=interleaved)",
+              "softcapped_swiglu(gate_softcap=1.5,up_softcap=2.0)", "relu2(layout=ungated)", "silu(layout=ungated)")
+
+
+def rows_per_unit(activation):
+    return GatedActivation.parse(activation).rows_per_unit
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS + MORE_SPECS)
 def test_forward_and_gradients_match_the_per_token_definition(activation):
-    h, ids, weights, gate_up, down = case()
+    h, ids, weights, gate_up, down = case(rows_per_unit=rows_per_unit(activation))
     ours, theirs = leaves((h, weights, gate_up, down)), leaves((h, weights, gate_up, down))
     out = moe_experts(ours[0], ids, ours[1], ours[2], ours[3], activation)
     reference = moe_experts_reference(theirs[0], ids, theirs[1], theirs[2], theirs[3], activation)
@@ -64,9 +76,9 @@ def test_gate_rows_come_before_up_rows():
     assert not torch.allclose(moe_experts(h, ids, weights, swapped, down, "silu"), expected)
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("activation", ACTIVATIONS + MORE_SPECS[2:4])
 def test_opcheck_passes_for_forward_and_backward(activation):
-    h, ids, weights, gate_up, down = case(dtype=torch.float32)
+    h, ids, weights, gate_up, down = case(dtype=torch.float32, rows_per_unit=rows_per_unit(activation))
     torch.library.opcheck(moe_experts.default, (h, ids, weights, gate_up, down, activation))
     torch.library.opcheck(moe_experts_backward.default,
                           (torch.randn_like(h), h, ids, weights, gate_up, down, activation))
@@ -112,7 +124,7 @@ def test_operands_with_wrong_shapes_or_dtypes_are_named():
         ((h, ids.int(), weights, gate_up, down, "silu"), TypeError, "topk_ids must be int64"),
         ((h, ids, weights, gate_up.float(), down, "silu"), TypeError,
          "w_gate_up is torch.float32 but hidden is torch.float64"),
-        ((h, ids, weights, gate_up, down, "relu2"), ValueError, "unknown activation 'relu2'"),
+        ((h, ids, weights, gate_up, down, "relu3"), ValueError, "unknown activation 'relu3'"),
     ]
     for arguments, error, pattern in cases:
         with pytest.raises(error, match=pattern):
@@ -121,7 +133,6 @@ def test_operands_with_wrong_shapes_or_dtypes_are_named():
 
 # ----------------------------------------------------------------------------- biases, gated activations
 import kernels  # noqa: E402
-from shardgraph.ops import GatedActivation  # noqa: E402
 from shardgraph.runtime import moe as moe_steps  # noqa: E402
 
 GPT_OSS = "clamped_swiglu(alpha=1.702,limit=0.8,layout=interleaved)"
@@ -188,9 +199,18 @@ def test_activation_specs_parse_to_one_canonical_string_and_bad_ones_are_refused
     assert str(parsed) == "clamped_swiglu(alpha=1.702,limit=7.0,layout=interleaved)" and parsed.interleaved
     assert str(GatedActivation.parse("silu")) == "silu" and str(GatedActivation.parse("gelu(layout=interleaved)")) \
         == "gelu(layout=interleaved)"
+    assert str(GatedActivation.parse("silu( limit=10 )")) == "silu(limit=10.0)"
+    parsed = GatedActivation.parse("softcapped_swiglu(up_softcap=25,gate_softcap=4)")
+    assert str(parsed) == "softcapped_swiglu(gate_softcap=4.0,up_softcap=25.0)" and parsed.rows_per_unit == 2
+    parsed = GatedActivation.parse("relu2(layout=ungated)")
+    assert str(parsed) == "relu2(layout=ungated)" and not parsed.gated and parsed.rows_per_unit == 1
     for spec, pattern in [("clamped_swiglu(alpha=1.702)", "needs alpha= and limit="),
                           ("silu(alpha=1)", "takes no alpha"), ("silu(layout=striped)", "layout must be one of"),
-                          ("clamped_swiglu(alpha=x,limit=1)", "is not a number"), ("silu(beta=1)", "is not one of")]:
+                          ("clamped_swiglu(alpha=x,limit=1)", "is not a number"), ("silu(beta=1)", "is not one of"),
+                          ("softcapped_swiglu(gate_softcap=4)", "needs gate_softcap= and up_softcap="),
+                          ("silu(limit=-1)", "limit must be positive"),
+                          ("silu(limit=1,layout=ungated)", "layout=ungated takes an elementwise activation"),
+                          ("clamped_swiglu(alpha=1,limit=1,layout=ungated)", "layout=ungated takes")]:
         with pytest.raises(ValueError, match=pattern):
             GatedActivation.parse(spec)
 
@@ -243,3 +263,50 @@ def test_etp_pieces_with_the_down_bias_added_once_after_the_reduction_give_the_w
         torch.testing.assert_close(piece, grad_gate_up_bias[:, kept], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(moe_steps.expert_bias_gradient(grad_out, offsets, gate_up.shape[0]), grad_down_bias,
                                rtol=1e-10, atol=1e-10)
+
+
+# The activations written out as the models' code computes them (independent of GatedActivation),
+# on (gate, up) halves or, ungated, on the whole product.
+WRITTEN_OUT = {
+    # DeepSeek-V4's and HunYuan-V4's _apply_gate: act_fn(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+    "silu(limit=0.9)": lambda g, u: F.silu(g.clamp(max=0.9)) * u.clamp(min=-0.9, max=0.9),
+    "gelu(limit=1.5)": lambda g, u: F.gelu(g.clamp(max=1.5)) * u.clamp(min=-1.5, max=1.5),
+    # Inkling 2's Inkling2SoftcappedSwiGLU: softcap(gate) * sigmoid(gate) * softcap(up), softcap(x) = tanh(x/c) c
+    "softcapped_swiglu(gate_softcap=1.5,up_softcap=2.0)":
+        lambda g, u: torch.tanh(g / 1.5) * 1.5 * torch.sigmoid(g) * (torch.tanh(u / 2.0) * 2.0),
+    "relu2": lambda g, u: torch.square(torch.relu(g)) * u,
+    # Nemotron-H's experts: ReLUSquaredActivation of the up product, no gate
+    "relu2(layout=ungated)": lambda p: torch.square(torch.relu(p)),
+    "gelu_tanh(layout=ungated)": lambda p: F.gelu(p, approximate="tanh"),
+}
+
+
+@pytest.mark.parametrize("spec", sorted(WRITTEN_OUT))
+def test_each_activation_and_its_derivative_match_the_model_formula_and_autograd_in_float64(spec):
+    act, formula = GatedActivation.parse(spec), WRITTEN_OUT[spec]
+    generator = torch.Generator().manual_seed(11)
+    product = (torch.randn(40, 2 * 6, dtype=torch.float64, generator=generator) * 2.5).requires_grad_(True)
+    expected = formula(product) if not act.gated else formula(*product.chunk(2, dim=-1))
+    torch.testing.assert_close(act(product), expected, rtol=1e-13, atol=1e-13)
+    grad = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
+    (autograd,) = torch.autograd.grad(expected, product, grad)
+    torch.testing.assert_close(act.backward(grad, product.detach()), autograd, rtol=1e-12, atol=1e-12)
+    if act.limit is not None:  # both clamps cut in, so the gradient masks are exercised
+        gate, up = product.detach().chunk(2, dim=-1)
+        assert (gate > act.limit).any() and (up.abs() > act.limit).any()
+    if act.gate_softcap is not None:  # far into tanh's bend
+        assert (product.detach().abs() > 2 * act.up_softcap).any()
+
+
+def test_ungated_experts_take_intermediate_rows_and_refuse_a_gated_shape():
+    h, ids, weights, up, down = case(seed=9, rows_per_unit=1)
+    expected = torch.zeros_like(h)
+    for t in range(h.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            expected[t] += weights[t, j] * (down[e] @ torch.square(torch.relu(up[e] @ h[t])))
+    torch.testing.assert_close(moe_experts(h, ids, weights, up, down, "relu2(layout=ungated)"), expected,
+                               rtol=1e-12, atol=1e-12)
+    gated = torch.cat([up, up], dim=1)
+    with pytest.raises(ValueError, match=r"w_down must be \[experts=5, hidden=6, intermediate=8\]"):
+        moe_experts(h, ids, weights, gated, down, "relu2(layout=ungated)")

@@ -332,6 +332,11 @@ def _sequence_mixers(m: _Maker) -> list[Sample]:
             Sample(aten.constant_pad_nd.default, (m.f(8, 16), [1, 1], 2.5)),
             Sample(aten.flip.default, (m.f(8, 16), [1])),
             Sample(aten.flip.default, (m.f(8, 16, 8), [0, 2])),
+            # a causal convolution's windows (Inkling 2): [batch, channels, length] -> [.., windows, size]
+            Sample(aten.unfold.default, (m.f(8, 16, 11), -1, 4, 1)),
+            Sample(aten.unfold.default, (m.f(8, 16, 8), 1, 4, 2)),
+            Sample(aten.unfold_backward.default, (m.f(8, 16, 8, 4), [8, 16, 11], 2, 4, 1)),
+            Sample(aten.unfold_backward.default, (m.f(8, 7, 8, 4), [8, 16, 8], 1, 4, 2)),
             Sample(prims.broadcast_in_dim.default, (m.f(8, 16), [8, 16, 1], [0, 1])),
             Sample(prims.broadcast_in_dim.default, (m.f(16), [8, 16], [1])),
             # LayerNorm's statistics [batch, seq, 1] and its weight [hidden] broadcast to the input
