@@ -15,6 +15,13 @@ Columns (``--columns``, comma-separated; all by default):
                        wrapper module so the program returns its gradient)
   ours_inductor        the same program under ``torch.compile`` (``single_device_step(compile="inductor")``;
                        another ``--compile-backend`` compiles the graph module with that backend)
+                       (both compiled with the fused MoE path off: ``kernels.fused_moe.use_fused_moe("off")``)
+  ours_fused           the same program compiled with the fused MoE expert kernels
+  ours_fused_inductor  (``use_fused_moe("on")``: gathered gate/up product with the activation in its
+                       epilogue, down dgrad with the activation's derivative, gathered gate/up wgrad;
+                       ``docs/kernels.md``), eagerly and under ``torch.compile``; each row records
+                       ``fused_moe_layers``, the MoE layers the program runs fused (0 where the
+                       kernels cannot run: a CPU without ``TRITON_INTERPRET=1``)
   hf                   the HF block eagerly, with the experts implementation transformers picks by
                        default for the family (5.x: ``grouped_mm``, one ``torch._grouped_mm`` per
                        projection; recorded per row as ``hf_experts``)
@@ -71,7 +78,8 @@ Timing: median of ``--steps`` steps after ``--warmup`` (CUDA events around each 
 memory over the timed steps (``max_memory_allocated``, and the part above what was allocated
 before them). A column that runs out of memory is recorded as ``oom`` and the next one runs; the
 JSON (default ``benchmarks/results/moe_block.json``) is rewritten after every column. Per row:
-``ours_ms`` (the faster of ours / ours_inductor), ``best_other_ms`` (the fastest of the HF and
+``ours_ms`` (the fastest of the ours columns, fused or not), ``ours_unfused_ms`` and
+``ours_fused_ms`` (the faster of each pair), ``fused_over_ceiling``, ``unfused_over_fused``, ``best_other_ms`` (the fastest of the HF and
 torchtitan columns), ``ours_over_ceiling`` and ``best_other_over_ours``.
 
 torchtitan 0.3.0 and what it imports that torch does not bring: the wheels
@@ -104,14 +112,18 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import kernels  # noqa: E402
+from kernels.fused_moe import use_fused_moe  # noqa: E402
 import shardgraph as sg  # noqa: E402
 from benchmarks.fused_loss import measure  # noqa: E402
 from benchmarks.train_step import benchmark_device, is_out_of_memory, synchronize, versions  # noqa: E402
 from benchmarks.train_step import release as release_memory  # noqa: E402
 
-COLUMNS = ("ours", "ours_inductor", "hf", "hf_compiled", "torchtitan", "torchtitan_compiled", "grouped_gemm_only")
+COLUMNS = ("ours", "ours_inductor", "ours_fused", "ours_fused_inductor", "hf", "hf_compiled", "torchtitan",
+           "torchtitan_compiled", "grouped_gemm_only")
 BLOCK_COLUMNS = COLUMNS[:-1]
-OURS_COLUMNS = ("ours", "ours_inductor")
+UNFUSED_COLUMNS = ("ours", "ours_inductor")
+FUSED_COLUMNS = ("ours_fused", "ours_fused_inductor")
+OURS_COLUMNS = UNFUSED_COLUMNS + FUSED_COLUMNS
 OTHER_COLUMNS = ("hf", "hf_compiled", "torchtitan", "torchtitan_compiled")
 ROUTINGS = ("balanced", "skewed")
 FULL_TOKENS = (8192, 32768)
@@ -386,16 +398,21 @@ class EagerStep:
 
 class ProgramStep:
     """The shardgraph program of ``BlockWithInput(block, hidden)``: ``step() -> (loss, gradients)``
-    with the input's gradient under ``"hidden"`` and the block's under their HF names."""
+    with the input's gradient under ``"hidden"`` and the block's under their HF names. ``fused``:
+    compiled with the fused MoE expert kernels on, else off; ``fused_layers`` counts the MoE
+    layers that took them."""
 
     def __init__(self, block: nn.Module, hidden: torch.Tensor, probe: torch.Tensor, compile_backend=None,
-                 output_probe: torch.Tensor | None = None):
+                 output_probe: torch.Tensor | None = None, fused: bool = False):
         self.model = BlockWithInput(block, hidden, output_probe)
         self.probe = probe
         loss_fn = probe_loss if output_probe is None else (lambda out, probe: out.sum())
         started = time.perf_counter()
-        self.program = sg.compile(self.model, sg.MeshSpec.parse("world=1"), (probe,), loss_fn)
+        with use_fused_moe("on" if fused else "off"):
+            self.program = sg.compile(self.model, sg.MeshSpec.parse("world=1"), (probe,), loss_fn)
         self.compile_s = time.perf_counter() - started
+        self.fused_layers = sum(node.target is torch.ops.shardgraph.gather_glu_grouped_mm.default
+                                for node in self.program.graph_module.graph.nodes)
         self.parameters = {name: p.detach() for name, p in self.model.named_parameters()}
         if compile_backend is None or compile_backend == "inductor":
             self._step = self.program.single_device_step(compile=compile_backend and "inductor")
@@ -421,7 +438,7 @@ def make_step(column: str, shape: Shape, weights, hidden, probe, dtype, args, ex
     backend = args.compile_backend if column.endswith(("_compiled", "_inductor")) else None
     if column in OURS_COLUMNS:
         block = load_weights(hf_block(shape, experts_impl), weights, dtype)
-        return ProgramStep(block, hidden.to(dtype), probe, backend)
+        return ProgramStep(block, hidden.to(dtype), probe, backend, fused=column in FUSED_COLUMNS)
     if column in ("hf", "hf_compiled"):
         block = load_weights(hf_block(shape, experts_impl), weights, dtype)
         return EagerStep(block, hidden.to(dtype), probe, backend)
@@ -577,12 +594,21 @@ def check_column(column, shape, weights, hidden, probe, expected, expected_out, 
     backend = args.compile_backend if column.endswith(("_compiled", "_inductor")) else None
     if column == "torchtitan_compiled":
         return check_compiled_torchtitan(shape, weights, hidden, probe, args)
+    fused_layers = None
     if column in OURS_COLUMNS:
-        block = load_weights(hf_block(shape, experts_impl), weights, torch.float32)
+        fused = column in FUSED_COLUMNS
+        # The fused kernels are checked where they will be timed: on a CUDA device they run there
+        # (float32, IEEE products); on a CPU they run only under TRITON_INTERPRET=1.
+        where = torch.device(args.device) if fused and torch.device(args.device).type == "cuda" else hidden.device
+        block = load_weights(hf_block(shape, experts_impl), {n: w.to(where) for n, w in weights.items()},
+                             torch.float32)
         # The output probe is the loss's probe, so the loss and every gradient are those of the
         # timed program; the output probe's gradient is the block's output.
-        runner = ProgramStep(block, hidden, probe, backend, output_probe=probe)
+        runner = ProgramStep(block, hidden.to(where), probe.to(where), backend, output_probe=probe.to(where),
+                             fused=fused)
+        fused_layers = runner.fused_layers
         _, got = runner.step()
+        got = {name: g.to(hidden.device) for name, g in got.items()}
         out = got.pop("output_probe")
     else:
         patch = bfloat16_as_identity() if column.startswith("torchtitan") else contextlib.nullcontext()
@@ -594,7 +620,10 @@ def check_column(column, shape, weights, hidden, probe, expected, expected_out, 
     errors = {"output": relative(out.reshape(expected_out.shape), expected_out)}
     errors.update({f"grad {name}": relative(got[name], expected[name]) for name in expected})
     worst = max(errors, key=errors.get)
-    return {"max_rel_err": errors[worst], "worst": worst, "errors": errors}
+    checked = {"max_rel_err": errors[worst], "worst": worst, "errors": errors}
+    if fused_layers is not None:
+        checked.update(fused_moe_layers=fused_layers, device=str(runner.probe.device))
+    return checked
 
 
 def check_compiled_torchtitan(shape, weights, hidden, probe, args) -> dict:
@@ -646,6 +675,7 @@ def time_block_column(column, shape, weights, hidden, probe, dtype, device, args
         entry["first_step_s"] = time.perf_counter() - started
         if isinstance(step, ProgramStep):
             entry["shardgraph_compile_s"] = step.compile_s
+            entry["fused_moe_layers"] = step.fused_layers
         gradients = hf_named(column, shape, gradients)
         if column == "hf":
             reference = (loss.double().item(), {n: g.detach() for n, g in gradients.items()})
@@ -740,6 +770,9 @@ def add_ratios(row: dict) -> None:
         return entry.get("ms") if entry.get("ms") is not None and not entry.get("wrong") else None
 
     ours = {c: usable(c) for c in OURS_COLUMNS if usable(c) is not None}
+    unfused = [ms for c, ms in ours.items() if c in UNFUSED_COLUMNS]
+    # A fused column counts as fused only where its program took the fused kernels.
+    fused = [ms for c, ms in ours.items() if c in FUSED_COLUMNS and row["columns"][c].get("fused_moe_layers")]
     others = {c: usable(c) for c in OTHER_COLUMNS if usable(c) is not None}
     ceiling = usable("grouped_gemm_only")
     row["ours_ms"] = min(ours.values()) if ours else None
@@ -749,14 +782,18 @@ def add_ratios(row: dict) -> None:
     row["ceiling_ms"] = ceiling
     row["ours_over_ceiling"] = row["ours_ms"] / ceiling if row["ours_ms"] and ceiling else None
     row["best_other_over_ours"] = row["best_other_ms"] / row["ours_ms"] if row["ours_ms"] and others else None
+    row["ours_unfused_ms"] = min(unfused) if unfused else None
+    row["ours_fused_ms"] = min(fused) if fused else None
+    row["fused_over_ceiling"] = row["ours_fused_ms"] / ceiling if fused and ceiling else None
+    row["unfused_over_fused"] = row["ours_unfused_ms"] / row["ours_fused_ms"] if fused and unfused else None
 
 
 # ---------------------------------------------------------------------------------- output
 def markdown(result: dict) -> str:
     columns = result["columns"]
     head = ["shape", "tokens", "routing", "tok/expert min-max", *[f"{c} ms" for c in columns],
-            "ours / ceiling", "best other / ours"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(columns) + 2)]
+            "ours / ceiling", "fused / ceiling", "best other / ours"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(columns) + 3)]
     for row in result["rows"]:
         cells = [row["shape"], str(row["tokens"]), row["routing"],
                  f"{row['tokens_per_expert']['min']}-{row['tokens_per_expert']['max']}"]
@@ -772,6 +809,7 @@ def markdown(result: dict) -> str:
                 error = entry.get("error", "-")
                 cells.append("oom" if error == "oom" else ("n/a" if "not importable" in error else "failed"))
         cells.append(f"{row['ours_over_ceiling']:.2f}" if row.get("ours_over_ceiling") else "-")
+        cells.append(f"{row['fused_over_ceiling']:.2f}" if row.get("fused_over_ceiling") else "-")
         cells.append(f"{row['best_other_over_ours']:.2f}" if row.get("best_other_over_ours") else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

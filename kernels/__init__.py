@@ -286,3 +286,8 @@ def grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor,
     """``dW[g] = x[rows of g].T @ dout[rows of g]`` in the weight's storage layout."""
     check_wgrad(x, dout, offsets, num_groups, w_layout)
     return torch.ops.shardgraph.grouped_mm_wgrad(x, dout, offsets, num_groups, w_layout)
+
+
+# The fused MoE expert ops (torch.ops.shardgraph.gather_glu_grouped_mm and its backward ops)
+# register themselves on import; they build on the backends above.
+from . import fused_moe  # noqa: E402,F401

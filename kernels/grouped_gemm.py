@@ -223,7 +223,10 @@ def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specializa
     runtime_args = (*descriptors, *args)
     grid = (*grid_of(blocks), 1, 1)[:3]
     if INTERPRETED:
-        kernel.fn.run(*runtime_args, grid=grid, warmup=False, **constexprs, **config.all_kwargs())
+        # The interpreter patches triton.language's module state while a kernel runs, so the
+        # simulator's rank threads interpret one kernel at a time.
+        with _FIRST_CALL_LOCK:
+            kernel.fn.run(*runtime_args, grid=grid, warmup=False, **constexprs, **config.all_kwargs())
         return
     # One compiled kernel per (kernel, problem, specialization), valid for the configuration it
     # was compiled with: comparing that configuration by identity costs nothing, where hashing

@@ -25,6 +25,10 @@ __all__ = [
     "prune_product_tma",
     "prune_wgrad",
     "set_wgrad_blocks",
+    "glu_product_configs",
+    "glu_dgrad_configs",
+    "gathered_wgrad_configs",
+    "prune_glu",
 ]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -138,4 +142,50 @@ def wgrad_portable_configs():
         return _configs(_WGRAD_BLOCKS, [(16, 32, 16, 4, 1)])
     return _configs(_WGRAD_BLOCKS, [
         (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
+    ])
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused MoE kernels (kernels/fused_moe_kernels.py): masked pointer loads, as the portable
+# product, since gathered rows cannot be read through a TMA box on Hopper.
+# ----------------------------------------------------------------------------------------------
+
+
+def glu_product_configs():
+    """The gathered gate/up product with the activation in its epilogue. Each program holds two
+    accumulators (gate and up of the same columns), so a BLOCK_P of 64 does the work, and holds
+    the registers, of a 128-wide tile of the plain product."""
+    if INTERPRETED:
+        return _configs(_PRODUCT_BLOCKS, [(16, 16, 16, 4, 1)])
+    return _configs(_PRODUCT_BLOCKS, [
+        (128, 64, 64, 8, 4), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
+        (128, 64, 32, 4, 4), (64, 128, 64, 4, 3),
+    ])
+
+
+def glu_dgrad_configs():
+    """The down product's dgrad with the activation's derivative in its epilogue: one accumulator,
+    then two tiles of the saved gate/up read and two of its gradient written."""
+    if INTERPRETED:
+        return _configs(_PRODUCT_BLOCKS, [(16, 16, 16, 4, 1)])
+    return _configs(_PRODUCT_BLOCKS, [
+        (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+        (128, 256, 64, 8, 3), (64, 64, 64, 4, 4),
+    ])
+
+
+def prune_glu(configs, named_args, **kwargs):
+    """Drop tiles far wider than the output (I columns)."""
+    i = named_args["I"]
+    narrow = [c for c in configs if c.kwargs["BLOCK_P"] <= max(32, triton.next_power_of_2(i))]
+    return narrow or configs
+
+
+def gathered_wgrad_configs():
+    """The gate/up weight gradient with gathered token rows: (BLOCK_N, BLOCK_K, BLOCK_M)."""
+    if INTERPRETED:
+        return _configs(("BLOCK_N", "BLOCK_K", "BLOCK_M"), [(16, 16, 16, 4, 1)])
+    return _configs(("BLOCK_N", "BLOCK_K", "BLOCK_M"), [
+        (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
     ])

@@ -8,6 +8,14 @@ Writes
     the call sequence of ``shardgraph.runtime.moe`` (sort by expert, count exchange, token
     all-to-all over ep, etp gather, grouping by local expert, ``kernels.grouped_mm`` gate/up,
     activation, ``kernels.grouped_mm`` down, etp reduction, all-to-all back, weighted combine).
+    Where ``kernels.fused_moe.fused_moe_refusal`` allows (by default: tokens on a CUDA device, the
+    Triton grouped GEMM backend, an ``act(gate) * up`` activation, no expert biases) the gather
+    into expert order, the gate/up product and the activation are one kernel,
+    ``gather_glu_grouped_mm``, reading the token rows through an index vector (with ep = etp = 1
+    the token of each copy in expert order; else the local-expert order of the received rows),
+    and the backward takes ``glu_grouped_mm_dgrad`` (down dgrad and activation backward) and
+    ``gather_grouped_mm_wgrad`` (gate/up wgrad through the same index): the grouped copy of the
+    tokens is never made. The forward node's ``fused_moe`` meta says which path it took and why.
     ``moe_experts_backward`` becomes the mirror sequence and reuses the forward's routing,
     splits, grouped tokens and activations (the joint graph holds both directions, so nothing is
     recomputed or sent twice), with ``kernels.grouped_mm_dgrad`` / ``grouped_mm_wgrad``.
@@ -30,8 +38,10 @@ import torch
 from torch.fx import GraphModule, Node
 
 import kernels  # noqa: F401 - registers torch.ops.shardgraph.grouped_mm*
+from kernels.fused_moe import fused_moe_refusal
 from shardgraph import meta
 from shardgraph.mesh import MeshSpec
+from shardgraph.ops.moe import GatedActivation
 from shardgraph.meta import Collective, CollectiveKind, MoeStep, PlacedValue, Purpose, View
 from shardgraph.runtime import collectives
 from shardgraph.runtime import moe as moe_steps
@@ -61,7 +71,7 @@ class Routing:
 
     order: Node  # the token copies sorted by expert
     offsets: Node  # group ends of the grouped tokens
-    grouped: Node  # the tokens the gate/up product read
+    grouped: Node | None  # the tokens the gate/up product read (None on the fused path: never copied)
     gate_up: Node  # its output, before the activation
     activated: Node  # the down product's input
     returned: Node  # expert outputs back on their token's rank, before the combine
@@ -73,10 +83,17 @@ class Routing:
     top_k: int
     local_experts: int
     estimate: float  # bytes one dispatch sends per rank under uniform routing
+    # The fused path: the grouped tokens are rows gather_index[r] of gather_source, read in place.
+    gather_source: Node | None = None
+    gather_index: Node | None = None
 
     @property
     def dispatched(self) -> bool:
         return self.permutation is not None
+
+    @property
+    def fused(self) -> bool:
+        return self.gather_source is not None
 
 
 class _Emitter:
@@ -180,8 +197,11 @@ def lower_moe(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
     return gm
 
 
-def _dispatch(emit: _Emitter, copies: Node, tokens_per_expert: Node, num_experts: int, estimate: float, mesh: MeshSpec):
-    """Exchange counts, send each copy to its expert's rank, gather over etp, group by local expert."""
+def _dispatch(emit: _Emitter, copies: Node, tokens_per_expert: Node, num_experts: int, estimate: float, mesh: MeshSpec,
+              fused: bool = False):
+    """Exchange counts, send each copy to its expert's rank, gather over etp, group by local expert.
+    ``fused``: the grouping is left to the fused product, which reads ``received[permutation]``
+    in place; the first value returned is then ``received``."""
     ep, etp = mesh.ep, mesh.etp
     received_counts = emit.communicate(moe_steps.exchange_counts, tokens_per_expert, "ep",
                                        kind=CollectiveKind.ALL_TO_ALL, axis="ep",
@@ -200,6 +220,10 @@ def _dispatch(emit: _Emitter, copies: Node, tokens_per_expert: Node, num_experts
                                     estimate=estimate / max(ep - 1, 1) * (etp - 1), purpose=Purpose.MOE_ETP,
                                     detail="expert tokens to every etp rank")
         counts = emit.call(moe_steps.etp_gather, emit.comm, received_counts, "etp")
+    if fused:
+        ordered = emit.call(moe_steps.local_expert_order, received, counts)
+        permutation, offsets = emit.item(ordered, 0), emit.item(ordered, 1)
+        return received, permutation, offsets, send, receive, etp_sizes, received_counts
     grouped_ = emit.call(moe_steps.group_by_local_expert, received, counts)
     grouped, permutation, offsets = (emit.item(grouped_, i) for i in range(3))
     return grouped, permutation, offsets, send, receive, etp_sizes, received_counts
@@ -229,25 +253,39 @@ def _lower_forward(graph, emit: _Emitter, node: Node, mesh: MeshSpec, exact_dtyp
     # Uniform routing sends (ep - 1) / ep of each rank's copies away: an estimate for the report;
     # the simulator counts what the routing really sent.
     estimate = _token_bytes(hidden, top_k, mesh) * (mesh.ep - 1) / mesh.ep
+    fused = _fused(node, hidden, activation, gate_up_bias is not None or down_bias is not None)
     sorted_ = emit.call(moe_steps.sort_by_expert, topk_ids, num_experts)
     order, tokens_per_expert = emit.item(sorted_, 0), emit.item(sorted_, 1)
-    copies = emit.call(moe_steps.gather_copies, hidden, order, top_k)
     send = receive = permutation = etp_sizes = received_counts = None
+    gather_source = gather_index = grouped = None
     if mesh.ep == 1 and mesh.etp == 1:
         # Every expert is on this rank: the copies are already grouped by expert, so the offsets
         # stay on the device and nothing waits for the host.
-        grouped = copies
         offsets = emit.call(moe_steps.expert_offsets, tokens_per_expert)
+        if fused:  # copy r of the expert order is row order[r] // top_k of hidden, read in place
+            gather_source, gather_index = hidden, emit.call(moe_steps.token_of_copies, order, top_k)
+        else:
+            grouped = emit.call(moe_steps.gather_copies, hidden, order, top_k)
     else:
+        copies = emit.call(moe_steps.gather_copies, hidden, order, top_k)
         grouped, permutation, offsets, send, receive, etp_sizes, received_counts = _dispatch(
-            emit, copies, tokens_per_expert, num_experts, estimate, mesh)
+            emit, copies, tokens_per_expert, num_experts, estimate, mesh, fused)
+        if fused:  # row r of the local-expert order is row permutation[r] of the received rows
+            gather_source, gather_index, grouped = grouped, permutation, None
     gate_up_weight, gate_up_layout = _weight_in_place(w_gate_up)
     down_weight, down_layout = _weight_in_place(w_down)
-    gate_up = emit.call(torch.ops.shardgraph.grouped_mm.default, grouped, gate_up_weight, offsets, gate_up_layout)
-    if gate_up_bias is not None:
-        # This rank's gate/up columns of each row's expert: the bias is split over etp as the rows are.
-        gate_up = emit.call(moe_steps.add_expert_bias, gate_up, gate_up_bias, offsets)
-    activated = emit.call(moe_steps.glu, gate_up, activation)
+    if fused:
+        parsed = GatedActivation.parse(activation)
+        glu_ = emit.call(torch.ops.shardgraph.gather_glu_grouped_mm.default, gather_source, gather_index,
+                         gate_up_weight, offsets, parsed.name, parsed.interleaved, gate_up_layout)
+        activated, gate_up = emit.item(glu_, 0), emit.item(glu_, 1)
+    else:
+        gate_up = emit.call(torch.ops.shardgraph.grouped_mm.default, grouped, gate_up_weight, offsets,
+                            gate_up_layout)
+        if gate_up_bias is not None:
+            # This rank's gate/up columns of each row's expert: the bias is split over etp as the rows are.
+            gate_up = emit.call(moe_steps.add_expert_bias, gate_up, gate_up_bias, offsets)
+        activated = emit.call(moe_steps.glu, gate_up, activation)
     if exact_dtype is None:
         down = emit.call(torch.ops.shardgraph.grouped_mm.default, activated, down_weight, offsets, down_layout)
     else:
@@ -283,7 +321,20 @@ def _lower_forward(graph, emit: _Emitter, node: Node, mesh: MeshSpec, exact_dtyp
     graph.erase_node(node)
     return Routing(order=order, offsets=offsets, grouped=grouped, gate_up=gate_up, activated=activated,
                    returned=returned, send=send, receive=receive, permutation=permutation, etp_sizes=etp_sizes,
-                   activation=activation, top_k=top_k, local_experts=num_experts // mesh.ep, estimate=estimate)
+                   activation=activation, top_k=top_k, local_experts=num_experts // mesh.ep, estimate=estimate,
+                   gather_source=gather_source, gather_index=gather_index)
+
+
+def _fused(node: Node, hidden: Node, activation: str, has_bias: bool) -> bool:
+    """Whether this MoE layer takes the fused expert kernels (``kernels.fused_moe`` says when);
+    the answer, either way, is kept in the forward node's ``fused_moe`` meta."""
+    found = meta.tensor_value(hidden)
+    parsed = GatedActivation.parse(activation)
+    name = parsed.name if parsed.alpha is None else str(parsed)  # a parametrised activation is not fused
+    refusal = ("no recorded value of the tokens" if found is None
+               else fused_moe_refusal(found, name, parsed.interleaved, has_bias))
+    node.meta["fused_moe"] = refusal or "fused"
+    return refusal is None
 
 
 def _lower_backward(graph, emit: _Emitter, node: Node, routing: Routing, mesh: MeshSpec) -> None:
@@ -306,17 +357,26 @@ def _lower_backward(graph, emit: _Emitter, node: Node, routing: Routing, mesh: M
                                              purpose=Purpose.MOE_ETP, detail="output gradients to every etp rank")
         grad_grouped = emit.call(torch.index_select, grad_received, 0, routing.permutation)
     grouped_mm = torch.ops.shardgraph
-    grad_activated = emit.call(grouped_mm.grouped_mm_dgrad.default, grad_grouped, down_weight, routing.offsets,
-                               down_layout)
     grad_w_down = _operand_layout(emit, emit.call(grouped_mm.grouped_mm_wgrad.default, routing.activated,
                                                   grad_grouped, routing.offsets, routing.local_experts, down_layout),
                                   down_layout)
-    grad_gate_up = emit.call(moe_steps.glu_backward, grad_activated, routing.gate_up, routing.activation)
+    if routing.fused:
+        # The down dgrad with the activation's backward in its epilogue: dh never reaches memory.
+        parsed = GatedActivation.parse(routing.activation)
+        grad_gate_up = emit.call(grouped_mm.glu_grouped_mm_dgrad.default, grad_grouped, down_weight,
+                                 routing.offsets, routing.gate_up, parsed.name, parsed.interleaved, down_layout)
+        grad_w_gate_up = emit.call(grouped_mm.gather_grouped_mm_wgrad.default, routing.gather_source,
+                                   routing.gather_index, grad_gate_up, routing.offsets, routing.local_experts,
+                                   gate_up_layout)
+    else:
+        grad_activated = emit.call(grouped_mm.grouped_mm_dgrad.default, grad_grouped, down_weight, routing.offsets,
+                                   down_layout)
+        grad_gate_up = emit.call(moe_steps.glu_backward, grad_activated, routing.gate_up, routing.activation)
+        grad_w_gate_up = emit.call(grouped_mm.grouped_mm_wgrad.default, routing.grouped, grad_gate_up,
+                                   routing.offsets, routing.local_experts, gate_up_layout)
+    grad_w_gate_up = _operand_layout(emit, grad_w_gate_up, gate_up_layout)
     grad_tokens = emit.call(grouped_mm.grouped_mm_dgrad.default, grad_gate_up, gate_up_weight, routing.offsets,
                             gate_up_layout)
-    grad_w_gate_up = _operand_layout(emit, emit.call(grouped_mm.grouped_mm_wgrad.default, routing.grouped,
-                                                     grad_gate_up, routing.offsets, routing.local_experts,
-                                                     gate_up_layout), gate_up_layout)
     # Bias gradients: each local expert's rows summed. The rows are every row of the etp group
     # (the output gradients were gathered over etp), so the down bias's gradient is whole on each
     # etp rank, as the bias is; the gate/up bias's covers this rank's columns, as its piece does.

@@ -50,6 +50,9 @@ __all__ = ["Work", "node_work", "Prediction", "predict_step", "simulate", "calib
 
 _MATMULS = {"aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm"}
 _GROUPED = {"shardgraph.grouped_mm", "shardgraph.grouped_mm_dgrad", "shardgraph.grouped_mm_wgrad"}
+# The fused MoE products (kernels/fused_moe.py): where each finds its rows and its two other dims.
+_FUSED_GROUPED = {"shardgraph.gather_glu_grouped_mm": (1, 2), "shardgraph.glu_grouped_mm_dgrad": (0, 1),
+                  "shardgraph.gather_grouped_mm_wgrad": (1, None)}
 _ATTENTION_FORWARD = {"shardgraph.attention", "aten.scaled_dot_product_attention",
                       "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
                       "aten._scaled_dot_product_cudnn_attention", "aten._scaled_dot_product_flash_attention_for_cpu"}
@@ -184,6 +187,17 @@ def node_work(node: Node, pieces: dict) -> Work | None:
         # wgrad: x [rows, k] and dout [rows, n] make every expert's [k, n].
         per_row = math.prod(other[1:]) if name != "shardgraph.grouped_mm_wgrad" else x[-1] * other[-1]
         return Work(2.0 * x[0] * per_row, moved, dtype, True, "grouped_mm")
+    if name in _FUSED_GROUPED:
+        rows_at, weight_at = _FUSED_GROUPED[name]
+        rows = _shape(node.args[rows_at], pieces)
+        if weight_at is None:  # wgrad: token rows [.., k] and gradient rows [.., n] make every [n, k]
+            x, dout = _shape(node.args[0], pieces), _shape(node.args[2], pieces)
+            other = None if x is None or dout is None else (0, x[-1], dout[-1])
+        else:  # the gate/up product (both halves) or the down dgrad: every row times its expert's matrix
+            other = _shape(node.args[weight_at], pieces)
+        if rows is None or other is None:
+            return Work(0.0, moved, dtype, True, "grouped_mm")
+        return Work(2.0 * rows[0] * other[1] * other[2], moved, dtype, True, "grouped_mm")
     if name in _ATTENTION_FORWARD or name in _ATTENTION_BACKWARD or name == "shardgraph.attention_backward":
         query = _shape(_argument(node, ("query",), 1 if "backward" in name else 0), pieces)
         key = _shape(_argument(node, ("key",), 2 if "backward" in name else 1), pieces)

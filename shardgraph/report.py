@@ -426,6 +426,19 @@ def _estimated_pieces(node: Node, pieces: dict[Node, list], mesh: MeshSpec) -> l
     if kind == "group_by_local_expert" and arg(0) and arg(1):  # (rows, permutation, offsets)
         rows = arg(0)[0][0]
         return [arg(0), ((rows,), torch.int64), ((arg(1)[0][-1],), torch.int32)]
+    if kind == "token_of_copies" and arg(0):
+        return [arg(0)]
+    if kind == "local_expert_order" and arg(0) and arg(1):  # (permutation, offsets)
+        return [((arg(0)[0][0],), torch.int64), ((arg(1)[0][-1],), torch.int32)]
+    if kind == "gather_glu_grouped_mm" and arg(1) and arg(2):  # (h [rows, I], gate_up [rows, 2I])
+        rows, weight = arg(1)[0][0], arg(2)
+        two_i = weight[0][1 if node.args[6] == "enk" else 2]
+        return [((rows, two_i // 2), weight[1]), ((rows, two_i), weight[1])]
+    if kind == "glu_grouped_mm_dgrad":  # the gradient of the saved gate_up
+        return [arg(3)]
+    if kind == "gather_grouped_mm_wgrad" and arg(0) and arg(2):  # one weight gradient per local expert
+        n, k, groups = arg(2)[0][1], arg(0)[0][1], node.args[4]
+        return [((groups, n, k) if node.args[5] == "enk" else (groups, k, n), arg(0)[1])]
     if kind == "glu" and arg(0):
         return [_rows(arg(0), arg(0)[0][0], arg(0)[0][-1] // 2)]
     if kind == "glu_backward":

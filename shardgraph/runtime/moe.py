@@ -28,6 +28,12 @@ device, and no step reads a value on the host::
     down     = grouped_mm(glu(grouped_mm(grouped, w_gate_up), activation), w_down)
     out      = combine(down, order, topk_weights)
 
+On the fused path (``kernels.fused_moe``) the gather, the gate/up product and the activation are
+one kernel that reads the rows through an index vector, and nothing is copied into expert order::
+
+    h, gate_up = gather_glu_grouped_mm(hidden, token_of_copies(order, top_k), w_gate_up, offsets, ...)
+    (dispatched: gather_glu_grouped_mm(received, permutation, ...), local_expert_order giving both)
+
 The backward mirrors it with the same splits and permutation. Nothing here knows about the
 graph: the MoE lowering pass emits these calls as nodes so a dump shows every step.
 """
@@ -44,7 +50,9 @@ __all__ = [
     "exchange_counts",
     "split_sizes",
     "gather_copies",
+    "token_of_copies",
     "group_by_local_expert",
+    "local_expert_order",
     "ungroup",
     "glu",
     "glu_backward",
@@ -106,7 +114,13 @@ def split_sizes(tokens_per_expert: torch.Tensor, received_counts: torch.Tensor):
 
 
 def gather_copies(hidden: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
-    return hidden.index_select(0, order // top_k)
+    return hidden.index_select(0, token_of_copies(order, top_k))
+
+
+def token_of_copies(order: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The token (row of ``hidden``) of each copy in expert order: the index vector through which
+    the fused gate/up product reads its rows in place of ``gather_copies``' copy."""
+    return order // top_k
 
 
 def etp_sizes(comm, rows, etp_axis):
@@ -144,13 +158,20 @@ def group_by_local_expert(received: torch.Tensor, counts: torch.Tensor):
     permutation applied (``grouped = received[permutation]``) and the int32 end offset of each
     local expert's group, the layout grouped GEMMs read.
     """
+    permutation, offsets = local_expert_order(received, counts)
+    return received.index_select(0, permutation), permutation, offsets
+
+
+def local_expert_order(received: torch.Tensor, counts: torch.Tensor):
+    """``group_by_local_expert`` without the copy: the permutation (row ``r`` of the grouped
+    layout is ``received[permutation[r]]``) and the int32 group end offsets."""
     sources, local_experts = counts.shape
     flat = counts.reshape(-1)
     expert_of_row = torch.arange(local_experts, device=received.device).repeat(sources)
     expert_of_row = torch.repeat_interleave(expert_of_row, flat)
     permutation = torch.sort(expert_of_row, stable=True).indices
     offsets = torch.cumsum(counts.sum(dim=0), dim=0).to(torch.int32)
-    return received.index_select(0, permutation), permutation, offsets
+    return permutation, offsets
 
 
 def ungroup(grouped: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:

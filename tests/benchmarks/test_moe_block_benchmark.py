@@ -78,3 +78,18 @@ def test_routing_gives_the_chosen_experts_their_counts():
     assert module.tokens_per_expert(balanced, shape.experts).tolist() == [10] * 8
     skewed = module.tokens_per_expert(module.expert_choices(shape, 400, "skewed", 0), shape.experts)
     assert skewed[0] == skewed.max() and skewed.sum() == 800 and skewed.min() < skewed.max() / 2
+
+
+def test_a_fused_column_that_could_not_fuse_is_recorded_and_left_out_of_the_fused_ratios(tmp_path):
+    # On a CPU without TRITON_INTERPRET=1 the fused kernels cannot run: the column's program keeps
+    # the unfused path, says so (fused_moe_layers 0), and gives no fused figure. (Under the
+    # interpreter the same column runs the fused kernels: tests/kernels/test_fused_moe.py.)
+    module = load()
+    result = module.main(TINY + ["--shapes", "olmoe", "--routing", "balanced", "--columns", "ours,ours_fused",
+                                 "--out", str(tmp_path / "moe_block.json")])
+    check = result["checks"][0]["columns"]
+    assert check["ours_fused"]["passed"] and check["ours_fused"]["fused_moe_layers"] == 0, check["ours_fused"]
+    row = result["rows"][0]
+    assert row["columns"]["ours_fused"]["fused_moe_layers"] == 0 and row["columns"]["ours"]["fused_moe_layers"] == 0
+    assert row["ours_unfused_ms"] == row["columns"]["ours"]["ms"]
+    assert row["ours_fused_ms"] is None and row["fused_over_ceiling"] is None and row["unfused_over_fused"] is None
