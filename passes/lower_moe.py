@@ -330,7 +330,12 @@ def _fused(node: Node, hidden: Node, activation: str, has_bias: bool) -> bool:
     the answer, either way, is kept in the forward node's ``fused_moe`` meta."""
     found = meta.tensor_value(hidden)
     parsed = GatedActivation.parse(activation)
-    name = parsed.name if parsed.alpha is None else str(parsed)  # a parametrised activation is not fused
+    # The kernels compute the plain act(gate) * up with gate and up concatenated or interleaved;
+    # anything more (a limit, soft caps, GPT-OSS's alpha, ungated rows) keeps the unfused path,
+    # refused under its full spec.
+    plain = (parsed.layout in ("concatenated", "interleaved")
+             and parsed == GatedActivation(parsed.name, layout=parsed.layout))
+    name = parsed.name if plain else str(parsed)
     refusal = ("no recorded value of the tokens" if found is None
                else fused_moe_refusal(found, name, parsed.interleaved, has_bias))
     node.meta["fused_moe"] = refusal or "fused"

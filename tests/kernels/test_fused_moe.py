@@ -152,6 +152,29 @@ def test_opcheck_passes_for_the_three_fused_ops():
         torch.library.opcheck(OPS.gather_grouped_mm_wgrad.default, (x, index, gate_up, offsets, 3, "enk"))
 
 
+@pytest.mark.parametrize("spec", ["silu(limit=7.0)", "relu2(layout=ungated)",
+                                  "softcapped_swiglu(gate_softcap=30.0,up_softcap=30.0)",
+                                  "clamped_swiglu(alpha=1.702,limit=7.0,layout=interleaved)"])
+def test_an_activation_with_more_than_act_gate_times_up_keeps_the_unfused_path(spec):
+    # The kernels know only act(gate) * up: a clamp, soft caps or ungated rows fused would be
+    # silently dropped, so the lowering refuses them under their full spec, in every mode.
+    from torch.fx import Graph
+
+    from passes.lower_moe import _fused
+    from shardgraph import meta
+
+    graph = Graph()
+    hidden = graph.placeholder("hidden")
+    node = graph.call_function(torch.add, (hidden, hidden))
+    meta.set_value(hidden, fake("cuda"))
+    with fused_moe.use_fused_moe("on"):
+        assert not _fused(node, hidden, spec, has_bias=False)
+    assert spec.split("(")[0] in node.meta["fused_moe"]
+    with fused_moe.use_fused_moe("on"):
+        _fused(node, hidden, "silu", has_bias=False)
+    assert "activation" not in node.meta["fused_moe"]  # the plain SwiGLU is not refused for its activation
+
+
 def test_bad_operands_are_refused_naming_the_op_and_the_rule():
     offsets = torch.tensor([2, 4], dtype=torch.int32)
     x, index, w1 = torch.randn(4, 6), torch.tensor([0, 1, 2, 3]), torch.randn(2, 8, 6)
