@@ -212,11 +212,21 @@ class ComputeRates:
 
 # H100 SXM5 (NVIDIA datasheet, dense, no sparsity): BF16/FP16 tensor cores 989 TFLOP/s, FP32 67
 # TFLOP/s (torch's float32 matmul does not use TF32 unless asked), HBM3 3.35 TB/s. H200 SXM: the
-# same compute, HBM3e 4.8 TB/s. Achievable fractions are assumptions: large bf16 GEMMs reach
-# about 70% of the peak with cuBLAS, streaming kernels about 85% of HBM.
+# same compute, HBM3e 4.8 TB/s. The achieved fractions were measured on one H100 by
+# ``benchmarks/train_step.py --predict`` (``calibrate_compute`` and ``calibrate_kernels`` on the
+# 4-layer Qwen3-30B-A3B-shaped program, batch 2 x 4096, bf16;
+# benchmarks/results/train_step_predict_h100.json): its dense products reach 0.53 of the bf16
+# peak, grouped GEMMs 0.48, flash attention forward and backward 0.26 (as FLOPs are counted here:
+# the backward's recomputed forward included), the fused output projection + loss 0.59;
+# streaming kernels 2.93 TB/s (0.87 of HBM), row gathers and scatters 0.58 of that; the host
+# issues a kernel in about 10 us. The H200 takes the same fractions (the same SMs) of its own
+# bandwidth: an assumption until calibrated there.
 _HOPPER_FLOPS = {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12}
-H100_COMPUTE = ComputeRates("h100-sxm", _HOPPER_FLOPS, 0.7, 67e12, 3.35e12, 0.85)
-H200_COMPUTE = ComputeRates("h200-sxm", _HOPPER_FLOPS, 0.7, 67e12, 4.8e12, 0.85)
+_HOPPER_KINDS = {"grouped_mm": 0.48, "attention": 0.26, "loss": 0.59}
+H100_COMPUTE = ComputeRates("h100-sxm", _HOPPER_FLOPS, 0.53, 67e12, 3.35e12, 0.87, kind_efficiency=_HOPPER_KINDS,
+                            indexing_efficiency=0.58, launch_seconds=10e-6)
+H200_COMPUTE = ComputeRates("h200-sxm", _HOPPER_FLOPS, 0.53, 67e12, 4.8e12, 0.87, kind_efficiency=_HOPPER_KINDS,
+                            indexing_efficiency=0.58, launch_seconds=10e-6)
 # A small CPU host (the CI container: 2 cores): float32 matmul ~100 GFLOP/s, bf16 slower without
 # AMX, ~10 GB/s of memory. Rough; calibrate_compute measures the real one.
 CPU_COMPUTE = ComputeRates("cpu", {torch.float32: 100e9, torch.bfloat16: 50e9, torch.float16: 20e9}, 1.0, 20e9,

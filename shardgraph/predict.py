@@ -439,12 +439,14 @@ _TIMED_KINDS = ("matmul", "grouped_mm", "attention", "loss")
 
 def _replay_operands(node: Node, pieces: dict, device: torch.device):
     """Operands for running ``node``'s op alone on ``device``: random floats of its operands'
-    pieces; integer operands made valid for the op (a grouped GEMM's offsets split the rows
-    evenly over the groups, a loss's targets lie in the vocabulary). None where an operand is
-    not one tensor piece."""
-    name = _name(node)
+    pieces; integer operands made valid for the op by their schema name: a grouped GEMM's
+    ``offsets`` split its rows evenly over the groups, an ``index`` picks random rows of the
+    operand before it, a loss's ``target`` lies in the vocabulary. None where an operand is not
+    one tensor piece."""
+    schema = getattr(node.target, "_schema", None)
+    names = [argument.name for argument in schema.arguments] if schema is not None else []
     values = []
-    for argument in node.args:
+    for position, argument in enumerate(node.args):
         if not isinstance(argument, Node):
             if isinstance(argument, (list, tuple)) and any(isinstance(a, Node) for a in argument):
                 return None
@@ -454,13 +456,17 @@ def _replay_operands(node: Node, pieces: dict, device: torch.device):
         if len(found) != 1:
             return None
         shape, dtype = found[0]
+        role = names[position] if position < len(names) else ""
         if dtype.is_floating_point:
             values.append(torch.randn(shape, device=device, dtype=torch.float32).mul_(0.02).to(dtype))
-        elif name in _GROUPED:
-            rows, groups = values[0].shape[0], shape[0]
+        elif role == "offsets":
+            index = next((v for n, v in zip(names, values) if n == "index"), None)
+            rows, groups = (index if index is not None else values[0]).shape[0], shape[0]
             ends = [(g + 1) * rows // groups for g in range(groups)]
             values.append(torch.tensor(ends, dtype=torch.int32, device=device))  # the ops take int32 ends
-        elif name == "shardgraph.linear_cross_entropy":
+        elif role == "index":
+            values.append(torch.randint(0, values[0].shape[0], shape, device=device, dtype=dtype))
+        elif role == "target":
             values.append(torch.randint(0, values[1].shape[0], shape, device=device, dtype=dtype))
         else:
             values.append(torch.zeros(shape, device=device, dtype=dtype))

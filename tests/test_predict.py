@@ -1,6 +1,8 @@
 """The predicted step time: work of single ops against hand-computed FLOPs and bytes, the critical
 path over one compute and one communication stream, and the report's totals."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.fx import Graph, GraphModule
@@ -17,6 +19,8 @@ BF16 = torch.bfloat16
 MESH = MeshSpec(2, tp=2)
 # 10 GB/s and no latency: a collective's time is its bytes / 1e10.
 LINK = LinkModel(axis_bandwidth={"tp": 10e9}, latency=0.0)
+# H100 rates without the host's launch time, so that a step is the device's time alone.
+DEVICE_ONLY = replace(HARDWARE["h100"], compute=replace(HARDWARE["h100"].compute, launch_seconds=0.0))
 
 
 def overlap_graph(sent_bytes: float, independent: bool = True):
@@ -85,14 +89,14 @@ def test_independent_compute_between_a_collective_and_its_wait_hides_it():
     add_seconds = compute.seconds(4096 * 4096, 3 * 4096 * 4096 * 2)
     sent = 0.5 * mm_seconds * 10e9  # the all-reduce takes half the product's time
     gm, pieces = overlap_graph(sent)
-    hidden = predict_step(gm, MESH, "h100", link=LINK, pieces=pieces)
+    hidden = predict_step(gm, MESH, DEVICE_ONLY, link=LINK, pieces=pieces)
     assert hidden.communication_seconds == pytest.approx(sent / 10e9)
     assert hidden.step_seconds == pytest.approx(mm_seconds + add_seconds)  # all of it under the product
     assert hidden.communication_hidden_fraction == pytest.approx(1.0)
     assert hidden.step_seconds_without_overlap == pytest.approx(mm_seconds + add_seconds + sent / 10e9)
     # The product reads the reduced value: nothing to overlap.
     gm, pieces = overlap_graph(sent, independent=False)
-    serial = predict_step(gm, MESH, "h100", link=LINK, pieces=pieces)
+    serial = predict_step(gm, MESH, DEVICE_ONLY, link=LINK, pieces=pieces)
     assert serial.step_seconds == pytest.approx(serial.step_seconds_without_overlap)
     assert serial.communication_hidden_fraction == pytest.approx(0.0)
 
@@ -101,7 +105,7 @@ def test_more_bytes_take_longer_and_overlap_never_slows_the_step():
     steps = []
     for sent in (1e6, 1e8, 1e10):
         gm, pieces = overlap_graph(sent)
-        prediction = predict_step(gm, MESH, "h100", link=LINK, pieces=pieces)
+        prediction = predict_step(gm, MESH, DEVICE_ONLY, link=LINK, pieces=pieces)
         assert prediction.step_seconds <= prediction.step_seconds_without_overlap
         steps.append(prediction.step_seconds)
     assert steps[0] <= steps[1] < steps[2]
@@ -117,8 +121,8 @@ def test_fused_elementwise_chains_move_only_what_crosses_them():
     piece = [((1024, 1024), torch.float32)]
     pieces = {n: piece for n in gm.graph.nodes if n.op != "output"}
     one = 1024 * 1024 * 4
-    eager = predict_step(gm, MESH, "h100", link=LINK, pieces=pieces)
-    fused = predict_step(gm, MESH, "h100", link=LINK, pieces=pieces, fused=True)
+    eager = predict_step(gm, MESH, DEVICE_ONLY, link=LINK, pieces=pieces)
+    fused = predict_step(gm, MESH, DEVICE_ONLY, link=LINK, pieces=pieces, fused=True)
     memory = HARDWARE["h100"].compute.memory_bandwidth * HARDWARE["h100"].compute.memory_efficiency
     # Op by op: mul reads x (once, though it names it twice) and writes a, add reads a and x and
     # writes b. Fused: a stays in registers; each op reads x, b is written once.
@@ -190,8 +194,6 @@ def test_a_copy_into_a_destination_and_a_factory_read_no_operand():
 
 
 def test_kernels_shorter_than_their_launches_take_the_hosts_time():
-    from dataclasses import replace
-
     graph = Graph()
     value = graph.placeholder("x")
     for _ in range(10):
