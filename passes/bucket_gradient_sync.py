@@ -121,6 +121,5 @@ def bucket_gradient_sync(gm: GraphModule, bucket_bytes: int = DEFAULT_BUCKET_BYT
         for bucket in _buckets(members, bucket_bytes):
             if len(bucket) >= 2:
                 _replace_by_bucket(graph, bucket, axis, op)
-    graph.lint()
     gm.recompile()
     return gm

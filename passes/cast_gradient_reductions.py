@@ -125,6 +125,5 @@ def cast_gradient_reductions(gm: GraphModule, reduce_dtype: torch.dtype | None) 
             back = _cast(graph, node, dtype, node)
         node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
         restores[back] = (node, dtype)
-    graph.lint()
     gm.recompile()
     return gm

@@ -59,7 +59,6 @@ def decompose_loss(gm: GraphModule) -> GraphModule:
             user.replace_all_uses_with(mean, delete_user_cb=lambda use: use is not mean)
         if meta.has_value(total_weight) and not weight_users and not loss_users:
             graph.erase_node(total_weight)
-    graph.lint()
     return _with_deferred_code(gm)
 
 

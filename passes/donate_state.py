@@ -106,6 +106,5 @@ def donate_state(gm: GraphModule) -> GraphModule:
         order[write] = order[anchor] + 0.5
         values[position] = write
     set_output_values(graph, values)
-    graph.lint()
     gm.recompile()
     return gm

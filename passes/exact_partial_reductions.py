@@ -118,6 +118,5 @@ def exact_partial_reductions(gm: GraphModule) -> GraphModule:
     for product in widened:
         if not product.users:
             graph.erase_node(product)
-    graph.lint()
     gm.recompile()
     return gm

@@ -435,6 +435,5 @@ def fuse_linear_cross_entropy(gm: GraphModule, mesh: MeshSpec, enabled: bool = T
     for match in matches:
         _rewrite(gm, match, mesh, chunk_bytes)
     if matches:
-        gm.graph.lint()
         gm.recompile()
     return gm

@@ -113,7 +113,6 @@ def gather_parameters(gm: GraphModule, zero: int, reshard_after_forward: bool = 
             roots.append((placeholder, None))
         for root, cast in roots:
             _gather_root(graph, root, cast, phase_of, order, reshard_after_forward or not gather, gather)
-    graph.lint()
     gm.recompile()
     return gm
 

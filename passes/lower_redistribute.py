@@ -340,6 +340,5 @@ def lower_redistribute(gm: GraphModule, mesh: MeshSpec) -> GraphModule:
             set_output_values(graph, [replacements.get(i, o) for i, o in enumerate(inputs)])
         else:
             map_tensor_inputs(node, lambda position, producer: replacements.get(position, producer))
-    graph.lint()
     gm.recompile()
     return gm

@@ -145,7 +145,6 @@ def pad_parameters(gm: GraphModule, mesh: MeshSpec, plan=None, zero: int = 0) ->
                 reader.replace_input_with(parameter, padded)
     _pad_outputs(gm, paddings, zero, insert)
     _recompute_values(graph, inserted, changed)
-    graph.lint()
     gm.recompile()
     return gm
 

@@ -21,11 +21,17 @@
 
 Conditions are checked before and after every pass (as ``torch.fx.passes.infra.pass_base``'s
 ``requires`` / ``ensures``), so a pass that breaks the next one's assumption fails at the seam
-that broke, naming the pass and the node, instead of somewhere downstream.
+that broke, naming the pass and the node, instead of somewhere downstream. fx's ``Graph.lint``
+(every argument a node of the graph defined before its reader, names unique) is the one check
+that walks every argument of every node (a fifth of a second at 48 layers, when every pass ran it):
+it runs once, on the lowered graph, or after every pass where ``CompileOptions.lint_each_pass`` is
+set (by default where the environment variable ``SHARDGRAPH_LINT_EACH_PASS`` is 1, as the test
+suite sets it), which names the pass that broke it.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -34,6 +40,7 @@ import torch
 from torch.fx import GraphModule
 
 from shardgraph import meta
+from shardgraph.frontend.context import collection_paused
 from shardgraph.fx_graph import copy_graph_module
 from shardgraph.mesh import MeshSpec
 from shardgraph.meta import InputKind, MetadataError
@@ -59,7 +66,7 @@ from .recompute import recompute
 from .schedule_collectives import schedule_collectives
 from .schedule_gradient_sync import schedule_gradient_sync
 
-__all__ = ["Condition", "Pass", "PassContractError", "CompileOptions", "Compiled", "PIPELINE", "run_pipeline"]
+__all__ = ["Condition", "Pass", "PassContractError", "CompileOptions", "Compiled", "PIPELINE", "WELL_FORMED", "run_pipeline"]
 
 
 class PassContractError(AssertionError):
@@ -124,12 +131,22 @@ def _no_moe_ops(gm: GraphModule) -> list[str]:
             if is_moe_forward(node) or is_moe_backward(node)]
 
 
+def _well_formed(gm: GraphModule) -> list[str]:
+    try:
+        gm.graph.lint()
+    except (RuntimeError, ValueError) as error:
+        return [str(error)]
+    return []
+
+
 TRACED = Condition("traced: placeholders labelled, output roles present", _traced)
 PLACED = Condition("placed: a PlacedValue on every node", _placed)
 COMMUNICATOR = Condition("one communicator input", _has_communicator)
 COLLECTIVES_TYPED = Condition("every collective carries a Collective record", _collectives_typed)
 NO_MOE_OPS = Condition("no MoE op left to lower", _no_moe_ops)
 C10D_ONLY = Condition("collectives are _c10d_functional ops, each with its wait_tensor", _c10d_only)
+WELL_FORMED = Condition("well-formed (fx lint): every argument defined earlier in the graph, names unique",
+                        _well_formed)
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,9 @@ class CompileOptions:
     # Most bytes of collectives in flight (issued, not yet waited on) that schedule_collectives
     # lets an early issue add; None: passes/schedule_collectives.py's default.
     prefetch_bytes: int | None = None
+    # fx's lint after every pass, not only on the lowered graph: names the pass that left a
+    # graph reading a value before (or without) its definition.
+    lint_each_pass: bool = field(default_factory=lambda: os.environ.get("SHARDGRAPH_LINT_EACH_PASS") == "1")
 
 
 @dataclass
@@ -222,17 +242,24 @@ def _check(step: Pass, conditions: tuple[Condition, ...], gm: GraphModule, when:
 def run_pipeline(traced_module: GraphModule, options: CompileOptions,
                  passes: tuple[Pass, ...] = PIPELINE) -> Compiled:
     """Run ``passes`` over a copy of the traced graph module, checking every contract."""
-    gm = copy_graph_module(traced_module)
-    compiled = Compiled()
-    # What the previous pass was checked to ensure holds of the graph the next pass receives (no
-    # code runs between them), so its requires need not walk the graph again for those.
-    ensured: tuple[Condition, ...] = ()
-    for step in passes:
-        _check(step, tuple(c for c in step.requires if c not in ensured), gm, "requires")
-        started = time.perf_counter()
-        gm = step.run(gm, options, compiled)
-        compiled.pass_seconds[step.name] = time.perf_counter() - started
-        _check(step, step.ensures, gm, "did not ensure")
-        ensured = step.ensures
-    compiled.lowered = gm
+    # The passes' nodes and records stay alive to the end, as the trace's do: see collection_paused.
+    with collection_paused():
+        gm = copy_graph_module(traced_module)
+        compiled = Compiled()
+        # What the previous pass was checked to ensure holds of the graph the next pass receives
+        # (no code runs between them), so its requires need not walk the graph again for those.
+        ensured: tuple[Condition, ...] = ()
+        for step in passes:
+            _check(step, tuple(c for c in step.requires if c not in ensured), gm, "requires")
+            started = time.perf_counter()
+            gm = step.run(gm, options, compiled)
+            compiled.pass_seconds[step.name] = time.perf_counter() - started
+            _check(step, step.ensures + ((WELL_FORMED,) if options.lint_each_pass else ()), gm, "did not ensure")
+            ensured = step.ensures
+        if not options.lint_each_pass:
+            problems = WELL_FORMED.check(gm)
+            if problems:
+                raise PassContractError(f"the lowered graph is not '{WELL_FORMED.name}': {problems[0]} (lint_each_pass, "
+                                        f"or SHARDGRAPH_LINT_EACH_PASS=1, names the pass that broke it)")
+        compiled.lowered = gm
     return compiled

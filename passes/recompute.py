@@ -74,7 +74,6 @@ def recompute(gm: GraphModule, policy: str) -> GraphModule:
     order = {node: index for index, node in enumerate(graph.nodes)}
     for forward in forward_of_layer.values():
         _recompute_layer(graph, forward, kept, order)
-    graph.lint()
     gm.recompile()
     return gm
 

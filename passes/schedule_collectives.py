@@ -184,6 +184,5 @@ def schedule_collectives(gm: GraphModule, prefetch_bytes: float | None = None) -
     position = {node: float(index) for index, node in enumerate(graph.nodes)}
     _sink(graph, position)
     _hoist(graph, position, bound)
-    graph.lint()
     gm.recompile()
     return gm

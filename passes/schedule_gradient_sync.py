@@ -67,6 +67,5 @@ def schedule_gradient_sync(gm: GraphModule) -> GraphModule:
             continue
         anchor.append(node)
         position[node] = (position[anchor] + position[node.next]) / 2
-    graph.lint()
     gm.recompile()
     return gm

@@ -21,7 +21,7 @@ from torch.fx.node import map_arg
 from . import meta
 
 __all__ = ["ancestors", "descendants", "tensor_inputs", "map_tensor_inputs", "op_name", "output_node", "output_values", "is_getitem",
-           "call_nodes", "copy_graph_module"]
+           "call_nodes", "append_copy", "copy_graph", "copy_graph_module"]
 
 
 def _is_tensor_node(node: Node) -> bool:
@@ -84,6 +84,36 @@ def set_output_values(graph: Graph, values: list) -> None:
     node.args = (type(node.args[0])(values) if isinstance(node.args[0], (tuple, list)) else values[0],)
 
 
+def append_copy(graph: Graph, node: Node, args: tuple, kwargs: dict) -> Node:
+    """``graph.node_copy(node)`` reading ``args`` and ``kwargs`` (nodes of ``graph``): a node with
+    ``node``'s op, target, name (made unique by ``graph``'s namespace) and type, and a shallow
+    copy of its records, appended at ``graph``'s insert point.
+
+    The node is created with no arguments and given them after: ``create_node`` walks every
+    argument of a node it is handed (a pytree walk, half the time of a copy) only to warn of a raw
+    symbolic size, which it did already when ``node`` itself was created.
+    """
+    copied = graph.create_node(node.op, node.target, (), None, node.name, node.type)
+    if args:
+        copied.args = args
+    if kwargs:
+        copied.kwargs = kwargs
+    copied.meta.update(node.meta)
+    return copied
+
+
+def copy_graph(graph: Graph) -> Graph:
+    """``copy.deepcopy(graph)``: every node copied in order (``append_copy``), same names, the
+    records shallow-copied, the code generator copied."""
+    copied = Graph(tracer_cls=graph._tracer_cls, tracer_extras=graph._tracer_extras)
+    found: dict[Node, Node] = {}
+    lookup = found.__getitem__
+    for node in graph.nodes:
+        found[node] = append_copy(copied, node, map_arg(node.args, lookup), map_arg(node.kwargs, lookup))
+    copied._codegen = copy.deepcopy(graph._codegen)
+    return copied
+
+
 def copy_graph_module(gm: GraphModule) -> GraphModule:
     """A copy whose graph (nodes and their records) can be rewritten without touching ``gm``.
 
@@ -91,7 +121,7 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
     and code written for the copy's first state (a second per 10,000 nodes) would be thrown away.
     """
     with _use_lazy_graph_module(True):
-        copied = _make_graph_module(gm, copy.deepcopy(gm.graph))
+        copied = _make_graph_module(gm, copy_graph(gm.graph))
     meta.copy_module_records(gm, copied)
     return copied
 

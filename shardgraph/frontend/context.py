@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import sys
 from typing import Any, Iterator
 
 import torch
@@ -108,11 +109,12 @@ def positions_not_packed() -> Iterator[None]:
     HF calls attention with ``is_causal=True`` and no mask, as it does eagerly. Position ids that
     come from the batch (under any argument name) keep HF's own check, and so their mask: a
     packed batch needs it.
+
+    Only an HF model reaches this check, and its modeling file imported ``masking_utils`` when
+    the model was built: a model that did not is traced without importing transformers (a
+    second or more of imports that no other step needs).
     """
-    try:
-        from transformers import masking_utils as module
-    except ImportError:
-        module = None
+    module = sys.modules.get("transformers.masking_utils")
     if module is None or not hasattr(module, "find_packed_sequence_indices"):
         yield
         return
@@ -157,8 +159,9 @@ def collection_paused() -> Iterator[None]:
 
     Tracing allocates fake tensors, proxies and nodes that all stay alive until the graph is
     built; every full collection walks all of them, so its cost grows with the square of the
-    depth (a 48-layer model spent a tenth of its trace there). Cycles made meanwhile are
-    collected after, by the collector's next run.
+    depth (a 48-layer model spent a tenth of its trace there). Writing out repeated layers and
+    the pass pipeline (each copy of the graph, each pass's new nodes) are paused alike. Cycles
+    made meanwhile are collected after, by the collector's next run.
     """
     was_enabled = gc.isenabled()
     gc.disable()

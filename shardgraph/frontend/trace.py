@@ -75,6 +75,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot, make_fx
 
 from .. import meta
+from ..fx_graph import append_copy
 from ..meta import GraphInput, InputKind, OutputRole, Phase
 from .adapters import adapters_installed
 from .context import (FLOW, AttentionRouting, LayerMarks, ModuleTracker, collection_paused, positions_not_packed,
@@ -494,8 +495,9 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor], loss_fn: Cal
     slots = [(n, slot) for n in trainable for slot in optimizer.state_slots()] if optimizer is not None else []
     step = _Step(model, list(parameters), list(buffers), trainable, loss_fn, len(example_inputs), optimizer,
                  clip_grad_norm, slots, compute_dtype)
-    gm, expert_modules = _make_joint_graph(model, step, parameters, buffers, example_inputs, trainable, slots,
-                                           optimizer is not None, reuse_layers)
+    with collection_paused():  # also while the repeated layers are written out (see collection_paused)
+        gm, expert_modules = _make_joint_graph(model, step, parameters, buffers, example_inputs, trainable, slots,
+                                               optimizer is not None, reuse_layers)
 
     labels = _labels(parameters, buffers, names, slots, optimizer is not None)
     if any(_is_mutating(n) for n in gm.graph.nodes):
@@ -1069,13 +1071,13 @@ class _Replicator:
         return item
 
     def _copy(self, node: Node, source: int | None, full: int | None) -> Node:
-        """``node`` written into the new graph: fx's ``node_copy`` carries every record; given the
+        """``node`` written into the new graph: ``append_copy`` carries every record; given the
         name fx derived the original's from, the graph's namespace numbers it as the full trace."""
         if node.op == "placeholder":
             name = f"arg{self.inputs}{self.suffix[node]}"
             self.inputs += 1
             node.name = node.target = name  # the prefix graph is not used again
-            return self.graph.node_copy(node)
+            return append_copy(self.graph, node, node.args, node.kwargs)
         args = tuple(self._mapped(part, source, full) for part in node.args)
         kwargs = {key: self._mapped(part, source, full) for key, part in node.kwargs.items()}
         node.name = self.base[node]
@@ -1083,8 +1085,7 @@ class _Replicator:
                 _flat_length(args, kwargs) != _flat_length(node.args, node.kwargs)
                 or any(isinstance(n, Node) and n in self.changed for n in torch.utils._pytree.tree_leaves((args, kwargs)))):
             return self._recomputed(node, args, kwargs)
-        new = self.graph.node_copy(node, lambda _: None)
-        new.args, new.kwargs = args, kwargs
+        new = append_copy(self.graph, node, args, kwargs)
         if source is not None and full != source:
             self._rename_records(new, source, full)
         return new
@@ -1114,9 +1115,7 @@ class _Replicator:
         with fake_mode if fake_mode is not None else contextlib.nullcontext():
             found = old.target(*values[0], **values[1])
         if _value_signature(found) == _value_signature(meta.value(old)):
-            new = self.graph.node_copy(old, lambda _: None)
-            new.args, new.kwargs = args, kwargs
-            return new
+            return append_copy(self.graph, old, args, kwargs)
         new = self.graph.create_node(old.op, old.target, args, kwargs, name=old.name, type_expr=old.type)
         meta.copy_source_info(old, new)
         meta.set_value(new, found)

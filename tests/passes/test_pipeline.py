@@ -52,3 +52,35 @@ def test_an_unlabelled_graph_is_refused_before_any_pass_runs():
 def test_pass_times_are_recorded_per_pass():
     compiled = run_pipeline(_traced().graph_module, CompileOptions(sg.MeshSpec(2, tp=2)))
     assert set(compiled.pass_seconds) == {p.name for p in PIPELINE}
+
+
+def _reads_before_definition(gm, options, compiled):
+    """A broken pass: the first matrix product is moved above the first of its inputs that is computed."""
+    product = next(n for n in gm.graph.nodes if n.op == "call_function" and "mm" in str(n.target)
+                   and any(source.op == "call_function" for source in n.all_input_nodes))
+    source = next(source for source in product.all_input_nodes if source.op == "call_function")
+    source.prepend(product)
+    return gm
+
+
+def _with_broken(name):
+    return tuple(dataclasses.replace(p, run=_reads_before_definition) if p.name == name else p for p in PIPELINE)
+
+
+def test_with_lint_each_pass_the_pass_that_reads_a_value_before_its_definition_is_named():
+    with pytest.raises(PassContractError, match="pass lower_localize did not ensure 'well-formed .*used before"):
+        run_pipeline(_traced().graph_module, CompileOptions(sg.MeshSpec(2, tp=2), lint_each_pass=True),
+                     _with_broken("lower_localize"))
+
+
+def test_without_lint_each_pass_the_lowered_graph_is_still_linted():
+    with pytest.raises(PassContractError, match="the lowered graph is not 'well-formed .*used before"):
+        run_pipeline(_traced().graph_module, CompileOptions(sg.MeshSpec(2, tp=2), lint_each_pass=False),
+                     _with_broken("lower_localize"))
+
+
+def test_lint_each_pass_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("SHARDGRAPH_LINT_EACH_PASS", "1")
+    assert CompileOptions(sg.MeshSpec(1)).lint_each_pass
+    monkeypatch.delenv("SHARDGRAPH_LINT_EACH_PASS")
+    assert not CompileOptions(sg.MeshSpec(1)).lint_each_pass
