@@ -31,6 +31,7 @@ not in it. Rates come from ``passes.cost.HARDWARE`` presets or from calibration.
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from collections import defaultdict
@@ -265,10 +266,17 @@ def _composite_work(node: Node, pieces: dict) -> Work | None:
         return torch.zeros(shape, dtype=dtype)
 
     work = None
+    # A function that cannot run on these operands makes the fake tensor log an error before it
+    # raises: the fallback below is the answer, not a fault to show.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     try:
         traced = make_fx(node.target, tracing_mode="fake")(*[materialise(a) for a in arguments])
     except Exception:  # data-dependent shapes or host reads: not traceable on fake tensors
         traced = None
+    finally:
+        fake_log.setLevel(level)
     if traced is not None:
         inner: dict = {}
         for inner_node in traced.graph.nodes:
