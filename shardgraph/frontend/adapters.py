@@ -34,6 +34,11 @@ Recognised without registration, in this order:
   contradicts what was found are refused;
 * a ``GroupedExperts``-like module (3-d ``w1``/``w2``/``w3``) whose forward takes
   ``(x, topk_ids, topk_weights)``;
+* JetMoE's MoE MLP (``router.layer`` and ``input_linear`` / ``output_linear`` holding 3-d
+  ``weight``), and its mixture of attention heads: the same layout with one projection each side
+  of attention, called through ``map`` / ``reduce`` instead of ``forward``; those two methods are
+  installed, computing ``routed_linear`` (``routed_linear.py``) with the routing written out.
+  Both are checked against the module's own forward (or map and reduce) on a float64 copy;
 * a block of per-expert MLP modules (transformers 4.x and many remote-code models): an
   ``experts`` ``nn.ModuleList`` of identical modules with bias-free ``gate_proj``/``up_proj``/
   ``down_proj`` (or ``w1``/``w3``/``w2``) ``nn.Linear`` layers, inside a block with a linear router
@@ -61,6 +66,7 @@ from torch import nn
 
 from ..ops.moe import ACTIVATIONS, LAYOUTS, UNGATED, GatedActivation, activation_function
 from .errors import AdapterError
+from .routed_linear import routed_linear, routed_linear_sum
 
 __all__ = [
     "AdapterError",
@@ -70,6 +76,7 @@ __all__ = [
     "identify_activation",
     "identify_gated_activation",
     "adapter_for",
+    "adapter_methods_for",
     "adapters_installed",
 ]
 
@@ -137,8 +144,15 @@ def identify_activation(act_fn, path: str) -> str:
 @dataclass(frozen=True)
 class _Recognised:
     kind: str
-    forward: Callable
+    forward: Callable | None
     covers_children: bool = False
+    # Other methods installed instead of (or with) ``forward``: a module its parent calls through
+    # methods of its own (JetMoE's mixture of attention heads: ``map`` and ``reduce``).
+    methods: dict[str, Callable] = dataclasses.field(default_factory=dict)
+
+    def installed(self) -> dict[str, Callable]:
+        """``{method name: function}`` that ``adapters_installed`` puts on the instance."""
+        return {**({"forward": self.forward} if self.forward is not None else {}), **self.methods}
 
 
 def _parameter(module: nn.Module, name: str, ndim: int) -> torch.Tensor | None:
@@ -630,44 +644,149 @@ def _is_parallel_experts_block(module: nn.Module) -> bool:
             and _parallel_weight(module, "output_linear") is not None)
 
 
+def _is_map_reduce(module: nn.Module) -> bool:
+    """Routed projections called in two halves, ``map`` (project, route) and ``reduce`` (project,
+    weight, sum), with something else (attention) between them."""
+    return callable(getattr(module, "map", None)) and callable(getattr(module, "reduce", None))
+
+
+def _parallel_top_k(path: str, block: nn.Module, count: int) -> int:
+    router = block.router
+    top_k = getattr(router, "top_k", None)
+    if not isinstance(top_k, int) or not 0 < top_k <= count or router.layer.out_features != count:
+        raise AdapterError(f"{path}.router: expected a Linear to {count} logits and a top_k between 1 and {count}")
+    return top_k
+
+
+def _parallel_routing(module: nn.Module, tokens: torch.Tensor, top_k: int):
+    """JetMoE's ``TopKGating`` written out without its sort and ``expert_size.tolist()``: the
+    float32 logits, their ``topk``, ``softmax`` over the chosen ones in the tokens' dtype."""
+    logits = module.router.layer(tokens).float()
+    top_logits, ids = logits.topk(top_k, dim=1)
+    return logits, ids, torch.softmax(top_logits, dim=1).type_as(tokens)
+
+
+def _parallel_bias(path: str, block: nn.Module, hidden: int) -> None:
+    bias = getattr(block, "bias", None)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (hidden,)):
+        raise AdapterError(f"{path}: a bias of shape {tuple(bias.shape)} is not [hidden={hidden}]")
+
+
+def _with_bias(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    return out + module.bias if getattr(module, "bias", None) is not None else out
+
+
+def _mixture_of_attention_heads(path: str, block: nn.Module) -> _Recognised:
+    """JetMoE's mixture of attention heads (``JetMoeMoA``): per-expert query projections
+    ``input_linear.weight [E, Q, H]`` routed before attention and output projections
+    ``output_linear.weight [E, H, Q]`` after it, called by the attention as two methods:
+
+    * ``map(x [.., H]) -> (queries [.., k, Q], router_logits, topo_info)``: query ``j`` of a token
+      is ``x @ input_linear.weight[ids[j]]^T``;
+    * ``reduce(y [.., k, Q], topo_info) -> [.., H]``: ``sum_j gates[j] * y[j] @
+      output_linear.weight[ids[j]]^T + bias``.
+
+    Its router is the MoE MLP's (``topk`` of the float32 logits, ``softmax`` over the chosen),
+    and the module's own methods sort the copies by expert and read the group sizes, which a
+    static graph cannot follow; both halves are traced as ``routed_linear`` (every expert's
+    product, the routed ones gathered: ``E / k`` times the routed FLOPs) with the routing written
+    out, and ``topo_info`` becomes ``(ids, gates)``, which only ``reduce`` reads. The module's own
+    ``map`` and ``reduce``, run on a float64 copy, must agree (queries, logits and output). The
+    weights are not split over ep or tp: they stay whole on every rank."""
+    queries, hidden = block.input_linear.weight.shape[1:]
+    count = block.input_linear.weight.shape[0]
+    if tuple(block.output_linear.weight.shape) != (count, hidden, queries):
+        raise AdapterError(f"{path}: input_linear {tuple(block.input_linear.weight.shape)} and output_linear "
+                           f"{tuple(block.output_linear.weight.shape)} are not [E, Q, H] and [E, H, Q]")
+    top_k = _parallel_top_k(path, block, count)
+    _parallel_bias(path, block, hidden)
+
+    def make_methods(module: nn.Module) -> dict[str, Callable]:
+        def map(layer_input, *args, **kwargs):  # noqa: A001 - the module's own method name
+            tokens = layer_input.reshape(-1, hidden)
+            logits, ids, gates = _parallel_routing(module, tokens, top_k)
+            projected = routed_linear(tokens, ids, module.input_linear.weight)
+            return projected.view(*layer_input.shape[:-1], top_k, queries), logits, (ids, gates)
+
+        def reduce(layer_input, topo_info, *args, **kwargs):
+            ids, gates = topo_info
+            copies = layer_input.reshape(-1, top_k, queries)
+            out = routed_linear_sum(copies, ids, gates, module.output_linear.weight)
+            return _with_bias(module, out.view(*layer_input.shape[:-2], hidden))
+
+        return {"map": map, "reduce": reduce}
+
+    _verify_map_reduce(path, block, make_methods, (2, 6, hidden), top_k, queries)
+    return _Recognised("mixture_of_attention_heads", None, covers_children=True, methods=make_methods(block))
+
+
+def _verify_map_reduce(path: str, block: nn.Module, make_methods, probe_shape, top_k: int, queries: int) -> None:
+    """Refuse ``block`` unless the adapter's ``map`` and ``reduce`` agree with the class's own on a
+    float64 copy: the queries and logits of ``map`` on a probe, and ``reduce`` of one random
+    ``[.., k, Q]`` input, each half given the routing information its own ``map`` returned."""
+    what = ("a mixture of attention heads (router.layer, input_linear [E, Q, H] before attention, output_linear "
+            "[E, H, Q] after it, through map/reduce)")
+    key = ("map_reduce", type(block), tuple((n, tuple(p.shape)) for n, p in block.named_parameters()),
+           _settings_key(block), tuple(probe_shape))
+    if key in _VERIFIED:
+        return
+    twin = _verification_copy(block)
+    with torch.no_grad():
+        # Fresh weights: JetMoE leaves its expert weights uninitialised (torch.empty) and zeroes the
+        # output bias, which would hide whether it is added; the computation is what is checked.
+        generator = torch.Generator().manual_seed(4)
+        for parameter in twin.parameters():
+            parameter.copy_(torch.randn(parameter.shape, dtype=parameter.dtype, generator=generator) * 0.3)
+    probe = torch.randn(*probe_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    attended = torch.randn(*probe_shape[:-1], top_k, queries, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        try:
+            own_queries, own_logits, own_topo = type(twin).map(twin, probe)
+            own_out = type(twin).reduce(twin, attended, own_topo)
+        except Exception as error:  # noqa: BLE001 - methods that cannot run on a probe are not recognised
+            raise AdapterError(f"{path}: {type(block).__name__} looks like {what} but its own map/reduce cannot run "
+                               f"on a probe {list(probe_shape)} ({type(error).__name__}: {error}); register the "
+                               f"class with register_experts") from None
+        methods = make_methods(twin)
+        queries_out, logits_out, topo = methods["map"](probe)
+        out = methods["reduce"](attended, topo)
+    pairs = (("map's queries", own_queries, queries_out), ("map's router logits", own_logits, logits_out),
+             ("reduce", own_out, out))
+    for name, expected, result in pairs:
+        if not (isinstance(expected, torch.Tensor) and expected.shape == result.shape
+                and torch.allclose(expected, result, rtol=1e-9, atol=1e-12)):
+            raise AdapterError(f"{path}: {type(block).__name__} looks like {what} but its own {name} differs from "
+                               f"what shardgraph would trace for it (checked on a float64 probe); register the "
+                               f"class with register_experts")
+    _VERIFIED[key] = True
+
+
 def _parallel_experts_block(path: str, block: nn.Module) -> _Recognised:
     """JetMoE's MoE MLP (``JetMoeMoE``): ``input_linear.weight [E, 2I, H]`` (gate rows, then up
     rows: ``chunk(2)`` of the product), ``output_linear.weight [E, H, I]``, the router
     ``topk`` of the float32 logits, ``softmax`` over the chosen ones, and a bias ``[H]`` added to
     the block's output. Its mixture-of-attention-heads twin (``JetMoeMoA``: the same weights
-    around attention, called through ``map`` / ``reduce``) computes no gated MLP and is refused."""
-    if callable(getattr(block, "map", None)) and callable(getattr(block, "reduce", None)):
-        raise AdapterError(
-            f"{path}: {type(block).__name__} is a mixture of attention heads (per-expert query projections routed "
-            f"before attention, per-expert output projections after it, called through map/reduce); moe_experts "
-            f"computes a routed gated MLP, and shardgraph does not support routed attention projections")
+    around attention, called through ``map`` / ``reduce``) is ``_mixture_of_attention_heads``."""
     gate_up, down = block.input_linear.weight, block.output_linear.weight
     count, two_intermediate, hidden = gate_up.shape
     if two_intermediate % 2 or tuple(down.shape) != (count, hidden, two_intermediate // 2):
         raise AdapterError(f"{path}: input_linear {tuple(gate_up.shape)} and output_linear {tuple(down.shape)} are not "
                            f"[E, 2I, H] and [E, H, I]")
-    router = block.router
-    top_k = getattr(router, "top_k", None)
-    if not isinstance(top_k, int) or not 0 < top_k <= count or router.layer.out_features != count:
-        raise AdapterError(f"{path}.router: expected a Linear to {count} logits and a top_k between 1 and {count}")
+    top_k = _parallel_top_k(path, block, count)
     act_fn = next((getattr(block, n) for n in _ACTIVATION_NAMES if callable(getattr(block, n, None))), None)
     if act_fn is None:
         raise AdapterError(f"{path}: no activation; register the class with register_experts")
     activation = identify_activation(act_fn, f"{path}.activation")
-    bias = getattr(block, "bias", None)
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (hidden,)):
-        raise AdapterError(f"{path}: a bias of shape {tuple(bias.shape)} is not [hidden={hidden}]")
+    _parallel_bias(path, block, hidden)
 
     def make_forward(module: nn.Module):
         def forward(layer_input, *args, **kwargs):
             tokens = layer_input.reshape(-1, hidden)
-            logits = module.router.layer(tokens).float()
-            top_logits, ids = logits.topk(top_k, dim=1)
-            gates = torch.softmax(top_logits, dim=1).type_as(tokens)
+            _, ids, gates = _parallel_routing(module, tokens, top_k)
             out = torch.ops.shardgraph.moe_experts(tokens, ids, gates, module.input_linear.weight,
                                                    module.output_linear.weight, activation)
-            out = out.view(*layer_input.shape[:-1], hidden)
-            return out + module.bias if getattr(module, "bias", None) is not None else out
+            return _with_bias(module, out.view(*layer_input.shape[:-1], hidden))
         return forward
 
     _verify_own_forward(path, block, make_forward, (2, 6, hidden), "a JetMoE MoE block (router.layer, input_linear "
@@ -929,6 +1048,8 @@ def _recognise(path: str, module: nn.Module) -> _Recognised | None:
     if _is_llama4_block(module):
         return _llama4_block(path, module)
     if _is_parallel_experts_block(module):
+        if _is_map_reduce(module):
+            return _mixture_of_attention_heads(path, module)
         return _parallel_experts_block(path, module)
     if _flat_expert_mlp(module) is not None and _positional_arity(module.forward) == 3:
         return _flat_experts(path, module)
@@ -949,18 +1070,26 @@ def _recognise(path: str, module: nn.Module) -> _Recognised | None:
     return None
 
 
-def adapter_for(path: str, module: nn.Module) -> tuple[str, Callable] | None:
-    """``(kind, forward)`` that ``trace`` would install on ``module``, or None."""
+def adapter_for(path: str, module: nn.Module) -> tuple[str, Callable | None] | None:
+    """``(kind, forward)`` that ``trace`` would install on ``module``, or None; ``forward`` is None
+    for a module adapted through other methods (``adapter_methods_for``)."""
     recognised = _recognise(path, module)
     return None if recognised is None else (recognised.kind, recognised.forward)
 
 
+def adapter_methods_for(path: str, module: nn.Module) -> tuple[str, dict[str, Callable]] | None:
+    """``(kind, {method name: function})`` that ``trace`` would install on ``module``, or None."""
+    recognised = _recognise(path, module)
+    return None if recognised is None else (recognised.kind, recognised.installed())
+
+
 @contextlib.contextmanager
 def adapters_installed(model: nn.Module) -> Iterator[dict[str, str]]:
-    """Give every recognised expert module its adapter as forward; yield ``{path: kind}``.
+    """Give every recognised expert module its adapter as forward (or as the methods its parent
+    calls, JetMoE's ``map`` / ``reduce``); yield ``{path: kind}``.
 
     Everything is checked before any module is touched, so a refused module leaves the model
-    as it was; on exit each instance's own ``forward`` attribute is restored (or removed).
+    as it was; on exit each instance's own attributes of those names are restored (or removed).
     """
     plan: list[tuple[str, nn.Module, _Recognised]] = []
     covered: list[str] = []
@@ -976,12 +1105,13 @@ def adapters_installed(model: nn.Module) -> Iterator[dict[str, str]]:
     patched = []
     try:
         for path, module, recognised in plan:
-            patched.append((module, "forward" in module.__dict__, module.__dict__.get("forward")))
-            module.forward = recognised.forward
+            for name, function in recognised.installed().items():
+                patched.append((module, name, name in module.__dict__, module.__dict__.get(name)))
+                setattr(module, name, function)
         yield {path or "<root>": recognised.kind for path, _, recognised in plan}
     finally:
-        for module, had_own_forward, previous in reversed(patched):
-            if had_own_forward:
-                module.forward = previous
+        for module, name, had_own, previous in reversed(patched):
+            if had_own:
+                setattr(module, name, previous)
             else:
-                del module.forward
+                delattr(module, name)
