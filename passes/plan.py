@@ -36,10 +36,15 @@ Styles and what they mean for a parameter of shape ``shape``:
 =================  =====================================================================
 
 Where the traced graph is given, the routed-expert parameters are found by structure
-(``expert_parameters``) and each is held as the ``moe_experts`` op needs it, through the views
-between them: GPT-OSS stores ``gate_up_proj [E, H, 2I]`` with gate and up columns interleaved and
-the adapter hands the op its ``transpose(1, 2)``, so over etp it is split ``Shard(2)`` (a contiguous
-run of (gate, up) pairs), and ``down_proj [E, I, H]`` ``Shard(1)``.
+(``expert_parameters``) and each is held as the ``moe_experts`` op computes with its operand: the
+split above (the activation's gate/up layout decides the gate/up rows' etp split) carried back
+through the ops between the stored parameter and the operand, transposes, permutes, views and
+reshapes, casts and the gate/up concatenation, to the stored dims. GPT-OSS stores ``gate_up_proj
+[E, H, 2I]`` with gate and up columns interleaved and the adapter hands the op its ``transpose(1,
+2)``, so over etp it is split ``Shard(2)`` (a contiguous run of (gate, up) pairs), and ``down_proj
+[E, I, H]`` ``Shard(1)``; Llama 4's concatenated ``[E, H, 2I]`` is ``InterleavedShard(2, 2)``;
+DBRX's flattened ``[E * I, H]`` weights are ``Shard(0)`` over ep (whole experts) and
+``InterleavedShard(0, E / ep)`` over etp (rows of every local expert). Biases the same way.
 
 The expert styles also take one expert's own 2-d Linear weight, as blocks with an
 ``nn.ModuleList`` of expert MLPs hold them (``experts.3.gate_proj.weight [I, H]``,
@@ -59,7 +64,6 @@ Every parameter is replicated over its view's data-parallel axis (dp or edp).
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -72,7 +76,7 @@ from .attention_plan import attention_sites, site_styles
 from .rules.moe import expert_bias_shardings, expert_weight_shardings
 
 __all__ = ["PlanError", "ParameterPlacement", "ExpertParameter", "STYLES", "STYLE_DESCRIPTIONS", "resolve_plan", "default_plan",
-           "DEFAULT_PLANS", "expert_parameters", "expert_layout_shardings", "parameter_placements"]
+           "DEFAULT_PLANS", "expert_parameters", "parameter_placements"]
 
 STYLES = (
     "replicate",
@@ -172,14 +176,13 @@ def resolve_plan(
     parameter_shapes: Mapping[str, Sequence[int]],
     plan: Mapping[str, str],
     mesh: MeshSpec,
-    fused_names: Sequence[str] = (),
     expert_layouts: Mapping[str, "ExpertParameter"] | None = None,
 ) -> dict[str, ParameterPlacement]:
     """Placement of every parameter under ``plan``; unmatched parameters are replicated.
 
-    ``fused_names`` lists parameters that hold fused gate/up rows regardless of their leaf name;
-    ``expert_layouts`` (``expert_parameters``) gives the routed-expert parameters found by
-    structure, each held as the op reads it where the plan gives it the style found.
+    ``expert_layouts`` (``expert_parameters`` with the mesh) gives the routed-expert parameters
+    found by structure, each held in its stored dims as its ``moe_experts`` operand is split where
+    the plan gives it the role found (``ExpertParameter.held``); otherwise the style decides.
     Divisibility of every sharded dim is checked here, before anything is traced or lowered.
     """
     for pattern, style in plan.items():
@@ -209,15 +212,14 @@ def resolve_plan(
                 + ", ".join(f"{p!r} -> {plan[p]!r}" for p in patterns)
             )
         style = plan[patterns[0]] if patterns else "replicate"
-        sharding = _style_sharding(name, style, shape, mesh)
         structural = (expert_layouts or {}).get(name)
-        held = structural.sharding(style, mesh) if structural is not None else None
-        if held is not None:
-            sharding = held
-        elif name in fused_names and style == "expert_colwise" and mesh.etp > 1:
-            sharding = Sharding.of(ep=Shard(0), etp=InterleavedShard(1, stripes=2))
+        sharding = structural.held(style) if structural is not None else None
+        described = f"parameter {name!r} ({style})" if sharding is None else \
+            f"parameter {name!r} ({style}, stored as {tuple(shape)})"
+        if sharding is None:
+            sharding = _style_sharding(name, style, shape, mesh)
         try:
-            local_shape(tuple(shape), sharding, mesh, name=f"parameter {name!r} ({style})")
+            local_shape(tuple(shape), sharding, mesh, name=described)
         except ShardingError as error:
             raise PlanError(str(error)) from None
         result[name] = ParameterPlacement(name, style, patterns[0] if patterns else None, sharding)
@@ -320,17 +322,21 @@ def _literal(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
 
 
-# Ops the adapters put between an expert parameter and the moe_experts op that reads it: views,
-# casts, copies, the w1/w3 concatenation, the stack of per-expert weights and the getitems of
-# split or chunked weights.
-_PASS_THROUGH = ("aten.view.", "aten._unsafe_view.", "aten.reshape.", "aten.cat.", "aten.stack.", "aten.clone.",
-                 "aten._to_copy.",
-                 "aten.alias.", "aten.detach.", "aten.contiguous.", "prims.convert_element_type.", "aten.t.",
-                 "aten.transpose.", "aten.permute.")
-# Of those, the ones that keep every element where it is (and the shape).
-_SAME_LAYOUT = ("aten.clone.", "aten._to_copy.", "aten.alias.", "aten.detach.", "aten.contiguous.",
-                "prims.convert_element_type.")
-# moe_experts operand positions: (position, structural style).
+# ----------------------------------------------------------------------------- routed-expert parameters
+# The parameters a moe_experts op reads its expert operands from, and how each is held. A block may
+# store its experts in another layout than the op's operands and hand the op a view: GPT-OSS and
+# Llama 4 keep gate_up_proj [E, H, 2I] and down_proj [E, I, H] (the op reads their transposes);
+# DBRX keeps w1/v1/w2 flattened as [E * I, H] (the op reads [E, I, H] views, w1 and v1
+# concatenated); torchtitan concatenates w1 and w3. The split the op computes with
+# (``rules.moe.expert_weight_shardings`` / ``expert_bias_shardings``, which follow the activation's
+# gate/up layout) is carried back through those ops to the stored dims, so the parameter is held
+# exactly as its operand is split and propagation places every op between them with no
+# redistribution. One walk does it for the four operands, weights and biases alike.
+_EXPERT_CASTS = ("aten._to_copy.", "aten.clone.", "aten.alias.", "aten.detach.", "aten.contiguous.",
+                 "prims.convert_element_type.")
+_EXPERT_VIEWS = ("aten.view.", "aten._unsafe_view.", "aten.reshape.")
+_EXPERT_PERMUTES = ("aten.t.", "aten.transpose.", "aten.permute.")
+# moe_experts operand positions: (position, argument name, structural style).
 _EXPERT_OPERANDS = ((3, "w_gate_up", "expert_colwise"), (4, "w_down", "expert_rowwise"),
                     (6, "gate_up_bias", "expert_colwise_bias"), (7, "down_bias", "expert_rowwise_bias"))
 
@@ -340,77 +346,46 @@ class ExpertParameter:
     """A parameter that a ``moe_experts`` op reads an expert operand from.
 
     ``style``: the operand's role (``expert_colwise`` gate/up, ``expert_rowwise`` down,
-    ``expert_colwise_bias``, ``expert_rowwise_bias``); ``fused``: the gate/up parameter is the op's
-    ``[E, 2I, H]`` operand itself (gate and up rows together, not a concatenation of pieces);
-    ``layout``: how the op's gate/up rows hold each intermediate unit (``concatenated``,
-    ``interleaved``, ``ungated``: ``ops.moe.GatedActivation.layout``); ``operand_dims``: for each dim of
-    the stored parameter, the operand dim it becomes (the path between them only transposes or
-    permutes), or None where the path reshapes, concatenates or stacks."""
+    ``expert_colwise_bias``, ``expert_rowwise_bias``); ``layout``: how the op's gate/up rows hold
+    each intermediate unit (``concatenated``, ``interleaved``, ``ungated``:
+    ``ops.moe.GatedActivation.layout``); ``sharding``: the split of the stored parameter that gives
+    the op its operand as the lowering computes with it, None where no mesh was given or the path
+    holds an op no split is carried back through (the stack of one expert's pieces, a reshape that
+    merges the split dim); ``refusal``: why no stored split can give the op its operand (ep does
+    not divide the experts of a flattened weight's view, two readers that need it split apart)."""
 
     style: str
-    fused: bool
     layout: str = "concatenated"
-    operand_dims: tuple[int, ...] | None = None
+    sharding: Sharding | None = None
+    refusal: str | None = None
 
-    def sharding(self, style: str, mesh: MeshSpec) -> Sharding | None:
-        """The stored parameter's sharding that gives the op its operand as the lowering computes
-        with it, under the plan's ``style``; None where the name-based style decides."""
-        if self.operand_dims is None:
-            if self.fused and style == "expert_colwise" and mesh.etp > 1:
-                return expert_weight_shardings(mesh, self.layout)[0]
+    def held(self, style: str) -> Sharding | None:
+        """How the plan holds the parameter under ``style``: the carried split where ``style`` is the
+        role found, without its etp split under ``expert_replicate``; None where the style's own
+        split decides (another style, or no split carried). A refusal is raised where it applies."""
+        if style not in (self.style, "expert_replicate"):
             return None
-        if style == "expert_replicate":
-            wanted = Sharding.of(ep=Shard(0))
-        elif style != self.style:
-            return None
-        elif style in ("expert_colwise", "expert_rowwise"):
-            wanted = expert_weight_shardings(mesh, self.layout)[style == "expert_rowwise"]
-        else:
-            wanted = expert_bias_shardings(mesh, self.layout)[style == "expert_rowwise_bias"]
-        stored_dim = {operand: stored for stored, operand in enumerate(self.operand_dims)}
-        placements = {axis: _moved(placement, stored_dim) for axis, placement in wanted.items()}
-        return Sharding(tuple(placements), tuple(placements.values()))
+        if self.refusal is not None:
+            raise PlanError(self.refusal)
+        if self.sharding is None or style == self.style:
+            return self.sharding
+        kept = {axis: placement for axis, placement in self.sharding.items() if axis != "etp"}
+        return Sharding(tuple(kept), tuple(kept.values()))
 
 
-def _moved(placement, stored_dim: dict[int, int]):
-    if isinstance(placement, InterleavedShard):
-        return InterleavedShard(stored_dim[placement.dim], stripes=placement.stripes)
-    if isinstance(placement, Shard):
-        return Shard(stored_dim[placement.dim])
-    return placement
+class _NoLayout(Exception):
+    """An op a split cannot be carried back through (the parameter's role is still known)."""
 
 
-def _input_dims(node, dims: tuple[int, ...] | None) -> tuple[int, ...] | None:
-    """``dims`` (operand dim of each of ``node``'s dims) carried back to ``node``'s input."""
-    target = str(node.target)
-    if dims is None or target.startswith(_SAME_LAYOUT):
-        return dims
-    if target.startswith(("aten.transpose.", "aten.t.")):
-        ndim = len(dims)
-        first, second = (node.args[1], node.args[2]) if target.startswith("aten.transpose.") else (0, 1)
-        first, second = first % ndim, second % ndim
-        swapped = list(dims)
-        swapped[first], swapped[second] = dims[second], dims[first]
-        return tuple(swapped)
-    if target.startswith("aten.permute."):
-        permutation = [d % len(dims) for d in node.args[1]]
-        moved = [0] * len(dims)
-        for output_dim, input_dim in enumerate(permutation):  # output dim j is input dim permutation[j]
-            moved[input_dim] = dims[output_dim]
-        return tuple(moved)
-    return None
-
-
-def expert_parameters(graph_module) -> dict[str, ExpertParameter]:
+def expert_parameters(graph_module, mesh: MeshSpec | None = None) -> dict[str, ExpertParameter]:
     """``{parameter name: ExpertParameter}`` for every parameter a ``moe_experts`` op reads an
     expert operand from: ``expert_colwise`` behind ``w_gate_up``, ``expert_rowwise`` behind
-    ``w_down``, ``expert_colwise_bias`` / ``expert_rowwise_bias`` behind the biases. A parameter
-    reached through anything other than views, casts and the gate/up concatenation is left to
-    the name patterns (its layout is not known here)."""
-    from shardgraph import meta
-    from shardgraph.meta import InputKind
-
-    from .gather_parameters import is_parameter_gather
+    ``w_down``, ``expert_colwise_bias`` / ``expert_rowwise_bias`` behind the biases, through
+    casts, transposes and permutes, views and reshapes, the gate/up concatenation, the stack of
+    per-expert pieces, and (after ``gather_parameters`` / ``pad_parameters``) the gather and the
+    slice that drops padding. Given ``mesh``, each carries the split its operand needs back to the
+    stored dims (``ExpertParameter.sharding``). A parameter reached through any other op is left
+    to the name patterns (its layout is not known here)."""
     from .rules.moe import moe_layout
 
     found: dict[str, ExpertParameter] = {}
@@ -418,66 +393,69 @@ def expert_parameters(graph_module) -> dict[str, ExpertParameter]:
         if node.op != "call_function" or str(node.target) != "shardgraph.moe_experts.default":
             continue
         layout = moe_layout(node)[0]
-        for position, name, style in _EXPERT_OPERANDS:
-            operand = node.args[position] if position < len(node.args) else node.kwargs.get(name)
+        wanted = ((*expert_weight_shardings(mesh, layout), *expert_bias_shardings(mesh, layout)) if mesh is not None
+                  else (None,) * 4)
+        for (position, argument, style), sharding in zip(_EXPERT_OPERANDS, wanted):
+            operand = node.args[position] if position < len(node.args) else node.kwargs.get(argument)
             if operand is None:
                 continue
-            value = meta.tensor_value(operand)
-            identity = tuple(range(value.dim())) if value is not None else None
-            frontier, concatenated = [(operand, identity)], False
-            while frontier:
-                source, dims = frontier.pop()
-                record = meta.graph_input(source) if source.op == "placeholder" else None
-                if record is not None:
-                    if record.kind is InputKind.PARAMETER:
-                        fused = style == "expert_colwise" and not concatenated
-                        found[record.name] = ExpertParameter(style, fused, layout, dims)
-                    continue
-                # A gathered parameter, and the slice that drops its padding (pad_parameters).
-                if source.op == "call_function" and (str(source.target).startswith(_PASS_THROUGH)
-                                                     or is_parameter_gather(source) or meta.padding(source)):
-                    concatenated |= str(source.target).startswith("aten.cat.")
-                    carried = _input_dims(source, dims) if str(source.target).startswith(_PASS_THROUGH) else dims
-                    frontier.extend((producer, carried) for producer in source.all_input_nodes)
+            for name, stored, problem in _parameters_behind(operand, sharding, None, mesh):
+                refusal = None if problem is None else f"expert weight {name!r} of {node.name}: {problem}"
+                earlier = found.get(name)
+                if earlier is not None and earlier.refusal is None and refusal is None and (
+                        earlier.style != style or earlier.sharding != stored):
+                    refusal = (f"parameter {name!r} is read by moe_experts as {earlier.style} {earlier.sharding!r} "
+                               f"and, by {node.name}, as {style} {stored!r}: no one stored split gives both")
+                if earlier is None or earlier.refusal is None:
+                    found[name] = ExpertParameter(style, layout, stored, refusal)
     return found
 
 
-def parameter_placements(graph_module, mesh: MeshSpec, plan: Mapping[str, str] | None = None
-                         ) -> dict[str, ParameterPlacement]:
-    """The plan's placement of every parameter placeholder of a traced graph, by its logical shape
-    (a placeholder held padded, ``meta.padding``, counts without its padding). Experts are found
-    by structure (``expert_parameters``), so a block that names them its own way is sharded as
-    the op needs, its fused gate/up rows included; without a ``plan``, ``default_plan``, which
-    finds the attention projections by structure too (``passes/attention_plan.py``)."""
+def _parameters_behind(node, wanted: Sharding | None, problem: str | None, mesh: MeshSpec | None):
+    """``(parameter name, its split, refusal)`` for every parameter ``node``'s value is read from
+    through the ops ``expert_parameters`` walks, ``wanted`` (the split of ``node``'s value) carried
+    back through each; None once an op does not carry it."""
     from shardgraph import meta
     from shardgraph.meta import InputKind
 
-    shapes = {}
-    for node, record in meta.graph_inputs(graph_module.graph, InputKind.PARAMETER):
-        held, padding = tuple(meta.value(node).shape), meta.padding(node)
-        shapes[record.name] = held if padding is None else padding.logical_shape(held)
-    experts = expert_parameters(graph_module)
-    if plan is None:
-        plan = default_plan(list(shapes), graph_module, mesh)
-    placements = resolve_plan(shapes, plan, mesh, expert_layouts=experts)
-    return _with_expert_layouts(placements, shapes, graph_module, mesh)
+    from .gather_parameters import is_parameter_gather
 
-
-# ----------------------------------------------------------------------------- stored expert layouts
-# A block may store its experts in another layout than moe_experts' operands and hand the op a
-# view: Llama 4 keeps gate_up_proj [E, H, 2I] and down_proj [E, I, H] (the op reads their
-# transposes); DBRX keeps w1/v1/w2 flattened as [E * I, H] (the op reads [E, I, H] views). The
-# styles above assume the op's own layout, so for such a parameter the split the op needs is
-# carried back through the views to the stored dims: the parameter is then held exactly as the
-# op's operand is split, and propagation places the views with no redistribution.
-_LAYOUT_CASTS = ("aten._to_copy.", "aten.clone.", "aten.alias.", "aten.detach.", "aten.contiguous.",
-                 "prims.convert_element_type.")
-_LAYOUT_VIEWS = ("aten.view.", "aten._unsafe_view.", "aten.reshape.")
-_LAYOUT_PERMUTES = ("aten.t.", "aten.transpose.", "aten.permute.")
-
-
-class _NoLayout(Exception):
-    """The path from a parameter to the op is not one a split can be carried back through."""
+    if node.op == "placeholder":
+        record = meta.graph_input(node)
+        if record is not None and record.kind is InputKind.PARAMETER:
+            yield record.name, wanted, problem
+        return
+    if node.op != "call_function":
+        return
+    target = str(node.target)
+    if target.startswith(_EXPERT_CASTS) or is_parameter_gather(node) or meta.padding(node) is not None:
+        # Same elements in the same dims (a gathered parameter's split is its gathered view's; the
+        # slice that drops padding leaves the logical shape the plan splits).
+        sources = [(node.args[0], wanted)]
+    elif target.startswith(_EXPERT_PERMUTES):
+        sources = [(node.args[0], None if wanted is None else _back_through_permute(node, wanted))]
+    elif target.startswith(_EXPERT_VIEWS):
+        try:
+            carried = None if wanted is None else _back_through_view(node, wanted, mesh)
+        except _NoLayout:
+            carried = None
+        except PlanError as error:
+            carried, problem = None, problem or str(error)
+        sources = [(node.args[0], carried)]
+    elif target.startswith("aten.cat."):
+        try:
+            carried = None if wanted is None else _back_through_cat(node, wanted)
+        except _NoLayout:
+            carried = None
+        sources = [(piece, carried) for piece in node.args[0]]
+    elif target.startswith("aten.stack."):
+        # One expert's piece: ep splits the stacked experts, which no split of a piece is; the
+        # expert styles split pieces on their own (``_expert_piece_sharding``).
+        sources = [(piece, None) for piece in node.args[0]]
+    else:
+        return
+    for source, carried in sources:
+        yield from _parameters_behind(source, carried, problem, mesh)
 
 
 def _shape_of(node) -> tuple[int, ...]:
@@ -486,15 +464,16 @@ def _shape_of(node) -> tuple[int, ...]:
     return tuple(meta.value(node).shape)
 
 
-def _prior_sizes(sharding: Sharding, axis: str, dim: int, mesh: MeshSpec) -> int:
-    """Product of the axes before ``axis`` (view order) that shard ``dim``."""
-    factor = 1
-    for other, placement in sharding.items():
-        if other == axis:
-            break
-        if placement.is_shard(dim):
-            factor *= mesh.size(other)
-    return factor
+def _moved_sharding(wanted: Sharding, source_dim: dict[int, int]) -> Sharding:
+    """``wanted`` with every split of dim d moved to dim ``source_dim[d]``."""
+    placements = {}
+    for axis, placement in wanted.items():
+        if isinstance(placement, InterleavedShard):
+            placement = InterleavedShard(source_dim[placement.dim], stripes=placement.stripes)
+        elif isinstance(placement, Shard):
+            placement = Shard(source_dim[placement.dim])
+        placements[axis] = placement
+    return Sharding(tuple(placements), tuple(placements.values()))
 
 
 def _back_through_permute(node, wanted: Sharding) -> Sharding:
@@ -506,13 +485,19 @@ def _back_through_permute(node, wanted: Sharding) -> Sharding:
         source_of = list(range(ndim))
         source_of[d0], source_of[d1] = d1, d0
     else:
-        source_of = [d % ndim for d in node.args[1]]
-    return _moved_sharding(wanted, {out_dim: source for out_dim, source in enumerate(source_of)})
+        source_of = [d % ndim for d in node.args[1]]  # output dim j is input dim permutation[j]
+    return _moved_sharding(wanted, dict(enumerate(source_of)))
 
 
-def _moved_sharding(wanted: Sharding, dim_map: dict[int, int]) -> Sharding:
-    placements = {axis: _moved(placement, dim_map) for axis, placement in wanted.items()}
-    return Sharding(tuple(placements), tuple(placements.values()))
+def _prior_sizes(sharding: Sharding, axis: str, dim: int, mesh: MeshSpec) -> int:
+    """Product of the axes before ``axis`` (view order) that shard ``dim``."""
+    factor = 1
+    for other, placement in sharding.items():
+        if other == axis:
+            break
+        if placement.is_shard(dim):
+            factor *= mesh.size(other)
+    return factor
 
 
 def _back_through_view(node, wanted: Sharding, mesh: MeshSpec) -> Sharding:
@@ -554,6 +539,8 @@ def _back_through_view(node, wanted: Sharding, mesh: MeshSpec) -> Sharding:
 
 
 def _back_through_cat(node, wanted: Sharding) -> Sharding:
+    """The split of each piece of a ``cat`` that gives the result the split ``wanted``: a split of the
+    joined dim must take the same part of every piece (an interleaved split, one stripe per piece)."""
     pieces = node.args[0]
     dim = (node.args[1] if len(node.args) > 1 else 0) % len(_shape_of(node))
     if len({_shape_of(piece)[dim] for piece in pieces}) != 1:
@@ -569,72 +556,21 @@ def _back_through_cat(node, wanted: Sharding) -> Sharding:
     return Sharding(tuple(placements), tuple(placements.values()))
 
 
-def _layouts_behind(node, wanted: Sharding, mesh: MeshSpec, reshaped: bool, found: dict) -> None:
-    """Carry ``wanted`` (the split of ``node``'s value) back to the parameters it is a view of."""
+def parameter_placements(graph_module, mesh: MeshSpec, plan: Mapping[str, str] | None = None
+                         ) -> dict[str, ParameterPlacement]:
+    """The plan's placement of every parameter placeholder of a traced graph, by its logical shape
+    (a placeholder held padded, ``meta.padding``, counts without its padding). Experts are found
+    by structure (``expert_parameters``), each held as its ``moe_experts`` operand is split, in its
+    stored dims; without a ``plan``, ``default_plan``, which finds the attention projections by
+    structure too (``passes/attention_plan.py``)."""
     from shardgraph import meta
     from shardgraph.meta import InputKind
 
-    if node.op == "placeholder":
-        record = meta.graph_input(node)
-        if record is not None and record.kind is InputKind.PARAMETER and reshaped:
-            if found.get(record.name, wanted) != wanted:
-                raise PlanError(f"parameter {record.name!r} is read by moe_experts as {found[record.name]!r} and as "
-                                f"{wanted!r}")
-            found[record.name] = wanted
-        return
-    target = str(node.target) if node.op == "call_function" else ""
-    if target.startswith(_LAYOUT_CASTS):
-        _layouts_behind(node.args[0], wanted, mesh, reshaped, found)
-    elif target.startswith(_LAYOUT_PERMUTES):
-        _layouts_behind(node.args[0], _back_through_permute(node, wanted), mesh, True, found)
-    elif target.startswith(_LAYOUT_VIEWS):
-        reshaped = reshaped or _shape_of(node.args[0]) != _shape_of(node)
-        _layouts_behind(node.args[0], _back_through_view(node, wanted, mesh), mesh, reshaped, found)
-    elif target.startswith("aten.cat."):
-        for piece in node.args[0]:
-            _layouts_behind(piece, _back_through_cat(node, wanted), mesh, reshaped, found)
-    else:
-        raise _NoLayout(f"{node.name} ({target or node.op})")
-
-
-def expert_layout_shardings(graph_module, mesh: MeshSpec) -> dict[str, Sharding]:
-    """``{parameter: sharding}`` for the expert parameters that ``moe_experts`` reads through a
-    transpose or a reshape: the split its operand needs (``rules.moe.expert_weight_shardings``)
-    carried back to the stored dims. Parameters read as the operand itself, or through ops a
-    split cannot be carried back through (the stack of per-expert pieces), are not listed."""
-    from .rules.moe import moe_layout
-
-    found: dict[str, Sharding] = {}
-    for node in graph_module.graph.nodes:
-        if node.op != "call_function" or str(node.target) != "shardgraph.moe_experts.default":
-            continue
-        layout = moe_layout(node)[0]
-        for position, wanted in zip((3, 4), expert_weight_shardings(mesh, layout)):
-            try:
-                _layouts_behind(node.args[position], wanted, mesh, False, found)
-            except _NoLayout:
-                continue
-            except PlanError as error:
-                from .rules.moe import _parameter_behind
-
-                raise PlanError(f"expert weight {_parameter_behind(node.args[position])!r} of {node.name}: "
-                                f"{error}") from None
-    return found
-
-
-def _with_expert_layouts(placements: dict[str, ParameterPlacement], shapes: Mapping[str, Sequence[int]],
-                         graph_module, mesh: MeshSpec) -> dict[str, ParameterPlacement]:
-    """Replace the style's split of every expert parameter stored in another layout than the op's."""
-    for name, sharding in expert_layout_shardings(graph_module, mesh).items():
-        placement = placements.get(name)
-        if placement is None or placement.style not in _EXPERT_STYLES:
-            continue  # a dense style on an expert weight is refused by the moe_experts rule, naming it
-        if placement.style == "expert_replicate":
-            sharding = Sharding.of(**{axis: p for axis, p in sharding.items() if axis != "etp"})
-        shape = tuple(shapes[name])
-        try:
-            local_shape(shape, sharding, mesh, name=f"parameter {name!r} ({placement.style}, stored as {shape})")
-        except ShardingError as error:
-            raise PlanError(str(error)) from None
-        placements[name] = dataclasses.replace(placement, sharding=sharding)
-    return placements
+    shapes = {}
+    for node, record in meta.graph_inputs(graph_module.graph, InputKind.PARAMETER):
+        held, padding = tuple(meta.value(node).shape), meta.padding(node)
+        shapes[record.name] = held if padding is None else padding.logical_shape(held)
+    experts = expert_parameters(graph_module, mesh)
+    if plan is None:
+        plan = default_plan(list(shapes), graph_module, mesh)
+    return resolve_plan(shapes, plan, mesh, expert_layouts=experts)

@@ -7,7 +7,10 @@ size is checked, otherwise the candidate is refused and the value must be gather
 Two interleaved cases are exact too: ``[k, m]`` sharded on ``m`` merges into
 ``InterleavedShard(k stripes)``, and an ``InterleavedShard(d, s)`` split into ``[s, d/s]`` is a
 plain ``Shard`` of the second dim; where axes before this one split the outer dim ``p`` ways
-(dp on the batch of attention's ``[batch * heads]``), the split is ``[s * p, d/(s * p)]``. ``Partial`` passes through every view (they are linear).
+(dp on the batch of attention's ``[batch * heads]``), the split is ``[s * p, d/(s * p)]``. With
+``s * p = o * k`` stripes over ``[o, d/o]`` (k of them in every outer row) the second dim is
+``InterleavedShard(k)``, and ``[o, m]`` interleaved ``k`` ways on ``m`` merges into ``o * k``
+stripes (a flattened ``[E * 2I]`` gate/up bias read as ``[E, 2I]``). ``Partial`` passes through every view (they are linear).
 """
 
 from __future__ import annotations
@@ -99,10 +102,20 @@ def _view_candidate(ctx, axis, placement):
             return InterleavedShard(out_dims[0], placement.stripes), None
         # Stripes count in the piece this axis receives: major axes that cut the dim in blocks
         # (ep before etp on flattened experts) leave it out_shape[outer] / their sizes of them.
+        # Each outer index of that piece holds stripes / outer of them, which split the inner dim
+        # alike: one stripe a plain block (DBRX's [E * I, H] as [E, I, H]), several an interleaved
+        # split (a flattened gate/up bias [E * 2I] as [E, 2I]: two per expert).
         prior = _prior_factor(ctx, axis, dim)
-        if (len(in_dims) == 1 and len(out_dims) == 2 and out_shape[out_dims[0]] == placement.stripes * prior
-                and out_shape[out_dims[1]] % n == 0 and _prior_are_blocks(ctx, axis, dim)):
-            return Shard(out_dims[1]), None
+        if len(in_dims) == 1 and len(out_dims) == 2 and _prior_are_blocks(ctx, axis, dim):
+            outer = out_shape[out_dims[0]] // prior
+            inner_stripes = placement.stripes // outer if outer and placement.stripes % outer == 0 else 0
+            if inner_stripes and out_shape[out_dims[0]] % prior == 0 and out_shape[out_dims[1]] % (inner_stripes * n) == 0:
+                return interleaved(out_dims[1], inner_stripes), None
+        # And back: [k, m] interleaved on m merges into stripes of every outer index.
+        if (len(in_dims) == 2 and dim == in_dims[1] and len(out_dims) == 1 and _prior_factor(ctx, axis, dim) == 1
+                and _prior_are_blocks(ctx, axis, in_dims[0])):
+            outer = in_shape[in_dims[0]] // _prior_factor(ctx, axis, in_dims[0])
+            return InterleavedShard(out_dims[0], outer * placement.stripes), None
         return None, f"interleaved dim {dim} cannot be viewed as {[out_shape[d] for d in out_dims]}"
     return None, f"dim {dim} has no counterpart in the output shape"
 

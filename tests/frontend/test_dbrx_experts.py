@@ -49,3 +49,13 @@ def test_dbrx_experts_that_ep_does_not_divide_are_refused_naming_the_weight():
     with pytest.raises(PlanError, match=r"expert weight 'transformer\.blocks\.0\.ffn\.experts\.mlp\.w1'.*ep=2 does not "
                                         r"divide dim 0 \(size 3\).*parts of experts"):
         sg.compile(model, sg.MeshSpec.parse("world=2,ep=2"), (ids,), _loss)
+
+
+def test_dbrx_flattened_experts_under_zero3_are_gathered_into_whole_experts_split_as_the_op_reads_them():
+    model, ids = _model()
+    program = sg.compile(model, sg.MeshSpec.parse("world=8,tp=2,ep=2,etp=2"), (ids,), _loss, zero=3)
+    for name in ("w1", "v1", "w2"):
+        # The split carried back from the op reaches the parameter through its zero=3 gather too.
+        placement = program.placed.parameters[f"transformer.blocks.0.ffn.experts.mlp.{name}"]
+        assert placement.gathered == sg.Sharding.of(ep=sg.Shard(0), etp=sg.InterleavedShard(0, stripes=2)), name
+        assert placement.sharding.placement("edp").is_shard(), name

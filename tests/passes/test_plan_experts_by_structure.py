@@ -64,13 +64,14 @@ def test_hf_experts_under_any_block_name_are_expert_sharded_by_structure():
     model = granite()
     ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(1))
     traced = trace(model, (ids,), lm_loss)
-    found = expert_parameters(traced.graph_module)
-    assert {name: (found.style, found.fused) for name, found in found.items()} == {
-        f"model.layers.{i}.block_sparse_moe.experts.{name}": style
-                     for i in range(2) for name, style in (("gate_up_proj", ("expert_colwise", True)),
-                                                          ("down_proj", ("expert_rowwise", False)))}
-    plan = default_plan(traced.parameter_names, traced.graph_module)
     mesh = sg.MeshSpec.parse("world=8,tp=2,ep=2,etp=2")
+    found = expert_parameters(traced.graph_module, mesh)
+    # Read as the op's own operands: held as the op computes with them, gate/up rows interleaved.
+    assert {name: (found.style, found.sharding) for name, found in found.items()} == {
+        f"model.layers.{i}.block_sparse_moe.experts.{name}": held for i in range(2) for name, held in (
+            ("gate_up_proj", ("expert_colwise", sg.Sharding.of(ep=sg.Shard(0), etp=sg.InterleavedShard(1, 2)))),
+            ("down_proj", ("expert_rowwise", sg.Sharding.of(ep=sg.Shard(0), etp=sg.Shard(2)))))}
+    plan = default_plan(traced.parameter_names, traced.graph_module)
     program = sg.compile(model, mesh, (ids,), lm_loss, plan=plan)
     gate_up = program.parameter_sharding("model.layers.0.block_sparse_moe.experts.gate_up_proj")
     assert gate_up.placement("ep") == sg.Shard(0) and gate_up.placement("etp") == sg.InterleavedShard(1, 2)
@@ -112,3 +113,107 @@ def test_registered_experts_with_their_own_names_are_expert_sharded_and_match_ea
 
     errors, _ = parity_errors(program, model, (x,), loss_fn)
     assert errors.within(TOLERANCE), errors
+
+
+class StoredOtherwise(nn.Module):
+    """Gated experts with biases, each stored in another layout than the moe_experts operand it
+    becomes: gate/up ``[E, H, 2I]`` (the op reads its transpose), its bias flat ``[E * 2I]`` (read
+    as a ``[E, 2I]`` view), down flattened ``[E * I, H]`` as DBRX stores it (read as ``view(E, I,
+    H).transpose(1, 2)``) and its bias ``[H, E]`` (read through a permute)."""
+
+    def __init__(self, experts=4, hidden=8, intermediate=4):
+        super().__init__()
+        self.experts, self.intermediate = experts, intermediate
+        self.gate_up = nn.Parameter(torch.randn(experts, hidden, 2 * intermediate) * 0.3)
+        self.gate_up_bias = nn.Parameter(torch.randn(experts * 2 * intermediate) * 0.3)
+        self.down = nn.Parameter(torch.randn(experts * intermediate, hidden) * 0.3)
+        self.down_bias = nn.Parameter(torch.randn(hidden, experts) * 0.3)
+
+    def forward(self, x, ids, weights):
+        down = self.down.view(self.experts, self.intermediate, -1)
+        out = torch.zeros_like(x)
+        for slot in range(ids.shape[1]):
+            chosen = ids[:, slot]
+            gate_up = torch.einsum("th,thi->ti", x, self.gate_up[chosen])
+            gate_up = gate_up + self.gate_up_bias.view(self.experts, -1)[chosen]
+            gate, up = gate_up.chunk(2, dim=-1)
+            expert_out = torch.einsum("ti,tih->th", F.silu(gate) * up, down[chosen]) + self.down_bias.t()[chosen]
+            out = out + weights[:, slot, None] * expert_out
+        return out
+
+
+def _read_stored_otherwise(module, x, ids, weights):
+    experts, intermediate = module.experts, module.intermediate
+    return torch.ops.shardgraph.moe_experts(
+        x, ids, weights, module.gate_up.transpose(1, 2), module.down.view(experts, intermediate, -1).transpose(1, 2),
+        "silu", module.gate_up_bias.view(experts, -1), module.down_bias.permute(1, 0))
+
+
+@pytest.fixture
+def stored_otherwise():
+    register_experts(StoredOtherwise, _read_stored_otherwise)
+    yield
+    unregister_experts(StoredOtherwise)
+
+
+def _redistributions_between_parameters_and_experts(placed):
+    """``(producer, consumer)`` pairs on the paths from the parameters to every ``moe_experts``
+    operand where the consumer asks for another split than the producer holds."""
+    from shardgraph import meta
+    from shardgraph.fx_graph import tensor_inputs
+
+    found, frontier = [], [node for node in placed.graph_module.graph.nodes
+                            if str(node.target) == "shardgraph.moe_experts.default"]
+    assert frontier
+    while frontier:
+        node = frontier.pop()
+        inputs = tensor_inputs(node)
+        operands = range(3, len(inputs)) if str(node.target) == "shardgraph.moe_experts.default" else range(len(inputs))
+        for position in operands:
+            producer = inputs[position]
+            if meta.sharding(producer) != meta.placed(node).input_shardings[position]:
+                found.append((producer.name, node.name))
+            frontier.append(producer)
+    return found
+
+
+class StoredOtherwiseBlock(Block):
+    def __init__(self):
+        super().__init__()
+        self.ffn = StoredOtherwise()
+
+
+def test_experts_stored_transposed_flattened_and_permuted_with_biases_are_held_as_the_op_splits_them(
+        stored_otherwise):
+    torch.manual_seed(0)
+    model = StoredOtherwiseBlock()
+    x = torch.randn(4, 4, 8)
+    loss_fn = lambda out, x: out.pow(2).mean()  # noqa: E731
+    program = sg.compile(model, sg.MeshSpec.parse("world=8,tp=2,ep=2,etp=2"), (x,), loss_fn)
+    held = {name: program.parameter_sharding(f"ffn.{name}") for name in ("gate_up", "gate_up_bias", "down",
+                                                                          "down_bias")}
+    assert held == {
+        # [E, H, 2I]: experts over ep, the gate half and the up half of the same units on each etp rank.
+        "gate_up": sg.Sharding.of(ep=sg.Shard(0), etp=sg.InterleavedShard(2, stripes=2)),
+        # [E * 2I]: 2 experts per ep rank, and of each its gate and its up rows: 4 stripes over etp.
+        "gate_up_bias": sg.Sharding.of(ep=sg.Shard(0), etp=sg.InterleavedShard(0, stripes=4)),
+        # [E * I, H]: 2 experts per ep rank, half of each one's rows per etp rank.
+        "down": sg.Sharding.of(ep=sg.Shard(0), etp=sg.InterleavedShard(0, stripes=2)),
+        # [H, E]: experts over ep; added once after the etp reduction, so whole over etp.
+        "down_bias": sg.Sharding.of(ep=sg.Shard(1)),
+    }, held
+    assert _redistributions_between_parameters_and_experts(program.placed) == []
+    errors, _ = parity_errors(program, model, (x,), loss_fn)
+    assert errors.within(TOLERANCE), errors
+
+
+def test_a_plan_style_other_than_the_role_found_splits_as_the_style_says_and_expert_replicate_drops_etp(
+        stored_otherwise):
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, 8)
+    traced = trace(StoredOtherwiseBlock(), (x,), lambda out, x: out.pow(2).mean())
+    down = expert_parameters(traced.graph_module, sg.MeshSpec.parse("world=8,tp=2,ep=2,etp=2"))["ffn.down"]
+    assert down.style == "expert_rowwise"
+    assert down.held("expert_rowwise") == sg.Sharding.of(ep=sg.Shard(0), etp=sg.InterleavedShard(0, stripes=2))
+    assert down.held("expert_replicate") == sg.Sharding.of(ep=sg.Shard(0))  # whole experts on every etp rank
+    assert down.held("expert_colwise") is None and down.held("replicate") is None
