@@ -426,7 +426,10 @@ def _attentions(graph_module: GraphModule):
         if not _forward(node):
             continue
         if str(node.target) == "shardgraph.attention.default":
-            yield node, node.args[0], node.args[1], node.args[2], node
+            # The op returns (out, logsumexp); the projections read the first.
+            outputs = [user for user in node.users if user.target is operator.getitem and user.args[1] == 0]
+            if len(outputs) == 1:
+                yield node, node.args[0], node.args[1], node.args[2], outputs[0]
         elif node.target is aten.bmm.default:
             softmax = _probabilities_softmax(node.args[0])
             scores = _scores_bmm(softmax) if softmax is not None else None

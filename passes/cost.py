@@ -216,8 +216,10 @@ class ComputeRates:
 # ``benchmarks/train_step.py --predict`` (``calibrate_compute`` and ``calibrate_kernels`` on the
 # 4-layer Qwen3-30B-A3B-shaped program, batch 2 x 4096, bf16;
 # benchmarks/results/train_step_predict_h100.json): its dense products reach 0.53 of the bf16
-# peak, grouped GEMMs 0.48, flash attention forward and backward 0.26 (as FLOPs are counted here:
-# the backward's recomputed forward included), the fused output projection + loss 0.59;
+# peak, grouped GEMMs 0.48, flash attention forward and backward 0.26 (measured when the backward
+# ran the forward again and its FLOPs were counted 3.5x the forward's; it now reads the forward's
+# log-sum-exp and is counted 2.5x, so the same fraction prices it without that forward; not yet
+# recalibrated for the cuDNN kernels), the fused output projection + loss 0.59;
 # streaming kernels 2.93 TB/s (0.87 of HBM), row gathers and scatters 0.58 of that; the host
 # issues a kernel in about 10 us. The H200 takes the same fractions (the same SMs) of its own
 # bandwidth: an assumption until calibrated there.

@@ -203,10 +203,11 @@ def node_work(node: Node, pieces: dict) -> Work | None:
         query = _shape(_argument(node, ("query",), 1 if "backward" in name else 0), pieces)
         key = _shape(_argument(node, ("key",), 2 if "backward" in name else 1), pieces)
         value = _shape(_argument(node, ("value",), 3 if "backward" in name else 2), pieces)
-        causal = bool(_argument(node, ("is_causal",), 4 if name == "shardgraph.attention_backward" else 3))
+        causal = bool(_argument(node, ("is_causal",), 6 if name == "shardgraph.attention_backward" else 3))
         # The backward kernel: scores again, then four products (dV, dP, dQ, dK), 2.5x the
-        # forward's FLOPs; shardgraph's backward first runs the forward again for its log-sum-exp.
-        passes = 1.0 if name in _ATTENTION_FORWARD else 3.5 if name == "shardgraph.attention_backward" else 2.5
+        # forward's FLOPs; shardgraph's backward reads the forward's log-sum-exp, so runs no
+        # forward of its own.
+        passes = 1.0 if name in _ATTENTION_FORWARD else 2.5
         return Work(_attention_flops(query, key, value, causal, passes), moved, dtype, True, "attention")
     if name == "shardgraph.linear_cross_entropy":
         hidden, weight = _shape(node.args[0], pieces), _shape(node.args[1], pieces)

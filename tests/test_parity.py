@@ -100,6 +100,9 @@ def test_fused_attention_split_over_tp_and_dp_matches_unsharded(mesh_text):
         assert first.placement("tp") in ((sg.Shard(0), sg.Shard(1)) if mesh.tp > 1 else (sg.Replicate(),)), (
             node.name, first)
         assert first.placement("dp") == (sg.Shard(0) if mesh.dp > 1 else sg.Replicate()), (node.name, first)
+        if str(node.target) == "shardgraph.attention.default":
+            # (out, logsumexp): the log-sum-exp the backward reads is split as the output is.
+            assert isinstance(sharding, tuple) and sharding[1] == first, (node.name, sharding)
 
 
 def test_expert_gradients_are_reduced_over_edp_by_sum_and_the_tp_split_needs_no_cancel():

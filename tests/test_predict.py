@@ -79,8 +79,12 @@ def test_grouped_gemm_and_attention_flops_match_hand_computed_values():
     q, kv = (2, 32, 4096, 128), (2, 4, 4096, 128)
     forward = 2 * 2 * 32 * 4096 * 4096 * 256 * 0.5
     assert _single_op(ops.attention.default, (True, 0.1, True), [q, kv, kv]).flops == forward
-    # The backward runs the forward again (log-sum-exp) and then 2.5 forwards' worth.
-    assert _single_op(ops.attention_backward.default, (True, 0.1, True), [q, q, kv, kv]).flops == 3.5 * forward
+    # The backward reads the forward's output and log-sum-exp and runs 2.5 forwards' worth (scores
+    # again, then dV, dP, dQ, dK), no forward of its own; not causal, it is twice that.
+    saved = [q, (2, 32, 4096)]  # out, logsumexp
+    backward = ops.attention_backward.default
+    assert _single_op(backward, (True, 0.1, True), [q, q, kv, kv, *saved]).flops == 2.5 * forward
+    assert _single_op(backward, (False, 0.1, True), [q, q, kv, kv, *saved]).flops == 2 * 2.5 * forward
 
 
 def test_independent_compute_between_a_collective_and_its_wait_hides_it():

@@ -2,6 +2,7 @@
 where each node belongs, the activation peak's growth with tokens, graph.html in a browser."""
 
 import json
+import operator
 import os
 import shutil
 import struct
@@ -136,6 +137,9 @@ def test_nodes_are_grouped_by_layer_and_block(tiny_program):
     for forward, backward in (("attention", "attention_backward_1"), ("attention_1", "attention_backward")):
         assert groups[by_name[forward]] == groups[by_name[backward]]
         assert groups[by_name[forward]].block == "attention"
+        # So are its two outputs: the attention output and the log-sum-exp its backward reads.
+        items = [user for user in by_name[forward].users if user.target is operator.getitem]
+        assert len(items) == 2 and all(groups[item] == groups[by_name[forward]] for item in items), items
     assert groups[by_name["attention"]].layer == "layers.0" and groups[by_name["attention_1"]].layer == "layers.1"
     for node, group in groups.items():
         record = meta.collective(node)

@@ -8,6 +8,10 @@ whole. Splitting heads is right with grouped key/value heads too: a contiguous b
 that the same split gives, as long as both divide. The output (and each gradient) is split like
 the inputs. No ``Partial``: attention is not linear in its inputs.
 
+The forward's second output, the log-sum-exp of each query row ``[batch, heads, seq]``, is split
+like the output (batch is dim 0 and heads dim 1 of both), and the backward reads it, with the
+output, split like its other operands.
+
 A split is offered only where every operand's dim divides, counting the batch and head splits
 the operands already carry on the other axes (batch split over dp and tp at once needs
 ``dp * tp`` rows), so an uneven split falls back to another candidate instead of failing at
@@ -47,11 +51,12 @@ def _candidates(ctx, axis: str, outputs):
 
 @register("shardgraph.attention", family="attention")
 def rule_attention(ctx, axis, placements):
-    return _candidates(ctx, axis, lambda placement: placement)
+    # (out, logsumexp): both [batch, heads, ...], split like query.
+    return _candidates(ctx, axis, lambda placement: (placement, placement))
 
 
 @register("shardgraph.attention_backward", family="attention_backward")
 def rule_attention_backward(ctx, axis, placements):
-    # grad_out is split like the output it is the gradient of; the three gradients like
-    # query, key and value.
+    # grad_out, out and logsumexp are split like the output they are (the gradient of); the three
+    # gradients like query, key and value.
     return _candidates(ctx, axis, lambda placement: (placement, placement, placement))

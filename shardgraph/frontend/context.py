@@ -68,7 +68,9 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
 
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     gqa = bool(enable_gqa) and key.shape[-3] != query.shape[-3]
-    return torch.ops.shardgraph.attention(query, key, value, bool(is_causal), scale, gqa)
+    # The op also returns the log-sum-exp its backward reads; the model sees the output only.
+    out, _ = torch.ops.shardgraph.attention(query, key, value, bool(is_causal), scale, gqa)
+    return out
 
 
 class AttentionRouting(TorchFunctionMode):

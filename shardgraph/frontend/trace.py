@@ -1161,7 +1161,9 @@ def _replicate_layers(gm: GraphModule, layers: list, run: _LayerRun) -> torch.fx
 
 
 def _mark_phases(gm: GraphModule) -> None:
-    """Forward: every node the first output (the loss, or the forward outputs) depends on;
+    """Forward: every node the first output (the loss, or the forward outputs) depends on, and
+    every item of a forward op's outputs (the log-sum-exp ``shardgraph.attention`` returns beside
+    its output, a norm's saved statistics: the forward op makes them, whatever reads them);
     backward: the rest, which only the gradients need. Read from the graph's structure, so it
     holds for any op the model brings."""
     outputs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
@@ -1174,6 +1176,9 @@ def _mark_phases(gm: GraphModule) -> None:
         if node not in forward:
             forward.add(node)
             pending.extend(node.all_input_nodes)
+    for node in gm.graph.nodes:  # in graph order, so an item of an item follows its source
+        if node.target is operator.getitem and node.args[0] in forward:
+            forward.add(node)
     for node in gm.graph.nodes:
         if node.op == "call_function":
             meta.set_phase(node, Phase.FORWARD if node in forward else Phase.BACKWARD)

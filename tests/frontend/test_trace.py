@@ -16,6 +16,7 @@ from shardgraph.frontend import TracedGraph, op_histogram, trace
 
 from .models import MOE_BACKWARD, MOE_FORWARD, calls, reference_loss_and_gradients, relative_error, worst_gradient_error
 from shardgraph import meta
+from shardgraph.meta import Phase
 
 TOLERANCE = 1e-6  # float32
 
@@ -80,6 +81,13 @@ def test_hf_sdpa_attention_is_one_fused_op_per_direction_and_no_score_matrix(fam
     assert histogram["shardgraph.attention.default"] == 2 and histogram["shardgraph.attention_backward.default"] == 2
     forward = calls(traced, "shardgraph.attention.default")[0]
     assert forward.args[3:] == (True, pytest.approx(8 ** -0.5), True)  # causal, 1/sqrt(head_dim), 4 heads on 2
+    # The forward returns (out, logsumexp); its backward reads both (no forward of its own), and
+    # the log-sum-exp, read by the backward only, is still made by the forward.
+    items = {user.args[1]: user for user in forward.users if user.target is operator.getitem}
+    assert sorted(items) == [0, 1] and meta.value(items[1]).shape == meta.value(forward.args[0]).shape[:3]
+    assert all(meta.phase(item) is Phase.FORWARD for item in items.values())
+    (backward,) = [user for user in items[1].users if str(user.target) == "shardgraph.attention_backward.default"]
+    assert backward.args[4:6] == (items[0], items[1]) and meta.phase(backward) is Phase.BACKWARD
     assert "aten.bmm.default" not in histogram and not score_matrices(traced, 7)
     assert histogram["aten._softmax.default"] == 2  # the two routers only
 

@@ -307,10 +307,12 @@ def _attention(m: _Maker) -> list[Sample]:
     attention, backward = torch.ops.shardgraph.attention.default, torch.ops.shardgraph.attention_backward.default
     q, k, v = m.f(8, 8, 8, 8), m.f(8, 8, 8, 8), m.f(8, 8, 8, 8)
     kv = (m.f(8, 4, 8, 8), m.f(8, 4, 8, 8))  # grouped: 4 key/value heads serve 8 query heads
+    # The backward reads the forward's output and log-sum-exp: the real ones, so that they agree.
+    saved, saved_grouped = attention(q, k, v, True, 0.25, False), attention(q, *kv, False, 0.25, True)
     return [Sample(attention, (q, k, v, True, 0.25, False)),
             Sample(attention, (q, *kv, False, 0.25, True)),
-            Sample(backward, (m.f(8, 8, 8, 8), q, k, v, True, 0.25, False)),
-            Sample(backward, (m.f(8, 8, 8, 8), q, *kv, False, 0.25, True))]
+            Sample(backward, (m.f(8, 8, 8, 8), q, k, v, *saved, True, 0.25, False)),
+            Sample(backward, (m.f(8, 8, 8, 8), q, *kv, *saved_grouped, False, 0.25, True))]
 
 
 def _sequence_mixers(m: _Maker) -> list[Sample]:
