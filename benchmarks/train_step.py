@@ -662,6 +662,37 @@ def predict_row(runner, variant, device, dtype, measured_ms: float) -> dict:
     return result
 
 
+def predict_only(name: str, variant: str, args, dtype, hardware: str) -> dict:
+    """The preset prediction alone (no device, no run): the variant's program compiled from the
+    model built on the meta device, priced by ``passes.cost.HARDWARE[hardware]`` as
+    ``predict_row`` prices it, so a prediction printed here can be set beside a step measured
+    on the card earlier."""
+    from passes.cost import HARDWARE
+    from shardgraph.predict import predict_step
+    from shardgraph.report import local_pieces
+
+    with torch.device("meta"):
+        model, loss_fn = build(name, args.layers, args.tiny, args.seed, args.hf_experts)
+    vocab = (TINY_SHAPE if args.tiny else FULL_SHAPE)["vocab_size"]
+    batch = (torch.zeros(args.batch, args.seq, dtype=torch.long, device="meta").clamp_(max=vocab - 1),)
+    if variant in PROGRAM_ADAMW_VARIANTS:
+        program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn, optimizer=sg.optim.AdamW(**ADAMW),
+                             clip_grad_norm=CLIP_GRAD_NORM, compute_dtype=dtype if dtype != torch.float32 else None)
+        update_bytes = 0
+    else:
+        model = model.to(dtype)
+        program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn)
+        update_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    compute = HARDWARE[hardware].compute
+    prediction = predict_step(program.graph_module, program.mesh, hardware,
+                              pieces=local_pieces(program.graph_module, program.mesh),
+                              fused=variant not in NO_TORCH_COMPILE)
+    predicted_ms = (prediction.step_seconds + update_bytes / (compute.memory_bandwidth * compute.memory_efficiency)) * 1e3
+    print(f"{variant} predicted ({hardware} presets): {predicted_ms:.2f} ms; by kind "
+          + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in prediction.compute_seconds_by_kind.items()), flush=True)
+    return {"model": name, "variant": variant, "hardware": hardware, "predicted_ms": predicted_ms}
+
+
 def check_one_step(name, args, device, dtype, batch) -> dict:
     """From identical weights, one step of eager and of the shardgraph program: loss and weights.
 
@@ -801,6 +832,9 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true", help="torch.profiler kernel breakdown of --profile-variants")
     parser.add_argument("--profile-variants", default="shardgraph,shardgraph_compile,shardgraph_cudagraph")
     parser.add_argument("--check", action="store_true", help="also compare one SGD step of shardgraph with eager")
+    parser.add_argument("--predict-only", metavar="HARDWARE", default=None,
+                        help="print each shardgraph variant's preset prediction (passes.cost.HARDWARE name) from the "
+                             "model built on the meta device, and run nothing")
     parser.add_argument("--predict", action="store_true",
                         help="the report's predicted step of each shardgraph variant beside its measured one, on "
                              "preset and on calibrated rates (predict_row)")
@@ -840,6 +874,10 @@ def benchmark_device(name: str) -> torch.device:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.predict_only:
+        return {"predictions": [predict_only(name, variant, args, getattr(torch, args.dtype), args.predict_only)
+                                for name in args.models for variant in args.variants
+                                if variant not in MODEL_VARIANTS + MASTER_VARIANTS]}
     device = benchmark_device(args.device)
     dtype = getattr(torch, args.dtype)
     vocab = (TINY_SHAPE if args.tiny else FULL_SHAPE)["vocab_size"]

@@ -215,20 +215,18 @@ class ComputeRates:
 # same compute, HBM3e 4.8 TB/s. The achieved fractions were measured on one H100 by
 # ``benchmarks/train_step.py --predict`` (``calibrate_compute`` and ``calibrate_kernels`` on the
 # 4-layer Qwen3-30B-A3B-shaped program, batch 2 x 4096, bf16;
-# benchmarks/results/train_step_predict_h100.json): its dense products reach 0.53 of the bf16
-# peak, grouped GEMMs 0.48, flash attention forward and backward 0.26 (measured when the backward
-# ran the forward again and its FLOPs were counted 3.5x the forward's; it now reads the forward's
-# log-sum-exp and is counted 2.5x, so the same fraction prices it without that forward; not yet
-# recalibrated for the cuDNN kernels), the fused output projection + loss 0.59;
-# streaming kernels 2.93 TB/s (0.87 of HBM), row gathers and scatters 0.58 of that; the host
-# issues a kernel in about 10 us. The H200 takes the same fractions (the same SMs) of its own
+# benchmarks/results/train_step_predict_final_h100.json, three variants): its dense products
+# reach 0.59-0.64 of the bf16 peak, grouped GEMMs 0.54-0.55, attention forward and backward
+# 0.32-0.33 (cuDNN's kernels; FLOPs as counted here), the fused output projection + loss 0.59-0.60;
+# streaming kernels 2.90-2.92 TB/s (0.87 of HBM), row gathers and scatters 0.57-0.58 of that; the
+# host issues a kernel in 7-7.5 us. The H200 takes the same fractions (the same SMs) of its own
 # bandwidth: an assumption until calibrated there.
 _HOPPER_FLOPS = {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12}
-_HOPPER_KINDS = {"grouped_mm": 0.48, "attention": 0.26, "loss": 0.59}
-H100_COMPUTE = ComputeRates("h100-sxm", _HOPPER_FLOPS, 0.53, 67e12, 3.35e12, 0.87, kind_efficiency=_HOPPER_KINDS,
-                            indexing_efficiency=0.58, launch_seconds=10e-6)
-H200_COMPUTE = ComputeRates("h200-sxm", _HOPPER_FLOPS, 0.53, 67e12, 4.8e12, 0.87, kind_efficiency=_HOPPER_KINDS,
-                            indexing_efficiency=0.58, launch_seconds=10e-6)
+_HOPPER_KINDS = {"grouped_mm": 0.54, "attention": 0.33, "loss": 0.6}
+H100_COMPUTE = ComputeRates("h100-sxm", _HOPPER_FLOPS, 0.62, 67e12, 3.35e12, 0.87, kind_efficiency=_HOPPER_KINDS,
+                            indexing_efficiency=0.58, launch_seconds=7e-6)
+H200_COMPUTE = ComputeRates("h200-sxm", _HOPPER_FLOPS, 0.62, 67e12, 4.8e12, 0.87, kind_efficiency=_HOPPER_KINDS,
+                            indexing_efficiency=0.58, launch_seconds=7e-6)
 # A small CPU host (the CI container: 2 cores): float32 matmul ~100 GFLOP/s, bf16 slower without
 # AMX, ~10 GB/s of memory. Rough; calibrate_compute measures the real one.
 CPU_COMPUTE = ComputeRates("cpu", {torch.float32: 100e9, torch.bfloat16: 50e9, torch.float16: 20e9}, 1.0, 20e9,

@@ -156,3 +156,30 @@ def test_variant_groups_and_model_flops():
     assert per_token == 4 * (2048 * 4096 * 2 + 2048 * 512 * 2 + 2048 * 128 + 8 * 3 * 2048 * 768) + 2048 * 151936
     attention = 3 * 2 * 2 * 4096 ** 2 * 32 * 128 * 4
     assert module.model_flops("mixtral", args) == 6 * per_token * 8192 + attention
+
+
+def test_predict_only_prices_each_program_variant_from_the_meta_model_and_runs_nothing(capsys):
+    result = load().main(["--tiny", "--models", "ours", "--variants", "eager,shardgraph,shardgraph_compile,"
+                              "shardgraph_adamw", "--batch", "2", "--seq", "16", "--layers", "1",
+                              "--predict-only", "h100"])
+    rows = {row["variant"]: row for row in result["predictions"]}
+    assert set(rows) == {"shardgraph", "shardgraph_compile", "shardgraph_adamw"}  # eager is no program
+    # The fused price of the same program is below its op-by-op one; the AdamW step, with its
+    # update of fp32 master weights and moments in the program, above the SGD step's.
+    assert 0 < rows["shardgraph_compile"]["predicted_ms"] < rows["shardgraph"]["predicted_ms"]
+    assert rows["shardgraph_adamw"]["predicted_ms"] > rows["shardgraph"]["predicted_ms"]
+    assert "shardgraph predicted (h100 presets)" in capsys.readouterr().out
+
+
+def test_predict_row_sets_preset_and_calibrated_predictions_beside_the_measured_step(tmp_path):
+    result = load().main(["--tiny", "--device", "cpu", "--models", "ours", "--variants", "shardgraph",
+                              "--batch", "2", "--seq", "16", "--layers", "1", "--steps", "1", "--warmup", "1",
+                              "--predict", "--out", str(tmp_path / "out.json")])
+    prediction = result["rows"][0]["prediction"]
+    assert prediction["measured_ms"] == result["rows"][0]["median_ms"]
+    for label in ("preset", "calibrated"):
+        assert prediction[label]["predicted_ms"] > 0
+        assert prediction[label]["predicted_over_measured"] == prediction[label]["predicted_ms"] / prediction["measured_ms"]
+    # Calibration timed every product, grouped GEMM, attention and loss of the program.
+    assert prediction["calibrated"]["measured_nodes"] > 0 and prediction["preset"]["measured_nodes"] == 0
+    assert set(prediction["kind_efficiency"]) == {"matmul", "grouped_mm", "attention", "loss"}
