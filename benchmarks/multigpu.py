@@ -568,7 +568,63 @@ def collectives_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def summary_markdown(results: list[dict], names: list[str]) -> str:
+    """One row per run: ours (throughput, MFU, predicted against measured, the MoE all-to-all
+    against the backend's own), torchtitan's, and the ratio; from the JSON of each run."""
+    lines = ["| run | mesh | zero | parity grad err | ours ms | ours tok/s | ours MFU | predicted ms | measured / "
+             "predicted | a2a GB/s (ours / alone) | torchtitan ms | torchtitan tok/s | torchtitan MFU | "
+             "ours / torchtitan |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+
+    def number(value, form):
+        return format(value, form) if isinstance(value, (int, float)) else "-"
+
+    for name, result in zip(names, results):
+        ours = result.get("throughput", {})
+        predicted = ours.get("predicted") or {}
+        closest = predicted.get(predicted.get("compared_with", "step_s"))
+        a2a = "-"
+        for label, row in (ours.get("all_to_all") or {}).get("by_axis", {}).items():
+            if "int" not in label:  # the token exchanges, not the counts
+                a2a = f"{label}: {number(row['achieved_GBps'], '.3g')} / {number(row['nccl_alone'][0]['GBps'], '.3g')}"
+                break
+        titan = result.get("titan") or {}
+        titan_ms = titan.get("median_step_s")
+        lines.append(
+            f"| {name} | {result.get('mesh', '')} | {ours.get('zero', '-')} | "
+            f"{number(result.get('parity', {}).get('grad_rel_err'), '.1e')} | "
+            f"{number(ours['median_step_s'] * 1e3 if 'median_step_s' in ours else None, '.1f')} | "
+            f"{number(ours.get('tokens_per_s'), ',.0f')} | {number(ours.get('mfu'), '.3f')} | "
+            f"{number(closest * 1e3 if closest else None, '.1f')} | {number(predicted.get('measured_over_predicted'), '.2f')} | "
+            f"{a2a} | {number(titan_ms * 1e3 if titan_ms else None, '.1f')} | "
+            f"{number(titan.get('tokens_per_s'), ',.0f')} | {number(titan.get('mfu'), '.3f')} | "
+            f"{number(result.get('tokens_per_s_over_titan'), '.2f')}"
+            + (f" (torchtitan: {titan['error'][:80]})" if "error" in titan else "") + " |")
+    return "\n".join(lines)
+
+
+def summarize(paths: list[str], out: str | None) -> str:
+    """``--summarize A.json B.json ... [--out table.md]``: the table of ``summary_markdown``."""
+    results, names = [], []
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            results.append(json.load(handle))
+        names.append(os.path.splitext(os.path.basename(path))[0])
+    table = summary_markdown(results, names)
+    print(table)
+    if out:
+        with open(out, "w", encoding="utf-8") as handle:
+            handle.write(table + "\n")
+    return table
+
+
 def main() -> None:
+    if "--summarize" in sys.argv:
+        summary = argparse.ArgumentParser(description="summary table of benchmarks/multigpu.py JSON files")
+        summary.add_argument("--summarize", nargs="+", required=True)
+        summary.add_argument("--out", default=None)
+        found = summary.parse_args()
+        summarize(found.summarize, found.out)
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mesh", required=True)
     parser.add_argument("--config", default="qwen3_30b_a3b", help="example config for the throughput run")
