@@ -6,17 +6,31 @@ Launch with torchrun, one process per GPU::
         torchrun --nproc-per-node N benchmarks/multigpu.py --mesh world=N,tp=2,ep=4 [--steps 20]
 
 1. Parity (float32, the tiny config): every rank runs the compiled program on its pieces; rank 0
-   compares the loss and the rebuilt gradients with the unsharded model run on its own GPU.
+   compares the loss and the rebuilt gradients with the unsharded model run on its own GPU
+   (with ``--zero 3`` the program is compiled with zero=3: parameters and gradients split over
+   the data-parallel axes too).
 2. Throughput (bf16, Qwen3-30B-A3B-shaped layers, ``--layers`` of them): median step time over
-   ``--steps`` steps after warm-up, tokens per second. Writes JSON under benchmarks/results/.
-Both count the collectives one step issues (``collectives_per_step``, by op).
+   ``--steps`` steps after warm-up, tokens per second, MFU (``model_flops``: 6 x matmul
+   parameters x tokens + causal attention, over ``PEAK_FLOPS`` = 989e12 per GPU), peak memory,
+   and the report's predicted step time beside the measured one (``predicted``). The step is
+   the gradient program (``--optimizer none``, the model cast to ``--dtype``) or the whole
+   training step (``--optimizer adamw``: ``sg.compile(..., optimizer=sg.optim.AdamW(...),
+   clip_grad_norm=1.0, compute_dtype=--dtype, zero=--zero)`` run by ``program.train_step``;
+   fp32 master weights, gradients and AdamW state). Writes JSON under benchmarks/results/.
+   Both count the collectives one step issues (``collectives_per_step``, by op).
+   ``--profile``: a torch.profiler breakdown of 3 steps (``profile_step``). ``--all-to-all``: the
+   all-to-all bandwidth one step achieves against the backend's own ``all_to_all_single`` at
+   the same message sizes (``all_to_all_bandwidth``).
 
 3. The same two for the hand-written baseline (``benchmarks/titan_baseline.py``: DTensor
    ``parallelize_module`` for TP, an all-to-all EP in which every TP lane dispatches its
    duplicated tokens, gradient sync by hand), and the ratio of tokens per second.
+4. ``--titan``: torchtitan the package's own MoE training at the same shapes in the same run
+   (``benchmarks/titan_package.py``), and ``tokens_per_s_over_titan``.
 
 With one GPU (``--nproc-per-node 1``, ``--mesh world=1``) it exercises the NCCL code path end to
-end on a single device.
+end on a single device. ``--summarize A.json B.json [--out T.md]`` prints one table of several
+runs' JSON (benchmarks/multigpu_runs.sh runs the meshes of issue #27 and calls it).
 """
 
 from __future__ import annotations
