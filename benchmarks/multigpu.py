@@ -217,22 +217,38 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_step_s(step, device: torch.device, steps: int) -> float:
-    """Median seconds of ``step()`` over ``steps`` after three warm-up steps."""
+def _median_step_s(step, device: torch.device, steps: int, warmup: int = 3) -> float:
+    """Median seconds of ``step()`` over ``steps`` after ``warmup`` warm-up steps."""
+    return statistics.median(timed_steps(step, device, steps, warmup)["step_s"])
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def timed_steps(step, device: torch.device, steps: int, warmup: int = 3) -> dict:
+    """Seconds of each of ``steps`` calls of ``step()`` after ``warmup`` untimed ones, and how many
+    graphs torch.compile compiled during the timed ones (a recompile, e.g. for a token count not
+    seen before, lands in that step's time; the median keeps such steps out while they are few)."""
     times = []
-    for index in range(steps + 3):
+    for index in range(warmup + steps):
+        if index == warmup:
+            compiled_before = _graphs_compiled()
         _synchronize(device)
         begin = time.perf_counter()
         step()
         _synchronize(device)
-        if index >= 3:
+        if index >= warmup:
             times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+    return {"step_s": times, "warmup": warmup, "graphs_compiled_in_timed_steps": _graphs_compiled() - compiled_before}
 
 
 def throughput(mesh: sg.MeshSpec, rank: int, device: torch.device, config: str, layers: int, batch: int, seq: int,
                steps: int, dtype: torch.dtype, compile_mode: str | None = None, *, optimizer: str = "none",
-               zero: int = 0, profile: bool = False, all_to_all: bool = False, hardware: str | None = None) -> dict:
+               zero: int = 0, profile: bool = False, all_to_all: bool = False, hardware: str | None = None,
+               warmup: int = 3) -> dict:
     """Our compiled step at ``config`` x ``layers``, timed on this rank.
 
     ``optimizer="none"``: the gradient program (loss and gradients), the model cast to ``dtype``.
@@ -275,7 +291,8 @@ def throughput(mesh: sg.MeshSpec, rank: int, device: torch.device, config: str, 
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    median = _median_step_s(step, device, steps)
+    timing = timed_steps(step, device, steps, warmup)
+    median = statistics.median(timing["step_s"])
     single_device = {}
     if mesh.world == 1 and not training:
         # The same program without torch.distributed in the loop, timed in the same process.
@@ -302,7 +319,7 @@ def throughput(mesh: sg.MeshSpec, rank: int, device: torch.device, config: str, 
                             if training else None),
               "zero": zero, "compute_dtype": str(dtype).replace("torch.", ""),
               "master_weights": "float32" if training else None,
-              "compile_s": compile_s, "median_step_s": median,
+              "compile_s": compile_s, "median_step_s": median, **timing,
               "tokens_per_s": batch * seq / median, "tokens_per_s_per_gpu": batch * seq / median / mesh.world,
               "model_flops_per_step": flops, "mfu": flops / (median * mesh.world * PEAK_FLOPS),
               "predicted": predicted_step(report, median, compile_mode),
@@ -648,6 +665,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps first, ours and torchtitan's (compiles; under torch.compile a token count "
+                             "not seen before can recompile a step: graphs_compiled_in_timed_steps counts them)")
     parser.add_argument("--compile", choices=["inductor"], default=None,
                         help="run our step under torch.compile (program.run / train_step(compile=...)); at world=1 "
                              "the same program's single_device_step(compile=...) is timed beside it")
@@ -687,7 +707,7 @@ def main() -> None:
     result["throughput"] = throughput(mesh, rank, device, args.config, args.layers, args.batch, args.seq, args.steps,
                                       getattr(torch, args.dtype), args.compile, optimizer=args.optimizer,
                                       zero=args.zero, profile=args.profile, all_to_all=args.all_to_all,
-                                      hardware=args.hardware)
+                                      hardware=args.hardware, warmup=args.warmup)
     _release(device)
     if not args.no_baseline:
         result["baseline_parity"] = baseline_parity(mesh, rank, device)
@@ -700,7 +720,7 @@ def main() -> None:
         _write(result, args.out, rank)  # ours stands even if torchtitan fails or hangs
         try:
             result["titan"] = titan_package.run_titan(
-                mesh, rank, device, args.config, args.layers, args.batch, args.seq, args.steps,
+                mesh, rank, device, args.config, args.layers, args.batch, args.seq, args.steps, warmup=args.warmup,
                 compile_model=not args.titan_no_compile, attention=args.titan_attention, ac=args.titan_ac,
                 spmd_backend=args.titan_spmd_backend, cuda_graphs=args.titan_cuda_graphs, profile=args.profile)
             result["tokens_per_s_over_titan"] = result["throughput"]["tokens_per_s"] / result["titan"]["tokens_per_s"]

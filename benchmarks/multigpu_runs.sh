@@ -15,7 +15,10 @@
 #   benchmarks/multigpu_runs.sh --gloo          # 4 CPU processes, tiny shapes: the whole path, here
 #
 # Settings (environment): LAYERS (2), SEQ (4096), BATCH_PER_GPU (1: the global batch is N x this
-# many sequences, so every mesh of one N moves the same tokens per GPU), STEPS (10),
+# many sequences, so every mesh of one N moves the same tokens per GPU), STEPS (10), WARMUP (10:
+# under torch.compile our step recompiles the runtime's MoE helpers for each token count it has
+# not seen, up to dynamo's limit of 8; graphs_compiled_in_timed_steps in the JSON says how many
+# recompiles still fell in the timed steps),
 # STEP_TIMEOUT (seconds per run, 480), WHEELS (the torchtitan wheels, ../.whl from here),
 # TITAN_SITE (where they are installed, /tmp/titan_site), OUT (where JSON goes), GPUS (N, instead
 # of nvidia-smi's count), EXTRA (more arguments for every multigpu.py run).
@@ -46,6 +49,7 @@ layers=${LAYERS:-2}
 seq=${SEQ:-4096}
 per_gpu=${BATCH_PER_GPU:-1}
 steps=${STEPS:-10}
+warmup=${WARMUP:-10}
 step_timeout=${STEP_TIMEOUT:-480}
 wheels=${WHEELS:-$root/.whl}
 titan_site=${TITAN_SITE:-/tmp/titan_site}
@@ -115,7 +119,7 @@ for n in "${sizes[@]}"; do
         launcher="env OMP_NUM_THREADS=1 python3 -m torch.distributed.run --nproc-per-node 4"
     else
         common="--backend nccl --config qwen3_30b_a3b --dtype bfloat16 --layers $layers --seq $seq"
-        common="$common --batch $((n * per_gpu)) --steps $steps --optimizer adamw --compile inductor --profile"
+        common="$common --batch $((n * per_gpu)) --steps $steps --warmup $warmup --optimizer adamw --compile inductor --profile"
         common="$common --all-to-all --titan --no-baseline"
         launcher="python3 -m torch.distributed.run --nproc-per-node $n"
     fi

@@ -286,16 +286,14 @@ class TitanTraining:
 
             inputs, labels, extra = annotate_input_spmd_types(self.parallel_dims, inputs, labels, extra)
         loss = self.forward_backward(inputs, labels, self.global_valid_tokens, extra)
-        grad_norm = self.clip_grad_norm_([p for p in self.model.parameters()], MAX_NORM, foreach=True,
+        self.clip_grad_norm_([p for p in self.model.parameters()], MAX_NORM, foreach=True,
                                          pp_mesh=None, ep_enabled=self.parallel_dims.ep_enabled)
         self.optimizers.step()
-        self.last_loss, self.last_grad_norm = loss.detach(), grad_norm
         return loss
 
-    def global_loss(self) -> float:
-        """The last step's mean loss over the global batch (each rank's loss is its own sum over
-        the global token count, so the sum over the data-parallel ranks; one per tp group)."""
-        loss = self.last_loss
+    def global_loss(self, loss: torch.Tensor) -> float:
+        """A step's mean loss over the global batch from this rank's ``loss`` (each rank's is its
+        own sum over the global token count, so the sum over the data-parallel ranks)."""
         if isinstance(loss, DTensor):  # loss-parallel over tp: its replicated value
             loss = loss.full_tensor()
         loss = loss.float().clone()
@@ -323,20 +321,19 @@ def run_titan(mesh: sg.MeshSpec, rank: int, device: torch.device, config: str, l
     training = TitanTraining(mesh, device, settings, batch, seq, compile_model=compile_model, attention=attention,
                              ac=ac, spmd_backend=spmd_backend, cuda_graphs=cuda_graphs)
     build_s = time.perf_counter() - started
-    times, losses = [], []
-    first_step_s = None
-    for index in range(warmup + steps):
-        _synchronize(device)
-        begin = time.perf_counter()
-        training.step()
-        _synchronize(device)
-        elapsed = time.perf_counter() - begin
-        if index == 0:
-            first_step_s = elapsed
-        if index >= warmup:
-            times.append(elapsed)
-        losses.append(training.global_loss())
-    median = statistics.median(times)
+    kept = []  # each step's loss on this rank, reduced to the global loss after the timing
+
+    def step():
+        kept.append(training.step().detach().clone())  # (a CUDA graph's loss is overwritten by its next replay)
+
+    _synchronize(device)
+    begin = time.perf_counter()
+    step()
+    _synchronize(device)
+    first_step_s = time.perf_counter() - begin
+    timing = multigpu.timed_steps(step, device, steps, max(warmup - 1, 0))
+    median = statistics.median(timing["step_s"])
+    losses = [training.global_loss(loss) for loss in kept]
     tp, ep, note = titan_degrees(mesh)
     flops = multigpu.model_flops(settings, batch, seq)
     result = {
@@ -353,7 +350,7 @@ def run_titan(mesh: sg.MeshSpec, rank: int, device: torch.device, config: str, l
         "moe_load_balance_coeff": getattr(_first_moe(training.model), "load_balance_coeff", None),
         "batch": batch, "seq": seq, "local_batch": training.local_batch, "steps": steps, "warmup": warmup,
         "build_s": build_s, "first_step_s": first_step_s, "median_step_s": median,
-        "step_s": times, "tokens_per_s": batch * seq / median,
+        **timing, "tokens_per_s": batch * seq / median,
         "tokens_per_s_per_gpu": batch * seq / median / mesh.world,
         "model_flops_per_step": flops, "mfu": flops / (median * mesh.world * multigpu.PEAK_FLOPS),
         "losses": losses,
