@@ -92,7 +92,7 @@ def test_torchtitan_package_trains_the_tiny_shapes_on_four_gloo_ranks():
     losses = results[0]["losses"]
     assert all(r["losses"] == losses for r in results)  # one global loss
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses  # AdamW on one batch
-    assert results[0]["mesh_run"] == "world=4,tp=2,ep=2" and results[0]["parallel_dims"]["dp_shard (FSDP)"] == 2
+    assert results[0]["mesh_run"] == "world=4,tp=2,ep=2" and results[0]["parallel_dims"]["dp_shard"] == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
