@@ -15,7 +15,7 @@ Writes
     the token of each copy in expert order; else the local-expert order of the received rows),
     and the backward takes ``glu_grouped_mm_dgrad`` (down dgrad and activation backward) and
     ``gather_grouped_mm_wgrad`` (gate/up wgrad through the same index): the grouped copy of the
-    tokens is never made. The forward node's ``fused_moe`` meta says which path it took and why.
+    tokens is never made. The forward node's record (``meta.fused_moe_choice``) says which path it took and why.
     ``moe_experts_backward`` becomes the mirror sequence and reuses the forward's routing,
     splits, grouped tokens and activations (the joint graph holds both directions, so nothing is
     recomputed or sent twice), with ``kernels.grouped_mm_dgrad`` / ``grouped_mm_wgrad``.
@@ -326,7 +326,7 @@ def _lower_forward(graph, emit: _Emitter, node: Node, mesh: MeshSpec, exact_dtyp
 
 def _fused(node: Node, hidden: Node, activation: str, has_bias: bool) -> bool:
     """Whether this MoE layer takes the fused expert kernels (``kernels.fused_moe`` says when);
-    the answer, either way, is kept in the forward node's ``fused_moe`` meta."""
+    the answer, either way, is kept in the forward node's records (``meta.fused_moe_choice``)."""
     found = meta.tensor_value(hidden)
     parsed = GatedActivation.parse(activation)
     # The kernels compute the plain act(gate) * up with gate and up concatenated or interleaved;
@@ -337,7 +337,7 @@ def _fused(node: Node, hidden: Node, activation: str, has_bias: bool) -> bool:
     name = parsed.name if plain else str(parsed)
     refusal = ("no recorded value of the tokens" if found is None
                else fused_moe_refusal(found, name, parsed.interleaved, has_bias))
-    node.meta["fused_moe"] = refusal or "fused"
+    meta.set_fused_moe_choice(node, refusal or "fused")
     return refusal is None
 
 

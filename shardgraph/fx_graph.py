@@ -98,7 +98,7 @@ def append_copy(graph: Graph, node: Node, args: tuple, kwargs: dict) -> Node:
         copied.args = args
     if kwargs:
         copied.kwargs = kwargs
-    copied.meta.update(node.meta)
+    meta.copy_node_records(node, copied)
     return copied
 
 

@@ -462,6 +462,12 @@ def set_output_roles(gm: GraphModule, roles: Iterable[OutputRole]) -> None:
     gm.meta[_OUTPUT_ROLES] = tuple(roles)
 
 
+def copy_node_records(source: Node, target: Node) -> None:
+    """Give ``target``, a copy of ``source``, every record ``source`` holds (fx's own and ours),
+    as fx's node copy does: the records themselves are shared, not copied."""
+    target.meta.update(source.meta)
+
+
 def copy_module_records(source: GraphModule, target: GraphModule) -> None:
     """Carry the graph module's own records (output roles) to a copy of it."""
     target.meta.update(source.meta)
@@ -501,6 +507,19 @@ def copy_source_info(source: Node, target: Node) -> None:
     copy_source_location(source, target)
     if _VALUE in source.meta:
         target.meta[_VALUE] = source.meta[_VALUE]
+
+
+_FUSED_MOE = "shardgraph_fused_moe"
+
+
+def set_fused_moe_choice(node: Node, choice: str) -> None:
+    """Whether an MoE layer's forward node took the fused expert kernels: ``"fused"``, or why
+    not (``kernels.fused_moe.fused_moe_refusal``'s answer)."""
+    node.meta[_FUSED_MOE] = choice
+
+
+def fused_moe_choice(node: Node) -> str | None:
+    return node.meta.get(_FUSED_MOE)
 
 
 def set_module_stack(node: Node, stack: dict) -> None:

@@ -281,7 +281,7 @@ def _composite_work(node: Node, pieces: dict) -> Work | None:
     if traced is not None:
         inner: dict = {}
         for inner_node in traced.graph.nodes:
-            value = inner_node.meta.get("val")
+            value = meta.tensor_value(inner_node)
             inner[inner_node] = ([(tuple(value.shape), value.dtype)] if isinstance(value, torch.Tensor)
                                  else [None])
         # A size that depends on values (a repeat by counts) has no number to price.

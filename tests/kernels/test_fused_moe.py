@@ -169,10 +169,10 @@ def test_an_activation_with_more_than_act_gate_times_up_keeps_the_unfused_path(s
     meta.set_value(hidden, fake("cuda"))
     with fused_moe.use_fused_moe("on"):
         assert not _fused(node, hidden, spec, has_bias=False)
-    assert spec.split("(")[0] in node.meta["fused_moe"]
+    assert spec.split("(")[0] in meta.fused_moe_choice(node)
     with fused_moe.use_fused_moe("on"):
         _fused(node, hidden, "silu", has_bias=False)
-    assert "activation" not in node.meta["fused_moe"]  # the plain SwiGLU is not refused for its activation
+    assert "activation" not in meta.fused_moe_choice(node)  # the plain SwiGLU is not refused for its activation
 
 
 def test_bad_operands_are_refused_naming_the_op_and_the_rule():
