@@ -416,7 +416,7 @@ def profile_step(step, device: torch.device, median_s: float, steps: int = 3) ->
     wait for the slowest peer. On a CPU (gloo): the same breakdown of the ops' self time (c10d
     ops as communication), without intervals."""
     from torch.profiler import ProfilerActivity, profile
-    from train_step import classify
+    from train_step import classify, timed_events
 
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
@@ -430,15 +430,7 @@ def profile_step(step, device: torch.device, median_s: float, steps: int = 3) ->
     by_class: dict[str, float] = {}
     kernels: dict[str, tuple[int, float]] = {}
     compute, communication = [], []
-    for event in profiler.events():
-        if on_gpu:
-            if event.device_type == torch.autograd.DeviceType.CPU or getattr(event, "is_user_annotation", False):
-                continue
-            us = event.time_range.elapsed_us()
-        else:
-            if event.device_type != torch.autograd.DeviceType.CPU or "::" not in event.name:
-                continue
-            us = event.self_cpu_time_total
+    for event, us in timed_events(profiler, on_gpu):
         lowered = event.name.lower()
         label = "communication" if any(key in lowered for key in _COMMUNICATION_KEYS) else classify(event.name)
         if on_gpu:

@@ -469,6 +469,20 @@ def classify(name: str) -> str:
     return next((label for label, keys in KERNEL_CLASSES if any(k in lowered for k in keys)), "other kernels")
 
 
+def timed_events(profiler, on_gpu: bool):
+    """``(event, microseconds)`` of what a profile counts: on a GPU every device event (kernels,
+    memcpy, memset) at its duration; on the CPU the aten / custom / c10d ops at their self time."""
+    for event in profiler.events():
+        if on_gpu:
+            # A record_function range (Optimizer.step#AdamW.step, say) also shows on the GPU
+            # timeline as an annotation spanning the kernels it launched: not a kernel of its own.
+            if event.device_type == torch.autograd.DeviceType.CPU or getattr(event, "is_user_annotation", False):
+                continue
+            yield event, event.time_range.elapsed_us()
+        elif event.device_type == torch.autograd.DeviceType.CPU and "::" in event.name:
+            yield event, event.self_cpu_time_total
+
+
 def profile_steps(runner, device, median_ms: float, steps: int = 3) -> dict:
     """Kernel time per step by class, and idle time against the unprofiled median step.
 
@@ -487,17 +501,7 @@ def profile_steps(runner, device, median_ms: float, steps: int = 3) -> dict:
         synchronize(device)
     profiled_ms = (time.perf_counter() - started) * 1e3 / steps
     by_class, kernels = {}, {}
-    for event in profiler.events():
-        if on_gpu:
-            # A record_function range (Optimizer.step#AdamW.step, say) also shows on the GPU
-            # timeline as an annotation spanning the kernels it launched: not a kernel of its own.
-            if event.device_type == torch.autograd.DeviceType.CPU or getattr(event, "is_user_annotation", False):
-                continue
-            us = event.time_range.elapsed_us()
-        else:
-            if event.device_type != torch.autograd.DeviceType.CPU or "::" not in event.name:
-                continue
-            us = event.self_cpu_time_total
+    for event, us in timed_events(profiler, on_gpu):
         ms = us / 1e3 / steps
         count, total = kernels.get(event.name, (0, 0.0))
         kernels[event.name] = (count + 1, total + ms)

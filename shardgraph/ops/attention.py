@@ -293,21 +293,14 @@ def _forward(query, key, value, is_causal: bool, scale: float) -> tuple[torch.Te
     """``(out, logsumexp)`` from the first kernel that takes the operands (key and value widened)."""
     if query.is_cuda:  # the one layout the CUDA kernels are asked about and given (module docstring)
         query, key, value = (_sequence_major(t) for t in (query, key, value))
-    for kernel in _kernels(query, key, value, is_causal):
-        if kernel == "math":
-            return _math_forward(query, key, value, is_causal, scale)
-        try:
-            out, logsumexp = _FUSED_FORWARD[kernel](query, key, value, is_causal, scale)
-            _expect(kernel, out, "output", (*query.shape[:3], value.shape[-1]), query.dtype)
-            _expect(kernel, logsumexp, "logsumexp", tuple(query.shape[:3]), _logsumexp_dtype(query.dtype))
-            return out, logsumexp
-        except _Unexpected as reason:
-            _fall_back(kernel, reason)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError as error:
-            _fall_back(kernel, error)
-    raise AssertionError("unreachable: _kernels always ends with math")
+    def fused(kernel):
+        out, logsumexp = _FUSED_FORWARD[kernel](query, key, value, is_causal, scale)
+        _expect(kernel, out, "output", (*query.shape[:3], value.shape[-1]), query.dtype)
+        _expect(kernel, logsumexp, "logsumexp", tuple(query.shape[:3]), _logsumexp_dtype(query.dtype))
+        return out, logsumexp
+
+    return _first_that_runs(query, key, value, is_causal, fused,
+                            lambda: _math_forward(query, key, value, is_causal, scale))
 
 
 def _backward(grad_out, query, key, value, out, logsumexp, is_causal: bool, scale: float):
@@ -315,14 +308,25 @@ def _backward(grad_out, query, key, value, out, logsumexp, is_causal: bool, scal
     if query.is_cuda:
         query, key, value, out, grad_out = (_sequence_major(t) for t in (query, key, value, out, grad_out))
         logsumexp = logsumexp.contiguous()  # some cuDNN kernels read it packed whatever its strides
+    def fused(kernel):
+        grads = _FUSED_BACKWARD[kernel](grad_out, query, key, value, out, logsumexp, is_causal, scale)
+        for name, grad, like in zip(("grad_query", "grad_key", "grad_value"), grads, (query, key, value)):
+            _expect(kernel, grad, name, _shape(like), like.dtype)
+        return grads
+
+    return _first_that_runs(query, key, value, is_causal, fused,
+                            lambda: _math_backward(grad_out, query, key, value, out, logsumexp, is_causal, scale))
+
+
+def _first_that_runs(query, key, value, is_causal: bool, fused, math):
+    """``fused(kernel)`` of the first fused kernel that takes the operands and returns what it
+    should; a kernel that raises or returns something unexpected is named in a warning and the
+    next one runs, down to ``math()``. Out of memory is not a reason to fall back: it is raised."""
     for kernel in _kernels(query, key, value, is_causal):
         if kernel == "math":
-            return _math_backward(grad_out, query, key, value, out, logsumexp, is_causal, scale)
+            return math()
         try:
-            grads = _FUSED_BACKWARD[kernel](grad_out, query, key, value, out, logsumexp, is_causal, scale)
-            for name, grad, like in zip(("grad_query", "grad_key", "grad_value"), grads, (query, key, value)):
-                _expect(kernel, grad, name, _shape(like), like.dtype)
-            return grads
+            return fused(kernel)
         except _Unexpected as reason:
             _fall_back(kernel, reason)
         except torch.OutOfMemoryError:
