@@ -613,6 +613,15 @@ def run_variant(name, variant, args, device, dtype, batch) -> dict:
     return row
 
 
+def update_seconds(variant: str, trainable, compute) -> float:
+    """The SGD variants' update, applied outside the program: priced as one streaming op that
+    reads each parameter and its gradient and writes the parameter (``ComputeRates.seconds`` of
+    no FLOPs). The AdamW variants' update is in the program, so in its prediction already."""
+    if variant in PROGRAM_ADAMW_VARIANTS:
+        return 0.0
+    return compute.seconds(0.0, 3 * sum(t.numel() * t.element_size() for t in trainable))
+
+
 def predict_row(runner, variant, device, dtype, measured_ms: float) -> dict:
     """The report's predicted step of the variant's program beside its measured median: on the
     preset rates of the card (``passes.cost.HARDWARE``), and on rates calibrated on this device
@@ -638,16 +647,13 @@ def predict_row(runner, variant, device, dtype, measured_ms: float) -> dict:
     measured = calibrate_kernels(gm, mesh, device, pieces=pieces)
     calibration_s = time.perf_counter() - started
     fused = variant not in NO_TORCH_COMPILE
-    update_bytes = 0 if variant in PROGRAM_ADAMW_VARIANTS else 3 * sum(
-        t.numel() * t.element_size() for t in runner.trainable)
     result = {"fused": fused, "calibration_s": calibration_s, "measured_ms": measured_ms,
               "kind_efficiency": measured_efficiency(gm, measured, preset.compute.matmul_flops, pieces),
               "calibrated_rates": {k: (str(v) if isinstance(v, dict) else v)
                                    for k, v in vars(calibrated.compute).items()}}
     for label, hardware, timed in (("preset", preset, None), ("calibrated", calibrated, measured)):
         prediction = predict_step(gm, mesh, hardware, pieces=pieces, fused=fused, measured=timed)
-        compute = hardware.compute
-        update_s = update_bytes / (compute.memory_bandwidth * compute.memory_efficiency)
+        update_s = update_seconds(variant, runner.trainable, hardware.compute)
         predicted_ms = (prediction.step_seconds + update_s) * 1e3
         result[label] = {"predicted_ms": predicted_ms, "predicted_over_measured": predicted_ms / measured_ms,
                          "update_outside_program_ms": update_s * 1e3,
@@ -682,16 +688,14 @@ def predict_only(name: str, variant: str, args, dtype, hardware: str) -> dict:
     if variant in PROGRAM_ADAMW_VARIANTS:
         program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn, optimizer=sg.optim.AdamW(**ADAMW),
                              clip_grad_norm=CLIP_GRAD_NORM, compute_dtype=dtype if dtype != torch.float32 else None)
-        update_bytes = 0
     else:
         model = model.to(dtype)
         program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn)
-        update_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    compute = HARDWARE[hardware].compute
     prediction = predict_step(program.graph_module, program.mesh, hardware,
                               pieces=local_pieces(program.graph_module, program.mesh),
                               fused=variant not in NO_TORCH_COMPILE)
-    predicted_ms = (prediction.step_seconds + update_bytes / (compute.memory_bandwidth * compute.memory_efficiency)) * 1e3
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    predicted_ms = (prediction.step_seconds + update_seconds(variant, trainable, HARDWARE[hardware].compute)) * 1e3
     print(f"{variant} predicted ({hardware} presets): {predicted_ms:.2f} ms; by kind "
           + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in prediction.compute_seconds_by_kind.items()), flush=True)
     return {"model": name, "variant": variant, "hardware": hardware, "predicted_ms": predicted_ms}
