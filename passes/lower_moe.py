@@ -8,8 +8,9 @@ Writes
     the call sequence of ``shardgraph.runtime.moe`` (sort by expert, count exchange, token
     all-to-all over ep, etp gather, grouping by local expert, ``kernels.grouped_mm`` gate/up,
     activation, ``kernels.grouped_mm`` down, etp reduction, all-to-all back, weighted combine).
-    Where ``kernels.fused_moe.fused_moe_refusal`` allows (by default: tokens on a CUDA device, the
-    Triton grouped GEMM backend, an ``act(gate) * up`` activation, no expert biases) the gather
+    Where ``kernels.fused_moe.fused_moe_refusal`` allows (a mode that is off by default; under
+    ``"auto"``: tokens on a CUDA device, the Triton grouped GEMM backend, a plain ``act(gate) * up``
+    activation, no expert biases) the gather
     into expert order, the gate/up product and the activation are one kernel,
     ``gather_glu_grouped_mm``, reading the token rows through an index vector (with ep = etp = 1
     the token of each copy in expert order; else the local-expert order of the received rows),
