@@ -22,8 +22,11 @@ the ranks check that they were all given the same mesh (``docs/runtime.md``).
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import functools
+import gc
 import os
+import signal
 import tempfile
 import traceback
 from typing import Any, Callable, Sequence
@@ -270,6 +273,9 @@ def init_from_environment(backend: str | None = None, timeout: float | datetime.
 
 def _worker(rank: int, world: int, fn, args, result_dir: str, timeout) -> None:
     global _timeout
+    # A native crash (a signal in the backend) prints every thread's Python stack to stderr,
+    # which the parent's test output keeps: without it such a rank dies with no trace at all.
+    faulthandler.enable(all_threads=True)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     path = os.path.join(result_dir, f"rank{rank}.pt")
@@ -284,6 +290,9 @@ def _worker(rank: int, world: int, fn, args, result_dir: str, timeout) -> None:
             dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world, timeout=timeout)
         result = fn(rank, *args)
         torch.save({"result": result}, path)
+        # Every rank done with every collective before any closes its connections: a rank that
+        # tears down while a peer is still reading from it is the backend's least tested path.
+        dist.barrier()
     except BaseException:  # noqa: BLE001 - reported to the parent
         torch.save({"error": traceback.format_exc()}, path)
         raise
@@ -293,6 +302,38 @@ def _worker(rank: int, world: int, fn, args, result_dir: str, timeout) -> None:
             # first, so no group outlives the default one into the interpreter's shutdown.
             torch._C._distributed_c10d._unregister_all_process_groups()
             dist.destroy_process_group()
+            # Groups that Python objects still hold (a communicator cached by a program) are
+            # freed now, while the interpreter is whole, not during its shutdown.
+            gc.collect()
+
+
+def _rank_failures(context, result_dir: str, world: int) -> list[str]:
+    """One line (or a traceback) per rank that did not end cleanly: its Python error, or the
+    signal or exit code it died with and whether that came before or after its result was saved
+    (a crash in the backend's teardown leaves a result behind)."""
+    messages = []
+    for rank in range(world):
+        path = os.path.join(result_dir, f"rank{rank}.pt")
+        try:
+            record = torch.load(path, weights_only=False) if os.path.exists(path) else None
+        except Exception:  # noqa: BLE001 - a rank that died while writing it
+            record = None
+        if record is not None and "error" in record:
+            messages.append(f"rank {rank}:\n{record['error']}")
+            continue
+        exitcode = context.processes[rank].exitcode
+        if exitcode in (0, None):
+            continue
+        if exitcode == -signal.SIGTERM:
+            messages.append(f"rank {rank}: stopped by the parent once another rank had failed")
+            continue
+        try:
+            how = f"signal {signal.Signals(-exitcode).name}" if exitcode < 0 else f"exit code {exitcode}"
+        except ValueError:
+            how = f"signal {-exitcode}"
+        when = "after saving its result (in teardown)" if record is not None else "before finishing"
+        messages.append(f"rank {rank}: died with {how} {when}")
+    return messages
 
 
 def spawn_gloo(fn: Callable[..., Any], world: int, *args, timeout: float | datetime.timedelta | None = None) -> list[Any]:
@@ -309,14 +350,7 @@ def spawn_gloo(fn: Callable[..., Any], world: int, *args, timeout: float | datet
             while not context.join(timeout=300):
                 pass
         except Exception as error:
-            messages = []
-            for rank in range(world):
-                path = os.path.join(result_dir, f"rank{rank}.pt")
-                if os.path.exists(path):
-                    record = torch.load(path, weights_only=False)
-                    if "error" in record:
-                        messages.append(f"rank {rank}:\n{record['error']}")
-            raise RuntimeError("gloo ranks failed:\n" + "\n".join(messages)) from error
+            raise RuntimeError("gloo ranks failed:\n" + "\n".join(_rank_failures(context, result_dir, world))) from error
         results = []
         for rank in range(world):
             record = torch.load(os.path.join(result_dir, f"rank{rank}.pt"), weights_only=False)

@@ -112,3 +112,26 @@ def test_a_rank_that_stops_answering_becomes_an_error_naming_the_collective_and_
     assert "CollectiveFailure: rank 0: all_reduce over dp group (0, 1) (call #" in message
     assert "Timed out" in message
     assert "ranks missing: [1] (reported nothing within 3.0s" in message
+
+
+def crashing_rank(rank, when):
+    import atexit
+    import os
+    import signal
+
+    if rank == 1:
+        if when == "before":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        # After fn returns and the result is saved: the interpreter's shutdown, where a backend's
+        # native teardown would crash.
+        atexit.register(os.kill, os.getpid(), signal.SIGSEGV)
+    return rank
+
+
+@pytest.mark.parametrize("when, words", [("before", "before finishing"), ("after", "after saving its result")])
+def test_a_rank_killed_by_a_signal_is_named_with_the_signal_and_whether_its_result_was_saved(when, words):
+    from shardgraph.runtime.distributed import spawn_gloo
+
+    with pytest.raises(RuntimeError) as info:
+        spawn_gloo(crashing_rank, 2, when, timeout=20)
+    assert f"rank 1: died with signal SIGSEGV {words}" in str(info.value)
