@@ -9,11 +9,11 @@ Reads
     etp) a ``meta.Collective`` record.
 Writes
     for each: the local steps that put the tensor in the layout a dim-0 collective reads
-    (``runtime/c10d.py``: ``dim_to_front``, ``split_for_all_to_all``, ``pad_rows``), one
+    (``runtime/c10d.py``: ``dim_to_front``, ``split_for_all_to_all``, ``repeat_for_members``), one
     ``torch.ops._c10d_functional`` op (``all_gather_into_tensor``, ``reduce_scatter_tensor``,
     ``all_reduce``, ``all_to_all_single``) on the group ``c10d.group_name(mesh, axis)``, its
     ``wait_tensor`` right after it, and the local steps that give the value its layout back
-    (``front_to_dim``, ``interleaved_from_front``, ``join_after_all_to_all``, ``unpad_rows``,
+    (``front_to_dim``, ``interleaved_from_front``, ``join_after_all_to_all``,
     ``own_rows``, a division for an average). The op node carries the ``Collective`` record
     (the count exchanges of etp get one, purpose ``MOE_COUNTS``); the other nodes carry a
     ``CollectivePart`` naming it; the last node takes the replaced node's value, placement and
@@ -162,8 +162,11 @@ def _lower_one(graph, node: Node, mesh: MeshSpec) -> None:
         if sizes is None:  # equal pieces (the count matrices)
             out = x.collective(c10d.ALL_GATHER, x.local(c10d.contiguous, tensor), n, x.name)
         else:
-            padded = x.local(c10d.pad_rows, tensor, sizes)
-            out = x.local(c10d.unpad_rows, x.collective(c10d.ALL_GATHER, padded, n, x.name), sizes)
+            # Pieces of different lengths: an all-to-all sending the whole piece to every member
+            # moves exactly an uneven all-gather's bytes (no padding to the longest piece) and
+            # reads no length on the host (a compiled graph is not specialised on the counts).
+            repeated = x.local(c10d.repeat_for_members, tensor, n)
+            out = x.collective(c10d.ALL_TO_ALL, repeated, sizes, x.local(c10d.piece_splits, tensor, n), x.name)
     elif target is moe_steps.etp_reduce_own:
         total = x.collective(c10d.ALL_REDUCE, x.local(c10d.contiguous, tensor), "sum", x.name)
         out = x.local(c10d.own_rows, a["comm"], total, axis, a["sizes"])

@@ -15,7 +15,7 @@ name the first node whose value became NaN or inf. ``docs/runtime.md`` lists the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch.fx import GraphModule
@@ -52,6 +52,22 @@ class StepResult:
     simulator: Simulator | None = None
 
 
+def _tracing_host_values(compiled):
+    """``compiled`` called with dynamo tracing the values a multi-rank program reads on the host
+    (the all-to-all split sizes of an MoE dispatch, the row counts of uneven gathers) as unbacked
+    symbolic sizes, and ops whose output size depends on data (``repeat_interleave`` of counts)
+    likewise. Without it each of those values is a Python int that the compiled graph is
+    specialised on: every new routing recompiles (tens of seconds a step) until dynamo's cache
+    limit sends the step back to eager. The world=1 program reads nothing on the host and keeps
+    dynamo's defaults."""
+
+    def run(*args, **kwargs):
+        with torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+            return compiled(*args, **kwargs)
+
+    return run
+
+
 class ShardedProgram:
     def __init__(self, traced, placed, lowered: GraphModule, mesh: MeshSpec):
         self.traced = traced
@@ -83,7 +99,7 @@ class ShardedProgram:
         # run(): ranks of this process whose first step was checked, and whether the ranks were
         # found to run the same program.
         self._checked_ranks: set[int] = set()
-        self._compiled_graphs: dict[str, torch.nn.Module] = {}
+        self._compiled_graphs: dict[str, Callable] = {}
         self._program_checked = False
         self._communicator = None
 
@@ -311,8 +327,9 @@ class ShardedProgram:
         if compile is None:
             return self.graph_module
         if compile not in self._compiled_graphs:
-            self._compiled_graphs[compile] = torch.compile(
+            compiled = torch.compile(
                 self.graph_module, dynamic=False, mode="reduce-overhead" if compile == "cudagraph" else None)
+            self._compiled_graphs[compile] = _tracing_host_values(compiled) if self.mesh.world > 1 else compiled
         return self._compiled_graphs[compile]
 
     def single_device_step(self, compile: str | None = None):

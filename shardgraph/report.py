@@ -409,7 +409,7 @@ def _estimated_pieces(node: Node, pieces: dict[Node, list], mesh: MeshSpec) -> l
         found = pieces.get(node.args[0]) or []
         index = node.args[1]
         return [found[index]] if isinstance(index, int) and index < len(found) else [None]
-    if kind in ("split_sizes", "host_list"):
+    if kind in ("split_sizes", "host_list", "piece_splits"):
         return [None]  # host lists of row counts
     if kind == "_c10d_functional.all_gather_into_tensor" and arg(0):  # every member's rows
         return [_rows(arg(0), arg(0)[0][0] * int(node.args[1]))]

@@ -42,8 +42,8 @@ __all__ = [
     "join_after_all_to_all",
     "row_count",
     "host_list",
-    "pad_rows",
-    "unpad_rows",
+    "repeat_for_members",
+    "piece_splits",
     "own_rows",
     "as_matrix",
 ]
@@ -196,29 +196,25 @@ def host_list(tensor: torch.Tensor) -> list[int]:
     return [int(v) for v in tensor.tolist()]
 
 
-def pad_rows(tensor: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """Rows padded with zeros to the longest member's count: an all-gather of pieces of
-    different lengths is one of equal pieces, cut again by ``unpad_rows``."""
-    longest = max(int(s) for s in sizes)
-    tensor = tensor.contiguous()
-    if tensor.shape[0] == longest:
-        return tensor
-    pad = tensor.new_zeros((longest - tensor.shape[0],) + tuple(tensor.shape[1:]))
-    return torch.cat([tensor, pad])
+def repeat_for_members(tensor: torch.Tensor, group_size: int) -> torch.Tensor:
+    """This rank's piece once per member, in one block: the input of an all-to-all that sends the
+    whole piece to every member, which is an all-gather of pieces of different lengths. The
+    receiver's output splits are the members' lengths, so nothing is padded, no maximum is taken
+    on the host, and a compiled graph keeps the lengths symbolic instead of specialising on them."""
+    return tensor.contiguous().repeat((group_size,) + (1,) * (tensor.dim() - 1))
 
 
-def unpad_rows(gathered: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """Every member's rows of a padded gather, without the padding, in group order."""
-    lengths = [int(s) for s in sizes]
-    longest = max(lengths)
-    return torch.cat([gathered[i * longest: i * longest + n] for i, n in enumerate(lengths)])
+def piece_splits(tensor: torch.Tensor, group_size: int) -> list:
+    """The input splits of ``repeat_for_members``' all-to-all: the piece's length, per member."""
+    return [tensor.shape[0]] * group_size
 
 
 def own_rows(comm, total: torch.Tensor, axis: AxisName, sizes: Sequence[int]) -> torch.Tensor:
     """This rank's segment of rows that every member of ``axis`` holds in group order."""
     position = comm.index(axis)
-    start = sum(int(s) for s in sizes[:position])
-    return total.narrow(0, start, int(sizes[position]))
+    # The sizes stay as given (host ints eagerly, unbacked sizes under torch.compile): int() of
+    # one would specialise the compiled graph on this step's counts.
+    return total.narrow(0, sum(sizes[:position]), sizes[position])
 
 
 def as_matrix(tensor: torch.Tensor, rows: int) -> torch.Tensor:

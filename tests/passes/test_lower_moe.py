@@ -35,13 +35,27 @@ def test_every_expert_local_means_no_exchange_steps_and_device_offsets(mesh_text
 def test_expert_parallel_meshes_keep_the_count_exchange_and_both_all_to_alls(mesh_text):
     nodes = [n for n in lowered_program(mesh_text).graph_module.graph.nodes if n.op == "call_function"]
     targets = [n.target for n in nodes]
-    all_to_alls = [meta.collective(n).purpose for n in nodes
-                   if n.target is c10d.ALL_TO_ALL and meta.collective(n).purpose.family == "moe"]
+    all_to_alls = [meta.collective(n).purpose for n in nodes if n.target is c10d.ALL_TO_ALL
+                   and meta.collective(n).purpose.family == "moe" and meta.collective(n).purpose is not Purpose.MOE_ETP]
     # the count exchange; dispatch and return forward, and the same two for the gradients
     assert sorted(p.value for p in all_to_alls) == sorted(
         p.value for p in [Purpose.MOE_COUNTS] + [Purpose.MOE_DISPATCH, Purpose.MOE_RETURN] * 2)
     assert targets.count(moe_steps.split_sizes) == 1
     assert moe_steps.expert_offsets not in targets
+
+
+def test_an_etp_gather_of_uneven_pieces_is_an_all_to_all_of_the_whole_piece_to_every_member():
+    # No padding to the longest piece and no length read on the host: the output splits are the
+    # members' row counts, the input is this rank's piece repeated once per member.
+    nodes = [n for n in lowered_program("world=8,tp=2,ep=2,etp=2").graph_module.graph.nodes if n.op == "call_function"]
+    gathers = [n for n in nodes if (record := meta.collective(n)) is not None and record.purpose is Purpose.MOE_ETP
+               and record.kind.value == "all_gather" and n.target is c10d.ALL_TO_ALL]
+    assert len(gathers) == 2  # the tokens forward, their gradients backward
+    for issue in gathers:
+        repeated, output_splits, input_splits = issue.args[:3]
+        assert repeated.target is c10d.repeat_for_members and repeated.args[1] == 2
+        assert input_splits.target is c10d.piece_splits
+        assert output_splits.target is c10d.host_list  # the gathered row counts of the members
 
 
 def test_counts_and_offsets_come_from_device_ops_and_match_bincount():

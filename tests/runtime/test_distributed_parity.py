@@ -95,3 +95,42 @@ def test_gloo_processes_take_zero3_adamw_steps_equal_to_torch_optim():
     states = [TrainState.from_state_dict(state) for _, state in results]
     weights, moments = _worst_state_error(program, states, reference, torch_optimizer)
     assert weights < 1e-9 and moments < 1e-9, (weights, moments)
+
+
+def gloo_compiled_steps(rank, mesh_text, steps):
+    """``steps`` AdamW steps under torch.compile and eagerly, each on a new batch (new routing,
+    so new all-to-all split sizes): the losses of both, and the graphs dynamo compiled per step."""
+    from torch._dynamo.utils import counters
+
+    from shardgraph.runtime.distributed import DistributedCommunicator
+
+    torch._inductor.config.compile_threads = 1
+    torch.manual_seed(0)
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8, num_layers=1)
+    program = sg.compile(model, sg.MeshSpec.parse(mesh_text), inputs, loss_fn, optimizer=sg.optim.AdamW(lr=1e-3))
+    communicator = DistributedCommunicator(program.mesh)
+    compiled_state, eager_state = program.init_state(model, rank), program.init_state(model, rank)
+    compiled_losses, eager_losses, graphs = [], [], []
+    for step in range(steps):
+        batch = [torch.randint(0, 64, inputs[0].shape, generator=torch.Generator().manual_seed(step))]
+        local = program.local_batch(rank, batch)
+        before = counters["stats"]["unique_graphs"]
+        loss, compiled_state, _ = program.train_step(compiled_state, local, communicator=communicator,
+                                                     compile="inductor")
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+        compiled_losses.append(loss.item())
+        loss, eager_state, _ = program.train_step(eager_state, local, communicator=communicator)
+        eager_losses.append(loss.item())
+    return compiled_losses, eager_losses, graphs
+
+
+@pytest.mark.slow
+def test_a_compiled_multi_rank_step_is_compiled_once_whatever_the_routing_sends():
+    # The all-to-all split sizes are read on the host each step; traced as unbacked sizes, a new
+    # routing reuses the compiled graphs instead of recompiling them.
+    from shardgraph.runtime.distributed import spawn_gloo
+
+    for compiled, eager, graphs in spawn_gloo(gloo_compiled_steps, 4, "world=4,tp=2,ep=2", 3):
+        assert graphs[0] > 0 and graphs[1:] == [0, 0], graphs
+        for ours, reference in zip(compiled, eager):
+            assert abs(ours - reference) / abs(reference) < 1e-5, (compiled, eager)
