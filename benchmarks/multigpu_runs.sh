@@ -15,10 +15,9 @@
 #   benchmarks/multigpu_runs.sh --gloo          # 4 CPU processes, tiny shapes: the whole path, here
 #
 # Settings (environment): LAYERS (2), SEQ (4096), BATCH_PER_GPU (1: the global batch is N x this
-# many sequences, so every mesh of one N moves the same tokens per GPU), STEPS (10), WARMUP (10:
-# under torch.compile our step recompiles the runtime's MoE helpers for each token count it has
-# not seen, up to dynamo's limit of 8; graphs_compiled_in_timed_steps in the JSON says how many
-# recompiles still fell in the timed steps),
+# many sequences, so every mesh of one N moves the same tokens per GPU), STEPS (10), WARMUP (3:
+# the compiled step is traced once with its host-read split sizes symbolic, so a new routing does
+# not recompile; graphs_compiled_in_timed_steps in the JSON says whether anything did),
 # STEP_TIMEOUT (seconds per run, 480), WHEELS (the torchtitan wheels, ../.whl from here),
 # TITAN_SITE (where they are installed, /tmp/titan_site), OUT (where JSON goes), GPUS (N, instead
 # of nvidia-smi's count), EXTRA (more arguments for every multigpu.py run).
@@ -35,7 +34,7 @@ while [ $# -gt 0 ]; do
         --gloo) gloo=1 ;;
         --runs) only="$2"; shift ;;
         --runs=*) only="${1#--runs=}" ;;
-        -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "multigpu_runs.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -49,7 +48,7 @@ layers=${LAYERS:-2}
 seq=${SEQ:-4096}
 per_gpu=${BATCH_PER_GPU:-1}
 steps=${STEPS:-10}
-warmup=${WARMUP:-10}
+warmup=${WARMUP:-3}
 step_timeout=${STEP_TIMEOUT:-480}
 wheels=${WHEELS:-$root/.whl}
 titan_site=${TITAN_SITE:-/tmp/titan_site}

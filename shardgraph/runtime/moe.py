@@ -74,11 +74,14 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int):
     ``order[i]`` is the flat copy index ``token * top_k + slot`` of the i-th copy in expert order;
     a stable sort keeps each expert's copies in token order, which keeps results deterministic.
     Nothing here reads a value on the host: the counts come from a scatter-add (``bincount``
-    reads the maximum id back to size its output), and on a GPU the id range is checked by a
-    device-side assertion rather than a host comparison that would stall the stream every layer.
+    reads the maximum id back to size its output), and on a GPU (or under torch.compile) the id
+    range is checked by a device-side assertion rather than a host comparison that would stall
+    the stream every layer.
     """
     flat = topk_ids.reshape(-1)
-    if flat.is_cuda:
+    # Under torch.compile the host comparison would break the graph in two, and the split sizes
+    # that cross such a break are Python ints the later graph is specialised on.
+    if flat.is_cuda or torch.compiler.is_compiling():
         if flat.numel():
             torch._assert_async(((flat >= 0) & (flat < num_experts)).all(),
                                 f"topk_ids hold expert ids outside 0..{num_experts - 1}")

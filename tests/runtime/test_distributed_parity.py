@@ -131,6 +131,6 @@ def test_a_compiled_multi_rank_step_is_compiled_once_whatever_the_routing_sends(
     from shardgraph.runtime.distributed import spawn_gloo
 
     for compiled, eager, graphs in spawn_gloo(gloo_compiled_steps, 4, "world=4,tp=2,ep=2", 3):
-        assert graphs[0] > 0 and graphs[1:] == [0, 0], graphs
+        assert graphs == [1, 0, 0], graphs  # one graph, no break in it, compiled once
         for ours, reference in zip(compiled, eager):
             assert abs(ours - reference) / abs(reference) < 1e-5, (compiled, eager)
