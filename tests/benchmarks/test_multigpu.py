@@ -52,6 +52,7 @@ def test_adamw_training_step_on_four_gloo_ranks_reports_mfu_prediction_profile_a
     ours = runs[0]
     assert ours["optimizer"]["name"] == "AdamW" and ours["master_weights"] == "float32"
     assert len(ours["step_s"]) == 1 and ours["median_step_s"] == ours["step_s"][0]
+    assert ours["graphs_compiled_in_timed_steps_by_rank"] == [0, 0, 0, 0]  # eager: nothing compiled
     flops = multigpu.model_flops(replace(CONFIGS["tiny"], num_layers=2), 8, 16)
     assert ours["model_flops_per_step"] == flops
     assert ours["mfu"] == pytest.approx(flops / (ours["median_step_s"] * 4 * multigpu.PEAK_FLOPS))
