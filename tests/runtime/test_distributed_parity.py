@@ -126,11 +126,12 @@ def gloo_compiled_steps(rank, mesh_text, steps):
 
 @pytest.mark.slow
 def test_a_compiled_multi_rank_step_is_compiled_once_whatever_the_routing_sends():
-    # The all-to-all split sizes are read on the host each step; traced as unbacked sizes, a new
-    # routing reuses the compiled graphs instead of recompiling them.
+    # The all-to-all split sizes and the etp row counts are read on the host each step; traced as
+    # unbacked sizes, a new routing reuses the compiled graph instead of recompiling it. etp=2
+    # adds the gather of uneven pieces to the dispatch.
     from shardgraph.runtime.distributed import spawn_gloo
 
-    for compiled, eager, graphs in spawn_gloo(gloo_compiled_steps, 4, "world=4,tp=2,ep=2", 3):
+    for compiled, eager, graphs in spawn_gloo(gloo_compiled_steps, 4, "world=4,tp=2,ep=2,etp=2", 3):
         assert graphs == [1, 0, 0], graphs  # one graph, no break in it, compiled once
         for ours, reference in zip(compiled, eager):
             assert abs(ours - reference) / abs(reference) < 1e-5, (compiled, eager)
