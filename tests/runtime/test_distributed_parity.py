@@ -97,7 +97,7 @@ def test_gloo_processes_take_zero3_adamw_steps_equal_to_torch_optim():
     assert weights < 1e-9 and moments < 1e-9, (weights, moments)
 
 
-def gloo_compiled_steps(rank, mesh_text, steps):
+def gloo_compiled_steps(rank, mesh_text, steps, zero=0):
     """``steps`` AdamW steps under torch.compile and eagerly, each on a new batch (new routing,
     so new all-to-all split sizes): the losses of both, and the graphs dynamo compiled per step."""
     from torch._dynamo.utils import counters
@@ -107,7 +107,8 @@ def gloo_compiled_steps(rank, mesh_text, steps):
     torch._inductor.config.compile_threads = 1
     torch.manual_seed(0)
     model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8, num_layers=1)
-    program = sg.compile(model, sg.MeshSpec.parse(mesh_text), inputs, loss_fn, optimizer=sg.optim.AdamW(lr=1e-3))
+    program = sg.compile(model, sg.MeshSpec.parse(mesh_text), inputs, loss_fn, optimizer=sg.optim.AdamW(lr=1e-3),
+                         zero=zero)
     communicator = DistributedCommunicator(program.mesh)
     compiled_state, eager_state = program.init_state(model, rank), program.init_state(model, rank)
     compiled_losses, eager_losses, graphs = [], [], []
