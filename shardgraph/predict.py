@@ -62,7 +62,7 @@ _ATTENTION_BACKWARD = {"aten._scaled_dot_product_flash_attention_backward",
                        "aten._scaled_dot_product_cudnn_attention_backward",
                        "aten._scaled_dot_product_flash_attention_for_cpu_backward"}
 # Host-side bookkeeping of the MoE exchange: a few integers; allocations that write nothing.
-_FREE = {"split_sizes", "host_list", "piece_splits", "row_count", "contiguous", "empty", "empty_like", "new_empty", "empty_strided"}
+_FREE = {*c10d.HOST_LIST_STEPS, "row_count", "contiguous", "empty", "empty_like", "new_empty", "empty_strided"}
 # Ops that move rows by index (gathers, scatters, sorts, top-k): their reads or writes land in
 # an order the memory system serves below its streaming rate (``ComputeRates.indexing_efficiency``).
 _INDEXING = {"aten.index_select", "aten.index", "aten.index_add", "aten.index_add_", "aten.index_copy",

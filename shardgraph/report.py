@@ -55,6 +55,7 @@ from .fx_graph import op_name, output_values
 from .mesh import MeshSpec
 from .meta import InputKind, Phase, Purpose, View
 from .placement import local_shape
+from .runtime import c10d
 
 __all__ = ["SCHEMA_VERSION", "BLOCKS", "OUTSIDE_LAYERS", "NodeGroup", "node_groups", "sorted_layers", "local_pieces",
            "MemoryWalk", "memory_walk", "communication_by_layer", "build_report", "format_report", "format_summary"]
@@ -409,7 +410,7 @@ def _estimated_pieces(node: Node, pieces: dict[Node, list], mesh: MeshSpec) -> l
         found = pieces.get(node.args[0]) or []
         index = node.args[1]
         return [found[index]] if isinstance(index, int) and index < len(found) else [None]
-    if kind in ("split_sizes", "host_list", "piece_splits"):
+    if kind in c10d.HOST_LIST_STEPS:
         return [None]  # host lists of row counts
     if kind == "_c10d_functional.all_gather_into_tensor" and arg(0):  # every member's rows
         return [_rows(arg(0), arg(0)[0][0] * int(node.args[1]))]

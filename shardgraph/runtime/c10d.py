@@ -41,6 +41,7 @@ __all__ = [
     "split_for_all_to_all",
     "join_after_all_to_all",
     "row_count",
+    "HOST_LIST_STEPS",
     "host_list",
     "repeat_for_members",
     "piece_splits",
@@ -140,6 +141,11 @@ class SimulatedCollectives(TorchDispatchMode):
                                    output_splits=list(output_splits))
         raise NotImplementedError(f"the simulator does not run {func} (lowered programs emit "
                                   f"{', '.join(str(op) for op in sorted(ISSUE_OPS, key=str))} and wait_tensor)")
+
+
+# The local steps that return host lists of row counts (here and in ``runtime/moe.py``): no
+# tensor of their own to size (the report) and no device work to price (the prediction).
+HOST_LIST_STEPS = ("split_sizes", "host_list", "piece_splits")
 
 
 # ---------------------------------------------------------------------------------- local steps
