@@ -287,7 +287,7 @@ class TitanTraining:
             inputs, labels, extra = annotate_input_spmd_types(self.parallel_dims, inputs, labels, extra)
         loss = self.forward_backward(inputs, labels, self.global_valid_tokens, extra)
         self.clip_grad_norm_([p for p in self.model.parameters()], MAX_NORM, foreach=True,
-                                         pp_mesh=None, ep_enabled=self.parallel_dims.ep_enabled)
+                             pp_mesh=None, ep_enabled=self.parallel_dims.ep_enabled)
         self.optimizers.step()
         return loss
 
