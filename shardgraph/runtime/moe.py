@@ -54,6 +54,7 @@ __all__ = [
     "group_by_local_expert",
     "local_expert_order",
     "ungroup",
+    "inverse_permutation",
     "glu",
     "glu_backward",
     "group_ends",
@@ -177,10 +178,20 @@ def local_expert_order(received: torch.Tensor, counts: torch.Tensor):
     return permutation, offsets
 
 
+def inverse_permutation(permutation: torch.Tensor) -> torch.Tensor:
+    """``inverse[permutation[i]] = i``: where each row of the permuted layout came from, so that
+    undoing a permutation is a gather (``rows.index_select(0, inverse)``). A gather lets the op
+    that reads its result (a weighted sum over slots, a product with the output gradient) fuse
+    with it under a compiler; writing rows through ``index_copy_`` is a scatter whose whole
+    result must be stored first. The index vector is one integer per row, far smaller than the rows."""
+    inverse = torch.empty_like(permutation)
+    inverse[permutation] = torch.arange(permutation.numel(), device=permutation.device, dtype=permutation.dtype)
+    return inverse
+
+
 def ungroup(grouped: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(grouped)
-    out.index_copy_(0, permutation, grouped)
-    return out
+    """Rows in grouped order back to the order before ``grouped = rows[permutation]``."""
+    return grouped.index_select(0, inverse_permutation(permutation))
 
 
 def glu(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
@@ -226,12 +237,18 @@ def combine(returned: torch.Tensor, order: torch.Tensor, topk_weights: torch.Ten
 
 
 def combine_backward(grad_out: torch.Tensor, returned: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor):
-    """Gradients of ``combine``: per expert-ordered copy, and per router weight."""
+    """Gradients of ``combine``: per expert-ordered copy, and per router weight.
+
+    Copy ``i`` (expert order) is slot ``order[i]`` of token ``order[i] // top_k``: its gradient
+    is that token's output gradient times that slot's weight, gathered straight into expert
+    order rather than formed in (token, slot) order and then permuted (one pass over the copies,
+    not three)."""
     tokens, top_k = topk_weights.shape
     copies = ungroup(returned, order).reshape(tokens, top_k, -1)
     grad_weights = (copies * grad_out.unsqueeze(1)).sum(dim=-1).to(topk_weights.dtype)
-    grad_copies = (grad_out.unsqueeze(1) * topk_weights.unsqueeze(-1).to(grad_out.dtype)).reshape(tokens * top_k, -1)
-    return grad_copies.index_select(0, order), grad_weights
+    weight_of_copies = topk_weights.reshape(-1).index_select(0, order).to(grad_out.dtype)
+    grad_copies = grad_out.index_select(0, token_of_copies(order, top_k)) * weight_of_copies.unsqueeze(-1)
+    return grad_copies, grad_weights
 
 
 def scatter_copies(grad_copies: torch.Tensor, order: torch.Tensor, top_k: int, tokens: int) -> torch.Tensor:
@@ -241,6 +258,4 @@ def scatter_copies(grad_copies: torch.Tensor, order: torch.Tensor, top_k: int, t
     order and summed over the slot: a gather and a reduction, where scattering with
     ``index_add`` would need atomic adds (slow in 16-bit floats, and order-dependent).
     """
-    token_major = torch.empty_like(order)
-    token_major[order] = torch.arange(order.numel(), device=order.device)
-    return grad_copies.index_select(0, token_major).reshape(tokens, top_k, -1).sum(dim=1)
+    return ungroup(grad_copies, order).reshape(tokens, top_k, -1).sum(dim=1)
