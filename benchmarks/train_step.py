@@ -60,6 +60,7 @@ variants), built on the device:
   ours        examples/moe_model.py ``MoETransformer``, config ``qwen3_30b_a3b`` (qk-norm, no shared expert)
   mixtral     HF ``MixtralForCausalLM``
   qwen2_moe   HF ``Qwen2MoeForCausalLM`` with a shared expert of 2048 behind its sigmoid gate
+  qwen3_moe   HF ``Qwen3MoeForCausalLM`` (Qwen3-30B-A3B's own layer: q/k norms, top-k weights renormalised)
 
 Reported per row: median / p10 / p90 step ms over ``--steps`` steps (CUDA events around each step,
 synchronised at its end) after ``--warmup`` steps, tokens/s (batch * seq / median), speed-up over
@@ -114,7 +115,7 @@ import torch._dynamo  # noqa: E402
 import shardgraph as sg  # noqa: E402
 from examples.moe_model import CONFIGS, MoETransformer, lm_loss  # noqa: E402
 
-MODELS = ("ours", "mixtral", "qwen2_moe")
+MODELS = ("ours", "mixtral", "qwen2_moe", "qwen3_moe")
 # AdamW steps: fp32 master weights and fp32 Adam state, computing in --dtype (see the docstring).
 ADAMW_VARIANTS = ("eager_adamw", "torch_compile_adamw", "shardgraph_adamw", "shardgraph_adamw_compile")
 VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph", "shardgraph", "shardgraph_compile",
@@ -180,10 +181,11 @@ def build_hf(family: str, layers: int, shape: dict, seed: int, hf_experts: str):
         overrides.update(intermediate_size=shape["moe_intermediate_size"], num_local_experts=shape["num_experts"],
                          sliding_window=None)
     else:
-        # intermediate_size sizes dense MLP layers, which this model (every layer sparse) has none of.
+        # intermediate_size sizes dense MLP layers, which these models (every layer sparse) have none of.
         overrides.update(intermediate_size=4 * shape["moe_intermediate_size"],
-                         moe_intermediate_size=shape["moe_intermediate_size"], num_experts=shape["num_experts"],
-                         shared_expert_intermediate_size=shape["shared_expert_intermediate_size"])
+                         moe_intermediate_size=shape["moe_intermediate_size"], num_experts=shape["num_experts"])
+        if family == "qwen2_moe":
+            overrides.update(shared_expert_intermediate_size=shape["shared_expert_intermediate_size"])
     return hf_build(family, attn_implementation="sdpa", seed=seed, **overrides), hf_loss
 
 
@@ -295,6 +297,8 @@ class Runner:
         self.comm = SingleRankCommunicator(self.program.mesh)
         self.buffers = dict(self.program.default_buffers)
         self.compiled = None
+        # What an SGD update outside the program writes; AdamW in the program updates its state.
+        self.trainable = []
         if variant in PROGRAM_ADAMW_VARIANTS:
             # The state holds the only copy of the fp32 master weights (init_state gives pieces of
             # their own memory, which the donating step updates in place): the model's own

@@ -1,9 +1,10 @@
 """Tiny HF transformers MoE models built from configs (nothing downloaded).
 
 ``mixtral`` (``MixtralForCausalLM``: fused ``MixtralExperts``, softmax router in float32, no
-shared expert) and ``qwen2_moe`` (``Qwen2MoeForCausalLM``: fused ``Qwen2MoeExperts`` and a shared
-expert behind a sigmoid ``shared_expert_gate``). Both use SwiGLU experts (``hidden_act="silu"``)
-and rotary embeddings; attention is HF's eager implementation unless ``attn_implementation``
+shared expert), ``qwen2_moe`` (``Qwen2MoeForCausalLM``: fused ``Qwen2MoeExperts`` and a shared
+expert behind a sigmoid ``shared_expert_gate``) and ``qwen3_moe`` (``Qwen3MoeForCausalLM``:
+Qwen3-30B-A3B's structure, q/k norms, top-k weights renormalised, no shared expert). All use
+SwiGLU experts (``hidden_act="silu"``) and rotary embeddings; attention is HF's eager implementation unless ``attn_implementation``
 says otherwise (``"sdpa"`` is HF's default).
 
 ``shardgraph_entry(config)`` returns ``(model, example_inputs, loss_fn)`` like
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 __all__ = ["FAMILIES", "UnknownConfigError", "build", "lm_loss", "shardgraph_entry"]
 
-FAMILIES = ("mixtral", "qwen2_moe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 VOCAB_SIZE = 64
 
 
@@ -30,7 +31,8 @@ class UnknownConfigError(KeyError, ValueError):
 
 def build(family: str, attn_implementation: str = "eager", seed: int = 0, **overrides):
     """A two-layer model of ``family`` with hidden size 32 and 4 experts, top-2."""
-    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+    from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     common = dict(vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, num_experts_per_tok=2, attn_implementation=attn_implementation)
@@ -42,6 +44,9 @@ def build(family: str, attn_implementation: str = "eager", seed: int = 0, **over
         return Qwen2MoeForCausalLM(Qwen2MoeConfig(**{**common, "intermediate_size": 16, "moe_intermediate_size": 8,
                                                      "shared_expert_intermediate_size": 16, "num_experts": 4,
                                                      **overrides}))
+    if family == "qwen3_moe":
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**common, "intermediate_size": 16, "moe_intermediate_size": 8,
+                                                     "num_experts": 4, "norm_topk_prob": True, **overrides}))
     raise UnknownConfigError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
 
 

@@ -22,7 +22,7 @@ def test_every_variant_runs_and_one_shardgraph_sgd_step_equals_eager(tmp_path, c
     out = tmp_path / "train_step.json"
     result = module.main(TINY + ["--check", "--profile", "--compile-backend", "aot_eager", "--out", str(out)])
     rows = result["rows"]
-    names = {"ours": "ours", "mixtral": "mixtral/default", "qwen2_moe": "qwen2_moe/default"}
+    names = {"ours": "ours", **{family: f"{family}/default" for family in ("mixtral", "qwen2_moe", "qwen3_moe")}}
     assert [(r["model"], r["variant"]) for r in rows] == [(names[m], v) for m in module.MODELS
                                                           for v in module.DEFAULT_VARIANTS]
     for row in rows:
@@ -172,14 +172,21 @@ def test_predict_only_prices_each_program_variant_from_the_meta_model_and_runs_n
 
 
 def test_predict_row_sets_preset_and_calibrated_predictions_beside_the_measured_step(tmp_path):
-    result = load().main(["--tiny", "--device", "cpu", "--models", "ours", "--variants", "shardgraph",
+    # The SGD variant updates outside the program (priced on top); the AdamW one inside it.
+    result = load().main(["--tiny", "--device", "cpu", "--models", "ours", "--variants", "shardgraph,shardgraph_adamw",
                               "--batch", "2", "--seq", "16", "--layers", "1", "--steps", "1", "--warmup", "1",
                               "--predict", "--out", str(tmp_path / "out.json")])
-    prediction = result["rows"][0]["prediction"]
-    assert prediction["measured_ms"] == result["rows"][0]["median_ms"]
-    for label in ("preset", "calibrated"):
-        assert prediction[label]["predicted_ms"] > 0
-        assert prediction[label]["predicted_over_measured"] == prediction[label]["predicted_ms"] / prediction["measured_ms"]
-    # Calibration timed every product, grouped GEMM, attention and loss of the program.
-    assert prediction["calibrated"]["measured_nodes"] > 0 and prediction["preset"]["measured_nodes"] == 0
-    assert set(prediction["kind_efficiency"]) == {"matmul", "grouped_mm", "attention", "loss"}
+    assert [row["variant"] for row in result["rows"]] == ["shardgraph", "shardgraph_adamw"]
+    for row in result["rows"]:
+        assert "error" not in row, row["error"]
+        prediction = row["prediction"]
+        assert prediction["measured_ms"] == row["median_ms"]
+        for label in ("preset", "calibrated"):
+            assert prediction[label]["predicted_ms"] > 0
+            assert (prediction[label]["predicted_over_measured"]
+                    == prediction[label]["predicted_ms"] / prediction["measured_ms"])
+        # Calibration timed every product, grouped GEMM, attention and loss of the program.
+        assert prediction["calibrated"]["measured_nodes"] > 0 and prediction["preset"]["measured_nodes"] == 0
+        assert set(prediction["kind_efficiency"]) == {"matmul", "grouped_mm", "attention", "loss"}
+    sgd, adamw = (row["prediction"]["preset"]["update_outside_program_ms"] for row in result["rows"])
+    assert sgd > 0 and adamw == 0
