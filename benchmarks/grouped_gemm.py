@@ -12,10 +12,12 @@ variant is checked on every benchmark shape against an fp32 reference. The JSON 
 ``benchmarks/results/`` holds the device, the versions, the sweep, every row and the summary.
 
 Columns:
-  ours   kernels.grouped_gemm (TMA persistent kernels on Hopper; the product's schedule, pipelined
-         or ping-pong, chosen per problem, ``ours_path`` naming ``product_tma_pingpong`` where
-         the second ran): forward ``x @ W[g].T``, dgrad ``dout @ W[g]``, wgrad
-         ``dW[g] = dout_g.T @ x_g`` written as [E, N, K]
+  ours   kernels.grouped_gemm as every caller gets it: on Hopper the schedule timed fastest per
+         problem among the TMA kernels (pipelined, ping-pong) and torch's own grouped GEMM
+         (``ours_path`` names ``product_tma_pingpong`` / ``product_tma_torch`` /
+         ``wgrad_tma_torch`` where those ran): forward ``x @ W[g].T``, dgrad ``dout @ W[g]``,
+         wgrad ``dW[g] = dout_g.T @ x_g`` written as [E, N, K]
+  triton the same with ``use_schedule("triton")``: this package's Triton kernels alone
   torch  torch._grouped_mm in the calls its autograd makes (forward on the transposed weight
          view; dgrad on the weight; wgrad the faster of ``(x.t(), dout)`` -> [E, K, N] and
          ``(dout.t(), x)`` -> [E, N, K])
@@ -273,6 +275,50 @@ def pingpong_sweep():
     return rows
 
 
+def torch_schedule_sweep():
+    """torch's grouped GEMM as the Hopper schedule, forced, on uneven groups (empty ones, rows
+    after the last offset), both layouts, product (forward and dgrad, with and without an output
+    given) and wgrad, bf16, outputs poisoned with NaN, against float64: the rows after the last
+    offset and the empty groups' weight gradients must come out zero."""
+    rows = []
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    for sizes, trailing, k, n in [([300, 0, 17, 1, 129, 640], 7, 256, 384), ([0, 700, 0, 5], 37, 192, 2048)]:
+        m, experts = sum(sizes) + trailing, len(sizes)
+        offsets = torch.tensor(sizes, device="cuda").cumsum(0).to(torch.int32)
+        for layout in ("ekn", "enk"):
+            shape = (experts, k, n) if layout == "ekn" else (experts, n, k)
+            w = torch.randn(shape, device="cuda", generator=generator).to(torch.bfloat16)
+            for transpose in (False, True):
+                r, p = (n, k) if transpose else (k, n)
+                x = torch.randn(m, r, device="cuda", generator=generator).to(torch.bfloat16)
+                expected = reference_product(x.double(), w.double(), sizes, layout, transpose)
+                poisoned = torch.full((m, p), float("nan"), device="cuda", dtype=torch.bfloat16)
+                with grouped_gemm.use_schedule("torch"):
+                    given = triton_grouped_mm(x, w, offsets, layout, transpose, out=poisoned, path="tma")
+                    own = triton_grouped_mm(x, w, offsets, layout, transpose, path="tma")
+                errors = [relative(given, expected), relative(own, expected)]
+                ok = (max(errors) < 1e-2 and not given.isnan().any() and bool((given[sum(sizes):] == 0).all())
+                      and bool((own[sum(sizes):] == 0).all()))
+                rows.append({"kernel": "product", "config": "torch", "sizes": sizes, "trailing": trailing, "k": k,
+                             "n": n, "layout": layout, "transpose": transpose, "errors": errors, "ok": ok})
+            x = torch.randn(m, k, device="cuda", generator=generator).to(torch.bfloat16)
+            dout = torch.randn(m, n, device="cuda", generator=generator).to(torch.bfloat16)
+            expected = loop_wgrad(x.double()[:sum(sizes)], dout.double()[:sum(sizes)], sizes)
+            if layout == "ekn":
+                expected = expected.transpose(1, 2)
+            poisoned = torch.full(shape, float("nan"), device="cuda", dtype=torch.bfloat16)
+            with grouped_gemm.use_schedule("torch"):
+                given = triton_grouped_mm_wgrad(x, dout, offsets, experts, layout, out=poisoned, path="tma")
+                own = triton_grouped_mm_wgrad(x, dout, offsets, experts, layout, path="tma")
+            empty = [g for g, size in enumerate(sizes) if size == 0]
+            errors = [relative(given, expected), relative(own, expected)]
+            ok = (max(errors) < 1e-2 and not given.isnan().any()
+                  and all(bool((t[g] == 0).all()) for t in (given, own) for g in empty))
+            rows.append({"kernel": "wgrad", "config": "torch", "sizes": sizes, "trailing": trailing, "k": k, "n": n,
+                         "layout": layout, "errors": errors, "ok": ok})
+    return rows
+
+
 def api_sweep():
     """kernels.grouped_mm with autograd on the device, every backend, against float64 autograd."""
     import kernels
@@ -383,6 +429,14 @@ def timing_operands(n, k, sizes, dtype, device="cuda"):
     return x, w, dout, offsets, 2.0 * m * n * k, generator
 
 
+def triton_only(call):
+    """``call`` with the Hopper schedules limited to the Triton kernels (``use_schedule("triton")``)."""
+    def run():
+        with grouped_gemm.use_schedule("triton"):
+            return call()
+    return run
+
+
 def bench_case(n, k, sizes, dtype, rounds=3, device="cuda"):
     experts, m = len(sizes), sum(sizes)
     x, w, dout, offsets, flops, generator = timing_operands(n, k, sizes, dtype, device)
@@ -396,18 +450,21 @@ def bench_case(n, k, sizes, dtype, rounds=3, device="cuda"):
     variants = {
         "forward": {
             "ours": lambda: triton_grouped_mm(x, w, offsets, "enk"),
+            "triton": triton_only(lambda: triton_grouped_mm(x, w, offsets, "enk")),
             "torch": lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offsets),
             "loop": lambda: loop_forward(x, w, sizes),
             "dense": lambda: x @ dense_w,
         },
         "dgrad": {
             "ours": lambda: triton_grouped_mm(dout, w, offsets, "enk", transpose_weight=True),
+            "triton": triton_only(lambda: triton_grouped_mm(dout, w, offsets, "enk", transpose_weight=True)),
             "torch": lambda: torch._grouped_mm(dout, w, offs=offsets),
             "loop": lambda: loop_dgrad(dout, w, sizes),
             "dense": lambda: dout @ dense_w.T,
         },
         "wgrad": {
             "ours": lambda: triton_grouped_mm_wgrad(x, dout, offsets, experts, "enk"),
+            "triton": triton_only(lambda: triton_grouped_mm_wgrad(x, dout, offsets, experts, "enk")),
             "torch": lambda: torch._grouped_mm(dout.t(), x, offs=offsets),
             "torch_kn": lambda: torch._grouped_mm(x.t(), dout, offs=offsets).transpose(1, 2),
             "loop": lambda: loop_wgrad(x, dout, sizes),
@@ -501,6 +558,8 @@ def main() -> None:
     sweep = [] if args.skip_sweep else correctness_sweep() + every_config_sweep() + api_sweep()
     if not args.skip_sweep and grouped_gemm_pingpong.available(torch.cuda.current_device()):
         sweep += pingpong_sweep()
+    if not args.skip_sweep and torch.cuda.get_device_capability()[0] >= 9:
+        sweep += torch_schedule_sweep()
     failed = [row for row in sweep if not row["ok"]]
     for row in failed:
         print("CORRECTNESS FAILURE", json.dumps(row), flush=True)
@@ -518,7 +577,8 @@ def main() -> None:
             for row in bench_case(n, k, sizes, dtype, args.rounds):
                 row["distribution"] = label
                 rows.append(row)
-                print(f"{row['kind']:<7} N={n:<5} K={k:<5} {label:<9} ours {row['ours_tflops']:6.1f}  torch {row['torch_tflops']:6.1f}  "
+                print(f"{row['kind']:<7} N={n:<5} K={k:<5} {label:<9} ours {row['ours_tflops']:6.1f}  "
+                      f"triton {row['triton_tflops']:6.1f}  torch {row['torch_tflops']:6.1f}  "
                       f"loop {row['loop_tflops']:6.1f}  dense {row['dense_tflops']:6.1f}  ours/torch {row['ours_tflops'] / row['torch_tflops']:.3f}  "
                       f"| graph ours {row['ours_graph_tflops']:6.1f} torch {row['torch_graph_tflops']:6.1f} "
                       f"| host us ours {row['ours_host_us']:5.1f} torch {row['torch_host_us']:5.1f}  "
@@ -533,6 +593,8 @@ def main() -> None:
             "min_ours_over_dense": min(r["ours_tflops"] / r["dense_tflops"] for r in selected),
             "graph_geomean_ours_over_torch": geomean([r["ours_graph_tflops"] / r["torch_graph_tflops"] for r in selected]),
             "graph_min_ours_over_torch": min(r["ours_graph_tflops"] / r["torch_graph_tflops"] for r in selected),
+            "geomean_triton_over_torch": geomean([r["triton_tflops"] / r["torch_tflops"] for r in selected]),
+            "min_triton_over_torch": min(r["triton_tflops"] / r["torch_tflops"] for r in selected),
         }
     properties = torch.cuda.get_device_properties(0)
     result = {
@@ -548,15 +610,17 @@ def main() -> None:
     print(f"{result['device']}  torch {result['torch']}  triton {result['triton']}  CUDA {result['cuda']}  "
           f"bf16, TFLOP/s (median of {args.rounds} interleaved rounds of do_bench medians)")
     print("graph columns: the same calls replayed from a CUDA graph (device time only, no host launch work)")
-    print(f"{'kind':<7} {'N':>5} {'K':>5} {'dist':<9} {'ours':>7} {'torch':>7} {'loop':>7} {'dense':>7} {'ours/torch':>10} "
-          f"{'ours/dense':>10} {'ours(g)':>8} {'torch(g)':>8} {'(g)ratio':>8}")
+    print(f"{'kind':<7} {'N':>5} {'K':>5} {'dist':<9} {'ours':>7} {'triton':>7} {'torch':>7} {'loop':>7} {'dense':>7} "
+          f"{'ours/torch':>10} {'triton/torch':>12} {'ours/dense':>10} {'ours(g)':>8} {'torch(g)':>8} {'(g)ratio':>8}  schedule")
     for r in rows:
-        print(f"{r['kind']:<7} {r['n']:>5} {r['k']:>5} {r['distribution']:<9} {r['ours_tflops']:>7.1f} {r['torch_tflops']:>7.1f} "
-              f"{r['loop_tflops']:>7.1f} {r['dense_tflops']:>7.1f} {r['ours_tflops'] / r['torch_tflops']:>10.3f} "
+        print(f"{r['kind']:<7} {r['n']:>5} {r['k']:>5} {r['distribution']:<9} {r['ours_tflops']:>7.1f} {r['triton_tflops']:>7.1f} "
+              f"{r['torch_tflops']:>7.1f} {r['loop_tflops']:>7.1f} {r['dense_tflops']:>7.1f} "
+              f"{r['ours_tflops'] / r['torch_tflops']:>10.3f} {r['triton_tflops'] / r['torch_tflops']:>12.3f} "
               f"{r['ours_tflops'] / r['dense_tflops']:>10.3f} {r['ours_graph_tflops']:>8.1f} {r['torch_graph_tflops']:>8.1f} "
-              f"{r['ours_graph_tflops'] / r['torch_graph_tflops']:>8.3f}")
+              f"{r['ours_graph_tflops'] / r['torch_graph_tflops']:>8.3f}  {','.join(r['ours_path'])}")
     for kind, values in summary.items():
-        print(f"{kind}: geomean ours/torch {values['geomean_ours_over_torch']:.3f}, min {values['min_ours_over_torch']:.3f}, "
+        print(f"{kind}: geomean ours/torch {values['geomean_ours_over_torch']:.3f}, min {values['min_ours_over_torch']:.3f} "
+              f"(triton alone {values['geomean_triton_over_torch']:.3f}, min {values['min_triton_over_torch']:.3f}), "
               f"geomean ours/dense {values['geomean_ours_over_dense']:.3f}, min {values['min_ours_over_dense']:.3f}; "
               f"graph: geomean ours/torch {values['graph_geomean_ours_over_torch']:.3f}, "
               f"min {values['graph_min_ours_over_torch']:.3f}")

@@ -92,39 +92,15 @@ def _triton_runs(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _aligned_rows(tensor: torch.Tensor) -> bool:
-    """Every stride but a unit one 16-byte aligned, and the base too: what torch._grouped_mm takes."""
-    size = tensor.element_size()
-    return (tensor.data_ptr() % 16 == 0 and all(stride == 1 or stride * size % 16 == 0 for stride in tensor.stride())
-            and 1 in tensor.stride()[-2:])
-
-
-def _torch_runs(*tensors: torch.Tensor) -> bool:
-    first = tensors[0]
-    if any(t.numel() == 0 for t in tensors):
-        return False
-    if first.is_cuda:
-        if first.dtype != torch.bfloat16 or torch.cuda.get_device_capability(first.device)[0] < 9:
-            return False
-    elif first.device.type != "cpu" or first.dtype not in _TRITON_DTYPES:
-        return False
-    return all(_aligned_rows(t) for t in tensors)
-
-
 def resolve_backend(*tensors: torch.Tensor) -> str:
     """The backend that runs for these operands under the current selection."""
     if _backend in ("auto", "triton"):
         return "triton" if _triton_runs(tensors[0]) else "loop"
     if _backend == "torch":
-        return "torch" if _torch_runs(*tensors) else "loop"
+        from . import grouped_gemm_vendor
+
+        return "torch" if grouped_gemm_vendor.runs(*tensors) else "loop"
     return "loop"
-
-
-def _rows_after_groups_zeroed(out: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    # torch._grouped_mm leaves rows after offsets[-1] unwritten; a device-side mask zeroes them
-    # without reading offsets on the host.
-    rows = torch.arange(out.shape[0], device=out.device)
-    return out.masked_fill((rows >= offsets[-1:]).unsqueeze(1), 0)
 
 
 def _forward(x, w, offsets, w_layout):
@@ -134,8 +110,10 @@ def _forward(x, w, offsets, w_layout):
 
         return triton_grouped_mm(x, w, offsets, w_layout)
     if backend == "torch" and w.shape[0] > 0:
+        from . import grouped_gemm_vendor
+
         weight = w if w_layout == "ekn" else w.transpose(1, 2)
-        return _rows_after_groups_zeroed(torch._grouped_mm(x, weight, offs=offsets), offsets)
+        return grouped_gemm_vendor.product(x, weight, offsets)
     return grouped_mm_loop(x, w, offsets, w_layout)
 
 
@@ -146,8 +124,10 @@ def _dgrad(dout, w, offsets, w_layout):
 
         return triton_grouped_mm(dout, w, offsets, w_layout, transpose_weight=True)
     if backend == "torch" and w.shape[0] > 0:
+        from . import grouped_gemm_vendor
+
         weight = w.transpose(1, 2) if w_layout == "ekn" else w
-        return _rows_after_groups_zeroed(torch._grouped_mm(dout, weight, offs=offsets), offsets)
+        return grouped_gemm_vendor.product(dout, weight, offsets)
     return grouped_mm_dgrad_loop(dout, w, offsets, w_layout)
 
 
@@ -158,11 +138,11 @@ def _wgrad(x, dout, offsets, num_groups, w_layout):
 
         return triton_grouped_mm_wgrad(x, dout, offsets, num_groups, w_layout)
     if backend == "torch" and num_groups > 0:
+        from . import grouped_gemm_vendor
+
         # dW[g] = left_g.T @ right_g lands in the weight's own layout with no transposed copy.
         left, right = (x, dout) if w_layout == "ekn" else (dout, x)
-        product = torch._grouped_mm(left.t(), right, offs=offsets)
-        counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
-        return product.masked_fill((counts == 0).view(-1, 1, 1), 0)
+        return grouped_gemm_vendor.wgrad(left, right, offsets)
     return grouped_mm_wgrad_loop(x, dout, offsets, num_groups, w_layout)
 
 

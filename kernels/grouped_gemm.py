@@ -12,9 +12,12 @@ say what they compute. A call goes through four steps:
               arguments, strides, what the compiled kernel is specialized on) is worked out on
               the first call of a layout and kept (:class:`_Plan`); a later call reads only the
               row count M, which changes from call to call with routing.
-``schedule``  the Hopper product has two schedules, Triton's software pipeline and the ping-pong
-              kernel of :mod:`kernels.grouped_gemm_pingpong`; under ``"auto"`` the first call of
-              a problem times both and keeps the faster (:func:`use_schedule` fixes one).
+``schedule``  the Hopper product has three schedules: Triton's software pipeline, the ping-pong
+              kernel of :mod:`kernels.grouped_gemm_pingpong`, and torch's own grouped GEMM
+              (``torch._grouped_mm``, CUTLASS; :mod:`kernels.grouped_gemm_vendor`); the Hopper
+              wgrad has the first and the last. Under ``"auto"`` the first call of a problem
+              times those that can run and keeps the fastest (:func:`use_schedule` fixes one), so
+              a shape where CUTLASS is ahead never runs the slower kernel.
 ``launch``    the first call of a problem class runs the kernel's autotuner; later calls take its
               choice and launch the compiled kernel through
               :func:`kernels.triton_release.launcher`, skipping the autotuner's and the JIT's
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import threading
 from typing import NamedTuple
 
@@ -38,6 +40,7 @@ import torch
 import triton
 
 from . import grouped_gemm_pingpong as _pingpong
+from . import grouped_gemm_vendor as _vendor
 from .caches import CACHES
 from .grouped_gemm_configs import INTERPRETED, product_tma_config
 from .grouped_gemm_kernels import (_grouped_product_kernel, _grouped_product_tma_kernel, _grouped_wgrad_kernel,
@@ -63,10 +66,11 @@ __all__ = [
     "PATHS",
 ]
 
-# Schedules of the Hopper grouped product: Triton's software pipeline (``_grouped_product_tma_kernel``)
-# or the warp-specialised ping-pong kernel of ``kernels.grouped_gemm_pingpong``; "auto" times both
-# once per problem where the second can run, and keeps the faster.
-SCHEDULES = ("auto", "pipelined", "pingpong")
+# Schedules of the Hopper grouped product: Triton's software pipeline (``_grouped_product_tma_kernel``),
+# the warp-specialised ping-pong kernel of ``kernels.grouped_gemm_pingpong``, or torch's grouped
+# GEMM (``kernels.grouped_gemm_vendor``); "auto" times those that can run once per problem and
+# keeps the fastest. The Hopper wgrad chooses between its pipelined kernel and torch's the same way.
+SCHEDULES = ("auto", "pipelined", "pingpong", "torch", "triton")
 
 # Kernel launches per implementation, so tests and users can see which code really ran.
 launch_counts: collections.Counter = collections.Counter()
@@ -108,9 +112,12 @@ def use_config(kernel, config: triton.Config):
 
 @contextlib.contextmanager
 def use_schedule(schedule: str):
-    """Run the Hopper grouped product with ``schedule`` (one of :data:`SCHEDULES`) inside the block.
-    ``"pingpong"`` raises where that kernel cannot run (another Triton release, a device other
-    than sm_90, an untransposed weight whose reduction is not a multiple of its block)."""
+    """Run the Hopper grouped product and wgrad with ``schedule`` (one of :data:`SCHEDULES`) inside
+    the block. ``"pingpong"`` raises where that kernel cannot run (another Triton release, a
+    device other than sm_90, an untransposed weight whose reduction is not a multiple of its
+    block), and the wgrad, which has no ping-pong kernel, runs pipelined; ``"torch"`` raises
+    where ``torch._grouped_mm`` cannot take the operands. ``"triton"`` is "auto" among this
+    package's Triton kernels only (what they reach without torch's)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown grouped product schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     _forced_schedule.append(schedule)
@@ -140,6 +147,7 @@ class _Plan(NamedTuple):
     weight_rows: tuple | None = None  # TMA product: (shape, strides, stored transposed) of the weight matrix
     slots: int = 0                    # TMA product: persistent programs per configuration's PROGRAMS_PER_SM
     pingpong: bool = False            # TMA product: the ping-pong schedule can run these operands
+    vendor: bool = False              # TMA product or wgrad: torch._grouped_mm can take these operands
 
 
 def _specialization(args) -> tuple:
@@ -160,6 +168,11 @@ def _specialization(args) -> tuple:
     return tuple(key)
 
 
+def _logical_weight(w, r, p, stride_r, stride_p) -> torch.Tensor:
+    """The weight as ``[groups, R, P]`` (each ``B_g`` the product's right operand): a view."""
+    return w.as_strided((w.shape[0], r, p), (w.stride(0), stride_r, stride_p), w.storage_offset())
+
+
 def _product_plan(x, w, out, offsets, r, p, stride_r, stride_p, experts, requested) -> _Plan:
     chosen = select_path("product", (x, w, out, r, p, stride_r, stride_p), requested)
     # One compiled variant serves every expert count up to 128 (a 128-lane vector costs what a
@@ -175,9 +188,11 @@ def _product_plan(x, w, out, offsets, r, p, stride_r, stride_p, experts, request
         # The tuning key fixes P, R, E, the bucket and the layout; select_path checked the
         # alignment of x, w and out. What is left: M, the row stride of x, the alignment of
         # offsets, and the device (a compiled kernel is loaded on one).
+        vendor = _vendor.runs(x, _logical_weight(w, r, p, stride_r, stride_p))
         return _Plan("tma", _grouped_product_tma_kernel,
                      dict(B_TRANSPOSED=rows[2], E_POW2=e_pow2, UPCAST=upcast), (out.stride(0),),
-                     (x.stride(0) % 16, rows[1][0] % 16, offsets.data_ptr() % 16, x.device), rows, slots, pingpong)
+                     (x.stride(0) % 16, rows[1][0] % 16, offsets.data_ptr() % 16, x.device), rows, slots, pingpong,
+                     vendor)
     runtime_ints = (x.stride(0), x.stride(1), w.stride(0), stride_r, stride_p, out.stride(0), out.stride(1))
     return _Plan("portable", _grouped_product_kernel,
                  dict(B_TRANSPOSED=stride_r == 1, E_POW2=e_pow2, IEEE=x.dtype == torch.float32, UPCAST=upcast),
@@ -187,14 +202,17 @@ def _product_plan(x, w, out, offsets, r, p, stride_r, stride_p, experts, request
 def _wgrad_plan(left, right, dw, offsets, num_groups, requested) -> _Plan:
     chosen = select_path("wgrad", (left, right, dw), requested)
     upcast = INTERPRETED and left.dtype != torch.float32
+    vendor = False
     if chosen == "tma":
         runtime_ints = (left.stride(0), right.stride(0), dw.stride(0), dw.stride(1))
         kernel, constexprs = _grouped_wgrad_tma_kernel, dict(UPCAST=upcast)
+        vendor = _vendor.runs(left, right)
     else:
         runtime_ints = (left.stride(0), left.stride(1), right.stride(0), right.stride(1), *dw.stride())
         kernel, constexprs = _grouped_wgrad_kernel, dict(IEEE=left.dtype == torch.float32, UPCAST=upcast)
     return _Plan(chosen, kernel, constexprs, runtime_ints,
-                 _specialization((left, right, dw, offsets, left.shape[1], right.shape[1], num_groups, *runtime_ints)))
+                 _specialization((left, right, dw, offsets, left.shape[1], right.shape[1], num_groups, *runtime_ints)),
+                 vendor=vendor)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,34 +270,69 @@ def _no_descriptors(blocks):
     return ()
 
 
-def _product_schedule(plan: _Plan, tune_key, m: int, run_pipelined, run_pingpong) -> str:
-    """The schedule of this TMA product launch; under "auto", the first launch of a problem times
-    both (after the pipelined kernel has tuned its configuration) and the faster is kept."""
+_SCHEDULE_NEEDS = {
+    "pingpong": ("the ping-pong schedule cannot run here (it needs Triton "
+                 f"{_pingpong.TRITON_RELEASE}x, an sm_90 device, M < 2**31, and a transposed weight "
+                 f"or a reduction that is a multiple of {_pingpong.BLOCK_R})"),
+    "torch": ("the torch schedule cannot run here (torch._grouped_mm takes bfloat16 operands on an sm_90+ "
+              "device, float32/bfloat16/float16 on the CPU, with 16-byte aligned rows)"),
+}
+
+
+def _choose_schedule(kind: str, can_run: dict, tune_key, runs: dict, forced_config: bool, timeable: bool) -> str:
+    """The schedule of a Hopper launch: a forced one (refused, naming what it needs, where it
+    cannot run), else under "auto" the fastest of those that can run, timed on the problem's
+    first launch (after the pipelined kernel has tuned its configuration) and remembered.
+    ``can_run``: schedule -> whether it can take these operands; ``runs``: schedule -> a launch."""
     requested = _forced_schedule[-1] if _forced_schedule else "auto"
-    fits = plan.pingpong and m < 2**31
-    if requested == "pingpong":
-        if not fits:
-            raise ValueError("grouped product: the ping-pong schedule cannot run here (it needs Triton "
-                             f"{_pingpong.TRITON_RELEASE}x, an sm_90 device, M < 2**31, and a transposed weight "
-                             f"or a reduction that is a multiple of {_pingpong.BLOCK_R})")
+    if requested == "pingpong" and "pingpong" not in can_run:
+        requested = "pipelined"  # a kernel with no ping-pong variant (the wgrad)
+    if requested == "triton":
+        can_run, tune_key, requested = {**can_run, "torch": False}, ("triton", tune_key), "auto"
+    if requested != "auto":
+        if not can_run.get(requested, False):
+            raise ValueError(f"grouped {kind}: {_SCHEDULE_NEEDS[requested]}")
         return requested
     # A configuration forced through use_config is one of the pipelined kernel's.
-    if requested == "pipelined" or not fits or plan.kernel in _forced:
+    candidates = [name for name, ok in can_run.items() if ok]
+    if forced_config or not timeable or len(candidates) == 1:
         return "pipelined"
     chosen = CACHES.schedules.get(tune_key)
     if chosen is None:
         from triton.testing import do_bench
 
-        run_pipelined()
-        times = {"pipelined": do_bench(run_pipelined), "pingpong": do_bench(run_pingpong)}
+        runs["pipelined"]()
+        times = {name: do_bench(runs[name]) for name in candidates}
         chosen = CACHES.schedules[tune_key] = min(times, key=times.get)
     return chosen
 
 
-def _launch_tma_product(plan: _Plan, x, w, out, offsets, m, r, p, experts, m_bucket, specialization) -> None:
-    """The TMA grouped product of a planned call, on the schedule :func:`_product_schedule` picks."""
+def _product_schedule(plan: _Plan, tune_key, m: int, run_pipelined, run_pingpong, run_torch=None,
+                      on_gpu: bool | None = None) -> str:
+    """The schedule of this TMA product launch (:func:`_choose_schedule`); torch's kernel is a
+    candidate where ``run_torch`` is given and the plan says torch can take the operands.
+    ``on_gpu``: whether the operands are on a GPU, where "auto" can time (the interpreter runs a
+    forced schedule or the pipelined one); by default, where the ping-pong kernel can run."""
+    can_run = {"pipelined": True, "pingpong": plan.pingpong and m < 2**31,
+               "torch": plan.vendor and run_torch is not None}
+    runs = {"pipelined": run_pipelined, "pingpong": run_pingpong, "torch": run_torch}
+    timeable = plan.pingpong if on_gpu is None else on_gpu
+    return _choose_schedule("product", can_run, tune_key, runs, plan.kernel in _forced, timeable)
+
+
+def _launch_tma_product(plan: _Plan, x, w, out, offsets, m, r, p, experts, m_bucket, specialization,
+                        stride_r, stride_p) -> torch.Tensor:
+    """The TMA grouped product of a planned call, on the schedule :func:`_product_schedule` picks.
+    ``out``: the caller's output, or None to allocate one (not at all where torch's kernel runs:
+    it returns its own)."""
     weight_shape, weight_strides, transposed = plan.weight_rows
     slots, x_row_stride = plan.slots, x.stride(0)
+    output = [out]
+
+    def out_tensor():
+        if output[0] is None:
+            output[0] = torch.empty((m, p), dtype=x.dtype, device=x.device)
+        return output[0]
 
     def make_descriptors(blocks):
         if blocks is None:  # sized by the configuration's pre-hook
@@ -291,26 +344,45 @@ def _launch_tma_product(plan: _Plan, x, w, out, offsets, m, r, p, experts, m_buc
         weight_block = [block_p, block_r] if transposed else [block_r, block_p]
         return (tma_descriptor(x, [m, r], [x_row_stride, 1], [block_m, block_r]),
                 tma_descriptor(w, weight_shape, weight_strides, weight_block),
-                tma_descriptor(out, [m, p], [p, 1], [block_m, block_p // split]))
+                tma_descriptor(out_tensor(), [m, p], [p, 1], [block_m, block_p // split]))
 
     def grid_of(meta):
         upper = (_cdiv(m, meta["BLOCK_M"]) + experts) * _cdiv(p, meta["BLOCK_P"])
         return (max(1, min(slots * meta["PROGRAMS_PER_SM"], upper)),)
 
     tune_key = (p, r, experts, m_bucket, transposed, x.dtype)
-    pipelined_args = (out, offsets, m, p, r, experts, m_bucket, *plan.trailing_ints)
-    # Only where the ping-pong kernel can run (or a schedule is forced) is there a choice:
-    # elsewhere the launch costs the host what it did before that kernel existed.
-    if plan.pingpong or _forced_schedule:
-        run_pipelined = functools.partial(_launch, plan.kernel, tune_key, grid_of, make_descriptors, pipelined_args,
-                                          plan.constexprs, specialization)
-        run_pingpong = functools.partial(_pingpong.grouped_product, make_descriptors, grid_of, out, offsets, m, r, p,
-                                         experts, transposed, (p, r, experts, transposed, specialization))
-        if _product_schedule(plan, tune_key, m, run_pipelined, run_pingpong) == "pingpong":
+
+    def pipelined_args():
+        return (out_tensor(), offsets, m, p, r, experts, m_bucket, *plan.trailing_ints)
+
+    # Only where another schedule can run (or one is forced) is there a choice: elsewhere the
+    # launch costs the host what it did before the other schedules existed.
+    if plan.pingpong or plan.vendor or _forced_schedule:
+        def run_pipelined():
+            _launch(plan.kernel, tune_key, grid_of, make_descriptors, pipelined_args(), plan.constexprs,
+                    specialization)
+
+        def run_pingpong():
+            _pingpong.grouped_product(make_descriptors, grid_of, out_tensor(), offsets, m, r, p, experts, transposed,
+                                      (p, r, experts, transposed, specialization))
+
+        def run_torch():
+            return _vendor.product(x, _logical_weight(w, r, p, stride_r, stride_p), offsets)
+
+        # A problem's schedule is timed once: later calls look it up (no choice to work out).
+        schedule = None if _forced_schedule or plan.kernel in _forced else CACHES.schedules.get(tune_key)
+        if schedule is None:
+            schedule = _product_schedule(plan, tune_key, m, run_pipelined, run_pingpong, run_torch, on_gpu=x.is_cuda)
+        if schedule == "torch":
+            launch_counts["product_tma_torch"] += 1
+            result = run_torch()
+            return result if out is None else out.copy_(result)
+        if schedule == "pingpong":
             launch_counts["product_tma_pingpong"] += 1
             run_pingpong()
-            return
-    _launch(plan.kernel, tune_key, grid_of, make_descriptors, pipelined_args, plan.constexprs, specialization)
+            return out_tensor()
+    _launch(plan.kernel, tune_key, grid_of, make_descriptors, pipelined_args(), plan.constexprs, specialization)
+    return out_tensor()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,22 +409,27 @@ def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, w
     if transpose_weight:
         r, p, stride_r, stride_p = p, r, stride_p, stride_r
     m = x.shape[0]
-    if out is None:
-        out = torch.empty((m, p), dtype=x.dtype, device=x.device)
-    if m == 0 or p == 0:
-        return out
-    if experts == 0 or r == 0:
-        return out.zero_()
-    plan_key = ("product", x.stride(), w_strides, out.stride(), r, p, stride_r, stride_p, experts, x.dtype, x.device,
-                path, x.data_ptr() % 16, w.data_ptr() % 16, out.data_ptr() % 16, offsets.data_ptr() % 16)
-    plan = CACHES.plans.get(plan_key) or CACHES.remember_plan(
-        plan_key, _product_plan(x, w, out, offsets, r, p, stride_r, stride_p, experts, path))
+    if m == 0 or p == 0 or experts == 0 or r == 0:
+        out = torch.empty((m, p), dtype=x.dtype, device=x.device) if out is None else out
+        return out if m == 0 or p == 0 else out.zero_()
+    # An output this function allocates is contiguous and aligned: the plan of a call without
+    # one is keyed as if it had it, so that nothing is allocated before the schedule is known.
+    out_stride, out_alignment = (out.stride(), out.data_ptr() % 16) if out is not None else ((p, 1), 0)
+    plan_key = ("product", x.stride(), w_strides, out_stride, r, p, stride_r, stride_p, experts, x.dtype, x.device,
+                path, x.data_ptr() % 16, w.data_ptr() % 16, out_alignment, offsets.data_ptr() % 16)
+    plan = CACHES.plans.get(plan_key)
+    if plan is None:
+        planned_out = out if out is not None else torch.empty((m, p), dtype=x.dtype, device=x.device)
+        plan = CACHES.remember_plan(
+            plan_key, _product_plan(x, w, planned_out, offsets, r, p, stride_r, stride_p, experts, path))
     launch_counts[f"product_{plan.path}"] += 1
     m_bucket = _next_power_of_two(m)
     specialization = (m % 16 == 0, m == 1, m >> 31, m_bucket, *plan.specialization)
     if plan.path == "tma":
-        _launch_tma_product(plan, x, w, out, offsets, m, r, p, experts, m_bucket, specialization)
-        return out
+        return _launch_tma_product(plan, x, w, out, offsets, m, r, p, experts, m_bucket, specialization,
+                                   stride_r, stride_p)
+    if out is None:
+        out = torch.empty((m, p), dtype=x.dtype, device=x.device)
 
     def portable_grid(meta):
         return (_cdiv(m, meta["BLOCK_M"]) + experts, _cdiv(p, meta["BLOCK_P"]))
@@ -369,22 +446,30 @@ def triton_grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.
     m, k = x.shape
     n = dout.shape[1]
     shape = (num_groups, k, n) if w_layout == "ekn" else (num_groups, n, k)
-    dw = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
-    if num_groups == 0 or k == 0 or n == 0:
-        return dw
-    if m == 0:
-        return dw.zero_()
+    if num_groups == 0 or k == 0 or n == 0 or m == 0:
+        dw = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
+        return dw if m else dw.zero_()
     # Each dW[g] is written as left.T @ right: its rows come from `left`, its columns from `right`.
     left, right = (x, dout) if w_layout == "ekn" else (dout, x)
     p1, p2 = left.shape[1], right.shape[1]
     left_strides, right_strides = left.stride(), right.stride()
-    plan_key = ("wgrad", left_strides, right_strides, dw.stride(), p1, p2, num_groups, x.dtype, x.device, path,
-                left.data_ptr() % 16, right.data_ptr() % 16, dw.data_ptr() % 16, offsets.data_ptr() % 16)
-    plan = CACHES.plans.get(plan_key) or CACHES.remember_plan(
-        plan_key, _wgrad_plan(left, right, dw, offsets, num_groups, path))
+    # As for the product: a weight gradient this function allocates is contiguous and aligned.
+    dw_stride, dw_alignment = (out.stride(), out.data_ptr() % 16) if out is not None else ((p1 * p2, p2, 1), 0)
+    plan_key = ("wgrad", left_strides, right_strides, dw_stride, p1, p2, num_groups, x.dtype, x.device, path,
+                left.data_ptr() % 16, right.data_ptr() % 16, dw_alignment, offsets.data_ptr() % 16)
+    plan = CACHES.plans.get(plan_key)
+    if plan is None:
+        planned = out if out is not None else torch.empty(shape, dtype=x.dtype, device=x.device)
+        plan = CACHES.remember_plan(plan_key, _wgrad_plan(left, right, planned, offsets, num_groups, path))
     launch_counts[f"wgrad_{plan.path}"] += 1
     m_bucket = _next_power_of_two(m)
     specialization = (m % 16 == 0, m == 1, m >> 31, m_bucket, *plan.specialization)
+    output = [out]
+
+    def dw_tensor():
+        if output[0] is None:
+            output[0] = torch.empty(shape, dtype=x.dtype, device=x.device)
+        return output[0]
 
     def grid_of(meta):
         return (_cdiv(p1, meta["BLOCK_P1"]) * _cdiv(p2, meta["BLOCK_P2"]), num_groups)
@@ -396,8 +481,26 @@ def triton_grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.
                 tma_descriptor(right, [m, p2], [right_strides[0], 1], [block_m, block_2]))
 
     make_descriptors = tma_descriptors if plan.path == "tma" else _no_descriptors
+    tune_key = (p1, p2, num_groups, m_bucket, x.dtype)
 
-    _launch(plan.kernel, (p1, p2, num_groups, m_bucket, x.dtype), grid_of, make_descriptors,
-            (left, right, dw, offsets, m, p1, p2, num_groups, m_bucket, *plan.trailing_ints), plan.constexprs,
-            specialization)
-    return dw
+    def run_pipelined():
+        _launch(plan.kernel, tune_key, grid_of, make_descriptors,
+                (left, right, dw_tensor(), offsets, m, p1, p2, num_groups, m_bucket, *plan.trailing_ints),
+                plan.constexprs, specialization)
+
+    if plan.vendor or (_forced_schedule and plan.path == "tma"):
+        def run_torch():
+            return _vendor.wgrad(left, right, offsets)
+
+        schedule_key = ("wgrad", *tune_key)
+        schedule = None if _forced_schedule or plan.kernel in _forced else CACHES.schedules.get(schedule_key)
+        if schedule is None:
+            schedule = _choose_schedule("wgrad", {"pipelined": True, "torch": plan.vendor}, schedule_key,
+                                        {"pipelined": run_pipelined, "torch": run_torch}, plan.kernel in _forced,
+                                        x.is_cuda)
+        if schedule == "torch":
+            launch_counts["wgrad_tma_torch"] += 1
+            result = run_torch()
+            return result if out is None else out.copy_(result)
+    run_pipelined()
+    return dw_tensor()

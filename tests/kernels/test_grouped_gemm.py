@@ -25,16 +25,22 @@ def results():
 
 
 def test_every_case_ran(results):
-    assert len(results) == 2 * 2 * 4 + 2 * 2 * 2 * 2 + 1
+    assert len(results) == 2 * 2 * 4 + 2 * 2 * 2 * 2 + 2 * 2 + 1
 
 
-@pytest.mark.parametrize("index", range(16 + 16))
+@pytest.mark.parametrize("index", range(16 + 16 + 4))
 def test_forward_dgrad_wgrad_match_float64(results, index):
     row = results[index]
     tolerance = 1e-5 if row["dtype"] == "torch.float32" else 1e-2
     assert row["unwritten"] == 0, row
     assert row["trailing_rows_zero"], row
-    expected_paths = ["product_tma", "wgrad_tma"] if row["name"].startswith("TMA") else ["product_portable", "wgrad_portable"]
+    assert row["same_without_out"], row
+    if row["name"].endswith("(torch schedule)"):
+        expected_paths = ["product_tma", "product_tma_torch", "wgrad_tma", "wgrad_tma_torch"]
+    elif row["name"].startswith("TMA"):
+        expected_paths = ["product_tma", "wgrad_tma"]
+    else:
+        expected_paths = ["product_portable", "wgrad_portable"]
     assert row["paths"] == expected_paths, row
     for kind in ("forward", "dgrad", "wgrad"):
         assert row[kind] < tolerance, (kind, row)

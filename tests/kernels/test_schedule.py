@@ -1,4 +1,4 @@
-"""Choosing the Hopper grouped product's schedule (pipelined or ping-pong).
+"""Choosing the Hopper grouped product's schedule (pipelined, ping-pong or torch's kernel).
 
 The kernels themselves need an sm_90 GPU; these tests cover what decides between them, which
 runs on the host: the "auto" choice times both once per problem and keeps the faster, forcing a
@@ -13,8 +13,8 @@ import triton.testing
 from kernels import grouped_gemm, grouped_gemm_pingpong
 
 
-def _plan(pingpong: bool) -> grouped_gemm._Plan:
-    return grouped_gemm._Plan("tma", grouped_gemm._grouped_product_tma_kernel, {}, (), (), None, 0, pingpong)
+def _plan(pingpong: bool, vendor: bool = False) -> grouped_gemm._Plan:
+    return grouped_gemm._Plan("tma", grouped_gemm._grouped_product_tma_kernel, {}, (), (), None, 0, pingpong, vendor)
 
 
 class _Runner:
@@ -66,7 +66,7 @@ def test_use_schedule_forces_either_schedule(timer):
 
 
 def test_unknown_schedule_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="unknown grouped product schedule 'fastest'.*auto, pipelined, pingpong"):
+    with pytest.raises(ValueError, match="unknown grouped product schedule 'fastest'.*auto, pipelined, pingpong, torch, triton"):
         with grouped_gemm.use_schedule("fastest"):
             pass
 
@@ -84,3 +84,42 @@ def test_forced_pingpong_that_cannot_run_is_refused_before_launch():
             grouped_gemm.triton_grouped_mm(x, w, offsets, "ekn", path="tma")
     assert grouped_gemm.launch_counts.get("product_tma_pingpong", 0) == before.get("product_tma_pingpong", 0)
 
+
+
+@pytest.mark.parametrize("milliseconds, expected", [((3.0, 2.0, 1.0), "torch"), ((1.0, 2.0, 3.0), "pipelined"),
+                                                    ((3.0, 1.0, 2.0), "pingpong")])
+def test_auto_keeps_the_fastest_of_the_triton_kernels_and_torchs(timer, milliseconds, expected):
+    runners = [_Runner(ms) for ms in milliseconds]
+    assert grouped_gemm._product_schedule(_plan(True, vendor=True), ("problem",), 4096, *runners, on_gpu=True) == expected
+    assert grouped_gemm.CACHES.schedules[("problem",)] == expected
+
+
+def test_torchs_kernel_is_timed_against_the_pipelined_one_where_pingpong_cannot_run(timer):
+    pipelined, torch_kernel = _Runner(2.0), _Runner(1.0)
+    assert grouped_gemm._product_schedule(_plan(False, vendor=True), ("problem",), 4096, pipelined, _Runner(0.1),
+                                          torch_kernel, on_gpu=True) == "torch"
+
+
+def test_auto_times_nothing_off_a_gpu(timer):
+    # The interpreter runs the pipelined kernel unless a schedule is forced: do_bench needs a GPU.
+    assert grouped_gemm._product_schedule(_plan(False, vendor=True), ("problem",), 4096, _Runner(2.0), _Runner(1.0),
+                                          _Runner(1.0), on_gpu=False) == "pipelined"
+    assert grouped_gemm.CACHES.schedules == {}
+
+
+def test_a_forced_torch_schedule_that_cannot_run_is_refused_with_what_it_needs():
+    # float64 is not a dtype torch's grouped GEMM takes: the TMA plan records that it cannot run.
+    with grouped_gemm.use_schedule("torch"):
+        with pytest.raises(ValueError, match="grouped product: the torch schedule cannot run here.*bfloat16"):
+            grouped_gemm._product_schedule(_plan(False, vendor=False), ("problem",), 4096, _Runner(1.0), _Runner(1.0),
+                                           _Runner(1.0), on_gpu=True)
+
+
+def test_the_triton_schedule_times_only_the_triton_kernels_and_remembers_that_apart(timer):
+    with grouped_gemm.use_schedule("triton"):
+        chosen = grouped_gemm._product_schedule(_plan(True, vendor=True), ("problem",), 4096, _Runner(2.0),
+                                                _Runner(3.0), _Runner(1.0), on_gpu=True)
+    assert chosen == "pipelined"
+    assert grouped_gemm._product_schedule(_plan(True, vendor=True), ("problem",), 4096, _Runner(2.0), _Runner(3.0),
+                                          _Runner(1.0), on_gpu=True) == "torch"
+    assert grouped_gemm.CACHES.schedules == {("triton", ("problem",)): "pipelined", ("problem",): "torch"}
