@@ -560,15 +560,26 @@ def _reason(error: BaseException) -> str:
     return reason
 
 
+def _seed_eager_like(program) -> int | None:
+    """Where the program draws random numbers (dropout), seed torch as ``check.parity_errors``
+    seeds the program and its eager run (seed 0), so an eager run here, in float32 or float64,
+    draws the same masks; returns the seed to give the program (None where it takes none)."""
+    if not getattr(program, "takes_seed", False):
+        return None
+    torch.manual_seed(0)
+    return 0
+
+
 def _trainable_parity(program, model, inputs, loss_fn, learning_rate: float = 0.1) -> dict:
     """``check.parity_errors``'s rule over the trainable parameters only; frozen ones must get no
     gradient from the program and keep their weights."""
     parameters = dict(model.named_parameters())
     trainable = {n: p for n, p in parameters.items() if p.requires_grad}
+    seed = _seed_eager_like(program)
     loss = loss_fn(model(*inputs), *inputs)
     gradients = dict(zip(trainable, torch.autograd.grad(loss, list(trainable.values()))))
     full = {name: p.detach() for name, p in parameters.items()}
-    result = program.run_simulated(full, inputs)
+    result = program.run_simulated(full, inputs, seed=seed)
     if set(result.gradients) != set(trainable):
         raise AssertionError(f"program gradients {sorted(result.gradients)} are not the trainable parameters "
                              f"{sorted(trainable)}")
@@ -629,10 +640,12 @@ def _parity(case: Case, program, model, inputs, loss_fn, notes: list) -> tuple[d
         return ((value.double() - reference).norm() / reference.norm().clamp_min(1e-300)).item()
 
     parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    _seed_eager_like(program)
     loss32 = loss_fn(model(*inputs), *inputs)
     eager32 = dict(zip(parameters, torch.autograd.grad(loss32, list(parameters.values()))))
     model64 = copy.deepcopy(model).double()
     parameters64 = {n: p for n, p in model64.named_parameters() if p.requires_grad}
+    _seed_eager_like(program)
     loss64 = loss_fn(model64(*inputs), *inputs)
     truth = dict(zip(parameters64, torch.autograd.grad(loss64, list(parameters64.values()))))
     scale = max(g.norm().item() for g in truth.values())

@@ -39,3 +39,22 @@ def test_every_case_is_refused_by_name_or_matches_the_unsharded_model(data):
         return  # a class of failure marked in tests/fuzz_cases.py KNOWN_FAILURES, reported there
     assert verdict.outcome != "failed", (
         f"{verdict.reason}\n{verdict.detail}\ncase: {case.short()}\n--- reproduction ---\n{case.repro()}")
+
+
+def test_a_case_with_dropout_is_arbitrated_against_float64_drawing_the_same_masks():
+    # Dropout after the embedding, top-1 of 2 experts (router gradients zero in exact arithmetic)
+    # and a batch-mixing head: check.parity_errors flags the zero router gradients as noise, and
+    # the float64 arbiter must then run the model with the masks the program drew (seed 0). It
+    # once drew fresh ones and failed a right program on "wrong numbers (loss)".
+    from tests.fuzz_cases import Case
+
+    case = Case.from_json({
+        "config": {"vocab_size": 32, "hidden_size": 32, "num_heads": 1, "num_kv_heads": 1, "num_experts": 2,
+                   "top_k": 1, "moe_intermediate_size": 12, "shared_expert_intermediate_size": 8},
+        "mixing": "sub_mean0", "mixing_at": "head", "pad_mask": False, "tied": True, "frozen": [], "loss": "smooth",
+        "labels_input": False, "padding": 0, "pad_side": "right", "attn_mask": None, "mesh": [1, 1, 1, 1],
+        "plan": None, "batch_sharding": "none", "replicate_fallback": False, "dropout": True, "batch": 8, "seq": 4,
+        "seed": 0})
+    verdict = judge(case)
+    assert verdict.outcome == "passed", (verdict.reason, verdict.detail)
+    assert any("zero in exact arithmetic" in note for note in verdict.notes), verdict.notes
