@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -301,10 +302,39 @@ def _choose_schedule(kind: str, can_run: dict, tune_key, runs: dict, forced_conf
     if chosen is None:
         from triton.testing import do_bench
 
-        runs["pipelined"]()
+        candidates = _agreeing(kind, tune_key, candidates, runs)
         times = {name: do_bench(runs[name]) for name in candidates}
         chosen = CACHES.schedules[tune_key] = min(times, key=times.get)
     return chosen
+
+
+def _agreeing(kind: str, tune_key, candidates: list, runs: dict) -> list:
+    """The candidates whose result on this problem's first call matches the pipelined kernel's
+    (which runs first, tuning its configuration). Another schedule that raises or disagrees
+    (relative error over 1e-2: both accumulate in fp32, so they differ by rounding only) is left
+    out with a warning rather than timed: a release of torch or Triton that breaks a kernel on
+    some layout then costs speed, never a wrong result. Launches that return nothing (tests'
+    stand-ins) are not compared."""
+    reference = runs["pipelined"]()
+    reference = reference.clone() if isinstance(reference, torch.Tensor) else None
+    kept = ["pipelined"]
+    for name in candidates:
+        if name == "pipelined":
+            continue
+        try:
+            result = runs[name]()
+        except Exception as error:  # noqa: BLE001 - any failure of an optional schedule leaves it out
+            warnings.warn(f"grouped {kind} {tune_key}: the {name} schedule failed ({type(error).__name__}: {error}); "
+                          "it is left out", RuntimeWarning, stacklevel=2)
+            continue
+        if reference is not None and isinstance(result, torch.Tensor):
+            error = ((result.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-30)).item()
+            if not error < 1e-2:
+                warnings.warn(f"grouped {kind} {tune_key}: the {name} schedule's result is {error:.3g} from the "
+                              "pipelined kernel's; it is left out", RuntimeWarning, stacklevel=2)
+                continue
+        kept.append(name)
+    return kept
 
 
 def _product_schedule(plan: _Plan, tune_key, m: int, run_pipelined, run_pingpong, run_torch=None,
@@ -361,10 +391,12 @@ def _launch_tma_product(plan: _Plan, x, w, out, offsets, m, r, p, experts, m_buc
         def run_pipelined():
             _launch(plan.kernel, tune_key, grid_of, make_descriptors, pipelined_args(), plan.constexprs,
                     specialization)
+            return out_tensor()
 
         def run_pingpong():
             _pingpong.grouped_product(make_descriptors, grid_of, out_tensor(), offsets, m, r, p, experts, transposed,
                                       (p, r, experts, transposed, specialization))
+            return out_tensor()
 
         def run_torch():
             return _vendor.product(x, _logical_weight(w, r, p, stride_r, stride_p), offsets)
@@ -487,6 +519,7 @@ def triton_grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.
         _launch(plan.kernel, tune_key, grid_of, make_descriptors,
                 (left, right, dw_tensor(), offsets, m, p1, p2, num_groups, m_bucket, *plan.trailing_ints),
                 plan.constexprs, specialization)
+        return dw_tensor()
 
     if plan.vendor or (_forced_schedule and plan.path == "tma"):
         def run_torch():

@@ -123,3 +123,37 @@ def test_the_triton_schedule_times_only_the_triton_kernels_and_remembers_that_ap
     assert grouped_gemm._product_schedule(_plan(True, vendor=True), ("problem",), 4096, _Runner(2.0), _Runner(3.0),
                                           _Runner(1.0), on_gpu=True) == "torch"
     assert grouped_gemm.CACHES.schedules == {("triton", ("problem",)): "pipelined", ("problem",): "torch"}
+
+
+class _Returning(_Runner):
+    """A launch that returns ``result`` (or raises ``error``) and takes ``milliseconds``."""
+
+    def __init__(self, milliseconds, result=None, error=None):
+        super().__init__(milliseconds)
+        self.result, self.error = result, error
+
+    def __call__(self):
+        super().__call__()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def test_a_schedule_that_disagrees_with_the_pipelined_kernel_on_the_first_call_is_left_out(timer):
+    reference = torch.arange(12.0).reshape(3, 4)
+    wrong = reference.clone()
+    wrong[0] = 100.0  # as if a group's rows were never written
+    pipelined, torch_kernel = _Returning(2.0, reference), _Returning(1.0, wrong)
+    with pytest.warns(RuntimeWarning, match="the torch schedule's result is .* from the pipelined kernel's"):
+        chosen = grouped_gemm._product_schedule(_plan(False, vendor=True), ("problem",), 4096, pipelined,
+                                                _Returning(0.5), torch_kernel, on_gpu=True)
+    assert chosen == "pipelined" and grouped_gemm.CACHES.schedules[("problem",)] == "pipelined"
+
+
+def test_a_schedule_that_raises_on_the_first_call_is_left_out_and_one_that_agrees_is_kept(timer):
+    reference = torch.arange(12.0).reshape(3, 4)
+    failing = _Returning(0.5, error=RuntimeError("unsupported layout"))
+    with pytest.warns(RuntimeWarning, match="the torch schedule failed \\(RuntimeError: unsupported layout\\)"):
+        chosen = grouped_gemm._product_schedule(_plan(True, vendor=True), ("a",), 4096, _Returning(2.0, reference),
+                                                _Returning(1.0, reference + 1e-4), failing, on_gpu=True)
+    assert chosen == "pingpong"
