@@ -337,6 +337,21 @@ def _agreeing(kind: str, tune_key, candidates: list, runs: dict) -> list:
     return kept
 
 
+def _remembered_schedule(tune_key, kernel) -> str | None:
+    """The schedule "auto" timed for this problem on an earlier call, so that later calls only
+    look it up; None where none was timed yet, or where a schedule or a configuration is forced
+    (:func:`_choose_schedule` works those out)."""
+    if _forced_schedule or kernel in _forced:
+        return None
+    return CACHES.schedules.get(tune_key)
+
+
+def _from_torch(counter: str, result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """torch's kernel's result, in the caller's ``out`` where one was given."""
+    launch_counts[counter] += 1
+    return result if out is None else out.copy_(result)
+
+
 def _product_schedule(plan: _Plan, tune_key, m: int, run_pipelined, run_pingpong, run_torch=None,
                       on_gpu: bool | None = None) -> str:
     """The schedule of this TMA product launch (:func:`_choose_schedule`); torch's kernel is a
@@ -401,14 +416,11 @@ def _launch_tma_product(plan: _Plan, x, w, out, offsets, m, r, p, experts, m_buc
         def run_torch():
             return _vendor.product(x, _logical_weight(w, r, p, stride_r, stride_p), offsets)
 
-        # A problem's schedule is timed once: later calls look it up (no choice to work out).
-        schedule = None if _forced_schedule or plan.kernel in _forced else CACHES.schedules.get(tune_key)
+        schedule = _remembered_schedule(tune_key, plan.kernel)
         if schedule is None:
             schedule = _product_schedule(plan, tune_key, m, run_pipelined, run_pingpong, run_torch, on_gpu=x.is_cuda)
         if schedule == "torch":
-            launch_counts["product_tma_torch"] += 1
-            result = run_torch()
-            return result if out is None else out.copy_(result)
+            return _from_torch("product_tma_torch", run_torch(), out)
         if schedule == "pingpong":
             launch_counts["product_tma_pingpong"] += 1
             run_pingpong()
@@ -526,14 +538,12 @@ def triton_grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.
             return _vendor.wgrad(left, right, offsets)
 
         schedule_key = ("wgrad", *tune_key)
-        schedule = None if _forced_schedule or plan.kernel in _forced else CACHES.schedules.get(schedule_key)
+        schedule = _remembered_schedule(schedule_key, plan.kernel)
         if schedule is None:
             schedule = _choose_schedule("wgrad", {"pipelined": True, "torch": plan.vendor}, schedule_key,
                                         {"pipelined": run_pipelined, "torch": run_torch}, plan.kernel in _forced,
                                         x.is_cuda)
         if schedule == "torch":
-            launch_counts["wgrad_tma_torch"] += 1
-            result = run_torch()
-            return result if out is None else out.copy_(result)
+            return _from_torch("wgrad_tma_torch", run_torch(), out)
     run_pipelined()
     return dw_tensor()
