@@ -4,8 +4,8 @@
 shared expert), ``qwen2_moe`` (``Qwen2MoeForCausalLM``: fused ``Qwen2MoeExperts`` and a shared
 expert behind a sigmoid ``shared_expert_gate``) and ``qwen3_moe`` (``Qwen3MoeForCausalLM``:
 Qwen3-30B-A3B's structure, q/k norms, top-k weights renormalised, no shared expert). All use
-SwiGLU experts (``hidden_act="silu"``) and rotary embeddings; attention is HF's eager implementation unless ``attn_implementation``
-says otherwise (``"sdpa"`` is HF's default).
+SwiGLU experts (``hidden_act="silu"``) and rotary embeddings; attention is HF's eager
+implementation unless ``attn_implementation`` says otherwise (``"sdpa"`` is HF's default).
 
 ``shardgraph_entry(config)`` returns ``(model, example_inputs, loss_fn)`` like
 ``examples/moe_model.py``, so the CLI can compile these too.
