@@ -36,19 +36,39 @@ def program(comm, rank):
 
 
 def gloo_rank(rank):
+    import torch.distributed as dist
+
     from shardgraph.runtime.distributed import DistributedCommunicator
 
-    return program(DistributedCommunicator(MESH), rank)
+    communicator = DistributedCommunicator(MESH)
+    workers = [group._get_backend(torch.device("cpu")).options._threads
+               for _, group in communicator._groups.values() if group is not None]
+    default_workers = dist.group.WORLD._get_backend(torch.device("cpu")).options._threads
+    constructor_restored = dist.distributed_c10d.ProcessGroupGloo is torch._C._distributed_c10d.ProcessGroupGloo
+    return program(communicator, rank), workers, default_workers, constructor_restored
 
 
-def test_gloo_collectives_match_the_simulator():
+@pytest.fixture(scope="module")
+def gloo_results():
     from shardgraph.runtime.distributed import spawn_gloo
 
-    distributed = spawn_gloo(gloo_rank, MESH.world)
+    return spawn_gloo(gloo_rank, MESH.world)
+
+
+def test_gloo_collectives_match_the_simulator(gloo_results):
+    distributed = gloo_results
     simulated = Simulator(MESH).run(lambda comm: program(comm, comm.rank))
     for rank in MESH.ranks:
-        for got, expected in zip(distributed[rank], simulated[rank]):
+        for got, expected in zip(distributed[rank][0], simulated[rank]):
             torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_communicators_gloo_groups_run_their_collectives_on_one_worker_thread_in_issue_order(gloo_results):
+    # Two workers (gloo's default, kept by the default group) run two in-flight collectives of
+    # one group at once, which corrupted the ranks' heap under the overlapping schedule.
+    for _, workers, default_workers, constructor_restored in gloo_results:
+        assert workers and set(workers) == {1}
+        assert default_workers == 2 and constructor_restored
 
 
 def dtensor_rank(rank):
