@@ -196,12 +196,16 @@ def check_row(x, w, dout, sizes, layout, results, tolerance):
     return row
 
 
+# (group sizes, rows after the last offset, K, N): empty groups, groups of one row, partial tiles.
+UNEVEN_GROUPS = [([300, 0, 17, 1, 129, 640], 7, 256, 384), ([0, 700, 0, 5], 37, 192, 2048)]
+
+
 def every_config_sweep():
     """Each configuration of the TMA kernels, forced, on uneven groups in both layouts."""
     rows = []
     generator = torch.Generator(device="cuda").manual_seed(2)
     product, wgrad = grouped_gemm._grouped_product_tma_kernel, grouped_gemm._grouped_wgrad_tma_kernel
-    for sizes, trailing, k, n in [([300, 0, 17, 1, 129, 640], 7, 256, 384), ([0, 700, 0, 5], 37, 192, 2048)]:
+    for sizes, trailing, k, n in UNEVEN_GROUPS:
         m, experts = sum(sizes) + trailing, len(sizes)
         offsets = torch.tensor(sizes, device="cuda").cumsum(0).to(torch.int32)
         for layout in ("ekn", "enk"):
@@ -244,8 +248,8 @@ def pingpong_sweep():
     reduction is not a multiple of the kernel's BLOCK_R) must be refused, and is then a pass."""
     rows = []
     generator = torch.Generator(device="cuda").manual_seed(4)
-    for sizes, trailing, k, n in [([300, 0, 17, 1, 129, 640], 7, 256, 384), ([0, 700, 0, 5], 37, 192, 2048),
-                                  ([2048] * 4, 0, 2048, 1536), ([513] * 3, 0, 2048, 384), ([100, 0, 33], 5, 200, 136)]:
+    for sizes, trailing, k, n in UNEVEN_GROUPS + [([2048] * 4, 0, 2048, 1536), ([513] * 3, 0, 2048, 384),
+                                                  ([100, 0, 33], 5, 200, 136)]:
         m, experts = sum(sizes) + trailing, len(sizes)
         offsets = torch.tensor(sizes, device="cuda").cumsum(0).to(torch.int32)
         for dtype in (torch.bfloat16, torch.float16):
@@ -282,7 +286,7 @@ def torch_schedule_sweep():
     offset and the empty groups' weight gradients must come out zero."""
     rows = []
     generator = torch.Generator(device="cuda").manual_seed(5)
-    for sizes, trailing, k, n in [([300, 0, 17, 1, 129, 640], 7, 256, 384), ([0, 700, 0, 5], 37, 192, 2048)]:
+    for sizes, trailing, k, n in UNEVEN_GROUPS:
         m, experts = sum(sizes) + trailing, len(sizes)
         offsets = torch.tensor(sizes, device="cuda").cumsum(0).to(torch.int32)
         for layout in ("ekn", "enk"):
