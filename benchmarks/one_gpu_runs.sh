@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Issue #23's one-GPU measurements, in one go, each ratio against its baseline timed in the same
+# process:
+#   grouped_gemm  ours (the timed schedule callers get), the Triton kernels alone and
+#                 torch._grouped_mm on the large-K and wide-N expert shapes, after the
+#                 correctness sweep (the forced torch schedule against float64 among it)
+#   moe_block     the Qwen3-30B-A3B block at 8192 tokens: ours plain and under inductor, HF's
+#                 block eager and compiled, and its grouped GEMMs alone (the ceiling)
+#   train_step    HF Qwen3-MoE's train step (eager, torch.compile) against the program (plain,
+#                 under inductor), the issue's 4 layers x 2 x 4096
+#   predict       the example model's program with AdamW under inductor, beside its predicted step
+# Each writes benchmarks/results/one_gpu_<run>.json (or under $OUT) and its log beside it.
+#
+#   benchmarks/one_gpu_runs.sh                        # every run
+#   benchmarks/one_gpu_runs.sh --runs moe_block,predict
+#   benchmarks/one_gpu_runs.sh --dry-run              # print the commands, run nothing
+#
+# Settings (environment): OUT (where JSON and logs go), RUN_TIMEOUT (seconds per run, 420).
+set -u -o pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+dry_run=0
+only=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) dry_run=1 ;;
+        --runs) only="$2"; shift ;;
+        --runs=*) only="${1#--runs=}" ;;
+        -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        *) echo "one_gpu_runs.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+out=${OUT:-$here/results}
+run_timeout=${RUN_TIMEOUT:-420}
+export PYTHONPATH="$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+# name|script|arguments (the JSON path is added)
+runs=(
+    "grouped_gemm|grouped_gemm.py|--shapes large --distributions 8x2048 --rounds 3"
+    "moe_block|moe_block.py|--shapes qwen3_30b_a3b --tokens 8192 --routing balanced --columns ours,ours_inductor,hf,hf_compiled,grouped_gemm_only --skip-check"
+    "train_step|train_step.py|--models qwen3_moe --variants eager,torch_compile,shardgraph,shardgraph_compile --steps 10"
+    "predict|train_step.py|--models ours --variants shardgraph_adamw_compile --steps 10 --predict"
+)
+
+[ "$dry_run" = 1 ] || mkdir -p "$out"
+failed=0
+for entry in "${runs[@]}"; do
+    IFS='|' read -r name script arguments <<< "$entry"
+    if [ -n "$only" ] && [[ ",$only," != *",$name,"* ]]; then
+        continue
+    fi
+    command="timeout --kill-after=30 $run_timeout python3 $here/$script $arguments --out $out/one_gpu_$name.json"
+    echo "# run $name"
+    echo "$command"
+    [ "$dry_run" = 1 ] && continue
+    started=$(date +%s)
+    $command </dev/null > "$out/one_gpu_$name.log" 2>&1
+    status=$?
+    tail -n 25 "$out/one_gpu_$name.log"
+    echo "# run $name: exit $status after $(( $(date +%s) - started )) s"
+    [ $status -ne 0 ] && failed=$((failed + 1))
+done
+exit $failed
