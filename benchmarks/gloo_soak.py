@@ -3,15 +3,15 @@
 A native crash in a gloo rank (a SIGSEGV, glibc's "malloc(): unaligned tcache chunk detected")
 shows up once in thousands of collectives, too rarely for the test suite to catch it. This runs
 the tiny example model's whole training step (AdamW, gradient clipping, ZeRO stage ``--zero``)
-for ``--steps`` steps in ``--world`` processes, ``--runs`` times, each run a fresh set of
-processes, and prints one row per run: how it ended (``ok``, or the per-rank failure
+for ``--steps`` steps in as many processes as ``--mesh`` has ranks, ``--runs`` times, each run a
+fresh set of processes, and prints one row per run: how it ended (``ok``, or the per-rank failure
 ``spawn_gloo`` reports), seconds, and the last loss (every run takes the same batches, so the
 losses agree). Set ``MALLOC_CHECK_=3 MALLOC_PERTURB_=165`` to make glibc stop at the first
 corrupted heap instead of later.
 
 Usage: ``python benchmarks/gloo_soak.py [--mesh world=4,tp=2,ep=2] [--zero 3] [--steps 300]
-[--runs 8]``; with one worker thread per gloo group (``runtime/distributed.py``) every run of
-the defaults ends ``ok``; with gloo's default two, 5 of 8 crashed.
+[--runs 8]``. What such runs found, with gloo's default two worker threads per group and with
+the one the communicator now gives each group: ``docs/runtime.md``.
 """
 
 from __future__ import annotations
