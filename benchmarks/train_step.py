@@ -514,7 +514,7 @@ def profile_steps(runner, device, median_ms: float, steps: int = 3) -> dict:
     busy = sum(by_class.values())
     by_class = dict(sorted(by_class.items(), key=lambda kv: -kv[1]))
     by_class["idle / launch gaps"] = max(median_ms - busy, 0.0)
-    top = sorted(kernels.items(), key=lambda item: -item[1][1])[:25]
+    top = sorted(kernels.items(), key=lambda item: -item[1][1])[:40]
     return {
         "measures": "GPU kernels" if on_gpu else "CPU op self time", "profiled_steps": steps,
         "step_ms": median_ms, "gpu_busy_ms": busy, "busy_fraction": busy / median_ms if median_ms else None,

@@ -48,11 +48,21 @@ def _work_bytes_per_element(dtype: torch.dtype, triton_path: bool) -> int:
 def chunk_rows_for_budget(rows: int, vocab: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_CHUNK_BYTES,
                           triton_path: bool = False) -> int:
     """Rows per chunk so one chunk's logits and work buffers fit ``budget_bytes``: a multiple of
-    64 (whole GEMM tiles) where more than 64 rows fit, never more than ``rows``, at least 1."""
+    64 (whole GEMM tiles) where more than 64 rows fit, never more than ``rows``, at least 1.
+
+    Of the chunk sizes that need the fewest chunks, the smallest multiple of 64: the rows split
+    into near-equal chunks rather than full ones and a small remainder, since every chunk pays
+    a full pass over the float32 weight-gradient accumulator whatever its rows."""
     fit = budget_bytes // max(1, vocab * _work_bytes_per_element(dtype, triton_path))
-    if fit >= 64:
-        fit -= fit % 64
-    return int(max(1, min(rows, fit)))
+    if fit < 64:
+        return int(max(1, min(rows, fit)))
+    fit -= fit % 64
+    if fit >= rows:
+        return int(rows)
+    chunks = -(-rows // fit)
+    even = -(-rows // chunks)
+    even += -even % 64
+    return int(min(fit, even))
 
 
 def use_triton(logits: torch.Tensor) -> bool:

@@ -88,6 +88,21 @@ def test_chunk_rows_keep_the_chunk_within_the_budget(vocab, dtype, triton_path):
     assert chunk_rows_for_budget(10, vocab, dtype, budget, triton_path) <= 10
 
 
+@pytest.mark.parametrize("rows,budget_mib", [(8192, 2048), (8192, 512), (8192, 64), (5000, 300), (129, 100)])
+def test_chunk_rows_split_the_rows_into_as_few_near_equal_chunks_as_the_budget_allows(rows, budget_mib):
+    vocab, dtype = 151936, torch.bfloat16
+    budget = budget_mib << 20
+    largest = budget // (vocab * dtype.itemsize)
+    largest -= largest % 64
+    chunk = chunk_rows_for_budget(rows, vocab, dtype, budget, True)
+    chunks = -(-rows // chunk)
+    assert chunk <= largest and chunks == -(-rows // min(largest, rows))
+    # Every chunk but the last is full; the last is short by less than 64 rows per chunk.
+    assert rows - (chunks - 1) * chunk > chunk - 64 * chunks
+    if (rows, budget_mib) == (8192, 2048):
+        assert chunk == 4096  # two equal chunks, not 7040 rows and 1152
+
+
 def test_triton_softmax_gradient_kernel_matches_torch_under_the_interpreter():
     script = os.path.join(os.path.dirname(__file__), "linear_cross_entropy_interpreted.py")
     done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
