@@ -116,13 +116,25 @@ def _chunk(logits, target, valid, coefficient):
     return _chunk_torch(logits, target, valid, coefficient)
 
 
-def _weight_grad_into(accumulator: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
-    """accumulator += grad_logits^T @ hidden, the product accumulated in the accumulator's dtype."""
+def _weight_grad_into(accumulator: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor, first: bool) -> None:
+    """accumulator += grad_logits^T @ hidden (``=`` for the ``first`` chunk), the product
+    accumulated in the accumulator's dtype.
+
+    The first chunk writes the accumulator without reading it: no zero fill and no read of
+    zeros, two passes over a ``[V, H]`` float32 tensor (1.2 GB at Qwen3's vocabulary) saved."""
     if grad_logits.dtype == accumulator.dtype:
-        accumulator.addmm_(grad_logits.t(), hidden)
+        if first:
+            torch.mm(grad_logits.t(), hidden, out=accumulator)
+        else:
+            accumulator.addmm_(grad_logits.t(), hidden)
     elif accumulator.device.type == "cuda":
         # Half-precision operands into a float32 accumulator, in place: cuBLAS adds into C.
-        torch.ops.aten.addmm.dtype_out(accumulator, grad_logits.t(), hidden, accumulator.dtype, out=accumulator)
+        if first:
+            torch.ops.aten.mm.dtype_out(grad_logits.t(), hidden, accumulator.dtype, out=accumulator)
+        else:
+            torch.ops.aten.addmm.dtype_out(accumulator, grad_logits.t(), hidden, accumulator.dtype, out=accumulator)
+    elif first:
+        accumulator.copy_(torch.mm(grad_logits.t(), hidden))
     else:
         accumulator.add_(torch.mm(grad_logits.t(), hidden))
 
@@ -132,7 +144,9 @@ def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: to
     rows = hidden.shape[0]
     accumulate = _accumulate_dtype(hidden.dtype)
     grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device)
+    grad_weight = torch.empty(weight.shape, dtype=accumulate, device=weight.device)
+    if rows == 0:
+        grad_weight.zero_()
     loss_sum = torch.zeros((), dtype=accumulate, device=hidden.device)
     scale = grad_scale.to(accumulate)
     for start in range(0, rows, chunk_rows):
@@ -146,7 +160,7 @@ def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: to
         row_loss, grad_logits = _chunk(logits, safe_target, valid, coefficient)
         loss_sum += row_loss.sum(dtype=accumulate)
         torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-        _weight_grad_into(grad_weight, grad_logits, rows_in)
+        _weight_grad_into(grad_weight, grad_logits, rows_in, first=start == 0)
         del logits, grad_logits
     return loss_sum, grad_hidden, grad_weight.to(weight.dtype)
 

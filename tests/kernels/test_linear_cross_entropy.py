@@ -69,6 +69,16 @@ def test_fake_kernel_gives_shapes_and_dtypes_without_computing():
     assert grad_hidden.shape == (9, 4) and grad_weight.shape == (11, 4) and grad_weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_rows_give_a_zero_loss_and_zero_gradients(dtype):
+    # The weight gradient's accumulator is written by the first chunk, not zero-filled: with no
+    # chunk at all it must still come out zero, not uninitialised memory.
+    hidden, weight, target, scale = case(dtype)
+    loss, grad_hidden, grad_weight = op(hidden[:0], weight, target[:0], scale, -100, 8, torch.float32)
+    assert loss.item() == 0.0 and grad_hidden.shape == (0, hidden.shape[1])
+    assert torch.equal(grad_weight, torch.zeros_like(weight))
+
+
 def test_bad_operands_are_refused_by_name():
     hidden, weight, target, scale = case(torch.float32)
     with pytest.raises(ValueError, match="target"):
