@@ -115,7 +115,7 @@ import kernels  # noqa: E402
 from kernels.fused_moe import use_fused_moe  # noqa: E402
 import shardgraph as sg  # noqa: E402
 from benchmarks.fused_loss import measure  # noqa: E402
-from benchmarks.train_step import benchmark_device, is_out_of_memory, synchronize, versions  # noqa: E402
+from benchmarks.train_step import benchmark_device, is_out_of_memory, profile_steps, synchronize, versions  # noqa: E402
 from benchmarks.train_step import release as release_memory  # noqa: E402
 
 COLUMNS = ("ours", "ours_inductor", "ours_fused", "ours_fused_inductor", "hf", "hf_compiled", "torchtitan",
@@ -688,6 +688,9 @@ def time_block_column(column, shape, weights, hidden, probe, dtype, device, args
             entry["rel_err_vs_hf_worst"] = max(errors, key=errors.get)
         del loss, gradients
         entry.update(timed(step.step, device, args.steps, args.warmup))
+        if column in args.profile:
+            entry["profile"] = profile_steps(step, device, entry["ms"])
+            print_profile(column, entry["profile"])
     except Exception as error:
         if is_out_of_memory(error):
             entry = {"error": "oom", "error_detail": f"{type(error).__name__}: {error}"[:400]}
@@ -697,6 +700,15 @@ def time_block_column(column, shape, weights, hidden, probe, dtype, device, args
     del step
     release(device)
     return entry, reference
+
+
+def print_profile(column: str, profile: dict) -> None:
+    """The kernel-time breakdown of one profiled column (train_step.profile_steps)."""
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in profile["ms_by_class"].items())
+    print(f"profile {column} ({profile['measures']}, ms per step): step {profile['step_ms']:.2f}, "
+          f"busy {profile['gpu_busy_ms']:.2f}; {parts}", flush=True)
+    for kernel in profile["top_kernels_ms"][:20]:
+        print(f"  {kernel['ms']:7.3f} ms  x{kernel['calls_per_step']:g}  {kernel['name'][:110]}", flush=True)
 
 
 def time_grouped_gemms(shape, counts, dtype, device, args) -> dict:
@@ -835,6 +847,8 @@ def parse_args(argv=None):
     parser.add_argument("--check-tokens", type=int, default=64)
     parser.add_argument("--check-tol", type=float, default=1e-4)
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--profile", default="", help="comma-separated block columns to profile after timing "
+                                                      "(torch.profiler kernel breakdown, as train_step's --profile)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "moe_block.json"))
     args = parser.parse_args(argv)
@@ -849,6 +863,7 @@ def parse_args(argv=None):
     args.shapes = names(args.shapes, SHAPES, "shapes")
     args.routing = names(args.routing, ROUTINGS, "routing")
     args.columns = [c for c in COLUMNS if c in names(args.columns, COLUMNS, "columns")]
+    args.profile = names(args.profile, BLOCK_COLUMNS, "profile columns")
     if args.check_compile_backend is None:
         args.check_compile_backend = "aot_eager" if args.check_device == "cpu" else args.compile_backend
     default_tokens = TINY_TOKENS if args.tiny else FULL_TOKENS

@@ -3,6 +3,8 @@ the HF block in float32, and a column that disagrees is marked and left out of t
 
 import json
 
+import pytest
+
 from . import load_benchmark
 
 TINY = ["--device", "cpu", "--tiny", "--tokens", "64", "--steps", "1", "--warmup", "0",
@@ -93,3 +95,22 @@ def test_a_fused_column_that_could_not_fuse_is_recorded_and_left_out_of_the_fuse
     assert row["columns"]["ours_fused"]["fused_moe_layers"] == 0 and row["columns"]["ours"]["fused_moe_layers"] == 0
     assert row["ours_unfused_ms"] == row["columns"]["ours"]["ms"]
     assert row["ours_fused_ms"] is None and row["fused_over_ceiling"] is None and row["unfused_over_fused"] is None
+
+
+def test_a_profiled_column_carries_its_kernel_breakdown(tmp_path):
+    module = load()
+    result = module.main(TINY + ["--shapes", "qwen3_30b_a3b", "--routing", "balanced", "--columns", "ours,hf",
+                                 "--profile", "ours", "--skip-check", "--out", str(tmp_path / "moe_block.json")])
+    columns = result["rows"][0]["columns"]
+    profile = columns["ours"]["profile"]
+    assert "profile" not in columns["hf"]
+    # On the CPU the breakdown is the ops' self time; the program's grouped products are among them.
+    assert profile["measures"] == "CPU op self time" and profile["gpu_busy_ms"] > 0
+    assert profile["ms_by_class"]["grouped GEMM"] > 0
+    assert any("grouped_mm" in kernel["name"] for kernel in profile["top_kernels_ms"])
+
+
+def test_an_unknown_profile_column_is_refused_by_name():
+    module = load()
+    with pytest.raises(SystemExit):
+        module.parse_args(["--profile", "ours,nonsense"])
