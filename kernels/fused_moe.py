@@ -37,7 +37,9 @@ CPU interpreter too: the tests). Off by default because it is not yet faster whe
 one H100 at the Qwen3-30B-A3B block (8192 tokens) the fused forward and down dgrad beat the
 unfused steps (0.85 against 1.00 ms, 0.72 against 1.46 ms) but the gathered wgrad loses (1.21
 against 0.88 ms), and the block under inductor takes 6.25 ms fused against 5.21 ms unfused
-(benchmarks/results/moe_block_fused_qwen3_h100.json, fused_moe_kernels_h100.json). Activations fused: ``silu`` (SwiGLU), ``gelu``, ``gelu_tanh``
+(benchmarks/results/moe_block_fused_qwen3_h100.json, fused_moe_kernels_h100.json). Since then the
+gathered wgrad on a GPU times itself against a gather followed by the plain grouped wgrad on a
+problem's first call and keeps the faster (:func:`gather_wgrad_schedule`). Activations fused: ``silu`` (SwiGLU), ``gelu``, ``gelu_tanh``
 (``act(gate) * up``), in the concatenated or the interleaved layout, with no expert biases;
 anything else (GPT-OSS's clamped SwiGLU, biases) keeps the unfused path.
 """
@@ -375,8 +377,37 @@ def gather_grouped_mm_wgrad(x, index, dout, offsets, num_groups, w_layout="enk")
     groups: zeros)."""
     _check_gather_wgrad(x, index, dout, offsets, num_groups, w_layout)
     if resolve_backend(x, dout) == "triton":
-        return _triton_gather_wgrad(x, index, dout, offsets, num_groups, w_layout)
+        def gathered():
+            return _triton_gather_wgrad(x, index, dout, offsets, num_groups, w_layout)
+
+        def gather_first():
+            return composed_gather_wgrad(x, index, dout, offsets, num_groups, w_layout)
+
+        key = ("gather_wgrad", dout.shape[1], x.shape[1], num_groups, index.shape[0].bit_length(), w_layout, x.dtype)
+        return {"gathered": gathered, "gather_first": gather_first}[gather_wgrad_schedule(key, gathered, gather_first,
+                                                                                         x.is_cuda)]()
     return composed_gather_wgrad(x, index, dout, offsets, num_groups, w_layout)
+
+
+def gather_wgrad_schedule(key, gathered, gather_first, timeable: bool) -> str:
+    """How the gathered wgrad runs: ``"gathered"`` (the Triton kernel reading rows through the
+    index) or ``"gather_first"`` (the rows copied into expert order, then the grouped wgrad on
+    whichever schedule it picks).
+
+    The gathered kernel saves the copy (rows x K written and read once) but loads its rows
+    scattered, and on Hopper it has none of the plain wgrad's other schedules (torch's kernel
+    among them), so neither wins everywhere. On a GPU the two are timed on a problem's first call,
+    after checking that they agree, and the faster is kept for the problem (``key``); elsewhere
+    (the interpreter), and while a grouped GEMM schedule or configuration is forced, the gathered
+    kernel runs, so tests and forced runs see the kernel they ask about."""
+    from .grouped_gemm import _choose_schedule, _forced, _forced_schedule
+
+    if not timeable or _forced_schedule or _forced:
+        return "gathered"
+    # The timed choice names its reference "pipelined": the gathered kernel is that here.
+    chosen = _choose_schedule("gathered wgrad", {"pipelined": True, "gather_first": True}, key,
+                              {"pipelined": gathered, "gather_first": gather_first}, False, True)
+    return "gathered" if chosen == "pipelined" else chosen
 
 
 _library.impl("gather_glu_grouped_mm", gather_glu_grouped_mm, "CompositeExplicitAutograd")

@@ -157,3 +157,48 @@ def test_a_schedule_that_raises_on_the_first_call_is_left_out_and_one_that_agree
         chosen = grouped_gemm._product_schedule(_plan(True, vendor=True), ("a",), 4096, _Returning(2.0, reference),
                                                 _Returning(1.0, reference + 1e-4), failing, on_gpu=True)
     assert chosen == "pingpong"
+
+
+class _Result(_Runner):
+    """A stand-in launch that also returns a result, for the agreement check before timing."""
+
+    def __init__(self, milliseconds, value):
+        super().__init__(milliseconds)
+        self.value = value
+
+    def __call__(self):
+        super().__call__()
+        return self.value
+
+
+@pytest.mark.parametrize("gathered_ms, gather_first_ms, expected", [(2.0, 1.0, "gather_first"),
+                                                                    (1.0, 2.0, "gathered")])
+def test_the_gathered_wgrad_keeps_the_faster_of_its_kernel_and_a_gather_first(timer, gathered_ms, gather_first_ms,
+                                                                              expected):
+    from kernels import fused_moe
+
+    key = ("gather_wgrad", "problem")
+    gathered, gather_first = _Runner(gathered_ms), _Runner(gather_first_ms)
+    assert fused_moe.gather_wgrad_schedule(key, gathered, gather_first, timeable=True) == expected
+    assert grouped_gemm.CACHES.schedules[key] == ("pipelined" if expected == "gathered" else expected)
+    # Remembered: a later call of the problem times nothing.
+    again = _Runner(0.0)
+    assert fused_moe.gather_wgrad_schedule(key, again, _Runner(9.0), timeable=True) == expected and again.calls == 0
+
+
+def test_the_gathered_wgrad_is_the_kernel_where_nothing_can_be_timed_or_a_schedule_is_forced(timer):
+    from kernels import fused_moe
+
+    slow_kernel, fast_gather = _Runner(5.0), _Runner(1.0)
+    assert fused_moe.gather_wgrad_schedule(("a",), slow_kernel, fast_gather, timeable=False) == "gathered"
+    with grouped_gemm.use_schedule("torch"):
+        assert fused_moe.gather_wgrad_schedule(("b",), slow_kernel, fast_gather, timeable=True) == "gathered"
+    assert slow_kernel.calls == fast_gather.calls == 0 and grouped_gemm.CACHES.schedules == {}
+
+
+def test_a_gather_first_that_disagrees_with_the_kernel_is_left_out_with_a_warning(timer):
+    from kernels import fused_moe
+
+    kernel, wrong = _Result(5.0, torch.ones(4, 4)), _Result(1.0, torch.zeros(4, 4))
+    with pytest.warns(RuntimeWarning, match="gather_first schedule's result"):
+        assert fused_moe.gather_wgrad_schedule(("c",), kernel, wrong, timeable=True) == "gathered"
