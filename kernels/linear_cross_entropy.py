@@ -34,7 +34,7 @@ __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "chunk_rows
 # False sends every chunk through the torch ops (to compare the two paths on a GPU).
 TRITON_ENABLED = True
 # Bytes a chunk's logits and their float32 work buffers may take (the op's temporary memory).
-DEFAULT_CHUNK_BYTES = 512 << 20
+DEFAULT_CHUNK_BYTES = 2048 << 20
 
 
 def _work_bytes_per_element(dtype: torch.dtype, triton_path: bool) -> int:

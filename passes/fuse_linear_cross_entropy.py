@@ -425,11 +425,14 @@ def _restore_topological_order(graph: Graph) -> None:
 
 
 def fuse_linear_cross_entropy(gm: GraphModule, mesh: MeshSpec, enabled: bool = True,
-                              chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> GraphModule:
+                              chunk_bytes: int | None = None) -> GraphModule:
     """Replace each matched output projection + cross-entropy (forward and backward) by
-    ``shardgraph.linear_cross_entropy``; leave every other graph as it is."""
+    ``shardgraph.linear_cross_entropy``; leave every other graph as it is. ``chunk_bytes``: the
+    budget of the op's chunk of logits (None: ``DEFAULT_CHUNK_BYTES``)."""
     if not enabled:
         return gm
+    if chunk_bytes is None:
+        chunk_bytes = DEFAULT_CHUNK_BYTES
     matches = [m for n in list(gm.graph.nodes) if n.target == aten.nll_loss_forward.default
                and (m := _match(n)) is not None]
     for match in matches:

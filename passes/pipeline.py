@@ -162,6 +162,7 @@ class CompileOptions:
     recompute: str = "none"  # "selective" | "full": activations recomputed in the backward (passes/recompute.py)
     reshard_after_forward: bool = True  # zero=3: gather each parameter again for the backward (passes/gather_parameters.py)
     fused_loss: bool = True  # output projection + cross-entropy as one chunked op (passes/fuse_linear_cross_entropy.py)
+    loss_chunk_bytes: int | None = None  # that op's chunk budget; None: kernels.linear_cross_entropy.DEFAULT_CHUNK_BYTES
     # Most bytes of collectives in flight (issued, not yet waited on) that schedule_collectives
     # lets an early issue add; None: passes/schedule_collectives.py's default.
     prefetch_bytes: int | None = None
@@ -214,7 +215,8 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("lower_moe", lambda gm, options, compiled: lower_moe(gm, options.mesh), (COMMUNICATOR,),
          (NO_MOE_OPS, COLLECTIVES_TYPED)),
     Pass("fuse_linear_cross_entropy",
-         lambda gm, options, compiled: fuse_linear_cross_entropy(gm, options.mesh, options.fused_loss),
+         lambda gm, options, compiled: fuse_linear_cross_entropy(gm, options.mesh, options.fused_loss,
+                                                                 options.loss_chunk_bytes),
          (PLACED, COLLECTIVES_TYPED), (PLACED, COLLECTIVES_TYPED)),
     Pass("bucket_gradient_sync", lambda gm, options, compiled: bucket_gradient_sync(gm), (COLLECTIVES_TYPED,),
          (COLLECTIVES_TYPED, COMMUNICATOR)),

@@ -55,6 +55,7 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     recompute: str = "none",
     reshard_after_forward: bool = True,
     fused_loss: bool = True,
+    loss_chunk_bytes: int | None = None,
 ) -> ShardedProgram:
     """Compile ``model`` for ``mesh``; see ``ShardedProgram`` for what comes back.
 
@@ -79,7 +80,10 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     ``"full"`` recomputes the whole layer from its input. ``fused_loss`` (on by default) computes a
     cross-entropy over a linear layer's output, with its backward, as one op over chunks of rows
     (``passes/fuse_linear_cross_entropy.py``), so the whole logits are never held; where the
-    pattern does not match exactly the graph is left as traced."""
+    pattern does not match exactly the graph is left as traced. ``loss_chunk_bytes`` bounds the
+    memory that op's chunk of logits takes (default 2 GiB,
+    ``kernels.linear_cross_entropy.DEFAULT_CHUNK_BYTES``): fewer, larger chunks are faster, since
+    each chunk passes once over a float32 copy of the output layer's weight gradient."""
     check_recompute_policy(recompute, "compile: recompute")
     check_zero_stage(zero, "compile: zero")
     if zero == 1 and optimizer is None:
@@ -98,7 +102,7 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
                              replicate_fallback=replicate_fallback, reduce_dtype=reduce_dtype,
                              donate_state=donate_state and optimizer is not None, zero=zero, recompute=recompute,
                              reshard_after_forward=reshard_after_forward,
-                             fused_loss=fused_loss)
+                             fused_loss=fused_loss, loss_chunk_bytes=loss_chunk_bytes)
     # Buffers (rotary tables, running statistics) are state, not batch: the program keeps the
     # model's own unless a call passes others. Checkpoints hold the persistent ones only, as
     # the model's state_dict does.
@@ -200,13 +204,18 @@ def _refuse_empty_values(traced) -> None:
 def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None, *, batch_sharding=None, link=None,
                    replicate_fallback: bool = False, reduce_dtype: torch.dtype | None = None,
                    donate_state: bool = False, zero: int = 0, recompute: str = "none",
-                   reshard_after_forward: bool = True, fused_loss: bool = True) -> ShardedProgram:
+                   reshard_after_forward: bool = True, fused_loss: bool = True,
+                   loss_chunk_bytes: int | None = None) -> ShardedProgram:
     """The passes after tracing, for a graph traced already (``shardgraph.frontend.trace``)."""
     if not isinstance(reshard_after_forward, bool):
         raise ValueError(f"compile: reshard_after_forward must be True or False, got {reshard_after_forward!r}")
+    if loss_chunk_bytes is not None and (isinstance(loss_chunk_bytes, bool) or not isinstance(loss_chunk_bytes, int)
+                                         or loss_chunk_bytes < 1):
+        raise ValueError(f"compile: loss_chunk_bytes must be a positive number of bytes (or None for the default), "
+                         f"got {loss_chunk_bytes!r}")
     options = CompileOptions(mesh, plan, batch_sharding, link, replicate_fallback, reduce_dtype, donate_state,
                              zero=zero, recompute=recompute, reshard_after_forward=reshard_after_forward,
-                             fused_loss=fused_loss)
+                             fused_loss=fused_loss, loss_chunk_bytes=loss_chunk_bytes)
     compiled = run_pipeline(traced.graph_module, options)
     _refuse_inexact_padding(getattr(traced, "optimizer", None), compiled.placed)
     if getattr(traced, "optimizer", None) is not None:

@@ -44,7 +44,7 @@ def test_every_variant_runs_and_one_shardgraph_sgd_step_equals_eager(tmp_path, c
         if "profile" in row:
             classes = row["profile"]["ms_by_class"]
             assert classes["grouped GEMM"] > 0 and classes["attention"] > 0, row["profile"]
-            assert 0 < len(row["profile"]["top_kernels_ms"]) <= 25
+            assert 0 < len(row["profile"]["top_kernels_ms"]) <= 40
     saved = json.loads(out.read_text())
     assert saved["complete"] and saved["device"] == "cpu" and saved["torch"] == torch.__version__
     assert len(saved["rows"]) == len(rows)

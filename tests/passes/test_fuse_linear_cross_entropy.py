@@ -148,3 +148,28 @@ def test_training_step_with_fused_loss_matches_the_unfused_one():
     assert relative(steps[True][0], steps[False][0]) < 1e-6
     for name, value in steps[False][1].items():
         assert relative(steps[True][1][name], value) < 1e-6, name
+
+
+def test_loss_chunk_bytes_sets_the_fused_ops_chunk_and_keeps_the_result():
+    model, inputs = dense_case(torch.float32)
+    mesh = sg.MeshSpec(world=1)
+    rows = inputs[0].shape[0] * (inputs[0].shape[1] - 1)
+    # float32 on the CPU: a logit costs 16 bytes while its chunk is worked on (the torch-op path).
+    budget = 96 * 16 * 10
+    results = {}
+    for chunk_bytes in (None, budget):
+        program = sg.compile(model, mesh, inputs, masked_next_token_loss, loss_chunk_bytes=chunk_bytes)
+        (fused,) = [n for n in program.graph_module.graph.nodes if n.target == FUSED_OP]
+        parameters = {name: p.detach() for name, p in model.named_parameters()}
+        results[chunk_bytes] = (fused.args[5], program.run_simulated(parameters, inputs))
+    assert results[None][0] == rows and results[budget][0] == 10
+    assert relative(results[budget][1].loss, results[None][1].loss) < 1e-6
+    for name, gradient in results[None][1].gradients.items():
+        assert relative(results[budget][1].gradients[name], gradient) < 1e-5, name
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2GiB"])
+def test_a_loss_chunk_budget_that_is_not_a_positive_byte_count_is_refused_by_name(bad):
+    model, inputs = dense_case(torch.float32)
+    with pytest.raises(ValueError, match="loss_chunk_bytes must be a positive number of bytes"):
+        sg.compile(model, sg.MeshSpec(world=1), inputs, masked_next_token_loss, loss_chunk_bytes=bad)
