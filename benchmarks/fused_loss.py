@@ -270,7 +270,7 @@ def fmt(value, spec=".2f") -> str:
     return "" if value is None else format(value, spec)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="small shapes (CPU)")
@@ -289,12 +289,17 @@ def main():
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "fused_loss.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     defaults = (dict(tokens=256, hidden=64, vocab=1000, layers=1, batch=2, seq=32) if args.tiny else
                 dict(tokens=8192, hidden=2048, vocab=151936, layers=4, batch=2, seq=4096))
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device(args.device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "args": vars(args), "op": [], "train_step": []}

@@ -4,10 +4,13 @@
 #   grouped_gemm  ours (the timed schedule callers get), the Triton kernels alone and
 #                 torch._grouped_mm on the large-K and wide-N expert shapes, after the
 #                 correctness sweep (the forced torch schedule against float64 among it)
-#   moe_block     the Qwen3-30B-A3B block at 8192 tokens: ours plain and under inductor, HF's
-#                 block eager and compiled, and its grouped GEMMs alone (the ceiling)
+#   moe_block     the Qwen3-30B-A3B block at 8192 tokens: ours plain, under inductor and fused
+#                 under inductor (both inductor columns profiled), HF's block eager and compiled,
+#                 and its grouped GEMMs alone (the ceiling)
 #   train_step    HF Qwen3-MoE's train step (eager, torch.compile) against the program (plain,
-#                 under inductor), the 4 layers x 2 x 4096
+#                 under inductor, the latter profiled), the 4 layers x 2 x 4096
+#   fused_loss    the fused output projection + loss alone against the unfused ops, at the
+#                 default chunk budget and two smaller ones
 #   predict       the example model's program with AdamW under inductor, beside its predicted step
 # Each writes benchmarks/results/one_gpu_<run>.json (or under $OUT) and its log beside it.
 #
@@ -26,7 +29,7 @@ while [ $# -gt 0 ]; do
         --dry-run) dry_run=1 ;;
         --runs) only="$2"; shift ;;
         --runs=*) only="${1#--runs=}" ;;
-        -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "one_gpu_runs.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -39,8 +42,9 @@ export PYTHONPATH="$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFER
 # name|script|arguments (the JSON path is added)
 runs=(
     "grouped_gemm|grouped_gemm.py|--shapes large --distributions 8x2048 --rounds 3"
-    "moe_block|moe_block.py|--shapes qwen3_30b_a3b --tokens 8192 --routing balanced --columns ours,ours_inductor,hf,hf_compiled,grouped_gemm_only --skip-check"
-    "train_step|train_step.py|--models qwen3_moe --variants eager,torch_compile,shardgraph,shardgraph_compile --steps 10"
+    "moe_block|moe_block.py|--shapes qwen3_30b_a3b --tokens 8192 --routing balanced --columns ours,ours_inductor,ours_fused_inductor,hf,hf_compiled,grouped_gemm_only --skip-check --profile ours_inductor,ours_fused_inductor"
+    "train_step|train_step.py|--models qwen3_moe --variants eager,torch_compile,shardgraph,shardgraph_compile --steps 10 --profile --profile-variants shardgraph_compile"
+    "fused_loss|fused_loss.py|--skip-train --budgets-mib 512 1024"
     "predict|train_step.py|--models ours --variants shardgraph_adamw_compile --steps 10 --predict"
 )
 

@@ -23,12 +23,13 @@ def script_arguments(command):
 
 
 def test_a_dry_run_lists_every_run_with_its_json_under_out_and_arguments_its_script_accepts():
+    import fused_loss
     import moe_block
     import train_step
 
     commands = dry_run()
     names = [script_arguments(c)[0] for c in commands]
-    assert names == ["grouped_gemm.py", "moe_block.py", "train_step.py", "train_step.py"]
+    assert names == ["grouped_gemm.py", "moe_block.py", "train_step.py", "fused_loss.py", "train_step.py"]
     for command in commands:
         script, arguments = script_arguments(command)
         assert command[0] == "timeout" and arguments[-2] == "--out"
@@ -36,6 +37,10 @@ def test_a_dry_run_lists_every_run_with_its_json_under_out_and_arguments_its_scr
         if script == "moe_block.py":
             args = moe_block.parse_args(arguments)
             assert "grouped_gemm_only" in args.columns and "hf" in args.columns
+            assert set(args.profile) <= set(args.columns)
+        elif script == "fused_loss.py":
+            args = fused_loss.parse_args(arguments)
+            assert args.skip_train and args.budgets_mib
         elif script == "train_step.py":
             args = train_step.parse_args(arguments)  # an unknown model or variant exits here
             assert args.models in (["qwen3_moe"], ["ours"])
