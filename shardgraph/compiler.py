@@ -90,6 +90,7 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
         raise ValueError("compile: zero=1 shards optimizer state; pass an optimizer (zero=3 without one compiles "
                          "the gradient program with parameters and gradients split over the data-parallel axes)")
     _check_dtype_option("reduce_dtype", reduce_dtype)
+    _check_loss_chunk_bytes(loss_chunk_bytes)
     if not isinstance(mesh, MeshSpec):
         raise TypeError(f"mesh must be a shardgraph.MeshSpec, got {type(mesh).__name__}")
     if mesh.pp != 1:
@@ -201,6 +202,13 @@ def _refuse_empty_values(traced) -> None:
             f"(a next-token loss needs sequences of length 2 or more); compile for a longer batch")
 
 
+def _check_loss_chunk_bytes(loss_chunk_bytes) -> None:
+    if loss_chunk_bytes is not None and (isinstance(loss_chunk_bytes, bool) or not isinstance(loss_chunk_bytes, int)
+                                         or loss_chunk_bytes < 1):
+        raise ValueError(f"compile: loss_chunk_bytes must be a positive number of bytes (or None for the default), "
+                         f"got {loss_chunk_bytes!r}")
+
+
 def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None, *, batch_sharding=None, link=None,
                    replicate_fallback: bool = False, reduce_dtype: torch.dtype | None = None,
                    donate_state: bool = False, zero: int = 0, recompute: str = "none",
@@ -209,10 +217,7 @@ def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None
     """The passes after tracing, for a graph traced already (``shardgraph.frontend.trace``)."""
     if not isinstance(reshard_after_forward, bool):
         raise ValueError(f"compile: reshard_after_forward must be True or False, got {reshard_after_forward!r}")
-    if loss_chunk_bytes is not None and (isinstance(loss_chunk_bytes, bool) or not isinstance(loss_chunk_bytes, int)
-                                         or loss_chunk_bytes < 1):
-        raise ValueError(f"compile: loss_chunk_bytes must be a positive number of bytes (or None for the default), "
-                         f"got {loss_chunk_bytes!r}")
+    _check_loss_chunk_bytes(loss_chunk_bytes)
     options = CompileOptions(mesh, plan, batch_sharding, link, replicate_fallback, reduce_dtype, donate_state,
                              zero=zero, recompute=recompute, reshard_after_forward=reshard_after_forward,
                              fused_loss=fused_loss, loss_chunk_bytes=loss_chunk_bytes)

@@ -169,7 +169,13 @@ def test_loss_chunk_bytes_sets_the_fused_ops_chunk_and_keeps_the_result():
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2GiB"])
-def test_a_loss_chunk_budget_that_is_not_a_positive_byte_count_is_refused_by_name(bad):
+def test_a_loss_chunk_budget_that_is_not_a_positive_byte_count_is_refused_by_name_before_tracing(bad, monkeypatch):
+    import shardgraph.compiler
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("traced before the options were checked")
+
+    monkeypatch.setattr(shardgraph.compiler, "trace", no_trace)
     model, inputs = dense_case(torch.float32)
     with pytest.raises(ValueError, match="loss_chunk_bytes must be a positive number of bytes"):
         sg.compile(model, sg.MeshSpec(world=1), inputs, masked_next_token_loss, loss_chunk_bytes=bad)
