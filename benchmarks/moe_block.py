@@ -115,7 +115,8 @@ import kernels  # noqa: E402
 from kernels.fused_moe import use_fused_moe  # noqa: E402
 import shardgraph as sg  # noqa: E402
 from benchmarks.fused_loss import measure  # noqa: E402
-from benchmarks.train_step import benchmark_device, is_out_of_memory, profile_steps, synchronize, versions  # noqa: E402
+from benchmarks.train_step import (benchmark_device, is_out_of_memory, print_profile, profile_steps,  # noqa: E402
+                                   synchronize, versions)
 from benchmarks.train_step import release as release_memory  # noqa: E402
 
 COLUMNS = ("ours", "ours_inductor", "ours_fused", "ours_fused_inductor", "hf", "hf_compiled", "torchtitan",
@@ -690,7 +691,7 @@ def time_block_column(column, shape, weights, hidden, probe, dtype, device, args
         entry.update(timed(step.step, device, args.steps, args.warmup))
         if column in args.profile:
             entry["profile"] = profile_steps(step, device, entry["ms"])
-            print_profile(column, entry["profile"])
+            print_profile(column, entry["profile"], digits=2, kernels=20)
     except Exception as error:
         if is_out_of_memory(error):
             entry = {"error": "oom", "error_detail": f"{type(error).__name__}: {error}"[:400]}
@@ -700,15 +701,6 @@ def time_block_column(column, shape, weights, hidden, probe, dtype, device, args
     del step
     release(device)
     return entry, reference
-
-
-def print_profile(column: str, profile: dict) -> None:
-    """The kernel-time breakdown of one profiled column (train_step.profile_steps)."""
-    parts = ", ".join(f"{k} {v:.2f}" for k, v in profile["ms_by_class"].items())
-    print(f"profile {column} ({profile['measures']}, ms per step): step {profile['step_ms']:.2f}, "
-          f"busy {profile['gpu_busy_ms']:.2f}; {parts}", flush=True)
-    for kernel in profile["top_kernels_ms"][:20]:
-        print(f"  {kernel['ms']:7.3f} ms  x{kernel['calls_per_step']:g}  {kernel['name'][:110]}", flush=True)
 
 
 def time_grouped_gemms(shape, counts, dtype, device, args) -> dict:

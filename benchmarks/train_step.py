@@ -524,6 +524,17 @@ def profile_steps(runner, device, median_ms: float, steps: int = 3) -> dict:
     }
 
 
+def print_profile(label: str, profile: dict, digits: int = 1, kernels: int | None = None) -> None:
+    """``profile_steps``'s breakdown: one line of classes, then the top ``kernels`` kernels (all
+    of them by default); milliseconds with ``digits`` decimals."""
+    parts = ", ".join(f"{k} {v:.{digits}f}" for k, v in profile["ms_by_class"].items())
+    print(f"profile {label} ({profile['measures']}, ms per step): step {profile['step_ms']:.{digits}f}, "
+          f"busy {profile['gpu_busy_ms']:.{digits}f} ({show(profile['busy_fraction'], '.0%')}); {parts}", flush=True)
+    for kernel in profile["top_kernels_ms"][:kernels]:
+        print(f"  {kernel['ms']:8.3f} ms {kernel['calls_per_step']:6.0f}x  {kernel['class'][:16]:16}  "
+              f"{kernel['name'][:110]}", flush=True)
+
+
 def release(device):
     gc.collect()
     torch._dynamo.reset()
@@ -797,16 +808,9 @@ def print_table(rows):
               f"{show(row.get('first_loss_rel_diff_vs_eager'), '8.1e')} {show(row.get('mfu'), '5.1%')} "
               f"{show(row.get('last_loss'), '9.4f')} {show(row.get('last_loss_rel_diff_vs_eager'), '7.1e')}")
     for row in rows:
-        if "profile" not in row:
-            continue
-        profile = row["profile"]
-        parts = ", ".join(f"{k} {v:.1f}" for k, v in profile["ms_by_class"].items())
-        print(f"\nprofile {row['model']} {row['variant']} ({profile['measures']}, ms per step): step "
-              f"{profile['step_ms']:.1f}, busy {profile['gpu_busy_ms']:.1f} ({show(profile['busy_fraction'], '.0%')}); "
-              f"{parts}")
-        for kernel in profile["top_kernels_ms"]:
-            print(f"  {kernel['ms']:8.3f} ms {kernel['calls_per_step']:6.0f}x  {kernel['class'][:16]:16}  "
-                  f"{kernel['name'][:110]}")
+        if "profile" in row:
+            print()
+            print_profile(f"{row['model']} {row['variant']}", row["profile"])
 
 
 def versions() -> dict:

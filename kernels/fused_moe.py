@@ -387,8 +387,8 @@ def gather_grouped_mm_wgrad(x, index, dout, offsets, num_groups, w_layout="enk")
             return composed_gather_wgrad(x, index, dout, offsets, num_groups, w_layout)
 
         key = ("gather_wgrad", dout.shape[1], x.shape[1], num_groups, index.shape[0].bit_length(), w_layout, x.dtype)
-        return {"gathered": gathered, "gather_first": gather_first}[gather_wgrad_schedule(key, gathered, gather_first,
-                                                                                         x.is_cuda)]()
+        chosen = gather_wgrad_schedule(key, gathered, gather_first, x.is_cuda)
+        return gather_first() if chosen == "gather_first" else gathered()
     return composed_gather_wgrad(x, index, dout, offsets, num_groups, w_layout)
 
 
