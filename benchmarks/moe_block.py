@@ -16,6 +16,9 @@ Columns (``--columns``, comma-separated; all by default):
   ours_inductor        the same program under ``torch.compile`` (``single_device_step(compile="inductor")``;
                        another ``--compile-backend`` compiles the graph module with that backend)
                        (both compiled with the fused MoE path off: ``kernels.fused_moe.use_fused_moe("off")``)
+  ours_aten_rows       ours and ours_inductor with the MoE row steps (dispatch gather, combine and
+  ours_aten_rows_inductor  their gradients) as aten ops, which inductor fuses, instead of the row
+                       kernels (``kernels.moe_rows``): what the program ran before them
   ours_fused           the same program compiled with the fused MoE expert kernels
   ours_fused_inductor  (``use_fused_moe("on")``: gathered gate/up product with the activation in its
                        epilogue, down dgrad with the activation's derivative, gathered gate/up wgrad;
@@ -113,16 +116,18 @@ from torch import nn  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels.fused_moe import use_fused_moe  # noqa: E402
+from kernels.moe_rows import use_row_kernels  # noqa: E402
 import shardgraph as sg  # noqa: E402
 from benchmarks.fused_loss import measure  # noqa: E402
 from benchmarks.train_step import (benchmark_device, is_out_of_memory, print_profile, profile_steps,  # noqa: E402
                                    synchronize, versions)
 from benchmarks.train_step import release as release_memory  # noqa: E402
 
-COLUMNS = ("ours", "ours_inductor", "ours_fused", "ours_fused_inductor", "hf", "hf_compiled", "torchtitan",
+COLUMNS = ("ours", "ours_inductor", "ours_aten_rows", "ours_aten_rows_inductor", "ours_fused", "ours_fused_inductor", "hf", "hf_compiled", "torchtitan",
            "torchtitan_compiled", "grouped_gemm_only")
 BLOCK_COLUMNS = COLUMNS[:-1]
-UNFUSED_COLUMNS = ("ours", "ours_inductor")
+UNFUSED_COLUMNS = ("ours", "ours_inductor", "ours_aten_rows", "ours_aten_rows_inductor")
+ATEN_ROWS_COLUMNS = ("ours_aten_rows", "ours_aten_rows_inductor")
 FUSED_COLUMNS = ("ours_fused", "ours_fused_inductor")
 OURS_COLUMNS = UNFUSED_COLUMNS + FUSED_COLUMNS
 OTHER_COLUMNS = ("hf", "hf_compiled", "torchtitan", "torchtitan_compiled")
@@ -404,9 +409,10 @@ class ProgramStep:
     layers that took them."""
 
     def __init__(self, block: nn.Module, hidden: torch.Tensor, probe: torch.Tensor, compile_backend=None,
-                 output_probe: torch.Tensor | None = None, fused: bool = False):
+                 output_probe: torch.Tensor | None = None, fused: bool = False, row_kernels: bool = True):
         self.model = BlockWithInput(block, hidden, output_probe)
         self.probe = probe
+        self.row_kernels = row_kernels
         loss_fn = probe_loss if output_probe is None else (lambda out, probe: out.sum())
         started = time.perf_counter()
         with use_fused_moe("on" if fused else "off"):
@@ -429,7 +435,9 @@ class ProgramStep:
             self._step = step
 
     def step(self, keep_output: bool = False):
-        loss, gradients = self._step(self.parameters, (self.probe,))
+        # Read while inductor traces the first step (and guarded on), at every step eagerly.
+        with use_row_kernels(self.row_kernels):
+            loss, gradients = self._step(self.parameters, (self.probe,))
         renamed = {name.removeprefix("block."): g for name, g in gradients.items()}
         return loss, renamed
 
@@ -439,7 +447,8 @@ def make_step(column: str, shape: Shape, weights, hidden, probe, dtype, args, ex
     backend = args.compile_backend if column.endswith(("_compiled", "_inductor")) else None
     if column in OURS_COLUMNS:
         block = load_weights(hf_block(shape, experts_impl), weights, dtype)
-        return ProgramStep(block, hidden.to(dtype), probe, backend, fused=column in FUSED_COLUMNS)
+        return ProgramStep(block, hidden.to(dtype), probe, backend, fused=column in FUSED_COLUMNS,
+                           row_kernels=column not in ATEN_ROWS_COLUMNS)
     if column in ("hf", "hf_compiled"):
         block = load_weights(hf_block(shape, experts_impl), weights, dtype)
         return EagerStep(block, hidden.to(dtype), probe, backend)
@@ -606,7 +615,7 @@ def check_column(column, shape, weights, hidden, probe, expected, expected_out, 
         # The output probe is the loss's probe, so the loss and every gradient are those of the
         # timed program; the output probe's gradient is the block's output.
         runner = ProgramStep(block, hidden.to(where), probe.to(where), backend, output_probe=probe.to(where),
-                             fused=fused)
+                             fused=fused, row_kernels=column not in ATEN_ROWS_COLUMNS)
         fused_layers = runner.fused_layers
         _, got = runner.step()
         got = {name: g.to(hidden.device) for name, g in got.items()}

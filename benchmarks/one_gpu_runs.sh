@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Issue #23's one-GPU measurements, in one go, each ratio against its baseline timed in the same
 # process:
+#   moe_rows      the MoE row kernels (dispatch gather, combine, its backward) against float64 and
+#                 against the aten ops they replace, compiled for the GPU (the tests run them
+#                 interpreted)
 #   grouped_gemm  ours (the timed schedule callers get), the Triton kernels alone and
 #                 torch._grouped_mm on the large-K and wide-N expert shapes, after the
 #                 correctness sweep (the forced torch schedule against float64 among it)
-#   moe_block     the Qwen3-30B-A3B block at 8192 tokens: ours plain, under inductor and fused
-#                 under inductor (both inductor columns profiled), HF's block eager and compiled,
-#                 and its grouped GEMMs alone (the ceiling)
+#   moe_block     the Qwen3-30B-A3B block at 8192 tokens: ours plain and under inductor, each with
+#                 the row kernels and with the row steps as aten ops (both inductor columns
+#                 profiled), HF's block eager and compiled, and its grouped GEMMs alone (the ceiling)
 #   train_step    HF Qwen3-MoE's train step (eager, torch.compile) against the program (plain,
-#                 under inductor, the latter profiled), the issue's 4 layers x 2 x 4096
+#                 under inductor with and without the row kernels, the former profiled), the
+#                 issue's 4 layers x 2 x 4096
 #   fused_loss    the fused output projection + loss alone against the unfused ops, at the
 #                 default chunk budget and two smaller ones
 #   predict       the example model's program with AdamW under inductor, beside its predicted step
@@ -41,9 +45,10 @@ export PYTHONPATH="$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFER
 
 # name|script|arguments (the JSON path is added)
 runs=(
+    "moe_rows|../tests/kernels/moe_rows_interpreted.py|--device cuda"
     "grouped_gemm|grouped_gemm.py|--shapes large --distributions 8x2048 --rounds 3"
-    "moe_block|moe_block.py|--shapes qwen3_30b_a3b --tokens 8192 --routing balanced --columns ours,ours_inductor,ours_fused_inductor,hf,hf_compiled,grouped_gemm_only --skip-check --profile ours_inductor,ours_fused_inductor"
-    "train_step|train_step.py|--models qwen3_moe --variants eager,torch_compile,shardgraph,shardgraph_compile --steps 10 --profile --profile-variants shardgraph_compile"
+    "moe_block|moe_block.py|--shapes qwen3_30b_a3b --tokens 8192 --routing balanced --columns ours,ours_inductor,ours_aten_rows,ours_aten_rows_inductor,hf,hf_compiled,grouped_gemm_only --skip-check --profile ours_inductor,ours_aten_rows_inductor"
+    "train_step|train_step.py|--models qwen3_moe --variants eager,torch_compile,shardgraph,shardgraph_compile,shardgraph_compile_aten_rows --steps 10 --profile --profile-variants shardgraph_compile"
     "fused_loss|fused_loss.py|--skip-train --budgets-mib 512 1024"
     "predict|train_step.py|--models ours --variants shardgraph_adamw_compile --steps 10 --predict"
 )

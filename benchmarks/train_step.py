@@ -19,6 +19,9 @@ For each model, from the same seed and the same batch, time forward + backward +
   shardgraph_cudagraph  the same under ``mode="reduce-overhead"``: the whole step replayed as one CUDA
                       graph, which the program allows because nothing in it reads a value on the host;
                       parameters are marked static, so the replay reads them where SGD updates them
+  shardgraph_compile_aten_rows  shardgraph_compile with the MoE row steps (dispatch gather, combine
+                      and their gradients) as aten ops that inductor fuses, instead of the row
+                      kernels (``kernels.moe_rows``): what the program ran before them
   torch_compile_cudagraph  the model under ``torch.compile(mode="reduce-overhead")``, for comparison
 
 AdamW (``--variants adamw`` names the first four below): the same training step with
@@ -114,12 +117,13 @@ import torch._dynamo  # noqa: E402
 
 import shardgraph as sg  # noqa: E402
 from examples.moe_model import CONFIGS, MoETransformer, lm_loss  # noqa: E402
+from kernels import moe_rows  # noqa: E402
 
 MODELS = ("ours", "mixtral", "qwen2_moe", "qwen3_moe")
 # AdamW steps: fp32 master weights and fp32 Adam state, computing in --dtype (see the docstring).
 ADAMW_VARIANTS = ("eager_adamw", "torch_compile_adamw", "shardgraph_adamw", "shardgraph_adamw_compile")
 VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph", "shardgraph", "shardgraph_compile",
-            "shardgraph_cudagraph", *ADAMW_VARIANTS, "eager_adamw_autocast")
+            "shardgraph_cudagraph", "shardgraph_compile_aten_rows", *ADAMW_VARIANTS, "eager_adamw_autocast")
 DEFAULT_VARIANTS = ("eager", "torch_compile", "shardgraph", "shardgraph_compile")
 VARIANT_ALIASES = {"shardgraph_compiled": "shardgraph_compile"}
 VARIANT_GROUPS = {"adamw": ADAMW_VARIANTS, "sgd": DEFAULT_VARIANTS}  # --variants adamw: the four AdamW ones
@@ -313,7 +317,7 @@ class Runner:
         # and the SGD update writes into them.
         self.parameters = {name: p.detach() for name, p in model.named_parameters()}
         self.trainable = [self.parameters[name] for name in self.program.gradient_names]
-        if variant == "shardgraph_compile":
+        if variant in ("shardgraph_compile", "shardgraph_compile_aten_rows"):
             self.compiled = torch.compile(self.program.graph_module, mode=compile_mode, backend=compile_backend,
                                           dynamic=False)
         elif variant == "shardgraph_cudagraph":
@@ -361,6 +365,11 @@ class Runner:
         return loss
 
     def _step(self) -> torch.Tensor:
+        # The row kernels' switch is read while inductor traces the first step, and guarded on.
+        with moe_rows.use_row_kernels(self.variant != "shardgraph_compile_aten_rows"):
+            return self._variant_step()
+
+    def _variant_step(self) -> torch.Tensor:
         if self.variant in MODEL_VARIANTS:
             loss = self.loss_fn(self.forward(*self.batch), *self.batch)
             loss.backward()

@@ -11,8 +11,14 @@ compiled kernels, its autotuners' choices) are Triton's and are not cleared.
 from __future__ import annotations
 
 import dataclasses
+import threading
 
-__all__ = ["GroupedGemmCaches", "CACHES"]
+__all__ = ["GroupedGemmCaches", "CACHES", "LAUNCH_LOCK"]
+
+# Held while a kernel is first compiled or tuned, and around every launch under the interpreter:
+# the interpreter patches triton.language's module state while a kernel runs, so the simulator's
+# rank threads (one per rank) interpret one kernel at a time, whichever module launches it.
+LAUNCH_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(eq=False)

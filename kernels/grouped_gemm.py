@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import threading
 import warnings
 from typing import NamedTuple
 
@@ -42,7 +41,7 @@ import triton
 
 from . import grouped_gemm_pingpong as _pingpong
 from . import grouped_gemm_vendor as _vendor
-from .caches import CACHES
+from .caches import CACHES, LAUNCH_LOCK
 from .grouped_gemm_configs import INTERPRETED, product_tma_config
 from .grouped_gemm_kernels import (_grouped_product_kernel, _grouped_product_tma_kernel, _grouped_wgrad_kernel,
                                    _grouped_wgrad_tma_kernel)
@@ -221,9 +220,6 @@ def _wgrad_plan(left, right, dw, offsets, num_groups, requested) -> _Plan:
 # ----------------------------------------------------------------------------------------------
 
 
-_FIRST_CALL_LOCK = threading.Lock()
-
-
 def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specialization):
     """Launch ``kernel`` for problem ``key``. ``specialization`` holds every argument property the
     compiled kernel may depend on that ``key`` does not already fix: the row count's, and those
@@ -233,7 +229,7 @@ def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specializa
         # First call for this key: autotune, the configurations' pre-hooks sizing the descriptors.
         # Triton's autotuner keeps per-call state on the kernel object, so callers on several
         # threads (the simulator runs one per rank) tune one at a time.
-        with _FIRST_CALL_LOCK:
+        with LAUNCH_LOCK:
             kernel[lambda meta: grid_of(meta)](*make_descriptors(None), *args, **constexprs)
             CACHES.tuned[(kernel, key)] = kernel.best_config
         return
@@ -244,7 +240,7 @@ def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specializa
     if INTERPRETED:
         # The interpreter patches triton.language's module state while a kernel runs, so the
         # simulator's rank threads interpret one kernel at a time.
-        with _FIRST_CALL_LOCK:
+        with LAUNCH_LOCK:
             kernel.fn.run(*runtime_args, grid=grid, warmup=False, **constexprs, **config.all_kwargs())
         return
     # One compiled kernel per (kernel, problem, specialization), valid for the configuration it
@@ -253,7 +249,7 @@ def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specializa
     compiled_key = (kernel, key, specialization)
     cached = CACHES.compiled.get(compiled_key)
     if cached is None or cached[0] is not config:
-        with _FIRST_CALL_LOCK:
+        with LAUNCH_LOCK:
             compiled = kernel.fn.run(*runtime_args, grid=grid, warmup=False, **constexprs, **config.all_kwargs())
         # The compiled kernel takes every parameter in signature order, constexprs included (as
         # the JIT passes them): runtime arguments, then the constexprs, then the configuration's.

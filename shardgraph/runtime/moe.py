@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels import moe_rows
+
 from ..ops.moe import GatedActivation
 
 __all__ = [
@@ -118,6 +120,8 @@ def split_sizes(tokens_per_expert: torch.Tensor, received_counts: torch.Tensor):
 
 
 def gather_copies(hidden: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
+    if moe_rows.runs(hidden):
+        return torch.ops.shardgraph.gather_rows(hidden, order, top_k)
     return hidden.index_select(0, token_of_copies(order, top_k))
 
 
@@ -191,6 +195,8 @@ def inverse_permutation(permutation: torch.Tensor) -> torch.Tensor:
 
 def ungroup(grouped: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
     """Rows in grouped order back to the order before ``grouped = rows[permutation]``."""
+    if moe_rows.runs(grouped):
+        return torch.ops.shardgraph.gather_rows(grouped, inverse_permutation(permutation))
     return grouped.index_select(0, inverse_permutation(permutation))
 
 
@@ -232,6 +238,8 @@ def expert_bias_gradient(grad_rows: torch.Tensor, ends: torch.Tensor, experts: i
 def combine(returned: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """Put expert outputs back in (token, slot) order and take the weighted sum over slots."""
     tokens, top_k = topk_weights.shape
+    if moe_rows.runs(returned, topk_weights):
+        return torch.ops.shardgraph.gather_sum(returned, inverse_permutation(order), top_k, topk_weights)
     copies = ungroup(returned, order).reshape(tokens, top_k, -1)
     return (copies * topk_weights.unsqueeze(-1).to(copies.dtype)).sum(dim=1)
 
@@ -243,6 +251,8 @@ def combine_backward(grad_out: torch.Tensor, returned: torch.Tensor, order: torc
     is that token's output gradient times that slot's weight, gathered straight into expert
     order rather than formed in (token, slot) order and then permuted (one pass over the copies,
     not three)."""
+    if moe_rows.runs(grad_out, returned, topk_weights):
+        return torch.ops.shardgraph.combine_backward(grad_out, returned, order, topk_weights)
     tokens, top_k = topk_weights.shape
     copies = ungroup(returned, order).reshape(tokens, top_k, -1)
     grad_weights = (copies * grad_out.unsqueeze(1)).sum(dim=-1).to(topk_weights.dtype)
@@ -258,4 +268,6 @@ def scatter_copies(grad_copies: torch.Tensor, order: torch.Tensor, top_k: int, t
     order and summed over the slot: a gather and a reduction, where scattering with
     ``index_add`` would need atomic adds (slow in 16-bit floats, and order-dependent).
     """
+    if moe_rows.runs(grad_copies):
+        return torch.ops.shardgraph.gather_sum(grad_copies, inverse_permutation(order), top_k)
     return ungroup(grad_copies, order).reshape(tokens, top_k, -1).sum(dim=1)
