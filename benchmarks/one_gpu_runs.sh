@@ -4,15 +4,18 @@
 #   moe_rows      the MoE row kernels (dispatch gather, combine, its backward) against float64 and
 #                 against the aten ops they replace, compiled for the GPU (the tests run them
 #                 interpreted)
+#   wgrad_sgd     the grouped wgrad with the SGD step in its epilogue against the wgrad and then
+#                 the step, at Qwen3-30B-A3B's and a Mixtral-like expert shape (agreement first)
 #   grouped_gemm  ours (the timed schedule callers get), the Triton kernels alone and
 #                 torch._grouped_mm on the large-K and wide-N expert shapes, after the
 #                 correctness sweep (the forced torch schedule against float64 among it)
 #   moe_block     the Qwen3-30B-A3B block at 8192 tokens: ours plain and under inductor, each with
 #                 the row kernels and with the row steps as aten ops (both inductor columns
 #                 profiled), HF's block eager and compiled, and its grouped GEMMs alone (the ceiling)
-#   train_step    HF Qwen3-MoE's train step (eager, torch.compile) against the program (plain,
-#                 under inductor with and without the row kernels, the former profiled), the
-#                 issue's 4 layers x 2 x 4096
+#   train_step    HF Qwen3-MoE's train step (eager, torch.compile) against the program (plain and
+#                 under inductor; SGD outside it, and inside it with the expert steps fused into
+#                 their wgrad and without, the fused one under inductor profiled), the issue's
+#                 4 layers x 2 x 4096
 #   fused_loss    the fused output projection + loss alone against the unfused ops, at the
 #                 default chunk budget and two smaller ones
 #   predict       the example model's program with AdamW under inductor, beside its predicted step
@@ -46,9 +49,10 @@ export PYTHONPATH="$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFER
 # name|script|arguments (the JSON path is added)
 runs=(
     "moe_rows|../tests/kernels/moe_rows_interpreted.py|--device cuda"
+    "wgrad_sgd|wgrad_sgd.py|"
     "grouped_gemm|grouped_gemm.py|--shapes large --distributions 8x2048 --rounds 3"
     "moe_block|moe_block.py|--shapes qwen3_30b_a3b --tokens 8192 --routing balanced --columns ours,ours_inductor,ours_aten_rows,ours_aten_rows_inductor,hf,hf_compiled,grouped_gemm_only --skip-check --profile ours_inductor,ours_aten_rows_inductor"
-    "train_step|train_step.py|--models qwen3_moe --variants eager,torch_compile,shardgraph,shardgraph_compile,shardgraph_compile_aten_rows --steps 10 --profile --profile-variants shardgraph_compile"
+    "train_step|train_step.py|--models qwen3_moe --variants eager,torch_compile,shardgraph,shardgraph_compile,shardgraph_sgd,shardgraph_sgd_compile,shardgraph_sgd_compile_unfused --steps 10 --profile --profile-variants shardgraph_sgd_compile"
     "fused_loss|fused_loss.py|--skip-train --budgets-mib 512 1024"
     "predict|train_step.py|--models ours --variants shardgraph_adamw_compile --steps 10 --predict"
 )

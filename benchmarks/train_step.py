@@ -19,6 +19,13 @@ For each model, from the same seed and the same batch, time forward + backward +
   shardgraph_cudagraph  the same under ``mode="reduce-overhead"``: the whole step replayed as one CUDA
                       graph, which the program allows because nothing in it reads a value on the host;
                       parameters are marked static, so the replay reads them where SGD updates them
+  shardgraph_sgd      ``shardgraph.compile(..., optimizer=sg.optim.SGD(lr))``: the same SGD step inside the
+                      program, each new weight written into the old one (donated state) and, for the
+                      expert weights, taken in their grouped wgrad's epilogue (``fused_update``:
+                      the gradient never written); run by ``program.train_step``
+  shardgraph_sgd_compile  the same under ``train_step(..., compile="inductor")``;
+                      ``shardgraph_sgd_compile_unfused`` with ``fused_update=False`` (every update
+                      an elementwise step that inductor fuses)
   shardgraph_compile_aten_rows  shardgraph_compile with the MoE row steps (dispatch gather, combine
                       and their gradients) as aten ops that inductor fuses, instead of the row
                       kernels (``kernels.moe_rows``): what the program ran before them
@@ -123,15 +130,19 @@ MODELS = ("ours", "mixtral", "qwen2_moe", "qwen3_moe")
 # AdamW steps: fp32 master weights and fp32 Adam state, computing in --dtype (see the docstring).
 ADAMW_VARIANTS = ("eager_adamw", "torch_compile_adamw", "shardgraph_adamw", "shardgraph_adamw_compile")
 VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph", "shardgraph", "shardgraph_compile",
-            "shardgraph_cudagraph", "shardgraph_compile_aten_rows", *ADAMW_VARIANTS, "eager_adamw_autocast")
+            "shardgraph_cudagraph", "shardgraph_compile_aten_rows", "shardgraph_sgd", "shardgraph_sgd_compile",
+            "shardgraph_sgd_compile_unfused", *ADAMW_VARIANTS, "eager_adamw_autocast")
 DEFAULT_VARIANTS = ("eager", "torch_compile", "shardgraph", "shardgraph_compile")
 VARIANT_ALIASES = {"shardgraph_compiled": "shardgraph_compile"}
 VARIANT_GROUPS = {"adamw": ADAMW_VARIANTS, "sgd": DEFAULT_VARIANTS}  # --variants adamw: the four AdamW ones
 MODEL_VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph")  # SGD on the model itself
 MASTER_VARIANTS = ("eager_adamw", "torch_compile_adamw", "eager_adamw_autocast")  # torch.optim.AdamW
 PROGRAM_ADAMW_VARIANTS = ("shardgraph_adamw", "shardgraph_adamw_compile")  # AdamW in the program
+# SGD in the program, the new weights written in place (the expert weights' steps in their wgrad)
+PROGRAM_SGD_VARIANTS = ("shardgraph_sgd", "shardgraph_sgd_compile", "shardgraph_sgd_compile_unfused")
+PROGRAM_STATE_VARIANTS = PROGRAM_ADAMW_VARIANTS + PROGRAM_SGD_VARIANTS
 FP32_MODEL_VARIANTS = MASTER_VARIANTS + PROGRAM_ADAMW_VARIANTS  # built in float32: master weights
-NO_TORCH_COMPILE = ("eager", "shardgraph", "eager_adamw", "eager_adamw_autocast", "shardgraph_adamw")
+NO_TORCH_COMPILE = ("eager", "shardgraph", "eager_adamw", "eager_adamw_autocast", "shardgraph_adamw", "shardgraph_sgd")
 LEARNING_RATE = 1e-3  # SGD
 # AdamW, the same in every AdamW variant: torch's default betas / eps, decoupled decay on every
 # parameter, the global gradient norm clipped to 1.0 before the update (clip_grad_norm_).
@@ -294,6 +305,10 @@ class Runner:
             self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn,
                                       optimizer=sg.optim.AdamW(**ADAMW), clip_grad_norm=CLIP_GRAD_NORM,
                                       compute_dtype=self.compute_dtype)
+        elif variant in PROGRAM_SGD_VARIANTS:
+            self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn,
+                                      optimizer=sg.optim.SGD(lr=LEARNING_RATE),
+                                      fused_update=variant != "shardgraph_sgd_compile_unfused")
         else:
             self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn)
         self.compile_s = time.perf_counter() - started
@@ -301,9 +316,9 @@ class Runner:
         self.comm = SingleRankCommunicator(self.program.mesh)
         self.buffers = dict(self.program.default_buffers)
         self.compiled = None
-        # What an SGD update outside the program writes; AdamW in the program updates its state.
+        # What an SGD update outside the program writes; an optimizer in the program updates its state.
         self.trainable = []
-        if variant in PROGRAM_ADAMW_VARIANTS:
+        if variant in PROGRAM_STATE_VARIANTS:
             # The state holds the only copy of the fp32 master weights (init_state gives pieces of
             # their own memory, which the donating step updates in place): the model's own
             # parameters are emptied so that the model does not keep a second copy alive.
@@ -378,9 +393,10 @@ class Runner:
             return loss.detach()
         if self.variant in MASTER_VARIANTS:
             return self._master_step()
-        if self.variant in PROGRAM_ADAMW_VARIANTS:
-            compile = "inductor" if self.variant == "shardgraph_adamw_compile" else None
-            loss, self.state, _ = self.program.train_step(self.state, self.batch, lr=ADAMW["lr"], compile=compile)
+        if self.variant in PROGRAM_STATE_VARIANTS:
+            compile = None if self.variant in NO_TORCH_COMPILE else "inductor"
+            lr = ADAMW["lr"] if self.variant in PROGRAM_ADAMW_VARIANTS else LEARNING_RATE
+            loss, self.state, _ = self.program.train_step(self.state, self.batch, lr=lr, compile=compile)
             return loss.detach()
         if self.compiled is None:
             loss, gradients = self.program.step(self.comm, self.parameters, self.batch, self.buffers)
@@ -581,7 +597,7 @@ def run_variant(name, variant, args, device, dtype, batch) -> dict:
         row["model_flops_per_step"] = model_flops(name, args)
         torch._dynamo.utils.counters.clear()  # graph breaks are counted per variant
         runner = Runner(variant, model, loss_fn, batch, args.compile_mode, args.compile_backend, compute_dtype=dtype)
-        if variant in PROGRAM_ADAMW_VARIANTS:
+        if variant in PROGRAM_STATE_VARIANTS:
             model = None  # its parameters were emptied: the program's state holds the weights
         if variant not in MODEL_VARIANTS + MASTER_VARIANTS:
             row["comm_users"] = runner.comm_users
@@ -640,8 +656,8 @@ def run_variant(name, variant, args, device, dtype, batch) -> dict:
 def update_seconds(variant: str, trainable, compute) -> float:
     """The SGD variants' update, applied outside the program: priced as one streaming op that
     reads each parameter and its gradient and writes the parameter (``ComputeRates.seconds`` of
-    no FLOPs). The AdamW variants' update is in the program, so in its prediction already."""
-    if variant in PROGRAM_ADAMW_VARIANTS:
+    no FLOPs). The variants with the optimizer in the program have it in their prediction already."""
+    if variant in PROGRAM_STATE_VARIANTS:
         return 0.0
     return compute.seconds(0.0, 3 * sum(t.numel() * t.element_size() for t in trainable))
 
@@ -712,6 +728,10 @@ def predict_only(name: str, variant: str, args, dtype, hardware: str) -> dict:
     if variant in PROGRAM_ADAMW_VARIANTS:
         program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn, optimizer=sg.optim.AdamW(**ADAMW),
                              clip_grad_norm=CLIP_GRAD_NORM, compute_dtype=dtype if dtype != torch.float32 else None)
+    elif variant in PROGRAM_SGD_VARIANTS:
+        model = model.to(dtype)
+        program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn, optimizer=sg.optim.SGD(lr=LEARNING_RATE),
+                             fused_update=variant != "shardgraph_sgd_compile_unfused")
     else:
         model = model.to(dtype)
         program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn)

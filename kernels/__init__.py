@@ -159,6 +159,8 @@ _library = torch.library.Library("shardgraph", "FRAGMENT")
 _library.define("grouped_mm(Tensor x, Tensor w, Tensor offsets, str w_layout) -> Tensor")
 _library.define("grouped_mm_dgrad(Tensor dout, Tensor w, Tensor offsets, str w_layout) -> Tensor")
 _library.define("grouped_mm_wgrad(Tensor x, Tensor dout, Tensor offsets, SymInt num_groups, str w_layout) -> Tensor")
+_library.define("grouped_mm_wgrad_sgd_(Tensor(a!) param, Tensor x, Tensor dout, Tensor offsets, Tensor lr, "
+                "SymInt num_groups, str w_layout) -> Tensor")
 
 
 def _grouped_mm_op(x, w, offsets, w_layout):
@@ -176,11 +178,38 @@ def _grouped_mm_wgrad_op(x, dout, offsets, num_groups, w_layout):
     return _wgrad(x, dout, offsets, num_groups, w_layout)
 
 
+def _check_wgrad_sgd(param, x, dout, offsets, lr, num_groups, w_layout):
+    check_wgrad(x, dout, offsets, num_groups, w_layout)
+    shape = (num_groups, x.shape[1], dout.shape[1]) if w_layout == "ekn" else (num_groups, dout.shape[1], x.shape[1])
+    if tuple(param.shape) != shape or param.dtype != x.dtype:
+        raise GroupedGemmError(f"grouped_mm_wgrad_sgd_: param is {tuple(param.shape)} {param.dtype}; the gradient "
+                               f"of x {tuple(x.shape)} and dout {tuple(dout.shape)} in layout {w_layout!r} is "
+                               f"{shape} {x.dtype}")
+    if lr.dim() != 0 or lr.dtype != param.dtype:
+        raise GroupedGemmError(f"grouped_mm_wgrad_sgd_: lr must be a 0-dim tensor in the parameter's dtype "
+                               f"{param.dtype}, got {lr.dtype} of shape {tuple(lr.shape)}")
+
+
+def _grouped_mm_wgrad_sgd_op(param, x, dout, offsets, lr, num_groups, w_layout):
+    """``param -= lr * dW`` in place (``dW`` the grouped wgrad, never held whole on the Triton
+    backend) and ``sum(dW ** 2)`` as a float32 scalar. Elsewhere: the wgrad, then the same step
+    and sum as the unfused graph's ops."""
+    _check_wgrad_sgd(param, x, dout, offsets, lr, num_groups, w_layout)
+    if resolve_backend(x, dout) == "triton":
+        from .grouped_gemm import triton_grouped_mm_wgrad_sgd_
+
+        return triton_grouped_mm_wgrad_sgd_(param, x, dout, offsets, lr, num_groups, w_layout)
+    grad = _wgrad(x, dout, offsets, num_groups, w_layout)
+    param.copy_(param - grad * lr)
+    return torch.sum(torch.pow(grad, 2)).float()
+
+
 # CompositeExplicitAutograd: one kernel for every device (the backends choose among themselves),
 # with autograd registered separately below rather than traced through these bodies.
 _library.impl("grouped_mm", _grouped_mm_op, "CompositeExplicitAutograd")
 _library.impl("grouped_mm_dgrad", _grouped_mm_dgrad_op, "CompositeExplicitAutograd")
 _library.impl("grouped_mm_wgrad", _grouped_mm_wgrad_op, "CompositeExplicitAutograd")
+_library.impl("grouped_mm_wgrad_sgd_", _grouped_mm_wgrad_sgd_op, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("shardgraph::grouped_mm", lib=_library)
@@ -202,6 +231,12 @@ def _(x, dout, offsets, num_groups, w_layout):
     check_wgrad(x, dout, offsets, num_groups, w_layout)
     shape = (num_groups, x.shape[1], dout.shape[1]) if w_layout == "ekn" else (num_groups, dout.shape[1], x.shape[1])
     return x.new_empty(shape)
+
+
+@torch.library.register_fake("shardgraph::grouped_mm_wgrad_sgd_", lib=_library)
+def _(param, x, dout, offsets, lr, num_groups, w_layout):
+    _check_wgrad_sgd(param, x, dout, offsets, lr, num_groups, w_layout)
+    return x.new_empty((), dtype=torch.float32)
 
 
 def _gradients(needs_input_grad, x, w, offsets, w_layout, grad):

@@ -44,7 +44,7 @@ from . import grouped_gemm_vendor as _vendor
 from .caches import CACHES, LAUNCH_LOCK
 from .grouped_gemm_configs import INTERPRETED, product_tma_config
 from .grouped_gemm_kernels import (_grouped_product_kernel, _grouped_product_tma_kernel, _grouped_wgrad_kernel,
-                                   _grouped_wgrad_tma_kernel)
+                                   _grouped_wgrad_sgd_kernel, _grouped_wgrad_sgd_tma_kernel, _grouped_wgrad_tma_kernel)
 from .grouped_gemm_paths import PATHS, device_index, select_path, weight_rows
 from .triton_release import launcher, tma_descriptor
 
@@ -55,6 +55,7 @@ from .grouped_gemm_paths import has_tma as _has_tma  # noqa: F401
 __all__ = [
     "triton_grouped_mm",
     "triton_grouped_mm_wgrad",
+    "triton_grouped_mm_wgrad_sgd_",
     "select_path",
     "use_config",
     "use_schedule",
@@ -543,3 +544,54 @@ def triton_grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.
             return _from_torch("wgrad_tma_torch", run_torch(), out)
     run_pipelined()
     return dw_tensor()
+
+
+# The SGD-epilogue twin of each wgrad kernel: same operands and tiles, the parameter in place of dW.
+_SGD_KERNELS = {_grouped_wgrad_tma_kernel: _grouped_wgrad_sgd_tma_kernel, _grouped_wgrad_kernel: _grouped_wgrad_sgd_kernel}
+
+
+def triton_grouped_mm_wgrad_sgd_(param: torch.Tensor, x: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor,
+                                 lr: torch.Tensor, num_groups: int, w_layout: str = "ekn",
+                                 path: str = "auto") -> torch.Tensor:
+    """``param -= lr * dW`` in place, ``dW`` the grouped wgrad of ``x`` and ``dout`` in the
+    parameter's layout (never written: each tile of it updates its tile of ``param``), and
+    ``sum(dW ** 2)`` returned as a float32 scalar (the gradient norm's term). ``lr`` is a 0-dim
+    tensor in ``param``'s dtype.
+
+    The kernel runs with the configuration tuned for the plain wgrad of the same problem (tuned
+    first, on a scratch output, where there is none yet: tuning the in-place kernel would apply
+    the step once per trial)."""
+    m, k = x.shape
+    n = dout.shape[1]
+    if num_groups == 0 or k == 0 or n == 0 or m == 0:
+        return torch.zeros((), dtype=torch.float32, device=param.device)
+    left, right = (x, dout) if w_layout == "ekn" else (dout, x)
+    p1, p2 = left.shape[1], right.shape[1]
+    plan = _wgrad_plan(left, right, param, offsets, num_groups, path)
+    m_bucket = _next_power_of_two(m)
+    tune_key = (p1, p2, num_groups, m_bucket, x.dtype)
+    config = _forced.get(plan.kernel) or CACHES.tuned.get((plan.kernel, tune_key))
+    if config is None:
+        with use_schedule("triton"):
+            triton_grouped_mm_wgrad(x, dout, offsets, num_groups, w_layout, path=path)
+        config = CACHES.tuned[(plan.kernel, tune_key)]
+    blocks = config.kwargs
+    launch_counts[f"wgrad_sgd_{plan.path}"] += 1
+    grid = (_cdiv(p1, blocks["BLOCK_P1"]) * _cdiv(p2, blocks["BLOCK_P2"]), num_groups)
+    partials = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=param.device)
+    if plan.path == "tma":
+        descriptors = (tma_descriptor(left, [m, p1], [left.stride(0), 1], [blocks["BLOCK_M"], blocks["BLOCK_P1"]]),
+                       tma_descriptor(right, [m, p2], [right.stride(0), 1], [blocks["BLOCK_M"], blocks["BLOCK_P2"]]))
+        arguments = (*descriptors, left, right, param, lr, partials, offsets, m, p1, p2, num_groups, m_bucket,
+                     left.stride(0), right.stride(0), param.stride(0), param.stride(1))
+    else:
+        arguments = (left, right, param, lr, partials, offsets, m, p1, p2, num_groups, m_bucket, *left.stride(),
+                     *right.stride(), *param.stride())
+    kernel = _SGD_KERNELS[plan.kernel]
+    if INTERPRETED:
+        with LAUNCH_LOCK:
+            kernel[grid](*arguments, **plan.constexprs, **config.all_kwargs())
+    else:
+        kernel[grid](*arguments, **plan.constexprs, **config.all_kwargs())
+    return partials.sum()
+

@@ -263,6 +263,74 @@ def _grouped_product_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _wgrad_tma_sum(left_desc, right_desc, left_ptr, right_ptr, offsets_ptr, group, p1_start, p2_start, M, P1, P2,
+                   stride_lm, stride_rm, UPCAST: tl.constexpr,
+                   BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One (group, output tile)'s float32 sum over the group's rows: whole row blocks through TMA,
+    the last partial block through masked loads (rows of the next group must not enter it)."""
+    row_start, row_end = _group_bounds(offsets_ptr, group, M)
+    whole_blocks = (row_end - row_start) // BLOCK_M
+    acc = tl.zeros((BLOCK_P1, BLOCK_P2), dtype=tl.float32)
+    for block in range(whole_blocks):
+        row = row_start + block * BLOCK_M
+        left = left_desc.load([row, p1_start])
+        right = right_desc.load([row, p2_start])
+        acc = _dot(left.T, right, acc, False, UPCAST)
+    tail = row_start + whole_blocks * BLOCK_M
+    if tail < row_end:
+        rows = tail + tl.arange(0, BLOCK_M)
+        cols1 = p1_start + tl.arange(0, BLOCK_P1)
+        cols2 = p2_start + tl.arange(0, BLOCK_P2)
+        row_mask = rows < row_end
+        left = tl.load(left_ptr + rows[:, None].to(tl.int64) * stride_lm + cols1[None, :],
+                       mask=row_mask[:, None] & (cols1[None, :] < P1), other=0.0)
+        right = tl.load(right_ptr + rows[:, None].to(tl.int64) * stride_rm + cols2[None, :],
+                        mask=row_mask[:, None] & (cols2[None, :] < P2), other=0.0)
+        acc = _dot(left.T, right, acc, False, UPCAST)
+    return acc
+
+
+@triton.jit
+def _wgrad_portable_sum(left_ptr, right_ptr, offsets_ptr, group, cols1, cols2, M, P1, P2,
+                        stride_lm, stride_l1, stride_rm, stride_r2, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                        BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    row_start, row_end = _group_bounds(offsets_ptr, group, M)
+    mask1 = cols1 < P1
+    mask2 = cols2 < P2
+    acc = tl.zeros((BLOCK_P1, BLOCK_P2), dtype=tl.float32)
+    ms = tl.arange(0, BLOCK_M)
+    for m in range(row_start, row_end, BLOCK_M):
+        rows = m + ms
+        row_mask = rows < row_end
+        left = tl.load(left_ptr + rows[None, :].to(tl.int64) * stride_lm + cols1[:, None] * stride_l1,
+                       mask=mask1[:, None] & row_mask[None, :], other=0.0)
+        right = tl.load(right_ptr + rows[:, None].to(tl.int64) * stride_rm + cols2[None, :] * stride_r2,
+                        mask=row_mask[:, None] & mask2[None, :], other=0.0)
+        acc = _dot(left, right, acc, IEEE, UPCAST)
+    return acc
+
+
+@triton.jit
+def _sgd_epilogue(acc, param_ptr, lr_ptr, partial_ptr, group, cols1, cols2, P1, P2, stride_pg, stride_p1, stride_p2):
+    """``param -= lr * grad`` on one tile, ``grad`` the tile's sum rounded to the parameter's dtype,
+    and the tile's share of ``sum(grad ** 2)`` written to its own slot of ``partial_ptr``.
+
+    Rounded as the unfused graph rounds (``param - grad * lr`` with ``lr`` already in the
+    parameter's dtype, every op's result in that dtype; squares rounded before they are summed),
+    so the fused step gives the unfused one's values up to the order of the norm's sum."""
+    dtype = param_ptr.dtype.element_ty
+    mask = (cols1[:, None] < P1) & (cols2[None, :] < P2)
+    pointers = param_ptr + group.to(tl.int64) * stride_pg + cols1[:, None] * stride_p1 + cols2[None, :] * stride_p2
+    grad = acc.to(dtype).to(tl.float32)
+    step = (grad * tl.load(lr_ptr).to(tl.float32)).to(dtype).to(tl.float32)
+    param = tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
+    tl.store(pointers, (param - step).to(dtype), mask=mask)
+    square = tl.where(mask, (grad * grad).to(dtype).to(tl.float32), 0.0)
+    slot = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(partial_ptr + slot, tl.sum(tl.sum(square, axis=1), axis=0))
+
+
 @triton.autotune(configs=wgrad_tma_configs(), key=["P1", "P2", "E", "M_BUCKET"],
                  prune_configs_by={"early_config_prune": prune_wgrad})
 @triton.jit
@@ -278,30 +346,33 @@ def _grouped_wgrad_tma_kernel(
     group = tl.program_id(1)
     p1_start = (tl.program_id(0) // tiles_p2) * BLOCK_P1
     p2_start = (tl.program_id(0) % tiles_p2) * BLOCK_P2
-    row_start, row_end = _group_bounds(offsets_ptr, group, M)
-    whole_blocks = (row_end - row_start) // BLOCK_M
-    acc = tl.zeros((BLOCK_P1, BLOCK_P2), dtype=tl.float32)
-    for block in range(whole_blocks):
-        row = row_start + block * BLOCK_M
-        left = left_desc.load([row, p1_start])
-        right = right_desc.load([row, p2_start])
-        acc = _dot(left.T, right, acc, False, UPCAST)
-    # The last partial block through masked loads: rows of the next group must not enter the sum.
-    tail = row_start + whole_blocks * BLOCK_M
-    if tail < row_end:
-        rows = tail + tl.arange(0, BLOCK_M)
-        cols1 = p1_start + tl.arange(0, BLOCK_P1)
-        cols2 = p2_start + tl.arange(0, BLOCK_P2)
-        row_mask = rows < row_end
-        left = tl.load(left_ptr + rows[:, None].to(tl.int64) * stride_lm + cols1[None, :],
-                       mask=row_mask[:, None] & (cols1[None, :] < P1), other=0.0)
-        right = tl.load(right_ptr + rows[:, None].to(tl.int64) * stride_rm + cols2[None, :],
-                        mask=row_mask[:, None] & (cols2[None, :] < P2), other=0.0)
-        acc = _dot(left.T, right, acc, False, UPCAST)
+    acc = _wgrad_tma_sum(left_desc, right_desc, left_ptr, right_ptr, offsets_ptr, group, p1_start, p2_start, M, P1,
+                         P2, stride_lm, stride_rm, UPCAST, BLOCK_P1, BLOCK_P2, BLOCK_M)
     rows1 = p1_start + tl.arange(0, BLOCK_P1)
     cols2 = p2_start + tl.arange(0, BLOCK_P2)
     tl.store(dw_ptr + group.to(tl.int64) * stride_dg + rows1[:, None] * stride_d1 + cols2[None, :],
              acc.to(dw_ptr.dtype.element_ty), mask=(rows1[:, None] < P1) & (cols2[None, :] < P2))
+
+
+@triton.jit
+def _grouped_wgrad_sgd_tma_kernel(
+    left_desc, right_desc, left_ptr, right_ptr, param_ptr, lr_ptr, partial_ptr, offsets_ptr,
+    M, P1, P2, E, M_BUCKET,
+    stride_lm, stride_rm, stride_pg, stride_p1,
+    UPCAST: tl.constexpr,
+    BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """``_grouped_wgrad_tma_kernel`` whose tile, instead of being stored, takes an SGD step on the
+    parameter it is the gradient of (``_sgd_epilogue``); launched with the configuration tuned for
+    the plain kernel (tuning an in-place update would apply it once per trial)."""
+    tiles_p2 = tl.cdiv(P2, BLOCK_P2)
+    group = tl.program_id(1)
+    p1_start = (tl.program_id(0) // tiles_p2) * BLOCK_P1
+    p2_start = (tl.program_id(0) % tiles_p2) * BLOCK_P2
+    acc = _wgrad_tma_sum(left_desc, right_desc, left_ptr, right_ptr, offsets_ptr, group, p1_start, p2_start, M, P1,
+                         P2, stride_lm, stride_rm, UPCAST, BLOCK_P1, BLOCK_P2, BLOCK_M)
+    _sgd_epilogue(acc, param_ptr, lr_ptr, partial_ptr, group, p1_start + tl.arange(0, BLOCK_P1),
+                  p2_start + tl.arange(0, BLOCK_P2), P1, P2, stride_pg, stride_p1, 1)
 
 
 @triton.autotune(configs=wgrad_portable_configs(), key=["P1", "P2", "E", "M_BUCKET"])
@@ -317,18 +388,25 @@ def _grouped_wgrad_kernel(
     group = tl.program_id(1)
     cols1 = (tl.program_id(0) // tiles_p2) * BLOCK_P1 + tl.arange(0, BLOCK_P1)
     cols2 = (tl.program_id(0) % tiles_p2) * BLOCK_P2 + tl.arange(0, BLOCK_P2)
-    row_start, row_end = _group_bounds(offsets_ptr, group, M)
-    mask1 = cols1 < P1
-    mask2 = cols2 < P2
-    acc = tl.zeros((BLOCK_P1, BLOCK_P2), dtype=tl.float32)
-    ms = tl.arange(0, BLOCK_M)
-    for m in range(row_start, row_end, BLOCK_M):
-        rows = m + ms
-        row_mask = rows < row_end
-        left = tl.load(left_ptr + rows[None, :].to(tl.int64) * stride_lm + cols1[:, None] * stride_l1,
-                       mask=mask1[:, None] & row_mask[None, :], other=0.0)
-        right = tl.load(right_ptr + rows[:, None].to(tl.int64) * stride_rm + cols2[None, :] * stride_r2,
-                        mask=row_mask[:, None] & mask2[None, :], other=0.0)
-        acc = _dot(left, right, acc, IEEE, UPCAST)
+    acc = _wgrad_portable_sum(left_ptr, right_ptr, offsets_ptr, group, cols1, cols2, M, P1, P2, stride_lm, stride_l1,
+                              stride_rm, stride_r2, IEEE, UPCAST, BLOCK_P1, BLOCK_P2, BLOCK_M)
     tl.store(dw_ptr + group.to(tl.int64) * stride_dg + cols1[:, None] * stride_d1 + cols2[None, :] * stride_d2,
-             acc.to(dw_ptr.dtype.element_ty), mask=mask1[:, None] & mask2[None, :])
+             acc.to(dw_ptr.dtype.element_ty), mask=(cols1[:, None] < P1) & (cols2[None, :] < P2))
+
+
+@triton.jit
+def _grouped_wgrad_sgd_kernel(
+    left_ptr, right_ptr, param_ptr, lr_ptr, partial_ptr, offsets_ptr,
+    M, P1, P2, E, M_BUCKET,
+    stride_lm, stride_l1, stride_rm, stride_r2, stride_pg, stride_p1, stride_p2,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """The portable wgrad with the SGD step as its epilogue (see ``_grouped_wgrad_sgd_tma_kernel``)."""
+    tiles_p2 = tl.cdiv(P2, BLOCK_P2)
+    group = tl.program_id(1)
+    cols1 = (tl.program_id(0) // tiles_p2) * BLOCK_P1 + tl.arange(0, BLOCK_P1)
+    cols2 = (tl.program_id(0) % tiles_p2) * BLOCK_P2 + tl.arange(0, BLOCK_P2)
+    acc = _wgrad_portable_sum(left_ptr, right_ptr, offsets_ptr, group, cols1, cols2, M, P1, P2, stride_lm, stride_l1,
+                              stride_rm, stride_r2, IEEE, UPCAST, BLOCK_P1, BLOCK_P2, BLOCK_M)
+    _sgd_epilogue(acc, param_ptr, lr_ptr, partial_ptr, group, cols1, cols2, P1, P2, stride_pg, stride_p1, stride_p2)

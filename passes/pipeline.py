@@ -18,6 +18,7 @@
     lower_collectives     typed collectives -> torch's _c10d_functional ops + wait_tensor, nothing else
     schedule_collectives  c10d            -> ops issued early, waits late (overlap), bytes in flight bounded
     donate_state          communicator    -> new parameters and state written into the old (option)
+    fuse_wgrad_sgd        donated         -> an expert weight's SGD step in its wgrad's epilogue (option)
 
 Conditions are checked before and after every pass (as ``torch.fx.passes.infra.pass_base``'s
 ``requires`` / ``ensures``), so a pass that breaks the next one's assumption fails at the seam
@@ -54,6 +55,7 @@ from .cost import LinkModel
 from .decompose_loss import decompose_loss
 from .donate_state import donate_state
 from .exact_partial_reductions import exact_partial_reductions
+from .fuse_wgrad_sgd import fuse_wgrad_sgd
 from .fuse_linear_cross_entropy import fuse_linear_cross_entropy
 from .gather_parameters import gather_parameters
 from .lower_localize import lower_localize
@@ -163,6 +165,7 @@ class CompileOptions:
     reshard_after_forward: bool = True  # zero=3: gather each parameter again for the backward (passes/gather_parameters.py)
     fused_loss: bool = True  # output projection + cross-entropy as one chunked op (passes/fuse_linear_cross_entropy.py)
     loss_chunk_bytes: int | None = None  # that op's chunk budget; None: kernels.linear_cross_entropy.DEFAULT_CHUNK_BYTES
+    fused_update: bool = True  # donated plain SGD steps on expert weights taken in the wgrad (passes/fuse_wgrad_sgd.py)
     # Most bytes of collectives in flight (issued, not yet waited on) that schedule_collectives
     # lets an early issue add; None: passes/schedule_collectives.py's default.
     prefetch_bytes: int | None = None
@@ -230,6 +233,9 @@ PIPELINE: tuple[Pass, ...] = (
          (C10D_ONLY, COLLECTIVES_TYPED), (C10D_ONLY, COLLECTIVES_TYPED)),
     Pass("donate_state", lambda gm, options, compiled: donate_state(gm) if options.donate_state else gm,
          (COMMUNICATOR,), (C10D_ONLY, COLLECTIVES_TYPED, COMMUNICATOR)),
+    Pass("fuse_wgrad_sgd",
+         lambda gm, options, compiled: fuse_wgrad_sgd(gm) if options.donate_state and options.fused_update else gm,
+         (C10D_ONLY, COMMUNICATOR), (C10D_ONLY, COLLECTIVES_TYPED, COMMUNICATOR)),
 )
 
 

@@ -16,6 +16,7 @@
     #   bucket_gradient_sync  one all-reduce per gradient bucket
     #   cast_gradient_reductions  gradients reduced in reduce_dtype (option)
     #   donate_state          a training step's new state written into the old (option)
+    #   fuse_wgrad_sgd        an expert weight's plain SGD step in its wgrad's epilogue (option)
     return ShardedProgram(traced, compiled.placed, compiled.lowered, mesh)
 """
 
@@ -56,6 +57,7 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     reshard_after_forward: bool = True,
     fused_loss: bool = True,
     loss_chunk_bytes: int | None = None,
+    fused_update: bool = True,
 ) -> ShardedProgram:
     """Compile ``model`` for ``mesh``; see ``ShardedProgram`` for what comes back.
 
@@ -83,7 +85,11 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     pattern does not match exactly the graph is left as traced. ``loss_chunk_bytes`` bounds the
     memory that op's chunk of logits takes (default 2 GiB,
     ``kernels.linear_cross_entropy.DEFAULT_CHUNK_BYTES``): fewer, larger chunks are faster, since
-    each chunk passes once over a float32 copy of the output layer's weight gradient."""
+    each chunk passes once over a float32 copy of the output layer's weight gradient.
+    ``fused_update`` (on by default) takes a donated plain SGD step (no momentum, no weight decay,
+    no clipping) on an expert weight whose gradient no collective reduces inside its grouped
+    wgrad kernel (``passes/fuse_wgrad_sgd.py``): the gradient is never written, and the update
+    and the norm's term come from the kernel's tiles."""
     check_recompute_policy(recompute, "compile: recompute")
     check_zero_stage(zero, "compile: zero")
     if zero == 1 and optimizer is None:
@@ -103,7 +109,7 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
                              replicate_fallback=replicate_fallback, reduce_dtype=reduce_dtype,
                              donate_state=donate_state and optimizer is not None, zero=zero, recompute=recompute,
                              reshard_after_forward=reshard_after_forward,
-                             fused_loss=fused_loss, loss_chunk_bytes=loss_chunk_bytes)
+                             fused_loss=fused_loss, loss_chunk_bytes=loss_chunk_bytes, fused_update=fused_update)
     # Buffers (rotary tables, running statistics) are state, not batch: the program keeps the
     # model's own unless a call passes others. Checkpoints hold the persistent ones only, as
     # the model's state_dict does.
@@ -213,14 +219,15 @@ def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None
                    replicate_fallback: bool = False, reduce_dtype: torch.dtype | None = None,
                    donate_state: bool = False, zero: int = 0, recompute: str = "none",
                    reshard_after_forward: bool = True, fused_loss: bool = True,
-                   loss_chunk_bytes: int | None = None) -> ShardedProgram:
+                   loss_chunk_bytes: int | None = None, fused_update: bool = True) -> ShardedProgram:
     """The passes after tracing, for a graph traced already (``shardgraph.frontend.trace``)."""
-    if not isinstance(reshard_after_forward, bool):
-        raise ValueError(f"compile: reshard_after_forward must be True or False, got {reshard_after_forward!r}")
+    for name, flag in (("reshard_after_forward", reshard_after_forward), ("fused_update", fused_update)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"compile: {name} must be True or False, got {flag!r}")
     _check_loss_chunk_bytes(loss_chunk_bytes)
     options = CompileOptions(mesh, plan, batch_sharding, link, replicate_fallback, reduce_dtype, donate_state,
                              zero=zero, recompute=recompute, reshard_after_forward=reshard_after_forward,
-                             fused_loss=fused_loss, loss_chunk_bytes=loss_chunk_bytes)
+                             fused_loss=fused_loss, loss_chunk_bytes=loss_chunk_bytes, fused_update=fused_update)
     compiled = run_pipeline(traced.graph_module, options)
     _refuse_inexact_padding(getattr(traced, "optimizer", None), compiled.placed)
     if getattr(traced, "optimizer", None) is not None:

@@ -29,8 +29,8 @@ def test_a_dry_run_lists_every_run_with_its_json_under_out_and_arguments_its_scr
 
     commands = dry_run()
     names = [script_arguments(c)[0] for c in commands]
-    assert names == ["moe_rows_interpreted.py", "grouped_gemm.py", "moe_block.py", "train_step.py", "fused_loss.py",
-                     "train_step.py"]
+    assert names == ["moe_rows_interpreted.py", "wgrad_sgd.py", "grouped_gemm.py", "moe_block.py", "train_step.py",
+                     "fused_loss.py", "train_step.py"]
     for command in commands:
         script, arguments = script_arguments(command)
         assert command[0] == "timeout" and arguments[-2] == "--out"
@@ -45,6 +45,10 @@ def test_a_dry_run_lists_every_run_with_its_json_under_out_and_arguments_its_scr
         elif script == "train_step.py":
             args = train_step.parse_args(arguments)  # an unknown model or variant exits here
             assert args.models in (["qwen3_moe"], ["ours"])
+        elif script == "wgrad_sgd.py":
+            import wgrad_sgd
+
+            assert wgrad_sgd.parse_args(arguments).device == "cuda"
         elif script == "moe_rows_interpreted.py":
             # The kernel checks compiled for the GPU (the tests run the same script interpreted).
             assert arguments[:2] == ["--device", "cuda"]

@@ -72,6 +72,32 @@ def run(dtype, layout, sizes, k, n, seed, path="auto"):
     }
 
 
+def sgd_case(dtype, layout, sizes, k, n, seed, path="auto"):
+    """The wgrad with the SGD step as its epilogue against float64: the updated weight, the sum of
+    the gradient's squares, and the weights of empty groups left exactly as they were."""
+    generator = torch.Generator().manual_seed(seed)
+    m = sum(sizes) + 3
+    experts = len(sizes)
+    offsets = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    x = torch.randn(m, k, generator=generator).to(dtype)
+    dout = torch.randn(m, n, generator=generator).to(dtype)
+    shape = (experts, k, n) if layout == "ekn" else (experts, n, k)
+    param = torch.randn(shape, generator=generator).to(dtype)
+    lr = torch.tensor(0.05, dtype=dtype)
+    original = param.clone()
+    before = dict(grouped_gemm.launch_counts)
+    squares = grouped_gemm.triton_grouped_mm_wgrad_sgd_(param, x, dout, offsets, lr, experts, layout, path=path)
+    reference_dw = grouped_mm_wgrad_loop(x.double(), dout.double(), offsets, experts, layout)
+    empty = [g for g, size in enumerate(sizes) if size == 0]
+    return {
+        "weight": relative(param, original.double() - lr.double() * reference_dw),
+        "squares": abs(squares.double().item() - reference_dw.pow(2).sum().item()) / reference_dw.pow(2).sum().item(),
+        "empty_groups_unchanged": bool(all(torch.equal(param[g], original[g]) for g in empty)),
+        "squares_dtype": str(squares.dtype),
+        "paths": sorted(key for key, count in grouped_gemm.launch_counts.items() if count > before.get(key, 0)),
+    }
+
+
 def autograd_case():
     calls = {"forward": 0, "wgrad": 0}
     forward, wgrad = grouped_gemm.triton_grouped_mm, grouped_gemm.triton_grouped_mm_wgrad
@@ -133,6 +159,20 @@ def main():
                 row = run(torch.bfloat16, layout, sizes, k, n, seed, path="tma")
             row.update(name=f"{name} (torch schedule)", dtype=str(torch.bfloat16), layout=layout)
             results.append(row)
+    # The SGD epilogue on both kernel families (its first call tunes the plain wgrad).
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in ("ekn", "enk"):
+            for name, sizes, k, n in (CASES[0], CASES[2]):
+                seed += 1
+                row = sgd_case(dtype, layout, sizes, k, n, seed)
+                row.update(name=f"sgd: {name}", dtype=str(dtype), layout=layout)
+                results.append(row)
+    for layout in ("ekn", "enk"):
+        name, sizes, k, n = TMA_CASES[0]
+        seed += 1
+        row = sgd_case(torch.bfloat16, layout, sizes, k, n, seed, path="tma")
+        row.update(name=f"sgd: {name}", dtype=str(torch.bfloat16), layout=layout)
+        results.append(row)
     results.append({"name": "autograd through the custom op", **autograd_case()})
     for row in results:
         print(json.dumps(row))

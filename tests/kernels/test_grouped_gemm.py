@@ -25,7 +25,7 @@ def results():
 
 
 def test_every_case_ran(results):
-    assert len(results) == 2 * 2 * 4 + 2 * 2 * 2 * 2 + 2 * 2 + 1
+    assert len(results) == 2 * 2 * 4 + 2 * 2 * 2 * 2 + 2 * 2 + 2 * 2 * 2 + 2 + 1
 
 
 @pytest.mark.parametrize("index", range(16 + 16 + 4))
@@ -44,6 +44,21 @@ def test_forward_dgrad_wgrad_match_float64(results, index):
     assert row["paths"] == expected_paths, row
     for kind in ("forward", "dgrad", "wgrad"):
         assert row[kind] < tolerance, (kind, row)
+
+
+def test_the_sgd_epilogue_updates_the_weight_and_sums_the_squares_of_the_gradient(results):
+    rows = [row for row in results if row["name"].startswith("sgd: ")]
+    assert len(rows) == 10
+    for row in rows:
+        tolerance = 1e-5 if row["dtype"] == "torch.float32" else 1e-2
+        # bf16: each gradient element and each square rounded once, as the unfused graph rounds
+        # them (the interpreter's bf16 rounding is biased, so the sum's error does not average out).
+        assert row["weight"] < tolerance and row["squares"] < 2 * tolerance, row
+        assert row["empty_groups_unchanged"] and row["squares_dtype"] == "torch.float32", row
+        # The first call tunes the plain wgrad (its configuration is the fused kernel's), then
+        # the fused kernel runs on the same path.
+        path = "tma" if row["name"].startswith("sgd: TMA") else "portable"
+        assert f"wgrad_sgd_{path}" in row["paths"], row
 
 
 def test_autograd_through_the_custom_op_uses_the_interpreted_kernel(results):

@@ -19,7 +19,7 @@ def test_the_pipeline_lists_every_pass_in_order():
                                          "check_random_draws", "add_communicator", "lower_redistribute", "exact_partial_reductions",
                                          "lower_localize", "lower_moe", "fuse_linear_cross_entropy",
                                          "bucket_gradient_sync", "cast_gradient_reductions", "schedule_gradient_sync",
-                                         "lower_collectives", "schedule_collectives", "donate_state"]
+                                         "lower_collectives", "schedule_collectives", "donate_state", "fuse_wgrad_sgd"]
 
 
 def test_a_lowering_without_its_communicator_is_refused_at_its_seam():

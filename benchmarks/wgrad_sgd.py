@@ -1,0 +1,147 @@
+"""One GPU: the grouped wgrad with the SGD step in its epilogue against the wgrad followed by the
+step, at MoE expert shapes.
+
+For each shape (experts, tokens per expert, K, N; bf16 by default) and weight layout:
+
+  fused      ``torch.ops.shardgraph.grouped_mm_wgrad_sgd_(W, x, dout, offsets, lr, E, layout)``: the
+             weight updated in place tile by tile, the sum of the gradient's squares returned
+  unfused    ``grouped_mm_wgrad`` (our kernel or torch's, whichever its timed schedule picked),
+             then the step as the unfused program runs it: ``W.copy_(W - dW * lr)`` and
+             ``sum(dW ** 2)``, each as one kernel under ``torch.compile``
+  wgrad      ``grouped_mm_wgrad`` alone: what the fused kernel adds to it is the weight read and
+             written
+
+Before timing, the fused and unfused steps are run once from the same weight and compared: the
+weights after the step must agree to the dtype's last place (``weight_max_ulps``), the sums of
+squares to 1e-3. Times are medians of CUDA-event timings, each step restoring the weight first
+(the copy is timed apart and subtracted).
+
+    python benchmarks/wgrad_sgd.py                      # Qwen3-30B-A3B's and Mixtral-like shapes
+    python benchmarks/wgrad_sgd.py --device cpu --tiny  # the same code path on a CPU (loop backend)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+
+# name: (experts, rows per expert, K = hidden, N = the projection's output width)
+SHAPES = {
+    "qwen3_gate_up": (128, 512, 2048, 1536),
+    "qwen3_down": (128, 512, 768, 2048),
+    "mixtral_like_gate_up": (8, 4096, 4096, 28672),
+}
+TINY = {"tiny_gate_up": (4, 24, 32, 48), "tiny_down": (4, 24, 24, 32)}
+OPS = torch.ops.shardgraph
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--tiny", action="store_true", help="small shapes (a CPU run)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                      "wgrad_sgd.json"))
+    return parser.parse_args(argv)
+
+
+def timed(fn, steps: int, device) -> float:
+    """Median ms of ``fn()`` over ``steps`` runs after two warm-up runs."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def run_shape(name, shape, layout, dtype, device, steps) -> dict:
+    experts, rows, k, n = shape
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(experts * rows, k, generator=generator).to(device, dtype)
+    dout = torch.randn(experts * rows, n, generator=generator).to(device, dtype)
+    offsets = torch.arange(1, experts + 1, dtype=torch.int32, device=device) * rows
+    weight_shape = (experts, k, n) if layout == "ekn" else (experts, n, k)
+    original = (torch.randn(weight_shape, generator=generator) * 0.02).to(device, dtype)
+    lr = torch.tensor(1e-3, dtype=torch.float64).to(device, dtype)
+
+    def unfused_update(weight, grad):
+        weight.copy_(weight - grad * lr)
+        return torch.sum(torch.pow(grad, 2)).float()
+
+    update = torch.compile(unfused_update, dynamic=False) if device.type == "cuda" else unfused_update
+
+    def unfused(weight):
+        return update(weight, OPS.grouped_mm_wgrad(x, dout, offsets, experts, layout))
+
+    def fused(weight):
+        return OPS.grouped_mm_wgrad_sgd_(weight, x, dout, offsets, lr, experts, layout)
+
+    a, b = original.clone(), original.clone()
+    squares_a, squares_b = fused(a), unfused(b)
+    ulp = torch.finfo(dtype).eps * b.abs().clamp_min(torch.finfo(dtype).tiny)
+    weight_max_ulps = ((a.float() - b.float()).abs() / ulp.float()).max().item()
+    squares_rel = abs(squares_a.item() - squares_b.item()) / max(abs(squares_b.item()), 1e-30)
+    weight = original.clone()
+    restore_ms = timed(lambda: weight.copy_(original), steps, device)
+    row = {"shape": name, "experts": experts, "rows_per_expert": rows, "k": k, "n": n, "layout": layout,
+           "weight_max_ulps": weight_max_ulps, "squares_rel_diff": squares_rel,
+           "agree": weight_max_ulps <= 1.0 and squares_rel < 1e-3,
+           "wgrad_ms": timed(lambda: OPS.grouped_mm_wgrad(x, dout, offsets, experts, layout), steps, device),
+           "unfused_ms": timed(lambda: (weight.copy_(original), unfused(weight)), steps, device) - restore_ms,
+           "fused_ms": timed(lambda: (weight.copy_(original), fused(weight)), steps, device) - restore_ms}
+    row["unfused_over_fused"] = row["unfused_ms"] / row["fused_ms"]
+    row["fused_over_wgrad"] = row["fused_ms"] / row["wgrad_ms"]
+    return row
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    rows = []
+    started = time.perf_counter()
+    for name, shape in (TINY if args.tiny else SHAPES).items():
+        for layout in ("enk", "ekn"):
+            row = run_shape(name, shape, layout, dtype, device, args.steps)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print()
+    print(f"{'shape':22} {'layout':6} {'wgrad ms':>9} {'unfused ms':>10} {'fused ms':>9} {'unfused/fused':>13} "
+          f"{'fused/wgrad':>11} {'ulps':>5} agree")
+    for row in rows:
+        print(f"{row['shape']:22} {row['layout']:6} {row['wgrad_ms']:9.3f} {row['unfused_ms']:10.3f} "
+              f"{row['fused_ms']:9.3f} {row['unfused_over_fused']:13.3f} {row['fused_over_wgrad']:11.3f} "
+              f"{row['weight_max_ulps']:5.1f} {row['agree']}")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as handle:
+        json.dump({"device": name, "torch": torch.__version__, "dtype": args.dtype, "steps": args.steps,
+                   "grouped_mm_backend": kernels.current_backend(), "rows": rows,
+                   "wall_s": time.perf_counter() - started}, handle, indent=1)
+    print(f"\nwrote {args.out}")
+    return 0 if all(row["agree"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

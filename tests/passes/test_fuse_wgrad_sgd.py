@@ -1,0 +1,137 @@
+"""passes/fuse_wgrad_sgd.py: a donated plain SGD step on an expert weight taken in its grouped
+wgrad's epilogue, checked against torch.optim on the unsharded model, and left unfused wherever
+the gradient is reduced, clipped, decayed or given momentum."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import shardgraph as sg
+from examples.moe_model import shardgraph_entry
+from passes.fuse_wgrad_sgd import FUSED_OP as FUSED
+from shardgraph import meta
+from shardgraph.meta import InputKind
+from shardgraph.predict import node_work
+from shardgraph.report import local_pieces
+
+WGRAD = torch.ops.shardgraph.grouped_mm_wgrad.default
+
+
+def relative(value, reference):
+    return ((value - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+
+
+def setup(mesh_text, optimizer, clip=None, **options):
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
+    program = sg.compile(model, sg.MeshSpec.parse(mesh_text), inputs, loss_fn, optimizer=optimizer,
+                         clip_grad_norm=clip, **options)
+    return model, inputs, loss_fn, program
+
+
+def fused_nodes(program):
+    return [node for node in program.graph_module.graph.nodes if node.target == FUSED]
+
+
+def expert_weights(model):
+    return [name for name, _ in model.named_parameters() if ".experts." in name]
+
+
+@pytest.mark.parametrize("mesh_text", ["world=1", "world=2,ep=2", "world=4,tp=2,ep=4"])
+def test_plain_sgd_steps_with_the_fused_update_equal_torch_optim(mesh_text):
+    # Every expert weight whose gradient no rank shares (edp = 1) takes its step in the wgrad.
+    model, inputs, loss_fn, program = setup(mesh_text, sg.optim.SGD(lr=0.1))
+    assert len(fused_nodes(program)) == len(expert_weights(model)) > 0
+    reference = copy.deepcopy(model)
+    torch_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    states = program.init_states(model)
+    for _ in range(3):
+        loss_reference = loss_fn(reference(*inputs), *inputs)
+        torch_optimizer.zero_grad()
+        loss_reference.backward()
+        norm_reference = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()])
+        torch_optimizer.step()
+        loss, states, metrics = program.simulate_train_step(states, inputs)
+        assert relative(loss, loss_reference.detach()) < 1e-5
+        assert relative(metrics["grad_norm"], norm_reference) < 1e-5
+    full = program.gather_state(states)
+    for name, parameter in reference.named_parameters():
+        assert relative(full.parameters[name], parameter.detach()) < 1e-5, name
+
+
+def test_the_fused_and_the_unfused_step_give_the_same_state():
+    model, inputs, loss_fn, fused = setup("world=1", sg.optim.SGD(lr=0.1))
+    *_, unfused = setup("world=1", sg.optim.SGD(lr=0.1), fused_update=False)
+    assert fused_nodes(fused) and not fused_nodes(unfused)
+    loss_a, state_a, metrics_a = fused.train_step(fused.init_state(model, 0), inputs)
+    loss_b, state_b, metrics_b = unfused.train_step(unfused.init_state(model, 0), inputs)
+    assert torch.equal(loss_a, loss_b)
+    assert relative(metrics_a["grad_norm"], metrics_b["grad_norm"]) < 1e-6
+    for name in state_b.parameters:
+        assert relative(state_a.parameters[name], state_b.parameters[name]) < 1e-6, name
+
+
+@pytest.mark.parametrize("case", ["tp reduces the expert gradients", "clipping", "momentum", "weight decay",
+                                  "AdamW", "option off"])
+def test_a_gradient_that_is_reduced_clipped_decayed_or_given_momentum_keeps_the_unfused_update(case):
+    mesh_text, optimizer, clip, options = {
+        # At tp=2 without ep the experts are replicated over the tp ranks: their gradients are summed.
+        "tp reduces the expert gradients": ("world=2,tp=2", sg.optim.SGD(lr=0.1), None, {}),
+        "clipping": ("world=1", sg.optim.SGD(lr=0.1), 1.0, {}),
+        "momentum": ("world=1", sg.optim.SGD(lr=0.1, momentum=0.9), None, {}),
+        "weight decay": ("world=1", sg.optim.SGD(lr=0.1, weight_decay=0.01), None, {}),
+        "AdamW": ("world=1", sg.optim.AdamW(lr=1e-3), None, {}),
+        "option off": ("world=1", sg.optim.SGD(lr=0.1), None, {"fused_update": False}),
+    }[case]
+    model, inputs, loss_fn, program = setup(mesh_text, optimizer, clip, **options)
+    assert not fused_nodes(program)
+    assert any(node.target == WGRAD for node in program.graph_module.graph.nodes)
+
+
+def test_the_fused_step_follows_every_other_reader_of_its_weight_and_the_output_returns_the_weight():
+    model, inputs, loss_fn, program = setup("world=1", sg.optim.SGD(lr=0.1))
+    graph = program.graph_module.graph
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    outputs = graph.output_node().args[0]
+    parameters = {node for node, _ in meta.graph_inputs(graph, InputKind.PARAMETER)}
+    for fused in fused_nodes(program):
+        weight = fused.args[0]
+        assert weight in parameters
+        assert all(order[user] < order[fused] for user in weight.users if user is not fused and user.op != "output")
+        assert weight in outputs
+        # Nothing reads the norm's term before the kernel produces it.
+        assert all(order[user] > order[fused] for user in fused.users)
+    assert not any(node.target == WGRAD for node in graph.nodes)
+
+
+def test_the_cost_model_prices_the_fused_step_as_the_wgrad_plus_the_weight_read_and_written():
+    model, inputs, loss_fn, program = setup("world=1", sg.optim.SGD(lr=0.1))
+    node = fused_nodes(program)[0]
+    pieces = local_pieces(program.graph_module, sg.MeshSpec.parse("world=1"))
+    (x_shape, dtype), (dout_shape, _), (weight_shape, _) = (pieces[node.args[i]][0] for i in (1, 2, 0))
+    work = node_work(node, pieces)
+    size = dtype.itemsize
+    assert work.kind == "grouped_mm" and work.flops == 2.0 * x_shape[0] * x_shape[1] * dout_shape[1]
+    assert work.nbytes >= size * (math.prod(x_shape) + math.prod(dout_shape) + 2 * math.prod(weight_shape))
+
+
+def test_fused_update_must_be_true_or_false():
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=2, seq_len=4)
+    with pytest.raises(ValueError, match="fused_update must be True or False"):
+        sg.compile(model, sg.MeshSpec.parse("world=1"), inputs, loss_fn, optimizer=sg.optim.SGD(lr=0.1),
+                   fused_update="yes")
+
+
+def test_under_inductor_the_fused_step_writes_the_unfused_steps_state():
+    # torch.compile functionalizes the in-place op and writes the weight back into the donated
+    # input: the state after each step must be the unfused program's.
+    model, inputs, loss_fn, fused = setup("world=1", sg.optim.SGD(lr=0.1))
+    *_, unfused = setup("world=1", sg.optim.SGD(lr=0.1), fused_update=False)
+    state_a, state_b = fused.init_state(model, 0), unfused.init_state(model, 0)
+    for _ in range(2):
+        loss_a, state_a, metrics_a = fused.train_step(state_a, inputs, compile="inductor")
+        loss_b, state_b, metrics_b = unfused.train_step(state_b, inputs, compile="inductor")
+        assert relative(loss_a, loss_b) < 1e-6 and relative(metrics_a["grad_norm"], metrics_b["grad_norm"]) < 1e-6
+    for name in state_b.parameters:
+        assert relative(state_a.parameters[name], state_b.parameters[name]) < 1e-6, name
