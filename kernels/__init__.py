@@ -192,8 +192,8 @@ def _check_wgrad_sgd(param, x, dout, offsets, lr, num_groups, w_layout):
 
 def _grouped_mm_wgrad_sgd_op(param, x, dout, offsets, lr, num_groups, w_layout):
     """``param -= lr * dW`` in place (``dW`` the grouped wgrad, never held whole on the Triton
-    backend) and ``sum(dW ** 2)`` as a float32 scalar. Elsewhere: the wgrad, then the same step
-    and sum as the unfused graph's ops."""
+    backend) and ``sum(float32(dW) ** 2)``. Elsewhere: the wgrad, then the same step and sum as
+    the unfused graph's ops."""
     _check_wgrad_sgd(param, x, dout, offsets, lr, num_groups, w_layout)
     if resolve_backend(x, dout) == "triton":
         from .grouped_gemm import triton_grouped_mm_wgrad_sgd_
@@ -201,7 +201,7 @@ def _grouped_mm_wgrad_sgd_op(param, x, dout, offsets, lr, num_groups, w_layout):
         return triton_grouped_mm_wgrad_sgd_(param, x, dout, offsets, lr, num_groups, w_layout)
     grad = _wgrad(x, dout, offsets, num_groups, w_layout)
     param.copy_(param - grad * lr)
-    return torch.sum(torch.pow(grad, 2)).float()
+    return torch.sum(torch.pow(grad.float(), 2))
 
 
 # CompositeExplicitAutograd: one kernel for every device (the backends choose among themselves),

@@ -555,7 +555,7 @@ def triton_grouped_mm_wgrad_sgd_(param: torch.Tensor, x: torch.Tensor, dout: tor
                                  path: str = "auto") -> torch.Tensor:
     """``param -= lr * dW`` in place, ``dW`` the grouped wgrad of ``x`` and ``dout`` in the
     parameter's layout (never written: each tile of it updates its tile of ``param``), and
-    ``sum(dW ** 2)`` returned as a float32 scalar (the gradient norm's term). ``lr`` is a 0-dim
+    ``sum(float32(dW) ** 2)`` returned (the gradient norm's term). ``lr`` is a 0-dim
     tensor in ``param``'s dtype.
 
     The kernel runs with the configuration tuned for the plain wgrad of the same problem (tuned

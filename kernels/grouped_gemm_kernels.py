@@ -317,8 +317,9 @@ def _sgd_epilogue(acc, param_ptr, lr_ptr, partial_ptr, group, cols1, cols2, P1, 
     and the tile's share of ``sum(grad ** 2)`` written to its own slot of ``partial_ptr``.
 
     Rounded as the unfused graph rounds (``param - grad * lr`` with ``lr`` already in the
-    parameter's dtype, every op's result in that dtype; squares rounded before they are summed),
-    so the fused step gives the unfused one's values up to the order of the norm's sum."""
+    parameter's dtype, every op's result in that dtype; the squares of the rounded gradient in
+    float32, as ``vector_norm`` takes them), so the fused step gives the unfused one's values up
+    to the order of the norm's sum."""
     dtype = param_ptr.dtype.element_ty
     mask = (cols1[:, None] < P1) & (cols2[None, :] < P2)
     pointers = param_ptr + group.to(tl.int64) * stride_pg + cols1[:, None] * stride_p1 + cols2[None, :] * stride_p2
@@ -326,7 +327,7 @@ def _sgd_epilogue(acc, param_ptr, lr_ptr, partial_ptr, group, cols1, cols2, P1, 
     step = (grad * tl.load(lr_ptr).to(tl.float32)).to(dtype).to(tl.float32)
     param = tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
     tl.store(pointers, (param - step).to(dtype), mask=mask)
-    square = tl.where(mask, (grad * grad).to(dtype).to(tl.float32), 0.0)
+    square = tl.where(mask, grad * grad, 0.0)
     slot = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
     tl.store(partial_ptr + slot, tl.sum(tl.sum(square, axis=1), axis=0))
 

@@ -8,15 +8,16 @@ Reads
         grad = shardgraph.grouped_mm_wgrad(x, dout, offsets, E, layout)
         new  = sub(W, mul(grad, lr_w))          # SGD, no momentum, no weight decay
         copy_(W, new)                           # donate_state
-        sum(pow(grad, 2))                       # the gradient norm's term
+        sum(pow(grad, 2))                       # the gradient norm's term (grad cast to
+                                                # float32 first where it is 16-bit)
 
     with ``lr_w`` a 0-dim value in ``W``'s dtype computed from placeholders only (the learning
     rate cast), and nothing else reading ``grad``.
 Writes
     ``s = shardgraph.grouped_mm_wgrad_sgd_(W, x, dout, offsets, lr_w, E, layout)`` right after the
     last other reader of ``W`` (and after ``grad`` would have been computed): it updates ``W`` in
-    place, tile by tile, and returns ``sum(grad ** 2)`` in float32, cast to the norm term's dtype
-    in place of ``sum(pow(grad, 2))``. The output returns ``W`` itself.
+    place, tile by tile, and returns ``sum(float32(grad) ** 2)``, cast to the norm term's dtype in
+    its place. The output returns ``W`` itself.
 Assumes
     the graph is in execution order, and ``W`` is donated (the caller hands a tensor the step may
     overwrite). Anything else (a gradient that is reduced over ranks or read by a clipping
@@ -69,22 +70,28 @@ def _lr_chain(value: Node) -> list[Node] | None:
     return [*chain, value]
 
 
-def _norm_term(grad: Node, step: Node) -> tuple[Node, Node] | None:
-    """``(square, total)`` where ``grad``'s one other reader is ``sum(pow(grad, 2))`` (the
-    training step's gradient norm), None otherwise."""
+def _norm_term(grad: Node, step: Node) -> tuple[list[Node], Node] | None:
+    """``(nodes, total)`` where ``grad``'s one other reader is the training step's gradient-norm
+    term ``sum(pow(grad, 2))``, the gradient first cast to float32 where it is not already in it
+    (as ``vector_norm`` computes a 16-bit tensor's norm); None otherwise."""
     others = [user for user in grad.users if user is not step]
     if len(others) != 1:
         return None
-    square = others[0]
-    if square.target != aten.pow.Tensor_Scalar or square.args != (grad, 2) or square.kwargs:
+    square, nodes = others[0], []
+    if square.target == aten._to_copy.default and square.args == (grad,) and square.kwargs == {"dtype": torch.float32}:
+        nodes.append(square)
+        square = _only_user(square)
+    elif meta.tensor_value(grad) is None or meta.tensor_value(grad).dtype != torch.float32:
         return None
+    if square is None or square.target != aten.pow.Tensor_Scalar or square.args[1:] != (2,) or square.kwargs:
+        return None
+    nodes.append(square)
     total = _only_user(square)
     if total is None or total.kwargs:
         return None
-    if total.target == aten.sum.default and total.args == (square,):
-        return square, total
-    if total.target == aten.sum.dim_IntList and total.args[0] is square and total.args[1:] in ((None,), ([],)):
-        return square, total
+    if (total.target == aten.sum.default and total.args == (square,)) or (
+            total.target == aten.sum.dim_IntList and total.args[0] is square and total.args[1:] in ((None,), ([],))):
+        return nodes, total
     return None
 
 
@@ -123,7 +130,7 @@ def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
         norm = _norm_term(grad, step)
         if norm is None:
             continue
-        square, total = norm
+        norm_nodes, total = norm
         # After the gradient's inputs and every other reader of the old weight (the forward
         # product, the dgrad), before anything reads the norm term.
         others = [r for r in _readers(weight) if r not in (new, write, step) and r.op != "output"]
@@ -153,7 +160,7 @@ def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
         total.replace_all_uses_with(term)
         # The output returns the parameter itself, updated in place (what copy_ returned).
         write.replace_all_uses_with(weight)
-        for node in (write, new, step, total, square, grad, *reversed(lr_chain)):
+        for node in (write, new, step, total, *reversed(norm_nodes), grad, *reversed(lr_chain)):
             if not node.users:
                 graph.erase_node(node)
         order = {node: index for index, node in enumerate(graph.nodes)}

@@ -51,8 +51,8 @@ def test_the_sgd_epilogue_updates_the_weight_and_sums_the_squares_of_the_gradien
     assert len(rows) == 10
     for row in rows:
         tolerance = 1e-5 if row["dtype"] == "torch.float32" else 1e-2
-        # bf16: each gradient element and each square rounded once, as the unfused graph rounds
-        # them (the interpreter's bf16 rounding is biased, so the sum's error does not average out).
+        # bf16: the squares of the rounded gradient (the interpreter's bf16 rounding is biased,
+        # so the sum's error does not average out).
         assert row["weight"] < tolerance and row["squares"] < 2 * tolerance, row
         assert row["empty_groups_unchanged"] and row["squares_dtype"] == "torch.float32", row
         # The first call tunes the plain wgrad (its configuration is the fused kernel's), then

@@ -135,3 +135,19 @@ def test_under_inductor_the_fused_step_writes_the_unfused_steps_state():
         assert relative(loss_a, loss_b) < 1e-6 and relative(metrics_a["grad_norm"], metrics_b["grad_norm"]) < 1e-6
     for name in state_b.parameters:
         assert relative(state_a.parameters[name], state_b.parameters[name]) < 1e-6, name
+
+
+def test_a_bf16_model_fuses_through_the_float32_norm_term_and_steps_as_the_unfused_program():
+    # vector_norm of a 16-bit gradient sums float32 squares: the norm term starts with a cast,
+    # which the fused kernel's float32 squares stand for.
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
+    model = model.to(torch.bfloat16)
+    fused = sg.compile(model, sg.MeshSpec.parse("world=1"), inputs, loss_fn, optimizer=sg.optim.SGD(lr=0.1))
+    unfused = sg.compile(model, sg.MeshSpec.parse("world=1"), inputs, loss_fn, optimizer=sg.optim.SGD(lr=0.1),
+                         fused_update=False)
+    assert len(fused_nodes(fused)) == len(expert_weights(model))
+    loss_a, state_a, metrics_a = fused.train_step(fused.init_state(model, 0), inputs)
+    loss_b, state_b, metrics_b = unfused.train_step(unfused.init_state(model, 0), inputs)
+    assert torch.equal(loss_a, loss_b) and torch.equal(metrics_a["grad_norm"], metrics_b["grad_norm"])
+    for name in state_b.parameters:
+        assert torch.equal(state_a.parameters[name], state_b.parameters[name]), name
