@@ -14,10 +14,11 @@ Reads
     with ``lr_w`` a 0-dim value in ``W``'s dtype computed from placeholders only (the learning
     rate cast), and nothing else reading ``grad``.
 Writes
-    ``s = shardgraph.grouped_mm_wgrad_sgd_(W, x, dout, offsets, lr_w, E, layout)`` right after the
+    ``s = expert_sgd_step(W, x, dout, offsets, lr_w, E, layout)`` (``shardgraph.runtime.moe``, which
+    calls ``shardgraph::grouped_mm_wgrad_sgd_`` outside torch.compile) right after the
     last other reader of ``W`` (and after ``grad`` would have been computed): it updates ``W`` in
     place, tile by tile, and returns ``sum(float32(grad) ** 2)``, cast to the norm term's dtype in
-    its place. The output returns ``W`` itself.
+    its place. The parameter's output becomes None: the donated ``W`` holds its new value.
 Assumes
     the graph is in execution order, and ``W`` is donated (the caller hands a tensor the step may
     overwrite). Anything else (a gradient that is reduced over ranks or read by a clipping
@@ -38,14 +39,16 @@ from torch.fx import GraphModule, Node
 
 import kernels  # noqa: F401 - registers torch.ops.shardgraph.grouped_mm_wgrad*
 from shardgraph import meta
+from shardgraph.fx_graph import output_values, set_output_values
 from shardgraph.meta import InputKind
+from shardgraph.runtime import moe as moe_steps
 
 from .donate_state import _readers
 
-__all__ = ["fuse_wgrad_sgd", "FUSED_OP"]
+__all__ = ["fuse_wgrad_sgd", "FUSED_STEP"]
 
 aten = torch.ops.aten
-FUSED_OP = torch.ops.shardgraph.grouped_mm_wgrad_sgd_.default
+FUSED_STEP = moe_steps.expert_sgd_step
 _WGRAD = torch.ops.shardgraph.grouped_mm_wgrad.default
 _LR_OPS = (aten._to_copy.default, aten.clone.default, aten.alias.default)
 
@@ -144,7 +147,7 @@ def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
                 copies[node] = graph.node_copy(node, lambda n: copies.get(n, n))
                 meta.copy_node_records(node, copies[node])
         with graph.inserting_after(copies[lr] if lr_chain else anchor):
-            fused = graph.call_function(FUSED_OP, (weight, x, dout, offsets, copies.get(lr, lr), num_groups, layout))
+            fused = graph.call_function(FUSED_STEP, (weight, x, dout, offsets, copies.get(lr, lr), num_groups, layout))
         meta.copy_source_location(grad, fused)
         total_value = meta.tensor_value(total)
         with graph.inserting_after(fused):
@@ -158,8 +161,11 @@ def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
             # the gradient is split, then reduced as before).
             meta.set_placed(fused, record)
         total.replace_all_uses_with(term)
-        # The output returns the parameter itself, updated in place (what copy_ returned).
-        write.replace_all_uses_with(weight)
+        # The parameter's output is None: "updated in place, the donated tensor is the new value"
+        # (TrainingProgram takes the input). Returning the input itself would be a read of it
+        # after the kernel, which keeps torch.compile from updating it in place (it would clone
+        # the weight before the kernel and copy it back after).
+        set_output_values(graph, [None if value is write else value for value in output_values(graph)])
         for node in (write, new, step, total, *reversed(norm_nodes), grad, *reversed(lr_chain)):
             if not node.users:
                 graph.erase_node(node)

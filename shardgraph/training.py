@@ -233,7 +233,10 @@ class TrainingProgram(ShardedProgram):
         loss, rest = outputs[0], list(outputs[1:])
         count = len(self.trainable_names)
         parameters = dict(state.parameters)
-        parameters.update(zip(self.trainable_names, rest[:count]))
+        # None: the step updated the donated tensor in place and returned nothing for it
+        # (passes/fuse_wgrad_sgd.py), so the tensor given is the new value.
+        parameters.update((name, state.parameters[name] if value is None else value)
+                          for name, value in zip(self.trainable_names, rest[:count]))
         optimizer: dict[str, dict[str, torch.Tensor]] = {}
         for (name, slot), value in zip(self.state_slots, rest[count:count + len(self.state_slots)]):
             optimizer.setdefault(name, {})[slot] = value
