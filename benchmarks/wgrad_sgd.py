@@ -3,7 +3,7 @@ step, at MoE expert shapes.
 
 For each shape (experts, tokens per expert, K, N; bf16 by default) and weight layout:
 
-  fused      ``torch.ops.shardgraph.grouped_mm_wgrad_sgd_(W, x, dout, offsets, lr, E, layout)``: the
+  fused      ``torch.ops.shardgraph.grouped_mm_wgrad_sgd_(W, x, dout, offsets, lr, E, layout, [])``: the
              weight updated in place tile by tile, the sum of the gradient's squares returned
   unfused    ``grouped_mm_wgrad`` (our kernel or torch's, whichever its timed schedule picked),
              then the step as the unfused program runs it: ``W.copy_(W - dW * lr)`` and
@@ -100,7 +100,7 @@ def run_shape(name, shape, layout, dtype, device, steps) -> dict:
         return update(weight, OPS.grouped_mm_wgrad(x, dout, offsets, experts, layout))
 
     def fused(weight):
-        return OPS.grouped_mm_wgrad_sgd_(weight, x, dout, offsets, lr, experts, layout)
+        return OPS.grouped_mm_wgrad_sgd_(weight, x, dout, offsets, lr, experts, layout, [])
 
     a, b, c = original.clone(), original.clone(), original.clone()
     squares_a, squares_b = fused(a), unfused(b)

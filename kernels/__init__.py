@@ -159,8 +159,10 @@ _library = torch.library.Library("shardgraph", "FRAGMENT")
 _library.define("grouped_mm(Tensor x, Tensor w, Tensor offsets, str w_layout) -> Tensor")
 _library.define("grouped_mm_dgrad(Tensor dout, Tensor w, Tensor offsets, str w_layout) -> Tensor")
 _library.define("grouped_mm_wgrad(Tensor x, Tensor dout, Tensor offsets, SymInt num_groups, str w_layout) -> Tensor")
+# ``after``: tensors the step is ordered after and does not read (the other readers of the old
+# weight, so that a compiler's reordering cannot move one of them past the in-place update).
 _library.define("grouped_mm_wgrad_sgd_(Tensor(a!) param, Tensor x, Tensor dout, Tensor offsets, Tensor lr, "
-                "SymInt num_groups, str w_layout) -> Tensor")
+                "SymInt num_groups, str w_layout, Tensor[] after) -> Tensor")
 
 
 def _grouped_mm_op(x, w, offsets, w_layout):
@@ -178,7 +180,7 @@ def _grouped_mm_wgrad_op(x, dout, offsets, num_groups, w_layout):
     return _wgrad(x, dout, offsets, num_groups, w_layout)
 
 
-def _check_wgrad_sgd(param, x, dout, offsets, lr, num_groups, w_layout):
+def _check_wgrad_sgd(param, x, dout, offsets, lr, num_groups, w_layout, after=()):
     check_wgrad(x, dout, offsets, num_groups, w_layout)
     shape = (num_groups, x.shape[1], dout.shape[1]) if w_layout == "ekn" else (num_groups, dout.shape[1], x.shape[1])
     if tuple(param.shape) != shape or param.dtype != x.dtype:
@@ -190,7 +192,7 @@ def _check_wgrad_sgd(param, x, dout, offsets, lr, num_groups, w_layout):
                                f"{param.dtype}, got {lr.dtype} of shape {tuple(lr.shape)}")
 
 
-def _grouped_mm_wgrad_sgd_op(param, x, dout, offsets, lr, num_groups, w_layout):
+def _grouped_mm_wgrad_sgd_op(param, x, dout, offsets, lr, num_groups, w_layout, after):
     """``param -= lr * dW`` in place (``dW`` the grouped wgrad, never held whole on the Triton
     backend) and ``sum(float32(dW) ** 2)``. Elsewhere: the wgrad, then the same step and sum as
     the unfused graph's ops."""
@@ -234,7 +236,7 @@ def _(x, dout, offsets, num_groups, w_layout):
 
 
 @torch.library.register_fake("shardgraph::grouped_mm_wgrad_sgd_", lib=_library)
-def _(param, x, dout, offsets, lr, num_groups, w_layout):
+def _(param, x, dout, offsets, lr, num_groups, w_layout, after):
     _check_wgrad_sgd(param, x, dout, offsets, lr, num_groups, w_layout)
     return x.new_empty((), dtype=torch.float32)
 

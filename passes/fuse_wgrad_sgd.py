@@ -14,8 +14,7 @@ Reads
     with ``lr_w`` a 0-dim value in ``W``'s dtype computed from placeholders only (the learning
     rate cast), and nothing else reading ``grad``.
 Writes
-    ``s = expert_sgd_step(W, x, dout, offsets, lr_w, E, layout)`` (``shardgraph.runtime.moe``, which
-    calls ``shardgraph::grouped_mm_wgrad_sgd_`` outside torch.compile) right after the
+    ``s = shardgraph.grouped_mm_wgrad_sgd_(W, x, dout, offsets, lr_w, E, layout, after)`` right after the
     last other reader of ``W`` (and after ``grad`` would have been computed): it updates ``W`` in
     place, tile by tile, and returns ``sum(float32(grad) ** 2)``, cast to the norm term's dtype in
     its place. The parameter's output becomes None: the donated ``W`` holds its new value.
@@ -41,14 +40,13 @@ import kernels  # noqa: F401 - registers torch.ops.shardgraph.grouped_mm_wgrad*
 from shardgraph import meta
 from shardgraph.fx_graph import output_values, set_output_values
 from shardgraph.meta import InputKind
-from shardgraph.runtime import moe as moe_steps
 
 from .donate_state import _readers
 
-__all__ = ["fuse_wgrad_sgd", "FUSED_STEP"]
+__all__ = ["fuse_wgrad_sgd", "FUSED_OP"]
 
 aten = torch.ops.aten
-FUSED_STEP = moe_steps.expert_sgd_step
+FUSED_OP = torch.ops.shardgraph.grouped_mm_wgrad_sgd_.default
 _WGRAD = torch.ops.shardgraph.grouped_mm_wgrad.default
 _LR_OPS = (aten._to_copy.default, aten.clone.default, aten.alias.default)
 
@@ -98,6 +96,25 @@ def _norm_term(grad: Node, step: Node) -> tuple[list[Node], Node] | None:
     return None
 
 
+def _returns_one_tensor(node: Node) -> bool:
+    if meta.tensor_value(node) is not None:
+        return True
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    returns = node.target._schema.returns
+    return len(returns) == 1 and isinstance(returns[0].type, torch.TensorType)
+
+
+def _ancestors(nodes: list[Node]) -> set[Node]:
+    seen, stack = set(), list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen
+
+
 def _same_piece(a: Node, b: Node) -> bool:
     """Whether two values are the same shape and dtype and placed alike (so the local pieces match)."""
     value_a, value_b = meta.tensor_value(a), meta.tensor_value(b)
@@ -141,13 +158,22 @@ def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
         if any(order[user] <= order[anchor] for user in total.users):
             continue
         x, dout, offsets, num_groups, layout = grad.args
+        # Readers of the old weight that the step's inputs do not already depend on (the dgrad,
+        # a sibling of the wgrad) become its ``after`` operands: a data dependency, so that
+        # torch.compile, free to reorder a functional graph, keeps them before the update and
+        # can then write the donated weight in place instead of cloning it first.
+        ancestors = _ancestors([x, dout, offsets])
+        after = [r for r in others if r not in ancestors]
+        if not all(_returns_one_tensor(r) for r in after):
+            continue
         with graph.inserting_after(anchor):
             copies = {}
             for node in lr_chain:  # the learning-rate cast, replayed where the fused op needs it
                 copies[node] = graph.node_copy(node, lambda n: copies.get(n, n))
                 meta.copy_node_records(node, copies[node])
         with graph.inserting_after(copies[lr] if lr_chain else anchor):
-            fused = graph.call_function(FUSED_STEP, (weight, x, dout, offsets, copies.get(lr, lr), num_groups, layout))
+            fused = graph.call_function(FUSED_OP, (weight, x, dout, offsets, copies.get(lr, lr), num_groups, layout,
+                                                   after))
         meta.copy_source_location(grad, fused)
         total_value = meta.tensor_value(total)
         with graph.inserting_after(fused):

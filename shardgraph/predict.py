@@ -188,7 +188,7 @@ def node_work(node: Node, pieces: dict) -> Work | None:
         # wgrad: x [rows, k] and dout [rows, n] make every expert's [k, n].
         per_row = math.prod(other[1:]) if name != "shardgraph.grouped_mm_wgrad" else x[-1] * other[-1]
         return Work(2.0 * x[0] * per_row, moved, dtype, True, "grouped_mm")
-    if name in ("shardgraph.grouped_mm_wgrad_sgd_", "expert_sgd_step"):
+    if name == "shardgraph.grouped_mm_wgrad_sgd_":
         x, dout = _shape(node.args[1], pieces), _shape(node.args[2], pieces)
         # The weight is read and written back in place: its bytes count twice.
         moved += sum(_piece_bytes(p) for p in _pieces_of(node.args[0], pieces))

@@ -68,7 +68,6 @@ __all__ = [
     "etp_gather",
     "etp_reduce_own",
     "etp_sizes",
-    "expert_sgd_step",
 ]
 
 
@@ -272,17 +271,4 @@ def scatter_copies(grad_copies: torch.Tensor, order: torch.Tensor, top_k: int, t
     if moe_rows.runs(grad_copies):
         return torch.ops.shardgraph.gather_sum(grad_copies, inverse_permutation(order), top_k)
     return ungroup(grad_copies, order).reshape(tokens, top_k, -1).sum(dim=1)
-
-
-@torch._dynamo.disable
-def expert_sgd_step(param: torch.Tensor, x: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor, lr: torch.Tensor,
-                    num_groups: int, w_layout: str) -> torch.Tensor:
-    """``param -= lr * grouped_wgrad(x, dout)`` in place, the gradient never written, and the sum
-    of its float32 squares returned (``torch.ops.shardgraph.grouped_mm_wgrad_sgd_``; placed by
-    ``passes/fuse_wgrad_sgd.py``).
-
-    Run outside torch.compile, where ``param`` is the donated tensor itself: traced, the in-place
-    op on a graph input would be functionalized into a copy of the weight before the kernel and a
-    copy back after it, two passes over the weight that the fusion is there to save."""
-    return torch.ops.shardgraph.grouped_mm_wgrad_sgd_(param, x, dout, offsets, lr, num_groups, w_layout)
 

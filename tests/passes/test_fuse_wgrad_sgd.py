@@ -3,6 +3,7 @@ wgrad's epilogue, checked against torch.optim on the unsharded model, and left u
 the gradient is reduced, clipped, decayed or given momentum."""
 
 import copy
+import logging
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 import shardgraph as sg
 from examples.moe_model import shardgraph_entry
-from passes.fuse_wgrad_sgd import FUSED_STEP as FUSED
+from passes.fuse_wgrad_sgd import FUSED_OP as FUSED
 from shardgraph import meta
 from shardgraph.meta import InputKind
 from shardgraph.predict import node_work
@@ -123,13 +124,42 @@ def test_fused_update_must_be_true_or_false():
                    fused_update="yes")
 
 
-def test_under_inductor_the_fused_step_writes_the_unfused_steps_state():
-    # torch.compile functionalizes the in-place op and writes the weight back into the donated
-    # input: the state after each step must be the unfused program's.
+class _Messages(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_under_inductor_the_fused_step_updates_the_donated_weight_in_place_and_as_unfused():
+    # torch.compile functionalizes the in-place op; with every other reader of the weight ordered
+    # before it (its ``after`` operands) inductor writes the donated input in place again
+    # instead of cloning the weight before the kernel and copying it back after.
+    import torch._inductor.config as inductor_config
+
     model, inputs, loss_fn, fused = setup("world=1", sg.optim.SGD(lr=0.1))
     *_, unfused = setup("world=1", sg.optim.SGD(lr=0.1), fused_update=False)
     state_a, state_b = fused.init_state(model, 0), unfused.init_state(model, 0)
-    for _ in range(2):
+    storage = {name: tensor.untyped_storage().data_ptr() for name, tensor in state_a.parameters.items()}
+    # torch's loggers do not propagate to the root logger: the handler goes on inductor's own.
+    logger, handler = logging.getLogger("torch._inductor.fx_passes.reinplace"), _Messages()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with inductor_config.patch(force_disable_caches=True):
+            loss_a, state_a, metrics_a = fused.train_step(state_a, inputs, compile="inductor")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    reports = [m for m in handler.messages if "grouped_mm_wgrad_sgd_" in m]
+    assert len(reports) == len(fused_nodes(fused)) and all("remain clones=[]" in r for r in reports), reports
+    assert all(state_a.parameters[name].untyped_storage().data_ptr() == where for name, where in storage.items())
+    loss_b, state_b, metrics_b = unfused.train_step(state_b, inputs, compile="inductor")
+    assert relative(loss_a, loss_b) < 1e-6 and relative(metrics_a["grad_norm"], metrics_b["grad_norm"]) < 1e-6
+    for _ in range(1):
         loss_a, state_a, metrics_a = fused.train_step(state_a, inputs, compile="inductor")
         loss_b, state_b, metrics_b = unfused.train_step(state_b, inputs, compile="inductor")
         assert relative(loss_a, loss_b) < 1e-6 and relative(metrics_a["grad_norm"], metrics_b["grad_norm"]) < 1e-6
