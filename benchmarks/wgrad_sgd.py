@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -37,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
+from benchmarks.fused_loss import measure  # noqa: E402
 from kernels import grouped_gemm  # noqa: E402
 
 # name: (experts, rows per expert, K = hidden, N = the projection's output width)
@@ -62,22 +62,7 @@ def parse_args(argv=None):
 
 def timed(fn, steps: int, device) -> float:
     """Median ms of ``fn()`` over ``steps`` runs after two warm-up runs."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            started = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
+    return measure(fn, device, steps, 2)["median_ms"]
 
 
 def run_shape(name, shape, layout, dtype, device, steps) -> dict:

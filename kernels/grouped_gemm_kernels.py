@@ -266,11 +266,16 @@ def _grouped_product_kernel(
 
 
 @triton.jit
-def _wgrad_tma_sum(left_desc, right_desc, left_ptr, right_ptr, offsets_ptr, group, p1_start, p2_start, M, P1, P2,
-                   stride_lm, stride_rm, UPCAST: tl.constexpr,
-                   BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr):
-    """One (group, output tile)'s float32 sum over the group's rows: whole row blocks through TMA,
-    the last partial block through masked loads (rows of the next group must not enter it)."""
+def _wgrad_tma_tile(left_desc, right_desc, left_ptr, right_ptr, offsets_ptr, M, P1, P2, stride_lm, stride_rm,
+                    UPCAST: tl.constexpr, BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's (group, output tile): the tile's float32 sum over the group's rows (whole row
+    blocks through TMA, the last partial block through masked loads: rows of the next group must
+    not enter it), the group, and the tile's rows and columns."""
+    # Tile index fastest, group slowest: programs running together share one group's rows in L2.
+    tiles_p2 = tl.cdiv(P2, BLOCK_P2)
+    group = tl.program_id(1)
+    p1_start = (tl.program_id(0) // tiles_p2) * BLOCK_P1
+    p2_start = (tl.program_id(0) % tiles_p2) * BLOCK_P2
     row_start, row_end = _group_bounds(offsets_ptr, group, M)
     whole_blocks = (row_end - row_start) // BLOCK_M
     acc = tl.zeros((BLOCK_P1, BLOCK_P2), dtype=tl.float32)
@@ -290,13 +295,18 @@ def _wgrad_tma_sum(left_desc, right_desc, left_ptr, right_ptr, offsets_ptr, grou
         right = tl.load(right_ptr + rows[:, None].to(tl.int64) * stride_rm + cols2[None, :],
                         mask=row_mask[:, None] & (cols2[None, :] < P2), other=0.0)
         acc = _dot(left.T, right, acc, False, UPCAST)
-    return acc
+    return acc, group, p1_start + tl.arange(0, BLOCK_P1), p2_start + tl.arange(0, BLOCK_P2)
 
 
 @triton.jit
-def _wgrad_portable_sum(left_ptr, right_ptr, offsets_ptr, group, cols1, cols2, M, P1, P2,
-                        stride_lm, stride_l1, stride_rm, stride_r2, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                        BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+def _wgrad_portable_tile(left_ptr, right_ptr, offsets_ptr, M, P1, P2, stride_lm, stride_l1, stride_rm, stride_r2,
+                         IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                         BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """As ``_wgrad_tma_tile``, through masked loads only."""
+    tiles_p2 = tl.cdiv(P2, BLOCK_P2)
+    group = tl.program_id(1)
+    cols1 = (tl.program_id(0) // tiles_p2) * BLOCK_P1 + tl.arange(0, BLOCK_P1)
+    cols2 = (tl.program_id(0) % tiles_p2) * BLOCK_P2 + tl.arange(0, BLOCK_P2)
     row_start, row_end = _group_bounds(offsets_ptr, group, M)
     mask1 = cols1 < P1
     mask2 = cols2 < P2
@@ -310,7 +320,7 @@ def _wgrad_portable_sum(left_ptr, right_ptr, offsets_ptr, group, cols1, cols2, M
         right = tl.load(right_ptr + rows[:, None].to(tl.int64) * stride_rm + cols2[None, :] * stride_r2,
                         mask=row_mask[:, None] & mask2[None, :], other=0.0)
         acc = _dot(left, right, acc, IEEE, UPCAST)
-    return acc
+    return acc, group, cols1, cols2
 
 
 @triton.jit
@@ -344,15 +354,8 @@ def _grouped_wgrad_tma_kernel(
     UPCAST: tl.constexpr,
     BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    # Tile index fastest, group slowest: programs running together share one group's rows in L2.
-    tiles_p2 = tl.cdiv(P2, BLOCK_P2)
-    group = tl.program_id(1)
-    p1_start = (tl.program_id(0) // tiles_p2) * BLOCK_P1
-    p2_start = (tl.program_id(0) % tiles_p2) * BLOCK_P2
-    acc = _wgrad_tma_sum(left_desc, right_desc, left_ptr, right_ptr, offsets_ptr, group, p1_start, p2_start, M, P1,
-                         P2, stride_lm, stride_rm, UPCAST, BLOCK_P1, BLOCK_P2, BLOCK_M)
-    rows1 = p1_start + tl.arange(0, BLOCK_P1)
-    cols2 = p2_start + tl.arange(0, BLOCK_P2)
+    acc, group, rows1, cols2 = _wgrad_tma_tile(left_desc, right_desc, left_ptr, right_ptr, offsets_ptr, M, P1, P2,
+                                               stride_lm, stride_rm, UPCAST, BLOCK_P1, BLOCK_P2, BLOCK_M)
     tl.store(dw_ptr + group.to(tl.int64) * stride_dg + rows1[:, None] * stride_d1 + cols2[None, :],
              acc.to(dw_ptr.dtype.element_ty), mask=(rows1[:, None] < P1) & (cols2[None, :] < P2))
 
@@ -368,14 +371,9 @@ def _grouped_wgrad_sgd_tma_kernel(
     """``_grouped_wgrad_tma_kernel`` whose tile, instead of being stored, takes an SGD step on the
     parameter it is the gradient of (``_sgd_epilogue``); launched with the configuration tuned for
     the plain kernel (tuning an in-place update would apply it once per trial)."""
-    tiles_p2 = tl.cdiv(P2, BLOCK_P2)
-    group = tl.program_id(1)
-    p1_start = (tl.program_id(0) // tiles_p2) * BLOCK_P1
-    p2_start = (tl.program_id(0) % tiles_p2) * BLOCK_P2
-    acc = _wgrad_tma_sum(left_desc, right_desc, left_ptr, right_ptr, offsets_ptr, group, p1_start, p2_start, M, P1,
-                         P2, stride_lm, stride_rm, UPCAST, BLOCK_P1, BLOCK_P2, BLOCK_M)
-    _sgd_epilogue(acc, param_ptr, lr_ptr, partial_ptr, group, p1_start + tl.arange(0, BLOCK_P1),
-                  p2_start + tl.arange(0, BLOCK_P2), P1, P2, stride_pg, stride_p1, 1)
+    acc, group, rows1, cols2 = _wgrad_tma_tile(left_desc, right_desc, left_ptr, right_ptr, offsets_ptr, M, P1, P2,
+                                               stride_lm, stride_rm, UPCAST, BLOCK_P1, BLOCK_P2, BLOCK_M)
+    _sgd_epilogue(acc, param_ptr, lr_ptr, partial_ptr, group, rows1, cols2, P1, P2, stride_pg, stride_p1, 1)
 
 
 @triton.autotune(configs=wgrad_portable_configs(), key=["P1", "P2", "E", "M_BUCKET"])
@@ -387,12 +385,8 @@ def _grouped_wgrad_kernel(
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    tiles_p2 = tl.cdiv(P2, BLOCK_P2)
-    group = tl.program_id(1)
-    cols1 = (tl.program_id(0) // tiles_p2) * BLOCK_P1 + tl.arange(0, BLOCK_P1)
-    cols2 = (tl.program_id(0) % tiles_p2) * BLOCK_P2 + tl.arange(0, BLOCK_P2)
-    acc = _wgrad_portable_sum(left_ptr, right_ptr, offsets_ptr, group, cols1, cols2, M, P1, P2, stride_lm, stride_l1,
-                              stride_rm, stride_r2, IEEE, UPCAST, BLOCK_P1, BLOCK_P2, BLOCK_M)
+    acc, group, cols1, cols2 = _wgrad_portable_tile(left_ptr, right_ptr, offsets_ptr, M, P1, P2, stride_lm, stride_l1,
+                                                    stride_rm, stride_r2, IEEE, UPCAST, BLOCK_P1, BLOCK_P2, BLOCK_M)
     tl.store(dw_ptr + group.to(tl.int64) * stride_dg + cols1[:, None] * stride_d1 + cols2[None, :] * stride_d2,
              acc.to(dw_ptr.dtype.element_ty), mask=(cols1[:, None] < P1) & (cols2[None, :] < P2))
 
@@ -406,10 +400,6 @@ def _grouped_wgrad_sgd_kernel(
     BLOCK_P1: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """The portable wgrad with the SGD step as its epilogue (see ``_grouped_wgrad_sgd_tma_kernel``)."""
-    tiles_p2 = tl.cdiv(P2, BLOCK_P2)
-    group = tl.program_id(1)
-    cols1 = (tl.program_id(0) // tiles_p2) * BLOCK_P1 + tl.arange(0, BLOCK_P1)
-    cols2 = (tl.program_id(0) % tiles_p2) * BLOCK_P2 + tl.arange(0, BLOCK_P2)
-    acc = _wgrad_portable_sum(left_ptr, right_ptr, offsets_ptr, group, cols1, cols2, M, P1, P2, stride_lm, stride_l1,
-                              stride_rm, stride_r2, IEEE, UPCAST, BLOCK_P1, BLOCK_P2, BLOCK_M)
+    acc, group, cols1, cols2 = _wgrad_portable_tile(left_ptr, right_ptr, offsets_ptr, M, P1, P2, stride_lm, stride_l1,
+                                                    stride_rm, stride_r2, IEEE, UPCAST, BLOCK_P1, BLOCK_P2, BLOCK_M)
     _sgd_epilogue(acc, param_ptr, lr_ptr, partial_ptr, group, cols1, cols2, P1, P2, stride_pg, stride_p1, stride_p2)

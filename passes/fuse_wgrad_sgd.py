@@ -38,7 +38,7 @@ from torch.fx import GraphModule, Node
 
 import kernels  # noqa: F401 - registers torch.ops.shardgraph.grouped_mm_wgrad*
 from shardgraph import meta
-from shardgraph.fx_graph import output_values, set_output_values
+from shardgraph.fx_graph import ancestors, output_values, set_output_values
 from shardgraph.meta import InputKind
 
 from .donate_state import _readers
@@ -105,16 +105,6 @@ def _returns_one_tensor(node: Node) -> bool:
     return len(returns) == 1 and isinstance(returns[0].type, torch.TensorType)
 
 
-def _ancestors(nodes: list[Node]) -> set[Node]:
-    seen, stack = set(), list(nodes)
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    return seen
-
-
 def _same_piece(a: Node, b: Node) -> bool:
     """Whether two values are the same shape and dtype and placed alike (so the local pieces match)."""
     value_a, value_b = meta.tensor_value(a), meta.tensor_value(b)
@@ -162,8 +152,8 @@ def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
         # a sibling of the wgrad) become its ``after`` operands: a data dependency, so that
         # torch.compile, free to reorder a functional graph, keeps them before the update and
         # can then write the donated weight in place instead of cloning it first.
-        ancestors = _ancestors([x, dout, offsets])
-        after = [r for r in others if r not in ancestors]
+        inputs_from = ancestors([x, dout, offsets])
+        after = [r for r in others if r not in inputs_from]
         if not all(_returns_one_tensor(r) for r in after):
             continue
         with graph.inserting_after(anchor):
