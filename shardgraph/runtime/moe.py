@@ -35,7 +35,10 @@ one kernel that reads the rows through an index vector, and nothing is copied in
     (dispatched: gather_glu_grouped_mm(received, permutation, ...), local_expert_order giving both)
 
 The backward mirrors it with the same splits and permutation. Nothing here knows about the
-graph: the MoE lowering pass emits these calls as nodes so a dump shows every step.
+graph: the MoE lowering pass emits these calls as nodes so a dump shows every step. On a GPU the
+row steps (``gather_copies``, ``ungroup``, ``combine``, ``combine_backward``, ``scatter_copies``)
+run as the Triton row kernels of ``kernels.moe_rows``; elsewhere as the aten ops written here,
+which define them.
 """
 
 from __future__ import annotations
