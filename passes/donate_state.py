@@ -32,7 +32,7 @@ from shardgraph.fx_graph import output_values, set_output_values
 from shardgraph.meta import InputKind
 from shardgraph.runtime import c10d
 
-__all__ = ["donate_state", "donated_outputs"]
+__all__ = ["donate_state", "donated_outputs", "readers"]
 
 
 def donated_outputs(gm: GraphModule) -> dict[int, Node]:
@@ -65,7 +65,7 @@ def _may_alias_input(node: Node) -> bool:
     return True
 
 
-def _readers(placeholder: Node) -> list[Node]:
+def readers(placeholder: Node) -> list[Node]:
     """Every node that reads the placeholder's memory: its users, and the users of any value
     that may alias it (a transposed weight read by the backward's matmul)."""
     seen, stack, found = {placeholder}, [placeholder], []
@@ -94,8 +94,8 @@ def donate_state(gm: GraphModule) -> GraphModule:
         if not isinstance(value, Node) or value.op == "placeholder":
             raise ValueError(f"donate_state: output {position} ({meta.output_roles(gm)[position]}) is "
                              f"{value}, not a value the step computes")
-        readers = [user for user in _readers(placeholder) if user.op != "output"]
-        anchor = max([value, *readers], key=order.__getitem__)
+        old_readers = [user for user in readers(placeholder) if user.op != "output"]
+        anchor = max([value, *old_readers], key=order.__getitem__)
         with graph.inserting_after(anchor):
             write = graph.call_function(torch.ops.aten.copy_.default, (placeholder, value))
         # The copy holds the parameter's piece, placed as the parameter is.

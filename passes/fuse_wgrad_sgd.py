@@ -41,7 +41,7 @@ from shardgraph import meta
 from shardgraph.fx_graph import ancestors, output_values, set_output_values
 from shardgraph.meta import InputKind
 
-from .donate_state import _readers
+from .donate_state import readers
 
 __all__ = ["fuse_wgrad_sgd", "FUSED_OP"]
 
@@ -143,7 +143,7 @@ def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
         norm_nodes, total = norm
         # After the gradient's inputs and every other reader of the old weight (the forward
         # product, the dgrad), before anything reads the norm term.
-        others = [r for r in _readers(weight) if r not in (new, write, step) and r.op != "output"]
+        others = [r for r in readers(weight) if r not in (new, write, step) and r.op != "output"]
         anchor = max([grad, *others], key=order.__getitem__)
         if any(order[user] <= order[anchor] for user in total.users):
             continue
@@ -156,12 +156,14 @@ def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
         after = [r for r in others if r not in inputs_from]
         if not all(_returns_one_tensor(r) for r in after):
             continue
-        with graph.inserting_after(anchor):
-            copies = {}
-            for node in lr_chain:  # the learning-rate cast, replayed where the fused op needs it
-                copies[node] = graph.node_copy(node, lambda n: copies.get(n, n))
-                meta.copy_node_records(node, copies[node])
-        with graph.inserting_after(copies[lr] if lr_chain else anchor):
+        # The learning-rate cast, replayed where the fused op needs it (each copy after the last:
+        # fx inserts every node of one inserting_after block right after its anchor).
+        copies, point = {}, anchor
+        for node in lr_chain:
+            with graph.inserting_after(point):
+                copies[node] = point = graph.node_copy(node, lambda n: copies.get(n, n))
+            meta.copy_node_records(node, copies[node])
+        with graph.inserting_after(point):
             fused = graph.call_function(FUSED_OP, (weight, x, dout, offsets, copies.get(lr, lr), num_groups, layout,
                                                    after))
         meta.copy_source_location(grad, fused)
