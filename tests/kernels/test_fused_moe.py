@@ -2,10 +2,7 @@
 one MoE layer's forward and backward, compiled programs on meshes with and without dispatch), the
 lowering's choice of path, and the ops' unfused fallback against ``shardgraph.ops.moe``."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,17 +13,14 @@ import shardgraph as sg
 from examples.moe_model import shardgraph_entry
 from kernels import fused_moe
 from shardgraph.ops.moe import GatedActivation
+from tests.kernels import interpreted_rows
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_moe_interpreted.py")
 OPS = torch.ops.shardgraph
 
 
 @pytest.fixture(scope="module")
 def results():
-    environment = dict(os.environ, TRITON_INTERPRET="1")
-    completed = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, env=environment, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    rows = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    rows = interpreted_rows("fused_moe_interpreted.py")
     return {group: [r for r in rows if r["group"] == group] for group in ("op", "block", "program")}
 
 

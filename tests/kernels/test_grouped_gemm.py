@@ -6,22 +6,14 @@ interpreter runs too), empty groups, groups smaller than a tile, M not a multipl
 not multiples of 16 and rows past the last offset. Tolerances: fp32 < 1e-5, bf16 < 1e-2.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "interpreter_checks.py")
+from tests.kernels import interpreted_rows
 
 
 @pytest.fixture(scope="module")
 def results():
-    environment = dict(os.environ, TRITON_INTERPRET="1")
-    completed = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, env=environment, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    return interpreted_rows("interpreter_checks.py")
 
 
 def test_every_case_ran(results):

@@ -2,10 +2,6 @@
 against float64 and against the runtime's aten form, inside compiled programs against the
 unsharded model, and their checks and fallbacks without the interpreter."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,8 +9,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from kernels import moe_rows
 from shardgraph.runtime import moe as moe_steps
+from tests.kernels import interpreted_rows
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_rows_interpreted.py")
 OPS = torch.ops.shardgraph
 # A 16-bit product rounded once per element: a few units of the last place of the result.
 TOLERANCE = {"torch.float32": 1e-6, "torch.bfloat16": 2e-2, "torch.float16": 2e-3}
@@ -22,10 +18,7 @@ TOLERANCE = {"torch.float32": 1e-6, "torch.bfloat16": 2e-2, "torch.float16": 2e-
 
 @pytest.fixture(scope="module")
 def results():
-    environment = dict(os.environ, TRITON_INTERPRET="1")
-    completed = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, env=environment, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    rows = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    rows = interpreted_rows("moe_rows_interpreted.py")
     return {group: [r for r in rows if r["group"] == group] for group in ("op", "runtime", "program")}
 
 
