@@ -180,7 +180,7 @@ def _grouped_mm_wgrad_op(x, dout, offsets, num_groups, w_layout):
     return _wgrad(x, dout, offsets, num_groups, w_layout)
 
 
-def _check_wgrad_sgd(param, x, dout, offsets, lr, num_groups, w_layout, after=()):
+def _check_wgrad_sgd(param, x, dout, offsets, lr, num_groups, w_layout):
     check_wgrad(x, dout, offsets, num_groups, w_layout)
     shape = (num_groups, x.shape[1], dout.shape[1]) if w_layout == "ekn" else (num_groups, dout.shape[1], x.shape[1])
     if tuple(param.shape) != shape or param.dtype != x.dtype:

@@ -10,15 +10,22 @@ compiled kernels, its autotuners' choices) are Triton's and are not cleared.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 
-__all__ = ["GroupedGemmCaches", "CACHES", "LAUNCH_LOCK"]
+__all__ = ["GroupedGemmCaches", "CACHES", "LAUNCH_LOCK", "interpreter_guard"]
 
 # Held while a kernel is first compiled or tuned, and around every launch under the interpreter:
 # the interpreter patches triton.language's module state while a kernel runs, so the simulator's
 # rank threads (one per rank) interpret one kernel at a time, whichever module launches it.
 LAUNCH_LOCK = threading.Lock()
+
+
+def interpreter_guard(interpreted: bool):
+    """``LAUNCH_LOCK`` around a launch under the interpreter; nothing on a GPU, where launches
+    from several threads are safe once compiled."""
+    return LAUNCH_LOCK if interpreted else contextlib.nullcontext()
 
 
 @dataclasses.dataclass(eq=False)

@@ -41,7 +41,7 @@ import triton
 
 from . import grouped_gemm_pingpong as _pingpong
 from . import grouped_gemm_vendor as _vendor
-from .caches import CACHES, LAUNCH_LOCK
+from .caches import CACHES, LAUNCH_LOCK, interpreter_guard
 from .grouped_gemm_configs import INTERPRETED, product_tma_config
 from .grouped_gemm_kernels import (_grouped_product_kernel, _grouped_product_tma_kernel, _grouped_wgrad_kernel,
                                    _grouped_wgrad_sgd_kernel, _grouped_wgrad_sgd_tma_kernel, _grouped_wgrad_tma_kernel)
@@ -219,6 +219,22 @@ def _wgrad_plan(left, right, dw, offsets, num_groups, requested) -> _Plan:
 # ----------------------------------------------------------------------------------------------
 # Launching
 # ----------------------------------------------------------------------------------------------
+
+
+def _remembered_wgrad_plan(left, right, dw, shape, offsets, num_groups, path) -> _Plan:
+    """The wgrad launch plan for these operands and output ``dw`` (None: one this package
+    allocates, contiguous and aligned, of ``shape``), made once per layout."""
+    # As for the product: a weight gradient this package allocates is contiguous and aligned.
+    contiguous = (shape[1] * shape[2], shape[2], 1)
+    dw_stride, dw_alignment = (dw.stride(), dw.data_ptr() % 16) if dw is not None else (contiguous, 0)
+    plan_key = ("wgrad", left.stride(), right.stride(), dw_stride, left.shape[1], right.shape[1], num_groups,
+                left.dtype, left.device, path, left.data_ptr() % 16, right.data_ptr() % 16, dw_alignment,
+                offsets.data_ptr() % 16)
+    plan = CACHES.plans.get(plan_key)
+    if plan is None:
+        planned = dw if dw is not None else torch.empty(shape, dtype=left.dtype, device=left.device)
+        plan = CACHES.remember_plan(plan_key, _wgrad_plan(left, right, planned, offsets, num_groups, path))
+    return plan
 
 
 def _launch(kernel, key, grid_of, make_descriptors, args, constexprs, specialization):
@@ -494,14 +510,7 @@ def triton_grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.
     left, right = (x, dout) if w_layout == "ekn" else (dout, x)
     p1, p2 = left.shape[1], right.shape[1]
     left_strides, right_strides = left.stride(), right.stride()
-    # As for the product: a weight gradient this function allocates is contiguous and aligned.
-    dw_stride, dw_alignment = (out.stride(), out.data_ptr() % 16) if out is not None else ((p1 * p2, p2, 1), 0)
-    plan_key = ("wgrad", left_strides, right_strides, dw_stride, p1, p2, num_groups, x.dtype, x.device, path,
-                left.data_ptr() % 16, right.data_ptr() % 16, dw_alignment, offsets.data_ptr() % 16)
-    plan = CACHES.plans.get(plan_key)
-    if plan is None:
-        planned = out if out is not None else torch.empty(shape, dtype=x.dtype, device=x.device)
-        plan = CACHES.remember_plan(plan_key, _wgrad_plan(left, right, planned, offsets, num_groups, path))
+    plan = _remembered_wgrad_plan(left, right, out, shape, offsets, num_groups, path)
     launch_counts[f"wgrad_{plan.path}"] += 1
     m_bucket = _next_power_of_two(m)
     specialization = (m % 16 == 0, m == 1, m >> 31, m_bucket, *plan.specialization)
@@ -547,7 +556,8 @@ def triton_grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.
 
 
 # The SGD-epilogue twin of each wgrad kernel: same operands and tiles, the parameter in place of dW.
-_SGD_KERNELS = {_grouped_wgrad_tma_kernel: _grouped_wgrad_sgd_tma_kernel, _grouped_wgrad_kernel: _grouped_wgrad_sgd_kernel}
+_SGD_KERNELS = {_grouped_wgrad_tma_kernel: _grouped_wgrad_sgd_tma_kernel,
+                _grouped_wgrad_kernel: _grouped_wgrad_sgd_kernel}
 
 
 def triton_grouped_mm_wgrad_sgd_(param: torch.Tensor, x: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor,
@@ -567,7 +577,7 @@ def triton_grouped_mm_wgrad_sgd_(param: torch.Tensor, x: torch.Tensor, dout: tor
         return torch.zeros((), dtype=torch.float32, device=param.device)
     left, right = (x, dout) if w_layout == "ekn" else (dout, x)
     p1, p2 = left.shape[1], right.shape[1]
-    plan = _wgrad_plan(left, right, param, offsets, num_groups, path)
+    plan = _remembered_wgrad_plan(left, right, param, param.shape, offsets, num_groups, path)
     m_bucket = _next_power_of_two(m)
     tune_key = (p1, p2, num_groups, m_bucket, x.dtype)
     config = _forced.get(plan.kernel) or CACHES.tuned.get((plan.kernel, tune_key))
@@ -587,11 +597,7 @@ def triton_grouped_mm_wgrad_sgd_(param: torch.Tensor, x: torch.Tensor, dout: tor
     else:
         arguments = (left, right, param, lr, partials, offsets, m, p1, p2, num_groups, m_bucket, *left.stride(),
                      *right.stride(), *param.stride())
-    kernel = _SGD_KERNELS[plan.kernel]
-    if INTERPRETED:
-        with LAUNCH_LOCK:
-            kernel[grid](*arguments, **plan.constexprs, **config.all_kwargs())
-    else:
-        kernel[grid](*arguments, **plan.constexprs, **config.all_kwargs())
+    with interpreter_guard(INTERPRETED):
+        _SGD_KERNELS[plan.kernel][grid](*arguments, **plan.constexprs, **config.all_kwargs())
     return partials.sum()
 

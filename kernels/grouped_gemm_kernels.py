@@ -30,7 +30,8 @@ The four autotuned kernels keep private names (they are also the names profilers
 the host side, :mod:`kernels.grouped_gemm`, launches them, choosing the kernel, its operands and
 its grid. Each wgrad kernel has an SGD twin (``_grouped_wgrad_sgd*``) whose tiles, instead of
 being stored, update the parameter they are the gradient of in place (``_sgd_epilogue``); the
-twins run with the configuration tuned for the plain kernel. The configurations each kernel is tuned over are in :mod:`kernels.grouped_gemm_configs`.
+twins run with the configuration tuned for the plain kernel. The configurations each kernel is
+tuned over are in :mod:`kernels.grouped_gemm_configs`.
 """
 
 from __future__ import annotations

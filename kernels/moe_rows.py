@@ -39,7 +39,7 @@ import os
 
 import torch
 
-from .caches import LAUNCH_LOCK
+from .caches import interpreter_guard
 
 __all__ = ["gather_rows", "gather_sum", "combine_backward", "runs", "use_row_kernels", "MoeRowsError", "TRITON_ENABLED"]
 
@@ -84,10 +84,7 @@ def use_row_kernels(enabled: bool):
 
 
 def _launch(kernel, grid, *args, **constexprs):
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        with LAUNCH_LOCK:
-            kernel[grid](*args, **constexprs)
-    else:
+    with interpreter_guard(os.environ.get("TRITON_INTERPRET", "0") == "1"):
         kernel[grid](*args, **constexprs)
 
 
@@ -248,9 +245,10 @@ def _launch_gather_rows(source, index, divisor, scale):
     block_rows, block_width = _tiles(width)
     gather_rows_kernel = _build()[0]
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(width, block_width))
-    _launch(gather_rows_kernel, grid, source, index.contiguous(), scale.contiguous() if scale is not None else index, out,
-                             rows, width, source.stride(0), out.stride(0), divisor, HAS_SCALE=scale is not None,
-                             BLOCK_ROWS=block_rows, BLOCK_WIDTH=block_width, num_warps=4)
+    scale_or_unused = scale.contiguous() if scale is not None else index
+    _launch(gather_rows_kernel, grid, source, index.contiguous(), scale_or_unused, out, rows, width, source.stride(0),
+            out.stride(0), divisor, HAS_SCALE=scale is not None, BLOCK_ROWS=block_rows, BLOCK_WIDTH=block_width,
+            num_warps=4)
     return out
 
 
@@ -267,9 +265,10 @@ def _launch_gather_sum(source, index, top_k, weights):
     block_rows, block_width = _tiles(width)
     gather_sum_kernel = _build()[1]
     grid = (triton.cdiv(tokens, block_rows), triton.cdiv(width, block_width))
-    _launch(gather_sum_kernel, grid, source, index.contiguous(), weights if weights is not None else source, out, tokens, width,
-                            top_k, source.stride(0), top_k, out.stride(0), HAS_WEIGHTS=weights is not None,
-                            BLOCK_ROWS=block_rows, BLOCK_WIDTH=block_width, num_warps=4)
+    weights_or_unused = weights if weights is not None else source
+    _launch(gather_sum_kernel, grid, source, index.contiguous(), weights_or_unused, out, tokens, width, top_k,
+            source.stride(0), top_k, out.stride(0), HAS_WEIGHTS=weights is not None, BLOCK_ROWS=block_rows,
+            BLOCK_WIDTH=block_width, num_warps=4)
     return out
 
 
@@ -286,10 +285,9 @@ def _launch_combine_backward(grad_out, returned, order, weights):
         return grad_copies, grad_weights.zero_()
     block_rows, block_width = _tiles(width)
     combine_backward_kernel = _build()[2]
-    _launch(
-        combine_backward_kernel, (triton.cdiv(rows, block_rows),), grad_out, returned, order.contiguous(), weights.contiguous(), grad_copies, grad_weights, rows, width,
-        weights.shape[1], grad_out.stride(0), returned.stride(0), grad_copies.stride(0),
-        BLOCK_ROWS=block_rows, BLOCK_WIDTH=block_width, num_warps=4)
+    _launch(combine_backward_kernel, (triton.cdiv(rows, block_rows),), grad_out, returned, order.contiguous(),
+            weights.contiguous(), grad_copies, grad_weights, rows, width, weights.shape[1], grad_out.stride(0),
+            returned.stride(0), grad_copies.stride(0), BLOCK_ROWS=block_rows, BLOCK_WIDTH=block_width, num_warps=4)
     return grad_copies, grad_weights
 
 

@@ -96,6 +96,9 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
         raise ValueError("compile: zero=1 shards optimizer state; pass an optimizer (zero=3 without one compiles "
                          "the gradient program with parameters and gradients split over the data-parallel axes)")
     _check_dtype_option("reduce_dtype", reduce_dtype)
+    # Options are checked before tracing, so that a bad one loses no work (compile_traced checks
+    # them again for callers that trace themselves).
+    _check_flags(reshard_after_forward=reshard_after_forward, fused_update=fused_update)
     _check_loss_chunk_bytes(loss_chunk_bytes)
     if not isinstance(mesh, MeshSpec):
         raise TypeError(f"mesh must be a shardgraph.MeshSpec, got {type(mesh).__name__}")
@@ -208,6 +211,12 @@ def _refuse_empty_values(traced) -> None:
             f"(a next-token loss needs sequences of length 2 or more); compile for a longer batch")
 
 
+def _check_flags(**flags) -> None:
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise ValueError(f"compile: {name} must be True or False, got {flag!r}")
+
+
 def _check_loss_chunk_bytes(loss_chunk_bytes) -> None:
     if loss_chunk_bytes is not None and (isinstance(loss_chunk_bytes, bool) or not isinstance(loss_chunk_bytes, int)
                                          or loss_chunk_bytes < 1):
@@ -221,9 +230,7 @@ def compile_traced(traced, mesh: MeshSpec, plan: Mapping[str, str] | None = None
                    reshard_after_forward: bool = True, fused_loss: bool = True,
                    loss_chunk_bytes: int | None = None, fused_update: bool = True) -> ShardedProgram:
     """The passes after tracing, for a graph traced already (``shardgraph.frontend.trace``)."""
-    for name, flag in (("reshard_after_forward", reshard_after_forward), ("fused_update", fused_update)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"compile: {name} must be True or False, got {flag!r}")
+    _check_flags(reshard_after_forward=reshard_after_forward, fused_update=fused_update)
     _check_loss_chunk_bytes(loss_chunk_bytes)
     options = CompileOptions(mesh, plan, batch_sharding, link, replicate_fallback, reduce_dtype, donate_state,
                              zero=zero, recompute=recompute, reshard_after_forward=reshard_after_forward,

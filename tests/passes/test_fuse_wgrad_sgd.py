@@ -117,8 +117,14 @@ def test_the_cost_model_prices_the_fused_step_as_the_wgrad_plus_the_weight_read_
     assert work.nbytes >= size * (math.prod(x_shape) + math.prod(dout_shape) + 2 * math.prod(weight_shape))
 
 
-def test_fused_update_must_be_true_or_false():
+def test_fused_update_must_be_true_or_false_and_is_checked_before_tracing(monkeypatch):
+    import shardgraph.compiler
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("traced before the options were checked")
+
     model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=2, seq_len=4)
+    monkeypatch.setattr(shardgraph.compiler, "trace", no_trace)
     with pytest.raises(ValueError, match="fused_update must be True or False"):
         sg.compile(model, sg.MeshSpec.parse("world=1"), inputs, loss_fn, optimizer=sg.optim.SGD(lr=0.1),
                    fused_update="yes")
