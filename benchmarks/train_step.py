@@ -512,6 +512,30 @@ def timed_events(profiler, on_gpu: bool):
             yield event, event.self_cpu_time_total
 
 
+# Profiler ranges that say nothing about which op launched a kernel.
+_UNNAMED_RANGES = ("ProfilerStep", "cudaLaunchKernel", "cuLaunchKernel", "cudaMemcpyAsync", "cudaMemsetAsync")
+
+
+def launch_chains(profiler, depth: int = 3) -> dict[str, dict[str, int]]:
+    """For each kernel name, the CPU op chains that launched it (innermost op first, ``depth``
+    ops up the call tree, ``a < b`` reads "a called from b") with their launch counts: which op
+    copies, for instance, when a profile shows copy kernels."""
+    chains: dict[str, dict[str, int]] = {}
+    for event in profiler.events():
+        if event.device_type != torch.autograd.DeviceType.CPU or not event.kernels:
+            continue
+        names, parent = [], event
+        while parent is not None and len(names) < depth:
+            if not any(parent.name.startswith(skip) for skip in _UNNAMED_RANGES):
+                names.append(parent.name[:80])
+            parent = parent.cpu_parent
+        chain = " < ".join(names)
+        for kernel in event.kernels:
+            counts = chains.setdefault(kernel.name, {})
+            counts[chain] = counts.get(chain, 0) + 1
+    return chains
+
+
 def profile_steps(runner, device, median_ms: float, steps: int = 3) -> dict:
     """Kernel time per step by class, and idle time against the unprofiled median step.
 
@@ -540,11 +564,17 @@ def profile_steps(runner, device, median_ms: float, steps: int = 3) -> dict:
     by_class = dict(sorted(by_class.items(), key=lambda kv: -kv[1]))
     by_class["idle / launch gaps"] = max(median_ms - busy, 0.0)
     top = sorted(kernels.items(), key=lambda item: -item[1][1])[:40]
+    chains = launch_chains(profiler) if on_gpu else {}
+
+    def launched_by(name):
+        counts = sorted(chains.get(name, {}).items(), key=lambda kv: -kv[1])[:3]
+        return [{"ops": chain, "calls_per_step": count / steps} for chain, count in counts]
     return {
         "measures": "GPU kernels" if on_gpu else "CPU op self time", "profiled_steps": steps,
         "step_ms": median_ms, "gpu_busy_ms": busy, "busy_fraction": busy / median_ms if median_ms else None,
         "ms_by_class": by_class, "step_wall_ms": profiled_ms,
-        "top_kernels_ms": [{"name": name[:160], "ms": total, "calls_per_step": count / steps, "class": classify(name)}
+        "top_kernels_ms": [{"name": name[:160], "ms": total, "calls_per_step": count / steps, "class": classify(name),
+                            "launched_by": launched_by(name)}
                            for name, (count, total) in top],
     }
 
@@ -558,6 +588,8 @@ def print_profile(label: str, profile: dict, digits: int = 1, kernels: int | Non
     for kernel in profile["top_kernels_ms"][:kernels]:
         print(f"  {kernel['ms']:8.3f} ms {kernel['calls_per_step']:6.0f}x  {kernel['class'][:16]:16}  "
               f"{kernel['name'][:110]}", flush=True)
+        for launch in kernel.get("launched_by", []):
+            print(f"{'':36}{launch['calls_per_step']:5.0f}x from {launch['ops'][:160]}", flush=True)
 
 
 def release(device):

@@ -308,3 +308,5 @@ def grouped_mm_wgrad(x: torch.Tensor, dout: torch.Tensor, offsets: torch.Tensor,
 # The fused MoE expert ops (torch.ops.shardgraph.gather_glu_grouped_mm and its backward ops)
 # register themselves on import; they build on the backends above.
 from . import fused_moe  # noqa: E402,F401
+# The embedding's sparse SGD step (torch.ops.shardgraph.embedding_sgd_), placed by passes/fuse_wgrad_sgd.py.
+from . import embedding_sgd  # noqa: E402,F401

@@ -1,11 +1,13 @@
-"""Take a plain SGD step on a grouped expert weight in its wgrad's epilogue.
+"""Take a plain SGD step where its weight's gradient is made: in a grouped wgrad's epilogue, or
+on the embedding rows a batch looked up.
 
 Reads
     a lowered training-step graph whose new parameters are written into the old ones
-    (``donate_state``), holding for an expert weight ``W`` (a parameter placeholder), as the
-    optimizer's trace and the MoE lowering leave it:
+    (``donate_state``), holding for a weight ``W`` (a parameter placeholder), as the optimizer's
+    trace and the lowering leave it:
 
-        grad = shardgraph.grouped_mm_wgrad(x, dout, offsets, E, layout)
+        grad = shardgraph.grouped_mm_wgrad(x, dout, offsets, E, layout)        # an expert weight
+            or aten.embedding_dense_backward(grad_output, indices, rows, padding_idx, False)
         new  = sub(W, mul(grad, lr_w))          # SGD, no momentum, no weight decay
         copy_(W, new)                           # donate_state
         sum(pow(grad, 2))                       # the gradient norm's term (grad cast to
@@ -14,21 +16,27 @@ Reads
     with ``lr_w`` a 0-dim value in ``W``'s dtype computed from placeholders only (the learning
     rate cast), and nothing else reading ``grad``.
 Writes
-    ``s = shardgraph.grouped_mm_wgrad_sgd_(W, x, dout, offsets, lr_w, E, layout, after)`` right after the
-    last other reader of ``W`` (and after ``grad`` would have been computed): it updates ``W`` in
-    place, tile by tile, and returns ``sum(float32(grad) ** 2)``, cast to the norm term's dtype in
-    its place. The parameter's output becomes None: the donated ``W`` holds its new value.
+    ``s = shardgraph.grouped_mm_wgrad_sgd_(W, x, dout, offsets, lr_w, E, layout, after)`` (or
+    ``shardgraph.embedding_sgd_(W, grad_output, indices, lr_w, padding_idx, after)``) right after
+    the last other reader of ``W`` (and after ``grad`` would have been computed): it updates ``W``
+    in place and returns ``sum(float32(grad) ** 2)``, cast to the norm term's dtype in its place.
+    The parameter's output becomes None: the donated ``W`` holds its new value.
 Assumes
     the graph is in execution order, and ``W`` is donated (the caller hands a tensor the step may
     overwrite). Anything else (a gradient that is reduced over ranks or read by a clipping
-    factor, momentum, weight decay, AdamW, a norm term read before the gradient would exist,
-    shapes that differ) leaves the graph as it is: the pass only ever removes work.
+    factor, momentum, weight decay, AdamW, a tied embedding whose gradient is a sum, an
+    embedding scaled by frequency, a norm term read before the gradient would exist, shapes that
+    differ) leaves the graph as it is: the pass only ever removes work.
 
 Why: the expert weights are most of an MoE model's parameters (2.4e9 of 3.1e9 in four layers of
 Qwen3-30B-A3B). Unfused, the wgrad writes each gradient and the update reads it back with the
 weight and writes the weight: three passes over the weight's size after the product. Fused, the
 gradient never leaves the kernel: the update reads and writes the weight once, and the norm's
-term comes from the same tile.
+term comes from the same tile. The embedding's gradient is zero outside the looked-up rows (at
+most one per token), and plain SGD leaves a row with a zero gradient as it is: the sparse step
+(``kernels/embedding_sgd.py``) reads and writes those rows alone, where the dense one writes a
+table-sized gradient and passes over the whole table three times (a 151936 x 2048 vocabulary
+against 8192 rows per step).
 """
 
 from __future__ import annotations
@@ -43,10 +51,11 @@ from shardgraph.meta import InputKind
 
 from .donate_state import readers
 
-__all__ = ["fuse_wgrad_sgd", "FUSED_OP"]
+__all__ = ["fuse_wgrad_sgd", "FUSED_OP", "EMBEDDING_OP"]
 
 aten = torch.ops.aten
 FUSED_OP = torch.ops.shardgraph.grouped_mm_wgrad_sgd_.default
+EMBEDDING_OP = torch.ops.shardgraph.embedding_sgd_.default
 _WGRAD = torch.ops.shardgraph.grouped_mm_wgrad.default
 _LR_OPS = (aten._to_copy.default, aten.clone.default, aten.alias.default)
 
@@ -114,6 +123,24 @@ def _same_piece(a: Node, b: Node) -> bool:
     return placed_a is None or placed_b is None or placed_a.sharding == placed_b.sharding
 
 
+def _wgrad_step(grad: Node):
+    x, dout, offsets, num_groups, layout = grad.args
+    return FUSED_OP, [x, dout, offsets], lambda weight, lr, after: (weight, x, dout, offsets, lr, num_groups, layout,
+                                                                     after)
+
+
+def _embedding_step(grad: Node):
+    grad_output, indices, _, padding_idx, scale_grad_by_freq = grad.args
+    if scale_grad_by_freq:  # the gradient depends on the counts, not the rows alone
+        return None
+    return EMBEDDING_OP, [grad_output, indices], lambda weight, lr, after: (weight, grad_output, indices, lr,
+                                                                            padding_idx, after)
+
+
+# The ops a fused step can take the place of: (fused op, the step's inputs, its arguments).
+_PRODUCERS = {_WGRAD: _wgrad_step, aten.embedding_dense_backward.default: _embedding_step}
+
+
 def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
     graph = gm.graph
     parameters = {node for node, _ in meta.graph_inputs(graph, InputKind.PARAMETER)}
@@ -129,9 +156,14 @@ def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
         step = new.args[1]
         if not isinstance(step, Node) or step.target != aten.mul.Tensor or _only_user(step) is not new:
             continue
-        grad, lr = step.args if isinstance(step.args[0], Node) and step.args[0].target == _WGRAD else step.args[::-1]
-        if not isinstance(grad, Node) or grad.target != _WGRAD or not isinstance(lr, Node):
+        grad, lr = step.args if isinstance(step.args[0], Node) and step.args[0].target in _PRODUCERS \
+            else step.args[::-1]
+        if not isinstance(grad, Node) or grad.target not in _PRODUCERS or not isinstance(lr, Node):
             continue
+        fused_step = _PRODUCERS[grad.target](grad)
+        if fused_step is None:
+            continue
+        fused_op, step_inputs, make_arguments = fused_step
         lr_value, weight_value = meta.tensor_value(lr), meta.tensor_value(weight)
         lr_chain = _lr_chain(lr)
         if lr_value is None or weight_value is None or lr_value.dim() != 0 or lr_value.dtype != weight_value.dtype \
@@ -147,12 +179,11 @@ def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
         anchor = max([grad, *others], key=order.__getitem__)
         if any(order[user] <= order[anchor] for user in total.users):
             continue
-        x, dout, offsets, num_groups, layout = grad.args
         # Readers of the old weight that the step's inputs do not already depend on (the dgrad,
         # a sibling of the wgrad) become its ``after`` operands: a data dependency, so that
         # torch.compile, free to reorder a functional graph, keeps them before the update and
         # can then write the donated weight in place instead of cloning it first.
-        inputs_from = ancestors([x, dout, offsets])
+        inputs_from = ancestors(step_inputs)
         after = [r for r in others if r not in inputs_from]
         if not all(_returns_one_tensor(r) for r in after):
             continue
@@ -164,8 +195,7 @@ def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
                 copies[node] = point = graph.node_copy(node, lambda n: copies.get(n, n))
             meta.copy_node_records(node, copies[node])
         with graph.inserting_after(point):
-            fused = graph.call_function(FUSED_OP, (weight, x, dout, offsets, copies.get(lr, lr), num_groups, layout,
-                                                   after))
+            fused = graph.call_function(fused_op, make_arguments(weight, copies.get(lr, lr), after))
         meta.copy_source_location(grad, fused)
         total_value = meta.tensor_value(total)
         with graph.inserting_after(fused):

@@ -195,6 +195,18 @@ def node_work(node: Node, pieces: dict) -> Work | None:
         if x is None or dout is None:
             return Work(0.0, moved, dtype, True, "grouped_mm")
         return Work(2.0 * x[0] * x[-1] * dout[-1], moved, dtype, True, "grouped_mm")
+    if name == "shardgraph.embedding_sgd_":
+        # Only the looked-up rows: the output gradient and the indices are read, a float32 sum
+        # per index written and read, and at most one weight row per index read and written.
+        grad_output, indices = _shape(node.args[1], pieces), _shape(node.args[2], pieces)
+        weight = _pieces_of(node.args[0], pieces)
+        if grad_output is None or indices is None or not weight:
+            return Work(0.0, moved, dtype, False, "indexing")
+        rows, width, size = math.prod(indices), weight[0][0][-1], weight[0][1].itemsize
+        nbytes = sum(_piece_bytes(p) for n in node.args[1:3] for p in _pieces_of(n, pieces))
+        nbytes += rows * width * (2 * 4 + 2 * size)
+        # About twenty launches: the sort, the segment sums, the gathers and the row copy.
+        return Work(float(rows * width), nbytes, dtype, False, "indexing", kernels=20)
     if name in _FUSED_GROUPED:
         rows_at, weight_at = _FUSED_GROUPED[name]
         rows = _shape(node.args[rows_at], pieces)

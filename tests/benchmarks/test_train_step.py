@@ -190,3 +190,27 @@ def test_predict_row_sets_preset_and_calibrated_predictions_beside_the_measured_
         assert set(prediction["kind_efficiency"]) == {"matmul", "grouped_mm", "attention", "loss"}
     sgd, adamw = (row["prediction"]["preset"]["update_outside_program_ms"] for row in result["rows"])
     assert sgd > 0 and adamw == 0
+
+
+def test_a_kernel_is_attributed_to_the_op_chains_that_launched_it():
+    from types import SimpleNamespace
+
+    module = load()
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, parent=None, kernels=(), device=cpu):
+        return SimpleNamespace(name=name, cpu_parent=parent, device_type=device,
+                               kernels=[SimpleNamespace(name=k) for k in kernels])
+
+    step = event("ProfilerStep#3")
+    attention = event("aten::_scaled_dot_product_cudnn_attention", step)
+    contiguous = event("aten::contiguous", attention)
+    copy = event("aten::copy_", contiguous)
+    launches = [event("cudaLaunchKernel", copy, ["direct_copy"]), event("cudaLaunchKernel", copy, ["direct_copy"]),
+                event("aten::copy_", event("aten::to", step), ["direct_copy"]),
+                event("direct_copy", device=cuda, kernels=["ignored: a device event"])]
+    profiler = SimpleNamespace(events=lambda: [step, attention, contiguous, copy, *launches])
+    chains = module.launch_chains(profiler)
+    assert chains == {"direct_copy": {
+        "aten::copy_ < aten::contiguous < aten::_scaled_dot_product_cudnn_attention": 2,
+        "aten::copy_ < aten::to": 1}}
