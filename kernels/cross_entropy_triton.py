@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["softmax_cross_entropy_grad_"]
+__all__ = ["softmax_cross_entropy_grad_", "sgd_from_accumulator_"]
 
 
 @triton.jit
@@ -69,3 +69,34 @@ def softmax_cross_entropy_grad_(logits: torch.Tensor, target: torch.Tensor, coef
                                                 coefficient.to(torch.float32).contiguous(), loss, vocab,
                                                 BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return loss
+
+
+@triton.jit
+def _sgd_from_accumulator_kernel(accumulator_ptr, param_ptr, lr_ptr, partial_ptr, numel, BLOCK: tl.constexpr):
+    block = tl.program_id(0)
+    offsets = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    dtype = param_ptr.dtype.element_ty
+    # Rounded as the unfused graph rounds: the gradient to the parameter's dtype, then
+    # ``param - grad * lr`` with every op's result in that dtype.
+    grad = tl.load(accumulator_ptr + offsets, mask=mask, other=0.0).to(dtype).to(tl.float32)
+    step = (grad * tl.load(lr_ptr).to(tl.float32)).to(dtype).to(tl.float32)
+    param = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(param_ptr + offsets, (param - step).to(dtype), mask=mask)
+    tl.store(partial_ptr + block, tl.sum(grad * grad, axis=0))
+
+
+def sgd_from_accumulator_(param: torch.Tensor, accumulator: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """``param -= lr * grad`` in place with ``grad = accumulator`` rounded to ``param``'s dtype;
+    returns ``sum(float32(grad) ** 2)``. One pass: the float32 accumulator and the parameter read
+    once, the parameter written once (contiguous tensors of one shape)."""
+    if not (param.is_contiguous() and accumulator.is_contiguous()) or param.shape != accumulator.shape:
+        raise ValueError(f"sgd_from_accumulator_: param {tuple(param.shape)} and accumulator "
+                         f"{tuple(accumulator.shape)} must be contiguous and of one shape")
+    numel = param.numel()
+    block = 4096
+    partial = torch.empty(triton.cdiv(numel, block), dtype=torch.float32, device=param.device)
+    if numel:
+        _sgd_from_accumulator_kernel[(partial.numel(),)](accumulator, param, lr, partial, numel, BLOCK=block,
+                                                         num_warps=8)
+    return partial.sum()

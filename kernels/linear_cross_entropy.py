@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "chunk_rows_for_budget",
-           "DEFAULT_CHUNK_BYTES", "TRITON_ENABLED", "use_triton"]
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_sgd_", "linear_cross_entropy_reference",
+           "chunk_rows_for_budget", "DEFAULT_CHUNK_BYTES", "TRITON_ENABLED", "use_triton"]
 
 # False sends every chunk through the torch ops (to compare the two paths on a GPU).
 TRITON_ENABLED = True
@@ -141,6 +141,7 @@ def _weight_grad_into(accumulator: torch.Tensor, grad_logits: torch.Tensor, hidd
 
 def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                           grad_scale: torch.Tensor, ignore_index: int, chunk_rows: int):
+    """(loss sum, grad_hidden, the weight's gradient in its float32 (float64) accumulator)."""
     rows = hidden.shape[0]
     accumulate = _accumulate_dtype(hidden.dtype)
     grad_hidden = torch.empty_like(hidden)
@@ -162,7 +163,7 @@ def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: to
         torch.mm(grad_logits, weight, out=grad_hidden[start:end])
         _weight_grad_into(grad_weight, grad_logits, rows_in, first=start == 0)
         del logits, grad_logits
-    return loss_sum, grad_hidden, grad_weight.to(weight.dtype)
+    return loss_sum, grad_hidden, grad_weight
 
 
 @torch.library.custom_op("shardgraph::linear_cross_entropy", mutates_args=())
@@ -172,13 +173,58 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     _check(hidden, weight, target, grad_scale, chunk_rows)
     loss_sum, grad_hidden, grad_weight = _linear_cross_entropy(hidden, weight, target, grad_scale, ignore_index,
                                                                chunk_rows)
-    return loss_sum.to(loss_dtype), grad_hidden, grad_weight
+    return loss_sum.to(loss_dtype), grad_hidden, grad_weight.to(weight.dtype)
 
 
 @linear_cross_entropy.register_fake
 def _(hidden, weight, target, grad_scale, ignore_index, chunk_rows, loss_dtype):
     _check(hidden, weight, target, grad_scale, chunk_rows)
     return hidden.new_empty((), dtype=loss_dtype), torch.empty_like(hidden), torch.empty_like(weight)
+
+
+def _check_lr(weight, lr):
+    if lr.dim() != 0 or lr.dtype != weight.dtype:
+        raise ValueError(f"shardgraph.linear_cross_entropy_sgd_: lr must be a 0-dim tensor in the weight's dtype "
+                         f"{weight.dtype}, got {lr.dtype} of shape {tuple(lr.shape)}")
+
+
+def _sgd_step(weight: torch.Tensor, accumulator: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """``weight -= lr * grad`` (``grad`` the accumulator in the weight's dtype) and
+    ``sum(float32(grad) ** 2)``: one Triton pass on a GPU, the unfused graph's ops elsewhere."""
+    if use_triton(weight) and weight.is_contiguous() and accumulator.is_contiguous():
+        from .cross_entropy_triton import sgd_from_accumulator_
+
+        return sgd_from_accumulator_(weight, accumulator, lr)
+    grad = accumulator.to(weight.dtype)
+    weight.copy_(weight - grad * lr)
+    return torch.sum(torch.pow(grad.float(), 2))
+
+
+# ``after``: tensors the step is ordered after and does not read (the other readers of the old
+# weight), as for ``grouped_mm_wgrad_sgd_``.
+@torch.library.custom_op("shardgraph::linear_cross_entropy_sgd_", mutates_args=("weight",))
+def linear_cross_entropy_sgd_(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                              grad_scale: torch.Tensor, ignore_index: int, chunk_rows: int, loss_dtype: torch.dtype,
+                              lr: torch.Tensor, after: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
+    """``linear_cross_entropy`` with a plain SGD step on ``weight`` taken in place once every
+    chunk has read it: returns ``(loss_sum, grad_hidden, sum(float32(grad_weight) ** 2))``. The
+    weight's gradient goes from its float32 accumulator into the step in one pass, never
+    written in the weight's dtype (where the unfused graph casts it, reads it for the step and
+    again for the norm)."""
+    _check(hidden, weight, target, grad_scale, chunk_rows)
+    _check_lr(weight, lr)
+    loss_sum, grad_hidden, accumulator = _linear_cross_entropy(hidden, weight, target, grad_scale, ignore_index,
+                                                               chunk_rows)
+    return loss_sum.to(loss_dtype), grad_hidden, _sgd_step(weight, accumulator, lr)
+
+
+@linear_cross_entropy_sgd_.register_fake
+def _(hidden, weight, target, grad_scale, ignore_index, chunk_rows, loss_dtype, lr, after):
+    _check(hidden, weight, target, grad_scale, chunk_rows)
+    _check_lr(weight, lr)
+    return (hidden.new_empty((), dtype=loss_dtype), torch.empty_like(hidden),
+            hidden.new_empty((), dtype=torch.float32))
 
 
 def linear_cross_entropy_reference(hidden, weight, target, grad_scale, ignore_index):

@@ -41,21 +41,29 @@ against 8192 rows per step).
 
 from __future__ import annotations
 
+import dataclasses
+import operator
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch.fx import GraphModule, Node
 
-import kernels  # noqa: F401 - registers torch.ops.shardgraph.grouped_mm_wgrad*
+import kernels  # noqa: F401 - registers torch.ops.shardgraph.grouped_mm_wgrad*, embedding_sgd_
+import kernels.linear_cross_entropy  # noqa: F401 - registers torch.ops.shardgraph.linear_cross_entropy*
 from shardgraph import meta
 from shardgraph.fx_graph import ancestors, output_values, set_output_values
 from shardgraph.meta import InputKind
 
 from .donate_state import readers
 
-__all__ = ["fuse_wgrad_sgd", "FUSED_OP", "EMBEDDING_OP"]
+__all__ = ["fuse_wgrad_sgd", "FUSED_OP", "EMBEDDING_OP", "OUTPUT_PROJECTION_OP"]
 
 aten = torch.ops.aten
 FUSED_OP = torch.ops.shardgraph.grouped_mm_wgrad_sgd_.default
 EMBEDDING_OP = torch.ops.shardgraph.embedding_sgd_.default
+OUTPUT_PROJECTION_OP = torch.ops.shardgraph.linear_cross_entropy_sgd_.default
+_OUTPUT_PROJECTION = torch.ops.shardgraph.linear_cross_entropy.default
 _WGRAD = torch.ops.shardgraph.grouped_mm_wgrad.default
 _LR_OPS = (aten._to_copy.default, aten.clone.default, aten.alias.default)
 
@@ -123,22 +131,65 @@ def _same_piece(a: Node, b: Node) -> bool:
     return placed_a is None or placed_b is None or placed_a.sharding == placed_b.sharding
 
 
-def _wgrad_step(grad: Node):
+@dataclass
+class _Site:
+    """Where a fused step goes and what it replaces.
+
+    ``op(*arguments(weight, lr, after))`` takes the step; ``inputs`` are its operands (what it
+    already depends on); ``gradient`` lists the nodes computing the gradient, erased once unread
+    (last first). ``replaces``: a multi-output op the fused one stands in for (it returns that
+    op's other outputs, the norm's term in the gradient's place); None where the fused op
+    returns the norm's term alone and goes after the gradient's producer."""
+
+    op: torch._ops.OpOverload
+    inputs: list[Node]
+    arguments: Callable[[Node, Node, list[Node]], tuple]
+    gradient: list[Node]
+    replaces: Node | None = None
+
+
+def _wgrad_site(grad: Node) -> _Site | None:
     x, dout, offsets, num_groups, layout = grad.args
-    return FUSED_OP, [x, dout, offsets], lambda weight, lr, after: (weight, x, dout, offsets, lr, num_groups, layout,
-                                                                     after)
+    return _Site(FUSED_OP, [x, dout, offsets],
+                 lambda weight, lr, after: (weight, x, dout, offsets, lr, num_groups, layout, after), [grad])
 
 
-def _embedding_step(grad: Node):
+def _embedding_site(grad: Node) -> _Site | None:
     grad_output, indices, _, padding_idx, scale_grad_by_freq = grad.args
     if scale_grad_by_freq:  # the gradient depends on the counts, not the rows alone
         return None
-    return EMBEDDING_OP, [grad_output, indices], lambda weight, lr, after: (weight, grad_output, indices, lr,
-                                                                            padding_idx, after)
+    return _Site(EMBEDDING_OP, [grad_output, indices],
+                 lambda weight, lr, after: (weight, grad_output, indices, lr, padding_idx, after), [grad])
 
 
-# The ops a fused step can take the place of: (fused op, the step's inputs, its arguments).
-_PRODUCERS = {_WGRAD: _wgrad_step, aten.embedding_dense_backward.default: _embedding_step}
+def _output_projection_site(grad: Node) -> _Site | None:
+    """The weight gradient of ``linear_cross_entropy`` (its third output), read directly or
+    through two transposes that cancel (the trace of ``logits = hidden @ weight.t()``)."""
+    chain = [grad]
+    if grad.target == aten.t.default and isinstance(grad.args[0], Node) and grad.args[0].target == aten.t.default \
+            and _only_user(grad.args[0]) is grad:
+        chain += [grad.args[0], grad.args[0].args[0]]
+    item = chain[-1]
+    if not isinstance(item, Node) or item.target is not operator.getitem or item.args[1] != 2 \
+            or (item is not grad and _only_user(item) is not chain[-2]):
+        return None
+    fused_loss = item.args[0]
+    if fused_loss.target != _OUTPUT_PROJECTION:
+        return None
+    hidden, _, target, grad_scale, ignore_index, chunk_rows, loss_dtype = fused_loss.args
+    return _Site(OUTPUT_PROJECTION_OP, [hidden, target, grad_scale],
+                 lambda weight, lr, after: (hidden, weight, target, grad_scale, ignore_index, chunk_rows, loss_dtype,
+                                            lr, after), chain, replaces=fused_loss)
+
+
+def _site(grad: Node) -> _Site | None:
+    if grad.op != "call_function":
+        return None
+    if grad.target == _WGRAD:
+        return _wgrad_site(grad)
+    if grad.target == aten.embedding_dense_backward.default:
+        return _embedding_site(grad)
+    return _output_projection_site(grad)
 
 
 def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
@@ -156,14 +207,14 @@ def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
         step = new.args[1]
         if not isinstance(step, Node) or step.target != aten.mul.Tensor or _only_user(step) is not new:
             continue
-        grad, lr = step.args if isinstance(step.args[0], Node) and step.args[0].target in _PRODUCERS \
+        # The learning rate is the operand computed from placeholders alone.
+        grad, lr = step.args if isinstance(step.args[1], Node) and _lr_chain(step.args[1]) is not None \
             else step.args[::-1]
-        if not isinstance(grad, Node) or grad.target not in _PRODUCERS or not isinstance(lr, Node):
+        if not isinstance(grad, Node) or not isinstance(lr, Node):
             continue
-        fused_step = _PRODUCERS[grad.target](grad)
-        if fused_step is None:
+        site = _site(grad)
+        if site is None:
             continue
-        fused_op, step_inputs, make_arguments = fused_step
         lr_value, weight_value = meta.tensor_value(lr), meta.tensor_value(weight)
         lr_chain = _lr_chain(lr)
         if lr_value is None or weight_value is None or lr_value.dim() != 0 or lr_value.dtype != weight_value.dtype \
@@ -175,15 +226,19 @@ def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
         norm_nodes, total = norm
         # After the gradient's inputs and every other reader of the old weight (the forward
         # product, the dgrad), before anything reads the norm term.
-        others = [r for r in readers(weight) if r not in (new, write, step) and r.op != "output"]
+        others = [r for r in readers(weight) if r not in (new, write, step, site.replaces) and r.op != "output"]
         anchor = max([grad, *others], key=order.__getitem__)
         if any(order[user] <= order[anchor] for user in total.users):
+            continue
+        # A fused op that replaces its gradient's producer goes in its place: every other reader
+        # of the old weight must come before it.
+        if site.replaces is not None and any(order[r] >= order[site.replaces] for r in others):
             continue
         # Readers of the old weight that the step's inputs do not already depend on (the dgrad,
         # a sibling of the wgrad) become its ``after`` operands: a data dependency, so that
         # torch.compile, free to reorder a functional graph, keeps them before the update and
         # can then write the donated weight in place instead of cloning it first.
-        inputs_from = ancestors(step_inputs)
+        inputs_from = ancestors(site.inputs)
         after = [r for r in others if r not in inputs_from]
         if not all(_returns_one_tensor(r) for r in after):
             continue
@@ -191,30 +246,49 @@ def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
         # fx inserts every node of one inserting_after block right after its anchor).
         copies, point = {}, anchor
         for node in lr_chain:
-            with graph.inserting_after(point):
+            where = graph.inserting_before(site.replaces) if site.replaces is not None else graph.inserting_after(point)
+            with where:
                 copies[node] = point = graph.node_copy(node, lambda n: copies.get(n, n))
             meta.copy_node_records(node, copies[node])
-        with graph.inserting_after(point):
-            fused = graph.call_function(fused_op, make_arguments(weight, copies.get(lr, lr), after))
+        where = graph.inserting_before(site.replaces) if site.replaces is not None else graph.inserting_after(point)
+        with where:
+            fused = graph.call_function(site.op, site.arguments(weight, copies.get(lr, lr), after))
         meta.copy_source_location(grad, fused)
         total_value = meta.tensor_value(total)
-        with graph.inserting_after(fused):
-            term = graph.call_function(aten._to_copy.default, (fused,), {"dtype": total_value.dtype})
-        meta.copy_node_records(total, term)
         with total_value.fake_mode:
-            meta.set_value(fused, torch.empty((), dtype=torch.float32, device=total_value.device))
+            squares_value = torch.empty((), dtype=torch.float32, device=total_value.device)
+        # A sum of squares of the local piece: placed as the unfused term is (partial where the
+        # gradient is split, then reduced as before).
         record = meta.placed(total)
-        if record is not None:
-            # A sum of squares of the local piece: placed as the unfused term is (partial where
-            # the gradient is split, then reduced as before).
-            meta.set_placed(fused, record)
+        squares = fused
+        if site.replaces is None:
+            meta.set_value(fused, squares_value)
+            if record is not None:
+                meta.set_placed(fused, record)
+        else:
+            # The replaced op's other outputs come from the fused one, the norm's term third.
+            meta.copy_node_records(site.replaces, fused)
+            meta.set_value(fused, (*meta.value(site.replaces)[:2], squares_value))
+            replaced_record = meta.placed(site.replaces)
+            if replaced_record is not None and record is not None:
+                meta.set_placed(fused, dataclasses.replace(
+                    replaced_record, sharding=(*replaced_record.sharding[:2], record.sharding)))
+            site.replaces.replace_all_uses_with(fused)
+            with graph.inserting_after(fused):
+                squares = graph.call_function(operator.getitem, (fused, 2))
+            meta.copy_node_records(total, squares)
+            meta.set_value(squares, squares_value)
+        with graph.inserting_after(squares):
+            term = graph.call_function(aten._to_copy.default, (squares,), {"dtype": total_value.dtype})
+        meta.copy_node_records(total, term)
         total.replace_all_uses_with(term)
         # The parameter's output is None: "updated in place, the donated tensor is the new value"
         # (TrainingProgram takes the input). Returning the input itself would be a read of it
         # after the kernel, which keeps torch.compile from updating it in place (it would clone
         # the weight before the kernel and copy it back after).
         set_output_values(graph, [None if value is write else value for value in output_values(graph)])
-        for node in (write, new, step, total, *reversed(norm_nodes), grad, *reversed(lr_chain)):
+        gone = [write, new, step, total, *reversed(norm_nodes), *site.gradient, *reversed(lr_chain)]
+        for node in gone + ([site.replaces] if site.replaces is not None else []):
             if not node.users:
                 graph.erase_node(node)
         order = {node: index for index, node in enumerate(graph.nodes)}

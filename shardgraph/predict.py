@@ -228,7 +228,10 @@ def node_work(node: Node, pieces: dict) -> Work | None:
         # forward of its own.
         passes = 1.0 if name in _ATTENTION_FORWARD else 2.5
         return Work(_attention_flops(query, key, value, causal, passes), moved, dtype, True, "attention")
-    if name == "shardgraph.linear_cross_entropy":
+    if name in ("shardgraph.linear_cross_entropy", "shardgraph.linear_cross_entropy_sgd_"):
+        if name == "shardgraph.linear_cross_entropy_sgd_":
+            # The weight's step: written back in place once every chunk has read it.
+            moved += sum(_piece_bytes(p) for p in _pieces_of(node.args[1], pieces))
         hidden, weight = _shape(node.args[0], pieces), _shape(node.args[1], pieces)
         if hidden is None or weight is None:
             return Work(0.0, moved, dtype, True, "loss")

@@ -113,9 +113,33 @@ def test_chunk_rows_split_the_rows_into_as_few_near_equal_chunks_as_the_budget_a
         assert chunk == 4096  # two equal chunks, not 7040 rows and 1152
 
 
-def test_triton_softmax_gradient_kernel_matches_torch_under_the_interpreter():
+def test_triton_softmax_gradient_and_sgd_kernels_match_torch_under_the_interpreter():
     script = os.path.join(os.path.dirname(__file__), "linear_cross_entropy_interpreted.py")
     done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["loss"] < 1e-6 and found["grad"] < 1e-6 and found["ignored_rows_zero"], found
+    assert set(found["sgd"]) == {"torch.bfloat16", "torch.float32"}
+    single, half = found["sgd"]["torch.float32"], found["sgd"]["torch.bfloat16"]
+    assert single["param_equal"] and single["squares"] < 1e-6, found
+    assert half["param"] < 1e-2 and half["squares"] < 2e-2, found
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_sgd_variant_returns_the_loss_and_hidden_gradient_and_steps_the_weight_as_the_unfused_ops(dtype):
+    from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_sgd_
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(40, 16).to(dtype), torch.randn(70, 16).to(dtype)
+    target = torch.randint(0, 70, (40,))
+    target[3] = -100
+    grad_scale, lr = torch.tensor(1 / 39), torch.tensor(0.5, dtype=dtype)
+    loss, grad_hidden, grad_weight = linear_cross_entropy(hidden, weight, target, grad_scale, -100, 16, torch.float32)
+    stepped = weight.clone()
+    loss_b, grad_hidden_b, squares = linear_cross_entropy_sgd_(hidden, stepped, target, grad_scale, -100, 16,
+                                                               torch.float32, lr, [])
+    assert torch.equal(loss, loss_b) and torch.equal(grad_hidden, grad_hidden_b)
+    assert torch.equal(stepped, weight - grad_weight * lr)
+    assert torch.allclose(squares, torch.sum(torch.pow(grad_weight.float(), 2)), rtol=1e-6)
+    with pytest.raises(ValueError, match="lr must be a 0-dim tensor in the weight's dtype"):
+        linear_cross_entropy_sgd_(hidden, stepped, target, grad_scale, -100, 16, torch.float32, lr.double(), [])
