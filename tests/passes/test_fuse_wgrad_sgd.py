@@ -13,6 +13,7 @@ import shardgraph as sg
 from examples.moe_model import shardgraph_entry
 from passes.fuse_wgrad_sgd import EMBEDDING_OP as EMBEDDING
 from passes.fuse_wgrad_sgd import FUSED_OP as FUSED
+from passes.fuse_wgrad_sgd import OUTPUT_PROJECTION_OP as PROJECTION
 from shardgraph import meta
 from shardgraph.meta import InputKind
 from shardgraph.predict import node_work
@@ -38,6 +39,10 @@ def fused_nodes(program):
 
 def embedding_nodes(program):
     return [node for node in program.graph_module.graph.nodes if node.target == EMBEDDING]
+
+
+def projection_nodes(program):
+    return [node for node in program.graph_module.graph.nodes if node.target == PROJECTION]
 
 
 def expert_weights(model):
@@ -101,10 +106,10 @@ def test_the_fused_step_follows_every_other_reader_of_its_weight_and_the_output_
     order = {node: index for index, node in enumerate(graph.nodes)}
     outputs = graph.output_node().args[0]
     parameters = {node for node, _ in meta.graph_inputs(graph, InputKind.PARAMETER)}
-    steps = fused_nodes(program) + embedding_nodes(program)
-    assert len(embedding_nodes(program)) == 1
+    steps = fused_nodes(program) + embedding_nodes(program) + projection_nodes(program)
+    assert len(embedding_nodes(program)) == len(projection_nodes(program)) == 1
     for fused in steps:
-        weight = fused.args[0]
+        weight = fused.args[1 if fused.target == PROJECTION else 0]
         assert weight in parameters
         assert all(order[user] < order[fused] for user in weight.users if user is not fused and user.op != "output")
         assert weight not in outputs and outputs.count(None) == len(steps)
@@ -167,8 +172,10 @@ def test_under_inductor_the_fused_step_updates_the_donated_weight_in_place_and_a
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    reports = [m for m in handler.messages if "grouped_mm_wgrad_sgd_" in m or "embedding_sgd_" in m]
-    assert len(reports) == len(fused_nodes(fused)) + len(embedding_nodes(fused)) > len(fused_nodes(fused))
+    reports = [m for m in handler.messages if any(op in m for op in ("grouped_mm_wgrad_sgd_", "embedding_sgd_",
+                                                                       "linear_cross_entropy_sgd_"))]
+    assert len(reports) == len(fused_nodes(fused)) + len(embedding_nodes(fused)) + len(projection_nodes(fused))
+    assert embedding_nodes(fused) and projection_nodes(fused)
     assert all("remain clones=[]" in r for r in reports), reports
     assert all(state_a.parameters[name].untyped_storage().data_ptr() == where for name, where in storage.items())
     loss_b, state_b, metrics_b = unfused.train_step(state_b, inputs, compile="inductor")
