@@ -40,7 +40,8 @@ _library.define("embedding_sgd_(Tensor(a!) weight, Tensor grad_output, Tensor in
 
 def _check(weight, grad_output, indices, lr):
     if weight.dim() != 2:
-        raise EmbeddingSgdError(f"embedding_sgd_: weight must be a [rows, width] table, got shape {tuple(weight.shape)}")
+        raise EmbeddingSgdError(f"embedding_sgd_: weight must be a [rows, width] table, "
+                                f"got shape {tuple(weight.shape)}")
     width = weight.shape[1]
     if grad_output.shape[-1] != width or tuple(grad_output.shape[:-1]) != tuple(indices.shape):
         raise EmbeddingSgdError(f"embedding_sgd_: grad_output {tuple(grad_output.shape)} must be indices' shape "

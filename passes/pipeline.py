@@ -18,7 +18,7 @@
     lower_collectives     typed collectives -> torch's _c10d_functional ops + wait_tensor, nothing else
     schedule_collectives  c10d            -> ops issued early, waits late (overlap), bytes in flight bounded
     donate_state          communicator    -> new parameters and state written into the old (option)
-    fuse_wgrad_sgd        donated         -> an expert weight's SGD step in its wgrad's epilogue (option)
+    fuse_wgrad_sgd        donated         -> SGD steps where their gradients are made (wgrad, embedding, loss) (option)
 
 Conditions are checked before and after every pass (as ``torch.fx.passes.infra.pass_base``'s
 ``requires`` / ``ensures``), so a pass that breaks the next one's assumption fails at the seam
@@ -165,7 +165,7 @@ class CompileOptions:
     reshard_after_forward: bool = True  # zero=3: gather each parameter again for the backward (passes/gather_parameters.py)
     fused_loss: bool = True  # output projection + cross-entropy as one chunked op (passes/fuse_linear_cross_entropy.py)
     loss_chunk_bytes: int | None = None  # that op's chunk budget; None: kernels.linear_cross_entropy.DEFAULT_CHUNK_BYTES
-    fused_update: bool = True  # donated plain SGD steps on expert weights taken in the wgrad (passes/fuse_wgrad_sgd.py)
+    fused_update: bool = True  # donated plain SGD steps taken where their gradients are made (passes/fuse_wgrad_sgd.py)
     # Most bytes of collectives in flight (issued, not yet waited on) that schedule_collectives
     # lets an early issue add; None: passes/schedule_collectives.py's default.
     prefetch_bytes: int | None = None

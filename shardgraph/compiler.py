@@ -16,7 +16,8 @@
     #   bucket_gradient_sync  one all-reduce per gradient bucket
     #   cast_gradient_reductions  gradients reduced in reduce_dtype (option)
     #   donate_state          a training step's new state written into the old (option)
-    #   fuse_wgrad_sgd        an expert weight's plain SGD step in its wgrad's epilogue (option)
+    #   fuse_wgrad_sgd        plain SGD steps where their gradients are made: expert wgrad epilogue,
+    #                         embedding rows, fused loss op (option)
     return ShardedProgram(traced, compiled.placed, compiled.lowered, mesh)
 """
 
@@ -89,7 +90,8 @@ def compile(  # noqa: A001 - the name users expect, as jax.jit / torch.compile
     ``fused_update`` (on by default) takes a donated plain SGD step (no momentum, no weight decay,
     no clipping) on an expert weight whose gradient no collective reduces inside its grouped
     wgrad kernel (``passes/fuse_wgrad_sgd.py``): the gradient is never written, and the update
-    and the norm's term come from the kernel's tiles."""
+    and the norm's term come from the kernel's tiles; likewise an embedding's step on its
+    looked-up rows alone and the output projection's inside the fused loss op."""
     check_recompute_policy(recompute, "compile: recompute")
     check_zero_stage(zero, "compile: zero")
     if zero == 1 and optimizer is None:
