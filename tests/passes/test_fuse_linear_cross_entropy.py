@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import shardgraph as sg
 from examples.moe_model import shardgraph_entry
 from passes.fuse_linear_cross_entropy import FUSED_OP
+from passes.fuse_wgrad_sgd import OUTPUT_PROJECTION_OP
 from shardgraph.report import build_report
 
 aten = torch.ops.aten
@@ -53,7 +54,9 @@ def z_loss(logits, ids):
 
 
 def fused_ops(program) -> int:
-    return sum(1 for node in program.graph_module.graph.nodes if node.target == FUSED_OP)
+    """The fused loss ops, including the one that also takes a plain SGD step on the weight
+    (passes/fuse_wgrad_sgd.py)."""
+    return sum(1 for node in program.graph_module.graph.nodes if node.target in (FUSED_OP, OUTPUT_PROJECTION_OP))
 
 
 def relative(value, reference) -> float:
