@@ -6,13 +6,15 @@
 Prints the torch and cuDNN versions and the schemas of the aten ops the op calls, then, for
 bf16 / fp16 / fp32, grouped and equal heads, causal and not, even and odd sequence lengths:
 
-* every kernel that takes the operands (``cudnn``, ``flash``, ``math``; forced one at a time),
-  its output and log-sum-exp against float64, and its backward fed the log-sum-exp of every
-  forward kernel (the saved log-sum-exp is the formula's, whichever kernel made it);
+* every plan the op may run (``cudnn``, ``flash``, ``math``, each with grouped key/value heads as
+  they are where the kernel takes them and widened; forced one at a time), its output and
+  log-sum-exp against float64, and its backward fed the log-sum-exp of every forward plan (the
+  saved log-sum-exp is the formula's, whichever kernel made it);
 * the op end to end (``shardgraph.attention`` + its autograd backward), naming the kernel it picks.
 
 ``--time`` times, at batch 2, 32 query / 4 key-value heads, seq 4096, head_dim 128, causal,
-bf16: each kernel's forward and backward, the op's forward + backward, and the previous
+bf16: each plan's forward and backward (a widened plan's copies and group sums apart), the op's
+forward + backward, and the previous
 backward (key/value widened, flash forward run again for the log-sum-exp, flash backward).
 """
 
@@ -59,29 +61,32 @@ def check(dtype, heads, kv_heads, seq, is_causal) -> int:
     grad_out = torch.randn(2, heads, seq, 128, device="cuda", generator=generator, dtype=dtype)
     scale, groups, tolerance = 0.088, heads // kv_heads, TOLERANCE[dtype]
     expected_out, expected_logsumexp, expected_grads = reference(query, key, value, is_causal, scale, grad_out)
-    wide_key, wide_value = attention._widen(key, groups), attention._widen(value, groups)
-    kernels = attention._kernels(query, wide_key, wide_value, is_causal)
+    # Every plan the op may run: each kernel with grouped key/value heads as they are (where it
+    # takes them) and widened.
+    plans = {plan_label(kernel, widened, groups): (kernel, plan_key, plan_value, widened)
+             for kernel, plan_key, plan_value, widened in attention._plans(query, key, value, is_causal, groups)}
     failures = 0
     case = f"{str(dtype):14} heads {heads:2}/{kv_heads:2} seq {seq:4} causal {is_causal!s:5}"
     forwards = {}
-    for kernel in kernels:
+    for label, (kernel, plan_key, plan_value, _) in plans.items():
         run = attention._math_forward if kernel == "math" else attention._FUSED_FORWARD[kernel]
-        out, logsumexp = run(query, wide_key, wide_value, is_causal, scale)
-        forwards[kernel] = (attention._sequence_major(out), logsumexp)
+        out, logsumexp = run(query, plan_key, plan_value, is_causal, scale)
+        forwards[label] = (attention._sequence_major(out), logsumexp)
         errors = (relative(out, expected_out), relative(logsumexp, expected_logsumexp))
         ok = errors[0] < tolerance and errors[1] < 1e-4 and logsumexp.shape == expected_logsumexp.shape
         failures += not ok
-        print(f"{case} forward  {kernel:9} out {errors[0]:.2e} logsumexp {errors[1]:.2e} {'ok' if ok else 'FAIL'}")
-    for kernel in kernels:
+        print(f"{case} forward  {label:15} out {errors[0]:.2e} logsumexp {errors[1]:.2e} {'ok' if ok else 'FAIL'}")
+    for label, (kernel, plan_key, plan_value, widened) in plans.items():
         run = attention._math_backward if kernel == "math" else attention._FUSED_BACKWARD[kernel]
         for made_by, (out, logsumexp) in forwards.items():
-            grads = run(grad_out, query, wide_key, wide_value, out, logsumexp, is_causal, scale)
-            grads = (grads[0], attention._sum_groups(grads[1], groups), attention._sum_groups(grads[2], groups))
+            grads = run(grad_out, query, plan_key, plan_value, out, logsumexp, is_causal, scale)
+            if widened:
+                grads = (grads[0], attention._sum_groups(grads[1], groups), attention._sum_groups(grads[2], groups))
             errors = [relative(g, e) for g, e in zip(grads, expected_grads)]
             shapes = all(g.shape == e.shape and g.dtype == dtype for g, e in zip(grads, expected_grads))
             ok = max(errors) < tolerance and shapes
             failures += not ok
-            print(f"{case} backward {kernel:9} (logsumexp of {made_by:9}) dq {errors[0]:.2e} dk {errors[1]:.2e} "
+            print(f"{case} backward {label:15} (logsumexp of {made_by:15}) dq {errors[0]:.2e} dk {errors[1]:.2e} "
                   f"dv {errors[2]:.2e} {'ok' if ok else 'FAIL'}")
     inputs = [t.detach().requires_grad_() for t in (query, key, value)]
     out, _ = torch.ops.shardgraph.attention(*inputs, is_causal, scale, groups > 1)
@@ -89,9 +94,13 @@ def check(dtype, heads, kv_heads, seq, is_causal) -> int:
     errors = [relative(out, expected_out)] + [relative(g, e) for g, e in zip(grads, expected_grads)]
     ok = max(errors) < tolerance
     failures += not ok
-    print(f"{case} op       {kernels[0]:9} out {errors[0]:.2e} dq {errors[1]:.2e} dk {errors[2]:.2e} "
+    print(f"{case} op       {next(iter(plans)):15} out {errors[0]:.2e} dq {errors[1]:.2e} dk {errors[2]:.2e} "
           f"dv {errors[3]:.2e} {'ok' if ok else 'FAIL'}")
     return failures
+
+
+def plan_label(kernel: str, widened: bool, groups: int) -> str:
+    return kernel if widened or groups == 1 else f"{kernel} grouped"
 
 
 def milliseconds(fn, repeats=20) -> float:
@@ -113,24 +122,33 @@ def timings() -> None:
                                  dtype=torch.bfloat16).transpose(1, 2)  # sequence-major, as the projections make
     query, key, value, grad_out = make(32), make(4), make(4), make(32)
     scale, groups = 128 ** -0.5, 8
-    wide_key, wide_value = attention._widen(key, groups), attention._widen(value, groups)
-    kernels = [k for k in attention._kernels(query, wide_key, wide_value, True) if k != "math"]
-    print(f"timing batch 2, heads 32/4, seq 4096, head_dim 128, causal, bf16; kernels {kernels}")
+    plans = {plan_label(kernel, widened, groups): (kernel, plan_key, plan_value, widened)
+             for kernel, plan_key, plan_value, widened in attention._plans(query, key, value, True, groups)
+             if kernel != "math"}
+    print(f"timing batch 2, heads 32/4, seq 4096, head_dim 128, causal, bf16; plans {list(plans)}")
     forward_ms = {}
-    for kernel in kernels:
-        out, logsumexp = attention._FUSED_FORWARD[kernel](query, wide_key, wide_value, True, scale)
-        forward = forward_ms[kernel] = milliseconds(
-            lambda: attention._FUSED_FORWARD[kernel](query, wide_key, wide_value, True, scale))
-        backward = milliseconds(lambda: attention._FUSED_BACKWARD[kernel](grad_out, query, wide_key, wide_value, out,
+    for label, (kernel, plan_key, plan_value, widened) in plans.items():
+        out, logsumexp = attention._FUSED_FORWARD[kernel](query, plan_key, plan_value, True, scale)
+        forward = forward_ms[label] = milliseconds(
+            lambda: attention._FUSED_FORWARD[kernel](query, plan_key, plan_value, True, scale))
+        backward = milliseconds(lambda: attention._FUSED_BACKWARD[kernel](grad_out, query, plan_key, plan_value, out,
                                                                          logsumexp, True, scale))
-        print(f"  {kernel:6} kernel forward {forward:6.2f} ms  backward {backward:6.2f} ms")
+        # A widened plan also pays for the widening copies (forward and backward) and the group sums.
+        extra = milliseconds(lambda: (attention._widen(key, groups), attention._widen(value, groups))) if widened \
+            else 0.0
+        sums = 0.0
+        if widened:
+            sums = milliseconds(lambda: (attention._sum_groups(plan_key, groups),
+                                         attention._sum_groups(plan_value, groups)))
+        print(f"  {label:15} kernel forward {forward:6.2f} ms  backward {backward:6.2f} ms  widening copies "
+              f"{extra:5.2f} ms (x2)  group sums {sums:5.2f} ms")
     op_forward = milliseconds(lambda: torch.ops.shardgraph.attention(query, key, value, True, scale, True))
     out, logsumexp = torch.ops.shardgraph.attention(query, key, value, True, scale, True)
     op_backward = milliseconds(lambda: torch.ops.shardgraph.attention_backward(grad_out, query, key, value, out,
                                                                                logsumexp, True, scale, True))
     print(f"  op (kernel {attention.attention_kernel(query, key, value, True, True)}): forward {op_forward:.2f} ms, "
           f"backward {op_backward:.2f} ms, together {op_forward + op_backward:.2f} ms")
-    if "flash" in kernels:
+    if "flash" in plans:
         def previous_backward():
             k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
             result = aten._scaled_dot_product_flash_attention(query, k, v, 0.0, True, False, scale=scale)

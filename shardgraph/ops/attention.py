@@ -44,8 +44,13 @@ fused kernel returns is checked (shapes, dtypes, the log-sum-exp's layout) befor
 where it is not what this op expects, or the kernel raises, a warning names it and the next
 kernel runs.
 
-Grouped key/value heads are widened to the query heads (a copy) before any kernel, and the
-gradients of the copies summed back per group, so every kernel sees equal head counts. Every
+Grouped key/value heads go to a fused CUDA kernel as they are where the kernel takes grouped heads
+(torch's feasibility check asked with ``enable_gqa``): it reads each key/value head for its group
+of query heads and returns the key/value gradients summed per group. Otherwise, and for every kernel
+on the CPU, they are widened to the query heads (a copy) and the gradients of the copies summed
+back per group. Each kernel is tried grouped before widened, so a kernel's place in the order
+above never changes (at Qwen3-30B-A3B's 32 query / 4 key-value heads the widening costs four
+copies of the query's size and two group sums per layer, forward and backward). Every
 operand is handed to the CUDA kernels in one layout (``[batch, seq, heads, dim]`` in memory,
 the one the projections around attention make): cuDNN caches its backward graph by the query,
 key and value strides alone, so output and gradient strides that varied from call to call would
@@ -155,8 +160,7 @@ def _sum_groups(grad: torch.Tensor, groups: int) -> torch.Tensor:
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool, scale: float,
               enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check("shardgraph.attention", query, key, value, enable_gqa)
-    groups = query.shape[1] // key.shape[1]
-    out, logsumexp = _forward(query, _widen(key, groups), _widen(value, groups), is_causal, scale)
+    out, logsumexp = _forward(query, key, value, is_causal, scale, query.shape[1] // key.shape[1])
     return _sequence_major(out), logsumexp.contiguous()
 
 
@@ -173,11 +177,9 @@ def attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.T
                        enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check("shardgraph.attention_backward", query, key, value, enable_gqa)
     _check_backward_inputs(grad_out, query, value, out, logsumexp)
-    groups = query.shape[1] // key.shape[1]
-    grad_query, grad_key, grad_value = _backward(grad_out, query, _widen(key, groups), _widen(value, groups), out,
-                                                 logsumexp, is_causal, scale)
-    return (_sequence_major(grad_query), _sequence_major(_sum_groups(grad_key, groups)),
-            _sequence_major(_sum_groups(grad_value, groups)))
+    grad_query, grad_key, grad_value = _backward(grad_out, query, key, value, out, logsumexp, is_causal, scale,
+                                                 query.shape[1] // key.shape[1])
+    return _sequence_major(grad_query), _sequence_major(grad_key), _sequence_major(grad_value)
 
 
 @attention_backward.register_fake
@@ -216,9 +218,11 @@ def _trained(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
 
-def _kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool) -> list[str]:
-    """The kernels that take these operands (key and value already widened), best first; the
-    last is always ``math``."""
+def _kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool,
+             enable_gqa: bool = False) -> list[str]:
+    """The kernels that take these operands, best first; the last is always ``math``. Key and
+    value have the query's heads unless ``enable_gqa`` (then the fused kernels are asked whether
+    they take grouped heads as they are)."""
     dim = query.shape[-1]
     empty = any(t.numel() == 0 for t in (query, key, value))
     if query.device.type == "cpu":
@@ -232,7 +236,7 @@ def _kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_cau
     if is_causal and query.shape[2] != key.shape[2]:
         return ["math"]
     params = torch.backends.cuda.SDPAParams(_trained(query), _trained(key), _trained(value), None, 0.0, is_causal,
-                                            False)
+                                            enable_gqa)
     fused = []
     can_use_cudnn = getattr(torch.backends.cuda, "can_use_cudnn_attention", None)
     if (can_use_cudnn is not None and dim <= 128 and torch.cuda.get_device_capability(query.device)[0] == 9
@@ -243,13 +247,49 @@ def _kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_cau
     return fused + ["math"]
 
 
+def _widened_like(tensor: torch.Tensor, groups: int) -> torch.Tensor:
+    """An empty tensor of the widened key's or value's shape and layout (what ``_kernels`` asks
+    about, without the copy)."""
+    if groups == 1:
+        return tensor
+    batch, kv_heads, seq, dim = tensor.shape
+    return tensor.new_empty((batch, seq, kv_heads * groups, dim)).transpose(1, 2)
+
+
+# Devices whose fused kernels may take grouped key/value heads as they are (torch's feasibility
+# checks answer for CUDA; the CPU flash kernel is always given widened heads).
+_GROUPED_DEVICES = ("cuda",)
+
+
+def _plans(query, key, value, is_causal: bool, groups: int):
+    """``(kernel, key, value, widened)`` in the order to try them: each kernel that takes these
+    operands (``_kernels``' order), with the grouped key and value as they are where it takes
+    grouped heads, then widened. The widening copy is made only when a widened plan is reached."""
+    if groups == 1:
+        for kernel in _kernels(query, key, value, is_causal):
+            yield kernel, key, value, False
+        return
+    grouped = set()
+    if query.device.type in _GROUPED_DEVICES:
+        grouped = set(_kernels(query, key, value, is_causal, enable_gqa=True)) - {"math"}
+    wide = None
+    for kernel in _kernels(query, _widened_like(key, groups), _widened_like(value, groups), is_causal):
+        if kernel in grouped:
+            yield kernel, key, value, False
+        if wide is None:
+            wide = (_widen(key, groups), _widen(value, groups))
+        yield kernel, *wide, True
+
+
 def attention_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False,
                      enable_gqa: bool = False) -> str:
     """The kernel ``shardgraph.attention`` runs first for these operands (``cudnn``, ``flash``,
-    ``cpu_flash`` or ``math``); it falls back along ``_kernels`` where one fails its checks."""
+    ``cpu_flash`` or ``math``, with `` (grouped)`` where it reads grouped key/value heads as they
+    are); it falls back along ``_plans`` where one fails its checks."""
     _check("shardgraph.attention_kernel", query, key, value, enable_gqa)
     groups = query.shape[1] // key.shape[1]
-    return _kernels(query, _widen(key, groups), _widen(value, groups), is_causal)[0]
+    kernel, _, _, widened = next(_plans(query, key, value, is_causal, groups))
+    return kernel if widened or groups == 1 else f"{kernel} (grouped)"
 
 
 _TensorSpec = tuple[tuple[int, ...], torch.dtype]
@@ -289,51 +329,59 @@ def _fall_back(kernel: str, reason: object) -> None:
                   RuntimeWarning, stacklevel=3)
 
 
-def _forward(query, key, value, is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, logsumexp)`` from the first kernel that takes the operands (key and value widened)."""
+def _forward(query, key, value, is_causal: bool, scale: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, logsumexp)`` from the first plan that runs (``_plans``)."""
     if query.is_cuda:  # the one layout the CUDA kernels are asked about and given (module docstring)
         query, key, value = (_sequence_major(t) for t in (query, key, value))
-    def fused(kernel):
+    def fused(kernel, key, value):
         out, logsumexp = _FUSED_FORWARD[kernel](query, key, value, is_causal, scale)
         _expect(kernel, out, "output", (*query.shape[:3], value.shape[-1]), query.dtype)
         _expect(kernel, logsumexp, "logsumexp", tuple(query.shape[:3]), _logsumexp_dtype(query.dtype))
         return out, logsumexp
 
-    return _first_that_runs(query, key, value, is_causal, fused,
-                            lambda: _math_forward(query, key, value, is_causal, scale))
+    result, _ = _first_that_runs(query, key, value, is_causal, groups, fused,
+                                 lambda key, value: _math_forward(query, key, value, is_causal, scale))
+    return result
 
 
-def _backward(grad_out, query, key, value, out, logsumexp, is_causal: bool, scale: float):
-    """``(grad_query, grad_key, grad_value)`` from the first kernel that takes the operands."""
+def _backward(grad_out, query, key, value, out, logsumexp, is_causal: bool, scale: float, groups: int):
+    """``(grad_query, grad_key, grad_value)`` from the first plan that runs, the key and value
+    gradients in the key's and value's own heads."""
     if query.is_cuda:
         query, key, value, out, grad_out = (_sequence_major(t) for t in (query, key, value, out, grad_out))
         logsumexp = logsumexp.contiguous()  # some cuDNN kernels read it packed whatever its strides
-    def fused(kernel):
+    def fused(kernel, key, value):
         grads = _FUSED_BACKWARD[kernel](grad_out, query, key, value, out, logsumexp, is_causal, scale)
         for name, grad, like in zip(("grad_query", "grad_key", "grad_value"), grads, (query, key, value)):
             _expect(kernel, grad, name, _shape(like), like.dtype)
         return grads
 
-    return _first_that_runs(query, key, value, is_causal, fused,
-                            lambda: _math_backward(grad_out, query, key, value, out, logsumexp, is_causal, scale))
+    (grad_query, grad_key, grad_value), widened = _first_that_runs(
+        query, key, value, is_causal, groups, fused,
+        lambda key, value: _math_backward(grad_out, query, key, value, out, logsumexp, is_causal, scale))
+    if widened:
+        grad_key, grad_value = _sum_groups(grad_key, groups), _sum_groups(grad_value, groups)
+    return grad_query, grad_key, grad_value
 
 
-def _first_that_runs(query, key, value, is_causal: bool, fused, math):
-    """``fused(kernel)`` of the first fused kernel that takes the operands and returns what it
-    should; a kernel that raises or returns something unexpected is named in a warning and the
-    next one runs, down to ``math()``. Out of memory is not a reason to fall back: it is raised."""
-    for kernel in _kernels(query, key, value, is_causal):
+def _first_that_runs(query, key, value, is_causal: bool, groups: int, fused, math):
+    """``(fused(kernel, key, value), widened)`` of the first plan (``_plans``) whose fused kernel
+    runs and returns what it should; a kernel that raises or returns something unexpected is
+    named in a warning and the next plan runs, down to ``math(key, value)`` (widened). Out of
+    memory is not a reason to fall back: it is raised."""
+    for kernel, plan_key, plan_value, widened in _plans(query, key, value, is_causal, groups):
         if kernel == "math":
-            return math()
+            return math(plan_key, plan_value), widened
+        label = kernel if widened or groups == 1 else f"{kernel} (grouped)"
         try:
-            return fused(kernel)
+            return fused(kernel, plan_key, plan_value), widened
         except _Unexpected as reason:
-            _fall_back(kernel, reason)
+            _fall_back(label, reason)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as error:
-            _fall_back(kernel, error)
-    raise AssertionError("unreachable: _kernels always ends with math")
+            _fall_back(label, error)
+    raise AssertionError("unreachable: _plans always ends with math")
 
 
 # ----------------------------------------------------------------------------- the kernels

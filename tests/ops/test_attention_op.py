@@ -208,3 +208,59 @@ def test_mismatched_operands_are_refused_naming_the_tensor():
     with pytest.raises(ValueError, match=r"logsumexp \(2, 4, 5\) torch.float64 must be the forward's "
                                          r"\[batch, heads, seq\] = \(2, 4, 6\) torch.float64"):
         backward(out, query, key, value, out, logsumexp[..., :5], False, 0.5, False)
+
+
+def _grouped_cpu_flash(monkeypatch, broken_backward=False):
+    """The CPU flash kernel as a kernel that takes grouped key/value heads as they are (as the
+    CUDA kernels may): it widens inside and sums the gradients back, so its results are right;
+    the op must call it with the grouped tensors and not widen them itself."""
+    forward, backward = attention_module._FUSED_FORWARD["cpu_flash"], attention_module._FUSED_BACKWARD["cpu_flash"]
+    calls = {"grouped": 0, "widened_by_op": 0}
+
+    def grouped_forward(query, key, value, is_causal, scale):
+        groups = query.shape[1] // key.shape[1]
+        calls["grouped"] += groups > 1
+        return forward(query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), is_causal, scale)
+
+    def grouped_backward(grad_out, query, key, value, out, logsumexp, is_causal, scale):
+        groups = query.shape[1] // key.shape[1]
+        if broken_backward and groups > 1:
+            raise RuntimeError("grouped heads not supported here")
+        calls["grouped"] += groups > 1
+        grads = backward(grad_out, query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), out,
+                         logsumexp, is_causal, scale)
+        return grads[0], attention_module._sum_groups(grads[1], groups), attention_module._sum_groups(grads[2], groups)
+
+    widen = attention_module._widen
+
+    def counted_widen(tensor, groups):
+        calls["widened_by_op"] += groups > 1
+        return widen(tensor, groups)
+
+    monkeypatch.setattr(attention_module, "_GROUPED_DEVICES", ("cpu",))
+    monkeypatch.setitem(attention_module._FUSED_FORWARD, "cpu_flash", grouped_forward)
+    monkeypatch.setitem(attention_module._FUSED_BACKWARD, "cpu_flash", grouped_backward)
+    monkeypatch.setattr(attention_module, "_widen", counted_widen)
+    return calls
+
+
+def test_a_kernel_that_takes_grouped_heads_gets_them_unwidened_and_gives_the_reference_gradients(monkeypatch):
+    calls = _grouped_cpu_flash(monkeypatch)
+    query, key, value = operands(kv_heads=2, seq=5)
+    assert attention_module.attention_kernel(query, key, value, True, True) == "cpu_flash (grouped)"
+    (expected_out, _, expected), (got_out, _, got) = reference_and_op(query, key, value, True, 0.3)
+    assert_close(got_out, expected_out, "out", 1e-10, 1e-12)
+    for name, value_got, value_expected in zip(("query", "key", "value"), got, expected):
+        assert_close(value_got, value_expected, name, 1e-10, 1e-12)
+    assert calls == {"grouped": 2, "widened_by_op": 0}
+
+
+def test_a_grouped_kernel_that_raises_falls_back_to_the_same_kernel_on_widened_heads(monkeypatch):
+    calls = _grouped_cpu_flash(monkeypatch, broken_backward=True)
+    query, key, value = operands(kv_heads=2, seq=5)
+    with pytest.warns(RuntimeWarning, match=r"cpu_flash \(grouped\) kernel not used \(grouped heads not supported"):
+        (_, _, expected), (_, _, got) = reference_and_op(query, key, value, True, 0.3)
+    for name, value_got, value_expected in zip(("query", "key", "value"), got, expected):
+        assert_close(value_got, value_expected, name, 1e-10, 1e-12)
+    # The forward ran grouped; the backward widened key and value once each, then ran the kernel.
+    assert calls == {"grouped": 1, "widened_by_op": 2}
