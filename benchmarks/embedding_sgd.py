@@ -12,13 +12,14 @@ new weight relative to the step's size, and the sums of squares against each oth
 index names must come out bit for bit. Times are medians of CUDA-event timings of the step
 alone (the weight is restored before each, outside the timed region).
 
-    python benchmarks/embedding_sgd.py                       # Qwen3's vocabulary, 8192 tokens
+    python benchmarks/embedding_sgd.py                       # Qwen3's vocabulary, 8192 and 32768 tokens
     python benchmarks/embedding_sgd.py --device cpu --tiny   # the same code on a CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -31,17 +32,19 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402,F401 - registers torch.ops.shardgraph.embedding_sgd_
 
-# name: (vocabulary rows, width, tokens)
-SHAPES = {"qwen3_vocab_8192": (151936, 2048, 8192), "qwen3_vocab_32768": (151936, 2048, 32768)}
-TINY = {"tiny": (500, 32, 64)}
+# name: (vocabulary rows, width); timed at each of --tokens
+SHAPES = {"qwen3_vocab": (151936, 2048)}
+TINY = {"tiny": (500, 32)}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--tiny", action="store_true", help="small shapes (a CPU run)")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--tiny", action="store_true", help="a small table and batch (a CPU run)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None,
+                        help="indices per step (default 8192 and 32768; 64 with --tiny)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "embedding_sgd.json"))
     return parser.parse_args(argv)
@@ -121,8 +124,9 @@ def main(argv=None) -> dict:
               "torch": torch.__version__, "dtype": args.dtype, "steps": args.steps, "rows": []}
     print(f"{'shape':>18} {'distinct':>9} {'sparse ms':>10} {'dense compiled':>15} {'dense eager':>12} "
           f"{'ratio (compiled)':>17} {'agree':>6}", flush=True)
-    for name, (rows, width, tokens) in (TINY if args.tiny else SHAPES).items():
-        row = run_shape(name, rows, width, tokens, dtype, device, args.steps)
+    token_counts = args.tokens or ([64] if args.tiny else [8192, 32768])
+    for (name, (rows, width)), tokens in itertools.product((TINY if args.tiny else SHAPES).items(), token_counts):
+        row = run_shape(f"{name}_{tokens}", rows, width, tokens, dtype, device, args.steps)
         result["rows"].append(row)
         print(f"{name:>18} {row['distinct_indices']:>9} {row['sparse_ms']:>10.3f} {row['dense_compiled_ms']:>15.3f} "
               f"{row['dense_eager_ms']:>12.3f} {row['dense_compiled_over_sparse']:>16.2f}x {str(row['agree']):>6}",
