@@ -97,6 +97,8 @@ def sgd_from_accumulator_(param: torch.Tensor, accumulator: torch.Tensor, lr: to
     block = 4096
     partial = torch.empty(triton.cdiv(numel, block), dtype=torch.float32, device=param.device)
     if numel:
+        # No floating-point contraction: fused into an FMA, ``param - round(grad * lr)`` would
+        # skip the product's rounding, and the step would differ from the unfused ops' in the last bit.
         _sgd_from_accumulator_kernel[(partial.numel(),)](accumulator, param, lr, partial, numel, BLOCK=block,
-                                                         num_warps=8)
+                                                         num_warps=8, enable_fp_fusion=False)
     return partial.sum()

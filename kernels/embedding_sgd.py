@@ -17,6 +17,11 @@ with the same two operations in the weight's dtype as the unfused graph (``grad 
 and the slots past the last distinct index repeat it (they write the same value to the same row),
 so nothing waits on the host for the count.
 
+On a GPU (and on the CPU under ``TRITON_INTERPRET=1``) the sums and the step are one Triton
+kernel, one program per distinct-index slot and column block, reading the slot's rows in sorted
+order; elsewhere, or with ``TRITON_ENABLED`` False, the same values come from aten ops
+(``torch.segment_reduce``, gathers and an ``index_copy_``).
+
 ``after``: tensors the step is ordered after and does not read (the other readers of the old
 weight), as for ``grouped_mm_wgrad_sgd_``: a compiler free to reorder a functional graph keeps
 them before the in-place update.
@@ -24,9 +29,17 @@ them before the in-place update.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["embedding_sgd_", "EmbeddingSgdError"]
+from .caches import interpreter_guard
+
+__all__ = ["embedding_sgd_", "EmbeddingSgdError", "TRITON_ENABLED"]
+
+# False keeps the aten form on a GPU too (to compare the two).
+TRITON_ENABLED = True
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class EmbeddingSgdError(ValueError):
@@ -55,6 +68,81 @@ def _check(weight, grad_output, indices, lr):
                                 f"got {lr.dtype} of shape {tuple(lr.shape)}")
 
 
+def _runs(weight: torch.Tensor, rows: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes these operands: a CUDA device (or the CPU under
+    ``TRITON_INTERPRET=1``), 16/32-bit floats, rows with a unit last stride."""
+    if not TRITON_ENABLED or weight.dtype not in _DTYPES or weight.stride(1) != 1 or rows.stride(1) != 1:
+        return False
+    if weight.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    if weight.device.type not in ("cpu", "cuda"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_kernel = None
+
+
+def _build():
+    """The kernel, defined on first use so that importing this module needs no Triton."""
+    global _kernel
+    if _kernel is not None:
+        return _kernel
+    import triton.language as tl
+    from triton import jit
+
+    @jit
+    def embedding_sgd_kernel(rows_ptr, order_ptr, starts_ptr, sorted_index_ptr, weight_ptr, lr_ptr, partial_ptr,
+                             width, rows_stride, weight_stride, padding_idx, BLOCK: tl.constexpr):
+        # One program per (distinct-index slot, column block): the slot's rows summed in sorted
+        # (token) order in float32, rounded to the weight's dtype, the step taken on its row.
+        slot = tl.program_id(0)
+        columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = columns < width
+        start = tl.load(starts_ptr + slot)
+        end = tl.load(starts_ptr + slot + 1)
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for position in range(start, end):
+            token = tl.load(order_ptr + position)
+            total += tl.load(rows_ptr + token * rows_stride + columns, mask=mask, other=0.0).to(tl.float32)
+        row = tl.load(sorted_index_ptr + tl.minimum(start, tl.num_programs(0) - 1))
+        # A slot past the last distinct index (start == end) or the padding row takes no step.
+        live = ((end > start) & (row != padding_idx)).to(tl.int32)
+        active = mask & (tl.zeros([BLOCK], dtype=tl.int32) + live > 0)
+        dtype = weight_ptr.dtype.element_ty
+        grad = tl.where(active, total, 0.0).to(dtype).to(tl.float32)
+        step = (grad * tl.load(lr_ptr).to(tl.float32)).to(dtype).to(tl.float32)
+        pointers = weight_ptr + row * weight_stride + columns
+        weight = tl.load(pointers, mask=active, other=0.0).to(tl.float32)
+        tl.store(pointers, (weight - step).to(dtype), mask=active)
+        tl.store(partial_ptr + slot * tl.num_programs(1) + tl.program_id(1), tl.sum(grad * grad, axis=0))
+
+    _kernel = embedding_sgd_kernel
+    return _kernel
+
+
+def _triton_step(weight, rows, sorted_index, order, segment, lr, padding_idx):
+    import triton
+
+    count, width = rows.shape
+    # Where each distinct index's run of sorted positions starts; slots past the last distinct
+    # index start (and end) at ``count``.
+    starts = torch.full((count + 1,), count, dtype=torch.long, device=rows.device)
+    starts.scatter_reduce_(0, segment, torch.arange(count, device=rows.device), "amin")
+    block = min(1024, triton.next_power_of_2(width))
+    grid = (count, triton.cdiv(width, block))
+    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=rows.device)
+    with interpreter_guard(os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        # No floating-point contraction: an FMA would skip the rounding of ``grad * lr``.
+        _build()[grid](rows, order, starts, sorted_index, weight, lr, partial, width, rows.stride(0),
+                       weight.stride(0), padding_idx, BLOCK=block, num_warps=4, enable_fp_fusion=False)
+    return partial.sum()
+
+
 def embedding_sgd_(weight, grad_output, indices, lr, padding_idx, after):
     """``weight -= lr * grad`` on the looked-up rows, in place; returns ``sum(float32(grad) ** 2)``
     with ``grad = embedding_dense_backward(grad_output, indices, rows, padding_idx, False)``."""
@@ -65,13 +153,16 @@ def embedding_sgd_(weight, grad_output, indices, lr, padding_idx, after):
     if count == 0:
         return torch.zeros((), dtype=torch.float32, device=weight.device)
     rows = grad_output.reshape(count, width)
-    if padding_idx >= 0:
-        # The padding row's gradient is zero in the dense backward: its tokens add nothing.
-        rows = rows.masked_fill((flat == padding_idx).unsqueeze(1), 0)
-    sorted_index, order = torch.sort(flat)
+    # Stable: the rows of one index are summed in token order, the same order on every run.
+    sorted_index, order = torch.sort(flat, stable=True)
     starts = torch.ones_like(sorted_index, dtype=torch.bool)
     starts[1:] = sorted_index[1:] != sorted_index[:-1]
     segment = torch.cumsum(starts, 0) - 1
+    if _runs(weight, rows):
+        return _triton_step(weight, rows, sorted_index, order, segment, lr, padding_idx)
+    if padding_idx >= 0:
+        # The padding row's gradient is zero in the dense backward: its tokens add nothing.
+        rows = rows.masked_fill((flat == padding_idx).unsqueeze(1), 0)
     lengths = torch.zeros_like(sorted_index).index_add_(0, segment, torch.ones_like(sorted_index))
     # Sums in index order, in float32 at least (the dense backward's accumulation), rounded once
     # to the gradient's dtype; slots past the last distinct index have length 0 and sum to 0.

@@ -597,7 +597,10 @@ def triton_grouped_mm_wgrad_sgd_(param: torch.Tensor, x: torch.Tensor, dout: tor
     else:
         arguments = (left, right, param, lr, partials, offsets, m, p1, p2, num_groups, m_bucket, *left.stride(),
                      *right.stride(), *param.stride())
+    # No floating-point contraction in the epilogue: an FMA would skip the rounding of
+    # ``grad * lr`` and the step would differ from the unfused ops' in the last bit.
     with interpreter_guard(INTERPRETED):
-        _SGD_KERNELS[plan.kernel][grid](*arguments, **plan.constexprs, **config.all_kwargs())
+        _SGD_KERNELS[plan.kernel][grid](*arguments, **plan.constexprs,
+                                        **{**config.all_kwargs(), "enable_fp_fusion": False})
     return partials.sum()
 

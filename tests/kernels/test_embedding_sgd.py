@@ -97,3 +97,19 @@ def test_the_fake_kernel_checks_and_gives_a_float32_scalar():
         assert term.shape == () and term.dtype == torch.float32
         with pytest.raises(EmbeddingSgdError, match="lr must be"):
             STEP(weight, grad_output, torch.empty(2, 5, dtype=torch.long), torch.empty(()), -1, [])
+
+
+def test_the_triton_kernel_under_the_interpreter_steps_as_the_aten_form():
+    from . import interpreted_rows
+
+    rows = interpreted_rows("embedding_sgd_interpreted.py")
+    assert len(rows) == 6
+    for row in rows:
+        assert row["untouched_equal"], row
+        if row["dtype"] == "torch.float32":
+            # The same float32 sums in the same (token) order and the same two rounded ops.
+            assert row["equal_to_aten"] and row["squares"] < 1e-6 and row["step_error"] < 1e-6, row
+        else:
+            # The interpreter's float32 -> bfloat16 casts do not round as a GPU's do (the GPU run
+            # checks equality): as exact as the aten form to within that rounding.
+            assert row["step_error"] < 2.5 * row["aten_step_error"] and row["squares"] < 2e-2, row
