@@ -1,5 +1,5 @@
-"""Take a plain SGD step where its weight's gradient is made: in a grouped wgrad's epilogue, or
-on the embedding rows a batch looked up.
+"""Take a plain SGD step where its weight's gradient is made: in a grouped wgrad's epilogue, on
+the embedding rows a batch looked up, or inside the fused output projection + loss op.
 
 Reads
     a lowered training-step graph whose new parameters are written into the old ones
@@ -8,6 +8,8 @@ Reads
 
         grad = shardgraph.grouped_mm_wgrad(x, dout, offsets, E, layout)        # an expert weight
             or aten.embedding_dense_backward(grad_output, indices, rows, padding_idx, False)
+            or shardgraph.linear_cross_entropy(hidden, W, ...)[2]              # the output projection
+               (read directly or through two transposes that cancel)
         new  = sub(W, mul(grad, lr_w))          # SGD, no momentum, no weight decay
         copy_(W, new)                           # donate_state
         sum(pow(grad, 2))                       # the gradient norm's term (grad cast to
@@ -20,7 +22,10 @@ Writes
     ``shardgraph.embedding_sgd_(W, grad_output, indices, lr_w, padding_idx, after)``) right after
     the last other reader of ``W`` (and after ``grad`` would have been computed): it updates ``W``
     in place and returns ``sum(float32(grad) ** 2)``, cast to the norm term's dtype in its place.
-    The parameter's output becomes None: the donated ``W`` holds its new value.
+    The output projection's step is ``shardgraph.linear_cross_entropy_sgd_(hidden, W, ..., lr_w,
+    after)`` in the fused loss op's place (every other reader of ``W`` must come before it): the
+    same loss and hidden gradient, the norm's term as its third output. The parameter's output
+    becomes None: the donated ``W`` holds its new value.
 Assumes
     the graph is in execution order, and ``W`` is donated (the caller hands a tensor the step may
     overwrite). Anything else (a gradient that is reduced over ranks or read by a clipping
@@ -36,7 +41,9 @@ term comes from the same tile. The embedding's gradient is zero outside the look
 most one per token), and plain SGD leaves a row with a zero gradient as it is: the sparse step
 (``kernels/embedding_sgd.py``) reads and writes those rows alone, where the dense one writes a
 table-sized gradient and passes over the whole table three times (a 151936 x 2048 vocabulary
-against 8192 rows per step).
+against 8192 rows per step). The output projection's gradient is summed in a float32 accumulator
+inside the loss op: the step reads it there once, where the unfused graph casts it to the
+weight's dtype and reads that for the step and again for the norm.
 """
 
 from __future__ import annotations
