@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from .reference import grouped_mm_dgrad_loop, grouped_mm_loop, grouped_mm_wgrad_loop
+from .reference import grouped_mm_dgrad_loop, grouped_mm_loop, grouped_mm_wgrad_loop, sgd_step_
 from .validation import GroupedGemmError, check_dgrad, check_forward, check_wgrad
 
 __all__ = [
@@ -201,9 +201,7 @@ def _grouped_mm_wgrad_sgd_op(param, x, dout, offsets, lr, num_groups, w_layout, 
         from .grouped_gemm import triton_grouped_mm_wgrad_sgd_
 
         return triton_grouped_mm_wgrad_sgd_(param, x, dout, offsets, lr, num_groups, w_layout)
-    grad = _wgrad(x, dout, offsets, num_groups, w_layout)
-    param.copy_(param - grad * lr)
-    return torch.sum(torch.pow(grad.float(), 2))
+    return sgd_step_(param, _wgrad(x, dout, offsets, num_groups, w_layout), lr)
 
 
 # CompositeExplicitAutograd: one kernel for every device (the backends choose among themselves),

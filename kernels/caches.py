@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 
-__all__ = ["GroupedGemmCaches", "CACHES", "LAUNCH_LOCK", "interpreter_guard"]
+import torch
+
+__all__ = ["GroupedGemmCaches", "CACHES", "LAUNCH_LOCK", "interpreter_guard", "interpreting", "triton_takes_rows"]
+
+# The floating-point dtypes the row kernels (kernels/moe_rows.py, kernels/embedding_sgd.py) take.
+ROW_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Held while a kernel is first compiled or tuned, and around every launch under the interpreter:
 # the interpreter patches triton.language's module state while a kernel runs, so the simulator's
@@ -26,6 +32,27 @@ def interpreter_guard(interpreted: bool):
     """``LAUNCH_LOCK`` around a launch under the interpreter; nothing on a GPU, where launches
     from several threads are safe once compiled."""
     return LAUNCH_LOCK if interpreted else contextlib.nullcontext()
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run under its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_takes_rows(*tensors: torch.Tensor) -> bool:
+    """Whether a Triton row kernel can run on these tensors: each 2-D with a unit last stride in
+    a 16/32-bit float dtype, on a CUDA device (or the CPU under the interpreter), Triton importable."""
+    for tensor in tensors:
+        if tensor.dim() != 2 or tensor.dtype not in ROW_DTYPES or (tensor.shape[1] > 1 and tensor.stride(1) != 1):
+            return False
+    device = tensors[0].device.type
+    if device != "cuda" and not (device == "cpu" and interpreting()):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @dataclasses.dataclass(eq=False)

@@ -29,11 +29,9 @@ them before the in-place update.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .caches import interpreter_guard
+from .caches import interpreter_guard, interpreting, triton_takes_rows
 
 __all__ = ["embedding_sgd_", "EmbeddingSgdError", "TRITON_ENABLED"]
 
@@ -42,7 +40,6 @@ __all__ = ["embedding_sgd_", "EmbeddingSgdError", "TRITON_ENABLED"]
 # (``tests/kernels/embedding_sgd_interpreted.py --device cuda``, ``benchmarks/embedding_sgd.py``
 # do both); until then the aten form, measured there, runs everywhere. True turns the kernel on.
 TRITON_ENABLED = False
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class EmbeddingSgdError(ValueError):
@@ -69,22 +66,6 @@ def _check(weight, grad_output, indices, lr):
     if lr.dim() != 0 or lr.dtype != weight.dtype:
         raise EmbeddingSgdError(f"embedding_sgd_: lr must be a 0-dim tensor in the weight's dtype {weight.dtype}, "
                                 f"got {lr.dtype} of shape {tuple(lr.shape)}")
-
-
-def _runs(weight: torch.Tensor, rows: torch.Tensor) -> bool:
-    """Whether the Triton kernel takes these operands: a CUDA device (or the CPU under
-    ``TRITON_INTERPRET=1``), 16/32-bit floats, rows with a unit last stride."""
-    if not TRITON_ENABLED or weight.dtype not in _DTYPES or weight.stride(1) != 1 or rows.stride(1) != 1:
-        return False
-    if weight.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return False
-    if weight.device.type not in ("cpu", "cuda"):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 _kernel = None
@@ -139,7 +120,7 @@ def _triton_step(weight, rows, sorted_index, order, segment, lr, padding_idx):
     block = min(1024, triton.next_power_of_2(width))
     grid = (count, triton.cdiv(width, block))
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=rows.device)
-    with interpreter_guard(os.environ.get("TRITON_INTERPRET", "0") == "1"):
+    with interpreter_guard(interpreting()):
         # No floating-point contraction: an FMA would skip the rounding of ``grad * lr``.
         _build()[grid](rows, order, starts, sorted_index, weight, lr, partial, width, rows.stride(0),
                        weight.stride(0), padding_idx, BLOCK=block, num_warps=4, enable_fp_fusion=False)
@@ -158,10 +139,10 @@ def embedding_sgd_(weight, grad_output, indices, lr, padding_idx, after):
     rows = grad_output.reshape(count, width)
     # Stable: the rows of one index are summed in token order, the same order on every run.
     sorted_index, order = torch.sort(flat, stable=True)
-    starts = torch.ones_like(sorted_index, dtype=torch.bool)
-    starts[1:] = sorted_index[1:] != sorted_index[:-1]
-    segment = torch.cumsum(starts, 0) - 1
-    if _runs(weight, rows):
+    first_of_index = torch.ones_like(sorted_index, dtype=torch.bool)
+    first_of_index[1:] = sorted_index[1:] != sorted_index[:-1]
+    segment = torch.cumsum(first_of_index, 0) - 1
+    if TRITON_ENABLED and triton_takes_rows(weight, rows):
         return _triton_step(weight, rows, sorted_index, order, segment, lr, padding_idx)
     if padding_idx >= 0:
         # The padding row's gradient is zero in the dense backward: its tokens add nothing.

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import sgd_step_
+
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_sgd_", "linear_cross_entropy_reference",
            "chunk_rows_for_budget", "DEFAULT_CHUNK_BYTES", "TRITON_ENABLED", "use_triton"]
 
@@ -195,9 +197,7 @@ def _sgd_step(weight: torch.Tensor, accumulator: torch.Tensor, lr: torch.Tensor)
         from .cross_entropy_triton import sgd_from_accumulator_
 
         return sgd_from_accumulator_(weight, accumulator, lr)
-    grad = accumulator.to(weight.dtype)
-    weight.copy_(weight - grad * lr)
-    return torch.sum(torch.pow(grad.float(), 2))
+    return sgd_step_(weight, accumulator.to(weight.dtype), lr)
 
 
 # ``after``: tensors the step is ordered after and does not read (the other readers of the old

@@ -35,17 +35,15 @@ with fake kernels, so a compiler treats each as one opaque op.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
-from .caches import interpreter_guard
+from .caches import interpreter_guard, interpreting, triton_takes_rows
 
 __all__ = ["gather_rows", "gather_sum", "combine_backward", "runs", "use_row_kernels", "MoeRowsError", "TRITON_ENABLED"]
 
 # False sends the runtime's MoE row steps through the aten ops (to compare the two on a GPU).
 TRITON_ENABLED = True
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Elements of one program's tile: 4096 is 32 per thread of 4 warps, four 16-byte vectors in
 # 16-bit types, enough loads in flight per thread to stream at memory speed.
 _TILE_ELEMENTS = 4096
@@ -53,22 +51,7 @@ _TILE_ELEMENTS = 4096
 
 def runs(*tensors: torch.Tensor) -> bool:
     """Whether the Triton kernels run for these row tensors (every one 2-D, unit last stride)."""
-    if not TRITON_ENABLED:
-        return False
-    for tensor in tensors:
-        if tensor.dim() != 2 or tensor.dtype not in _DTYPES or (tensor.shape[1] > 1 and tensor.stride(1) != 1):
-            return False
-    first = tensors[0]
-    if first.device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") != "1":
-            return False
-    elif first.device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return TRITON_ENABLED and triton_takes_rows(*tensors)
 
 
 @contextlib.contextmanager
@@ -84,7 +67,7 @@ def use_row_kernels(enabled: bool):
 
 
 def _launch(kernel, grid, *args, **constexprs):
-    with interpreter_guard(os.environ.get("TRITON_INTERPRET", "0") == "1"):
+    with interpreter_guard(interpreting()):
         kernel[grid](*args, **constexprs)
 
 

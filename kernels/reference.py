@@ -11,7 +11,15 @@ import torch
 
 from .validation import GroupedGemmError, check_layout
 
-__all__ = ["grouped_mm_loop", "grouped_mm_dgrad_loop", "grouped_mm_wgrad_loop"]
+__all__ = ["grouped_mm_loop", "grouped_mm_dgrad_loop", "grouped_mm_wgrad_loop", "sgd_step_"]
+
+
+def sgd_step_(param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """``param -= grad * lr`` in place and ``sum(float32(grad) ** 2)``, as the unfused training
+    graph computes them (each op's result in ``param``'s dtype): what the fused SGD steps run
+    where their kernels do not, and the definition the kernels round as."""
+    param.copy_(param - grad * lr)
+    return torch.sum(torch.pow(grad.float(), 2))
 
 
 def _bounds(offsets: torch.Tensor, rows: int):

@@ -251,14 +251,16 @@ def fuse_wgrad_sgd(gm: GraphModule) -> GraphModule:
             continue
         # The learning-rate cast, replayed where the fused op needs it (each copy after the last:
         # fx inserts every node of one inserting_after block right after its anchor).
+        # In the replaced op's place, each node before it (so in order), or else after the last.
+        def insertion(point):
+            return graph.inserting_before(site.replaces) if site.replaces is not None else graph.inserting_after(point)
+
         copies, point = {}, anchor
         for node in lr_chain:
-            where = graph.inserting_before(site.replaces) if site.replaces is not None else graph.inserting_after(point)
-            with where:
+            with insertion(point):
                 copies[node] = point = graph.node_copy(node, lambda n: copies.get(n, n))
             meta.copy_node_records(node, copies[node])
-        where = graph.inserting_before(site.replaces) if site.replaces is not None else graph.inserting_after(point)
-        with where:
+        with insertion(point):
             fused = graph.call_function(site.op, site.arguments(weight, copies.get(lr, lr), after))
         meta.copy_source_location(grad, fused)
         total_value = meta.tensor_value(total)
