@@ -1,7 +1,9 @@
 """One GPU: the embedding's sparse SGD step against the dense one, at a large vocabulary.
 
   sparse   ``torch.ops.shardgraph.embedding_sgd_(W, grad_output, indices, lr, -1, [])``: the
-           looked-up rows summed per index and stepped, the norm's term returned
+           looked-up rows summed per index and stepped, the norm's term returned (on a GPU both
+           forms: the aten ops, and ``sparse_triton``, the one Triton kernel, which must give the
+           aten form's weight bit for bit)
   dense    what the unfused program runs: ``embedding_dense_backward``, ``W.copy_(W - grad * lr)``
            and ``sum(float32(grad) ** 2)``, under ``torch.compile`` (as the program runs under
            inductor) and as eager aten ops
@@ -31,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import kernels  # noqa: E402,F401 - registers torch.ops.shardgraph.embedding_sgd_
+from kernels import embedding_sgd  # noqa: E402
 
 # name: (vocabulary rows, width); timed at each of --tokens
 SHAPES = {"qwen3_vocab": (151936, 2048)}
@@ -58,6 +61,15 @@ def dense_step(weight, grad_output, indices, lr):
 
 def sparse_step(weight, grad_output, indices, lr):
     return torch.ops.shardgraph.embedding_sgd_(weight, grad_output, indices, lr, -1, [])
+
+
+def sparse_triton_step(weight, grad_output, indices, lr):
+    # The Triton form is off by default (kernels/embedding_sgd.py); switched on for this call only.
+    enabled, embedding_sgd.TRITON_ENABLED = embedding_sgd.TRITON_ENABLED, True
+    try:
+        return torch.ops.shardgraph.embedding_sgd_(weight, grad_output, indices, lr, -1, [])
+    finally:
+        embedding_sgd.TRITON_ENABLED = enabled
 
 
 def timed(step, weight, original, operands, device, steps) -> float:
@@ -100,7 +112,10 @@ def run_shape(name, rows, width, tokens, dtype, device, steps) -> dict:
            "distinct_indices": int(looked_up.sum().item())}
     compiled = torch.compile(dense_step, dynamic=False) if device.type == "cuda" else dense_step
     terms = {}
-    for label, step in (("sparse", sparse_step), ("dense_compiled", compiled), ("dense_eager", dense_step)):
+    steps_timed = [("sparse", sparse_step), ("dense_compiled", compiled), ("dense_eager", dense_step)]
+    if device.type == "cuda":
+        steps_timed.insert(1, ("sparse_triton", sparse_triton_step))
+    for label, step in steps_timed:
         weight = original.clone()
         terms[label] = step(weight, *operands).item()
         row[f"{label}_step_error"] = (weight.double() - exact).norm().item() / step_size
@@ -110,6 +125,15 @@ def run_shape(name, rows, width, tokens, dtype, device, steps) -> dict:
     row["squares_rel_diff"] = abs(terms["sparse"] - terms["dense_eager"]) / abs(terms["dense_eager"])
     row["agree"] = (row["sparse_untouched_equal"] and row["squares_rel_diff"] < 1e-3
                     and row["sparse_step_error"] <= max(1.5 * row["dense_eager_step_error"], 1e-6))
+    if "sparse_triton" in terms:
+        # The kernel must give the aten form's weight bit for bit (same sums in the same order).
+        weight, triton_weight = original.clone(), original.clone()
+        sparse_step(weight, *operands)
+        sparse_triton_step(triton_weight, *operands)
+        row["sparse_triton_equal_to_aten"] = bool(torch.equal(weight, triton_weight))
+        row["sparse_triton_squares_rel_diff"] = abs(terms["sparse_triton"] - terms["sparse"]) / abs(terms["sparse"])
+        row["dense_compiled_over_sparse_triton"] = row["dense_compiled_ms"] / row["sparse_triton_ms"]
+        del weight, triton_weight
     row["dense_compiled_over_sparse"] = row["dense_compiled_ms"] / row["sparse_ms"]
     row["dense_eager_over_sparse"] = row["dense_eager_ms"] / row["sparse_ms"]
     return row
@@ -122,13 +146,15 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": args.dtype, "steps": args.steps, "rows": []}
-    print(f"{'shape':>18} {'distinct':>9} {'sparse ms':>10} {'dense compiled':>15} {'dense eager':>12} "
+    print(f"{'shape':>18} {'distinct':>9} {'sparse ms':>10} {'triton ms':>10} {'dense compiled':>15} {'dense eager':>12} "
           f"{'ratio (compiled)':>17} {'agree':>6}", flush=True)
     token_counts = args.tokens or ([64] if args.tiny else [8192, 32768])
     for (name, (rows, width)), tokens in itertools.product((TINY if args.tiny else SHAPES).items(), token_counts):
         row = run_shape(f"{name}_{tokens}", rows, width, tokens, dtype, device, args.steps)
         result["rows"].append(row)
-        print(f"{name:>18} {row['distinct_indices']:>9} {row['sparse_ms']:>10.3f} {row['dense_compiled_ms']:>15.3f} "
+        triton_ms = f"{row['sparse_triton_ms']:>10.3f}" if "sparse_triton_ms" in row else f"{'-':>10}"
+        print(f"{name:>18} {row['distinct_indices']:>9} {row['sparse_ms']:>10.3f} {triton_ms} "
+              f"{row['dense_compiled_ms']:>15.3f} "
               f"{row['dense_eager_ms']:>12.3f} {row['dense_compiled_over_sparse']:>16.2f}x {str(row['agree']):>6}",
               flush=True)
     result["wall_s"] = time.perf_counter() - started

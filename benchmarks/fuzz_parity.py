@@ -69,7 +69,16 @@ def features(case) -> dict:
             "padding": case.pad_side if case.padding else None, "tied": case.tied, "frozen": bool(case.frozen),
             "shared_expert": bool(case.config.get("shared_expert_intermediate_size")),
             "qk_norm": bool(case.config.get("qk_norm")), "plan": plan if case.plan is None or not case.plan
-            else "explicit"}
+            else "explicit", **training_features(case)}
+
+
+def training_features(case) -> dict:
+    if case.training is None:
+        return {"training": False}
+    options = case.training_options()
+    return {"training": True, "optimizer": options["optimizer"], "clip": options["clip_grad_norm"] is not None,
+            "zero": options["zero"], "recompute": options["recompute"], "fused_update": options["fused_update"],
+            "fused_loss": options["fused_loss"], "donate_state": options["donate_state"]}
 
 
 def case_rng(seed: int, index: int) -> random.Random:
@@ -78,15 +87,15 @@ def case_rng(seed: int, index: int) -> random.Random:
 
 def _judge_index(job):
     """One case, in a worker: ``(index, case, verdict)``."""
-    seed, index, case_limit_s, threads = job
+    seed, index, case_limit_s, threads, training_rate = job
     torch.set_num_threads(threads)
-    case = draw_case(RandomDraw(case_rng(seed, index)), seed=index % 4)
+    case = draw_case(RandomDraw(case_rng(seed, index)), seed=index % 4, training_rate=training_rate)
     return index, case, judge(case, time_limit=case_limit_s)
 
 
 def _verdicts(args, indices):
     """``(index, case, verdict)`` in index order; ``--jobs`` worker processes judge ahead."""
-    jobs = [(args.seed, index, args.case_limit_s, args.threads) for index in indices]
+    jobs = [(args.seed, index, args.case_limit_s, args.threads, args.training_rate) for index in indices]
     if args.jobs <= 1:
         yield from map(_judge_index, jobs)
         return
@@ -113,6 +122,10 @@ def main(argv=None) -> int:
                                                                  "ranks as threads already)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes judging cases (shrinking runs "
                                                              "in the main process)")
+    parser.add_argument("--training-rate", type=float, default=0.3,
+                        help="share of cases that compile the whole training step (an optimizer, clipping, "
+                             "zero, recompute, the fused updates; float64 against torch.optim), the rest being "
+                             "gradient programs; 0 draws the cases of runs before training cases existed")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -174,7 +187,7 @@ def main(argv=None) -> int:
     print(f"\nparity fuzz: seed {args.seed}, {judged} cases in {elapsed:.0f}s "
           f"({judged / max(elapsed, 1e-9):.2f} cases/s; {args.jobs} job(s); {judge_seconds:.0f}s judging in all)")
     print(f"{'outcome':<80} {'cases':>6}")
-    print(f"{'passed (parity within 1e-5)':<80} {outcomes['passed']:>6}")
+    print(f"{'passed (parity within 1e-5; training steps in float64 within 1e-8)':<80} {outcomes['passed']:>6}")
     print(f"{'refused, by reason:':<80} {outcomes['refused']:>6}")
     for reason, n in refusals.most_common():
         print(f"  {reason[:78]:<78} {n:>6}")
@@ -189,6 +202,7 @@ def main(argv=None) -> int:
         print(f"  {name:<36} {counts['passed']:>5} {counts['refused']:>5} {counts['failed']:>3}")
     result = {
         "seed": args.seed,
+        "training_rate": args.training_rate,
         "library_at_start": fingerprint_start,
         "library_at_end": fingerprint_end,
         "cases_requested": args.cases if not args.only else len(args.only),

@@ -124,7 +124,7 @@ import torch._dynamo  # noqa: E402
 
 import shardgraph as sg  # noqa: E402
 from examples.moe_model import CONFIGS, MoETransformer, lm_loss  # noqa: E402
-from kernels import moe_rows  # noqa: E402
+from kernels import embedding_sgd, moe_rows  # noqa: E402
 
 MODELS = ("ours", "mixtral", "qwen2_moe", "qwen3_moe")
 # AdamW steps: fp32 master weights and fp32 Adam state, computing in --dtype (see the docstring).
@@ -915,6 +915,9 @@ def parse_args(argv=None):
     parser.add_argument("--predict", action="store_true",
                         help="the report's predicted step of each shardgraph variant beside its measured one, on "
                              "preset and on calibrated rates (predict_row)")
+    parser.add_argument("--embedding-kernel", default="default", choices=("default", "aten", "triton"),
+                        help="the embedding's sparse SGD step (kernels/embedding_sgd.py): its default, the aten "
+                             "form, or the one Triton kernel")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "train_step.json"))
     args = parser.parse_args(argv)
@@ -957,6 +960,8 @@ def main(argv=None) -> dict:
                                 if variant not in MODEL_VARIANTS + MASTER_VARIANTS]}
     device = benchmark_device(args.device)
     dtype = getattr(torch, args.dtype)
+    if args.embedding_kernel != "default":
+        embedding_sgd.TRITON_ENABLED = args.embedding_kernel == "triton"
     vocab = (TINY_SHAPE if args.tiny else FULL_SHAPE)["vocab_size"]
     batch = (torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
              .to(device),)
@@ -969,6 +974,7 @@ def main(argv=None) -> dict:
         "tokens_per_step": args.batch * args.seq, "steps": args.steps, "warmup": args.warmup, "tiny": args.tiny,
         "seed": args.seed, "hf_experts": args.hf_experts, "compile_mode": args.compile_mode,
         "compile_backend": args.compile_backend, "learning_rate": LEARNING_RATE,
+        "embedding_kernel": "triton" if embedding_sgd.TRITON_ENABLED else "aten",
         "adamw": {**ADAMW, "clip_grad_norm": CLIP_GRAD_NORM}, "mfu_peak_flops": PEAK_FLOPS,
         "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "shape": TINY_SHAPE if args.tiny else FULL_SHAPE, "complete": False, "total_wall_s": 0.0,

@@ -120,10 +120,20 @@ class ParameterPlacement:
     # With zero=3, where no dim divides over dp/edp: the dim held padded with zeros (``sharding``
     # is then of the padded shape; readers see the logical one).
     padding: Padding | None = None
+    # A routed expert's parameter, found by structure (``expert_parameters``), whatever its style.
+    expert: bool = False
 
     @property
     def view(self) -> View:
-        return View.EXPERT if self.style.startswith("expert") else View.DENSE
+        """The view the parameter is read and differentiated in. An expert style's is the expert
+        view; so is a routed expert's that the plan leaves replicated (the MoE op reads it there,
+        so its gradient arrives split over ep and summed over edp, and a ZeRO split of its state
+        must be over edp, not dp)."""
+        if self.style.startswith("expert"):
+            return View.EXPERT
+        if self.expert and View.of_sharding(self.gathered or self.sharding) is None:
+            return View.EXPERT
+        return View.DENSE
 
 
 def _style_sharding(name: str, style: str, shape: Sequence[int], mesh: MeshSpec) -> Sharding:
@@ -222,7 +232,8 @@ def resolve_plan(
             local_shape(tuple(shape), sharding, mesh, name=described)
         except ShardingError as error:
             raise PlanError(str(error)) from None
-        result[name] = ParameterPlacement(name, style, patterns[0] if patterns else None, sharding)
+        result[name] = ParameterPlacement(name, style, patterns[0] if patterns else None, sharding,
+                                          expert=structural is not None)
     return result
 
 

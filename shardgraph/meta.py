@@ -29,6 +29,7 @@ read here too, so a change in how torch names them touches one file.
 from __future__ import annotations
 
 import enum
+import operator
 import os
 import re
 from dataclasses import dataclass, replace
@@ -413,23 +414,61 @@ set_moe_step = _MOE_STEP.set
 
 # ----------------------------------------------------------------------------- gradients
 # Kept inside fx's "custom" entry, which fx copies to the nodes that replace a node when a graph is
-# re-traced (functionalization), so the mark survives where the other records are rewritten.
+# re-traced (functionalization, seeding random ops), so the mark survives where the other records
+# are rewritten. A re-trace makes the ``getitem`` nodes of a multi-output op (the gradients out of
+# ``moe_experts_backward``) afresh, under the op's own records, not the old getitems': so the mark
+# of an output is also kept on its producer, by output index, and a getitem reads it from there
+# (its own copy of the producer's entry, after a re-trace).
 _CUSTOM = "custom"
 _GRADIENT_OF = "shardgraph.gradient_of"
+_GRADIENT_OF_OUTPUTS = "shardgraph.gradient_of_outputs"
+
+
+def _output_index(node: Node) -> int | None:
+    """The output index a ``getitem`` node takes of a multi-output node; None for any other node."""
+    if (node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2
+            and isinstance(node.args[0], Node) and isinstance(node.args[1], int)):
+        return node.args[1]
+    return None
+
+
+def _custom(node: Node) -> dict:
+    return node.meta.get(_CUSTOM) or {}
 
 
 def gradient_of(node: Node) -> str | None:
     """The parameter whose gradient the node computes (in a traced training step)."""
-    return (node.meta.get(_CUSTOM) or {}).get(_GRADIENT_OF)
+    custom = _custom(node)
+    if _GRADIENT_OF in custom:
+        return custom[_GRADIENT_OF]
+    index = _output_index(node)
+    if index is None:
+        return None
+    return (custom.get(_GRADIENT_OF_OUTPUTS) or {}).get(index)
+
+
+def _set_output_mark(producer: Node, index: int, parameter: str | None) -> None:
+    custom = _custom(producer)
+    outputs = {key: value for key, value in (custom.get(_GRADIENT_OF_OUTPUTS) or {}).items() if key != index}
+    if parameter is not None:
+        outputs[index] = parameter
+    producer.meta[_CUSTOM] = {**custom, _GRADIENT_OF_OUTPUTS: outputs}
 
 
 def set_gradient_of(node: Node, parameter: str) -> None:
-    node.meta[_CUSTOM] = {**(node.meta.get(_CUSTOM) or {}), _GRADIENT_OF: parameter}
+    node.meta[_CUSTOM] = {**_custom(node), _GRADIENT_OF: parameter}
+    index = _output_index(node)
+    if index is not None:
+        _set_output_mark(node.args[0], index, parameter)
 
 
 def clear_gradient_of(node: Node) -> None:
     """The node no longer is the gradient (a pass moved the mark to the gradient as held)."""
-    node.meta[_CUSTOM] = {key: value for key, value in (node.meta.get(_CUSTOM) or {}).items() if key != _GRADIENT_OF}
+    node.meta[_CUSTOM] = {key: value for key, value in _custom(node).items() if key != _GRADIENT_OF}
+    index = _output_index(node)
+    if index is not None:
+        _set_output_mark(node, index, None)
+        _set_output_mark(node.args[0], index, None)
 
 
 # ----------------------------------------------------------------------------- padding

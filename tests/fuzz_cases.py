@@ -29,12 +29,21 @@ same projections through ``F.scaled_dot_product_attention`` with an explicit cau
 padding, padded queries see no key at all (torch gives them zeros). Two options must be refused:
 dropout in training mode (random) and a loss with no reduction (not a scalar). Compile options
 drawn: ``plan``, ``batch_sharding`` and ``replicate_fallback``.
+
+A training case (``Case.training``, drawn with ``draw_case(..., training_rate=)``) compiles the
+whole step instead: an optimizer (plain, momentum and Nesterov SGD with decay, AdamW with and
+without a no-decay group), gradient clipping that binds or not, ``zero`` 0/1/3, ``recompute``,
+the fused loss and fused updates on or off, donated state or not, one to three steps. The model
+and the reference run in float64 (see ``TRAINING_TOLERANCE``), the reference being torch.optim
+and ``clip_grad_norm_`` on the unsharded model: every step's loss and gradient norm, then every
+parameter after the last step, within ``TRAINING_TOLERANCE``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -78,6 +87,24 @@ LOSSES = ("mean", "sum", "ignore_mean", "ignore_sum", "per_token", "smooth", "sm
 BATCH_SHARDINGS = ("none", "replicate", "dp0", "dp1")
 BAD_STYLES = ("bogus", "Colwise", "expert")
 
+# Training cases: the optimizer as both libraries spell it, (shardgraph class, torch class, keyword
+# arguments); "no_decay" becomes a torch param group with weight_decay 0.
+OPTIMIZERS = {
+    "sgd": ("SGD", {"lr": 0.1}),
+    "sgd_momentum": ("SGD", {"lr": 0.1, "momentum": 0.9, "dampening": 0.1}),
+    "sgd_nesterov_decay": ("SGD", {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 0.01}),
+    "adamw": ("AdamW", {"lr": 1e-2, "weight_decay": 0.01}),
+    "adamw_no_decay": ("AdamW", {"lr": 1e-2, "weight_decay": 0.1, "no_decay": ("*norm*", "*bias")}),
+}
+# The simplest value of each training option first (what shrinking goes to).
+TRAINING_DEFAULTS = {"optimizer": "sgd", "clip_grad_norm": None, "zero": 0, "recompute": "none",
+                     "fused_update": True, "fused_loss": True, "donate_state": True, "steps": 2}
+# Training cases run in float64. Adam divides each gradient element by its own magnitude, so in
+# float32 an element that is zero up to rounding (1e-9 against eps = 1e-8) takes a step of any
+# size either way; in float64 that rounding is 1e-17 and what is left is the program itself. A
+# wrong reduction, a missed factor or a stale state slot is off by far more than this.
+TRAINING_TOLERANCE = 1e-8
+
 
 # ----------------------------------------------------------------------------- the case
 @dataclass(frozen=True)
@@ -101,10 +128,14 @@ class Case:
     batch: int = 4
     seq: int = 4
     seed: int = 0
+    # None: the gradient program (one SGD step checked outside it). Else ((option, value), ...):
+    # the whole training step compiled with an optimizer (TRAINING_DEFAULTS lists the options).
+    training: tuple | None = None
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
         data["plan"] = None if self.plan is None else [list(item) for item in self.plan]
+        data["training"] = None if self.training is None else [list(item) for item in self.training]
         return data
 
     @classmethod
@@ -113,6 +144,7 @@ class Case:
         data["frozen"] = tuple(data.get("frozen", ()))
         data["mesh"] = tuple(data["mesh"])
         data["plan"] = None if data.get("plan") is None else tuple(tuple(item) for item in data["plan"])
+        data["training"] = None if data.get("training") is None else tuple(tuple(item) for item in data["training"])
         return cls(**data)
 
     def mesh_text(self) -> str:
@@ -131,8 +163,17 @@ class Case:
                 parts.append(f"{item.name}={value!r}")
         return " ".join(parts)
 
+    def training_options(self) -> dict:
+        """The training options, every one given (TRAINING_DEFAULTS for those the case leaves out)."""
+        return {**TRAINING_DEFAULTS, **dict(self.training or ())}
+
     def repro(self) -> str:
         """A script that rebuilds the case from this checkout and prints the judge's verdict."""
+        if self.training is not None:
+            return ("from tests.fuzz_cases import Case, judge\n"
+                    f"case = Case.from_json({json.dumps(self.to_json())})\n"
+                    "verdict = judge(case)\nprint(verdict.outcome, verdict.reason, verdict.errors)\n"
+                    "print(verdict.detail)\n")
         return (
             "import torch, shardgraph as sg\n"
             "from shardgraph.check import parity_errors\n"
@@ -440,7 +481,25 @@ def draw_plan(draw: Draw, names: list[str]) -> tuple | None:
     return tuple(entries.items())
 
 
-def draw_case(draw: Draw, seed: int = 0) -> Case:
+def draw_training(draw: Draw) -> tuple:
+    """Training options that differ from TRAINING_DEFAULTS, as sorted (option, value) pairs."""
+    options = {
+        "optimizer": draw.choice(list(OPTIMIZERS), [3, 2, 1, 2, 2]),
+        # 1e-3 clips every step (the gradients' norm is ~1), 10.0 never does.
+        "clip_grad_norm": draw.choice([None, 1e-3, 10.0], [3, 2, 1]),
+        "zero": draw.choice([0, 1, 3], [3, 2, 2]),
+        "recompute": draw.choice(["none", "selective", "full"], [4, 1, 1]),
+        "fused_update": draw.boolean(0.8),
+        "fused_loss": draw.boolean(0.8),
+        "donate_state": draw.boolean(0.8),
+        "steps": draw.choice([2, 1, 3], [4, 1, 1]),
+    }
+    return tuple(sorted((k, v) for k, v in options.items() if v != TRAINING_DEFAULTS[k]))
+
+
+def draw_case(draw: Draw, seed: int = 0, training_rate: float = 0.0) -> Case:
+    """One case; with probability ``training_rate`` it compiles the whole training step (drawn
+    last, so the rest of a seed's case is the same at any rate)."""
     mesh = draw_mesh(draw)
     config = draw_config(draw, mesh[2] if mesh_is_valid(mesh) else 1)
     tied = draw.boolean(0.2)
@@ -476,11 +535,12 @@ def draw_case(draw: Draw, seed: int = 0) -> Case:
     pad_side = draw.choice(["right", "left"]) if padding else "right"
     attn_mask = draw.choice([None, "bool", "float"], [6, 2, 1])
     dropout = draw.boolean(0.02)
+    training = draw_training(draw) if training_rate and draw.boolean(training_rate) else None
     return Case(config=config, mixing=mixing, mixing_at=mixing_at, pad_mask=pad_mask, tied=tied, frozen=frozen,
                 loss=loss, labels_input=labels_input, padding=padding, pad_side=pad_side, attn_mask=attn_mask,
                 mesh=mesh, plan=plan,
                 batch_sharding=batch_sharding, replicate_fallback=replicate_fallback, dropout=dropout, batch=batch,
-                seq=seq, seed=seed)
+                seq=seq, seed=seed, training=training)
 
 
 # ----------------------------------------------------------------------------- judging
@@ -683,6 +743,64 @@ def _parity(case: Case, program, model, inputs, loss_fn, notes: list) -> tuple[d
             "check_parity_errors": errors}, cleared
 
 
+def compile_training_options(case: Case) -> dict:
+    """``sg.compile``'s keyword arguments for the case's training step ({} for a gradient program)."""
+    if case.training is None:
+        return {}
+    options = case.training_options()
+    name, arguments = OPTIMIZERS[options["optimizer"]]
+    return {"optimizer": getattr(sg.optim, name)(**arguments), "clip_grad_norm": options["clip_grad_norm"],
+            "zero": options["zero"], "recompute": options["recompute"], "fused_update": options["fused_update"],
+            "fused_loss": options["fused_loss"], "donate_state": options["donate_state"]}
+
+
+def _torch_optimizer(case: Case, trainable: dict):
+    """torch.optim's optimizer for the case, over the trainable parameters (no_decay as a param
+    group without weight decay, as users set it up)."""
+    name, arguments = OPTIMIZERS[case.training_options()["optimizer"]]
+    arguments = dict(arguments)
+    patterns = arguments.pop("no_decay", ())
+    undecayed = [p for n, p in trainable.items() if any(fnmatch.fnmatchcase(n, q) for q in patterns)]
+    decayed = [p for n, p in trainable.items() if not any(fnmatch.fnmatchcase(n, q) for q in patterns)]
+    groups = [{"params": decayed}] + ([{"params": undecayed, "weight_decay": 0.0}] if undecayed else [])
+    return getattr(torch.optim, name)(groups, **arguments)
+
+
+def _training_parity(case: Case, program, model, inputs, loss_fn) -> dict:
+    """The compiled training step against torch.optim (and clip_grad_norm_) on the unsharded
+    model, both in float64, step by step: the loss and the gradient norm of every step, then every
+    parameter after the last (frozen ones must not move)."""
+    options = case.training_options()
+    reference = copy.deepcopy(model)
+    trainable = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    torch_optimizer = _torch_optimizer(case, trainable)
+    states = program.init_states(model)
+
+    def relative(value, reference_value):
+        return ((value.double() - reference_value.double()).norm()
+                / reference_value.double().norm().clamp_min(1e-300)).item()
+
+    loss_error = norm_error = 0.0
+    for _ in range(options["steps"]):
+        seed = _seed_eager_like(program)
+        loss_reference = loss_fn(reference(*inputs), *inputs)
+        torch_optimizer.zero_grad()
+        loss_reference.backward()
+        gradients = [p.grad for p in trainable.values() if p.grad is not None]
+        if options["clip_grad_norm"] is not None:
+            norm_reference = torch.nn.utils.clip_grad_norm_(list(trainable.values()), options["clip_grad_norm"])
+        else:
+            norm_reference = torch.nn.utils.get_total_norm(gradients)
+        torch_optimizer.step()
+        loss, states, metrics = program.simulate_train_step(states, inputs, seed=seed)
+        loss_error = max(loss_error, relative(loss, loss_reference.detach()))
+        norm_error = max(norm_error, relative(metrics["grad_norm"], norm_reference))
+    full = program.gather_state(states)
+    weight_errors = {n: relative(full.parameters[n], p.detach()) for n, p in reference.named_parameters()}
+    worst = max(weight_errors, key=weight_errors.get)
+    return {"loss": loss_error, "gradients": norm_error, "weights": weight_errors[worst], "worst_gradient": worst}
+
+
 def _known(case: Case, verdict: Verdict) -> str | None:
     for name, predicate in KNOWN_FAILURES.items():
         if predicate(case, verdict):
@@ -722,6 +840,8 @@ def _judge(case: Case, time_limit: float | None) -> Verdict:
     # 2. the case itself (a failure here is the generator's, not the library's)
     try:
         model, inputs, loss_fn, plan, batch_sharding = build(case)
+        if case.training is not None:
+            model = model.double()
         with torch.no_grad():
             reference = loss_fn(model(*inputs), *inputs)
         if not torch.isfinite(reference).all():
@@ -733,7 +853,7 @@ def _judge(case: Case, time_limit: float | None) -> Verdict:
             # 3. compile: a named refusal, or a program
             try:
                 program = sg.compile(model, mesh, inputs, loss_fn, plan=plan, batch_sharding=batch_sharding,
-                                     replicate_fallback=case.replicate_fallback)
+                                     replicate_fallback=case.replicate_fallback, **compile_training_options(case))
             except REFUSALS as error:
                 return Verdict("refused", _reason(error), str(error)[:2000])
             except (ValueError, TypeError, NotImplementedError) as error:
@@ -745,7 +865,10 @@ def _judge(case: Case, time_limit: float | None) -> Verdict:
             # 4. parity
             notes = []
             try:
-                errors, zero_noise = _parity(case, program, model, inputs, loss_fn, notes)
+                if case.training is not None:
+                    errors, zero_noise = _training_parity(case, program, model, inputs, loss_fn), []
+                else:
+                    errors, zero_noise = _parity(case, program, model, inputs, loss_fn, notes)
             except CaseTimeout:
                 raise
             except Exception as error:  # noqa: BLE001
@@ -762,7 +885,7 @@ def _judge(case: Case, time_limit: float | None) -> Verdict:
     worst = max(errors["loss"], errors["gradients"], errors["weights"])
     if not math.isfinite(worst):
         return Verdict("failed", "NaN in parity", json.dumps(errors), errors, notes=tuple(notes))
-    if worst >= TOLERANCE:
+    if worst >= (TOLERANCE if case.training is None else TRAINING_TOLERANCE):
         which = max(("loss", "gradients", "weights"), key=lambda k: errors[k])
         return Verdict("failed", f"wrong numbers ({which})", json.dumps(errors), errors, notes=tuple(notes))
     return Verdict("passed", "", "", errors, notes=tuple(notes))
@@ -822,6 +945,8 @@ def _simpler(case: Case):
         yield r(case, seq=case.seq - 1, padding=min(case.padding, case.seq - 2))
     if case.seed != 0:
         yield r(case, seed=0)
+    for index in range(len(case.training or ())):
+        yield r(case, training=case.training[:index] + case.training[index + 1:])
 
 
 def same_failure(a: Verdict, b: Verdict) -> bool:

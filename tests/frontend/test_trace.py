@@ -343,3 +343,26 @@ def test_forward_nodes_record_their_module_and_source_line():
     assert "moe_model.py" in meta.stack_trace(forward)
     topk = calls(traced, "aten.topk.default")[0]
     assert list(meta.module_stack(topk))[-1] == "layers.0.mlp"
+
+
+def smoothed_loss(logits, ids):
+    # label smoothing's decomposition writes in place: the trace is functionalized (re-traced)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("loss_fn", [lm_loss, smoothed_loss], ids=["plain", "functionalized"])
+def test_every_trainable_parameter_has_one_gradient_node_marked_after_a_retrace(loss_fn):
+    # The gradients of routed experts are getitems of moe_experts_backward; a re-trace makes them
+    # afresh and once dropped their marks, so ZeRO's padding and the fused updates missed them.
+    import shardgraph as sg
+
+    model, (ids,), _ = shardgraph_entry("tiny", batch_size=2, seq_len=6)
+    traced = trace(model, (ids,), loss_fn, optimizer=sg.optim.SGD(lr=0.1))
+    marked = {}
+    for node in traced.graph_module.graph.nodes:
+        if meta.gradient_of(node) is not None:
+            marked.setdefault(meta.gradient_of(node), []).append(node.name)
+    assert sorted(marked) == sorted(traced.gradient_names)
+    assert all(len(nodes) == 1 for nodes in marked.values()), marked
+    experts = [name for name in traced.gradient_names if ".experts." in name]
+    assert experts and all(marked[name][0].startswith("getitem") for name in experts), marked

@@ -127,3 +127,26 @@ def test_two_zero1_sgd_momentum_steps_in_float32_equal_torch_optim_on_every_pari
     torch_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     _step_alongside(program, program.init_states(model), reference, torch_optimizer, inputs, loss_fn, 2,
                     loss_tolerance=1e-5, norm_tolerance=1e-5, state_tolerance=1e-5)
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+@pytest.mark.parametrize("mesh_text", ["world=2", "world=4,ep=2", "world=4,tp=2"])
+def test_experts_the_plan_leaves_replicated_split_their_state_over_edp(mesh_text, zero):
+    # The MoE op reads a routed expert's weight in the expert view even where the plan replicates
+    # it, so its gradient arrives over edp; a split of its state over dp (the dense view's axis)
+    # once made the update mix the two views and compile refused a plan it can run.
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
+    model = model.to(torch.float64)
+    mesh = sg.MeshSpec.parse(mesh_text)
+    optimizer = sg.optim.AdamW(lr=1e-2, weight_decay=0.1, no_decay=NO_DECAY)
+    program = sg.compile(model, mesh, inputs, loss_fn, plan={}, optimizer=optimizer, clip_grad_norm=1.0, zero=zero)
+    experts = [name for name in program.trainable_names if ".experts." in name]
+    assert experts
+    for name in experts:
+        state = program.state_sharding(name)
+        assert "dp" not in state.axes, f"{name}: {state!r}"
+        if mesh.edp > 1:
+            assert state.placement("edp").is_shard(), f"{name}: {state!r}"
+    reference = copy.deepcopy(model)
+    _step_alongside(program, program.init_states(model), reference, _torch_adamw(reference, 1e-2), inputs, loss_fn,
+                    3, loss_tolerance=1e-9, norm_tolerance=1e-9, state_tolerance=1e-9)
