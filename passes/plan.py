@@ -223,6 +223,15 @@ def resolve_plan(
             )
         style = plan[patterns[0]] if patterns else "replicate"
         structural = (expert_layouts or {}).get(name)
+        if expert_layouts is not None and structural is None and style.startswith("expert"):
+            # Only an operand of a MoE op lives in the expert view; any other parameter given an
+            # expert style would reach its dense readers split over ep, which nothing can bridge.
+            known = ", ".join(sorted(expert_layouts)[:4]) or "none in this graph"
+            raise PlanError(
+                f"parameter {name!r} is given the expert style {style!r} by pattern {patterns[0]!r}, but no "
+                f"MoE op reads it as a routed expert's weight (those are: {known}"
+                f"{', ...' if len(expert_layouts) > 4 else ''}); give it a dense style: colwise, rowwise, replicate "
+                f"or vocab")
         sharding = structural.held(style) if structural is not None else None
         described = f"parameter {name!r} ({style})" if sharding is None else \
             f"parameter {name!r} ({style}, stored as {tuple(shape)})"

@@ -1,5 +1,7 @@
 """No silent wrong result: random model variants, meshes, plans and batch shardings are either
-refused before any work with a named error or match the unsharded model within 1e-5.
+refused before any work with a named error or match the unsharded model within 1e-5; whole
+training steps (drawn optimizers, clipping, zero, recompute, fused updates) match torch.optim on
+the unsharded model in float64.
 
 The short form of ``benchmarks/fuzz_parity.py`` (which runs 2000 cases): Hypothesis draws the
 cases (``tests/fuzz_cases.py``), derandomized so CI sees the same ones every run, and shrinks a
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from tests.fuzz_cases import HypothesisDraw, draw_case, judge
 
 EXAMPLES = 50  # about 30-60 s on a 2-core CPU machine shared with other work
+TRAINING_EXAMPLES = 12  # whole training steps (about 1.5 s each): optimizers, clipping, zero, recompute
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,6 +40,21 @@ def test_every_case_is_refused_by_name_or_matches_the_unsharded_model(data):
     event(verdict.outcome if verdict.outcome != "refused" else f"refused: {verdict.reason}")
     if verdict.outcome == "failed" and verdict.known:
         return  # a class of failure marked in tests/fuzz_cases.py KNOWN_FAILURES, reported there
+    assert verdict.outcome != "failed", (
+        f"{verdict.reason}\n{verdict.detail}\ncase: {case.short()}\n--- reproduction ---\n{case.repro()}")
+
+
+@settings(max_examples=TRAINING_EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_every_training_step_case_is_refused_by_name_or_matches_torch_optim(data):
+    draw = HypothesisDraw(data)
+    case = draw_case(draw, seed=draw.integer(0, 3), training_rate=1.0)
+    assert case.training is not None
+    note(f"case: {case.short()}")
+    verdict = judge(case)
+    note(f"verdict: {verdict.outcome} {verdict.reason} {verdict.errors} {verdict.notes}")
+    event(verdict.outcome if verdict.outcome != "refused" else f"refused: {verdict.reason}")
     assert verdict.outcome != "failed", (
         f"{verdict.reason}\n{verdict.detail}\ncase: {case.short()}\n--- reproduction ---\n{case.repro()}")
 

@@ -217,3 +217,14 @@ def test_a_plan_style_other_than_the_role_found_splits_as_the_style_says_and_exp
     assert down.held("expert_rowwise") == sg.Sharding.of(ep=sg.Shard(0), etp=sg.InterleavedShard(0, stripes=2))
     assert down.held("expert_replicate") == sg.Sharding.of(ep=sg.Shard(0))  # whole experts on every etp rank
     assert down.held("expert_colwise") is None and down.held("replicate") is None
+
+
+def test_an_expert_style_on_a_parameter_no_moe_op_reads_is_refused_naming_it():
+    # It once reached propagation, which refused a node mixing the dense and expert views.
+    from examples.moe_model import shardgraph_entry
+    from passes.plan import PlanError
+
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=4, seq_len=4)
+    with pytest.raises(PlanError, match=r"'layers.0.self_attn.k_proj.weight' is given the expert style "
+                                        r"'expert_replicate' by pattern '\*k_proj.weight'.*no MoE op reads it"):
+        sg.compile(model, sg.MeshSpec(world=2, ep=2), inputs, loss_fn, plan={"*k_proj.weight": "expert_replicate"})
