@@ -134,6 +134,8 @@ VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph", "shardgraph", "
             "shardgraph_sgd_compile_unfused", *ADAMW_VARIANTS, "eager_adamw_autocast")
 DEFAULT_VARIANTS = ("eager", "torch_compile", "shardgraph", "shardgraph_compile")
 VARIANT_ALIASES = {"shardgraph_compiled": "shardgraph_compile"}
+# sg.compile options every shardgraph variant of the run is compiled with (--loss-chunk-mib).
+COMPILE_OPTIONS: dict = {}
 VARIANT_GROUPS = {"adamw": ADAMW_VARIANTS, "sgd": DEFAULT_VARIANTS}  # --variants adamw: the four AdamW ones
 MODEL_VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph")  # SGD on the model itself
 MASTER_VARIANTS = ("eager_adamw", "torch_compile_adamw", "eager_adamw_autocast")  # torch.optim.AdamW
@@ -302,15 +304,15 @@ class Runner:
             return
         started = time.perf_counter()
         if variant in PROGRAM_ADAMW_VARIANTS:
-            self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn,
+            self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn, **COMPILE_OPTIONS,
                                       optimizer=sg.optim.AdamW(**ADAMW), clip_grad_norm=CLIP_GRAD_NORM,
                                       compute_dtype=self.compute_dtype)
         elif variant in PROGRAM_SGD_VARIANTS:
-            self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn,
+            self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn, **COMPILE_OPTIONS,
                                       optimizer=sg.optim.SGD(lr=LEARNING_RATE),
                                       fused_update=variant != "shardgraph_sgd_compile_unfused")
         else:
-            self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn)
+            self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn, **COMPILE_OPTIONS)
         self.compile_s = time.perf_counter() - started
         self.comm_users = comm_users(self.program)
         self.comm = SingleRankCommunicator(self.program.mesh)
@@ -758,15 +760,15 @@ def predict_only(name: str, variant: str, args, dtype, hardware: str) -> dict:
     vocab = (TINY_SHAPE if args.tiny else FULL_SHAPE)["vocab_size"]
     batch = (torch.zeros(args.batch, args.seq, dtype=torch.long, device="meta").clamp_(max=vocab - 1),)
     if variant in PROGRAM_ADAMW_VARIANTS:
-        program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn, optimizer=sg.optim.AdamW(**ADAMW),
+        program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn, **COMPILE_OPTIONS, optimizer=sg.optim.AdamW(**ADAMW),
                              clip_grad_norm=CLIP_GRAD_NORM, compute_dtype=dtype if dtype != torch.float32 else None)
     elif variant in PROGRAM_SGD_VARIANTS:
         model = model.to(dtype)
-        program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn, optimizer=sg.optim.SGD(lr=LEARNING_RATE),
+        program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn, **COMPILE_OPTIONS, optimizer=sg.optim.SGD(lr=LEARNING_RATE),
                              fused_update=variant != "shardgraph_sgd_compile_unfused")
     else:
         model = model.to(dtype)
-        program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn)
+        program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn, **COMPILE_OPTIONS)
     prediction = predict_step(program.graph_module, program.mesh, hardware,
                               pieces=local_pieces(program.graph_module, program.mesh),
                               fused=variant not in NO_TORCH_COMPILE)
@@ -915,6 +917,9 @@ def parse_args(argv=None):
     parser.add_argument("--predict", action="store_true",
                         help="the report's predicted step of each shardgraph variant beside its measured one, on "
                              "preset and on calibrated rates (predict_row)")
+    parser.add_argument("--loss-chunk-mib", type=int, default=None,
+                        help="the fused loss's chunk budget (sg.compile's loss_chunk_bytes) for every shardgraph "
+                             "variant; default the library's")
     parser.add_argument("--embedding-kernel", default="default", choices=("default", "aten", "triton"),
                         help="the embedding's sparse SGD step (kernels/embedding_sgd.py): its default, the aten "
                              "form, or the one Triton kernel")
@@ -954,6 +959,9 @@ def benchmark_device(name: str) -> torch.device:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    COMPILE_OPTIONS.clear()
+    if args.loss_chunk_mib is not None:
+        COMPILE_OPTIONS["loss_chunk_bytes"] = args.loss_chunk_mib << 20
     if args.predict_only:
         return {"predictions": [predict_only(name, variant, args, getattr(torch, args.dtype), args.predict_only)
                                 for name in args.models for variant in args.variants
@@ -975,6 +983,7 @@ def main(argv=None) -> dict:
         "seed": args.seed, "hf_experts": args.hf_experts, "compile_mode": args.compile_mode,
         "compile_backend": args.compile_backend, "learning_rate": LEARNING_RATE,
         "embedding_kernel": "triton" if embedding_sgd.TRITON_ENABLED else "aten",
+        "loss_chunk_bytes": COMPILE_OPTIONS.get("loss_chunk_bytes"),
         "adamw": {**ADAMW, "clip_grad_norm": CLIP_GRAD_NORM}, "mfu_peak_flops": PEAK_FLOPS,
         "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "shape": TINY_SHAPE if args.tiny else FULL_SHAPE, "complete": False, "total_wall_s": 0.0,

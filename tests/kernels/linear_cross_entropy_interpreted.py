@@ -29,6 +29,14 @@ coefficient = valid.float() * 0.25
 expected_loss, expected_grad = _chunk_torch(logits.clone(), target, valid, coefficient)
 work = logits.clone()
 loss = softmax_cross_entropy_grad_(work, target, coefficient)
+# A row over one block (8192 columns): three blocks, the last masked, the gradient pass walking
+# them backwards.
+wide = (torch.randn(3, 20000) * 4).to(DEVICE)
+wide_target = torch.tensor([5, 19999, 12000]).to(DEVICE)
+wide_valid = torch.tensor([True, False, True]).to(DEVICE)
+wide_coefficient = wide_valid.float() * 0.25
+wide_loss_expected, wide_grad_expected = _chunk_torch(wide.clone(), wide_target, wide_valid, wide_coefficient)
+wide_loss = softmax_cross_entropy_grad_(wide, wide_target, wide_coefficient)
 
 
 def relative(value, reference):
@@ -53,5 +61,6 @@ for dtype in (torch.bfloat16, torch.float32):
                        "squares": relative(squares, expected_squares)}
 
 print(json.dumps({"loss": relative(loss, expected_loss), "grad": relative(work, expected_grad),
+                  "wide_loss": relative(wide_loss, wide_loss_expected), "wide_grad": relative(wide, wide_grad_expected),
                   "ignored_rows_zero": bool(work[~valid].abs().max() == 0 and loss[~valid].abs().max() == 0),
                   "sgd": sgd}))

@@ -119,6 +119,7 @@ def test_triton_softmax_gradient_and_sgd_kernels_match_torch_under_the_interpret
     assert done.returncode == 0, done.stderr[-2000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["loss"] < 1e-6 and found["grad"] < 1e-6 and found["ignored_rows_zero"], found
+    assert found["wide_loss"] < 1e-6 and found["wide_grad"] < 1e-6, found
     assert set(found["sgd"]) == {"torch.bfloat16", "torch.float32"}
     single, half = found["sgd"]["torch.float32"], found["sgd"]["torch.bfloat16"]
     assert single["param_equal"] and single["squares"] < 1e-6, found
