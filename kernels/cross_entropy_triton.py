@@ -45,12 +45,8 @@ def _softmax_cross_entropy_grad_kernel(logits_ptr, row_stride, target_ptr, coeff
     picked = tl.load(base + target).to(tl.float32)
     loss = tl.where(coefficient != 0.0, lse - picked, 0.0)
     tl.store(loss_ptr + row, loss)
-    # The gradient pass walks the row backwards: the blocks the first pass read last are the ones
-    # most likely still in L2 (a row of Qwen3's vocabulary is 300 KB in bf16, and every resident
-    # program streams its own), so part of the second read comes from there instead of HBM.
-    blocks = tl.cdiv(vocab, BLOCK)
-    for backwards in range(0, blocks):
-        columns = (blocks - 1 - backwards) * BLOCK + offsets
+    for start in range(0, vocab, BLOCK):
+        columns = start + offsets
         mask = columns < vocab
         x = tl.load(base + columns, mask=mask, other=0.0).to(tl.float32)
         grad = tl.exp(x - lse) - tl.where(columns == target, 1.0, 0.0)
