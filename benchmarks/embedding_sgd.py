@@ -1,9 +1,9 @@
 """One GPU: the embedding's sparse SGD step against the dense one, at a large vocabulary.
 
-  sparse   ``torch.ops.shardgraph.embedding_sgd_(W, grad_output, indices, lr, -1, [])``: the
-           looked-up rows summed per index and stepped, the norm's term returned (on a GPU both
-           forms: the aten ops, and ``sparse_triton``, the one Triton kernel, which must give the
-           aten form's weight bit for bit)
+  sparse   ``torch.ops.shardgraph.embedding_sgd_(W, grad_output, indices, lr, -1, [])`` in its aten
+           form: the looked-up rows summed per index and stepped, the norm's term returned; on a
+           GPU also ``sparse_triton``, the one Triton kernel (the op's default there), which must
+           give the aten form's weight bit for bit
   dense    what the unfused program runs: ``embedding_dense_backward``, ``W.copy_(W - grad * lr)``
            and ``sum(float32(grad) ** 2)``, under ``torch.compile`` (as the program runs under
            inductor) and as eager aten ops
@@ -60,16 +60,13 @@ def dense_step(weight, grad_output, indices, lr):
 
 
 def sparse_step(weight, grad_output, indices, lr):
-    return torch.ops.shardgraph.embedding_sgd_(weight, grad_output, indices, lr, -1, [])
+    with embedding_sgd.use_triton(False):
+        return torch.ops.shardgraph.embedding_sgd_(weight, grad_output, indices, lr, -1, [])
 
 
 def sparse_triton_step(weight, grad_output, indices, lr):
-    # The Triton form is off by default (kernels/embedding_sgd.py); switched on for this call only.
-    enabled, embedding_sgd.TRITON_ENABLED = embedding_sgd.TRITON_ENABLED, True
-    try:
+    with embedding_sgd.use_triton(True):
         return torch.ops.shardgraph.embedding_sgd_(weight, grad_output, indices, lr, -1, [])
-    finally:
-        embedding_sgd.TRITON_ENABLED = enabled
 
 
 def timed(step, weight, original, operands, device, steps) -> float:
@@ -146,8 +143,8 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": args.dtype, "steps": args.steps, "rows": []}
-    print(f"{'shape':>18} {'distinct':>9} {'sparse ms':>10} {'triton ms':>10} {'dense compiled':>15} {'dense eager':>12} "
-          f"{'ratio (compiled)':>17} {'agree':>6}", flush=True)
+    print(f"{'shape':>18} {'distinct':>9} {'sparse ms':>10} {'triton ms':>10} {'dense compiled':>15} "
+          f"{'dense eager':>12} {'ratio (compiled)':>17} {'agree':>6}", flush=True)
     token_counts = args.tokens or ([64] if args.tiny else [8192, 32768])
     for (name, (rows, width)), tokens in itertools.product((TINY if args.tiny else SHAPES).items(), token_counts):
         row = run_shape(f"{name}_{tokens}", rows, width, tokens, dtype, device, args.steps)

@@ -76,9 +76,8 @@ def training_features(case) -> dict:
     if case.training is None:
         return {"training": False}
     options = case.training_options()
-    return {"training": True, "optimizer": options["optimizer"], "clip": options["clip_grad_norm"] is not None,
-            "zero": options["zero"], "recompute": options["recompute"], "fused_update": options["fused_update"],
-            "fused_loss": options["fused_loss"], "donate_state": options["donate_state"]}
+    # The clipping threshold as whether there is one (the table's rows are values seen).
+    return {"training": True, **options, "clip_grad_norm": options["clip_grad_norm"] is not None}
 
 
 def case_rng(seed: int, index: int) -> random.Random:

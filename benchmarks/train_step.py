@@ -106,6 +106,7 @@ loss, every parameter after the SGD update, and the updates themselves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -760,11 +761,13 @@ def predict_only(name: str, variant: str, args, dtype, hardware: str) -> dict:
     vocab = (TINY_SHAPE if args.tiny else FULL_SHAPE)["vocab_size"]
     batch = (torch.zeros(args.batch, args.seq, dtype=torch.long, device="meta").clamp_(max=vocab - 1),)
     if variant in PROGRAM_ADAMW_VARIANTS:
-        program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn, **COMPILE_OPTIONS, optimizer=sg.optim.AdamW(**ADAMW),
-                             clip_grad_norm=CLIP_GRAD_NORM, compute_dtype=dtype if dtype != torch.float32 else None)
+        program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn, **COMPILE_OPTIONS,
+                             optimizer=sg.optim.AdamW(**ADAMW), clip_grad_norm=CLIP_GRAD_NORM,
+                             compute_dtype=dtype if dtype != torch.float32 else None)
     elif variant in PROGRAM_SGD_VARIANTS:
         model = model.to(dtype)
-        program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn, **COMPILE_OPTIONS, optimizer=sg.optim.SGD(lr=LEARNING_RATE),
+        program = sg.compile(model, sg.MeshSpec(world=1), batch, loss_fn, **COMPILE_OPTIONS,
+                             optimizer=sg.optim.SGD(lr=LEARNING_RATE),
                              fused_update=variant != "shardgraph_sgd_compile_unfused")
     else:
         model = model.to(dtype)
@@ -966,10 +969,16 @@ def main(argv=None) -> dict:
         return {"predictions": [predict_only(name, variant, args, getattr(torch, args.dtype), args.predict_only)
                                 for name in args.models for variant in args.variants
                                 if variant not in MODEL_VARIANTS + MASTER_VARIANTS]}
+    embedding_kernel = (contextlib.nullcontext() if args.embedding_kernel == "default"
+                        else embedding_sgd.use_triton(args.embedding_kernel == "triton"))
+    with embedding_kernel:
+        return measure_all(args)
+
+
+def measure_all(args) -> dict:
+    """Every model and variant of the run, measured, tabulated and written (``main``'s work)."""
     device = benchmark_device(args.device)
     dtype = getattr(torch, args.dtype)
-    if args.embedding_kernel != "default":
-        embedding_sgd.TRITON_ENABLED = args.embedding_kernel == "triton"
     vocab = (TINY_SHAPE if args.tiny else FULL_SHAPE)["vocab_size"]
     batch = (torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
              .to(device),)

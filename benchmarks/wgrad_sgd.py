@@ -18,8 +18,8 @@ both), and the sums of squares (``squares_rel_diff``). The fused step must be as
 unfused one (within 1.5x, or 1e-6) and, against the unfused step run as eager aten ops on our own
 wgrad kernel (the same tile sums, every op's result rounded to the weight's dtype, as the kernel
 rounds), bitwise equal (``equal_to_triton_unfused``). The compiled unfused step is not that
-reference: inductor keeps ``dW * lr`` in float32 inside its one kernel, one rounding fewer. Times are medians of CUDA-event
-timings, each step restoring the weight first (the copy is timed apart and subtracted).
+reference: inductor keeps ``dW * lr`` in float32 inside its one kernel, one rounding fewer. Times
+are medians of CUDA-event timings, each step restoring the weight first (the copy is timed apart and subtracted).
 
     python benchmarks/wgrad_sgd.py                      # Qwen3-30B-A3B's and Mixtral-like shapes
     python benchmarks/wgrad_sgd.py --device cpu --tiny  # the same code path on a CPU (loop backend)

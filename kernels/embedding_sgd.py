@@ -29,17 +29,30 @@ them before the in-place update.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .caches import interpreter_guard, interpreting, triton_takes_rows
 
-__all__ = ["embedding_sgd_", "EmbeddingSgdError", "TRITON_ENABLED"]
+__all__ = ["embedding_sgd_", "use_triton", "EmbeddingSgdError", "TRITON_ENABLED"]
 
 # On the H100 the kernel gives the aten form's weight bit for bit (bf16 and fp32,
 # ``tests/kernels/embedding_sgd_interpreted.py --device cuda``) and takes 0.34 ms against its
 # 0.82 ms at 8192 tokens, 0.66 against 2.64 ms at 32768 (``benchmarks/embedding_sgd.py``).
 # False runs the aten form (the CPU's, without the interpreter) everywhere.
 TRITON_ENABLED = True
+
+
+@contextlib.contextmanager
+def use_triton(enabled: bool):
+    """``TRITON_ENABLED`` set to ``enabled`` inside the block (to run or compare one form)."""
+    global TRITON_ENABLED
+    previous, TRITON_ENABLED = TRITON_ENABLED, bool(enabled)
+    try:
+        yield
+    finally:
+        TRITON_ENABLED = previous
 
 
 class EmbeddingSgdError(ValueError):

@@ -87,8 +87,8 @@ LOSSES = ("mean", "sum", "ignore_mean", "ignore_sum", "per_token", "smooth", "sm
 BATCH_SHARDINGS = ("none", "replicate", "dp0", "dp1")
 BAD_STYLES = ("bogus", "Colwise", "expert")
 
-# Training cases: the optimizer as both libraries spell it, (shardgraph class, torch class, keyword
-# arguments); "no_decay" becomes a torch param group with weight_decay 0.
+# Training cases: the optimizer as both libraries spell it, (class name in sg.optim and
+# torch.optim, keyword arguments); "no_decay" becomes a torch param group with weight_decay 0.
 OPTIMIZERS = {
     "sgd": ("SGD", {"lr": 0.1}),
     "sgd_momentum": ("SGD", {"lr": 0.1, "momentum": 0.9, "dampening": 0.1}),
@@ -96,7 +96,8 @@ OPTIMIZERS = {
     "adamw": ("AdamW", {"lr": 1e-2, "weight_decay": 0.01}),
     "adamw_no_decay": ("AdamW", {"lr": 1e-2, "weight_decay": 0.1, "no_decay": ("*norm*", "*bias")}),
 }
-# The simplest value of each training option first (what shrinking goes to).
+# The simplest value of each training option first (what shrinking goes to). Every option but
+# "optimizer" and "steps" is the sg.compile keyword of that name.
 TRAINING_DEFAULTS = {"optimizer": "sgd", "clip_grad_norm": None, "zero": 0, "recompute": "none",
                      "fused_update": True, "fused_loss": True, "donate_state": True, "steps": 2}
 # Training cases run in float64. Adam divides each gradient element by its own magnitude, so in
@@ -748,10 +749,9 @@ def compile_training_options(case: Case) -> dict:
     if case.training is None:
         return {}
     options = case.training_options()
-    name, arguments = OPTIMIZERS[options["optimizer"]]
-    return {"optimizer": getattr(sg.optim, name)(**arguments), "clip_grad_norm": options["clip_grad_norm"],
-            "zero": options["zero"], "recompute": options["recompute"], "fused_update": options["fused_update"],
-            "fused_loss": options["fused_loss"], "donate_state": options["donate_state"]}
+    name, arguments = OPTIMIZERS[options.pop("optimizer")]
+    del options["steps"]
+    return {**options, "optimizer": getattr(sg.optim, name)(**arguments)}
 
 
 def _torch_optimizer(case: Case, trainable: dict):

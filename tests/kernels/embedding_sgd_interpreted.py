@@ -21,7 +21,6 @@ import torch  # noqa: E402
 from kernels import embedding_sgd  # noqa: E402
 
 STEP = torch.ops.shardgraph.embedding_sgd_
-embedding_sgd.TRITON_ENABLED = True  # the default; the interpreter runs it on the CPU
 
 
 def relative(value, reference):
@@ -37,12 +36,10 @@ def case(dtype, rows, width, tokens, distinct, padding_idx, seed):
     grad64 = torch.ops.aten.embedding_dense_backward(grad_output.double(), indices, rows, padding_idx, False)
     step64 = grad64 * lr.double()
     kernel_weight, aten_weight = weight.clone(), weight.clone()
-    squares = STEP(kernel_weight, grad_output, indices, lr, padding_idx, [])
-    embedding_sgd.TRITON_ENABLED = False
-    try:
+    with embedding_sgd.use_triton(True):
+        squares = STEP(kernel_weight, grad_output, indices, lr, padding_idx, [])
+    with embedding_sgd.use_triton(False):
         aten_squares = STEP(aten_weight, grad_output, indices, lr, padding_idx, [])
-    finally:
-        embedding_sgd.TRITON_ENABLED = True
     looked_up = torch.zeros(rows, dtype=torch.bool, device=DEVICE)
     looked_up[indices] = True
     if padding_idx >= 0:
