@@ -26,6 +26,10 @@ For each model, from the same seed and the same batch, time forward + backward +
   shardgraph_sgd_compile  the same under ``train_step(..., compile="inductor")``;
                       ``shardgraph_sgd_compile_unfused`` with ``fused_update=False`` (every update
                       an elementwise step that inductor fuses)
+  shardgraph_sgd_aten_norms, shardgraph_sgd_compile_aten_norms  shardgraph_sgd and shardgraph_sgd_compile
+                      with the model's RMSNorms traced as the aten ops their forward runs instead of
+                      the ``shardgraph.rms_norm`` op (``shardgraph.frontend.norms``): what the
+                      program ran before the op
   shardgraph_compile_aten_rows  shardgraph_compile with the MoE row steps (dispatch gather, combine
                       and their gradients) as aten ops that inductor fuses, instead of the row
                       kernels (``kernels.moe_rows``): what the program ran before them
@@ -126,13 +130,15 @@ import torch._dynamo  # noqa: E402
 import shardgraph as sg  # noqa: E402
 from examples.moe_model import CONFIGS, MoETransformer, lm_loss  # noqa: E402
 from kernels import embedding_sgd, moe_rows  # noqa: E402
+from shardgraph.frontend.norms import norms_traced_as_ops  # noqa: E402
 
 MODELS = ("ours", "mixtral", "qwen2_moe", "qwen3_moe")
 # AdamW steps: fp32 master weights and fp32 Adam state, computing in --dtype (see the docstring).
 ADAMW_VARIANTS = ("eager_adamw", "torch_compile_adamw", "shardgraph_adamw", "shardgraph_adamw_compile")
 VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph", "shardgraph", "shardgraph_compile",
             "shardgraph_cudagraph", "shardgraph_compile_aten_rows", "shardgraph_sgd", "shardgraph_sgd_compile",
-            "shardgraph_sgd_compile_unfused", *ADAMW_VARIANTS, "eager_adamw_autocast")
+            "shardgraph_sgd_compile_unfused", "shardgraph_sgd_aten_norms", "shardgraph_sgd_compile_aten_norms",
+            *ADAMW_VARIANTS, "eager_adamw_autocast")
 DEFAULT_VARIANTS = ("eager", "torch_compile", "shardgraph", "shardgraph_compile")
 VARIANT_ALIASES = {"shardgraph_compiled": "shardgraph_compile"}
 # sg.compile options every shardgraph variant of the run is compiled with (--loss-chunk-mib).
@@ -142,10 +148,12 @@ MODEL_VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph")  # SGD on
 MASTER_VARIANTS = ("eager_adamw", "torch_compile_adamw", "eager_adamw_autocast")  # torch.optim.AdamW
 PROGRAM_ADAMW_VARIANTS = ("shardgraph_adamw", "shardgraph_adamw_compile")  # AdamW in the program
 # SGD in the program, the new weights written in place (the expert weights' steps in their wgrad)
-PROGRAM_SGD_VARIANTS = ("shardgraph_sgd", "shardgraph_sgd_compile", "shardgraph_sgd_compile_unfused")
+PROGRAM_SGD_VARIANTS = ("shardgraph_sgd", "shardgraph_sgd_compile", "shardgraph_sgd_compile_unfused",
+                        "shardgraph_sgd_aten_norms", "shardgraph_sgd_compile_aten_norms")
 PROGRAM_STATE_VARIANTS = PROGRAM_ADAMW_VARIANTS + PROGRAM_SGD_VARIANTS
 FP32_MODEL_VARIANTS = MASTER_VARIANTS + PROGRAM_ADAMW_VARIANTS  # built in float32: master weights
-NO_TORCH_COMPILE = ("eager", "shardgraph", "eager_adamw", "eager_adamw_autocast", "shardgraph_adamw", "shardgraph_sgd")
+NO_TORCH_COMPILE = ("eager", "shardgraph", "eager_adamw", "eager_adamw_autocast", "shardgraph_adamw", "shardgraph_sgd",
+                    "shardgraph_sgd_aten_norms")
 LEARNING_RATE = 1e-3  # SGD
 # AdamW, the same in every AdamW variant: torch's default betas / eps, decoupled decay on every
 # parameter, the global gradient norm clipped to 1.0 before the update (clip_grad_norm_).
@@ -304,16 +312,8 @@ class Runner:
             self._init_master_weights(model, compile_mode, compile_backend)
             return
         started = time.perf_counter()
-        if variant in PROGRAM_ADAMW_VARIANTS:
-            self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn, **COMPILE_OPTIONS,
-                                      optimizer=sg.optim.AdamW(**ADAMW), clip_grad_norm=CLIP_GRAD_NORM,
-                                      compute_dtype=self.compute_dtype)
-        elif variant in PROGRAM_SGD_VARIANTS:
-            self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn, **COMPILE_OPTIONS,
-                                      optimizer=sg.optim.SGD(lr=LEARNING_RATE),
-                                      fused_update=variant != "shardgraph_sgd_compile_unfused")
-        else:
-            self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn, **COMPILE_OPTIONS)
+        with norms_traced_as_ops(not variant.endswith("_aten_norms")):
+            self._compile_program(variant, model, loss_fn)
         self.compile_s = time.perf_counter() - started
         self.comm_users = comm_users(self.program)
         self.comm = SingleRankCommunicator(self.program.mesh)
@@ -348,6 +348,18 @@ class Runner:
         program = self.program
         self.arguments = ([self.parameters[n] for n in program.parameter_names]
                           + [self.buffers[n] for n in program.buffer_names] + self.batch)
+
+    def _compile_program(self, variant, model, loss_fn):
+        if variant in PROGRAM_ADAMW_VARIANTS:
+            self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn, **COMPILE_OPTIONS,
+                                      optimizer=sg.optim.AdamW(**ADAMW), clip_grad_norm=CLIP_GRAD_NORM,
+                                      compute_dtype=self.compute_dtype)
+        elif variant in PROGRAM_SGD_VARIANTS:
+            self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn, **COMPILE_OPTIONS,
+                                      optimizer=sg.optim.SGD(lr=LEARNING_RATE),
+                                      fused_update=variant != "shardgraph_sgd_compile_unfused")
+        else:
+            self.program = sg.compile(model, sg.MeshSpec(world=1), self.batch, loss_fn, **COMPILE_OPTIONS)
 
     def _init_master_weights(self, model, compile_mode, compile_backend):
         """torch.optim.AdamW(fused=True) on fp32 master weights.

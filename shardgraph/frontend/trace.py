@@ -45,8 +45,9 @@ explicit ``attn_mask`` is written as matmul + softmax, which a placement rule ca
 whatever the mask's shape; attention dropout is refused (a traced step is deterministic). HF
 models given no position ids trace without a mask, as they run eagerly: see
 ``positions_not_packed``. HF models (wrapped or not) run with ``use_cache=False`` (a training
-step keeps no KV cache), and recognised expert modules run through their adapters
-(``adapters.py``). A small decomposition table (``DECOMPOSITIONS``) rewrites a few composite ops
+step keeps no KV cache), recognised expert modules run through their adapters
+(``adapters.py``), and RMSNorm modules whose forward computes ``shardgraph.rms_norm`` run as that
+op (``norms.py``; one node each way instead of about twenty aten ops). A small decomposition table (``DECOMPOSITIONS``) rewrites a few composite ops
 (layer norm, ``logsumexp``, ``baddbmm``, vector norms, ...) into the ops listed in
 ``docs/frontend.md``.
 """
@@ -78,6 +79,7 @@ from .. import meta
 from ..fx_graph import append_copy
 from ..meta import GraphInput, InputKind, OutputRole, Phase
 from .adapters import adapters_installed
+from .norms import norms_installed
 from .context import (FLOW, AttentionRouting, LayerMarks, ModuleTracker, collection_paused, positions_not_packed,
                       without_kv_cache)
 from .errors import AdapterError, TraceError
@@ -692,8 +694,8 @@ def _traced_joint_graph(model, step: _Step, parameters, buffers, example_inputs,
     try:
         # A lazily compiled module: the passes that follow rewrite the graph, so Python code
         # written now would be thrown away; it is written when the module is first run or read.
-        with adapters_installed(model) as expert_modules, without_kv_cache(model), positions_not_packed(), \
-                torch.enable_grad(), _use_lazy_graph_module(True), collection_paused():
+        with adapters_installed(model) as expert_modules, norms_installed(model), without_kv_cache(model), \
+                positions_not_packed(), torch.enable_grad(), _use_lazy_graph_module(True), collection_paused():
             gm = make_fx(step, tracing_mode="fake", decomposition_table=DECOMPOSITIONS, record_module_stack=True,
                          record_stack_traces=True)(*arguments)
     except AdapterError:

@@ -11,6 +11,7 @@ from .moe import (
     moe_experts_backward,
     moe_experts_reference,
 )
+from .norm import rms_norm, rms_norm_backward
 from .random import random_draw, random_state
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "moe_experts",
     "moe_experts_backward",
     "moe_experts_reference",
+    "rms_norm",
+    "rms_norm_backward",
     "random_draw",
     "random_state",
 ]

@@ -315,6 +315,19 @@ def _attention(m: _Maker) -> list[Sample]:
             Sample(backward, (m.f(8, 8, 8, 8), q, *kv, *saved_grouped, False, 0.25, True))]
 
 
+def _norms(m: _Maker) -> list[Sample]:
+    """``shardgraph.rms_norm`` over the last dim, in both roundings, and its backward on the
+    forward's own ``rstd``."""
+    norm, backward = torch.ops.shardgraph.rms_norm.default, torch.ops.shardgraph.rms_norm_backward.default
+    found = []
+    for x, upcast in ((m.f(8, 16, 8), True), (m.f(8, 4, 8, 16), False)):
+        weight = m.f(x.shape[-1])
+        rstd = norm(x, weight, 1e-6, upcast)[1]
+        found += [Sample(norm, (x, weight, 1e-6, upcast)),
+                  Sample(backward, (m.f(*x.shape), x, weight, rstd, upcast))]
+    return found
+
+
 def _sequence_mixers(m: _Maker) -> list[Sample]:
     """Ops of state-space, short-convolution and linear-attention layers, LayerNorm's prims and
     complex rotary embeddings."""
@@ -372,4 +385,4 @@ def samples(seed: int = 0) -> list[Sample]:
     """Every sample, in a fixed order, from one seeded generator."""
     m = _Maker(seed)
     return [*_pointwise(m), *_factories(m), *_matmul(m), *_reductions(m), *_shapes(m), *_indexing(m), *_loss(m),
-            *_attention(m), *_sequence_mixers(m), *_random_draws(m)]
+            *_attention(m), *_norms(m), *_sequence_mixers(m), *_random_draws(m)]
