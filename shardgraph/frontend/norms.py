@@ -57,7 +57,8 @@ def _one_argument(forward: Callable) -> bool:
         parameters = list(inspect.signature(forward).parameters.values())
     except (TypeError, ValueError):
         return False
-    required = [p for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in parameters if p.default is p.empty and p.kind in positional]
     return len(required) == 1 and not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters)
 
 
@@ -120,7 +121,7 @@ def norm_rounding(module: nn.Module) -> tuple[str, float, bool] | None:
 
 
 def _forward_as_op(module: nn.Module, name: str, epsilon: float, upcast: bool) -> Callable:
-    from ..ops.norm import rms_norm  # noqa: F401 - registers torch.ops.shardgraph.rms_norm
+    from ..ops import norm  # noqa: F401 - registers torch.ops.shardgraph.rms_norm
 
     def forward(x):
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != getattr(module, name).shape[0]:
