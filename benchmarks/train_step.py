@@ -648,6 +648,8 @@ def run_variant(name, variant, args, device, dtype, batch) -> dict:
             model = None  # its parameters were emptied: the program's state holds the weights
         if variant not in MODEL_VARIANTS + MASTER_VARIANTS:
             row["comm_users"] = runner.comm_users
+            row["rms_norm_ops"] = sum(node.target == torch.ops.shardgraph.rms_norm.default
+                                      for node in runner.program.graph_module.graph.nodes)
         synchronize(device)
         started = time.perf_counter()
         row["first_loss"] = runner.step().float().item()

@@ -52,6 +52,18 @@ def test_every_variant_runs_and_one_shardgraph_sgd_step_equals_eager(tmp_path, c
     assert "shardgraph_compile" in table and "x eager" in table
 
 
+def test_norms_run_as_the_op_or_as_aten_ops_and_both_programs_take_eagers_step(tmp_path):
+    result = load().main(TINY + ["--models", "qwen3_moe", "--variants",
+                                 "eager,shardgraph_sgd,shardgraph_sgd_aten_norms", "--out", str(tmp_path / "n.json")])
+    rows = {row["variant"]: row for row in result["rows"]}
+    # One layer of Qwen3-MoE: input, post-attention, query and key norms, and the final norm.
+    assert rows["shardgraph_sgd"]["rms_norm_ops"] == 5
+    assert rows["shardgraph_sgd_aten_norms"]["rms_norm_ops"] == 0
+    for variant in ("shardgraph_sgd", "shardgraph_sgd_aten_norms"):
+        assert rows[variant]["first_loss_rel_diff_vs_eager"] < 1e-5, rows[variant]
+        assert rows[variant]["last_loss_rel_diff_vs_eager"] < 1e-5, rows[variant]
+
+
 def test_kernel_classes():
     classify = load().classify
     assert classify("_grouped_product_tma_kernel") == "grouped GEMM"
