@@ -21,10 +21,22 @@ the row):
     both gradients of the combine in one pass over the expert outputs: the copies' gradient in
     expert order and the router weights' gradient (a row dot product), where the aten form gathers
     the output gradient twice.
+``swiglu(gate_up, interleaved=False)``
+    ``out = silu(gate) * up`` between the experts' two grouped GEMMs, gate and up the halves of
+    ``gate_up [rows, 2I]`` (``interleaved``: its even and odd columns), where the aten form reads
+    the gate twice (``silu``, then the product).
+``swiglu_backward(grad, gate_up, interleaved=False)``
+    its gradient ``[rows, 2I]`` in ``gate_up``'s layout, in one pass where the aten form (of
+    ``ops.moe.GatedActivation.backward``) runs nine elementwise ops and a concatenation.
 
 Rounding follows the aten form they replace: a product of two 16-bit values is rounded to the
 operands' dtype before it is summed, the sums accumulate in float32 and are rounded once. Float32
-operands give the aten form's values up to the order of the sum.
+operands give the aten form's values up to the order of the sum. The SwiGLU kernels round every
+elementwise step of the aten form to the operands' dtype where it does (``silu`` and ``sigmoid``
+computed in float32 as ``x / (1 + exp(-x))`` and ``1 / (1 + exp(-x))``, then each product, sum and
+difference rounded in turn), with the same IEEE division and libdevice ``exp`` as PyTorch's CUDA
+kernels, so on a GPU their results equal the aten form's bit for bit (under the interpreter the
+``exp`` is numpy's: 16-bit results within one unit in the last place).
 
 They run on a CUDA device (and on the CPU under ``TRITON_INTERPRET=1``, for the tests) for 2-D
 float16 / bfloat16 / float32 rows with a unit last stride; elsewhere, or with ``TRITON_ENABLED``
@@ -38,9 +50,10 @@ import contextlib
 
 import torch
 
-from .caches import interpreter_guard, interpreting, triton_takes_rows
+from .caches import ROW_DTYPES, interpreter_guard, interpreting, triton_takes_rows
 
-__all__ = ["gather_rows", "gather_sum", "combine_backward", "runs", "use_row_kernels", "MoeRowsError", "TRITON_ENABLED"]
+__all__ = ["gather_rows", "gather_sum", "combine_backward", "swiglu", "swiglu_backward", "runs", "use_row_kernels",
+           "MoeRowsError", "TRITON_ENABLED"]
 
 # False sends the runtime's MoE row steps through the aten ops (to compare the two on a GPU).
 TRITON_ENABLED = True
@@ -78,12 +91,28 @@ def _tiles(width: int) -> tuple[int, int]:
     return max(1, _TILE_ELEMENTS // block_width), block_width
 
 
+def _swiglu_tiles(width: int) -> tuple[int, int]:
+    """``_tiles`` with rows at most 256 wide: an intermediate width is a multiple of 256 more often
+    than of a larger power of two (768 wide rows in 1024-wide tiles leave a quarter of the lanes
+    masked: 186 / 353 us forward / backward against 149 / 261 us in 256-wide ones, bfloat16
+    65536 x 768 on an H100)."""
+    import triton
+
+    block_width = min(256, triton.next_power_of_2(max(width, 1)))
+    return max(1, _TILE_ELEMENTS // block_width), block_width
+
+
 _kernels = None
+# The SwiGLU kernels' helpers and the libdevice module they call: module globals, where Triton
+# looks up the functions a kernel calls.
+_rounded = None
+_one_plus_exp_negated = None
+_libdevice = None
 
 
 def _build():
     """The kernels, defined on first use so that importing this module needs no Triton."""
-    global _kernels
+    global _kernels, _rounded, _one_plus_exp_negated, _libdevice
     if _kernels is not None:
         return _kernels
     import triton
@@ -150,7 +179,92 @@ def _build():
         rounded = dot.to(grad_out.dtype.element_ty)
         tl.store(grad_weights + position, rounded.to(grad_weights.dtype.element_ty), mask=row_ok)
 
-    _kernels = (gather_rows_kernel, gather_sum_kernel, combine_backward_kernel)
+    if not interpreting():
+        from triton.language.extra import libdevice as _libdevice
+
+    @triton.jit
+    def rounded(value, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+        # ``value`` rounded to ``dtype`` (as the aten op that computed it rounds its result), held in
+        # float32. The interpreter truncates float32 -> bfloat16 where a GPU (and torch) rounds to
+        # nearest even; rounding the float32 bits first makes the truncation exact, so interpreted
+        # runs round as compiled ones (kernels/rms_norm.py does the same).
+        if EMULATE_RTNE and dtype == tl.bfloat16:
+            bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            value = bits.to(tl.float32, bitcast=True)
+        return value.to(dtype).to(tl.float32)
+
+    @triton.jit
+    def one_plus_exp_negated(x, PRECISE_EXP: tl.constexpr):
+        # The denominator of PyTorch's silu and sigmoid (``x / (1 + exp(-x))``, ``1 / (1 + exp(-x))``
+        # in float32). Compiled, libdevice's expf is the exp those kernels call; tl.exp's
+        # approximate ex2 would differ in the last bits and move some 16-bit roundings.
+        if PRECISE_EXP:
+            power = _libdevice.exp(-x)
+        else:
+            power = tl.exp(-x)
+        return 1.0 + power
+
+    _rounded, _one_plus_exp_negated = rounded, one_plus_exp_negated
+
+    @triton.jit
+    def swiglu_kernel(gate_up, out, rows, width, gate_up_stride, out_stride, INTERLEAVED: tl.constexpr,
+                      BLOCK_ROWS: tl.constexpr, BLOCK_WIDTH: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+                      PRECISE_EXP: tl.constexpr):
+        row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        column = tl.program_id(1) * BLOCK_WIDTH + tl.arange(0, BLOCK_WIDTH)
+        mask = (row < rows)[:, None] & (column < width)[None, :]
+        offset = row.to(tl.int64)[:, None]
+        if INTERLEAVED:
+            gate_column = 2 * column
+            up_column = gate_column + 1
+        else:
+            gate_column = column
+            up_column = column + width
+        source = gate_up + offset * gate_up_stride
+        gate = tl.load(source + gate_column[None, :], mask=mask, other=0).to(tl.float32)
+        up = tl.load(source + up_column[None, :], mask=mask, other=0).to(tl.float32)
+        dtype = gate_up.dtype.element_ty
+        # F.silu(gate) * up: silu rounded to the dtype, then the product.
+        silu = _rounded(tl.math.div_rn(gate, _one_plus_exp_negated(gate, PRECISE_EXP)), dtype, EMULATE_RTNE)
+        result = _rounded(silu * up, dtype, EMULATE_RTNE)
+        tl.store(out + offset * out_stride + column[None, :], result.to(dtype), mask=mask)
+
+    @triton.jit
+    def swiglu_backward_kernel(grad, gate_up, grad_gate_up, rows, width, grad_stride, gate_up_stride,
+                               grad_gate_up_stride, INTERLEAVED: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                               BLOCK_WIDTH: tl.constexpr, EMULATE_RTNE: tl.constexpr, PRECISE_EXP: tl.constexpr):
+        row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        column = tl.program_id(1) * BLOCK_WIDTH + tl.arange(0, BLOCK_WIDTH)
+        mask = (row < rows)[:, None] & (column < width)[None, :]
+        offset = row.to(tl.int64)[:, None]
+        if INTERLEAVED:
+            gate_column = 2 * column
+            up_column = gate_column + 1
+        else:
+            gate_column = column
+            up_column = column + width
+        source = gate_up + offset * gate_up_stride
+        gradient = tl.load(grad + offset * grad_stride + column[None, :], mask=mask, other=0).to(tl.float32)
+        gate = tl.load(source + gate_column[None, :], mask=mask, other=0).to(tl.float32)
+        up = tl.load(source + up_column[None, :], mask=mask, other=0).to(tl.float32)
+        dtype = gate_up.dtype.element_ty
+        denominator = _one_plus_exp_negated(gate, PRECISE_EXP)
+        sigmoid = _rounded(tl.math.div_rn(1.0, denominator), dtype, EMULATE_RTNE)
+        silu = _rounded(tl.math.div_rn(gate, denominator), dtype, EMULATE_RTNE)
+        # activation_derivative's sigmoid * (1 + x * (1 - sigmoid)), each aten op's result rounded;
+        # then (grad * up) * derivative and grad * silu(gate).
+        slope = _rounded(1.0 - sigmoid, dtype, EMULATE_RTNE)
+        slope = _rounded(gate * slope, dtype, EMULATE_RTNE)
+        slope = _rounded(1.0 + slope, dtype, EMULATE_RTNE)
+        derivative = _rounded(sigmoid * slope, dtype, EMULATE_RTNE)
+        grad_gate = _rounded(_rounded(gradient * up, dtype, EMULATE_RTNE) * derivative, dtype, EMULATE_RTNE)
+        grad_up = _rounded(gradient * silu, dtype, EMULATE_RTNE)
+        target = grad_gate_up + offset * grad_gate_up_stride
+        tl.store(target + gate_column[None, :], grad_gate.to(dtype), mask=mask)
+        tl.store(target + up_column[None, :], grad_up.to(dtype), mask=mask)
+
+    _kernels = (gather_rows_kernel, gather_sum_kernel, combine_backward_kernel, swiglu_kernel, swiglu_backward_kernel)
     return _kernels
 
 
@@ -207,6 +321,18 @@ def _check_combine_backward(grad_out, returned, order, weights) -> None:
     _check(returned.shape[1] == grad_out.shape[1] and returned.dtype == grad_out.dtype, "combine_backward",
            f"returned {tuple(returned.shape)} {returned.dtype} and grad_out {tuple(grad_out.shape)} {grad_out.dtype} "
            f"must have the same width and dtype")
+
+
+def _check_swiglu(op, gate_up, grad=None) -> None:
+    _check_rows(op, "gate_up", gate_up)
+    _check(gate_up.dtype in ROW_DTYPES, op, f"gate_up must be float16, bfloat16 or float32, got {gate_up.dtype}")
+    _check(gate_up.shape[1] % 2 == 0, op,
+           f"gate_up must hold gate and up columns in pairs (an even width), got shape {tuple(gate_up.shape)}")
+    if grad is not None:
+        want = (gate_up.shape[0], gate_up.shape[1] // 2)
+        _check(tuple(grad.shape) == want and grad.dtype == gate_up.dtype and grad.device == gate_up.device, op,
+               f"grad must be {list(want)} in gate_up's dtype {gate_up.dtype} on {gate_up.device}, got "
+               f"{tuple(grad.shape)} {grad.dtype} on {grad.device}")
 
 
 def _unit_stride(tensor: torch.Tensor) -> torch.Tensor:
@@ -274,6 +400,44 @@ def _launch_combine_backward(grad_out, returned, order, weights):
     return grad_copies, grad_weights
 
 
+def _launch_swiglu(gate_up, interleaved):
+    import triton
+
+    gate_up = _unit_stride(gate_up)
+    rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+    out = gate_up.new_empty((rows, width))
+    if rows == 0 or width == 0:
+        return out
+    block_rows, block_width = _swiglu_tiles(width)
+    swiglu_kernel = _build()[3]
+    grid = (triton.cdiv(rows, block_rows), triton.cdiv(width, block_width))
+    # No floating-point contraction, as in the backward (nothing here to contract yet: kept so that
+    # a later change cannot fuse away a rounding the aten form does).
+    _launch(swiglu_kernel, grid, gate_up, out, rows, width, gate_up.stride(0), out.stride(0), INTERLEAVED=interleaved,
+            BLOCK_ROWS=block_rows, BLOCK_WIDTH=block_width, EMULATE_RTNE=interpreting(),
+            PRECISE_EXP=not interpreting(), num_warps=4, enable_fp_fusion=False)
+    return out
+
+
+def _launch_swiglu_backward(grad, gate_up, interleaved):
+    import triton
+
+    grad, gate_up = _unit_stride(grad), _unit_stride(gate_up)
+    rows, width = grad.shape
+    grad_gate_up = gate_up.new_empty(gate_up.shape)
+    if rows == 0 or width == 0:
+        return grad_gate_up
+    block_rows, block_width = _swiglu_tiles(width)
+    swiglu_backward_kernel = _build()[4]
+    grid = (triton.cdiv(rows, block_rows), triton.cdiv(width, block_width))
+    # No floating-point contraction: in float32 an FMA would skip the rounding of ``x * (1 - sigmoid)``
+    # before ``1 +``, which the aten form rounds as two ops.
+    _launch(swiglu_backward_kernel, grid, grad, gate_up, grad_gate_up, rows, width, grad.stride(0), gate_up.stride(0),
+            grad_gate_up.stride(0), INTERLEAVED=interleaved, BLOCK_ROWS=block_rows, BLOCK_WIDTH=block_width,
+            EMULATE_RTNE=interpreting(), PRECISE_EXP=not interpreting(), num_warps=4, enable_fp_fusion=False)
+    return grad_gate_up
+
+
 # ----------------------------------------------------------------------------------------------
 # Custom ops
 # ----------------------------------------------------------------------------------------------
@@ -282,6 +446,8 @@ _library = torch.library.Library("shardgraph", "FRAGMENT")
 _library.define("gather_rows(Tensor source, Tensor index, int divisor=1, Tensor? scale=None) -> Tensor")
 _library.define("gather_sum(Tensor source, Tensor index, int top_k, Tensor? weights=None) -> Tensor")
 _library.define("combine_backward(Tensor grad_out, Tensor returned, Tensor order, Tensor weights) -> (Tensor, Tensor)")
+_library.define("swiglu(Tensor gate_up, bool interleaved=False) -> Tensor")
+_library.define("swiglu_backward(Tensor grad, Tensor gate_up, bool interleaved=False) -> Tensor")
 
 
 def gather_rows(source, index, divisor=1, scale=None):
@@ -306,9 +472,26 @@ def combine_backward(grad_out, returned, order, weights):
     return _launch_combine_backward(grad_out, returned, order, weights)
 
 
+def swiglu(gate_up, interleaved=False):
+    """``silu(gate) * up`` ``[rows, 2I] -> [rows, I]``: gate the first ``I`` columns and up the
+    rest, or (``interleaved``) gate the even columns and up the odd ones; as
+    ``GatedActivation.parse("silu")(gate_up)`` rounds it."""
+    _check_swiglu("swiglu", gate_up)
+    return _launch_swiglu(gate_up, interleaved)
+
+
+def swiglu_backward(grad, gate_up, interleaved=False):
+    """The gradient of ``swiglu`` with respect to ``gate_up`` (``[rows, 2I]``, gate and up columns
+    in ``gate_up``'s layout), as ``GatedActivation.backward`` rounds it."""
+    _check_swiglu("swiglu_backward", gate_up, grad)
+    return _launch_swiglu_backward(grad, gate_up, interleaved)
+
+
 _library.impl("gather_rows", gather_rows, "CompositeExplicitAutograd")
 _library.impl("gather_sum", gather_sum, "CompositeExplicitAutograd")
 _library.impl("combine_backward", combine_backward, "CompositeExplicitAutograd")
+_library.impl("swiglu", swiglu, "CompositeExplicitAutograd")
+_library.impl("swiglu_backward", swiglu_backward, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("shardgraph::gather_rows", lib=_library)
@@ -327,3 +510,15 @@ def _(source, index, top_k, weights=None):
 def _(grad_out, returned, order, weights):
     _check_combine_backward(grad_out, returned, order, weights)
     return returned.new_empty(returned.shape), weights.new_empty(weights.shape)
+
+
+@torch.library.register_fake("shardgraph::swiglu", lib=_library)
+def _(gate_up, interleaved=False):
+    _check_swiglu("swiglu", gate_up)
+    return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+
+
+@torch.library.register_fake("shardgraph::swiglu_backward", lib=_library)
+def _(grad, gate_up, interleaved=False):
+    _check_swiglu("swiglu_backward", gate_up, grad)
+    return gate_up.new_empty(gate_up.shape)

@@ -203,14 +203,32 @@ def ungroup(grouped: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
     return grouped.index_select(0, inverse_permutation(permutation))
 
 
+def _row_kernel_step() -> bool:
+    # Under torch.compile the aten form is what inductor fuses into the products' neighbours;
+    # an opaque kernel would cost a Python call per launch there (docs/performance.md).
+    return not torch.compiler.is_compiling()
+
+
 def glu(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     """The activation spec's gated activation (``ops.moe.GatedActivation``): ``[n, 2J] -> [n, J]``.
-    Columns are gate/up pairs in the spec's layout; a piece split over etp keeps its pairs whole."""
-    return GatedActivation.parse(activation)(gate_up)
+    Columns are gate/up pairs in the spec's layout; a piece split over etp keeps its pairs whole.
+    Plain SwiGLU (``silu``, gated, nothing clamped) runs as ``kernels.moe_rows``' ``swiglu`` where
+    the row kernels run."""
+    act = GatedActivation.parse(activation)
+    # For ``silu`` the aten form reads only ``limit`` of the settings (alpha and the caps belong to
+    # the other gated activations).
+    if act.name == "silu" and act.gated and act.limit is None and _row_kernel_step() and moe_rows.runs(gate_up):
+        return torch.ops.shardgraph.swiglu(gate_up, act.interleaved)
+    return act(gate_up)
 
 
 def glu_backward(grad: torch.Tensor, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-    return GatedActivation.parse(activation).backward(grad, gate_up)
+    act = GatedActivation.parse(activation)
+    # A gradient in another dtype than the product is promoted by the aten form: kept there.
+    if (act.name == "silu" and act.gated and act.limit is None and grad.dtype == gate_up.dtype
+            and _row_kernel_step() and moe_rows.runs(grad, gate_up)):
+        return torch.ops.shardgraph.swiglu_backward(grad, gate_up, act.interleaved)
+    return act.backward(grad, gate_up)
 
 
 def group_ends(counts: torch.Tensor) -> torch.Tensor:
