@@ -17,7 +17,8 @@ import threading
 
 import torch
 
-__all__ = ["GroupedGemmCaches", "CACHES", "LAUNCH_LOCK", "interpreter_guard", "interpreting", "triton_takes_rows"]
+__all__ = ["GroupedGemmCaches", "CACHES", "LAUNCH_LOCK", "interpreter_guard", "interpreting", "triton_takes_rows",
+           "switched"]
 
 # The floating-point dtypes the row kernels (kernels/moe_rows.py, kernels/embedding_sgd.py) take.
 ROW_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -32,6 +33,19 @@ def interpreter_guard(interpreted: bool):
     """``LAUNCH_LOCK`` around a launch under the interpreter; nothing on a GPU, where launches
     from several threads are safe once compiled."""
     return LAUNCH_LOCK if interpreted else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def switched(module, name: str, value):
+    """``module.name`` set to ``value`` inside the block and restored after it: the kernel
+    modules' on/off switches (a compiler traces a step on its first call, so a program compiled
+    inside the block keeps the choice)."""
+    previous = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, previous)
 
 
 def interpreting() -> bool:

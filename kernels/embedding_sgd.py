@@ -29,11 +29,11 @@ them before the in-place update.
 
 from __future__ import annotations
 
-import contextlib
+import sys
 
 import torch
 
-from .caches import interpreter_guard, interpreting, triton_takes_rows
+from .caches import interpreter_guard, interpreting, triton_takes_rows, switched
 
 __all__ = ["embedding_sgd_", "use_triton", "EmbeddingSgdError", "TRITON_ENABLED"]
 
@@ -44,15 +44,9 @@ __all__ = ["embedding_sgd_", "use_triton", "EmbeddingSgdError", "TRITON_ENABLED"
 TRITON_ENABLED = True
 
 
-@contextlib.contextmanager
 def use_triton(enabled: bool):
     """``TRITON_ENABLED`` set to ``enabled`` inside the block (to run or compare one form)."""
-    global TRITON_ENABLED
-    previous, TRITON_ENABLED = TRITON_ENABLED, bool(enabled)
-    try:
-        yield
-    finally:
-        TRITON_ENABLED = previous
+    return switched(sys.modules[__name__], "TRITON_ENABLED", bool(enabled))
 
 
 class EmbeddingSgdError(ValueError):

@@ -46,11 +46,11 @@ with fake kernels, so a compiler treats each as one opaque op.
 
 from __future__ import annotations
 
-import contextlib
+import sys
 
 import torch
 
-from .caches import ROW_DTYPES, interpreter_guard, interpreting, triton_takes_rows
+from .caches import ROW_DTYPES, interpreter_guard, interpreting, triton_takes_rows, switched
 
 __all__ = ["gather_rows", "gather_sum", "combine_backward", "swiglu", "swiglu_backward", "runs", "use_row_kernels",
            "MoeRowsError", "TRITON_ENABLED"]
@@ -67,16 +67,9 @@ def runs(*tensors: torch.Tensor) -> bool:
     return TRITON_ENABLED and triton_takes_rows(*tensors)
 
 
-@contextlib.contextmanager
 def use_row_kernels(enabled: bool):
-    """``TRITON_ENABLED`` set to ``enabled`` inside the block (a compiler traces the runtime's MoE
-    steps on their first call, so a program compiled inside the block keeps the choice)."""
-    global TRITON_ENABLED
-    previous, TRITON_ENABLED = TRITON_ENABLED, bool(enabled)
-    try:
-        yield
-    finally:
-        TRITON_ENABLED = previous
+    """``TRITON_ENABLED`` set to ``enabled`` inside the block (a program compiled inside it keeps the choice)."""
+    return switched(sys.modules[__name__], "TRITON_ENABLED", bool(enabled))
 
 
 def _launch(kernel, grid, *args, **constexprs):

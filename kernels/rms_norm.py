@@ -30,11 +30,11 @@ under ``TRITON_INTERPRET=1`` for the tests. Plain functions: ``shardgraph/ops/no
 
 from __future__ import annotations
 
-import contextlib
+import sys
 
 import torch
 
-from .caches import ROW_DTYPES, interpreter_guard, interpreting
+from .caches import ROW_DTYPES, interpreter_guard, interpreting, switched
 
 __all__ = ["forward", "backward", "reference_forward", "reference_backward", "runs", "use_triton", "TRITON_ENABLED"]
 
@@ -47,16 +47,9 @@ _TILE_ELEMENTS = 4096
 MAX_WIDTH = 65536
 
 
-@contextlib.contextmanager
 def use_triton(enabled: bool):
-    """``TRITON_ENABLED`` set to ``enabled`` inside the block (a compiler traces the norm on its first
-    call, so a program compiled inside the block keeps the choice)."""
-    global TRITON_ENABLED
-    previous, TRITON_ENABLED = TRITON_ENABLED, bool(enabled)
-    try:
-        yield
-    finally:
-        TRITON_ENABLED = previous
+    """``TRITON_ENABLED`` set to ``enabled`` inside the block (a program compiled inside it keeps the choice)."""
+    return switched(sys.modules[__name__], "TRITON_ENABLED", bool(enabled))
 
 
 def runs(x: torch.Tensor, weight: torch.Tensor) -> bool:

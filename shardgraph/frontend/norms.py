@@ -19,29 +19,26 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import sys
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
+
+from kernels.caches import switched
 
 __all__ = ["norm_rounding", "norms_installed", "norms_traced_as_ops"]
 
 _EPSILON_NAMES = ("variance_epsilon", "eps", "epsilon")
 # Off: every norm is traced as the aten ops its forward runs (to compare the two).
 TRACE_AS_OP = True
-# (class, parameter shape, dtype of the parameter, epsilon, settings) -> rounding or None.
+# (class, parameter shape and name, epsilon, scalar attributes) -> upcast (True or False) or None.
 _CHECKED: dict[tuple, bool | None] = {}
 
 
-@contextlib.contextmanager
 def norms_traced_as_ops(enabled: bool):
     """Recognised norms traced as ``shardgraph.rms_norm`` (the default) or as their own aten ops."""
-    global TRACE_AS_OP
-    previous, TRACE_AS_OP = TRACE_AS_OP, bool(enabled)
-    try:
-        yield
-    finally:
-        TRACE_AS_OP = previous
+    return switched(sys.modules[__name__], "TRACE_AS_OP", bool(enabled))
 
 
 def _epsilon(module: nn.Module) -> float | None:
