@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from kernels import rms_norm  # noqa: E402
 
 EPS = 1e-6
+ROWS = []  # every line printed, for --out
 
 
 def ordered(tensor):
@@ -91,6 +92,7 @@ def case(shape, dtype, weight_dtype, seed, layout="contiguous"):
         "error": {k: relative(got[k], exact[k]) for k in got},
         "aten_error": {k: relative(want[k], exact[k]) for k in got},
     }
+    ROWS.append(emit)
     print(json.dumps(emit), flush=True)
 
 
@@ -112,13 +114,14 @@ def timing(shape, dtype):
     weight = torch.randn(shape[-1], device=DEVICE).to(dtype)
     grad_out = torch.randn(shape, device=DEVICE).to(dtype)
     _, rstd = rms_norm.forward(x, weight, EPS)
-    print(json.dumps({
+    ROWS.append({
         "timing": list(shape), "dtype": str(dtype),
         "forward_ms": timed(lambda: rms_norm.forward(x, weight, EPS)),
         "aten_forward_ms": timed(lambda: rms_norm.reference_forward(x, weight, EPS)),
         "backward_ms": timed(lambda: rms_norm.backward(grad_out, x, weight, rstd)),
         "aten_backward_ms": timed(lambda: rms_norm.reference_backward(grad_out, x, weight, rstd)),
-    }), flush=True)
+    })
+    print(json.dumps(ROWS[-1]), flush=True)
 
 
 def main():
@@ -141,3 +144,7 @@ def main():
 
 if __name__ == "__main__":
     main()
+    if "--out" in sys.argv:
+        with open(sys.argv[sys.argv.index("--out") + 1], "w") as handle:
+            json.dump({"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__,
+                       "rows": ROWS}, handle, indent=1)
