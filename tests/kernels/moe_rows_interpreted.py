@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from kernels import moe_rows  # noqa: E402
 from shardgraph.ops.moe import GatedActivation  # noqa: E402
 from shardgraph.runtime import moe as moe_steps  # noqa: E402
+from tests.kernels import write_rows_where_asked  # noqa: E402
 
 OPS = torch.ops.shardgraph
 
@@ -258,7 +259,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    if "--out" in sys.argv:
-        with open(sys.argv[sys.argv.index("--out") + 1], "w") as handle:
-            json.dump({"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__,
-                       "rows": ROWS}, handle, indent=1)
+    write_rows_where_asked(ROWS, DEVICE)

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 from kernels import rms_norm  # noqa: E402
+from tests.kernels import write_rows_where_asked  # noqa: E402
 
 EPS = 1e-6
 ROWS = []  # every line printed, for --out
@@ -144,7 +145,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    if "--out" in sys.argv:
-        with open(sys.argv[sys.argv.index("--out") + 1], "w") as handle:
-            json.dump({"device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__,
-                       "rows": ROWS}, handle, indent=1)
+    write_rows_where_asked(ROWS, DEVICE)
