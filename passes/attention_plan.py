@@ -308,6 +308,14 @@ class _Walk:
             if split_dim == dim:
                 raise _Refused(f"{producer.name} splits the heads dim")
             return [(producer.args[0], dim)]
+        if producer.target is torch.ops.shardgraph.rms_norm.default and node.args[1] == 0:
+            # Per-head norms (Qwen3's q_norm/k_norm) reduce head_dim only: the weight, per feature
+            # of head_dim, is the same on every head. A norm over every head's features (OLMoE's)
+            # has its weight split with them; its mean of squares is then a sum over ranks, which
+            # the op cannot take (passes/decompose_split_norms.py writes it as aten ops).
+            if dim == len(source_shape) - 1:
+                return [(producer.args[0], dim), (producer.args[1], 0)]
+            return [(producer.args[0], dim)]
         if producer.target is aten.unbind.int:
             removed = _dim(producer.args[1] if len(producer.args) > 1 else 0, len(source_shape))
             return [(producer.args[0], dim + (dim >= removed))]

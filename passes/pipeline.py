@@ -1,5 +1,6 @@
 """The compile pipeline as a list of passes, each with the conditions it requires and ensures.
 
+    decompose_split_norms traced          -> traced          norms whose weight the plan splits as aten ops
     decompose_loss        traced          -> traced          mean losses as sum / count
     recompute             traced          -> traced          layers' activations recomputed in the backward (option)
     gather_parameters     traced          -> traced          zero=3: parameters gathered before their readers
@@ -53,6 +54,7 @@ from .cast_gradient_reductions import cast_gradient_reductions
 from .check_random_draws import check_random_draws
 from .cost import LinkModel
 from .decompose_loss import decompose_loss
+from .decompose_split_norms import decompose_split_norms
 from .donate_state import donate_state
 from .exact_partial_reductions import exact_partial_reductions
 from .fuse_wgrad_sgd import fuse_wgrad_sgd
@@ -200,6 +202,8 @@ def _propagate(gm: GraphModule, options: CompileOptions, compiled: Compiled) -> 
 
 
 PIPELINE: tuple[Pass, ...] = (
+    Pass("decompose_split_norms",
+         lambda gm, options, compiled: decompose_split_norms(gm, options.mesh, options.plan), (TRACED,), (TRACED,)),
     Pass("decompose_loss", lambda gm, options, compiled: decompose_loss(gm), (TRACED,), (TRACED,)),
     Pass("recompute", lambda gm, options, compiled: recompute(gm, options.recompute), (TRACED,), (TRACED,)),
     Pass("gather_parameters", lambda gm, options, compiled: gather_parameters(gm, options.zero,

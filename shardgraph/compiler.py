@@ -2,6 +2,7 @@
 
     traced   = trace(model, example_inputs, loss_fn)            # one forward+backward fx graph
     compiled = run_pipeline(traced.graph_module, options)       # passes/pipeline.py, in order:
+    #   decompose_split_norms norms whose weight the plan splits as aten ops
     #   decompose_loss        mean losses as sum / count
     #   recompute             activations recomputed in the backward (option)
     #   gather_parameters     zero=3: parameters gathered before their readers

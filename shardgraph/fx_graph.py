@@ -21,7 +21,7 @@ from torch.fx.node import map_arg
 from . import meta
 
 __all__ = ["ancestors", "descendants", "tensor_inputs", "map_tensor_inputs", "op_name", "output_node", "output_values", "is_getitem",
-           "call_nodes", "append_copy", "copy_graph", "copy_graph_module"]
+           "call_nodes", "append_copy", "copy_graph", "copy_graph_module", "inline_aten_form"]
 
 
 def _is_tensor_node(node: Node) -> bool:
@@ -156,3 +156,54 @@ def descendants(starts: Iterable[Node]) -> set[Node]:
             pending.extend(node.users)
     return found
 
+
+
+def inline_aten_form(graph: Graph, node: Node, form: Callable) -> None:
+    """Replace ``node`` (a call) by the aten ops ``form`` runs on the node's arguments.
+
+    ``form`` takes the node's arguments (tensors where the node reads graph values, the rest as
+    they are) and returns what the node returns. It is traced with ``make_fx`` on the recorded
+    fake values, and its ops are written into ``graph`` just before ``node``, each with its own
+    recorded value and ``node``'s source location and phase. A node returning a tuple is read
+    through ``getitem`` nodes: each is replaced by the matching output (and keeps the gradient
+    mark it had). ``node`` and those ``getitem`` nodes are erased."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    inputs = tensor_inputs(node)
+    values = [meta.value(n) for n in inputs]
+    position = {n: i for i, n in enumerate(inputs)}
+
+    def call(*tensors):
+        return form(*map_arg(node.args, lambda n: tensors[position[n]]),
+                    **map_arg(node.kwargs, lambda n: tensors[position[n]]))
+
+    fake_mode = next((v.fake_mode for v in values if hasattr(v, "fake_mode")), None) or FakeTensorMode()
+    with fake_mode:
+        traced = make_fx(call, tracing_mode="fake")(*values)
+    env: dict[Node, Node] = {}
+    placeholders = iter(inputs)
+    with graph.inserting_before(node):
+        for inner in traced.graph.nodes:
+            if inner.op == "placeholder":
+                env[inner] = next(placeholders)
+            elif inner.op == "output":
+                results = map_arg(inner.args[0], env.__getitem__)
+            else:
+                copied = graph.node_copy(inner, env.__getitem__)
+                meta.copy_source_location(node, copied)
+                meta.set_value(copied, meta.value(inner))
+                env[inner] = copied
+    if isinstance(results, (tuple, list)):
+        for user in list(node.users):
+            if not is_getitem(user):
+                raise ValueError(f"inline_aten_form: {user.name} reads {node.name}'s tuple other than by getitem")
+            replacement = results[user.args[1]]
+            parameter = meta.gradient_of(user)
+            user.replace_all_uses_with(replacement)
+            if parameter is not None:
+                meta.set_gradient_of(replacement, parameter)
+            graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(results)
+    graph.erase_node(node)

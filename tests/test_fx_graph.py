@@ -1,4 +1,5 @@
-"""shardgraph.fx_graph: the graph copy passes rewrite is fx's deepcopy, node for node."""
+"""shardgraph.fx_graph: the graph copy passes rewrite is fx's deepcopy, node for node; an op is
+inlined as the aten ops of its form with values, source lines and gradient marks kept."""
 
 import copy
 
@@ -6,7 +7,8 @@ import torch
 
 import shardgraph as sg
 from examples.moe_model import shardgraph_entry
-from shardgraph.fx_graph import copy_graph, copy_graph_module
+from shardgraph import meta
+from shardgraph.fx_graph import copy_graph, copy_graph_module, inline_aten_form
 from tests.passes.test_layer_reuse import _argument, _target
 
 
@@ -46,3 +48,36 @@ def test_a_copied_module_is_rewritten_without_touching_the_original():
     assert _described(gm.graph) == before
     assert len(copied.graph.nodes) == len(gm.graph.nodes) + len(products)
     copied.graph.lint()
+
+
+def test_an_inlined_op_computes_the_same_and_keeps_values_source_lines_and_gradient_marks():
+    from shardgraph.ops.norm import _aten_backward, _aten_forward
+
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=4, seq_len=4)
+    traced = sg.trace(model, inputs, loss_fn)
+    gm = copy_graph_module(traced.graph_module)
+    forms = {torch.ops.shardgraph.rms_norm.default: _aten_forward,
+             torch.ops.shardgraph.rms_norm_backward.default: _aten_backward}
+    norms = [n for n in gm.graph.nodes if n.target in forms]
+    # Passes mark the node that is a parameter's gradient (here: a norm weight's, as getitem 1).
+    weight_gradients = [user for n in norms if n.target is torch.ops.shardgraph.rms_norm_backward.default
+                        for user in n.users if user.args[1] == 1]
+    marks = {f"weight {i}" for i in range(len(weight_gradients))}
+    for i, node in enumerate(weight_gradients):
+        meta.set_gradient_of(node, f"weight {i}")
+    assert norms and marks
+    lines = {meta.source_line(n) for n in norms}
+    before = {n.name for n in gm.graph.nodes}
+    for node in norms:
+        inline_aten_form(gm.graph, node, forms[node.target])
+    gm.graph.lint()
+    gm.recompile()
+    assert not any(n.target in forms for n in gm.graph.nodes)
+    added = [n for n in gm.graph.nodes if n.name not in before]
+    assert added and all(meta.has_value(n) for n in added)
+    assert {meta.source_line(n) for n in added} == lines
+    assert marks <= {meta.gradient_of(n) for n in gm.graph.nodes}
+
+    arguments = traced.arguments(model, *inputs)
+    for expected, got in zip(traced.graph_module(*arguments), gm(*arguments)):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -153,3 +153,37 @@ def test_mla_query_projection_is_colwise_with_or_without_its_low_rank_step(q_lor
     assert site.colwise == tuple(sorted((MLA_LAYER + "kv_b_proj.weight", MLA_LAYER + query)))
     assert site.rowwise == (MLA_LAYER + "o_proj.weight",)
     assert str(site.node.target) == "shardgraph.attention.default"
+
+
+def _norm_ops(graph_module) -> int:
+    return sum(n.target is torch.ops.shardgraph.rms_norm.default for n in graph_module.graph.nodes)
+
+
+def test_per_head_norms_traced_as_the_op_keep_the_attention_split_over_heads():
+    """Qwen3's q_norm/k_norm normalise head_dim only: the walk goes through the op to q_proj/k_proj."""
+    model = build("qwen3_moe")
+    traced = trace(model, (torch.randint(0, 64, (2, 8)),), lm_loss)
+    assert _norm_ops(traced.graph_module) > 0
+    sites = attention_sites(traced.graph_module, tp=2)
+    assert sites and all(site.planned for site in sites), [site.refused for site in sites]
+    assert "model.layers.0.self_attn.q_proj.weight" in sites[0].colwise
+
+
+def test_a_norm_over_every_heads_features_is_split_with_them_as_aten_ops_and_matches_eager():
+    """OLMoE's q_norm/k_norm normalise all heads' features together: their weights are split with
+    the heads and those norms (only those) become aten ops, whose mean of squares is summed over tp."""
+    model = build("olmoe")
+    batch = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(3))
+    traced = trace(model, (batch,), lm_loss)
+    norms = _norm_ops(traced.graph_module)
+    (site, *_) = attention_sites(traced.graph_module, tp=2)
+    assert site.planned, site.refused
+    assert {MLA_LAYER + "q_norm.weight", MLA_LAYER + "k_norm.weight"} <= set(site.colwise)
+
+    program = sg.compile(model, sg.MeshSpec.parse(MESH), (batch,), lm_loss)
+    assert program.parameter_sharding(MLA_LAYER + "q_norm.weight").placement("tp") == sg.Shard(0)
+    assert program.parameter_sharding(MLA_LAYER + "q_proj.weight").placement("tp") == sg.Shard(0)
+    layers = model.config.num_hidden_layers
+    assert _norm_ops(program.placed.graph_module) == norms - 2 * layers  # the layer norms keep the op
+    errors, _ = parity_errors(program, model, (batch,), lm_loss)
+    assert errors.within(TOLERANCE), errors

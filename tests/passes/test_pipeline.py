@@ -15,7 +15,7 @@ def _traced():
 
 
 def test_the_pipeline_lists_every_pass_in_order():
-    assert [p.name for p in PIPELINE] == ["decompose_loss", "recompute", "gather_parameters", "pad_parameters", "propagate",
+    assert [p.name for p in PIPELINE] == ["decompose_split_norms", "decompose_loss", "recompute", "gather_parameters", "pad_parameters", "propagate",
                                          "check_random_draws", "add_communicator", "lower_redistribute", "exact_partial_reductions",
                                          "lower_localize", "lower_moe", "fuse_linear_cross_entropy",
                                          "bucket_gradient_sync", "cast_gradient_reductions", "schedule_gradient_sync",
@@ -45,7 +45,7 @@ def test_an_unlabelled_graph_is_refused_before_any_pass_runs():
 
     plain = torch.fx.GraphModule(gm, torch.fx.Graph())
     plain.graph.output(plain.graph.placeholder("x"))
-    with pytest.raises(PassContractError, match="pass decompose_loss requires 'traced"):
+    with pytest.raises(PassContractError, match="pass decompose_split_norms requires 'traced"):
         run_pipeline(plain, CompileOptions(sg.MeshSpec(1)))
 
 
