@@ -50,6 +50,7 @@ import sys
 
 import torch
 
+from . import rounding
 from .caches import ROW_DTYPES, interpreter_guard, interpreting, triton_takes_rows, switched
 
 __all__ = ["gather_rows", "gather_sum", "combine_backward", "swiglu", "swiglu_backward", "runs", "use_row_kernels",
@@ -99,13 +100,14 @@ _kernels = None
 # The SwiGLU kernels' helpers and the libdevice module they call: module globals, where Triton
 # looks up the functions a kernel calls.
 _rounded = None
+_round_to = None
 _one_plus_exp_negated = None
 _libdevice = None
 
 
 def _build():
     """The kernels, defined on first use so that importing this module needs no Triton."""
-    global _kernels, _rounded, _one_plus_exp_negated, _libdevice
+    global _kernels, _rounded, _round_to, _one_plus_exp_negated, _libdevice
     if _kernels is not None:
         return _kernels
     import triton
@@ -175,17 +177,12 @@ def _build():
     if not interpreting():
         from triton.language.extra import libdevice as _libdevice
 
+    _round_to = rounding.round_to()
+
     @triton.jit
     def rounded(value, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
-        # ``value`` rounded to ``dtype`` (as the aten op that computed it rounds its result), held in
-        # float32. The interpreter truncates float32 -> bfloat16 where a GPU (and torch) rounds to
-        # nearest even; rounding the float32 bits first makes the truncation exact, so interpreted
-        # runs round as compiled ones (kernels/rms_norm.py does the same).
-        if EMULATE_RTNE and dtype == tl.bfloat16:
-            bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            value = bits.to(tl.float32, bitcast=True)
-        return value.to(dtype).to(tl.float32)
+        # ``value`` rounded to ``dtype`` (as the aten op that computed it rounds its result), held in float32.
+        return _round_to(value, dtype, EMULATE_RTNE).to(tl.float32)
 
     @triton.jit
     def one_plus_exp_negated(x, PRECISE_EXP: tl.constexpr):

@@ -34,6 +34,7 @@ import sys
 
 import torch
 
+from . import rounding
 from .caches import ROW_DTYPES, interpreter_guard, interpreting, switched
 
 __all__ = ["forward", "backward", "reference_forward", "reference_backward", "runs", "use_triton", "TRITON_ENABLED"]
@@ -110,7 +111,8 @@ def reference_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Te
 # ----------------------------------------------------------------------------------------------
 
 _kernels = None
-# The kernels' rounding helper: a module global, where Triton looks up the functions a kernel calls.
+# The kernels' rounding helper (kernels/rounding.py): a module global, where Triton looks up the
+# functions a kernel calls.
 _round_to = None
 
 
@@ -122,18 +124,7 @@ def _build():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def round_to(value, dtype: tl.constexpr, EMULATE_RTNE: tl.constexpr):
-        # The interpreter truncates float32 -> bfloat16 where a GPU (and torch) rounds to nearest
-        # even; rounding the float32 bits first makes the truncation exact, so interpreted runs round
-        # as compiled ones. (NaN payloads may come out as infinities: the tests have none.)
-        if EMULATE_RTNE and dtype == tl.bfloat16:
-            bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            value = bits.to(tl.float32, bitcast=True)
-        return value.to(dtype)
-
-    _round_to = round_to
+    _round_to = rounding.round_to()
 
     @triton.jit
     def forward_kernel(x, weight, out, rstd, rows, width, x_stride, out_stride, eps, BLOCK_ROWS: tl.constexpr,

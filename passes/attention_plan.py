@@ -13,8 +13,8 @@ and it is independent per head, so splitting heads over tp needs no communicatio
 
 Walking back from query, key and value, the walk keeps one question: "is this value split over
 tp on dim ``d`` the same as the operand split on heads?" It answers it through views, reshapes,
-transposes, permutes, copies and casts; through rotary embedding (pointwise ops with
-``cos``/``sin``, the slices, splits and concatenations of head_dim); through per-head norms
+transposes, permutes, copies and casts; through rotary embedding (the ``shardgraph.rotary`` op, or
+pointwise ops with ``cos``/``sin``, the slices, splits and concatenations of head_dim); through per-head norms
 (Qwen3's q_norm/k_norm reduce head_dim only; a factor that is the same on every head, like the
 ``rsqrt`` of a norm over all heads' features, is not followed, and that norm's weight is split
 with the features it scales); through GQA's ``repeat_kv`` (``expand`` then
@@ -254,6 +254,12 @@ class _Walk:
             if inner in reduced:
                 raise _Refused(f"{node.name} reduces the heads dim")
             return [(args[0], inner)]
+        if target is torch.ops.shardgraph.rotary.default:
+            # Rotary embedding mixes the halves of the last dim only: heads map through it, the
+            # cos/sin tables (broadcast over heads) are not followed.
+            if dim == len(shape) - 1:
+                raise _Refused(f"{node.name} rotates the heads dim")
+            return self._aligned(node, dim, shape, [a for a in args if isinstance(a, Node)])
         if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
             return self._aligned(node, dim, shape, [a for a in args if isinstance(a, Node)])
         raise _Refused(f"{node.name} ({target}) is not an op the walk follows")

@@ -22,7 +22,7 @@ from torch.fx import GraphModule
 
 from . import meta
 from .mesh import MeshSpec
-from .ops import norm as norm_ops
+from .ops.aten_forms import as_aten_ops
 from .meta import InputKind
 from .placement import Padding, Sharding, local_shape, shard, unshard
 from .runtime.guards import (
@@ -329,7 +329,7 @@ class ShardedProgram:
             return self.graph_module
         if compile not in self._compiled_graphs:
             compiled = torch.compile(
-                norm_ops.as_aten_ops(self.graph_module), dynamic=False,
+                as_aten_ops(self.graph_module), dynamic=False,
                 mode="reduce-overhead" if compile == "cudagraph" else None)
             self._compiled_graphs[compile] = _tracing_host_values(compiled) if self.mesh.world > 1 else compiled
         return self._compiled_graphs[compile]

@@ -163,4 +163,4 @@ def rule_for(target) -> RegisteredRule | None:
 
 
 # Import the families so their @register calls run.
-from . import attention, factory, matmul, moe, pointwise, reduction, shape, embedding, loss, index, convolution, gather, random_draws, norm  # noqa: E402,F401,E501
+from . import attention, factory, matmul, moe, pointwise, reduction, shape, embedding, loss, index, convolution, gather, random_draws, norm, rotary  # noqa: E402,F401,E501

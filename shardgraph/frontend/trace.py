@@ -47,7 +47,8 @@ models given no position ids trace without a mask, as they run eagerly: see
 ``positions_not_packed``. HF models (wrapped or not) run with ``use_cache=False`` (a training
 step keeps no KV cache), recognised expert modules run through their adapters
 (``adapters.py``), and RMSNorm modules whose forward computes ``shardgraph.rms_norm`` run as that
-op (``norms.py``; one node each way instead of about twenty aten ops). A small decomposition table (``DECOMPOSITIONS``) rewrites a few composite ops
+op (``norms.py``; one node each way instead of about twenty aten ops), and rotary embedding
+written as ``x * cos + rotate_half(x) * sin`` runs as ``shardgraph.rotary`` (``rotary.py``). A small decomposition table (``DECOMPOSITIONS``) rewrites a few composite ops
 (layer norm, ``logsumexp``, ``baddbmm``, vector norms, ...) into the ops listed in
 ``docs/frontend.md``.
 """
@@ -80,6 +81,7 @@ from ..fx_graph import append_copy
 from ..meta import GraphInput, InputKind, OutputRole, Phase
 from .adapters import adapters_installed
 from .norms import norms_installed
+from .rotary import rotary_recognised
 from .context import (FLOW, AttentionRouting, LayerMarks, ModuleTracker, collection_paused, positions_not_packed,
                       without_kv_cache)
 from .errors import AdapterError, TraceError
@@ -695,7 +697,8 @@ def _traced_joint_graph(model, step: _Step, parameters, buffers, example_inputs,
         # A lazily compiled module: the passes that follow rewrite the graph, so Python code
         # written now would be thrown away; it is written when the module is first run or read.
         with adapters_installed(model) as expert_modules, norms_installed(model), without_kv_cache(model), \
-                positions_not_packed(), torch.enable_grad(), _use_lazy_graph_module(True), collection_paused():
+                positions_not_packed(), torch.enable_grad(), _use_lazy_graph_module(True), collection_paused(), \
+                rotary_recognised():
             gm = make_fx(step, tracing_mode="fake", decomposition_table=DECOMPOSITIONS, record_module_stack=True,
                          record_stack_traces=True)(*arguments)
     except AdapterError:

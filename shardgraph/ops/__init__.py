@@ -11,8 +11,10 @@ from .moe import (
     moe_experts_backward,
     moe_experts_reference,
 )
+from .aten_forms import as_aten_ops
 from .norm import rms_norm, rms_norm_backward
 from .random import random_draw, random_state
+from .rotary import rotary, rotary_backward
 
 __all__ = [
     "attention",
@@ -25,8 +27,11 @@ __all__ = [
     "moe_experts",
     "moe_experts_backward",
     "moe_experts_reference",
+    "as_aten_ops",
     "rms_norm",
     "rms_norm_backward",
     "random_draw",
     "random_state",
+    "rotary",
+    "rotary_backward",
 ]

@@ -17,7 +17,7 @@ Written as aten ops, the forward is eight elementwise and reduction kernels (ove
 of 16-bit input) and the backward about fifteen: after the matrix products, the largest share of
 an unfused program's memory traffic (17 norms a step at 4 layers of Qwen3-30B-A3B, each over 8192
 rows of 2048 or 32 x 128 features). As one op it is one kernel each way on a GPU
-(``kernels/rms_norm.py``, for ``upcast`` or float32 input), keeps only ``rstd`` (one value per
+(``kernels/rms_norm.py``, for ``upcast`` or float32 input; the aten form under ``torch.compile``), keeps only ``rstd`` (one value per
 row) for the backward, and has one placement rule (``passes/rules/norm.py``): rows are
 independent, features are not.
 
@@ -33,7 +33,7 @@ import torch
 
 from kernels import rms_norm as rms_norm_kernels
 
-__all__ = ["rms_norm", "rms_norm_backward", "statistics_dtype", "as_aten_ops"]
+__all__ = ["rms_norm", "rms_norm_backward", "statistics_dtype", "ATEN_FORMS"]
 
 
 def _check(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -130,32 +130,22 @@ rms_norm.register_autograd(_autograd_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- under a compiler
 def _aten_forward(x, weight, eps, upcast):
     if upcast:
-        return rms_norm_kernels.reference_forward(x, weight, eps)
-    return _native_forward(x, weight, eps, kernels=False)
+        out, rstd = rms_norm_kernels.reference_forward(x, weight, eps)
+    else:
+        out, rstd = _native_forward(x, weight, eps, kernels=False)
+    # Contiguous as the op's outputs: the trace recorded the views after it against that layout
+    # (a transposed incoming gradient would otherwise give a gradient a later view cannot read).
+    return out.contiguous(), rstd.contiguous()
 
 
 def _aten_backward(grad_out, x, weight, rstd, upcast):
     if upcast:
-        return rms_norm_kernels.reference_backward(grad_out, x, weight, rstd)
-    return _native_backward(grad_out, x, weight, rstd, kernels=False)
+        grad_x, grad_weight = rms_norm_kernels.reference_backward(grad_out, x, weight, rstd)
+    else:
+        grad_x, grad_weight = _native_backward(grad_out, x, weight, rstd, kernels=False)
+    return grad_x.contiguous(), grad_weight.contiguous()
 
 
-def as_aten_ops(gm):
-    """A copy of ``gm`` whose ``rms_norm`` nodes call their aten form, for ``torch.compile``.
-
-    Inductor fuses the aten form with its neighbours (the residual add before a norm, the casts
-    around it) and launches it from its own generated code, where the op would stay opaque and
-    cost a Python call per launch: on the H100 the Qwen3-MoE step under inductor measured 71.2 ms
-    with the aten form against 73.9 with the op (``docs/performance.md``). Unfused, the op wins."""
-    from ..fx_graph import copy_graph_module
-
-    targets = {torch.ops.shardgraph.rms_norm.default: _aten_forward,
-               torch.ops.shardgraph.rms_norm_backward.default: _aten_backward}
-    if not any(node.target in targets for node in gm.graph.nodes):
-        return gm
-    copied = copy_graph_module(gm)
-    for node in copied.graph.nodes:
-        if node.op == "call_function" and node.target in targets:
-            node.target = targets[node.target]
-    copied.recompile()
-    return copied
+# The aten form of each node, for a graph run under torch.compile (``shardgraph.ops.as_aten_ops``).
+ATEN_FORMS = {torch.ops.shardgraph.rms_norm.default: _aten_forward,
+              torch.ops.shardgraph.rms_norm_backward.default: _aten_backward}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shardgraph as sg
-from shardgraph.ops.norm import as_aten_ops, rms_norm
+from shardgraph.ops import as_aten_ops, rms_norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from examples.moe_model import shardgraph_entry  # noqa: E402

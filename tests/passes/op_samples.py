@@ -328,6 +328,17 @@ def _norms(m: _Maker) -> list[Sample]:
     return found
 
 
+def _rotary(m: _Maker) -> list[Sample]:
+    """``shardgraph.rotary`` and its backward: ``[batch, heads, seq, dim]`` with tables broadcast
+    over heads (HF's), and tables of the input's own shape."""
+    rotary, backward = torch.ops.shardgraph.rotary.default, torch.ops.shardgraph.rotary_backward.default
+    found = []
+    for x, table in ((m.f(4, 2, 8, 8), (4, 1, 8, 8)), (m.f(8, 4, 16), (8, 4, 16))):
+        cos, sin = m.f(*table), m.f(*table)
+        found += [Sample(rotary, (x, cos, sin)), Sample(backward, (m.f(*x.shape), cos, sin))]
+    return found
+
+
 def _sequence_mixers(m: _Maker) -> list[Sample]:
     """Ops of state-space, short-convolution and linear-attention layers, LayerNorm's prims and
     complex rotary embeddings."""
@@ -385,4 +396,4 @@ def samples(seed: int = 0) -> list[Sample]:
     """Every sample, in a fixed order, from one seeded generator."""
     m = _Maker(seed)
     return [*_pointwise(m), *_factories(m), *_matmul(m), *_reductions(m), *_shapes(m), *_indexing(m), *_loss(m),
-            *_attention(m), *_norms(m), *_sequence_mixers(m), *_random_draws(m)]
+            *_attention(m), *_norms(m), *_rotary(m), *_sequence_mixers(m), *_random_draws(m)]

@@ -1,0 +1,91 @@
+"""``shardgraph::rotary``: rotary position embedding in its rotate-half form, forward and backward.
+
+    rotary(x, cos, sin)            = x * cos + cat(-x2, x1) * sin      (x1, x2: halves of the last dim)
+    rotary_backward(grad, cos, sin) = grad * cos + cat(s2, -s1)         (s = grad * sin)
+
+with ``cos`` and ``sin`` of ``x``'s dtype broadcast to ``x``'s shape. The backward needs no
+activation: it is linear in the gradient, with the same tables. The frontend traces the form as
+this op where a model computes it (``shardgraph/frontend/rotary.py``), so the program runs one
+node each way where the aten form runs about seven kernels forward and eight backward over the
+whole of ``q`` and ``k``. On a GPU each node is one Triton kernel (``kernels/rotary.py``, equal
+to the aten form bit for bit); elsewhere, or under ``torch.compile`` (``as_aten_ops``), the aten
+form runs. The placement rule is ``passes/rules/rotary.py``: every dim but the last is independent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import rotary as rotary_kernels
+
+__all__ = ["rotary", "rotary_backward", "ATEN_FORMS"]
+
+
+def _check(op: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"{op}: the last dim of the input {list(x.shape)} must be even (its halves rotate)")
+    if not (cos.dtype == sin.dtype == x.dtype) or not x.dtype.is_floating_point:
+        raise ValueError(f"{op}: input, cos and sin must share one floating dtype, got {x.dtype}, {cos.dtype}, "
+                         f"{sin.dtype}")
+    try:
+        shape = torch.broadcast_shapes(x.shape, cos.shape, sin.shape)
+    except RuntimeError:
+        shape = None
+    if shape != x.shape:
+        raise ValueError(f"{op}: cos {list(cos.shape)} and sin {list(sin.shape)} must broadcast to the input's "
+                         f"shape {list(x.shape)}")
+
+
+@torch.library.custom_op("shardgraph::rotary", mutates_args=())
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    _check("shardgraph.rotary", x, cos, sin)
+    if rotary_kernels.runs(x, cos, sin):
+        return rotary_kernels.forward(x, cos, sin)
+    return rotary_kernels.reference_forward(x, cos, sin).contiguous()
+
+
+@rotary.register_fake
+def _(x, cos, sin):
+    _check("shardgraph.rotary", x, cos, sin)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("shardgraph::rotary_backward", mutates_args=())
+def rotary_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    _check("shardgraph.rotary_backward", grad, cos, sin)
+    if rotary_kernels.runs(grad, cos, sin):
+        return rotary_kernels.backward(grad, cos, sin)
+    return rotary_kernels.reference_backward(grad, cos, sin).contiguous()
+
+
+@rotary_backward.register_fake
+def _(grad, cos, sin):
+    _check("shardgraph.rotary_backward", grad, cos, sin)
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    _x, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _autograd_backward(ctx, grad):
+    # The frontend forms the op only for tables that take no gradient.
+    cos, sin = ctx.saved_tensors
+    return torch.ops.shardgraph.rotary_backward(grad, cos, sin), None, None
+
+
+rotary.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+def _aten_forward(x, cos, sin):
+    # Contiguous as the op's output: the trace recorded the views after it against that layout.
+    return rotary_kernels.reference_forward(x, cos, sin).contiguous()
+
+
+def _aten_backward(grad, cos, sin):
+    return rotary_kernels.reference_backward(grad, cos, sin).contiguous()
+
+
+# The aten form of each node, for a graph run under torch.compile (``shardgraph.ops.as_aten_ops``).
+ATEN_FORMS = {torch.ops.shardgraph.rotary.default: _aten_forward,
+              torch.ops.shardgraph.rotary_backward.default: _aten_backward}
