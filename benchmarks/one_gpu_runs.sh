@@ -6,6 +6,8 @@
 #                 run them interpreted)
 #   rms_norm_check, rms_norm  the RMSNorm kernels the same way; then the op's forward + backward
 #                 against HF's module eager and under torch.compile
+#   rotary_check  the rotary embedding kernels against the aten form, bit for bit, and both timed
+#                 at Qwen3-30B-A3B's q and k
 #   wgrad_sgd     the grouped wgrad with the SGD step in its epilogue against the wgrad and then
 #                 the step, at Qwen3-30B-A3B's and a Mixtral-like expert shape (agreement first)
 #   grouped_gemm  ours (the timed schedule callers get), the Triton kernels alone and
@@ -16,7 +18,8 @@
 #                 profiled), HF's block eager and compiled, and its grouped GEMMs alone (the ceiling)
 #   train_step    HF Qwen3-MoE's train step (eager, torch.compile) against the program (plain and
 #                 under inductor; SGD outside it, and inside it with the expert steps fused into
-#                 their wgrad and without, the plain program with its norms as aten ops; both SGD
+#                 their wgrad and without, the plain program with its norms or its rotary
+#                 embedding as aten ops; both SGD
 #                 programs profiled), the issue's
 #                 4 layers x 2 x 4096
 #   fused_loss    the fused output projection + loss alone against the unfused ops, at the
@@ -39,7 +42,7 @@ while [ $# -gt 0 ]; do
         --dry-run) dry_run=1 ;;
         --runs) only="$2"; shift ;;
         --runs=*) only="${1#--runs=}" ;;
-        -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "one_gpu_runs.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -54,10 +57,11 @@ runs=(
     "moe_rows|../tests/kernels/moe_rows_interpreted.py|--device cuda"
     "rms_norm_check|../tests/kernels/rms_norm_interpreted.py|--device cuda"
     "rms_norm|rms_norm.py|"
+    "rotary_check|../tests/kernels/rotary_interpreted.py|--device cuda"
     "wgrad_sgd|wgrad_sgd.py|"
     "grouped_gemm|grouped_gemm.py|--shapes large --distributions 8x2048 --rounds 3"
     "moe_block|moe_block.py|--shapes qwen3_30b_a3b --tokens 8192 --routing balanced --columns ours,ours_inductor,ours_aten_rows,ours_aten_rows_inductor,hf,hf_compiled,grouped_gemm_only --skip-check --profile ours_inductor,ours_aten_rows_inductor"
-    "train_step|train_step.py|--models qwen3_moe --variants eager,torch_compile,shardgraph,shardgraph_compile,shardgraph_sgd,shardgraph_sgd_compile,shardgraph_sgd_compile_unfused,shardgraph_sgd_aten_norms --steps 10 --profile --profile-variants shardgraph_sgd,shardgraph_sgd_compile"
+    "train_step|train_step.py|--models qwen3_moe --variants eager,torch_compile,shardgraph,shardgraph_compile,shardgraph_sgd,shardgraph_sgd_compile,shardgraph_sgd_compile_unfused,shardgraph_sgd_aten_norms,shardgraph_sgd_aten_rotary --steps 10 --profile --profile-variants shardgraph_sgd,shardgraph_sgd_compile"
     "fused_loss|fused_loss.py|--skip-train --budgets-mib 512 1024"
     "predict|train_step.py|--models ours --variants shardgraph_adamw_compile --steps 10 --predict"
 )

@@ -30,6 +30,8 @@ For each model, from the same seed and the same batch, time forward + backward +
                       with the model's RMSNorms traced as the aten ops their forward runs instead of
                       the ``shardgraph.rms_norm`` op (``shardgraph.frontend.norms``): what the
                       program ran before the op
+  shardgraph_sgd_aten_rotary  shardgraph_sgd with rotary embedding traced as the model's aten ops
+                      instead of the ``shardgraph.rotary`` op (``shardgraph.frontend.rotary``)
   shardgraph_compile_aten_rows  shardgraph_compile with the MoE row steps (dispatch gather, combine
                       and their gradients) as aten ops that inductor fuses, instead of the row
                       kernels (``kernels.moe_rows``): what the program ran before them
@@ -131,6 +133,7 @@ import shardgraph as sg  # noqa: E402
 from examples.moe_model import CONFIGS, MoETransformer, lm_loss  # noqa: E402
 from kernels import embedding_sgd, moe_rows  # noqa: E402
 from shardgraph.frontend.norms import norms_traced_as_ops  # noqa: E402
+from shardgraph.frontend.rotary import rotary_traced_as_op  # noqa: E402
 
 MODELS = ("ours", "mixtral", "qwen2_moe", "qwen3_moe")
 # AdamW steps: fp32 master weights and fp32 Adam state, computing in --dtype (see the docstring).
@@ -138,6 +141,7 @@ ADAMW_VARIANTS = ("eager_adamw", "torch_compile_adamw", "shardgraph_adamw", "sha
 VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph", "shardgraph", "shardgraph_compile",
             "shardgraph_cudagraph", "shardgraph_compile_aten_rows", "shardgraph_sgd", "shardgraph_sgd_compile",
             "shardgraph_sgd_compile_unfused", "shardgraph_sgd_aten_norms", "shardgraph_sgd_compile_aten_norms",
+            "shardgraph_sgd_aten_rotary",
             *ADAMW_VARIANTS, "eager_adamw_autocast")
 DEFAULT_VARIANTS = ("eager", "torch_compile", "shardgraph", "shardgraph_compile")
 VARIANT_ALIASES = {"shardgraph_compiled": "shardgraph_compile"}
@@ -149,11 +153,11 @@ MASTER_VARIANTS = ("eager_adamw", "torch_compile_adamw", "eager_adamw_autocast")
 PROGRAM_ADAMW_VARIANTS = ("shardgraph_adamw", "shardgraph_adamw_compile")  # AdamW in the program
 # SGD in the program, the new weights written in place (the expert weights' steps in their wgrad)
 PROGRAM_SGD_VARIANTS = ("shardgraph_sgd", "shardgraph_sgd_compile", "shardgraph_sgd_compile_unfused",
-                        "shardgraph_sgd_aten_norms", "shardgraph_sgd_compile_aten_norms")
+                        "shardgraph_sgd_aten_norms", "shardgraph_sgd_compile_aten_norms", "shardgraph_sgd_aten_rotary")
 PROGRAM_STATE_VARIANTS = PROGRAM_ADAMW_VARIANTS + PROGRAM_SGD_VARIANTS
 FP32_MODEL_VARIANTS = MASTER_VARIANTS + PROGRAM_ADAMW_VARIANTS  # built in float32: master weights
 NO_TORCH_COMPILE = ("eager", "shardgraph", "eager_adamw", "eager_adamw_autocast", "shardgraph_adamw", "shardgraph_sgd",
-                    "shardgraph_sgd_aten_norms")
+                    "shardgraph_sgd_aten_norms", "shardgraph_sgd_aten_rotary")
 LEARNING_RATE = 1e-3  # SGD
 # AdamW, the same in every AdamW variant: torch's default betas / eps, decoupled decay on every
 # parameter, the global gradient norm clipped to 1.0 before the update (clip_grad_norm_).
@@ -312,7 +316,8 @@ class Runner:
             self._init_master_weights(model, compile_mode, compile_backend)
             return
         started = time.perf_counter()
-        with norms_traced_as_ops(not variant.endswith("_aten_norms")):
+        with norms_traced_as_ops(not variant.endswith("_aten_norms")), \
+                rotary_traced_as_op(not variant.endswith("_aten_rotary")):
             self._compile_program(variant, model, loss_fn)
         self.compile_s = time.perf_counter() - started
         self.comm_users = comm_users(self.program)
@@ -650,6 +655,8 @@ def run_variant(name, variant, args, device, dtype, batch) -> dict:
             row["comm_users"] = runner.comm_users
             row["rms_norm_ops"] = sum(node.target == torch.ops.shardgraph.rms_norm.default
                                       for node in runner.program.graph_module.graph.nodes)
+            row["rotary_ops"] = sum(node.target == torch.ops.shardgraph.rotary.default
+                                    for node in runner.program.graph_module.graph.nodes)
         synchronize(device)
         started = time.perf_counter()
         row["first_loss"] = runner.step().float().item()

@@ -52,14 +52,18 @@ def test_every_variant_runs_and_one_shardgraph_sgd_step_equals_eager(tmp_path, c
     assert "shardgraph_compile" in table and "x eager" in table
 
 
-def test_norms_run_as_the_op_or_as_aten_ops_and_both_programs_take_eagers_step(tmp_path):
+def test_norms_and_rotary_run_as_ops_or_as_aten_ops_and_every_program_takes_eagers_step(tmp_path):
     result = load().main(TINY + ["--models", "qwen3_moe", "--variants",
-                                 "eager,shardgraph_sgd,shardgraph_sgd_aten_norms", "--out", str(tmp_path / "n.json")])
+                                 "eager,shardgraph_sgd,shardgraph_sgd_aten_norms,shardgraph_sgd_aten_rotary",
+                                 "--out", str(tmp_path / "n.json")])
     rows = {row["variant"]: row for row in result["rows"]}
-    # One layer of Qwen3-MoE: input, post-attention, query and key norms, and the final norm.
-    assert rows["shardgraph_sgd"]["rms_norm_ops"] == 5
+    # One layer of Qwen3-MoE: input, post-attention, query and key norms, and the final norm;
+    # rotary embedding of its query and key.
+    assert rows["shardgraph_sgd"]["rms_norm_ops"] == 5 and rows["shardgraph_sgd"]["rotary_ops"] == 2
     assert rows["shardgraph_sgd_aten_norms"]["rms_norm_ops"] == 0
-    for variant in ("shardgraph_sgd", "shardgraph_sgd_aten_norms"):
+    assert rows["shardgraph_sgd_aten_rotary"]["rotary_ops"] == 0
+    assert rows["shardgraph_sgd_aten_rotary"]["rms_norm_ops"] == 5
+    for variant in ("shardgraph_sgd", "shardgraph_sgd_aten_norms", "shardgraph_sgd_aten_rotary"):
         assert rows[variant]["first_loss_rel_diff_vs_eager"] < 1e-5, rows[variant]
         assert rows[variant]["last_loss_rel_diff_vs_eager"] < 1e-5, rows[variant]
 
