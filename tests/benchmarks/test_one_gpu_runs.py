@@ -29,7 +29,7 @@ def test_a_dry_run_lists_every_run_with_its_json_under_out_and_arguments_its_scr
 
     commands = dry_run()
     names = [script_arguments(c)[0] for c in commands]
-    assert names == ["moe_rows_interpreted.py", "rms_norm_interpreted.py", "rms_norm.py", "wgrad_sgd.py", "grouped_gemm.py", "moe_block.py", "train_step.py",
+    assert names == ["moe_rows_interpreted.py", "rms_norm_interpreted.py", "rms_norm.py", "rotary_interpreted.py", "wgrad_sgd.py", "grouped_gemm.py", "moe_block.py", "train_step.py",
                      "fused_loss.py", "train_step.py"]
     for command in commands:
         script, arguments = script_arguments(command)
@@ -53,7 +53,7 @@ def test_a_dry_run_lists_every_run_with_its_json_under_out_and_arguments_its_scr
             import rms_norm
 
             assert rms_norm.parse_args(arguments).device == "cuda"
-        elif script in ("moe_rows_interpreted.py", "rms_norm_interpreted.py"):
+        elif script in ("moe_rows_interpreted.py", "rms_norm_interpreted.py", "rotary_interpreted.py"):
             # The kernel checks compiled for the GPU (the tests run the same script interpreted).
             assert arguments[:2] == ["--device", "cuda"]
         else:
