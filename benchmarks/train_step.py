@@ -26,6 +26,12 @@ For each model, from the same seed and the same batch, time forward + backward +
   shardgraph_sgd_compile  the same under ``train_step(..., compile="inductor")``;
                       ``shardgraph_sgd_compile_unfused`` with ``fused_update=False`` (every update
                       an elementwise step that inductor fuses)
+  shardgraph_sgd_cudagraph  shardgraph_sgd under ``train_step(..., compile="cuda_graph")``: the same plain
+                      program (no inductor) captured once as a CUDA graph and replayed each step, so the
+                      host's per-op launch time leaves the step. Its first step runs the program
+                      eagerly (the warm-up), the second captures it (``capture_step_s``, counted in
+                      ``compile_s``); both come before the timed steps whatever ``--warmup`` says.
+                      CUDA only: with ``--device cpu`` its row records the refusal
   shardgraph_sgd_aten_norms, shardgraph_sgd_compile_aten_norms  shardgraph_sgd and shardgraph_sgd_compile
                       with the model's RMSNorms traced as the aten ops their forward runs instead of
                       the ``shardgraph.rms_norm`` op (``shardgraph.frontend.norms``): what the
@@ -85,7 +91,8 @@ reserved, which shows a CUDA graph's pool; the parameters' bytes are their own c
 ``alloc_retries``, the allocations in the timed steps that had to empty the allocator's cache and
 retry, which stall the step near the card's memory limit), the first
 step's loss and its relative difference from eager's (same weights and batch: ~1e-2 or better in
-bf16), ``compile_s`` (shardgraph.compile's wall time, plus the first step where torch.compile works),
+bf16), ``compile_s`` (shardgraph.compile's wall time, plus the first step where torch.compile works, or
+the CUDA graph's capture step),
 host-device syncs in one step (``torch.cuda.set_sync_debug_mode("warn")``), dynamo's graph
 breaks, MFU (model FLOPs: 6 x active matmul parameters x tokens plus causal attention, over the
 median step, over 989 TFLOP/s, the dense bf16 peak of an H100 / H200 SXM), and the last step's loss
@@ -106,6 +113,7 @@ loss, every parameter after the SGD update, and the updates themselves.
     python benchmarks/train_step.py --device cpu --tiny --steps 2 --warmup 1
     python benchmarks/train_step.py --device cpu --tiny --dtype float32 --check --compile-backend aot_eager
     python benchmarks/train_step.py --models mixtral --variants adamw --steps 10   # one H100: AdamW rows
+    python benchmarks/train_step.py --models ours --variants shardgraph_sgd,shardgraph_sgd_cudagraph   # one H100
     python benchmarks/train_step.py --device cpu --tiny --steps 2 --warmup 1 --variants eager_adamw shardgraph_adamw
 """
 
@@ -140,7 +148,8 @@ MODELS = ("ours", "mixtral", "qwen2_moe", "qwen3_moe")
 ADAMW_VARIANTS = ("eager_adamw", "torch_compile_adamw", "shardgraph_adamw", "shardgraph_adamw_compile")
 VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph", "shardgraph", "shardgraph_compile",
             "shardgraph_cudagraph", "shardgraph_compile_aten_rows", "shardgraph_sgd", "shardgraph_sgd_compile",
-            "shardgraph_sgd_compile_unfused", "shardgraph_sgd_aten_norms", "shardgraph_sgd_compile_aten_norms",
+            "shardgraph_sgd_cudagraph", "shardgraph_sgd_compile_unfused", "shardgraph_sgd_aten_norms",
+            "shardgraph_sgd_compile_aten_norms",
             "shardgraph_sgd_aten_rotary",
             *ADAMW_VARIANTS, "eager_adamw_autocast")
 DEFAULT_VARIANTS = ("eager", "torch_compile", "shardgraph", "shardgraph_compile")
@@ -152,12 +161,15 @@ MODEL_VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph")  # SGD on
 MASTER_VARIANTS = ("eager_adamw", "torch_compile_adamw", "eager_adamw_autocast")  # torch.optim.AdamW
 PROGRAM_ADAMW_VARIANTS = ("shardgraph_adamw", "shardgraph_adamw_compile")  # AdamW in the program
 # SGD in the program, the new weights written in place (the expert weights' steps in their wgrad)
-PROGRAM_SGD_VARIANTS = ("shardgraph_sgd", "shardgraph_sgd_compile", "shardgraph_sgd_compile_unfused",
-                        "shardgraph_sgd_aten_norms", "shardgraph_sgd_compile_aten_norms", "shardgraph_sgd_aten_rotary")
+PROGRAM_SGD_VARIANTS = ("shardgraph_sgd", "shardgraph_sgd_compile", "shardgraph_sgd_cudagraph",
+                        "shardgraph_sgd_compile_unfused", "shardgraph_sgd_aten_norms",
+                        "shardgraph_sgd_compile_aten_norms", "shardgraph_sgd_aten_rotary")
 PROGRAM_STATE_VARIANTS = PROGRAM_ADAMW_VARIANTS + PROGRAM_SGD_VARIANTS
 FP32_MODEL_VARIANTS = MASTER_VARIANTS + PROGRAM_ADAMW_VARIANTS  # built in float32: master weights
 NO_TORCH_COMPILE = ("eager", "shardgraph", "eager_adamw", "eager_adamw_autocast", "shardgraph_adamw", "shardgraph_sgd",
-                    "shardgraph_sgd_aten_norms", "shardgraph_sgd_aten_rotary")
+                    "shardgraph_sgd_aten_norms", "shardgraph_sgd_aten_rotary", "shardgraph_sgd_cudagraph")
+# The plain program captured as a CUDA graph by train_step (no torch.compile): a CUDA device only.
+CUDA_GRAPH_STEP_VARIANTS = ("shardgraph_sgd_cudagraph",)
 LEARNING_RATE = 1e-3  # SGD
 # AdamW, the same in every AdamW variant: torch's default betas / eps, decoupled decay on every
 # parameter, the global gradient norm clipped to 1.0 before the update (clip_grad_norm_).
@@ -294,6 +306,13 @@ def comm_users(program) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- variants
+def train_step_compile(variant: str) -> str | None:
+    """``train_step``'s ``compile`` for a variant with the optimizer in the program."""
+    if variant in CUDA_GRAPH_STEP_VARIANTS:
+        return "cuda_graph"
+    return None if variant in NO_TORCH_COMPILE else "inductor"
+
+
 class Runner:
     """One variant of one model: ``step()`` runs forward, backward and the update (SGD or AdamW).
 
@@ -315,6 +334,10 @@ class Runner:
         if variant in MASTER_VARIANTS:
             self._init_master_weights(model, compile_mode, compile_backend)
             return
+        if variant in CUDA_GRAPH_STEP_VARIANTS and self.batch[0].device.type != "cuda":
+            # Before compiling: train_step would refuse the state's device only at the first step.
+            raise ValueError(f"{variant} replays the step as a CUDA graph (train_step(compile='cuda_graph')): it "
+                             f"needs --device cuda, not {self.batch[0].device.type}")
         started = time.perf_counter()
         with norms_traced_as_ops(not variant.endswith("_aten_norms")), \
                 rotary_traced_as_op(not variant.endswith("_aten_rotary")):
@@ -414,9 +437,9 @@ class Runner:
         if self.variant in MASTER_VARIANTS:
             return self._master_step()
         if self.variant in PROGRAM_STATE_VARIANTS:
-            compile = None if self.variant in NO_TORCH_COMPILE else "inductor"
             lr = ADAMW["lr"] if self.variant in PROGRAM_ADAMW_VARIANTS else LEARNING_RATE
-            loss, self.state, _ = self.program.train_step(self.state, self.batch, lr=lr, compile=compile)
+            loss, self.state, _ = self.program.train_step(self.state, self.batch, lr=lr,
+                                                          compile=train_step_compile(self.variant))
             return loss.detach()
         if self.compiled is None:
             loss, gradients = self.program.step(self.comm, self.parameters, self.batch, self.buffers)
@@ -667,7 +690,15 @@ def run_variant(name, variant, args, device, dtype, batch) -> dict:
         row["compile_s"] = ((runner.compile_s or 0.0) + (first_step_s if uses_torch_compile else 0.0)
                             if uses_torch_compile or runner.compile_s is not None else None)
         row["first_step_s"] = first_step_s
-        for _ in range(max(args.warmup - 1, 0)):
+        if variant in CUDA_GRAPH_STEP_VARIANTS:
+            # The first step warmed the program up eagerly; this one captures the CUDA graph (and
+            # replays it): a one-time cost like a compilation, kept out of the counted and timed steps.
+            started = time.perf_counter()
+            runner.step()
+            synchronize(device)
+            row["capture_step_s"] = time.perf_counter() - started
+            row["compile_s"] += row["capture_step_s"]
+        for _ in range(max(args.warmup - runner.steps_taken, 0)):
             runner.step()
         if uses_torch_compile:
             row["graph_breaks"] = graph_breaks()
@@ -920,7 +951,9 @@ def parse_args(argv=None):
         parser.add_argument(f"--{key}", type=int, default=None,
                             help=f"default {FULL_DEFAULTS[key]} ({TINY_DEFAULTS[key]} with --tiny)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=3, help="steps before timing (the first one compiles)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="steps before timing (the first one compiles; shardgraph_sgd_cudagraph takes at least "
+                             "two, the warm-up step and the capture)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

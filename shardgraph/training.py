@@ -19,10 +19,14 @@ In one process, ``init_states`` / ``simulate_train_step`` / ``gather_state`` do 
 every rank of the mesh in the simulator, from the global batch; ``gather_state`` rebuilds the
 full parameters and state (replicas checked bit-identical), for checkpoints and for loading the
 state into a program compiled for another mesh (``init_state(full_state, rank)``).
+
+``train_step(..., compile="cuda_graph")`` replays a world=1 step on a CUDA device as one captured
+CUDA graph, which removes the host's per-op launch time from the step.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -63,11 +67,34 @@ class TrainState:
                    int(state.get("step", 0)))
 
 
+@dataclass
+class _CapturedStep:
+    """A program's step as a CUDA graph on one device (``train_step(compile="cuda_graph")``).
+
+    ``graph`` is None from the warm-up step until the capture. ``batch`` holds the tensors the
+    graph reads the batch from; ``held`` what every argument was at the capture (``_signature``),
+    in ``_arguments`` order with None at the batch's positions; ``outputs`` the graph's outputs,
+    which every replay overwrites."""
+
+    device: torch.device
+    stream: torch.cuda.Stream
+    graph: torch.cuda.CUDAGraph | None = None
+    batch: list[torch.Tensor] = field(default_factory=list)
+    held: list = field(default_factory=list)
+    outputs: tuple = ()
+
+
+def _signature(tensor: torch.Tensor) -> tuple:
+    """What a captured graph relies on in a tensor it reads or writes in place: its memory and layout."""
+    return tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype
+
+
 class TrainingProgram(ShardedProgram):
     def __init__(self, traced, placed, lowered, mesh, donates_state: bool = False):
         super().__init__(traced, placed, lowered, mesh)
         self.donates_state = donates_state
         self._scalar_inputs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cuda_graph_replay: _CapturedStep | None = None
         self.optimizer = traced.optimizer
         self.clip_grad_norm = traced.clip_grad_norm
         self.state_slots = list(traced.state_slots)
@@ -250,12 +277,12 @@ class TrainingProgram(ShardedProgram):
         return float(value)
 
     def _graph(self, compile: str | None):
-        """The graph module a step runs: as lowered, or (``compile="inductor"``) under
-        ``torch.compile``, compiled once per program."""
-        if compile is None:
+        """The graph module a step runs: as lowered (also for ``compile="cuda_graph"``, which
+        captures it), or (``compile="inductor"``) under ``torch.compile``, compiled once per program."""
+        if compile is None or compile == "cuda_graph":
             return self.graph_module
         if compile != "inductor":
-            raise ValueError(f"train_step: compile must be None or 'inductor', got {compile!r}")
+            raise ValueError(f"train_step: compile must be None, 'inductor' or 'cuda_graph', got {compile!r}")
         # At world > 1 the collectives are torch's c10d ops on named groups, which dynamo traces
         # and inductor lowers like any other op.
         return self._graph_under(compile)
@@ -271,9 +298,22 @@ class TrainingProgram(ShardedProgram):
         ``state`` consumed: continue with the state it returns. ``compile="inductor"`` runs the
         step's graph under ``torch.compile`` (any world: the collectives are c10d ops): the update
         fuses into a few kernels. A model that draws random numbers needs ``seed`` (the same on
-        every rank; a new one each step for new noise): see ``ShardedProgram.step``."""
+        every rank; a new one each step for new noise): see ``ShardedProgram.step``.
+
+        ``compile="cuda_graph"`` runs the lowered graph as it is, captured as one CUDA graph and
+        replayed, so the host's time to launch each op leaves the step. It takes a world=1
+        program that donates its state (``donate_state=True``), draws no random numbers, and a
+        state and batch on one CUDA device; anything else is refused before any work. The first
+        call is an ordinary step (on the stream that captures later: Triton's autotuning and
+        cuBLAS's workspace happen there), the second captures the graph and replays it, and
+        every later call copies the batch into the graph's batch tensors and replays. A state
+        whose tensors are not those of the capture (another state, one loaded from a checkpoint,
+        buffers passed anew) is captured again, with a warning. The returned loss and gradient
+        norm are copies, so they stay valid after later steps."""
         lr = self._learning_rate(lr)
         graph = self._graph(compile)
+        if compile == "cuda_graph":
+            self._refuse_cuda_graph(state, batch)
         if communicator is None and self.mesh.world > 1:
             communicator = self._default_communicator(debug_enabled(None))
         rank = getattr(communicator, "rank", 0)
@@ -284,11 +324,142 @@ class TrainingProgram(ShardedProgram):
         if communicator is not None:
             self._check_first_step(communicator, state.parameters, buffers, check, debug_enabled(None))
         arguments = self._arguments(state, batch, buffers, self._scalars(state, lr, shared=True), seed)
-        outputs = graph(communicator, *arguments)
+        if compile == "cuda_graph":
+            outputs = self._replayed_step(state, communicator, arguments)
+        else:
+            outputs = graph(communicator, *arguments)
         self._consume(state)
         loss, new_state, metrics = self._result(state, outputs)
         metrics["lr"] = lr
         return loss, new_state, metrics
+
+    # ------------------------------------------------------------------ CUDA graph replay
+    def _refuse_cuda_graph(self, state: TrainState, batch: Sequence[torch.Tensor]) -> None:
+        """Why this step cannot run as a replayed CUDA graph, as a ``ValueError``; nothing if it can.
+        What is not a state or batch at all is left to ``train_step``'s own checks."""
+        where = "train_step(compile='cuda_graph')"
+        if self.mesh.world != 1:
+            raise ValueError(f"{where}: cuda_graph replays one device's step, and this program is for {self.mesh}; "
+                             f"a step at world>1 runs collectives (and with experts over ranks reads the "
+                             f"dispatch's split sizes on the host), which this mode does not capture: use "
+                             f"compile=None or 'inductor'")
+        if not self.donates_state:
+            raise ValueError(f"{where}: the program does not donate its state, so each step's new state is a "
+                             f"tensor of the graph's own memory that the next replay overwrites; compile it "
+                             f"with donate_state=True (the default of sg.compile)")
+        if self.takes_seed:
+            raise ValueError(f"{where}: the model draws random numbers, which the program draws on the host "
+                             f"from the seed; a replay would repeat the captured step's numbers every step. "
+                             f"Use compile=None or 'inductor'")
+        if not isinstance(state, TrainState) or not state.parameters:
+            return
+        device = next(iter(state.parameters.values())).device
+        if device.type != "cuda":
+            raise ValueError(f"{where}: the state is on {device}; a CUDA graph replays work on a CUDA device, "
+                             f"so the state (init_state of a model on the GPU) must be on one")
+        for name, tensor in zip(self.input_names, batch):
+            if isinstance(tensor, torch.Tensor) and tensor.device != device:
+                raise ValueError(f"{where}: batch input {name!r} is on {tensor.device} and the state on {device}; "
+                                 f"the graph reads its batch on the state's device")
+
+    def _batch_positions(self) -> range:
+        first = len(self.parameter_names) + len(self.buffer_names)
+        return range(first, first + len(self.input_names))
+
+    def _argument_labels(self) -> list[str]:
+        """What each of ``_arguments``'s tensors is, in its order, for messages."""
+        return ([f"parameter {n!r}" for n in self.parameter_names] + [f"buffer {n!r}" for n in self.buffer_names]
+                + [f"batch input {n!r}" for n in self.input_names]
+                + [f"optimizer state {n}:{slot}" for n, slot in self.state_slots]
+                + ["the learning rate", "the step number"])
+
+    def _replayed_step(self, state: TrainState, communicator, arguments: list) -> list:
+        """The step's outputs, through this program's CUDA graph (``train_step``'s
+        ``compile="cuda_graph"``). The first call on a device runs the graph eagerly on the
+        stream that captures it later: autotuning, timing a kernel's schedules and allocating
+        cuBLAS's workspace cannot happen inside a capture."""
+        device = arguments[0].device
+        record = self._cuda_graph_replay
+        if record is None or record.device != device:
+            record = self._cuda_graph_replay = _CapturedStep(device, torch.cuda.Stream(device))
+            record.stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(record.stream):
+                outputs = self.graph_module(communicator, *arguments)
+            torch.cuda.current_stream(device).wait_stream(record.stream)
+            return outputs
+        batch = self._batch_positions()
+        moved = self._moved_argument(record, arguments)
+        if record.graph is None or moved is not None:
+            if moved is not None:
+                warnings.warn(f"train_step(compile='cuda_graph'): {moved} is not the tensor the step was captured "
+                              f"with; capturing the step again (a state that keeps its tensors is replayed)",
+                              RuntimeWarning, stacklevel=3)
+            self._capture(record, state, communicator, arguments, batch)
+        else:
+            for static, given in zip(record.batch, arguments[batch.start:batch.stop]):
+                static.copy_(given)
+        # A capture runs nothing: this replay is the step, on the first call as on every later one.
+        record.graph.replay()
+        loss, *rest = record.outputs
+        # The next replay overwrites the graph's loss and norm in place: a caller that keeps the
+        # losses of several steps must hold values of its own (two 0-d copies a step).
+        return [loss.clone(), *rest[:-1], rest[-1].clone()]
+
+    def _moved_argument(self, record: _CapturedStep, arguments: list) -> str | None:
+        """The first argument other than the batch whose memory or layout is not the capture's, named; or None.
+
+        Recapturing is the choice for a state that moved (copying it into the captured tensors
+        would be the other): the captured kernels read and write fixed addresses, and a new
+        state that is then kept step after step costs one capture, where copying would cost a
+        pass over every weight and optimizer slot each time it differs."""
+        if record.graph is None:
+            return None
+        for position, (held, argument) in enumerate(zip(record.held, arguments)):
+            if held is not None and held != _signature(argument):
+                return self._argument_labels()[position]
+        return None
+
+    def _capture(self, record: _CapturedStep, state: TrainState, communicator, arguments: list, batch: range) -> None:
+        """Capture the step into ``record``: the batch into tensors of the record's own, every
+        other argument read (and the state written) where it is now."""
+        # The old graph's memory (its pool, the batch copies) goes before the new capture takes its own.
+        record.graph, record.outputs, record.batch, record.held = None, (), [], []
+        static = [arguments[i].clone() for i in batch]
+        captured = list(arguments)
+        captured[batch.start:batch.stop] = static
+        graph = torch.cuda.CUDAGraph()
+        caller_stream = torch.cuda.current_stream(record.device)
+        try:
+            # torch.cuda.graph synchronizes the device before it begins. thread_local: a capture
+            # must not fail the CUDA calls of other threads (a data loader pinning its batches).
+            with torch.cuda.graph(graph, stream=record.stream, capture_error_mode="thread_local"):
+                outputs = self.graph_module(communicator, *captured)
+        except Exception as error:
+            # torch.cuda.graph's exit stops at a failed capture_end, before it gives back the
+            # stream it made current: the caller's later work would run on the capture stream.
+            torch.cuda.set_stream(caller_stream)
+            raise RuntimeError(
+                f"train_step(compile='cuda_graph'): the step cannot be captured as a CUDA graph "
+                f"({type(error).__name__}: {error}); an op in it reads a value on the host or does work a capture "
+                f"cannot record (a host synchronisation, a copy from pageable memory). Use compile=None or "
+                f"'inductor'") from error
+        self._check_written_in_place(state, outputs)
+        record.graph, record.outputs, record.batch = graph, tuple(outputs), static
+        record.held = [None if i in batch else _signature(argument) for i, argument in enumerate(arguments)]
+
+    def _check_written_in_place(self, state: TrainState, outputs) -> None:
+        """Every new parameter and optimizer slot a captured step returns is the given tensor,
+        written in place (``passes/donate_state.py``, or None where a fused update wrote it)."""
+        count = len(self.trainable_names)
+        written = [(f"parameter {name!r}", state.parameters[name], value)
+                   for name, value in zip(self.trainable_names, outputs[1:1 + count])]
+        written += [(f"optimizer state {name}:{slot}", state.optimizer[name][slot], value)
+                    for (name, slot), value in zip(self.state_slots, outputs[1 + count:])]
+        for label, given, value in written:
+            if value is not None and value.data_ptr() != given.data_ptr():
+                raise RuntimeError(f"train_step(compile='cuda_graph'): the captured step returns {label} in a tensor "
+                                   f"of the graph's own memory, not written into the one it was given "
+                                   f"(passes/donate_state.py); the next replay would overwrite the state it returned")
 
     def simulate_train_step(self, states: Sequence[TrainState], batch: Sequence[torch.Tensor], lr: float | None = None,
                             buffers: Mapping[str, torch.Tensor] | None = None, seed: int | None = None):

@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import shardgraph as sg
 from examples.moe_model import shardgraph_entry
@@ -232,3 +234,95 @@ def test_a_bf16_training_step_keeps_fp32_master_weights_and_state():
     assert all(p.dtype == torch.float32 for p in full.parameters.values())
     assert all(v.dtype == torch.float32 for slots in full.optimizer.values() for v in slots.values())
     assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------------- compile="cuda_graph"
+# The replay itself needs a CUDA device; these check what is refused, and that a refusal comes
+# before any work: the state keeps its values, is not consumed, and steps as before.
+
+
+def _cuda_graph_program(mesh_text="world=1", donate_state=True):
+    model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=8, seq_len=8)
+    program = sg.compile(model, sg.MeshSpec.parse(mesh_text), inputs, loss_fn, optimizer=sg.optim.SGD(lr=0.1),
+                         donate_state=donate_state)
+    return model, inputs, program
+
+
+def _refused_before_any_work(program, state, inputs, words, **options):
+    before = {**{n: p.clone() for n, p in state.parameters.items()},
+              **{f"{n}:{s}": v.clone() for n, slots in state.optimizer.items() for s, v in slots.items()}}
+    with pytest.raises(ValueError, match=words):
+        program.train_step(state, inputs, compile="cuda_graph", **options)
+    after = {**state.parameters, **{f"{n}:{s}": v for n, slots in state.optimizer.items() for s, v in slots.items()}}
+    assert not state.donated and state.step == 0
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+    assert program._cuda_graph_replay is None
+
+
+def test_cuda_graph_refuses_a_state_that_is_not_on_a_cuda_device():
+    model, inputs, program = _cuda_graph_program()
+    state = program.init_state(model, 0)
+    _refused_before_any_work(program, state, inputs, r"the state is on cpu; a CUDA graph replays work on a CUDA device")
+    loss, state, _ = program.train_step(state, inputs)  # the state still steps
+    assert torch.isfinite(loss) and state.step == 1
+
+
+def test_cuda_graph_refuses_a_program_for_more_than_one_device():
+    # Refused before train_step makes its communicator, which would need torch.distributed.
+    model, inputs, program = _cuda_graph_program("world=2,tp=2")
+    state = program.init_state(model, 0)
+    _refused_before_any_work(program, state, program.local_batch(0, inputs),
+                             r"cuda_graph replays one device's step, and this program is for .*world=2")
+
+
+def test_cuda_graph_refuses_a_program_that_does_not_donate_its_state():
+    model, inputs, program = _cuda_graph_program(donate_state=False)
+    _refused_before_any_work(program, program.init_state(model, 0), inputs,
+                             r"does not donate its state.*donate_state=True")
+
+
+class _NoisyHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 16)
+        self.head = nn.Linear(16, 64, bias=False)
+
+    def forward(self, ids):
+        hidden = self.embed(ids)
+        return self.head(hidden * torch.rand_like(hidden))
+
+
+def test_cuda_graph_refuses_a_model_that_draws_random_numbers():
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    model = _NoisyHead()
+    program = sg.compile(model, sg.MeshSpec(world=1), (ids,),
+                         lambda out, ids: F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten()),
+                         optimizer=sg.optim.SGD(lr=0.1))
+    assert program.takes_seed
+    _refused_before_any_work(program, program.init_state(model, 0), (ids,), r"draws random numbers.*repeat",
+                             seed=1)
+
+
+def test_an_unknown_compile_mode_is_refused_naming_the_modes():
+    model, inputs, program = _cuda_graph_program()
+    with pytest.raises(ValueError, match=r"None, 'inductor' or 'cuda_graph', got 'cudagraph'"):
+        program.train_step(program.init_state(model, 0), inputs, compile="cudagraph")
+
+
+def test_the_replay_names_every_argument_and_refuses_a_new_state_not_written_in_place():
+    # What the replay checks on a CUDA device, run here on the CPU graph's own outputs: a
+    # donating step returns the tensors it was given; one that does not, tensors of its own,
+    # which under replay would be the graph's memory.
+    model, inputs, program = _cuda_graph_program()
+    state = program.init_state(model, 0)
+    arguments = program._arguments(state, inputs, program._rank_buffers(0, None), program._scalars(state, 0.1, True))
+    labels = program._argument_labels()
+    assert len(labels) == len(arguments)
+    assert [labels[i] for i in program._batch_positions()] == ["batch input 'input_ids'"]
+    assert labels[0] == f"parameter {program.parameter_names[0]!r}" and labels[-1] == "the step number"
+    program._check_written_in_place(state, program.graph_module(None, *arguments))
+    _, _, keeping = _cuda_graph_program(donate_state=False)
+    kept = keeping.init_state(model, 0)
+    outputs = keeping.graph_module(None, *keeping._arguments(kept, inputs, {}, keeping._scalars(kept, 0.1, True)))
+    with pytest.raises(RuntimeError, match=r"returns parameter 'embed_tokens.weight' in a tensor of the graph's own"):
+        keeping._check_written_in_place(kept, outputs)

@@ -104,6 +104,18 @@ def test_cuda_graph_variants_run(tmp_path):
         assert "error" not in row and row["first_loss_rel_diff_vs_eager"] < 1e-5, row
 
 
+def test_the_cuda_graph_train_step_is_refused_on_the_cpu_before_compiling(tmp_path):
+    # The replay needs a CUDA device (run it there with --variants shardgraph_sgd,shardgraph_sgd_cudagraph).
+    module = load()
+    assert [module.train_step_compile(v) for v in ("shardgraph_sgd", "shardgraph_sgd_compile",
+                                                    "shardgraph_sgd_cudagraph")] == [None, "inductor", "cuda_graph"]
+    result = module.main(TINY + ["--models", "ours", "--variants", "shardgraph_sgd_cudagraph",
+                                 "--out", str(tmp_path / "train_step.json")])
+    (row,) = result["rows"]
+    assert row["variant"] == "shardgraph_sgd_cudagraph" and "median_ms" not in row
+    assert "needs --device cuda, not cpu" in row["error"] and "compile_s" not in row, row
+
+
 def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     module = load()
 
