@@ -68,7 +68,8 @@ def features(case) -> dict:
             "loss": case.loss, "labels_input": case.labels_input, "attn_mask": case.attn_mask,
             "padding": case.pad_side if case.padding else None, "tied": case.tied, "frozen": bool(case.frozen),
             "shared_expert": bool(case.config.get("shared_expert_intermediate_size")),
-            "qk_norm": bool(case.config.get("qk_norm")), "plan": plan if case.plan is None or not case.plan
+            "qk_norm": bool(case.config.get("qk_norm")), "rotary": bool(case.config.get("rotary")),
+            "plan": plan if case.plan is None or not case.plan
             else "explicit", **training_features(case)}
 
 

@@ -35,6 +35,7 @@ class MoEConfig:
     num_kv_heads: int = 4
     head_dim: int | None = None  # None: hidden_size // num_heads
     qk_norm: bool = False
+    rotary: bool = False  # rotary position embedding of q and k (rotate-half form, base 10000)
     num_experts: int = 8
     top_k: int = 2
     moe_intermediate_size: int = 16
@@ -101,6 +102,24 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.rotary = config.rotary
+        if config.rotary:
+            if self.head_dim % 2:
+                raise ValueError(f"MoEConfig: rotary embedding needs an even head_dim, got {self.head_dim}")
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim
+            self.register_buffer("inv_freq", 1.0 / (10000.0 ** exponents), persistent=False)
+
+    def _rotated(self, q, k):
+        seq = q.shape[2]
+        angles = torch.arange(seq, dtype=torch.float32, device=q.device)[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+
+        def rotate_half(x):
+            half = x.shape[-1] // 2
+            return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
     def forward(self, x, attn_mask=None):
         """Causal self-attention; ``attn_mask`` (bool, or additive float) replaces the causal mask."""
@@ -111,6 +130,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.rotary:
+            q, k = self._rotated(q, k)
         # Each key/value head serves heads / kv_heads consecutive query heads.
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                                   enable_gqa=self.kv_heads != self.heads)

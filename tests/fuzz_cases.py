@@ -436,6 +436,8 @@ def draw_config(draw: Draw, ep: int = 1) -> dict:
         config["shared_expert_intermediate_size"] = draw.choice([8, 16])
     if draw.boolean(0.2):
         config["norm_topk_prob"] = False
+    if (config.get("head_dim") or hidden // heads) % 2 == 0 and draw.boolean(0.4):
+        config["rotary"] = True
     return config
 
 
@@ -924,7 +926,7 @@ def _simpler(case: Case):
     if case.replicate_fallback:
         yield r(case, replicate_fallback=False)
     defaults = {"num_layers": 1, "shared_expert_intermediate_size": 0, "qk_norm": False, "head_dim": None,
-                "norm_topk_prob": True}
+                "norm_topk_prob": True, "rotary": False}
     for key, value in defaults.items():
         if case.config.get(key, value) != value:
             config = {k: v for k, v in case.config.items() if k != key}

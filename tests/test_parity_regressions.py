@@ -76,6 +76,27 @@ def test_a_token_count_that_does_not_divide_over_dp_and_tp_counts_each_copy_once
     assert any("each token on 2 ranks" in reason for reason in reasons)
 
 
+def test_copies_of_a_token_that_does_not_divide_give_every_rank_the_same_result_bit_for_bit():
+    # 9 tokens over tp=2: both lanes dispatch every token, and each copy meets its expert in
+    # another row of another rank's grouped product. Before: the copies' results differed in the
+    # last bit, so "replicated" values (the final norm's gradient, its momentum) drifted apart
+    # across ranks; run_simulated and gather_state, which compare replicas bit for bit, refused.
+    torch.manual_seed(0)
+    model = MoETransformer(CONFIG).double()
+    ids = make_batch(CONFIG, 3, 3)
+    program = sg.compile(model, sg.MeshSpec.parse("world=2,tp=2,ep=2"), ids, lm_loss)
+    errors, _ = parity_errors(program, model, ids, lm_loss)  # replicas checked bit for bit
+    assert errors.within(1e-12), errors
+    reasons = [r["reason"] for r in program.report(format="dict")["values"] if r["op"].startswith("shardgraph.moe")]
+    assert any("copies' results averaged" in reason for reason in reasons)
+    training = sg.compile(model, sg.MeshSpec.parse("world=2,tp=2,ep=2"), ids, lm_loss,
+                          optimizer=sg.optim.SGD(lr=0.1, momentum=0.9))
+    states = training.init_states(model)
+    for _ in range(2):
+        _, states, _ = training.simulate_train_step(states, ids)
+    training.gather_state(states)  # raises if two replicas of a parameter or its state differ
+
+
 @pytest.mark.parametrize("mesh_text", ["world=1", "world=4,tp=2,ep=2"])
 def test_a_left_padded_attention_mask_gives_padding_queries_zeros_not_nan(mesh_text):
     # Before: a query row whose keys are all masked went through softmax as 0/0 and the loss was

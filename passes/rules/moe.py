@@ -13,7 +13,9 @@ The split is required whatever the batch sharding upstream was: a batch replicat
 along the sequence, or mixed across rows (``x - x.mean(0)``) reaches this op replicated over dp,
 and dispatching those copies would count every token's gradient once per copy. Where the token
 count does not divide, the most even split that does is taken and each token is processed by
-``copies`` ranks; the lowering divides the weight gradients by ``copies`` (``token_copies``).
+``copies`` ranks; the lowering divides the weight gradients by ``copies`` (``token_copies``), and
+the per-token results are ``Partial("avg")`` over the copying axes (the copies agree to rounding
+only), so every rank reads the same average.
 
 The weights are asked for in the layout the lowering computes with: ``Shard(0)`` over ep, and
 with etp > 1 gate/up split over etp so that every etp rank holds the gate and the up columns of
@@ -173,12 +175,29 @@ def _weight_gradient(mesh: MeshSpec, weight: Sharding) -> Sharding:
     return Sharding(tuple(placements), tuple(placements.values()))
 
 
+def _copies_output(tokens: Sharding, mesh: MeshSpec) -> Sharding:
+    """The placement of what the op computes per token (its output, the token and routing-weight
+    gradients). Where each token is on several ranks, every rank computes its own copy: its copies
+    reach other ranks' experts in other rows of other grouped products, so they agree to rounding,
+    not bit for bit. They are declared ``Partial("avg")`` over the axes the tokens are copied on,
+    and a consumer that needs them whole gets one all-reduce that makes every replica the same;
+    left as replicas they would drift apart step by step (a replicated norm weight and its
+    optimizer state included)."""
+    if token_copies(tokens, mesh) == 1:
+        return tokens
+    placements = dict(tokens.items())
+    for axis in ("dp", "tp"):
+        if mesh.size(axis) > 1 and not tokens.placement(axis).is_shard():
+            placements[axis] = Partial("avg")
+    return Sharding(tuple(placements), tuple(placements.values()))
+
+
 def _note(tokens: Sharding, mesh: MeshSpec) -> str:
     copies = token_copies(tokens, mesh)
     if copies == 1:
         return f"tokens {tokens!r}: every token on one rank, dispatched once"
     return (f"tokens {tokens!r}: the token count does not divide further, each token on {copies} ranks "
-            f"(weight gradients divided by {copies})")
+            f"(weight gradients divided by {copies}; the copies' results averaged where read whole)")
 
 
 @register("shardgraph.moe_experts", family="moe_experts", whole=True)
@@ -188,7 +207,8 @@ def rule_moe_experts(ctx):
         _check_weight(ctx, position)
     tokens = token_sharding(tuple(value_of(ctx.inputs[0]).shape), ctx.mesh)
     _check_layout_divides(ctx, positions, wanted, layout)
-    return [Strategy((tokens, tokens, tokens, *wanted), tokens, view=View.DENSE, note=_note(tokens, ctx.mesh))]
+    return [Strategy((tokens, tokens, tokens, *wanted), _copies_output(tokens, ctx.mesh), view=View.DENSE,
+                     note=_note(tokens, ctx.mesh))]
 
 
 @register("shardgraph.moe_experts_backward", family="moe_experts_backward", whole=True)
@@ -200,6 +220,7 @@ def rule_moe_experts_backward(ctx):
     _check_layout_divides(ctx, positions, wanted, layout)
     # Weight and bias gradients come out as their operands are held, partial over edp. The down
     # bias's gradient is whole on every etp rank: it sums output gradients gathered over etp.
-    outputs = (tokens, tokens, *(_weight_gradient(ctx.mesh, sharding) for sharding in wanted))
+    copied = _copies_output(tokens, ctx.mesh)
+    outputs = (copied, copied, *(_weight_gradient(ctx.mesh, sharding) for sharding in wanted))
     return [Strategy((tokens, tokens, tokens, tokens, *wanted), outputs, view=View.DENSE,
                      note=_note(tokens, ctx.mesh) + "; weight gradients partial over edp")]
