@@ -29,4 +29,8 @@ def as_aten_ops(gm: GraphModule) -> GraphModule:
         if node.op == "call_function" and node.target in ATEN_FORMS:
             node.target = ATEN_FORMS[node.target]
     copied.recompile()
+    # The copy is a lazily compiled module, whose first call writes its code; dynamo does not
+    # trace that call (a graph break before the first op), so the code is written now.
+    if hasattr(copied, "real_recompile"):
+        copied.real_recompile()
     return copied

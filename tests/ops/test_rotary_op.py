@@ -1,5 +1,5 @@
 """shardgraph.rotary: its autograd equals autograd of the rotate-half formula bit for bit, it refuses
-operands it cannot rotate by name, and under torch.compile the program runs its aten form."""
+operands it cannot rotate by name, and under torch.compile the program runs its aten form, traced by dynamo without a graph break."""
 
 import pytest
 import torch
@@ -45,6 +45,13 @@ def test_under_torch_compile_the_program_runs_the_aten_form():
     copied = as_aten_ops(traced.graph_module)
     assert any(n.target in ops for n in traced.graph_module.graph.nodes)
     assert not any(n.target in ops for n in copied.graph.nodes)
-    arguments = traced.arguments(model, ids)
+    arguments = [a.detach() for a in traced.arguments(model, ids)]
     for got, want in zip(copied(*arguments), traced.graph_module(*arguments)):
         assert torch.equal(got, want)
+    # Dynamo traces the copy whole: no graph break at a lazily written module's first call.
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(as_aten_ops(traced.graph_module), backend="eager", dynamic=False)
+    for got, want in zip(compiled(*arguments), traced.graph_module(*arguments)):
+        assert torch.equal(got, want)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
