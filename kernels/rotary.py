@@ -18,7 +18,8 @@ be any strided view (attention's ``q`` is ``[batch, heads, seq, dim]`` transpose
 projection's ``[batch, seq, heads, dim]``) and ``cos``/``sin`` broadcast over any dims: a row's offset
 is computed from up to four leading indices and each operand's strides.
 
-``forward(x, cos, sin)`` and ``backward(grad, cos, sin)`` return contiguous tensors of ``x``'s shape;
+``forward(x, cos, sin, layout)`` and ``backward(grad, cos, sin, layout)`` return tensors of ``x``'s shape
+stored in ``layout`` (dims outermost first, the last innermost: ``layout_of``; contiguous by default);
 ``reference_forward`` / ``reference_backward`` are the same values as aten ops. Products are rounded
 before they are summed and no multiply-add is contracted, so the kernels equal the aten form bit for
 bit. They run on a CUDA device, or on the CPU under ``TRITON_INTERPRET=1`` for the tests.
@@ -33,7 +34,8 @@ import torch
 from . import rounding
 from .caches import ROW_DTYPES, interpreter_guard, interpreting, switched
 
-__all__ = ["forward", "backward", "reference_forward", "reference_backward", "runs", "use_triton", "TRITON_ENABLED"]
+__all__ = ["forward", "backward", "reference_forward", "reference_backward", "runs", "use_triton", "layout_of",
+           "laid_out", "TRITON_ENABLED"]
 
 # False sends every rotary embedding through the aten form (to compare the two on a GPU).
 TRITON_ENABLED = True
@@ -50,6 +52,24 @@ def use_triton(enabled: bool):
 def _rotated(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def layout_of(x: torch.Tensor) -> list[int]:
+    """``x``'s dims from outermost to innermost in memory (``torch.empty_permuted``'s physical
+    layout), the last dim innermost; the plain order where its last dim is not the innermost."""
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
+    last = x.dim() - 1
+    if x.dim() == 0 or order[-1] != last:
+        return list(range(x.dim()))
+    return order
+
+
+def laid_out(value: torch.Tensor, layout) -> torch.Tensor:
+    """``value`` stored in ``layout`` (a copy where it is not)."""
+    layout = list(layout)
+    if value.stride() == torch.empty_permuted(value.shape, layout, device="meta").stride():
+        return value
+    return torch.empty_permuted(value.shape, list(layout), dtype=value.dtype, device=value.device).copy_(value)
 
 
 def reference_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -126,6 +146,7 @@ def _build():
                       x_stride0, x_stride1, x_stride2, x_stride3,
                       cos_stride0, cos_stride1, cos_stride2, cos_stride3,
                       sin_stride0, sin_stride1, sin_stride2, sin_stride3,
+                      out_stride0, out_stride1, out_stride2, out_stride3,
                       BACKWARD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr,
                       EMULATE_RTNE: tl.constexpr):
         row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -162,7 +183,7 @@ def _build():
             b1 = _round_to(-x2 * sin1, dtype, EMULATE_RTNE).to(tl.float32)
             a2 = _round_to(x2 * cos2, dtype, EMULATE_RTNE).to(tl.float32)
             b2 = _round_to(x1 * sin2, dtype, EMULATE_RTNE).to(tl.float32)
-        out_row = row.to(tl.int64)[:, None] * (2 * half)
+        out_row = (index0 * out_stride0 + index1 * out_stride1 + index2 * out_stride2 + index3 * out_stride3)[:, None]
         tl.store(out + out_row + first, _round_to(a1 + b1, dtype, EMULATE_RTNE), mask=mask)
         tl.store(out + out_row + second, _round_to(a2 + b2, dtype, EMULATE_RTNE), mask=mask)
 
@@ -170,12 +191,12 @@ def _build():
     return _kernel
 
 
-def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool, layout) -> torch.Tensor:
     import triton
 
     kernel = _build()
     shape = x.shape
-    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    out = torch.empty_permuted(shape, list(layout), dtype=x.dtype, device=x.device)
     half = shape[-1] // 2
     rows = x.numel() // shape[-1]
     sizes = [1] * (_LEADING - (len(shape) - 1)) + list(shape[:-1])
@@ -186,14 +207,17 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
         kernel[(triton.cdiv(rows, block_rows),)](
             x, cos, sin, out, rows, half, sizes[1], sizes[2], sizes[3],
             *_leading_strides(x, shape), *_leading_strides(cos, shape), *_leading_strides(sin, shape),
+            *_leading_strides(out, shape),
             BACKWARD=backward, BLOCK_ROWS=block_rows, BLOCK_HALF=block_half, EMULATE_RTNE=interpreting(),
             num_warps=4, enable_fp_fusion=False)
     return out
 
 
-def forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return _launch(x, cos, sin, backward=False)
+def forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout=None) -> torch.Tensor:
+    """The rotated ``x`` stored in ``layout`` (``layout_of``'s form; None: contiguous)."""
+    return _launch(x, cos, sin, False, range(x.dim()) if layout is None else layout)
 
 
-def backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return _launch(grad, cos, sin, backward=True)
+def backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout=None) -> torch.Tensor:
+    """The gradient with respect to ``x`` stored in ``layout`` (None: contiguous)."""
+    return _launch(grad, cos, sin, True, range(grad.dim()) if layout is None else layout)

@@ -8,7 +8,7 @@ While ``trace`` runs, a ``TorchFunctionMode`` follows these calls as the model m
 halves of a last dim (``x[..., :h]``, ``x[..., h:]``, ``h`` half of it), the negated second half,
 their concatenation in that order on the last dim (``rotate_half(x)``), its product with a tensor
 ``sin``, a product of ``x`` itself with a tensor ``cos``, and finally the sum of the two products.
-That sum is then computed as ``shardgraph.rotary(x, cos, sin)`` instead, so its autograd is the
+That sum is then computed as ``shardgraph.rotary(x, cos, sin, layout)`` (``x``'s layout) instead, so its autograd is the
 op's backward. The ops recorded on the way have no reader left and are removed as dead code.
 
 The sum is replaced only where the op computes the same thing: ``cos``, ``sin`` and ``x`` share one
@@ -143,7 +143,10 @@ class _RotaryRecogniser(TorchFunctionMode):
         from ..ops import rotary  # noqa: F401 - registers torch.ops.shardgraph.rotary
 
         self.replaced += 1
-        return torch.ops.shardgraph.rotary(x, cos, sin)
+        from kernels.rotary import layout_of
+
+        # The output keeps x's layout as traced, as the aten ops would have.
+        return torch.ops.shardgraph.rotary(x, cos, sin, layout_of(x))
 
 
 def _computes_the_op(x, cos, sin) -> bool:

@@ -1,9 +1,16 @@
 """``shardgraph::rotary``: rotary position embedding in its rotate-half form, forward and backward.
 
-    rotary(x, cos, sin)            = x * cos + cat(-x2, x1) * sin      (x1, x2: halves of the last dim)
-    rotary_backward(grad, cos, sin) = grad * cos + cat(s2, -s1)         (s = grad * sin)
+    rotary(x, cos, sin, layout)            = x * cos + cat(-x2, x1) * sin   (x1, x2: halves of the last dim)
+    rotary_backward(grad, cos, sin, layout) = grad * cos + cat(s2, -s1)      (s = grad * sin)
 
-with ``cos`` and ``sin`` of ``x``'s dtype broadcast to ``x``'s shape. The backward needs no
+with ``cos`` and ``sin`` of ``x``'s dtype broadcast to ``x``'s shape. Both outputs are stored in
+``layout`` (``torch.empty_permuted``'s physical order of dims, the last innermost), which the
+frontend takes from ``x`` as traced: attention's ``q`` and ``k`` are transposed views of the
+projections' ``[batch, seq, heads, dim]``, and an output in that layout reaches the attention
+kernels and (its gradient) the projections' backward without a copy. It is fixed when traced,
+not read from the input at run time: a lowered program may feed the op an input laid out
+otherwise (a collective's output is contiguous), and the views after the op were recorded
+against the traced layout. The backward needs no
 activation: it is linear in the gradient, with the same tables. The frontend traces the form as
 this op where a model computes it (``shardgraph/frontend/rotary.py``), so the program runs one
 node each way where the aten form runs about seven kernels forward and eight backward over the
@@ -21,7 +28,7 @@ from kernels import rotary as rotary_kernels
 __all__ = ["rotary", "rotary_backward", "ATEN_FORMS"]
 
 
-def _check(op: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+def _check(op: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout) -> None:
     if x.dim() < 1 or x.shape[-1] % 2:
         raise ValueError(f"{op}: the last dim of the input {list(x.shape)} must be even (its halves rotate)")
     if not (cos.dtype == sin.dtype == x.dtype) or not x.dtype.is_floating_point:
@@ -34,56 +41,65 @@ def _check(op: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> No
     if shape != x.shape:
         raise ValueError(f"{op}: cos {list(cos.shape)} and sin {list(sin.shape)} must broadcast to the input's "
                          f"shape {list(x.shape)}")
+    if sorted(layout) != list(range(x.dim())) or layout[-1] != x.dim() - 1:
+        raise ValueError(f"{op}: layout {list(layout)} must order all {x.dim()} dims of the input, its last dim "
+                         f"innermost")
+
+
+def _laid_out_empty(x: torch.Tensor, layout) -> torch.Tensor:
+    return torch.empty_permuted(x.shape, list(layout), dtype=x.dtype, device=x.device)
 
 
 @torch.library.custom_op("shardgraph::rotary", mutates_args=())
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    _check("shardgraph.rotary", x, cos, sin)
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: list[int]) -> torch.Tensor:
+    _check("shardgraph.rotary", x, cos, sin, layout)
     if rotary_kernels.runs(x, cos, sin):
-        return rotary_kernels.forward(x, cos, sin)
-    return rotary_kernels.reference_forward(x, cos, sin).contiguous()
+        return rotary_kernels.forward(x, cos, sin, layout)
+    return rotary_kernels.laid_out(rotary_kernels.reference_forward(x, cos, sin), layout)
 
 
 @rotary.register_fake
-def _(x, cos, sin):
-    _check("shardgraph.rotary", x, cos, sin)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(x, cos, sin, layout):
+    _check("shardgraph.rotary", x, cos, sin, layout)
+    return _laid_out_empty(x, layout)
 
 
 @torch.library.custom_op("shardgraph::rotary_backward", mutates_args=())
-def rotary_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    _check("shardgraph.rotary_backward", grad, cos, sin)
+def rotary_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: list[int]) -> torch.Tensor:
+    _check("shardgraph.rotary_backward", grad, cos, sin, layout)
     if rotary_kernels.runs(grad, cos, sin):
-        return rotary_kernels.backward(grad, cos, sin)
-    return rotary_kernels.reference_backward(grad, cos, sin).contiguous()
+        return rotary_kernels.backward(grad, cos, sin, layout)
+    return rotary_kernels.laid_out(rotary_kernels.reference_backward(grad, cos, sin), layout)
 
 
 @rotary_backward.register_fake
-def _(grad, cos, sin):
-    _check("shardgraph.rotary_backward", grad, cos, sin)
-    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+def _(grad, cos, sin, layout):
+    _check("shardgraph.rotary_backward", grad, cos, sin, layout)
+    return _laid_out_empty(grad, layout)
 
 
 def _setup_context(ctx, inputs, output):
-    _x, cos, sin = inputs
+    _x, cos, sin, layout = inputs
     ctx.save_for_backward(cos, sin)
+    ctx.layout = layout
 
 
 def _autograd_backward(ctx, grad):
     # The frontend forms the op only for tables that take no gradient.
     cos, sin = ctx.saved_tensors
-    return torch.ops.shardgraph.rotary_backward(grad, cos, sin), None, None
+    return torch.ops.shardgraph.rotary_backward(grad, cos, sin, ctx.layout), None, None, None
 
 
 rotary.register_autograd(_autograd_backward, setup_context=_setup_context)
 
-def _aten_forward(x, cos, sin):
-    # Contiguous as the op's output: the trace recorded the views after it against that layout.
-    return rotary_kernels.reference_forward(x, cos, sin).contiguous()
+
+def _aten_forward(x, cos, sin, layout):
+    # In the op's layout: the trace recorded the views after it against that layout.
+    return rotary_kernels.laid_out(rotary_kernels.reference_forward(x, cos, sin), layout)
 
 
-def _aten_backward(grad, cos, sin):
-    return rotary_kernels.reference_backward(grad, cos, sin).contiguous()
+def _aten_backward(grad, cos, sin, layout):
+    return rotary_kernels.laid_out(rotary_kernels.reference_backward(grad, cos, sin), layout)
 
 
 # The aten form of each node, for a graph run under torch.compile (``shardgraph.ops.as_aten_ops``).

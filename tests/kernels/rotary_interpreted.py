@@ -51,16 +51,18 @@ def main():
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             x, cos, sin, grad = operands(shape, table, transposed, dtype)
             assert rotary.runs(x, cos, sin), (shape, dtype)
-            out, want = rotary.forward(x, cos, sin), rotary.reference_forward(x, cos, sin)
-            grad_x, want_grad = rotary.backward(grad, cos, sin), rotary.reference_backward(grad, cos, sin)
+            layout = rotary.layout_of(x)  # as the frontend gives the op: x's own, transposed or not
+            out, want = rotary.forward(x, cos, sin, layout), rotary.reference_forward(x, cos, sin)
+            grad_x, want_grad = rotary.backward(grad, cos, sin, layout), rotary.reference_backward(grad, cos, sin)
             row = {"shape": list(shape), "table": list(table), "transposed": transposed, "dtype": str(dtype),
+                   "layout_kept": out.stride() == x.stride() and grad_x.stride() == x.stride(),
                    "forward_equal": bool(torch.equal(out, want)), "backward_equal": bool(torch.equal(grad_x, want_grad)),
                    "forward_max_diff": float((out.float() - want.float()).abs().max()),
                    "backward_max_diff": float((grad_x.float() - want_grad.float()).abs().max())}
             if DEVICE == "cuda" and shape in [case[0] for case in LARGE]:
-                row.update(kernel_forward_ms=milliseconds(lambda: rotary.forward(x, cos, sin)),
+                row.update(kernel_forward_ms=milliseconds(lambda: rotary.forward(x, cos, sin, layout)),
                            aten_forward_ms=milliseconds(lambda: rotary.reference_forward(x, cos, sin)),
-                           kernel_backward_ms=milliseconds(lambda: rotary.backward(grad, cos, sin)),
+                           kernel_backward_ms=milliseconds(lambda: rotary.backward(grad, cos, sin, layout)),
                            aten_backward_ms=milliseconds(lambda: rotary.reference_backward(grad, cos, sin)))
             print(json.dumps(row), flush=True)
             rows.append(row)

@@ -31,7 +31,7 @@ def test_the_interpreted_kernels_equal_the_aten_form_bit_for_bit():
     rows = interpreted_rows("rotary_interpreted.py")
     assert len(rows) == 9
     for row in rows:
-        assert row["forward_equal"] and row["backward_equal"], row
+        assert row["forward_equal"] and row["backward_equal"] and row["layout_kept"], row
 
 
 def test_the_kernels_do_not_run_on_the_cpu_without_the_interpreter_or_on_tables_of_another_dtype():

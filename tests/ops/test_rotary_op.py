@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import shardgraph.ops  # noqa: F401 - registers the ops
-from kernels.rotary import reference_forward
+from kernels.rotary import layout_of, reference_forward
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -16,9 +16,10 @@ def test_the_op_and_its_backward_equal_autograd_of_the_formula(dtype):
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     grad = torch.randn(2, 4, 5, 16, generator=generator).to(dtype)
     mine, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    out = torch.ops.shardgraph.rotary(mine, cos, sin)
+    out = torch.ops.shardgraph.rotary(mine, cos, sin, layout_of(x))
     want = reference_forward(theirs, cos, sin)
-    assert torch.equal(out, want) and out.is_contiguous()
+    # Stored as the input is (a transposed view of [batch, seq, heads, dim]), as the aten form.
+    assert torch.equal(out, want) and out.stride() == x.stride()
     assert torch.equal(torch.autograd.grad(out, mine, grad)[0], torch.autograd.grad(want, theirs, grad)[0])
 
 
@@ -30,7 +31,7 @@ def test_the_op_and_its_backward_equal_autograd_of_the_formula(dtype):
 def test_operands_it_cannot_rotate_are_refused_naming_the_rule(shapes, dtypes, words):
     x, cos, sin = (torch.ones(shape, dtype=dtype) for shape, dtype in zip(shapes, dtypes))
     with pytest.raises(ValueError, match=f"shardgraph.rotary: .*{words}"):
-        torch.ops.shardgraph.rotary(x, cos, sin)
+        torch.ops.shardgraph.rotary(x, cos, sin, list(range(x.dim())))
 
 
 def test_under_torch_compile_the_program_runs_the_aten_form():

@@ -335,7 +335,8 @@ def _rotary(m: _Maker) -> list[Sample]:
     found = []
     for x, table in ((m.f(4, 2, 8, 8), (4, 1, 8, 8)), (m.f(8, 4, 16), (8, 4, 16))):
         cos, sin = m.f(*table), m.f(*table)
-        found += [Sample(rotary, (x, cos, sin)), Sample(backward, (m.f(*x.shape), cos, sin))]
+        layout = list(range(x.dim()))
+        found += [Sample(rotary, (x, cos, sin, layout)), Sample(backward, (m.f(*x.shape), cos, sin, layout))]
     return found
 
 
