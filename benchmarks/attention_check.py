@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import shardgraph.ops  # noqa: E402,F401 - registers the ops
+from benchmarks.cuda_timing import milliseconds  # noqa: E402
 
 attention = importlib.import_module("shardgraph.ops.attention")
 aten = torch.ops.aten
@@ -101,19 +102,6 @@ def check(dtype, heads, kv_heads, seq, is_causal) -> int:
 
 def plan_label(kernel: str, widened: bool, groups: int) -> str:
     return kernel if widened or groups == 1 else f"{kernel} grouped"
-
-
-def milliseconds(fn, repeats=20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def timings() -> None:

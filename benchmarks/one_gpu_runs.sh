@@ -19,7 +19,7 @@
 #   train_step    HF Qwen3-MoE's train step (eager, torch.compile) against the program (plain and
 #                 under inductor; SGD outside it, and inside it with the expert steps fused into
 #                 their wgrad and without, the plain program with its norms or its rotary
-#                 embedding as aten ops; both SGD
+#                 embedding as aten ops, the plain step replayed as a CUDA graph; both SGD
 #                 programs profiled), the issue's
 #                 4 layers x 2 x 4096
 #   fused_loss    the fused output projection + loss alone against the unfused ops, at the
@@ -61,7 +61,7 @@ runs=(
     "wgrad_sgd|wgrad_sgd.py|"
     "grouped_gemm|grouped_gemm.py|--shapes large --distributions 8x2048 --rounds 3"
     "moe_block|moe_block.py|--shapes qwen3_30b_a3b --tokens 8192 --routing balanced --columns ours,ours_inductor,ours_aten_rows,ours_aten_rows_inductor,hf,hf_compiled,grouped_gemm_only --skip-check --profile ours_inductor,ours_aten_rows_inductor"
-    "train_step|train_step.py|--models qwen3_moe --variants eager,torch_compile,shardgraph,shardgraph_compile,shardgraph_sgd,shardgraph_sgd_compile,shardgraph_sgd_compile_unfused,shardgraph_sgd_aten_norms,shardgraph_sgd_aten_rotary --steps 10 --profile --profile-variants shardgraph_sgd,shardgraph_sgd_compile"
+    "train_step|train_step.py|--models qwen3_moe --variants eager,torch_compile,shardgraph,shardgraph_compile,shardgraph_sgd,shardgraph_sgd_compile,shardgraph_sgd_compile_unfused,shardgraph_sgd_aten_norms,shardgraph_sgd_aten_rotary,shardgraph_sgd_cudagraph --steps 10 --profile --profile-variants shardgraph_sgd,shardgraph_sgd_compile"
     "fused_loss|fused_loss.py|--skip-train --budgets-mib 512 1024"
     "predict|train_step.py|--models ours --variants shardgraph_adamw_compile --steps 10 --predict"
 )

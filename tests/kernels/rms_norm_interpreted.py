@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
+from benchmarks.cuda_timing import milliseconds  # noqa: E402
 from kernels import rms_norm  # noqa: E402
 from tests.kernels import write_rows_where_asked  # noqa: E402
 
@@ -97,18 +98,6 @@ def case(shape, dtype, weight_dtype, seed, layout="contiguous"):
     print(json.dumps(emit), flush=True)
 
 
-def timed(function, repeats=20):
-    function()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        function()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
 def timing(shape, dtype):
     """Milliseconds of each direction, the kernels against the aten form (eager)."""
     x = torch.randn(shape, device=DEVICE).to(dtype)
@@ -117,10 +106,10 @@ def timing(shape, dtype):
     _, rstd = rms_norm.forward(x, weight, EPS)
     ROWS.append({
         "timing": list(shape), "dtype": str(dtype),
-        "forward_ms": timed(lambda: rms_norm.forward(x, weight, EPS)),
-        "aten_forward_ms": timed(lambda: rms_norm.reference_forward(x, weight, EPS)),
-        "backward_ms": timed(lambda: rms_norm.backward(grad_out, x, weight, rstd)),
-        "aten_backward_ms": timed(lambda: rms_norm.reference_backward(grad_out, x, weight, rstd)),
+        "forward_ms": milliseconds(lambda: rms_norm.forward(x, weight, EPS)),
+        "aten_forward_ms": milliseconds(lambda: rms_norm.reference_forward(x, weight, EPS)),
+        "backward_ms": milliseconds(lambda: rms_norm.backward(grad_out, x, weight, rstd)),
+        "aten_backward_ms": milliseconds(lambda: rms_norm.reference_backward(grad_out, x, weight, rstd)),
     })
     print(json.dumps(ROWS[-1]), flush=True)
 

@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 from kernels import rotary  # noqa: E402
+from benchmarks.cuda_timing import milliseconds  # noqa: E402
 from tests.kernels import write_rows_where_asked  # noqa: E402
 
 DEVICE = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu"
@@ -29,19 +30,6 @@ def operands(shape, table, transposed, dtype, seed=0):
     angles = torch.rand(table, generator=generator) * 6.3
     grad = torch.randn(shape, generator=generator).to(dtype).to(DEVICE)
     return x, angles.cos().to(dtype).to(DEVICE), angles.sin().to(dtype).to(DEVICE), grad
-
-
-def milliseconds(fn, repeats=50):
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def main():
