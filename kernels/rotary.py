@@ -35,7 +35,7 @@ from . import rounding
 from .caches import ROW_DTYPES, interpreter_guard, interpreting, switched
 
 __all__ = ["forward", "backward", "reference_forward", "reference_backward", "runs", "use_triton", "layout_of",
-           "laid_out", "TRITON_ENABLED"]
+           "laid_out", "empty_laid_out", "TRITON_ENABLED"]
 
 # False sends every rotary embedding through the aten form (to compare the two on a GPU).
 TRITON_ENABLED = True
@@ -64,12 +64,16 @@ def layout_of(x: torch.Tensor) -> list[int]:
     return order
 
 
+def empty_laid_out(like: torch.Tensor, layout) -> torch.Tensor:
+    """An empty tensor of ``like``'s shape, dtype and device, stored in ``layout``."""
+    return torch.empty_permuted(like.shape, list(layout), dtype=like.dtype, device=like.device)
+
+
 def laid_out(value: torch.Tensor, layout) -> torch.Tensor:
     """``value`` stored in ``layout`` (a copy where it is not)."""
-    layout = list(layout)
-    if value.stride() == torch.empty_permuted(value.shape, layout, device="meta").stride():
+    if value.stride() == torch.empty_permuted(value.shape, list(layout), device="meta").stride():
         return value
-    return torch.empty_permuted(value.shape, list(layout), dtype=value.dtype, device=value.device).copy_(value)
+    return empty_laid_out(value, layout).copy_(value)
 
 
 def reference_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -196,7 +200,7 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
 
     kernel = _build()
     shape = x.shape
-    out = torch.empty_permuted(shape, list(layout), dtype=x.dtype, device=x.device)
+    out = empty_laid_out(x, layout)
     half = shape[-1] // 2
     rows = x.numel() // shape[-1]
     sizes = [1] * (_LEADING - (len(shape) - 1)) + list(shape[:-1])

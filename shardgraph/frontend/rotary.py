@@ -29,6 +29,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from kernels.caches import switched
+from kernels.rotary import layout_of
+
+from ..ops.rotary import rotates
 
 __all__ = ["rotary_recognised", "rotary_traced_as_op"]
 
@@ -64,7 +67,7 @@ def _half_taken(x, index) -> int | None:
     stop = width if part.stop is None else part.stop
     if (start, stop) == (0, half):
         return 0
-    if (start, stop) in ((half, width), (half - width, width), (-half, width)):
+    if (start, stop) in ((half, width), (-half, width)):
         return 1
     return None
 
@@ -81,7 +84,6 @@ class _RotaryRecogniser(TorchFunctionMode):
         super().__init__()
         # id(value) -> (value, tag). The value is held so that its id is not reused while tagged.
         self.tags: dict[int, tuple[torch.Tensor, tuple]] = {}
-        self.replaced = 0
 
     def _tag(self, value):
         held = self.tags.get(id(value)) if isinstance(value, torch.Tensor) else None
@@ -138,37 +140,18 @@ class _RotaryRecogniser(TorchFunctionMode):
             cos = a
         else:
             return None
-        if not _computes_the_op(x, cos, sin):
+        layout = layout_of(x)  # the output keeps x's layout as traced, as the aten ops would have
+        if cos.requires_grad or sin.requires_grad or not rotates(x, cos, sin, layout):
             return None
-        from ..ops import rotary  # noqa: F401 - registers torch.ops.shardgraph.rotary
-
-        self.replaced += 1
-        from kernels.rotary import layout_of
-
-        # The output keeps x's layout as traced, as the aten ops would have.
-        return torch.ops.shardgraph.rotary(x, cos, sin, layout_of(x))
-
-
-def _computes_the_op(x, cos, sin) -> bool:
-    tensors = (x, cos, sin)
-    if not all(isinstance(t, torch.Tensor) for t in tensors) or not x.dtype.is_floating_point:
-        return False
-    if cos.dtype != x.dtype or sin.dtype != x.dtype or cos.requires_grad or sin.requires_grad:
-        return False
-    try:
-        return torch.broadcast_shapes(x.shape, cos.shape, sin.shape) == x.shape and x.shape[-1] % 2 == 0
-    except RuntimeError:
-        return False
+        return torch.ops.shardgraph.rotary(x, cos, sin, layout)
 
 
 @contextlib.contextmanager
-def rotary_recognised() -> Iterator[_RotaryRecogniser | None]:
+def rotary_recognised() -> Iterator[None]:
     """Inside the block, ``x * cos + rotate_half(x) * sin`` computes ``shardgraph.rotary``."""
     if not TRACE_AS_OP:
-        yield None
+        yield
         return
-    recogniser = _RotaryRecogniser()
-    with recogniser:
-        yield recogniser
-    recogniser.tags.clear()
+    with _RotaryRecogniser():
+        yield
 

@@ -25,7 +25,7 @@ import torch
 
 from kernels import rotary as rotary_kernels
 
-__all__ = ["rotary", "rotary_backward", "ATEN_FORMS"]
+__all__ = ["rotary", "rotary_backward", "rotates", "ATEN_FORMS"]
 
 
 def _check(op: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout) -> None:
@@ -46,8 +46,22 @@ def _check(op: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layou
                          f"innermost")
 
 
-def _laid_out_empty(x: torch.Tensor, layout) -> torch.Tensor:
-    return torch.empty_permuted(x.shape, list(layout), dtype=x.dtype, device=x.device)
+def rotates(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout) -> bool:
+    """Whether the op takes these operands (``_check``'s rule, as a yes or no)."""
+    try:
+        _check("shardgraph.rotary", x, cos, sin, layout)
+    except ValueError:
+        return False
+    return True
+
+
+def _aten_forward(x, cos, sin, layout):
+    # In the op's layout: the trace recorded the views after it against that layout.
+    return rotary_kernels.laid_out(rotary_kernels.reference_forward(x, cos, sin), layout)
+
+
+def _aten_backward(grad, cos, sin, layout):
+    return rotary_kernels.laid_out(rotary_kernels.reference_backward(grad, cos, sin), layout)
 
 
 @torch.library.custom_op("shardgraph::rotary", mutates_args=())
@@ -55,13 +69,13 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: list[i
     _check("shardgraph.rotary", x, cos, sin, layout)
     if rotary_kernels.runs(x, cos, sin):
         return rotary_kernels.forward(x, cos, sin, layout)
-    return rotary_kernels.laid_out(rotary_kernels.reference_forward(x, cos, sin), layout)
+    return _aten_forward(x, cos, sin, layout)
 
 
 @rotary.register_fake
 def _(x, cos, sin, layout):
     _check("shardgraph.rotary", x, cos, sin, layout)
-    return _laid_out_empty(x, layout)
+    return rotary_kernels.empty_laid_out(x, layout)
 
 
 @torch.library.custom_op("shardgraph::rotary_backward", mutates_args=())
@@ -69,13 +83,13 @@ def rotary_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, la
     _check("shardgraph.rotary_backward", grad, cos, sin, layout)
     if rotary_kernels.runs(grad, cos, sin):
         return rotary_kernels.backward(grad, cos, sin, layout)
-    return rotary_kernels.laid_out(rotary_kernels.reference_backward(grad, cos, sin), layout)
+    return _aten_backward(grad, cos, sin, layout)
 
 
 @rotary_backward.register_fake
 def _(grad, cos, sin, layout):
     _check("shardgraph.rotary_backward", grad, cos, sin, layout)
-    return _laid_out_empty(grad, layout)
+    return rotary_kernels.empty_laid_out(grad, layout)
 
 
 def _setup_context(ctx, inputs, output):
@@ -91,15 +105,6 @@ def _autograd_backward(ctx, grad):
 
 
 rotary.register_autograd(_autograd_backward, setup_context=_setup_context)
-
-
-def _aten_forward(x, cos, sin, layout):
-    # In the op's layout: the trace recorded the views after it against that layout.
-    return rotary_kernels.laid_out(rotary_kernels.reference_forward(x, cos, sin), layout)
-
-
-def _aten_backward(grad, cos, sin, layout):
-    return rotary_kernels.laid_out(rotary_kernels.reference_backward(grad, cos, sin), layout)
 
 
 # The aten form of each node, for a graph run under torch.compile (``shardgraph.ops.as_aten_ops``).
