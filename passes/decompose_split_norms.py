@@ -5,8 +5,8 @@ Reads
     plan where none is given).
 Writes
     each ``shardgraph.rms_norm`` whose weight the plan splits, and the ``rms_norm_backward`` that
-    reads its ``rstd``, replaced by their aten form (``shardgraph.ops.norm``'s ``_aten_forward`` /
-    ``_aten_backward``: the same values, op for op), with the node's source line and phase.
+    reads its ``rstd``, replaced by their aten form (``shardgraph.ops.norm.ATEN_FORMS``: the same
+    values, op for op), with the node's source line and phase.
 Assumes
     the weight is the norm's second argument, read from its placeholder directly or through casts.
 
@@ -31,9 +31,9 @@ from shardgraph.fx_graph import inline_aten_form
 from shardgraph.mesh import MeshSpec
 from shardgraph.meta import InputKind
 
-__all__ = ["decompose_split_norms", "split_norms"]
+from .gather_parameters import _CASTS
 
-_CASTS = {torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default}
+__all__ = ["decompose_split_norms", "split_norms"]
 
 
 def _weight_parameter(node: Node) -> Node | None:
@@ -62,7 +62,7 @@ def split_norms(gm: GraphModule, mesh: MeshSpec, plan=None) -> list[Node]:
 
 
 def decompose_split_norms(gm: GraphModule, mesh: MeshSpec, plan=None) -> GraphModule:
-    from shardgraph.ops.norm import _aten_backward, _aten_forward
+    from shardgraph.ops.norm import ATEN_FORMS
 
     norms = split_norms(gm, mesh, plan)
     backward = torch.ops.shardgraph.rms_norm_backward.default
@@ -70,8 +70,8 @@ def decompose_split_norms(gm: GraphModule, mesh: MeshSpec, plan=None) -> GraphMo
         readers = [user for getter in norm.users if getter.target is operator.getitem and getter.args[1] == 1
                    for user in getter.users if user.target is backward]
         for reader in readers:
-            inline_aten_form(gm.graph, reader, _aten_backward)
-        inline_aten_form(gm.graph, norm, _aten_forward)
+            inline_aten_form(gm.graph, reader, ATEN_FORMS[backward])
+        inline_aten_form(gm.graph, norm, ATEN_FORMS[norm.target])
     if norms:
         gm.recompile()
     return gm

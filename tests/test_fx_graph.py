@@ -51,13 +51,11 @@ def test_a_copied_module_is_rewritten_without_touching_the_original():
 
 
 def test_an_inlined_op_computes_the_same_and_keeps_values_source_lines_and_gradient_marks():
-    from shardgraph.ops.norm import _aten_backward, _aten_forward
+    from shardgraph.ops.norm import ATEN_FORMS as forms
 
     model, inputs, loss_fn = shardgraph_entry("tiny", batch_size=4, seq_len=4)
     traced = sg.trace(model, inputs, loss_fn)
     gm = copy_graph_module(traced.graph_module)
-    forms = {torch.ops.shardgraph.rms_norm.default: _aten_forward,
-             torch.ops.shardgraph.rms_norm_backward.default: _aten_backward}
     norms = [n for n in gm.graph.nodes if n.target in forms]
     # Passes mark the node that is a parameter's gradient (here: a norm weight's, as getitem 1).
     weight_gradients = [user for n in norms if n.target is torch.ops.shardgraph.rms_norm_backward.default
