@@ -38,6 +38,9 @@ For each model, from the same seed and the same batch, time forward + backward +
                       program ran before the op
   shardgraph_sgd_aten_rotary  shardgraph_sgd with rotary embedding traced as the model's aten ops
                       instead of the ``shardgraph.rotary`` op (``shardgraph.frontend.rotary``)
+  shardgraph_sgd_dispatched  shardgraph_sgd with its ``shardgraph::`` ops called through torch's
+                      dispatcher (``use_direct_calls(False)``) rather than as their Python bodies:
+                      the host time the direct calls save
   shardgraph_compile_aten_rows  shardgraph_compile with the MoE row steps (dispatch gather, combine
                       and their gradients) as aten ops that inductor fuses, instead of the row
                       kernels (``kernels.moe_rows``): what the program ran before them
@@ -143,6 +146,7 @@ from examples.moe_model import CONFIGS, MoETransformer, lm_loss  # noqa: E402
 from kernels import embedding_sgd, moe_rows  # noqa: E402
 from shardgraph.frontend.norms import norms_traced_as_ops  # noqa: E402
 from shardgraph.frontend.rotary import rotary_traced_as_op  # noqa: E402
+from shardgraph.ops.direct_calls import use_direct_calls  # noqa: E402
 
 MODELS = ("ours", "mixtral", "qwen2_moe", "qwen3_moe")
 # AdamW steps: fp32 master weights and fp32 Adam state, computing in --dtype (see the docstring).
@@ -151,7 +155,7 @@ VARIANTS = ("eager", "torch_compile", "torch_compile_cudagraph", "shardgraph", "
             "shardgraph_cudagraph", "shardgraph_compile_aten_rows", "shardgraph_sgd", "shardgraph_sgd_compile",
             "shardgraph_sgd_cudagraph", "shardgraph_sgd_compile_unfused", "shardgraph_sgd_aten_norms",
             "shardgraph_sgd_compile_aten_norms",
-            "shardgraph_sgd_aten_rotary",
+            "shardgraph_sgd_aten_rotary", "shardgraph_sgd_dispatched",
             *ADAMW_VARIANTS, "eager_adamw_autocast")
 DEFAULT_VARIANTS = ("eager", "torch_compile", "shardgraph", "shardgraph_compile")
 VARIANT_ALIASES = {"shardgraph_compiled": "shardgraph_compile"}
@@ -164,11 +168,12 @@ PROGRAM_ADAMW_VARIANTS = ("shardgraph_adamw", "shardgraph_adamw_compile")  # Ada
 # SGD in the program, the new weights written in place (the expert weights' steps in their wgrad)
 PROGRAM_SGD_VARIANTS = ("shardgraph_sgd", "shardgraph_sgd_compile", "shardgraph_sgd_cudagraph",
                         "shardgraph_sgd_compile_unfused", "shardgraph_sgd_aten_norms",
-                        "shardgraph_sgd_compile_aten_norms", "shardgraph_sgd_aten_rotary")
+                        "shardgraph_sgd_compile_aten_norms", "shardgraph_sgd_aten_rotary", "shardgraph_sgd_dispatched")
 PROGRAM_STATE_VARIANTS = PROGRAM_ADAMW_VARIANTS + PROGRAM_SGD_VARIANTS
 FP32_MODEL_VARIANTS = MASTER_VARIANTS + PROGRAM_ADAMW_VARIANTS  # built in float32: master weights
 NO_TORCH_COMPILE = ("eager", "shardgraph", "eager_adamw", "eager_adamw_autocast", "shardgraph_adamw", "shardgraph_sgd",
-                    "shardgraph_sgd_aten_norms", "shardgraph_sgd_aten_rotary", "shardgraph_sgd_cudagraph")
+                    "shardgraph_sgd_aten_norms", "shardgraph_sgd_aten_rotary", "shardgraph_sgd_cudagraph",
+                    "shardgraph_sgd_dispatched")
 # The plain program captured as a CUDA graph by train_step (no torch.compile): a CUDA device only.
 CUDA_GRAPH_STEP_VARIANTS = ("shardgraph_sgd_cudagraph",)
 LEARNING_RATE = 1e-3  # SGD
@@ -425,7 +430,8 @@ class Runner:
 
     def _step(self) -> torch.Tensor:
         # The row kernels' switch is read while inductor traces the first step, and guarded on.
-        with moe_rows.use_row_kernels(self.variant != "shardgraph_compile_aten_rows"):
+        with moe_rows.use_row_kernels(self.variant != "shardgraph_compile_aten_rows"), \
+                use_direct_calls(self.variant != "shardgraph_sgd_dispatched"):
             return self._variant_step()
 
     def _variant_step(self) -> torch.Tensor:
@@ -623,6 +629,37 @@ def profile_steps(runner, device, median_ms: float, steps: int = 3) -> dict:
     }
 
 
+def host_profile(runner, device, steps: int = 5, top: int = 25) -> dict:
+    """Where the host's time goes in a step: cProfile over ``steps`` steps, the ``top`` Python
+    functions by their own time, per step. The host is what a step without a compiler waits on
+    where its kernels are shorter than their launches."""
+    import cProfile
+    import pstats
+
+    synchronize(device)
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    for _ in range(steps):
+        runner.step()
+    profiler.disable()
+    host_ms = (time.perf_counter() - started) / steps * 1e3
+    synchronize(device)
+    rows = []
+    for (filename, line, function), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items():
+        rows.append({"function": f"{os.path.basename(filename)}:{line}({function})", "calls": calls / steps,
+                     "own_us": own / steps * 1e6, "cumulative_us": cumulative / steps * 1e6})
+    rows.sort(key=lambda r: -r["own_us"])
+    return {"steps": steps, "host_ms_per_step_under_cprofile": host_ms, "functions": rows[:top]}
+
+
+def print_host_profile(label: str, profile: dict) -> None:
+    print(f"\n{label}: host time under cProfile {profile['host_ms_per_step_under_cprofile']:.1f} ms a step")
+    print(f"{'own us':>9} {'cum us':>9} {'calls':>7}  function")
+    for row in profile["functions"]:
+        print(f"{row['own_us']:9.0f} {row['cumulative_us']:9.0f} {row['calls']:7.0f}  {row['function']}")
+
+
 def print_profile(label: str, profile: dict, digits: int = 1, kernels: int | None = None) -> None:
     """``profile_steps``'s breakdown: one line of classes, then the top ``kernels`` kernels (all
     of them by default); milliseconds with ``digits`` decimals."""
@@ -733,6 +770,8 @@ def run_variant(name, variant, args, device, dtype, batch) -> dict:
                       if device.type == "cuda" else None)
         if args.profile and variant in args.profile_variants:
             row["profile"] = profile_steps(runner, device, row["median_ms"])
+        if variant in args.host_profile_variants:
+            row["host_profile"] = host_profile(runner, device)
         if args.predict and getattr(runner, "program", None) is not None:
             row["prediction"] = predict_row(runner, variant, device, dtype, row["median_ms"])
     except Exception as error:  # a variant that cannot run is reported, the others still run
@@ -937,6 +976,8 @@ def print_table(rows):
         if "profile" in row:
             print()
             print_profile(f"{row['model']} {row['variant']}", row["profile"])
+        if "host_profile" in row:
+            print_host_profile(f"{row['model']} {row['variant']}", row["host_profile"])
 
 
 def versions() -> dict:
@@ -975,6 +1016,9 @@ def parse_args(argv=None):
                         help="torch.compile backend (aot_eager: quick CPU tests)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler kernel breakdown of --profile-variants")
     parser.add_argument("--profile-variants", default="shardgraph,shardgraph_compile,shardgraph_cudagraph")
+    parser.add_argument("--host-profile-variants", default="",
+                        help="comma-separated variants whose host time is profiled with cProfile after the timed "
+                             "steps (the top Python functions by own time, per step)")
     parser.add_argument("--check", action="store_true", help="also compare one SGD step of shardgraph with eager")
     parser.add_argument("--predict-only", metavar="HARDWARE", default=None,
                         help="print each shardgraph variant's preset prediction (passes.cost.HARDWARE name) from the "
@@ -1004,8 +1048,10 @@ def parse_args(argv=None):
 
     args.models = [m for m in args.models.split(",") if m]
     args.variants, args.profile_variants = names(",".join(args.variants)), names(args.profile_variants)
+    args.host_profile_variants = names(args.host_profile_variants)
     for kind, chosen, known in (("models", args.models, MODELS), ("variants", args.variants, VARIANTS),
-                                ("profile variants", args.profile_variants, VARIANTS)):
+                                ("profile variants", args.profile_variants, VARIANTS),
+                                ("host profile variants", args.host_profile_variants, VARIANTS)):
         unknown = sorted(set(chosen) - set(known))
         if unknown:
             parser.error(f"unknown {kind} {unknown}; choose from {', '.join(known)}")

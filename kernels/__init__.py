@@ -32,6 +32,7 @@ import os
 
 import torch
 
+from . import op_bodies
 from .reference import grouped_mm_dgrad_loop, grouped_mm_loop, grouped_mm_wgrad_loop, sgd_step_
 from .validation import GroupedGemmError, check_dgrad, check_forward, check_wgrad
 
@@ -206,10 +207,10 @@ def _grouped_mm_wgrad_sgd_op(param, x, dout, offsets, lr, num_groups, w_layout, 
 
 # CompositeExplicitAutograd: one kernel for every device (the backends choose among themselves),
 # with autograd registered separately below rather than traced through these bodies.
-_library.impl("grouped_mm", _grouped_mm_op, "CompositeExplicitAutograd")
-_library.impl("grouped_mm_dgrad", _grouped_mm_dgrad_op, "CompositeExplicitAutograd")
-_library.impl("grouped_mm_wgrad", _grouped_mm_wgrad_op, "CompositeExplicitAutograd")
-_library.impl("grouped_mm_wgrad_sgd_", _grouped_mm_wgrad_sgd_op, "CompositeExplicitAutograd")
+op_bodies.impl(_library, "grouped_mm", _grouped_mm_op)
+op_bodies.impl(_library, "grouped_mm_dgrad", _grouped_mm_dgrad_op)
+op_bodies.impl(_library, "grouped_mm_wgrad", _grouped_mm_wgrad_op)
+op_bodies.impl(_library, "grouped_mm_wgrad_sgd_", _grouped_mm_wgrad_sgd_op)
 
 
 @torch.library.register_fake("shardgraph::grouped_mm", lib=_library)

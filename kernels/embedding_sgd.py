@@ -33,6 +33,7 @@ import sys
 
 import torch
 
+from . import op_bodies
 from .caches import interpreter_guard, interpreting, triton_takes_rows, switched
 
 __all__ = ["embedding_sgd_", "use_triton", "EmbeddingSgdError", "TRITON_ENABLED"]
@@ -169,7 +170,7 @@ def embedding_sgd_(weight, grad_output, indices, lr, padding_idx, after):
     return norm_term
 
 
-_library.impl("embedding_sgd_", embedding_sgd_, "CompositeExplicitAutograd")
+op_bodies.impl(_library, "embedding_sgd_", embedding_sgd_)
 
 
 @torch.library.register_fake("shardgraph::embedding_sgd_", lib=_library)

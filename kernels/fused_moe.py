@@ -55,6 +55,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import op_bodies
 from . import _dgrad, _forward, _triton_runs, _wgrad, current_backend, resolve_backend
 from .validation import GroupedGemmError
 
@@ -413,9 +414,9 @@ def gather_wgrad_schedule(key, gathered, gather_first, timeable: bool) -> str:
     return "gathered" if chosen == "pipelined" else chosen
 
 
-_library.impl("gather_glu_grouped_mm", gather_glu_grouped_mm, "CompositeExplicitAutograd")
-_library.impl("glu_grouped_mm_dgrad", glu_grouped_mm_dgrad, "CompositeExplicitAutograd")
-_library.impl("gather_grouped_mm_wgrad", gather_grouped_mm_wgrad, "CompositeExplicitAutograd")
+op_bodies.impl(_library, "gather_glu_grouped_mm", gather_glu_grouped_mm)
+op_bodies.impl(_library, "glu_grouped_mm_dgrad", glu_grouped_mm_dgrad)
+op_bodies.impl(_library, "gather_grouped_mm_wgrad", gather_grouped_mm_wgrad)
 
 
 @torch.library.register_fake("shardgraph::gather_glu_grouped_mm", lib=_library)

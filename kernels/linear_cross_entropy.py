@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from . import op_bodies
 from .reference import sgd_step_
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_sgd_", "linear_cross_entropy_reference",
@@ -168,7 +169,7 @@ def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: to
     return loss_sum, grad_hidden, grad_weight
 
 
-@torch.library.custom_op("shardgraph::linear_cross_entropy", mutates_args=())
+@op_bodies.custom_op("shardgraph::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, grad_scale: torch.Tensor,
                          ignore_index: int, chunk_rows: int,
                          loss_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -202,7 +203,7 @@ def _sgd_step(weight: torch.Tensor, accumulator: torch.Tensor, lr: torch.Tensor)
 
 # ``after``: tensors the step is ordered after and does not read (the other readers of the old
 # weight), as for ``grouped_mm_wgrad_sgd_``.
-@torch.library.custom_op("shardgraph::linear_cross_entropy_sgd_", mutates_args=("weight",))
+@op_bodies.custom_op("shardgraph::linear_cross_entropy_sgd_", mutates_args=("weight",))
 def linear_cross_entropy_sgd_(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                               grad_scale: torch.Tensor, ignore_index: int, chunk_rows: int, loss_dtype: torch.dtype,
                               lr: torch.Tensor, after: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,

@@ -50,7 +50,7 @@ import sys
 
 import torch
 
-from . import rounding
+from . import op_bodies, rounding
 from .caches import ROW_DTYPES, interpreter_guard, interpreting, triton_takes_rows, switched
 
 __all__ = ["gather_rows", "gather_sum", "combine_backward", "swiglu", "swiglu_backward", "runs", "use_row_kernels",
@@ -477,11 +477,11 @@ def swiglu_backward(grad, gate_up, interleaved=False):
     return _launch_swiglu_backward(grad, gate_up, interleaved)
 
 
-_library.impl("gather_rows", gather_rows, "CompositeExplicitAutograd")
-_library.impl("gather_sum", gather_sum, "CompositeExplicitAutograd")
-_library.impl("combine_backward", combine_backward, "CompositeExplicitAutograd")
-_library.impl("swiglu", swiglu, "CompositeExplicitAutograd")
-_library.impl("swiglu_backward", swiglu_backward, "CompositeExplicitAutograd")
+op_bodies.impl(_library, "gather_rows", gather_rows)
+op_bodies.impl(_library, "gather_sum", gather_sum)
+op_bodies.impl(_library, "combine_backward", combine_backward)
+op_bodies.impl(_library, "swiglu", swiglu)
+op_bodies.impl(_library, "swiglu_backward", swiglu_backward)
 
 
 @torch.library.register_fake("shardgraph::gather_rows", lib=_library)

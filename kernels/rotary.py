@@ -35,7 +35,7 @@ from . import rounding
 from .caches import ROW_DTYPES, interpreter_guard, interpreting, switched
 
 __all__ = ["forward", "backward", "reference_forward", "reference_backward", "runs", "use_triton", "layout_of",
-           "laid_out", "empty_laid_out", "TRITON_ENABLED"]
+           "laid_out", "empty_laid_out", "broadcasts_to", "TRITON_ENABLED"]
 
 # False sends every rotary embedding through the aten form (to compare the two on a GPU).
 TRITON_ENABLED = True
@@ -89,14 +89,27 @@ def reference_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     return grad * cos + torch.cat((through_sin[..., half:], -through_sin[..., :half]), dim=-1)
 
 
+def broadcasts_to(shape, target) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to exactly ``target``. Plain Python: two of these
+    run per rotary call on the host, where ``torch.broadcast_shapes`` (its symbolic-shape checks)
+    costs tens of microseconds."""
+    if len(shape) > len(target):
+        return False
+    return all(size == 1 or size == full for size, full in zip(reversed(shape), reversed(target)))
+
+
 def _leading_strides(tensor: torch.Tensor, shape) -> list[int] | None:
-    """The strides of ``tensor`` broadcast to ``shape``, over ``shape``'s leading dims padded in front
-    to ``_LEADING``; None where there are more leading dims than that."""
-    expanded = tensor.expand(shape)
+    """The strides of ``tensor`` broadcast to ``shape`` (0 along a broadcast dim), over ``shape``'s
+    leading dims padded in front to ``_LEADING``; None where there are more leading dims than that."""
     leading = len(shape) - 1
     if leading > _LEADING:
         return None
-    strides = [0] * (_LEADING - leading) + [expanded.stride(d) if shape[d] > 1 else 0 for d in range(leading)]
+    offset = len(shape) - tensor.dim()
+    sizes, own_strides = tensor.shape, tensor.stride()
+    strides = [0] * (_LEADING - leading)
+    for dim in range(leading):
+        own = dim - offset
+        strides.append(own_strides[own] if own >= 0 and shape[dim] > 1 and sizes[own] > 1 else 0)
     return strides
 
 
@@ -108,10 +121,7 @@ def runs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         return False
     if x.dim() - 1 > _LEADING or cos.dim() > x.dim() or sin.dim() > x.dim():
         return False
-    try:
-        if torch.broadcast_shapes(x.shape, cos.shape, sin.shape) != x.shape:
-            return False
-    except RuntimeError:
+    if not (broadcasts_to(cos.shape, x.shape) and broadcasts_to(sin.shape, x.shape)):
         return False
     if any(t.shape[-1] > 1 and t.stride(-1) != 1 for t in (x, cos, sin)) or cos.shape[-1] != x.shape[-1] \
             or sin.shape[-1] != x.shape[-1]:

@@ -15,14 +15,16 @@ name the first node whose value became NaN or inf. ``docs/runtime.md`` lists the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch.fx import GraphModule
 
 from . import meta
 from .mesh import MeshSpec
+from .ops import direct_calls
 from .ops.aten_forms import as_aten_ops
+from .ops.direct_calls import as_direct_calls, without_autograd
 from .meta import InputKind
 from .placement import Padding, Sharding, local_shape, shard, unshard
 from .runtime.guards import (
@@ -100,7 +102,7 @@ class ShardedProgram:
         # run(): ranks of this process whose first step was checked, and whether the ranks were
         # found to run the same program.
         self._checked_ranks: set[int] = set()
-        self._compiled_graphs: dict[str, Callable] = {}
+        self._compiled_graphs: dict = {}
         self._program_checked = False
         self._communicator = None
 
@@ -232,7 +234,7 @@ class ShardedProgram:
             buffers = dict(zip(self.buffer_names, self._local_buffers(rank, self.default_buffers)))
         args = [parameters[n] for n in self.parameter_names] + [buffers[n] for n in self.buffer_names] + list(batch)
         args += self._seed_input(seed)
-        outputs = (graph if graph is not None else self.graph_module)(comm, *args)
+        outputs = (graph if graph is not None else self._plain_graph())(comm, *args)
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         if not getattr(self.traced, "has_loss", True):
             return outputs
@@ -326,7 +328,7 @@ class ShardedProgram:
         """The lowered graph module, or it under ``torch.compile`` (``"inductor"``, or
         ``"cudagraph"``: inductor replayed as CUDA graphs), compiled once per mode."""
         if compile is None:
-            return self.graph_module
+            return self._plain_graph()
         if compile not in self._compiled_graphs:
             compiled = torch.compile(
                 as_aten_ops(self.graph_module), dynamic=False,
@@ -409,12 +411,32 @@ class ShardedProgram:
         """Under torch.distributed, eagerly: the program with its collectives' failures named
         (``with_named_failures``), made once; otherwise the program as it is."""
         if not self._distributed(communicator):
-            return self.graph_module
-        if "named_failures" not in self._compiled_graphs:
+            return self._plain_graph()
+        return self._plain_graph(named_failures=True)
+
+    def _plain_graph(self, named_failures: bool = False):
+        """The lowered graph as a step runs it with no compiler: its ``shardgraph::`` ops called as
+        their Python bodies (``ops.as_direct_calls``: the same values without the dispatcher's host
+        time) with autograd off, or as it is inside ``ops.use_direct_calls(False)``; with
+        ``named_failures``, its collectives' failures named (``with_named_failures``). Made once
+        per graph module."""
+        direct = direct_calls.DIRECT_CALLS
+        key = ("plain", direct, named_failures)
+        cached = self._compiled_graphs.get(key)
+        if cached is not None and cached[0] is self.graph_module:
+            return cached[1]
+        graph = as_direct_calls(self.graph_module) if direct else self.graph_module
+        if named_failures:
             from .runtime.distributed import with_named_failures
 
-            self._compiled_graphs["named_failures"] = with_named_failures(self.graph_module)
-        return self._compiled_graphs["named_failures"]
+            graph = with_named_failures(graph)
+        # Written now, not on the first call: the simulator's ranks call it from several threads.
+        if graph is not self.graph_module and hasattr(graph, "real_recompile"):
+            graph.real_recompile()
+        if direct:
+            graph = without_autograd(graph)
+        self._compiled_graphs[key] = (self.graph_module, graph)
+        return graph
 
     def _default_communicator(self, debug: bool):
         """This process's communicator over the default process group, made on first use."""

@@ -95,6 +95,9 @@ class TrainingProgram(ShardedProgram):
         self.donates_state = donates_state
         self._scalar_inputs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cuda_graph_replay: _CapturedStep | None = None
+        # (name, sharding, padding) -> a piece's shape: every step checks every piece's shape, and
+        # working one out costs more host time than the check.
+        self._local_shapes: dict[tuple, tuple[int, ...]] = {}
         self.optimizer = traced.optimizer
         self.clip_grad_norm = traced.clip_grad_norm
         self.state_slots = list(traced.state_slots)
@@ -190,9 +193,12 @@ class TrainingProgram(ShardedProgram):
     def _local_shape(self, name: str, sharding, padding=None) -> tuple[int, ...]:
         from .placement import local_shape
 
-        shape = tuple(self.traced.parameter_shapes[name])
-        held = shape if padding is None else padding.held_shape(shape)
-        return tuple(int(s) for s in local_shape(held, sharding, self.mesh, name=name))
+        key = (name, sharding, padding)
+        if key not in self._local_shapes:
+            shape = tuple(self.traced.parameter_shapes[name])
+            held = shape if padding is None else padding.held_shape(shape)
+            self._local_shapes[key] = tuple(int(s) for s in local_shape(held, sharding, self.mesh, name=name))
+        return self._local_shapes[key]
 
     def gather_state(self, states: Sequence[TrainState]) -> TrainState:
         """Full parameters and optimizer state from every rank's pieces (replicas checked equal), in
@@ -280,7 +286,7 @@ class TrainingProgram(ShardedProgram):
         """The graph module a step runs: as lowered (also for ``compile="cuda_graph"``, which
         captures it), or (``compile="inductor"``) under ``torch.compile``, compiled once per program."""
         if compile is None or compile == "cuda_graph":
-            return self.graph_module
+            return self._plain_graph()
         if compile != "inductor":
             raise ValueError(f"train_step: compile must be None, 'inductor' or 'cuda_graph', got {compile!r}")
         # At world > 1 the collectives are torch's c10d ops on named groups, which dynamo traces
@@ -384,7 +390,7 @@ class TrainingProgram(ShardedProgram):
             record = self._cuda_graph_replay = _CapturedStep(device, torch.cuda.Stream(device))
             record.stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(record.stream):
-                outputs = self.graph_module(communicator, *arguments)
+                outputs = self._plain_graph()(communicator, *arguments)
             torch.cuda.current_stream(device).wait_stream(record.stream)
             return outputs
         batch = self._batch_positions()
@@ -433,7 +439,7 @@ class TrainingProgram(ShardedProgram):
             # torch.cuda.graph synchronizes the device before it begins. thread_local: a capture
             # must not fail the CUDA calls of other threads (a data loader pinning its batches).
             with torch.cuda.graph(graph, stream=record.stream, capture_error_mode="thread_local"):
-                outputs = self.graph_module(communicator, *captured)
+                outputs = self._plain_graph()(communicator, *captured)
         except Exception as error:
             # torch.cuda.graph's exit stops at a failed capture_end, before it gives back the
             # stream it made current: the caller's later work would run on the capture stream.
@@ -481,7 +487,7 @@ class TrainingProgram(ShardedProgram):
         # Each rank its own scalars: the simulator's ranks may run at once.
         results = simulator.run(
             lambda comm, state, local_batch, local_buffers: self._result(
-                state, self.graph_module(comm, *self._arguments(state, local_batch, local_buffers,
+                state, self._plain_graph()(comm, *self._arguments(state, local_batch, local_buffers,
                                                                 self._scalars(state, lr, shared=False), seed))),
             per_rank)
         for state in states:

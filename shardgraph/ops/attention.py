@@ -64,6 +64,8 @@ import warnings
 
 import torch
 
+from kernels import op_bodies
+
 __all__ = ["attention", "attention_backward", "attention_kernel"]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -156,7 +158,7 @@ def _sum_groups(grad: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the ops
-@torch.library.custom_op("shardgraph::attention", mutates_args=())
+@op_bodies.custom_op("shardgraph::attention", mutates_args=())
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool, scale: float,
               enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check("shardgraph.attention", query, key, value, enable_gqa)
@@ -171,7 +173,7 @@ def _(query, key, value, is_causal, scale, enable_gqa):
             query.new_empty(query.shape[:3], dtype=_logsumexp_dtype(query.dtype)))
 
 
-@torch.library.custom_op("shardgraph::attention_backward", mutates_args=())
+@op_bodies.custom_op("shardgraph::attention_backward", mutates_args=())
 def attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        out: torch.Tensor, logsumexp: torch.Tensor, is_causal: bool, scale: float,
                        enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

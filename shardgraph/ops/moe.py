@@ -47,6 +47,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kernels import op_bodies
+
 __all__ = [
     "ACTIVATIONS",
     "GATED_ACTIVATIONS",
@@ -349,7 +351,7 @@ def _group_by_expert(topk_ids: torch.Tensor, experts: int):
     return order, order // topk_ids.shape[1], counts
 
 
-@torch.library.custom_op("shardgraph::moe_experts", mutates_args=())
+@op_bodies.custom_op("shardgraph::moe_experts", mutates_args=())
 def moe_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up: torch.Tensor,
                 w_down: torch.Tensor, activation: str = "silu", gate_up_bias: Optional[torch.Tensor] = None,
                 down_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -379,7 +381,7 @@ def _(hidden, topk_ids, topk_weights, w_gate_up, w_down, activation="silu", gate
     return torch.empty_like(hidden)
 
 
-@torch.library.custom_op("shardgraph::moe_experts_backward", mutates_args=())
+@op_bodies.custom_op("shardgraph::moe_experts_backward", mutates_args=())
 def moe_experts_backward(grad_out: torch.Tensor, hidden: torch.Tensor, topk_ids: torch.Tensor,
                          topk_weights: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                          activation: str = "silu", gate_up_bias: Optional[torch.Tensor] = None,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import op_bodies
 from kernels import rms_norm as rms_norm_kernels
 
 __all__ = ["rms_norm", "rms_norm_backward", "statistics_dtype", "ATEN_FORMS"]
@@ -70,7 +71,7 @@ def _native_backward(grad_out, x, weight, rstd, kernels: bool = True):
     return grad_x.to(x.dtype), grad_weight
 
 
-@torch.library.custom_op("shardgraph::rms_norm", mutates_args=())
+@op_bodies.custom_op("shardgraph::rms_norm", mutates_args=())
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, upcast: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check("shardgraph.rms_norm", x, weight)
     if not upcast:
@@ -91,7 +92,7 @@ def _(x, weight, eps, upcast):
             x.new_empty(x.shape[:-1], dtype=statistics_dtype(x.dtype, upcast)))
 
 
-@torch.library.custom_op("shardgraph::rms_norm_backward", mutates_args=())
+@op_bodies.custom_op("shardgraph::rms_norm_backward", mutates_args=())
 def rms_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                       rstd: torch.Tensor, upcast: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check("shardgraph.rms_norm_backward", x, weight)

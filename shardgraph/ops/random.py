@@ -28,6 +28,8 @@ from typing import Sequence
 
 import torch
 
+from kernels import op_bodies
+
 __all__ = ["DISTRIBUTIONS", "random_state", "random_draw", "state_size"]
 
 DISTRIBUTIONS = ("uniform", "exponential", "normal", "bernoulli")
@@ -40,7 +42,7 @@ def state_size(device: torch.device) -> int:
     return torch.Generator(device=kind).get_state().numel()
 
 
-@torch.library.custom_op("shardgraph::random_state", mutates_args=())
+@op_bodies.custom_op("shardgraph::random_state", mutates_args=())
 def random_state(seed: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The state ``torch.manual_seed(seed)`` gives the default generator of ``device``."""
     if seed.dim() != 0 or seed.dtype != torch.int64:
@@ -58,7 +60,7 @@ def _check(distribution: str) -> None:
         raise ValueError(f"random_draw: unknown distribution {distribution!r}; known: {', '.join(DISTRIBUTIONS)}")
 
 
-@torch.library.custom_op("shardgraph::random_draw", mutates_args=())
+@op_bodies.custom_op("shardgraph::random_draw", mutates_args=())
 def random_draw(state: torch.Tensor, distribution: str, shape: Sequence[int], dtype: torch.dtype,
                 device: torch.device, a: float, b: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, state after the draw)``: ``values`` of ``shape`` drawn from ``distribution``

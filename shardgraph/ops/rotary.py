@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import op_bodies
 from kernels import rotary as rotary_kernels
 
 __all__ = ["rotary", "rotary_backward", "rotates", "ATEN_FORMS"]
@@ -34,11 +35,7 @@ def _check(op: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layou
     if not (cos.dtype == sin.dtype == x.dtype) or not x.dtype.is_floating_point:
         raise ValueError(f"{op}: input, cos and sin must share one floating dtype, got {x.dtype}, {cos.dtype}, "
                          f"{sin.dtype}")
-    try:
-        shape = torch.broadcast_shapes(x.shape, cos.shape, sin.shape)
-    except RuntimeError:
-        shape = None
-    if shape != x.shape:
+    if not (rotary_kernels.broadcasts_to(cos.shape, x.shape) and rotary_kernels.broadcasts_to(sin.shape, x.shape)):
         raise ValueError(f"{op}: cos {list(cos.shape)} and sin {list(sin.shape)} must broadcast to the input's "
                          f"shape {list(x.shape)}")
     if sorted(layout) != list(range(x.dim())) or layout[-1] != x.dim() - 1:
@@ -64,7 +61,7 @@ def _aten_backward(grad, cos, sin, layout):
     return rotary_kernels.laid_out(rotary_kernels.reference_backward(grad, cos, sin), layout)
 
 
-@torch.library.custom_op("shardgraph::rotary", mutates_args=())
+@op_bodies.custom_op("shardgraph::rotary", mutates_args=())
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: list[int]) -> torch.Tensor:
     _check("shardgraph.rotary", x, cos, sin, layout)
     if rotary_kernels.runs(x, cos, sin):
@@ -78,7 +75,7 @@ def _(x, cos, sin, layout):
     return rotary_kernels.empty_laid_out(x, layout)
 
 
-@torch.library.custom_op("shardgraph::rotary_backward", mutates_args=())
+@op_bodies.custom_op("shardgraph::rotary_backward", mutates_args=())
 def rotary_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: list[int]) -> torch.Tensor:
     _check("shardgraph.rotary_backward", grad, cos, sin, layout)
     if rotary_kernels.runs(grad, cos, sin):

@@ -54,7 +54,8 @@ def test_every_variant_runs_and_one_shardgraph_sgd_step_equals_eager(tmp_path, c
 
 def test_norms_and_rotary_run_as_ops_or_as_aten_ops_and_every_program_takes_eagers_step(tmp_path):
     result = load().main(TINY + ["--models", "qwen3_moe", "--variants",
-                                 "eager,shardgraph_sgd,shardgraph_sgd_aten_norms,shardgraph_sgd_aten_rotary",
+                                 "eager,shardgraph_sgd,shardgraph_sgd_aten_norms,shardgraph_sgd_aten_rotary,"
+                                 "shardgraph_sgd_dispatched",
                                  "--out", str(tmp_path / "n.json")])
     rows = {row["variant"]: row for row in result["rows"]}
     # One layer of Qwen3-MoE: input, post-attention, query and key norms, and the final norm;
@@ -63,7 +64,8 @@ def test_norms_and_rotary_run_as_ops_or_as_aten_ops_and_every_program_takes_eage
     assert rows["shardgraph_sgd_aten_norms"]["rms_norm_ops"] == 0
     assert rows["shardgraph_sgd_aten_rotary"]["rotary_ops"] == 0
     assert rows["shardgraph_sgd_aten_rotary"]["rms_norm_ops"] == 5
-    for variant in ("shardgraph_sgd", "shardgraph_sgd_aten_norms", "shardgraph_sgd_aten_rotary"):
+    for variant in ("shardgraph_sgd", "shardgraph_sgd_aten_norms", "shardgraph_sgd_aten_rotary",
+                    "shardgraph_sgd_dispatched"):
         assert rows[variant]["first_loss_rel_diff_vs_eager"] < 1e-5, rows[variant]
         assert rows[variant]["last_loss_rel_diff_vs_eager"] < 1e-5, rows[variant]
 
