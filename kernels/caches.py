@@ -104,3 +104,15 @@ class GroupedGemmCaches:
 
 
 CACHES = GroupedGemmCaches()
+
+
+_MULTIPROCESSORS: dict[int, int] = {}
+
+
+def multiprocessors(device_index: int) -> int:
+    """The streaming multiprocessors of CUDA device ``device_index``, asked once: kernels size
+    their persistent grids by it on every launch, and torch's query costs host time each call."""
+    count = _MULTIPROCESSORS.get(device_index)
+    if count is None:
+        count = _MULTIPROCESSORS[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return count

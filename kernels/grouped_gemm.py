@@ -41,7 +41,7 @@ import triton
 
 from . import grouped_gemm_pingpong as _pingpong
 from . import grouped_gemm_vendor as _vendor
-from .caches import CACHES, LAUNCH_LOCK, interpreter_guard
+from .caches import CACHES, LAUNCH_LOCK, interpreter_guard, multiprocessors
 from .grouped_gemm_configs import INTERPRETED, product_tma_config
 from .grouped_gemm_kernels import (_grouped_product_kernel, _grouped_product_tma_kernel, _grouped_wgrad_kernel,
                                    _grouped_wgrad_sgd_kernel, _grouped_wgrad_sgd_tma_kernel, _grouped_wgrad_tma_kernel)
@@ -183,7 +183,7 @@ def _product_plan(x, w, out, offsets, r, p, stride_r, stride_p, experts, request
     if chosen == "tma":
         rows = weight_rows(w, r, p, stride_r, stride_p)
         # The interpreter gets a few slots, to exercise the persistent programs' striding.
-        slots = torch.cuda.get_device_properties(device_index(x)).multi_processor_count if x.is_cuda else 4
+        slots = multiprocessors(device_index(x)) if x.is_cuda else 4
         # The ping-pong kernel's untransposed weight blocks are BLOCK_R rows deep, as the pipelined kernel's are.
         pingpong = x.is_cuda and _pingpong.available(device_index(x)) and (rows[2] or r % _pingpong.BLOCK_R == 0)
         # The tuning key fixes P, R, E, the bucket and the layout; select_path checked the

@@ -35,7 +35,7 @@ import sys
 import torch
 
 from . import rounding
-from .caches import ROW_DTYPES, interpreter_guard, interpreting, switched
+from .caches import ROW_DTYPES, interpreter_guard, interpreting, multiprocessors, switched
 
 __all__ = ["forward", "backward", "reference_forward", "reference_backward", "runs", "use_triton", "TRITON_ENABLED"]
 
@@ -213,7 +213,8 @@ def _tiles(width: int) -> tuple[int, int, int]:
 def _row_programs(device: torch.device, row_blocks: int) -> int:
     # A few programs per SM keep every SM streaming; more would only add partial rows to sum.
     if device.type == "cuda":
-        return max(1, min(row_blocks, torch.cuda.get_device_properties(device).multi_processor_count * 4))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return max(1, min(row_blocks, multiprocessors(index) * 4))
     return max(1, min(row_blocks, 4))
 
 

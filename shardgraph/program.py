@@ -415,9 +415,10 @@ class ShardedProgram:
         return self._plain_graph(named_failures=True)
 
     def _plain_graph(self, named_failures: bool = False):
-        """The lowered graph as a step runs it with no compiler: its ``shardgraph::`` ops called as
-        their Python bodies (``ops.as_direct_calls``: the same values without the dispatcher's host
-        time) with autograd off, or as it is inside ``ops.use_direct_calls(False)``; with
+        """The lowered graph as a step runs it with no compiler: its per-parameter SGD updates and
+        norms as foreach ops (``passes/foreach_parameter_updates.py``), its ``shardgraph::`` ops
+        called as their Python bodies (``ops.as_direct_calls``: the same values without the
+        dispatcher's host time), autograd off; as lowered inside ``ops.use_direct_calls(False)``; with
         ``named_failures``, its collectives' failures named (``with_named_failures``). Made once
         per graph module."""
         direct = direct_calls.DIRECT_CALLS
@@ -425,7 +426,13 @@ class ShardedProgram:
         cached = self._compiled_graphs.get(key)
         if cached is not None and cached[0] is self.graph_module:
             return cached[1]
-        graph = as_direct_calls(self.graph_module) if direct else self.graph_module
+        graph = self.graph_module
+        if direct:
+            from passes.foreach_parameter_updates import foreach_parameter_updates
+
+            from .fx_graph import copy_graph_module
+
+            graph = as_direct_calls(foreach_parameter_updates(copy_graph_module(graph)))
         if named_failures:
             from .runtime.distributed import with_named_failures
 
