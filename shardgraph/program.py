@@ -408,8 +408,8 @@ class ShardedProgram:
         return self.step(communicator, parameters_local, batch_local, buffers_local, graph=graph, seed=seed)
 
     def _eager_distributed_graph(self, communicator):
-        """Under torch.distributed, eagerly: the program with its collectives' failures named
-        (``with_named_failures``), made once; otherwise the program as it is."""
+        """Under torch.distributed, eagerly: the plain graph with its collectives' failures named
+        (``with_named_failures``); otherwise the plain graph (``_plain_graph``)."""
         if not self._distributed(communicator):
             return self._plain_graph()
         return self._plain_graph(named_failures=True)

@@ -283,8 +283,9 @@ class TrainingProgram(ShardedProgram):
         return float(value)
 
     def _graph(self, compile: str | None):
-        """The graph module a step runs: as lowered (also for ``compile="cuda_graph"``, which
-        captures it), or (``compile="inductor"``) under ``torch.compile``, compiled once per program."""
+        """The graph a step runs: the plain graph (``_plain_graph``; also for
+        ``compile="cuda_graph"``, which captures it), or (``compile="inductor"``) the lowered graph
+        under ``torch.compile``, compiled once per program."""
         if compile is None or compile == "cuda_graph":
             return self._plain_graph()
         if compile != "inductor":
