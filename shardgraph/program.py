@@ -77,9 +77,9 @@ class ShardedProgram:
         self.placed = placed
         # fx generates a lazy graph module's code on its first call, renaming nodes while it
         # does; the simulator's ranks make that first call from several threads at once, which
-        # mixes up the names (a value read before its line). Generate it here, once.
-        if hasattr(lowered, "real_recompile"):
-            lowered.real_recompile()
+        # mixes up the names (a value read before its line). Steps run the plain graph, whose
+        # code _plain_graph generates before its first call; the lowered graph's own is left
+        # until something runs or reads it.
         self.graph_module = lowered
         self.mesh = mesh
         inputs = meta.graph_inputs(lowered.graph)
@@ -432,13 +432,13 @@ class ShardedProgram:
 
             from .fx_graph import copy_graph_module
 
-            graph = as_direct_calls(foreach_parameter_updates(copy_graph_module(graph)))
+            graph = as_direct_calls(foreach_parameter_updates(copy_graph_module(graph)), copy=False)
         if named_failures:
             from .runtime.distributed import with_named_failures
 
             graph = with_named_failures(graph)
         # Written now, not on the first call: the simulator's ranks call it from several threads.
-        if graph is not self.graph_module and hasattr(graph, "real_recompile"):
+        if hasattr(graph, "real_recompile"):
             graph.real_recompile()
         if direct:
             graph = without_autograd(graph)

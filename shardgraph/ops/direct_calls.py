@@ -56,9 +56,10 @@ def check_signature(op, body) -> None:
                         f"{schema}")
 
 
-def as_direct_calls(gm: GraphModule) -> GraphModule:
+def as_direct_calls(gm: GraphModule, copy: bool = True) -> GraphModule:
     """A copy of ``gm`` whose ``shardgraph::`` op nodes call the op's body (the function its kernel
-    runs) instead of the op; ``gm`` itself where it has none.
+    runs) instead of the op; ``gm`` itself where it has none (and, with ``copy=False``, ``gm``
+    rewritten in place).
 
     Same values bit for bit: the body is what the dispatcher would have run. What is skipped is
     the dispatcher's own work, about a hundred times a step on a MoE model (norms, rotary,
@@ -72,7 +73,7 @@ def as_direct_calls(gm: GraphModule) -> GraphModule:
     bodies = direct_bodies()
     if not any(node.op == "call_function" and node.target in bodies for node in gm.graph.nodes):
         return gm
-    copied = copy_graph_module(gm)
+    copied = copy_graph_module(gm) if copy else gm
     for node in copied.graph.nodes:
         if node.op == "call_function" and node.target in bodies:
             node.target = _named_in_profiles(node.target._schema.name, bodies[node.target])
