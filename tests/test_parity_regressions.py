@@ -177,9 +177,11 @@ def test_experts_that_ep_does_not_divide_are_refused_naming_the_parameter():
 def test_the_program_code_is_generated_before_the_simulators_threads_first_call_it():
     # fx generates a lazy graph module's code on the first call and renames nodes while it does;
     # ranks calling it for the first time from several threads at once read each other's names
-    # (an UnboundLocalError or a None tensor, at random). The program generates it up front.
+    # (an UnboundLocalError or a None tensor, at random). The graph a step runs (the plain graph,
+    # with direct op calls or as lowered) has its code generated before it is handed out.
     import shardgraph as sg
     from examples.moe_model import shardgraph_entry
+    from shardgraph.ops.direct_calls import use_direct_calls
     from shardgraph.program import ShardedProgram
     from torch.fx._lazy_graph_module import _LazyGraphModule
 
@@ -188,8 +190,13 @@ def test_the_program_code_is_generated_before_the_simulators_threads_first_call_
     lazy = _LazyGraphModule.from_graphmodule(program.graph_module)
     lazy.recompile()
     assert lazy._needs_recompile()
-    ShardedProgram(program.traced, program.placed, lazy, program.mesh)
-    assert not lazy._needs_recompile()
+    program = ShardedProgram(program.traced, program.placed, lazy, program.mesh)
+    for direct in (True, False):
+        with use_direct_calls(direct):
+            graph = program._plain_graph()
+        module = getattr(graph, "graph_module", graph)
+        assert (module is lazy) is not direct
+        assert not (isinstance(module, _LazyGraphModule) and module._needs_recompile())
 
 
 class UnusedParameter(MoETransformer):
