@@ -38,9 +38,10 @@ For each model, from the same seed and the same batch, time forward + backward +
                       program ran before the op
   shardgraph_sgd_aten_rotary  shardgraph_sgd with rotary embedding traced as the model's aten ops
                       instead of the ``shardgraph.rotary`` op (``shardgraph.frontend.rotary``)
-  shardgraph_sgd_dispatched  shardgraph_sgd with its ``shardgraph::`` ops called through torch's
-                      dispatcher (``use_direct_calls(False)``) rather than as their Python bodies:
-                      the host time the direct calls save
+  shardgraph_sgd_dispatched  shardgraph_sgd running the program as lowered (``use_direct_calls(False)``):
+                      its ``shardgraph::`` ops through torch's dispatcher rather than as their Python
+                      bodies, its parameter updates op by op rather than as foreach ops: the host
+                      time the plain graph saves
   shardgraph_compile_aten_rows  shardgraph_compile with the MoE row steps (dispatch gather, combine
                       and their gradients) as aten ops that inductor fuses, instead of the row
                       kernels (``kernels.moe_rows``): what the program ran before them

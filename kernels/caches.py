@@ -109,10 +109,14 @@ CACHES = GroupedGemmCaches()
 _MULTIPROCESSORS: dict[int, int] = {}
 
 
-def multiprocessors(device_index: int) -> int:
-    """The streaming multiprocessors of CUDA device ``device_index``, asked once: kernels size
-    their persistent grids by it on every launch, and torch's query costs host time each call."""
-    count = _MULTIPROCESSORS.get(device_index)
+def multiprocessors(device: torch.device | int) -> int:
+    """The streaming multiprocessors of a CUDA device (a ``torch.device``, its index, or the current
+    one for an index-less device), asked once: kernels size their persistent grids by it on every
+    launch, and torch's query costs host time each call."""
+    index = device if isinstance(device, int) else device.index
+    if index is None:
+        index = torch.cuda.current_device()
+    count = _MULTIPROCESSORS.get(index)
     if count is None:
-        count = _MULTIPROCESSORS[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
+        count = _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return count

@@ -213,8 +213,7 @@ def _tiles(width: int) -> tuple[int, int, int]:
 def _row_programs(device: torch.device, row_blocks: int) -> int:
     # A few programs per SM keep every SM streaming; more would only add partial rows to sum.
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return max(1, min(row_blocks, multiprocessors(index) * 4))
+        return max(1, min(row_blocks, multiprocessors(device) * 4))
     return max(1, min(row_blocks, 4))
 
 

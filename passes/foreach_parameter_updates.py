@@ -39,7 +39,7 @@ Run by the plain step (``ShardedProgram._plain_graph``); inductor fuses the same
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
@@ -55,15 +55,13 @@ _HALF = (torch.float16, torch.bfloat16)
 
 @dataclass(eq=False)
 class _Chain:
-    kind: str                 # "norm" or "update"
-    key: tuple                # chains of one key share one foreach op
+    key: tuple                # ("norm" or "update", ...): chains of one key share one foreach op
     source: Node              # the gradient
     nodes: list[Node]         # the chain's own ops, in graph order
     result: Node              # what the rest of the graph reads
     weight: Node | None = None
     scale: Node | None = None
     bytes: int = 0
-    readers: set[Node] = field(default_factory=set)
 
 
 def _only_user(node: Node) -> Node | None:
@@ -89,11 +87,11 @@ def _norm_chain(square: Node) -> _Chain | None:
     if not (_is(square, aten.pow.Tensor_Scalar) and square.args[1] == 2 and not square.kwargs):
         return None
     start = square.args[0]
-    nodes = [square]
-    if _cast(start, torch.float32) and _dtype(start.args[0]) in _HALF and _only_user(start) is square:
+    cast_in = _cast(start, torch.float32) and _dtype(start.args[0]) in _HALF and _only_user(start) is square
+    if cast_in:
         source, nodes = start.args[0], [start, square]
     elif _dtype(start) == torch.float32:
-        source = start
+        source, nodes = start, [square]
     else:
         return None
     total = _only_user(square)
@@ -105,13 +103,13 @@ def _norm_chain(square: Node) -> _Chain | None:
     nodes += [total, root]
     result, dtype = root, torch.float32
     back = _only_user(root)
-    if len(nodes) == 4 and back is not None and _cast(back, _dtype(source)):
+    if cast_in and back is not None and _cast(back, _dtype(source)):
         nodes.append(back)
         result, dtype = back, _dtype(source)
     # _foreach_norm returns its input's dtype unless told one: a 16-bit gradient's float32 norm
     # asks for float32.
     key = ("norm", dtype, _dtype(source))
-    return _Chain("norm", key, source, nodes, result)
+    return _Chain(key, source, nodes, result)
 
 
 def _update_chain(write: Node) -> _Chain | None:
@@ -128,18 +126,18 @@ def _update_chain(write: Node) -> _Chain | None:
             and _only_user(product) is new):
         return None
     grad, scale = product.args
-    dtype = _dtype(weight)
+    value = meta.tensor_value(grad) if isinstance(grad, Node) else None
     scale_value = meta.tensor_value(scale) if isinstance(scale, Node) else None
-    if not (isinstance(grad, Node) and scale_value is not None and scale_value.dim() == 0
-            and _dtype(grad) == dtype and _cast(scale, dtype)):
+    dtype = _dtype(weight)
+    if not (value is not None and scale_value is not None and scale_value.dim() == 0
+            and value.dtype == dtype and _cast(scale, dtype)):
         return None
     nodes = [product, new, write]
     if _only_user(scale) is product:
         nodes.insert(0, scale)
-    value = meta.tensor_value(grad)
     # One lr_w per key: the casts of one learning rate to one dtype are the same value.
     key = ("update", dtype, scale.args[0])
-    return _Chain("update", key, grad, nodes, write, weight, scale, value.numel() * value.element_size())
+    return _Chain(key, grad, nodes, write, weight, scale, value.numel() * value.element_size())
 
 
 def _chains(graph) -> dict[Node, _Chain]:

@@ -11,15 +11,16 @@ from torch.fx import GraphModule
 from kernels.caches import switched
 from kernels.op_bodies import BODIES
 
-__all__ = ["as_direct_calls", "direct_bodies", "use_direct_calls", "without_autograd", "DIRECT_CALLS"]
+__all__ = ["as_direct_calls", "check_signature", "direct_bodies", "use_direct_calls", "without_autograd",
+           "DIRECT_CALLS"]
 
 DIRECT_CALLS = True
 
 
 def use_direct_calls(enabled: bool):
-    """``DIRECT_CALLS`` set to ``enabled`` inside the block: whether a program's plain step calls
-    its ops' bodies (``as_direct_calls``) or goes through the dispatcher, read when a program first
-    runs a step."""
+    """``DIRECT_CALLS`` set to ``enabled`` inside the block: whether a step without a compiler runs
+    the program's plain graph (its ops' bodies called directly, ``as_direct_calls``; its parameter
+    updates as foreach ops) or the graph as lowered. Read at each step; each form is made once."""
     return switched(sys.modules[__name__], "DIRECT_CALLS", bool(enabled))
 
 
